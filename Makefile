@@ -1,0 +1,49 @@
+# Two commands matter: `make demo` and `make test` (see README). The rest are helpers.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck check worker beat migrate schema clean
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+## make demo: install, get a database (embedded PostgreSQL unless DATABASE_URL), migrate,
+## load demo data, print the operator login, serve on http://127.0.0.1:8000
+demo: $(STAMP)
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --no-input -v 0
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py load_demo_data
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py runserver 127.0.0.1:8000
+
+## make test: install and run the whole suite against a real PostgreSQL
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy .
+
+schema: $(STAMP)
+	DJANGO_SETTINGS_MODULE=billing_site.settings.test $(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null
+
+check: lint typecheck schema test
+
+migrate: $(STAMP)
+	$(BIN)/python manage.py migrate
+
+## a Celery worker / the beat scheduler (need REDIS_URL or CELERY_BROKER_URL)
+worker: $(STAMP)
+	$(BIN)/celery -A billing_site worker -l info
+
+beat: $(STAMP)
+	$(BIN)/celery -A billing_site beat -l info
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache staticfiles

@@ -1,0 +1,284 @@
+"""Admin for support, finance and fraud staff. Every write goes through ``accounts.services``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+
+from accounts import services, validation
+from accounts.models import (
+    AccountState,
+    ApiKey,
+    BillingAccount,
+    BillingAccountTransition,
+    Membership,
+    Scope,
+    User,
+)
+from billing_site.common import ids
+from billing_site.common.actors import Actor
+from billing_site.common.errors import ApplicationError
+
+# Which permission each lifecycle transition needs in the admin.
+TRANSITION_PERMISSIONS = {
+    "activate": "accounts.transition_billingaccount",
+    "suspend": "accounts.transition_billingaccount",
+    "reactivate": "accounts.transition_billingaccount",
+    "close": "accounts.transition_billingaccount",
+    "block": "accounts.block_billingaccount",
+    "unblock": "accounts.block_billingaccount",
+}
+
+
+def _operator(request: HttpRequest) -> Actor:
+    return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
+
+
+class PublicIdSearchMixin:
+    """Search by the public id (``acc_…``) as well as by the configured text fields."""
+
+    id_prefix = ""
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Any], search_term: str) -> Any:
+        decoded = ids.decode(self.id_prefix, search_term.strip())
+        if decoded is not None:
+            return queryset.filter(id=decoded), False
+        return super().get_search_results(request, queryset, search_term)  # type: ignore[misc]
+
+
+class MembershipInline(admin.TabularInline[Membership, BillingAccount]):
+    model = Membership
+    extra = 0
+    fields = ("user", "role", "created_at")
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class TransitionInline(admin.TabularInline[BillingAccountTransition, BillingAccount]):
+    model = BillingAccountTransition
+    extra = 0
+    verbose_name_plural = "History"
+    fields = ("created_at", "transition", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+    readonly_fields = fields
+    can_delete = False
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class BillingAccountForm(forms.ModelForm[BillingAccount]):
+    class Meta:
+        model = BillingAccount
+        fields = (
+            "name",
+            "email",
+            "kind",
+            "country",
+            "tax_id",
+            "address_line1",
+            "address_line2",
+            "address_city",
+            "address_postal_code",
+            "address_region",
+            "credit_limit",
+        )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        country = str(data.get("country") or "")
+        if data.get("tax_id") and country:
+            try:
+                data["tax_id"] = validation.normalize_tax_id(country, data["tax_id"])
+            except ValueError as exc:
+                self.add_error("tax_id", str(exc))
+        return data
+
+
+class TransitionForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), required=False)
+    to_state = forms.ChoiceField(
+        choices=[(AccountState.ACTIVE, "active"), (AccountState.PENDING, "pending")], required=False
+    )
+
+
+@admin.register(BillingAccount)
+class BillingAccountAdmin(PublicIdSearchMixin, admin.ModelAdmin[BillingAccount]):
+    id_prefix = "acc"
+    form = BillingAccountForm
+    change_form_template = "admin/accounts/billingaccount/change_form.html"
+    list_display = ("public_id", "name", "email", "kind", "country", "currency", "state", "created_at")
+    list_filter = ("state", "kind", "country")
+    search_fields = ("name", "email", "tax_id")
+    readonly_fields = ("public_id", "state", "currency", "created_at", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("public_id", "state", "name", "email", "kind", "currency", "credit_limit")}),
+        (
+            "Tax and address",
+            {
+                "fields": (
+                    "country",
+                    "tax_id",
+                    "address_line1",
+                    "address_line2",
+                    "address_city",
+                    "address_postal_code",
+                    "address_region",
+                )
+            },
+        ),
+        ("Times", {"fields": ("created_at", "updated_at")}),
+    )
+    inlines = (MembershipInline, TransitionInline)
+    list_per_page = 50
+    show_full_result_count = False  # counting a large table on every page is slow
+
+    @admin.display(description="ID")
+    def public_id(self, obj: BillingAccount) -> str:
+        return obj.public_id
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # customers open accounts through the API
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # accounts are closed, never deleted
+
+    def save_model(self, request: HttpRequest, obj: BillingAccount, form: Any, change: bool) -> None:
+        changes = {f: form.cleaned_data[f] for f in form.changed_data if f in services.PROFILE_FIELDS}
+        credit_limit = form.cleaned_data["credit_limit"] if "credit_limit" in form.changed_data else None
+        try:
+            services.billing_account_update(account_id=obj.id, changes=changes, credit_limit=credit_limit)
+        except ApplicationError as exc:
+            messages.error(request, exc.message)
+
+    def available_transitions(self, request: HttpRequest, account: BillingAccount) -> list[str]:
+        names = [t.name for t in account.get_available_state_transitions()]  # type: ignore[attr-defined]
+        return [n for n in names if request.user.has_perm(TRANSITION_PERMISSIONS[n])]
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None) -> Any:
+        account = self.get_object(request, object_id)
+        extra = {**(extra_context or {})}
+        if account is not None:
+            extra["transitions"] = self.available_transitions(request, account)
+        return super().change_view(request, object_id, form_url, extra)
+
+    def get_urls(self) -> list[URLPattern]:
+        custom = [
+            path(
+                "<int:object_id>/transition/<str:name>/",
+                self.admin_site.admin_view(self.transition_view),
+                name="accounts_billingaccount_transition",
+            )
+        ]
+        return custom + super().get_urls()
+
+    def transition_view(self, request: HttpRequest, object_id: int, name: str) -> HttpResponse:
+        account = get_object_or_404(BillingAccount, pk=object_id)
+        if name not in TRANSITION_PERMISSIONS or not request.user.has_perm(TRANSITION_PERMISSIONS[name]):
+            raise PermissionDenied
+        form = TransitionForm(request.POST or None)
+        change_url = reverse("admin:accounts_billingaccount_change", args=[account.pk])
+        if request.method == "POST" and form.is_valid():
+            try:
+                services.billing_account_transition(
+                    account_id=account.id,
+                    transition=name,
+                    actor=_operator(request),
+                    reason=form.cleaned_data["reason"],
+                    to_state=form.cleaned_data["to_state"] or None,
+                )
+            except ApplicationError as exc:
+                form.add_error(None, exc.message)
+            else:
+                messages.success(request, f"{account.public_id}: {name} done.")
+                return HttpResponseRedirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "original": account,
+            "title": f"{name.capitalize()} {account.public_id}",
+            "transition": name,
+            "form": form,
+            "change_url": change_url,
+            "needs_reason": name in services.REASON_REQUIRED,
+        }
+        return TemplateResponse(request, "admin/accounts/billingaccount/transition.html", context)
+
+
+class ServiceKeyForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    scopes = forms.MultipleChoiceField(choices=Scope.choices, widget=forms.CheckboxSelectMultiple)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
+    id_prefix = "key"
+    list_display = ("name", "prefix", "user", "scopes", "created_at", "last_used_at", "revoked_at")
+    list_filter = (("user", admin.EmptyFieldListFilter), ("revoked_at", admin.EmptyFieldListFilter))
+    search_fields = ("name", "prefix", "user__email")
+    readonly_fields = ("name", "prefix", "user", "scopes", "created_by", "created_at", "last_used_at", "revoked_at")
+    fields = readonly_fields
+    actions = ("revoke",)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.method != "POST" and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # revoke, never delete: the audit trail keeps the key's row
+
+    @admin.action(description="Revoke selected API keys", permissions=["revoke"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        count = 0
+        for key_id in queryset.filter(revoked_at__isnull=True).values_list("id", flat=True):
+            services.api_key_revoke(key_id=key_id, user_id=None)
+            count += 1
+        messages.success(request, f"Revoked {count} key(s) at {timezone.now():%Y-%m-%d %H:%M:%S} UTC.")
+
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("accounts.change_apikey")
+
+    def add_view(self, request: HttpRequest, form_url: str = "", extra_context: Any = None) -> HttpResponse:
+        """Operators create service keys here; the key is shown once."""
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = ServiceKeyForm(request.POST or None)
+        issued = None
+        if request.method == "POST" and form.is_valid():
+            issued = services.service_key_create(
+                name=form.cleaned_data["name"], scopes=form.cleaned_data["scopes"], created_by_id=request.user.pk
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Create a service key",
+            "form": form,
+            "issued": issued,
+        }
+        return TemplateResponse(request, "admin/accounts/apikey/add_service_key.html", context)
+
+
+@admin.register(User)
+class UserAdmin(admin.ModelAdmin[User]):
+    list_display = ("email", "is_staff", "is_active", "date_joined", "last_login")
+    list_filter = ("is_staff", "is_active", "groups")
+    search_fields = ("email",)
+    fields = ("email", "is_active", "is_staff", "is_superuser", "groups", "date_joined", "last_login")
+    readonly_fields = ("email", "date_joined", "last_login")
+    filter_horizontal = ("groups",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # customers sign up through the API; operators via createsuperuser / create_operator

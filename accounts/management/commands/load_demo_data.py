@@ -1,0 +1,156 @@
+"""Demo data for ``make demo``: users, billing accounts in every state with their history,
+and an operator login. Safe to run again: existing demo rows are kept, the operator's
+password is reset to the printed one, and a fresh API key is printed for the demo owner."""
+
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from accounts import services
+from accounts.models import BillingAccount, User
+from billing_site.common.actors import Actor
+
+OPERATOR_EMAIL = "operator@demo.test"
+OPERATOR_PASSWORD = "demo-operator-2026"  # noqa: S105  (a demo login on 127.0.0.1, printed on purpose)
+USER_PASSWORD = "demo-password-2026"  # noqa: S105
+
+USERS = ["alice@demo.test", "bob@demo.test", "carol@demo.test", "dave@demo.test"]
+
+ADDRESS = {"address_line1": "Herengracht 1", "address_city": "Amsterdam", "address_postal_code": "1015 BA"}
+
+# (owner, profile, currency, [(transition, who, reason)], [(member, role)]); who is "operator",
+# "owner" or "system:<component>".
+ACCOUNTS: list[tuple[str, dict[str, Any], str, list[tuple[str, str, str]], list[tuple[str, str]]]] = [
+    (
+        "alice@demo.test",
+        {
+            "name": "Acme Cloud BV",
+            "email": "billing@acme.test",
+            "kind": "business",
+            "country": "NL",
+            "tax_id": "NL004495445B01",
+            **ADDRESS,
+        },
+        "EUR",
+        [("activate", "operator", "Card verified")],
+        [("bob@demo.test", "admin"), ("carol@demo.test", "viewer")],
+    ),
+    (
+        "bob@demo.test",
+        {
+            "name": "Bob Smith",
+            "email": "bob@demo.test",
+            "kind": "individual",
+            "country": "US",
+            "address_line1": "1 Main St",
+            "address_city": "Springfield",
+            "address_postal_code": "62701",
+            "address_region": "IL",
+        },
+        "USD",
+        [],
+        [],
+    ),
+    (
+        "alice@demo.test",
+        {
+            "name": "Globex GmbH",
+            "email": "ap@globex.test",
+            "kind": "business",
+            "country": "DE",
+            "tax_id": "DE136695976",
+            "address_line1": "Unter den Linden 5",
+            "address_city": "Berlin",
+            "address_postal_code": "10117",
+        },
+        "EUR",
+        [
+            ("activate", "operator", "Card verified"),
+            ("suspend", "system:payments.dunning", "Invoice unpaid 30 days after due date"),
+            ("reactivate", "system:payments.dunning", "Debt paid"),
+        ],
+        [],
+    ),
+    (
+        "carol@demo.test",
+        {
+            "name": "Initech Ltd",
+            "email": "finance@initech.test",
+            "kind": "business",
+            "country": "GB",
+            "tax_id": "GB980780684",
+            "address_line1": "10 Downing Way",
+            "address_city": "London",
+            "address_postal_code": "SW1A 2AA",
+        },
+        "GBP",
+        [
+            ("activate", "operator", "Card verified"),
+            ("block", "system:antifraud.rules", "Card country differs from IP country; 9 cards in 1 hour"),
+        ],
+        [],
+    ),
+    (
+        "dave@demo.test",
+        {
+            "name": "Tanaka KK",
+            "email": "keiri@tanaka.test",
+            "kind": "business",
+            "country": "JP",
+            "address_line1": "1-1 Marunouchi",
+            "address_city": "Tokyo",
+            "address_postal_code": "100-0005",
+        },
+        "JPY",
+        [("activate", "operator", "Card verified"), ("close", "owner", "Moving workloads elsewhere")],
+        [],
+    ),
+]
+
+
+class Command(BaseCommand):
+    help = "Load demo users, billing accounts in every lifecycle state with history, and an operator login."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        operator = services.operator_create(
+            email=OPERATOR_EMAIL, password=OPERATOR_PASSWORD, groups=["support", "finance", "fraud"], superuser=True
+        )
+        operator_actor = Actor.operator(operator.id, operator.email)
+        users = {}
+        for email in USERS:
+            user = User.objects.filter(email=email).first()
+            if user is None:
+                user, _ = services.user_signup(email=email, password=USER_PASSWORD)
+            users[email] = user
+
+        created = 0
+        for owner_email, profile, currency, transitions, members in ACCOUNTS:
+            if BillingAccount.objects.filter(name=profile["name"]).exists():
+                continue
+            owner = users[owner_email]
+            account = services.billing_account_create(owner_id=owner.id, profile=profile, currency=currency)
+            for member_email, role in members:
+                services.member_add(account_id=account.id, email=member_email, role=role)
+            for transition, who, reason in transitions:
+                actor = operator_actor
+                if who == "owner":
+                    actor = Actor.user(owner.id, owner.email)
+                elif who.startswith("system:"):
+                    actor = Actor.system(who.removeprefix("system:"))
+                services.billing_account_transition(
+                    account_id=account.id, transition=transition, actor=actor, reason=reason
+                )
+            created += 1
+
+        key = services.api_key_create(user_id=users["alice@demo.test"].id, name="demo")
+        self.stdout.write(
+            self.style.SUCCESS(f"Demo data: {created} billing account(s) created, {len(ACCOUNTS)} in all.")
+        )
+        self.stdout.write("")
+        self.stdout.write(f"  Admin:    http://127.0.0.1:8000/admin/   login {OPERATOR_EMAIL} / {OPERATOR_PASSWORD}")
+        self.stdout.write("  API docs: http://127.0.0.1:8000/api/docs/")
+        self.stdout.write(f"  API key of alice@demo.test (owner of Acme Cloud BV and Globex GmbH): {key.raw}")
+        self.stdout.write(
+            "  Try:      curl -H 'Authorization: Bearer <key>' http://127.0.0.1:8000/api/v1/billing-accounts"
+        )
+        self.stdout.write("")

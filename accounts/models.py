@@ -1,0 +1,257 @@
+"""Users, billing accounts and their lifecycle, members, API keys, and the transition audit.
+
+Primary keys of rows the outside world can name are random 63-bit integers
+(``billing_site.common.ids``); the API shows them as ``usr_…``, ``acc_…``, ``key_…``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+from django.db.models.functions import Lower
+from django.utils import timezone
+from django_countries.fields import CountryField
+from django_fsm import RETURN_VALUE, FSMField, FSMModelMixin, transition
+
+from billing_site.common import ids
+
+
+class AccountState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    ACTIVE = "active", "Active"
+    SUSPENDED = "suspended", "Suspended (unpaid debt)"
+    BLOCKED = "blocked", "Blocked"
+    CLOSED = "closed", "Closed"
+
+
+class AccountKind(models.TextChoices):
+    INDIVIDUAL = "individual", "Individual"
+    BUSINESS = "business", "Business"
+
+
+class MemberRole(models.TextChoices):
+    OWNER = "owner", "Owner"
+    ADMIN = "admin", "Admin"
+    VIEWER = "viewer", "Viewer"
+
+
+class UserManager(BaseUserManager["User"]):
+    use_in_migrations = True
+
+    def create_user(self, email: str, password: str | None = None, **extra: Any) -> User:
+        user = self.model(email=normalize_email(email), **extra)
+        user.set_password(password)
+        user.save(using=self._db)
+        return user
+
+    def create_superuser(self, email: str, password: str | None = None, **extra: Any) -> User:
+        extra.setdefault("is_staff", True)
+        extra.setdefault("is_superuser", True)
+        return self.create_user(email, password, **extra)
+
+    def get_by_natural_key(self, username: str | None) -> User:
+        return self.get(email=normalize_email(username or ""))
+
+
+def normalize_email(email: str) -> str:
+    """Emails are unique case-insensitively: we store them lowercased."""
+    return email.strip().lower()
+
+
+class User(AbstractBaseUser, PermissionsMixin):
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    email = models.EmailField(max_length=254, unique=True)
+    is_staff = models.BooleanField(default=False, help_text="Operators (staff) can use the admin.")
+    is_active = models.BooleanField(default=True)
+    date_joined = models.DateTimeField(default=timezone.now)
+
+    USERNAME_FIELD = "email"
+    EMAIL_FIELD = "email"
+    REQUIRED_FIELDS: ClassVar[list[str]] = []
+
+    objects = UserManager()
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=models.Q(email=Lower("email")), name="accounts_user_email_lowercase"),
+        ]
+
+    def __str__(self) -> str:
+        return self.email
+
+    @property
+    def public_id(self) -> str:
+        return ids.encode("usr", self.id)
+
+
+class BillingAccount(FSMModelMixin, models.Model):
+    """Who pays. ``state`` moves only through the transitions below (``protected=True``),
+    driven by ``accounts.services.billing_account_transition`` which locks and audits."""
+
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    name = models.CharField(max_length=200)
+    email = models.EmailField(max_length=254, help_text="Where invoices and notices go.")
+    kind = models.CharField(max_length=16, choices=AccountKind.choices)
+    country = CountryField()
+    currency = models.CharField(max_length=3, help_text="ISO 4217; fixed once the account exists.")
+    tax_id = models.CharField(max_length=32, blank=True, default="", help_text="Compact form, e.g. NL004495445B01.")
+    address_line1 = models.CharField(max_length=200)
+    address_line2 = models.CharField(max_length=200, blank=True, default="")
+    address_city = models.CharField(max_length=100)
+    address_postal_code = models.CharField(max_length=32)
+    address_region = models.CharField(max_length=100, blank=True, default="")
+    state = FSMField(default=AccountState.PENDING, choices=AccountState.choices, protected=True, db_index=True)
+    # Decimal with 4 places, in the account's currency. Set by operators only.
+    credit_limit = models.DecimalField(max_digits=18, decimal_places=4, default=0)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        permissions = [
+            ("transition_billingaccount", "Can activate, suspend, reactivate and close billing accounts"),
+            ("block_billingaccount", "Can block and unblock billing accounts"),
+        ]
+        indexes = [models.Index(fields=["country", "kind"], name="accounts_ba_country_kind")]
+
+    def __str__(self) -> str:
+        return f"{self.public_id} {self.name}"
+
+    @property
+    def public_id(self) -> str:
+        return ids.encode("acc", self.id)
+
+    # --- Lifecycle. Transitions change the state only; services do the rest.
+
+    @transition(field=state, source=AccountState.PENDING, target=AccountState.ACTIVE)
+    def activate(self) -> None:
+        """Allow the account to consume."""
+
+    @transition(field=state, source=AccountState.ACTIVE, target=AccountState.SUSPENDED)
+    def suspend(self) -> None:
+        """Stop consumption for unpaid debt."""
+
+    @transition(field=state, source=AccountState.SUSPENDED, target=AccountState.ACTIVE)
+    def reactivate(self) -> None:
+        """Debt settled: consume again."""
+
+    @transition(
+        field=state,
+        source=[AccountState.PENDING, AccountState.ACTIVE, AccountState.SUSPENDED],
+        target=AccountState.BLOCKED,
+    )
+    def block(self) -> None:
+        """Fraud or an operator's decision."""
+
+    @transition(
+        field=state,
+        source=AccountState.BLOCKED,
+        target=RETURN_VALUE(AccountState.ACTIVE, AccountState.PENDING),
+    )
+    def unblock(self, to_state: str) -> str:
+        """Operator only: back to ``active`` or ``pending``."""
+        return to_state
+
+    @transition(
+        field=state,
+        source=[AccountState.PENDING, AccountState.ACTIVE, AccountState.SUSPENDED],
+        target=AccountState.CLOSED,
+    )
+    def close(self) -> None:
+        """Terminal."""
+
+
+class Membership(models.Model):
+    account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=MemberRole.choices)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "user"], name="accounts_membership_unique"),
+            models.UniqueConstraint(
+                fields=["account"], condition=models.Q(role=MemberRole.OWNER), name="accounts_membership_one_owner"
+            ),
+        ]
+        indexes = [models.Index(fields=["user", "account"], name="accounts_membership_user")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} {self.role} of {self.account_id}"
+
+
+class BillingAccountTransition(models.Model):
+    """Append-only audit of every lifecycle transition, written in the transition's transaction."""
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.PROTECT, related_name="transitions")
+    transition = models.CharField(max_length=32)
+    from_state = models.CharField(max_length=16, choices=AccountState.choices)
+    to_state = models.CharField(max_length=16, choices=AccountState.choices)
+    actor_kind = models.CharField(
+        max_length=16, choices=[("user", "User"), ("operator", "Operator"), ("system", "System")]
+    )
+    actor_user = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_name = models.CharField(max_length=254, help_text="Email of the user or operator, or the system component.")
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account", "created_at"], name="accounts_bat_account_time")]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.account_id}: {self.from_state} → {self.to_state} ({self.transition})"
+
+
+class ApiKey(models.Model):
+    """A bearer key. Stored as a public lookup ``prefix`` and the SHA-256 of the whole key:
+    the secret is 256 random bits, so a fast hash is enough and the key is never recoverable.
+
+    User keys act as their user (no scopes). Service keys (``user`` empty) are created by
+    operators for internal producers and carry ``scopes`` such as ``usage:write``.
+    """
+
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    user = models.ForeignKey(User, null=True, blank=True, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, unique=True)
+    secret_hash = models.CharField(max_length=64)
+    scopes = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+    created_by = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        indexes = [models.Index(fields=["user", "created_at"], name="accounts_apikey_user")]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(user__isnull=False, scopes=[]) | models.Q(user__isnull=True),
+                name="accounts_apikey_scopes_only_on_service_keys",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def public_id(self) -> str:
+        return ids.encode("key", self.id)
+
+    @property
+    def is_service(self) -> bool:
+        return self.user_id is None
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class Scope(models.TextChoices):
+    """What a service key may do. User keys carry no scopes: they act as their user."""
+
+    USAGE_WRITE = "usage:write", "Send usage and resource events"
+    ACCOUNTS_READ = "accounts:read", "Read any billing account and its costs"

@@ -1,0 +1,64 @@
+"""Reads shared by the API, the admin and other apps. Customer-facing reads are scoped to
+the caller's accounts: someone else's id is indistinguishable from a missing one (404)."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from accounts.authentication import Caller
+from accounts.models import ApiKey, BillingAccount, BillingAccountTransition, MemberRole, Membership, Scope
+from billing_site.common.errors import Forbidden, NotFound
+
+
+def billing_account_list_for_caller(*, caller: Caller) -> QuerySet[BillingAccount]:
+    if caller.is_service:
+        if caller.has_scope(Scope.ACCOUNTS_READ):
+            return BillingAccount.objects.all()
+        return BillingAccount.objects.none()
+    assert caller.user_id is not None
+    return BillingAccount.objects.filter(memberships__user_id=caller.user_id)
+
+
+def billing_account_get_for_caller(
+    *, caller: Caller, account_id: int, roles: tuple[str, ...] | None = None
+) -> BillingAccount:
+    """The account if the caller may see it, else 404; if it may see but ``roles`` (for a
+    write) excludes the caller's role, 403. Service keys read with ``accounts:read`` only."""
+    if caller.is_service:
+        account = (
+            BillingAccount.objects.filter(id=account_id).first() if caller.has_scope(Scope.ACCOUNTS_READ) else None
+        )
+        if account is None:
+            raise NotFound("No such billing account.")
+        if roles is not None:
+            raise Forbidden("Service keys cannot change billing accounts.")
+        return account
+    assert caller.user_id is not None
+    membership = (
+        Membership.objects.select_related("account").filter(account_id=account_id, user_id=caller.user_id).first()
+    )
+    if membership is None:
+        raise NotFound("No such billing account.")
+    if roles is not None and membership.role not in roles:
+        raise Forbidden(f"Your role ({membership.role}) does not allow this.")
+    return membership.account
+
+
+def billing_account_is_member(*, account_id: int, user_id: int) -> bool:
+    return Membership.objects.filter(account_id=account_id, user_id=user_id).exists()
+
+
+def billing_account_history(*, account_id: int) -> QuerySet[BillingAccountTransition]:
+    return BillingAccountTransition.objects.filter(account_id=account_id).select_related("actor_user")
+
+
+def member_list(*, account_id: int) -> QuerySet[Membership]:
+    return Membership.objects.filter(account_id=account_id).select_related("user")
+
+
+def api_key_list_for_user(*, user_id: int) -> QuerySet[ApiKey]:
+    return ApiKey.objects.filter(user_id=user_id)
+
+
+WRITERS = (MemberRole.OWNER, MemberRole.ADMIN)
+OWNERS = (MemberRole.OWNER,)

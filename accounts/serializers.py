@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from accounts import validation
+from accounts.models import AccountKind, AccountState, BillingAccount, MemberRole
+from billing_site.common.serializers import StrictSerializer
+
+
+class SignupSerializer(StrictSerializer):
+    email = serializers.EmailField(max_length=254)
+    password = serializers.CharField(max_length=128, write_only=True, trim_whitespace=False)
+
+
+class SignupResponseSerializer(serializers.Serializer):
+    id = serializers.CharField(help_text="`usr_…`")
+    email = serializers.EmailField()
+    api_key = serializers.CharField(help_text="Shown once. Send it as `Authorization: Bearer …`.")
+
+
+class ApiKeySerializer(StrictSerializer):
+    id = serializers.CharField(source="public_id", read_only=True, help_text="`key_…`")
+    name = serializers.CharField(max_length=100)
+    prefix = serializers.CharField(read_only=True, help_text="The key's public prefix, to recognise it.")
+    created_at = serializers.DateTimeField(read_only=True)
+    last_used_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    revoked_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+
+class ApiKeyCreatedSerializer(ApiKeySerializer):
+    api_key = serializers.CharField(read_only=True, help_text="Shown once.")
+
+
+class AddressSerializer(StrictSerializer):
+    line1 = serializers.CharField(source="address_line1", max_length=200)
+    line2 = serializers.CharField(source="address_line2", max_length=200, required=False, allow_blank=True)
+    city = serializers.CharField(source="address_city", max_length=100)
+    postal_code = serializers.CharField(source="address_postal_code", max_length=32)
+    region = serializers.CharField(source="address_region", max_length=100, required=False, allow_blank=True)
+
+
+class BillingAccountSerializer(StrictSerializer):
+    id = serializers.CharField(source="public_id", read_only=True, help_text="`acc_…`")
+    name = serializers.CharField(max_length=200)
+    email = serializers.EmailField(max_length=254)
+    kind = serializers.ChoiceField(choices=AccountKind.choices)
+    country = serializers.CharField(max_length=2, min_length=2, help_text="ISO 3166-1 alpha-2, e.g. `NL`.")
+    currency = serializers.CharField(
+        max_length=3, min_length=3, help_text=f"ISO 4217; one of {', '.join(settings.BILLING_CURRENCIES)}."
+    )
+    tax_id = serializers.CharField(
+        max_length=32, required=False, allow_blank=True, help_text="EU VAT numbers are checked, checksum included."
+    )
+    address = AddressSerializer(source="*")
+    state = serializers.ChoiceField(choices=AccountState.choices, read_only=True)
+    credit_limit = serializers.DecimalField(max_digits=18, decimal_places=4, read_only=True)
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True)
+
+    def validate_country(self, value: str) -> str:
+        try:
+            return validation.normalize_country(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc), code="invalid_country") from exc
+
+    def validate_currency(self, value: str) -> str:
+        try:
+            return validation.normalize_currency(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc), code="unsupported_currency") from exc
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        instance: BillingAccount | None = self.instance
+        country = attrs.get("country", instance.country.code if instance else "")
+        tax_id = attrs.get("tax_id", instance.tax_id if instance else "")
+        if ("tax_id" in attrs or "country" in attrs) and tax_id:
+            try:
+                attrs["tax_id"] = validation.normalize_tax_id(country, tax_id)
+            except ValueError as exc:
+                raise serializers.ValidationError({"tax_id": [str(exc)]}, code="invalid_tax_id") from exc
+        return attrs
+
+
+class BillingAccountUpdateSerializer(BillingAccountSerializer):
+    """PATCH: profile fields only; the currency is fixed once the account exists."""
+
+    currency = serializers.CharField(read_only=True)
+
+
+class TransitionRequestSerializer(StrictSerializer):
+    reason = serializers.CharField(max_length=2000, help_text="Why; kept in the account's history.")
+
+
+class ActorSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["user", "operator", "system"])
+    name = serializers.CharField()
+
+
+class HistoryEntrySerializer(serializers.Serializer):
+    transition = serializers.CharField()
+    from_state = serializers.ChoiceField(choices=AccountState.choices)
+    to_state = serializers.ChoiceField(choices=AccountState.choices)
+    actor = serializers.SerializerMethodField()
+    reason = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+    @extend_schema_field(ActorSerializer)
+    def get_actor(self, entry: Any) -> dict[str, str]:
+        # Customers see an operator only as "support", not the staff member's email.
+        name = "support" if entry.actor_kind == "operator" else entry.actor_name
+        return {"kind": entry.actor_kind, "name": name}
+
+
+class MemberSerializer(serializers.Serializer):
+    user_id = serializers.CharField(source="user.public_id", read_only=True, help_text="`usr_…`")
+    email = serializers.EmailField(source="user.email", read_only=True)
+    role = serializers.ChoiceField(choices=MemberRole.choices, read_only=True)
+    created_at = serializers.DateTimeField(read_only=True)
+
+
+class MemberAddSerializer(StrictSerializer):
+    email = serializers.EmailField(max_length=254)
+    role = serializers.ChoiceField(choices=[MemberRole.ADMIN, MemberRole.VIEWER])

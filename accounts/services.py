@@ -1,0 +1,296 @@
+"""Every write of the accounts app. Keyword-only, one durable transaction per entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+from django_fsm import can_proceed
+
+from accounts import keys
+from accounts.models import (
+    AccountState,
+    ApiKey,
+    BillingAccount,
+    BillingAccountTransition,
+    MemberRole,
+    Membership,
+    Scope,
+    User,
+    normalize_email,
+)
+from billing_site.common.actors import Actor, ActorKind
+from billing_site.common.errors import ApplicationError, Conflict, NotFound
+
+TRANSITIONS = ("activate", "suspend", "reactivate", "block", "unblock", "close")
+REASON_REQUIRED = frozenset({"suspend", "block", "unblock", "close"})
+OPERATOR_ONLY = frozenset({"unblock"})
+
+PROFILE_FIELDS = (
+    "name",
+    "email",
+    "kind",
+    "country",
+    "tax_id",
+    "address_line1",
+    "address_line2",
+    "address_city",
+    "address_postal_code",
+    "address_region",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    key: ApiKey
+    raw: str  # the only time the secret exists outside the caller's hands
+
+
+# --- Users and keys
+
+
+@transaction.atomic(durable=True)
+def user_signup(*, email: str, password: str) -> tuple[User, IssuedKey]:
+    email = normalize_email(email)
+    user = User(email=email)
+    try:
+        validate_password(password, user=user)
+    except DjangoValidationError as exc:
+        raise ApplicationError(
+            "invalid",
+            "The password is not acceptable.",
+            errors=[{"field": "password", "code": "weak_password", "message": m} for m in exc.messages],
+        ) from exc
+    user.set_password(password)
+    try:
+        with transaction.atomic():
+            user.save(force_insert=True)
+    except IntegrityError as exc:  # the unique constraint decides, not a look-up first
+        raise Conflict("email_taken", "A user with this email already exists.", field="email") from exc
+    issued = _key_insert(user_id=user.id, name="default", scopes=[], created_by_id=None)
+    return user, issued
+
+
+@transaction.atomic(durable=True)
+def api_key_create(*, user_id: int, name: str) -> IssuedKey:
+    return _key_insert(user_id=user_id, name=name, scopes=[], created_by_id=None)
+
+
+@transaction.atomic(durable=True)
+def service_key_create(*, name: str, scopes: list[str], created_by_id: int | None) -> IssuedKey:
+    unknown = sorted(set(scopes) - set(Scope.values))
+    if unknown or not scopes:
+        raise ApplicationError(
+            "invalid_scope",
+            f"Unknown scopes {unknown}; known: {', '.join(Scope.values)}."
+            if unknown
+            else "A service key needs a scope.",
+            field="scopes",
+        )
+    return _key_insert(user_id=None, name=name, scopes=sorted(set(scopes)), created_by_id=created_by_id)
+
+
+def _key_insert(*, user_id: int | None, name: str, scopes: list[str], created_by_id: int | None) -> IssuedKey:
+    material = keys.generate(service=user_id is None)
+    key = ApiKey.objects.create(
+        user_id=user_id,
+        name=name,
+        prefix=material.prefix,
+        secret_hash=material.secret_hash,
+        scopes=scopes,
+        created_by_id=created_by_id,
+    )
+    return IssuedKey(key=key, raw=material.raw)
+
+
+@transaction.atomic(durable=True)
+def api_key_revoke(*, key_id: int, user_id: int | None) -> ApiKey:
+    """Revoke a key. ``user_id`` scopes the look-up to that user's keys (None: operator)."""
+    queryset = ApiKey.objects.select_for_update()
+    if user_id is not None:
+        queryset = queryset.filter(user_id=user_id)
+    key = queryset.filter(id=key_id).first()
+    if key is None:
+        raise NotFound("No such API key.")
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+    return key
+
+
+def api_key_touch(*, key: ApiKey, interval_seconds: int) -> None:
+    """Record use at most once per interval: one conditional UPDATE, no lock, no read."""
+    now = timezone.now()
+    if key.last_used_at is not None and (now - key.last_used_at).total_seconds() < interval_seconds:
+        return
+    stale = Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - timedelta(seconds=interval_seconds))
+    ApiKey.objects.filter(Q(id=key.id) & stale).update(last_used_at=now)
+
+
+# --- Billing accounts
+
+
+@transaction.atomic(durable=True)
+def billing_account_create(*, owner_id: int, profile: dict[str, Any], currency: str) -> BillingAccount:
+    unknown = set(profile) - set(PROFILE_FIELDS)
+    if unknown:
+        raise ApplicationError("invalid", f"Not profile fields: {', '.join(sorted(unknown))}.")
+    account = BillingAccount(currency=currency, **profile)
+    account.save(force_insert=True)
+    Membership.objects.create(account=account, user_id=owner_id, role=MemberRole.OWNER)
+    return account
+
+
+@transaction.atomic(durable=True)
+def billing_account_update(
+    *, account_id: int, changes: dict[str, Any], credit_limit: Decimal | None = None
+) -> BillingAccount:
+    """Update profile fields (and, for operators, the credit limit). Never the state."""
+    unknown = set(changes) - set(PROFILE_FIELDS)
+    if unknown:
+        raise ApplicationError("invalid", f"Not profile fields: {', '.join(sorted(unknown))}.")
+    account = BillingAccount.objects.select_for_update().filter(id=account_id).first()
+    if account is None:
+        raise NotFound("No such billing account.")
+    if account.state == AccountState.CLOSED:
+        raise Conflict("account_closed", "A closed billing account cannot be changed.")
+    for field, value in changes.items():
+        setattr(account, field, value)
+    fields = [*changes, "updated_at"]
+    if credit_limit is not None:
+        account.credit_limit = credit_limit
+        fields.append("credit_limit")
+    account.save(update_fields=fields)
+    return account
+
+
+@transaction.atomic(durable=True)
+def billing_account_transition(
+    *, account_id: int, transition: str, actor: Actor, reason: str = "", to_state: str | None = None
+) -> BillingAccount:
+    """Move an account through its lifecycle, under a row lock with the state re-checked,
+    writing the audit row in the same transaction. A transition that is not allowed from
+    the state found under the lock (e.g. the loser of two concurrent ones) → 409."""
+    if transition not in TRANSITIONS:
+        raise ApplicationError("invalid", f"Unknown transition '{transition}'.", field="transition")
+    reason = reason.strip()
+    if transition in REASON_REQUIRED and not reason:
+        raise ApplicationError("reason_required", f"A reason is required to {transition} an account.", field="reason")
+    if transition in OPERATOR_ONLY and actor.kind != ActorKind.OPERATOR:
+        raise ApplicationError("operator_only", f"Only an operator can {transition} an account.", status=403)
+    if transition == "unblock" and to_state not in (AccountState.ACTIVE, AccountState.PENDING):
+        raise ApplicationError("invalid", "Unblock to 'active' or 'pending'.", field="to_state")
+
+    account = BillingAccount.objects.select_for_update().filter(id=account_id).first()
+    if account is None:
+        raise NotFound("No such billing account.")
+    method = getattr(account, transition)
+    from_state = account.state
+    if not can_proceed(method):
+        raise Conflict(
+            "invalid_transition",
+            f"Cannot {transition} a billing account that is {from_state}.",
+        )
+    if transition == "unblock":
+        method(to_state)
+    else:
+        method()
+    account.save(update_fields=["state", "updated_at"])
+    BillingAccountTransition.objects.create(
+        account=account,
+        transition=transition,
+        from_state=from_state,
+        to_state=account.state,
+        actor_kind=actor.kind.value,
+        actor_user_id=actor.user_id,
+        actor_name=actor.name,
+        reason=reason,
+    )
+    return account
+
+
+# --- Members
+
+
+@transaction.atomic(durable=True)
+def member_add(*, account_id: int, email: str, role: str) -> Membership:
+    if role not in (MemberRole.ADMIN, MemberRole.VIEWER):
+        raise ApplicationError("invalid", "Role must be 'admin' or 'viewer'.", field="role")
+    user = User.objects.filter(email=normalize_email(email), is_active=True).first()
+    if user is None:
+        raise ApplicationError("unknown_user", "No user with this email; they must sign up first.", field="email")
+    try:
+        with transaction.atomic():
+            return Membership.objects.create(account_id=account_id, user=user, role=role)
+    except IntegrityError as exc:
+        raise Conflict("already_member", "This user is already a member of the account.", field="email") from exc
+
+
+@transaction.atomic(durable=True)
+def member_remove(*, account_id: int, user_id: int) -> None:
+    membership = Membership.objects.select_for_update().filter(account_id=account_id, user_id=user_id).first()
+    if membership is None:
+        raise NotFound("No such member.")
+    if membership.role == MemberRole.OWNER:
+        raise Conflict("owner_cannot_be_removed", "The owner cannot be removed from the account.")
+    membership.delete()
+
+
+# --- Operators
+
+OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
+    # Support runs the account lifecycle and customers' keys.
+    "support": (
+        "view_billingaccount",
+        "change_billingaccount",
+        "transition_billingaccount",
+        "view_membership",
+        "view_billingaccounttransition",
+        "view_apikey",
+        "change_apikey",
+        "view_user",
+    ),
+    # Finance sets credit limits; invoices, credits and write-offs arrive with invoicing.
+    "finance": ("view_billingaccount", "change_billingaccount", "view_billingaccounttransition", "view_membership"),
+    # Fraud blocks and unblocks; reviews and rules arrive with antifraud.
+    "fraud": (
+        "view_billingaccount",
+        "block_billingaccount",
+        "view_billingaccounttransition",
+        "view_membership",
+        "view_apikey",
+        "change_apikey",
+        "view_user",
+    ),
+}
+
+
+def operator_groups_sync() -> None:
+    """Create the operator groups and give them exactly their permissions (idempotent)."""
+    from django.contrib.auth.models import Group, Permission
+
+    for name, codenames in OPERATOR_GROUPS.items():
+        group, _ = Group.objects.get_or_create(name=name)
+        permissions = Permission.objects.filter(content_type__app_label="accounts", codename__in=codenames)
+        group.permissions.set(permissions)
+
+
+@transaction.atomic(durable=True)
+def operator_create(*, email: str, password: str, groups: list[str], superuser: bool = False) -> User:
+    """A staff login for the admin, in the given operator groups (created or updated)."""
+    from django.contrib.auth.models import Group
+
+    user, _ = User.objects.get_or_create(email=normalize_email(email))
+    user.is_staff = True
+    user.is_superuser = superuser
+    user.set_password(password)
+    user.save()
+    user.groups.set(Group.objects.filter(name__in=groups))
+    return user

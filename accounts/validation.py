@@ -1,0 +1,64 @@
+"""Profile rules shared by the API and the admin: country, currency, tax id."""
+
+from __future__ import annotations
+
+import re
+
+import stdnum
+from django.conf import settings
+from django_countries.data import COUNTRIES
+from stdnum.eu import vat as eu_vat
+from stdnum.exceptions import ValidationError as StdnumError
+
+# EU VAT numbers carry the member state's prefix; Greece uses EL, Northern Ireland XI.
+EU_COUNTRIES = frozenset(code.upper() for code in eu_vat.MEMBER_STATES if code != "xi")
+_VAT_PREFIX = {"GR": "EL"}
+_GENERIC_TAX_ID = re.compile(r"^[A-Z0-9]{2,32}$")
+
+
+def normalize_country(value: str) -> str:
+    code = value.strip().upper()
+    if len(code) != 2 or code not in COUNTRIES:
+        raise ValueError(f"'{value}' is not an ISO 3166-1 alpha-2 country code.")
+    return code
+
+
+def normalize_currency(value: str) -> str:
+    code = value.strip().upper()
+    allowed = settings.BILLING_CURRENCIES
+    if code not in allowed:
+        raise ValueError(f"'{value}' is not a supported currency; use one of {', '.join(allowed)}.")
+    return code
+
+
+def normalize_tax_id(country: str, value: str) -> str:
+    """The compact, validated form of ``value`` for a customer in ``country``.
+
+    EU member states: a VAT number with its checksum (python-stdnum), prefixed with the
+    member state's code, which must be the customer's country. Elsewhere: the country's
+    own VAT/GST format where python-stdnum knows it, else 2-32 letters and digits.
+    """
+    raw = value.strip()
+    if not raw:
+        return ""
+    if country in EU_COUNTRIES:
+        number = eu_vat.compact(raw)
+        prefix = _VAT_PREFIX.get(country, country)
+        if number[:2].isdigit():
+            number = prefix + number
+        if number[:2] != prefix:
+            raise ValueError(f"A VAT number for {country} must start with {prefix}.")
+        try:
+            return str(eu_vat.validate(number))
+        except StdnumError as exc:
+            raise ValueError(f"'{value}' is not a valid EU VAT number: {exc}") from exc
+    module = stdnum.get_cc_module(country.lower(), "vat")
+    if module is not None:
+        try:
+            return str(module.validate(raw))
+        except StdnumError as exc:
+            raise ValueError(f"'{value}' is not a valid {country} VAT number: {exc}") from exc
+    compact = re.sub(r"[\s.\-/]", "", raw).upper()
+    if not _GENERIC_TAX_ID.match(compact):
+        raise ValueError(f"'{value}' is not a valid tax id: use 2-32 letters and digits.")
+    return compact

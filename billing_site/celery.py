@@ -1,0 +1,24 @@
+"""The Celery app. Queues and the beat schedule live here, in code.
+
+Broker: ``CELERY_BROKER_URL`` or ``REDIS_URL``. With neither, tasks run inline
+(``CELERY_TASK_ALWAYS_EAGER``) so the demo works with nothing installed.
+
+    celery -A billing_site worker -l info      # a worker
+    celery -A billing_site beat -l info        # the scheduler
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
+
+app = Celery("billing_site")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+# Schedules arrive with the work they run (usage rollup every minute, period close on the
+# 1st, dunning daily); each entry sets `expires` so a backlog never runs stale copies.
+app.conf.beat_schedule = {}

@@ -1,0 +1,202 @@
+"""One error shape for the whole API: RFC 9457 ``application/problem+json``.
+
+    {"type": "urn:billing:error:invalid", "title": "Invalid request", "status": 400,
+     "detail": "...", "code": "invalid",
+     "errors": [{"field": "address.city", "code": "required", "message": "..."}]}
+
+``code`` is stable and machine-readable; ``errors`` names each bad field (dotted path for
+nested objects, index for lists). Services raise ``ApplicationError``; views never build
+error responses by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpRequest, JsonResponse
+from drf_spectacular.utils import OpenApiResponse, inline_serializer
+from rest_framework import exceptions, serializers
+from rest_framework.response import Response
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class ApplicationError(Exception):
+    """A business-rule failure with a stable code, mapped to a 4xx by the API."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int = 400,
+        field: str | None = None,
+        errors: list[dict[str, str]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.errors = errors or ([{"field": field, "code": code, "message": message}] if field else [])
+
+
+class NotFound(ApplicationError):
+    def __init__(self, message: str = "Not found.") -> None:
+        super().__init__("not_found", message, status=404)
+
+
+class Forbidden(ApplicationError):
+    def __init__(self, message: str = "You do not have permission to perform this action.") -> None:
+        super().__init__("permission_denied", message, status=403)
+
+
+class Conflict(ApplicationError):
+    def __init__(self, code: str, message: str, *, field: str | None = None) -> None:
+        super().__init__(code, message, status=409, field=field)
+
+
+def problem(status: int, code: str, detail: str, errors: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": f"urn:billing:error:{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if errors:
+        body["errors"] = errors
+    return body
+
+
+def flatten_validation_errors(detail: Any, prefix: str = "") -> list[dict[str, str]]:
+    """DRF's nested ``{field: [ErrorDetail]}`` → a flat list naming each field by path."""
+    out: list[dict[str, str]] = []
+    if isinstance(detail, Mapping):
+        for key, value in detail.items():
+            name = prefix if key == "non_field_errors" else (f"{prefix}.{key}" if prefix else str(key))
+            out.extend(flatten_validation_errors(value, name))
+    elif isinstance(detail, Iterable) and not isinstance(detail, str):
+        items = list(detail)
+        if items and all(isinstance(i, str) for i in items):
+            for item in items:
+                out.append(
+                    {"field": prefix, "code": getattr(item, "code", "invalid") or "invalid", "message": str(item)}
+                )
+        else:
+            for index, item in enumerate(items):
+                if item:
+                    out.extend(flatten_validation_errors(item, f"{prefix}.{index}" if prefix else str(index)))
+    else:
+        out.append({"field": prefix, "code": getattr(detail, "code", "invalid") or "invalid", "message": str(detail)})
+    return out
+
+
+_DRF_CODES: list[tuple[type[exceptions.APIException], str]] = [
+    (exceptions.NotAuthenticated, "not_authenticated"),
+    (exceptions.AuthenticationFailed, "authentication_failed"),
+    (exceptions.PermissionDenied, "permission_denied"),
+    (exceptions.NotFound, "not_found"),
+    (exceptions.MethodNotAllowed, "method_not_allowed"),
+    (exceptions.NotAcceptable, "not_acceptable"),
+    (exceptions.UnsupportedMediaType, "unsupported_media_type"),
+    (exceptions.Throttled, "throttled"),
+    (exceptions.ParseError, "malformed_request"),
+]
+
+
+def api_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | None:
+    headers: dict[str, str] = {}
+    if isinstance(exc, ApplicationError):
+        body = problem(exc.status, exc.code, exc.message, exc.errors)
+        return Response(body, status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied()
+    if not isinstance(exc, exceptions.APIException):
+        return None  # a bug: Django's 500 handler answers (see server_error below)
+    if getattr(exc, "auth_header", None):
+        headers["WWW-Authenticate"] = exc.auth_header  # type: ignore[attr-defined]
+    wait = getattr(exc, "wait", None)
+    if isinstance(exc, exceptions.Throttled) and wait is not None:
+        headers["Retry-After"] = str(int(wait))
+    status = exc.status_code
+    if isinstance(exc, exceptions.ValidationError):
+        errors = flatten_validation_errors(exc.detail)
+        fields = sorted({e["field"] for e in errors if e["field"]})
+        detail = "Invalid input" + (f": {', '.join(fields)}." if fields else ".")
+        if len(errors) == 1 and not errors[0]["field"]:
+            detail = errors[0]["message"]
+        body = problem(status, "invalid", detail, errors)
+    else:
+        code = next((c for cls, c in _DRF_CODES if isinstance(exc, cls)), "error")
+        body = problem(status, code, str(exc.detail))
+    return Response(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
+
+
+def _json_problem(status: int, code: str, detail: str) -> JsonResponse:
+    return JsonResponse(problem(status, code, detail), status=status, content_type=PROBLEM_CONTENT_TYPE)
+
+
+def page_not_found(request: HttpRequest, exception: Exception | None = None) -> Any:
+    if request.path.startswith("/api/"):
+        return _json_problem(404, "not_found", "Not found.")
+    from django.views.defaults import page_not_found as default
+
+    return default(request, exception)
+
+
+def server_error(request: HttpRequest) -> Any:
+    if request.path.startswith("/api/"):
+        return _json_problem(500, "internal_error", "Internal server error. It has been logged.")
+    from django.views.defaults import server_error as default
+
+    return default(request)
+
+
+# --- OpenAPI: the documented error responses.
+
+
+class ProblemFieldErrorSerializer(serializers.Serializer):
+    field = serializers.CharField(help_text="Dotted path of the offending field, e.g. `address.city`.")
+    code = serializers.CharField()
+    message = serializers.CharField()
+
+
+# A declared field named ``errors`` would shadow ``Serializer.errors``: build it inline.
+ProblemSerializer = inline_serializer(
+    name="Problem",
+    fields={
+        "type": serializers.CharField(),
+        "title": serializers.CharField(),
+        "status": serializers.IntegerField(),
+        "detail": serializers.CharField(),
+        "code": serializers.CharField(help_text="Stable machine-readable error code."),
+        "errors": ProblemFieldErrorSerializer(many=True, required=False),
+    },
+)
+
+
+_DESCRIPTIONS = {
+    400: "Invalid input (`code`: `invalid`, `malformed_request`, …); `errors` names each field.",
+    401: "Missing, malformed, unknown or revoked API key.",
+    403: "Authenticated, but the caller's role or scopes do not allow this.",
+    404: "No such resource, or not one of the caller's.",
+    405: "Method not allowed.",
+    406: "Not acceptable.",
+    409: "Conflicts with the resource's current state.",
+    413: "Request body too large.",
+    415: "Unsupported media type: send application/json.",
+    429: "Too many requests.",
+}
+
+
+def error_responses(*statuses: int) -> dict[Any, Any]:
+    """``extend_schema(responses=…)`` entries for the given error statuses."""
+    out: dict[Any, Any] = {}
+    for status in sorted({*statuses, 406}):
+        out[(status, PROBLEM_CONTENT_TYPE)] = OpenApiResponse(ProblemSerializer, description=_DESCRIPTIONS[status])
+    return out

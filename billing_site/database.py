@@ -1,0 +1,60 @@
+"""Where the database is.
+
+Resolution order (the README documents it):
+
+1. ``DATABASE_URL`` from the environment, if set: always wins.
+2. For the test suite only: PostgreSQL on 127.0.0.1:5432 if something listens there
+   (the CI machine's server, trust auth).
+3. Otherwise an embedded PostgreSQL started with ``pgserver`` with its data under
+   ``.data/postgres`` (git-ignored), so a fresh clone runs with nothing installed.
+
+Same engine everywhere: there is no SQLite fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import quote
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+EMBEDDED_DATA_DIR = BASE_DIR / ".data" / "postgres"
+EMBEDDED_DATABASE = "billing"
+LOCAL_URL = "postgres://postgres@127.0.0.1:5432/billing"
+
+
+def _listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def embedded_database_url() -> str:
+    """Start (or join) the embedded server and return a URL for our database on it.
+
+    pgserver keeps one postmaster per data directory and reference-counts the
+    processes using it, so the runserver reloader, a worker and a shell can share it.
+    """
+    import pgserver  # imported lazily: only the zero-configuration path needs it
+
+    EMBEDDED_DATA_DIR.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(EMBEDDED_DATA_DIR, cleanup_mode="stop")
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")  # noqa: S608 (a constant)
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+    # pgserver listens on a Unix socket only; libpq takes the socket directory as the
+    # host, which a URL carries percent-encoded.
+    socket_dir = quote(str(server.pgdata), safe="")
+    return f"postgres://postgres@{socket_dir}/{EMBEDDED_DATABASE}"
+
+
+def database_url(*, prefer_local_server: bool = False) -> str:
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if url:
+        return url
+    if prefer_local_server and _listening("127.0.0.1", 5432):
+        return LOCAL_URL
+    return embedded_database_url()

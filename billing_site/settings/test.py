@@ -1,0 +1,15 @@
+"""Settings for the test suite: a real PostgreSQL (DATABASE_URL, else the local server on
+127.0.0.1:5432, else the embedded one); tasks run inline unless a test starts a worker."""
+
+import os
+
+# Before base.py resolves the database: the suite prefers the local server on 127.0.0.1:5432.
+os.environ.setdefault("DATABASE_PREFER_LOCAL", "1")
+
+from billing_site.settings.base import *  # noqa: F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast; tests only
+CELERY_BROKER_URL = ""
+CELERY_TASK_ALWAYS_EAGER = True
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+WHITENOISE_USE_FINDERS = True
