@@ -29,6 +29,7 @@ from accounts.serializers import (
 )
 from billing_site.common.actors import Actor
 from billing_site.common.errors import error_responses
+from billing_site.common.views import StrictQueryMixin
 
 
 class IsUserKey(permissions.BasePermission):
@@ -56,7 +57,7 @@ def _actor(request: Request) -> Actor:
 # --- Users and keys
 
 
-class SignupView(APIView):
+class SignupView(StrictQueryMixin, APIView):
     authentication_classes: list[Any] = []
     permission_classes = [permissions.AllowAny]
 
@@ -77,7 +78,7 @@ class SignupView(APIView):
         return Response(body, status=status.HTTP_201_CREATED)
 
 
-class ApiKeyListCreateView(generics.ListCreateAPIView[ApiKey]):
+class ApiKeyListCreateView(StrictQueryMixin, generics.ListCreateAPIView[ApiKey]):
     permission_classes = [permissions.IsAuthenticated, IsUserKey]
     serializer_class = ApiKeySerializer
 
@@ -103,7 +104,7 @@ class ApiKeyListCreateView(generics.ListCreateAPIView[ApiKey]):
         return Response(body, status=status.HTTP_201_CREATED)
 
 
-class ApiKeyDetailView(APIView):
+class ApiKeyDetailView(StrictQueryMixin, APIView):
     permission_classes = [permissions.IsAuthenticated, IsUserKey]
 
     @extend_schema(summary="Revoke an API key", responses={204: None, **error_responses(401, 403, 404)})
@@ -115,7 +116,7 @@ class ApiKeyDetailView(APIView):
 # --- Billing accounts
 
 
-class BillingAccountListCreateView(generics.ListCreateAPIView[BillingAccount]):
+class BillingAccountListCreateView(StrictQueryMixin, generics.ListCreateAPIView[BillingAccount]):
     serializer_class = BillingAccountSerializer
 
     def get_queryset(self) -> QuerySet[BillingAccount]:
@@ -143,7 +144,7 @@ class BillingAccountListCreateView(generics.ListCreateAPIView[BillingAccount]):
         return Response(BillingAccountSerializer(account).data, status=status.HTTP_201_CREATED)
 
 
-class BillingAccountDetailView(APIView):
+class BillingAccountDetailView(StrictQueryMixin, APIView):
     @extend_schema(summary="A billing account", responses={200: BillingAccountSerializer, **error_responses(401, 404)})
     def get(self, request: Request, account_id: int) -> Response:
         account = selectors.billing_account_get_for_caller(caller=caller_of(request), account_id=account_id)
@@ -165,7 +166,7 @@ class BillingAccountDetailView(APIView):
         return Response(BillingAccountSerializer(account).data)
 
 
-class BillingAccountCloseView(APIView):
+class BillingAccountCloseView(StrictQueryMixin, APIView):
     @extend_schema(
         summary="Close a billing account",
         description="Owner only. Terminal. Not possible while the account is blocked.",
@@ -184,7 +185,7 @@ class BillingAccountCloseView(APIView):
         return Response(BillingAccountSerializer(account).data)
 
 
-class BillingAccountHistoryView(generics.ListAPIView[BillingAccountTransition]):
+class BillingAccountHistoryView(StrictQueryMixin, generics.ListAPIView[BillingAccountTransition]):
     serializer_class = HistoryEntrySerializer
 
     def get_queryset(self) -> QuerySet[BillingAccountTransition]:
@@ -200,7 +201,7 @@ class BillingAccountHistoryView(generics.ListAPIView[BillingAccountTransition]):
         return super().get(request, *args, **kwargs)
 
 
-class MemberListCreateView(generics.ListCreateAPIView[Membership]):
+class MemberListCreateView(StrictQueryMixin, generics.ListCreateAPIView[Membership]):
     serializer_class = MemberSerializer
 
     def get_queryset(self) -> QuerySet[Membership]:
@@ -231,7 +232,7 @@ class MemberListCreateView(generics.ListCreateAPIView[Membership]):
         return Response(MemberSerializer(membership).data, status=status.HTTP_201_CREATED)
 
 
-class MemberDetailView(APIView):
+class MemberDetailView(StrictQueryMixin, APIView):
     @extend_schema(summary="Remove a member", responses={204: None, **error_responses(401, 403, 404, 409)})
     def delete(self, request: Request, account_id: int, user_id: int) -> Response:
         selectors.billing_account_get_for_caller(

@@ -114,7 +114,7 @@ def test_state_cannot_be_assigned_directly() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize(("first", "second"), [("suspend", "suspend"), ("block", "close"), ("close", "suspend")])
+@pytest.mark.parametrize(("first", "second"), [("suspend", "suspend"), ("block", "close"), ("close", "close")])
 def test_concurrent_transitions_one_wins_the_other_gets_a_clean_error(first: str, second: str) -> None:
     """Both transitions start while a third connection holds the row lock, so both are
     waiting at once; when it is released exactly one succeeds and one row is written."""

@@ -6,15 +6,34 @@ from rest_framework.request import Request
 
 
 class CreatedCursorPagination(CursorPagination):
-    """Stable cursor pagination, newest first; ``?cursor=`` from ``next``/``previous``."""
+    """Stable cursor pagination, newest first; ``?cursor=`` from ``next``/``previous``.
+
+    Bad paging parameters are a 400 naming the parameter, not silently replaced."""
 
     ordering = "-created_at"
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 500
 
+    def get_page_size(self, request: Request) -> int:
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        if not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size:
+            raise exceptions.ValidationError(
+                {self.page_size_query_param: [f"An integer from 1 to {self.max_page_size}."]}
+            )
+        return int(raw)
+
     def decode_cursor(self, request: Request) -> Any:
         try:
             return super().decode_cursor(request)
         except exceptions.NotFound as exc:  # a bad cursor is bad input, not a missing page
             raise exceptions.ValidationError({"cursor": ["Invalid cursor."]}) from exc
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+        return parameters

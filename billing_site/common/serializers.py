@@ -20,6 +20,11 @@ class StrictSerializer(serializers.Serializer):
                     errors[key] = [ErrorDetail("Unknown field.", code="unknown_field")]
                 elif field.read_only:
                     errors[key] = [ErrorDetail("This field cannot be written.", code="read_only")]
+                elif isinstance(field, serializers.CharField | serializers.ChoiceField) and not isinstance(
+                    data[key], str
+                ):
+                    # DRF would turn 0 into "0": a client sending the wrong type has a bug to hear about.
+                    errors[key] = [ErrorDetail("Must be a string.", code="invalid_type")]
             if errors:
                 raise serializers.ValidationError(errors)
         return super().to_internal_value(data)
