@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -58,3 +62,63 @@ def make_account(db: None) -> Callable[..., BillingAccount]:
 @pytest.fixture
 def account(customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
     return make_account(customer.user)
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis: TEST_REDIS_URL, else 127.0.0.1:6379, else a redis-server started here
+    on a free port; skipped (saying why) when there is none and it cannot be started."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if _listening("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379/15"
+        return
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("needs Redis: nothing on 127.0.0.1:6379 and redis-server is not installed")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(  # noqa: S603
+        [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            if _listening("127.0.0.1", port):
+                break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/15"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def celery_worker(redis_url: str) -> Iterator[object]:
+    """A real Celery worker (in a thread of this process) consuming from a real Redis."""
+    from celery.contrib.testing.worker import start_worker
+
+    from billing_site.celery import app
+
+    saved = {k: app.conf[k] for k in ("broker_url", "result_backend", "task_always_eager")}
+    app.conf.update(broker_url=redis_url, result_backend=redis_url, task_always_eager=False)
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30) as worker:
+            yield worker
+    finally:
+        app.conf.update(saved)

@@ -157,6 +157,12 @@ class BillingAccountAdmin(PublicIdSearchMixin, admin.ModelAdmin[BillingAccount])
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # accounts are closed, never deleted
 
+    def changeform_view(
+        self, request: HttpRequest, object_id: str | None = None, form_url: str = "", extra_context: Any = None
+    ) -> Any:
+        # Django wraps this view in a transaction; the write is the service's own durable one.
+        return self._changeform_view(request, object_id, form_url, extra_context)  # type: ignore[attr-defined]
+
     def save_model(self, request: HttpRequest, obj: BillingAccount, form: Any, change: bool) -> None:
         changes = {f: form.cleaned_data[f] for f in form.changed_data if f in services.PROFILE_FIELDS}
         credit_limit = form.cleaned_data["credit_limit"] if "credit_limit" in form.changed_data else None

@@ -18,6 +18,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
 app = Celery("billing_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+app.conf.imports = ("billing_site.tasks",)
 
 # Schedules arrive with the work they run (usage rollup every minute, period close on the
 # 1st, dunning daily); each entry sets `expires` so a backlog never runs stale copies.
