@@ -115,10 +115,18 @@ def celery_worker(redis_url: str) -> Iterator[object]:
 
     from billing_site.celery import app
 
+    def reconfigure(**conf: object) -> None:
+        app.conf.update(conf)
+        # Celery caches the result backend and the producer pool built from the old settings.
+        app._backend_cache = None
+        app._local.__dict__.pop("backend", None)
+        app._pool = None
+        app.amqp._producer_pool = None
+
     saved = {k: app.conf[k] for k in ("broker_url", "result_backend", "task_always_eager")}
-    app.conf.update(broker_url=redis_url, result_backend=redis_url, task_always_eager=False)
+    reconfigure(broker_url=redis_url, result_backend=redis_url, task_always_eager=False)
     try:
         with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30) as worker:
             yield worker
     finally:
-        app.conf.update(saved)
+        reconfigure(**saved)

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.django_db
 
 
 def operator(groups: list[str]) -> tuple[User, Client]:
-    user = services.operator_create(email=f"{'-'.join(groups) or 'none'}@ops.test", password="pw-long-enough",
-                                    groups=groups)
+    user = services.operator_create(
+        email=f"{'-'.join(groups) or 'none'}@ops.test", password="pw-long-enough", groups=groups
+    )
     client = Client()
     client.force_login(user)
     return user, client
@@ -94,8 +95,16 @@ def test_finance_edits_the_credit_limit_through_the_service(customer: object, ma
     _, finance = operator(["finance"])
     form = finance.get(change_url(account)).context["adminform"].form
     data = {k: ("" if v is None else v) for k, v in form.initial.items() if k in form.fields}
-    data.update({"credit_limit": "2500.00", "country": "NL", "transitions-TOTAL_FORMS": "0",
-                 "transitions-INITIAL_FORMS": "0", "memberships-TOTAL_FORMS": "0", "memberships-INITIAL_FORMS": "0"})
+    data.update(
+        {
+            "credit_limit": "2500.00",
+            "country": "NL",
+            "transitions-TOTAL_FORMS": "0",
+            "transitions-INITIAL_FORMS": "0",
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        }
+    )
     response = finance.post(change_url(account), data)
     assert response.status_code == 302, response.content[:2000]
     account.refresh_from_db()

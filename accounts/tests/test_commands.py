@@ -14,8 +14,16 @@ pytestmark = pytest.mark.django_db
 
 def test_create_service_key_prints_a_working_scoped_key_once() -> None:
     out = StringIO()
-    call_command("create_service_key", "metering", "--scope", "usage:write", "--scope", "accounts:read", stdout=out,
-                 stderr=StringIO())
+    call_command(
+        "create_service_key",
+        "metering",
+        "--scope",
+        "usage:write",
+        "--scope",
+        "accounts:read",
+        stdout=out,
+        stderr=StringIO(),
+    )
     raw = out.getvalue().strip()
     key = ApiKey.objects.get(name="metering")
     assert key.is_service and key.scopes == ["accounts:read", "usage:write"]

@@ -111,8 +111,11 @@ WHITENOISE_USE_FINDERS = DEBUG
 
 # --- Redis: Celery broker and cache. Unset means "no Redis": tasks run inline, cache is local.
 REDIS_URL = os.environ.get("REDIS_URL", "").strip()
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "").strip() or REDIS_URL
-CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
+_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "").strip() or REDIS_URL
+# No broker: run tasks inline, and point Celery at its in-memory transport so that nothing
+# ever reaches for the default amqp://localhost.
+CELERY_TASK_ALWAYS_EAGER = not _BROKER_URL
+CELERY_BROKER_URL = _BROKER_URL or "memory://"
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "").strip() or None
 CELERY_TASK_ACKS_LATE = True
