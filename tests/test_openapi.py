@@ -4,6 +4,7 @@ for 5xx, undocumented status codes, content types and response bodies off the sc
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -47,7 +48,10 @@ def caller(db: None, keep_test_connection: None) -> dict[str, str]:
 
 @pytest.mark.django_db
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# Random locally, so new runs explore; fixed in CI, so a landing is never decided by luck.
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=bool(os.environ.get("CI"))
+)
 def test_api_conforms_to_its_schema(case: schemathesis.Case, caller: dict[str, str]) -> None:
     positive_path = case.meta is None or not case.meta.is_negative_at(ParameterLocation.PATH)
     if positive_path and case.path_parameters and "account_id" in case.path_parameters:

@@ -26,6 +26,8 @@ class CreatedCursorPagination(CursorPagination):
         return int(raw)
 
     def decode_cursor(self, request: Request) -> Any:
+        if request.query_params.get(self.cursor_query_param) == "":
+            raise exceptions.ValidationError({"cursor": ["Empty cursor: omit it for the first page."]})
         try:
             return super().decode_cursor(request)
         except exceptions.NotFound as exc:  # a bad cursor is bad input, not a missing page
