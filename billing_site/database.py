@@ -13,6 +13,7 @@ Same engine everywhere: there is no SQLite fallback.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -38,9 +39,17 @@ def embedded_database_url() -> str:
     pgserver keeps one postmaster per data directory and reference-counts the
     processes using it, so the runserver reloader, a worker and a shell can share it.
     """
+    EMBEDDED_DATA_DIR.parent.mkdir(parents=True, exist_ok=True)
+    # pgserver keeps its lock under the user's runtime directory; give it one of ours when
+    # the environment has none (containers, CI) rather than a shared /tmp fallback.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = EMBEDDED_DATA_DIR.parent / "run"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every start and stop at INFO
+
     import pgserver  # imported lazily: only the zero-configuration path needs it
 
-    EMBEDDED_DATA_DIR.parent.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(EMBEDDED_DATA_DIR, cleanup_mode="stop")
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';")  # noqa: S608 (a constant)
     if "(1 row)" not in exists:
