@@ -240,9 +240,6 @@ class ApiKeyAdmin(PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
     fields = readonly_fields
     actions = ("revoke",)
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.method != "POST" and super().has_change_permission(request, obj)
-
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # revoke, never delete: the audit trail keeps the key's row
 

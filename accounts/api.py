@@ -10,6 +10,7 @@ from rest_framework import generics, permissions, status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import AnonRateThrottle
 from rest_framework.views import APIView
 
 from accounts import selectors, services
@@ -57,15 +58,22 @@ def _actor(request: Request) -> Actor:
 # --- Users and keys
 
 
+class SignupThrottle(AnonRateThrottle):
+    """Sign-ups per client IP (``SIGNUP_RATE``): slows account farming and email probing."""
+
+    scope = "signup"
+
+
 class SignupView(StrictQueryMixin, APIView):
     authentication_classes: list[Any] = []
     permission_classes = [permissions.AllowAny]
+    throttle_classes = [SignupThrottle]
 
     @extend_schema(
         operation_id="users_create",
         summary="Sign up",
         request=SignupSerializer,
-        responses={201: SignupResponseSerializer, **error_responses(400, 409, 415)},
+        responses={201: SignupResponseSerializer, **error_responses(400, 409, 415, 429)},
         auth=[],
     )
     def post(self, request: Request) -> Response:
@@ -233,10 +241,16 @@ class MemberListCreateView(StrictQueryMixin, generics.ListCreateAPIView[Membersh
 
 
 class MemberDetailView(StrictQueryMixin, APIView):
-    @extend_schema(summary="Remove a member", responses={204: None, **error_responses(401, 403, 404, 409)})
+    @extend_schema(
+        summary="Remove a member",
+        description="The owner removes anyone but themselves; any other member may remove themselves (leave).",
+        responses={204: None, **error_responses(401, 403, 404, 409)},
+    )
     def delete(self, request: Request, account_id: int, user_id: int) -> Response:
+        caller = caller_of(request)
+        leaving = caller.user_id == user_id
         selectors.billing_account_get_for_caller(
-            caller=caller_of(request), account_id=account_id, roles=selectors.OWNERS
+            caller=caller, account_id=account_id, roles=None if leaving else selectors.OWNERS
         )
         services.member_remove(account_id=account_id, user_id=user_id)
         return Response(status=status.HTTP_204_NO_CONTENT)

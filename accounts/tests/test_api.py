@@ -10,7 +10,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from accounts import services
-from accounts.models import AccountState, ApiKey, BillingAccount, BillingAccountTransition, Membership, Scope
+from accounts.models import AccountState, ApiKey, BillingAccount, BillingAccountTransition, Membership, Scope, User
 from billing_site.common import ids
 from conftest import Customer, client_with_key
 
@@ -420,3 +420,33 @@ def test_malformed_json_is_a_clean_400(customer: Customer) -> None:
 
 def test_unknown_api_path_is_problem_json(customer: Customer) -> None:
     problem(customer.client.get("/api/v1/nothing-here"), 404, "not_found")
+
+
+def test_a_member_may_leave_but_not_remove_others(
+    customer: Customer, account: BillingAccount, make_customer: Callable
+) -> None:
+    admin, viewer = make_customer(), make_customer()
+    services.member_add(account_id=account.id, email=admin.user.email, role="admin")
+    services.member_add(account_id=account.id, email=viewer.user.email, role="viewer")
+    problem(viewer.client.delete(url(account, f"/members/{admin.user.public_id}")), 403, "permission_denied")
+    assert viewer.client.delete(url(account, f"/members/{viewer.user.public_id}")).status_code == 204
+    problem(viewer.client.get(url(account)), 404, "not_found")
+    problem(customer.client.delete(url(account, f"/members/{customer.user.public_id}")), 409, "owner_cannot_be_removed")
+
+
+def test_signup_is_rate_limited_per_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.core.cache import cache
+
+    from accounts.api import SignupThrottle
+
+    cache.clear()
+    monkeypatch.setattr(SignupThrottle, "THROTTLE_RATES", {"signup": "2/hour"})  # SIGNUP_RATE=2/hour
+    client = APIClient()
+    for n in range(2):
+        payload = {"email": f"n{n}@example.test", "password": "correct-horse-battery-staple"}
+        assert client.post("/api/v1/users", payload, format="json").status_code == 201
+    response = client.post("/api/v1/users", {"email": "n3@example.test", "password": "x" * 20}, format="json")
+    problem(response, 429, "throttled")
+    assert int(response["Retry-After"]) > 0
+    assert not User.objects.filter(email="n3@example.test").exists()
+    cache.clear()
