@@ -28,6 +28,8 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
 
+ADDRESS_FIELDS = tuple(f for f in services.PROFILE_FIELDS if f.startswith("address_"))
+
 # Which permission each lifecycle transition needs in the admin.
 TRANSITION_PERMISSIONS = {
     "activate": "accounts.transition_billingaccount",
@@ -84,19 +86,7 @@ class TransitionInline(admin.TabularInline[BillingAccountTransition, BillingAcco
 class BillingAccountForm(forms.ModelForm[BillingAccount]):
     class Meta:
         model = BillingAccount
-        fields = (
-            "name",
-            "email",
-            "kind",
-            "country",
-            "tax_id",
-            "address_line1",
-            "address_line2",
-            "address_city",
-            "address_postal_code",
-            "address_region",
-            "credit_limit",
-        )
+        fields = (*services.PROFILE_FIELDS, "credit_limit")
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
@@ -127,20 +117,7 @@ class BillingAccountAdmin(PublicIdSearchMixin, admin.ModelAdmin[BillingAccount])
     readonly_fields = ("public_id", "state", "currency", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("public_id", "state", "name", "email", "kind", "currency", "credit_limit")}),
-        (
-            "Tax and address",
-            {
-                "fields": (
-                    "country",
-                    "tax_id",
-                    "address_line1",
-                    "address_line2",
-                    "address_city",
-                    "address_postal_code",
-                    "address_region",
-                )
-            },
-        ),
+        ("Tax and address", {"fields": ("country", "tax_id", *ADDRESS_FIELDS)}),
         ("Times", {"fields": ("created_at", "updated_at")}),
     )
     inlines = (MembershipInline, TransitionInline)
