@@ -90,6 +90,8 @@ class BillingAccountForm(forms.ModelForm[BillingAccount]):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
+        if data.get("credit_limit") is not None and data["credit_limit"] < 0:
+            self.add_error("credit_limit", "A credit limit cannot be negative.")
         country = str(data.get("country") or "")
         if data.get("tax_id") and country:
             try:
@@ -131,6 +133,21 @@ class BillingAccountAdmin(PublicIdSearchMixin, admin.ModelAdmin[BillingAccount])
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # customers open accounts through the API
 
+    def get_readonly_fields(self, request: HttpRequest, obj: BillingAccount | None = None) -> Any:
+        if obj is not None and obj.state == AccountState.CLOSED:
+            return (
+                "public_id",
+                "state",
+                "currency",
+                "credit_limit",
+                *services.PROFILE_FIELDS,
+                "created_at",
+                "updated_at",
+            )
+        if not request.user.has_perm("accounts.set_credit_limit_billingaccount"):
+            return (*self.readonly_fields, "credit_limit")
+        return self.readonly_fields
+
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # accounts are closed, never deleted
 
@@ -143,10 +160,7 @@ class BillingAccountAdmin(PublicIdSearchMixin, admin.ModelAdmin[BillingAccount])
     def save_model(self, request: HttpRequest, obj: BillingAccount, form: Any, change: bool) -> None:
         changes = {f: form.cleaned_data[f] for f in form.changed_data if f in services.PROFILE_FIELDS}
         credit_limit = form.cleaned_data["credit_limit"] if "credit_limit" in form.changed_data else None
-        try:
-            services.billing_account_update(account_id=obj.id, changes=changes, credit_limit=credit_limit)
-        except ApplicationError as exc:
-            messages.error(request, exc.message)
+        services.billing_account_update(account_id=obj.id, changes=changes, credit_limit=credit_limit)
 
     def available_transitions(self, request: HttpRequest, account: BillingAccount) -> list[str]:
         names = [t.name for t in account.get_available_state_transitions()]  # type: ignore[attr-defined]

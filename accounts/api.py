@@ -10,7 +10,7 @@ from rest_framework import generics, permissions, status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import AnonRateThrottle
+from rest_framework.throttling import AnonRateThrottle, UserRateThrottle
 from rest_framework.views import APIView
 
 from accounts import selectors, services
@@ -62,6 +62,13 @@ class SignupThrottle(AnonRateThrottle):
     """Sign-ups per client IP (``SIGNUP_RATE``): slows account farming and email probing."""
 
     scope = "signup"
+
+
+class MemberAddThrottle(UserRateThrottle):
+    """Member additions per user (``MEMBER_ADD_RATE``): adding answers whether an email has
+    signed up, so it must not become a fast way to probe emails."""
+
+    scope = "member_add"
 
 
 class SignupView(StrictQueryMixin, APIView):
@@ -228,9 +235,12 @@ class MemberListCreateView(StrictQueryMixin, generics.ListCreateAPIView[Membersh
         summary="Add a member",
         description="Owner only. The user must already have signed up.",
         request=MemberAddSerializer,
-        responses={201: MemberSerializer, **error_responses(400, 401, 403, 404, 409, 415)},
+        responses={201: MemberSerializer, **error_responses(400, 401, 403, 404, 409, 415, 429)},
     )
     def post(self, request: Request, account_id: int) -> Response:
+        throttle = MemberAddThrottle()
+        if not throttle.allow_request(request, self):
+            self.throttled(request, throttle.wait() or 0)
         selectors.billing_account_get_for_caller(
             caller=caller_of(request), account_id=account_id, roles=selectors.OWNERS
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -32,11 +33,16 @@ def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+_KEY_SHAPE = re.compile(
+    rf"(?:{USER_KEY_HEAD}|{SERVICE_KEY_HEAD})_[{ALPHABET}]{{{PREFIX_LENGTH}}}[A-Za-z0-9_\-]{{20,100}}"
+)
+
+
 def parse_prefix(raw: str) -> str | None:
-    head, sep, rest = raw.partition("_")
-    if not sep or head not in (USER_KEY_HEAD, SERVICE_KEY_HEAD) or len(rest) <= PREFIX_LENGTH:
+    """The lookup prefix of a well-formed key, else None (nothing odd reaches the database)."""
+    if not _KEY_SHAPE.fullmatch(raw):
         return None
-    return rest[:PREFIX_LENGTH]
+    return raw.partition("_")[2][:PREFIX_LENGTH]
 
 
 def matches(raw: str, secret_hash: str) -> bool:

@@ -113,6 +113,12 @@ class BillingAccount(FSMModelMixin, models.Model):
         permissions = [
             ("transition_billingaccount", "Can activate, suspend, reactivate and close billing accounts"),
             ("block_billingaccount", "Can block and unblock billing accounts"),
+            ("set_credit_limit_billingaccount", "Can set billing accounts' credit limits"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(credit_limit__gte=0), name="accounts_ba_credit_limit_not_negative"
+            ),
         ]
         indexes = [models.Index(fields=["country", "kind"], name="accounts_ba_country_kind")]
 

@@ -62,3 +62,21 @@ def api_key_list_for_user(*, user_id: int) -> QuerySet[ApiKey]:
 
 WRITERS = (MemberRole.OWNER, MemberRole.ADMIN)
 OWNERS = (MemberRole.OWNER,)
+
+
+_known_account_ids: set[int] = set()
+_KNOWN_ACCOUNT_IDS_MAX = 1_000_000
+
+
+def billing_account_ids_existing(account_ids: set[int]) -> set[int]:
+    """Which of these billing account ids exist: one query for the ones not seen before.
+
+    Accounts are never deleted (closed at most), so a positive answer is cached for the
+    life of the process (bounded); unknown ids are asked again every time."""
+    missing = account_ids - _known_account_ids
+    if missing:
+        found = set(BillingAccount.objects.filter(id__in=list(missing)).values_list("id", flat=True))
+        if len(_known_account_ids) + len(found) > _KNOWN_ACCOUNT_IDS_MAX:
+            _known_account_ids.clear()
+        _known_account_ids.update(found)
+    return account_ids & _known_account_ids

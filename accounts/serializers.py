@@ -100,19 +100,37 @@ class ActorSerializer(serializers.Serializer):
     name = serializers.CharField()
 
 
+PUBLIC_REASONS = {
+    "activate": "Account activated.",
+    "suspend": "Suspended for an unpaid balance.",
+    "reactivate": "Balance settled; reactivated.",
+    "block": "Account under review. Contact support.",
+    "unblock": "Review completed.",
+    "close": "Account closed.",
+}
+
+
 class HistoryEntrySerializer(serializers.Serializer):
     transition = serializers.CharField()
     from_state = serializers.ChoiceField(choices=AccountState.choices)
     to_state = serializers.ChoiceField(choices=AccountState.choices)
     actor = serializers.SerializerMethodField()
-    reason = serializers.CharField()
+    reason = serializers.SerializerMethodField()
     created_at = serializers.DateTimeField()
 
     @extend_schema_field(ActorSerializer)
     def get_actor(self, entry: Any) -> dict[str, str]:
-        # Customers see an operator only as "support", not the staff member's email.
-        name = "support" if entry.actor_kind == "operator" else entry.actor_name
+        # Customers see staff as "support" and our components as "billing": neither staff
+        # emails nor which internal rule acted leave the building.
+        name = {"operator": "support", "system": "billing"}.get(entry.actor_kind, entry.actor_name)
         return {"kind": entry.actor_kind, "name": name}
+
+    def get_reason(self, entry: Any) -> str:
+        # A customer's own words come back as written; ours are internal (a fraud rule's
+        # reason would tell a fraudster what tripped it), so customers get a public one.
+        if entry.actor_kind == "user":
+            return str(entry.reason)
+        return PUBLIC_REASONS.get(entry.transition, "")
 
 
 class MemberSerializer(serializers.Serializer):

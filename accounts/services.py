@@ -14,7 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django_fsm import can_proceed
 
-from accounts import keys
+from accounts import keys, validation
 from accounts.models import (
     AccountState,
     ApiKey,
@@ -163,8 +163,17 @@ def billing_account_update(
         raise Conflict("account_closed", "A closed billing account cannot be changed.")
     for field, value in changes.items():
         setattr(account, field, value)
+    if account.tax_id and ("tax_id" in changes or "country" in changes):
+        # Re-checked under the row lock: two PATCHes (one country, one tax id) that each
+        # passed validation alone must not combine into a mismatched pair.
+        try:
+            changes["tax_id"] = account.tax_id = validation.normalize_tax_id(account.country.code, account.tax_id)
+        except ValueError as exc:
+            raise ApplicationError("invalid_tax_id", str(exc), field="tax_id") from exc
     fields = [*changes, "updated_at"]
     if credit_limit is not None:
+        if credit_limit < 0:
+            raise ApplicationError("invalid", "A credit limit cannot be negative.", field="credit_limit")
         account.credit_limit = credit_limit
         fields.append("credit_limit")
     account.save(update_fields=fields)
@@ -258,7 +267,13 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
         "view_user",
     ),
     # Finance sets credit limits; invoices, credits and write-offs arrive with invoicing.
-    "finance": ("view_billingaccount", "change_billingaccount", "view_billingaccounttransition", "view_membership"),
+    "finance": (
+        "view_billingaccount",
+        "change_billingaccount",
+        "set_credit_limit_billingaccount",
+        "view_billingaccounttransition",
+        "view_membership",
+    ),
     # Fraud blocks and unblocks; reviews and rules arrive with antifraud.
     "fraud": (
         "view_billingaccount",

@@ -131,3 +131,16 @@ def test_operator_creates_a_service_key_in_the_admin() -> None:
     assert issued.raw.encode() in page.content
     key = ApiKey.objects.get(name="metering")
     assert key.scopes == ["usage:write"] and key.user is None and key.created_by == admin
+
+
+def test_only_finance_sets_credit_limits_and_closed_accounts_are_read_only(
+    customer: object, make_account: Callable
+) -> None:
+    account = make_account(customer.user)  # type: ignore[attr-defined]
+    _, support = operator(["support"])
+    form = support.get(change_url(account)).context["adminform"].form
+    assert "credit_limit" not in form.fields  # shown read-only
+    closed = make_account(customer.user, state=AccountState.CLOSED)  # type: ignore[attr-defined]
+    _, finance = operator(["finance"])
+    form = finance.get(change_url(closed)).context["adminform"].form
+    assert not set(form.fields) & {"credit_limit", "name", "tax_id"}

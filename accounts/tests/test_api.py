@@ -450,3 +450,72 @@ def test_signup_is_rate_limited_per_client(monkeypatch: pytest.MonkeyPatch) -> N
     assert int(response["Retry-After"]) > 0
     assert not User.objects.filter(email="n3@example.test").exists()
     cache.clear()
+
+
+@pytest.mark.parametrize("page_size", ["²", "0", "501", "-1", "1.5", "١٢"])
+def test_odd_page_sizes_are_400(customer: Customer, page_size: str) -> None:
+    body = problem(customer.client.get("/api/v1/billing-accounts", {"page_size": page_size}), 400, "invalid")
+    assert fields(body) == {"page_size"}
+
+
+@pytest.mark.parametrize("position", ["garbage", "2024-13-45", ""])
+def test_forged_cursors_are_400(customer: Customer, account: BillingAccount, position: str) -> None:
+    import base64
+    from urllib.parse import urlencode
+
+    forged = base64.b64encode(urlencode({"p": position, "o": "1"}).encode()).decode()
+    body = problem(customer.client.get("/api/v1/billing-accounts", {"cursor": forged}), 400, "invalid")
+    assert fields(body) == {"cursor"}
+
+
+@pytest.mark.parametrize(
+    "key", ["bku_\x00abcdefghijkmnopqrstvwxyz0123456789abcdef", "bku_ABCDEFGHIJKLmnopqrstvwxyz0123456789"]
+)
+def test_odd_keys_are_401_not_500(key: str) -> None:
+    problem(client_with_key(key).get("/api/v1/billing-accounts"), 401, "authentication_failed")
+
+
+def test_signup_throttle_ignores_client_sent_forwarded_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.core.cache import cache
+
+    from accounts.api import SignupThrottle
+
+    cache.clear()
+    monkeypatch.setattr(SignupThrottle, "THROTTLE_RATES", {"signup": "2/hour"})
+    statuses = [
+        APIClient()
+        .post(
+            "/api/v1/users",
+            {"email": f"spoof{n}@example.test", "password": "correct-horse-battery-staple"},
+            format="json",
+            HTTP_X_FORWARDED_FOR=f"10.0.0.{n}",
+        )
+        .status_code
+        for n in range(4)
+    ]
+    assert statuses == [201, 201, 429, 429]
+    cache.clear()
+
+
+def test_tax_id_and_country_are_rechecked_together_in_the_service(customer: Customer, make_account: Callable) -> None:
+    from billing_site.common.errors import ApplicationError
+
+    account = make_account(customer.user, tax_id="NL004495445B01")
+    with pytest.raises(ApplicationError) as err:
+        services.billing_account_update(account_id=account.id, changes={"country": "DE"})
+    assert (err.value.code, err.value.errors[0]["field"]) == ("invalid_tax_id", "tax_id")
+    account.refresh_from_db()
+    assert account.country == "NL"
+
+
+def test_customers_see_public_reasons_for_our_transitions(customer: Customer, make_account: Callable) -> None:
+    from billing_site.common.actors import Actor
+
+    account = make_account(customer.user, state=AccountState.ACTIVE)
+    services.billing_account_transition(
+        account_id=account.id, transition="block", actor=Actor.system("antifraud.rules"), reason="9 cards in 1 hour"
+    )
+    (entry,) = customer.client.get(url(account, "/history")).json()["results"]
+    assert entry["actor"] == {"kind": "system", "name": "billing"}
+    assert entry["reason"] == "Account under review. Contact support."
+    assert "cards" not in str(entry)

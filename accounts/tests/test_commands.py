@@ -39,8 +39,8 @@ def test_create_service_key_refuses_unknown_scopes() -> None:
 
 def test_demo_data_covers_every_state_with_history_and_is_rerunnable() -> None:
     out = StringIO()
-    call_command("load_demo_data", stdout=out)
-    call_command("load_demo_data", stdout=StringIO())
+    call_command("load_demo_data", "--force", stdout=out)
+    call_command("load_demo_data", "--force", stdout=StringIO())
     states = set(BillingAccount.objects.values_list("state", flat=True))
     assert states == {AccountState.PENDING, AccountState.ACTIVE, AccountState.BLOCKED, AccountState.CLOSED}
     assert BillingAccount.objects.count() == 5
@@ -58,3 +58,9 @@ def test_create_operator() -> None:
     assert user.is_staff and not user.is_superuser and user.check_password("pw-1234-long")
     assert user.has_perm("accounts.transition_billingaccount")
     assert not user.has_perm("accounts.block_billingaccount")
+
+
+def test_demo_data_refuses_to_run_with_debug_off() -> None:
+    with pytest.raises(CommandError, match="DEBUG"):
+        call_command("load_demo_data", stdout=StringIO())
+    assert not User.objects.filter(email="operator@demo.test").exists()

@@ -1,5 +1,7 @@
+import re
 from typing import Any
 
+from django.utils.dateparse import parse_datetime
 from rest_framework import exceptions
 from rest_framework.pagination import CursorPagination
 from rest_framework.request import Request
@@ -19,7 +21,7 @@ class CreatedCursorPagination(CursorPagination):
         raw = request.query_params.get(self.page_size_query_param)
         if raw is None:
             return self.page_size
-        if not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size:
+        if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= self.max_page_size:
             raise exceptions.ValidationError(
                 {self.page_size_query_param: [f"An integer from 1 to {self.max_page_size}."]}
             )
@@ -29,9 +31,13 @@ class CreatedCursorPagination(CursorPagination):
         if request.query_params.get(self.cursor_query_param) == "":
             raise exceptions.ValidationError({"cursor": ["Empty cursor: omit it for the first page."]})
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except exceptions.NotFound as exc:  # a bad cursor is bad input, not a missing page
             raise exceptions.ValidationError({"cursor": ["Invalid cursor."]}) from exc
+        # A cursor is only base64: a forged one could carry any position into the filter.
+        if cursor is not None and cursor.position is not None and parse_datetime(str(cursor.position)) is None:
+            raise exceptions.ValidationError({"cursor": ["Invalid cursor."]})
+        return cursor
 
     def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
         parameters = super().get_schema_operation_parameters(view)

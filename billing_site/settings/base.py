@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "django_countries",
     "accounts",
+    "metering",
 ]
 
 MIDDLEWARE = [
@@ -140,9 +141,13 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": None,
     "COERCE_DECIMAL_TO_STRING": True,
     "DATETIME_FORMAT": "%Y-%m-%dT%H:%M:%S.%fZ",
-    "DEFAULT_THROTTLE_RATES": {"signup": os.environ.get("SIGNUP_RATE", "20/hour")},
-    # Behind a proxy, the client's address is the last hop the proxy appends.
-    "NUM_PROXIES": int(os.environ["NUM_PROXIES"]) if os.environ.get("NUM_PROXIES") else None,
+    "DEFAULT_THROTTLE_RATES": {
+        "signup": os.environ.get("SIGNUP_RATE", "20/hour"),
+        "member_add": os.environ.get("MEMBER_ADD_RATE", "60/hour"),
+    },
+    # How many proxies append to X-Forwarded-For. 0: the client address is REMOTE_ADDR and a
+    # client-sent X-Forwarded-For is ignored (else anyone could dodge the throttles with it).
+    "NUM_PROXIES": int(os.environ.get("NUM_PROXIES", "0")),
 }
 
 SPECTACULAR_SETTINGS = {
@@ -177,3 +182,7 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"pgserver": {"level": "WARNING"}},  # the embedded server logs every start and stop
 }
+
+# --- Metering
+# Events older than this many days are refused (`too_old`).
+METERING_MAX_EVENT_AGE_DAYS = int(os.environ.get("METERING_MAX_EVENT_AGE_DAYS", "35"))

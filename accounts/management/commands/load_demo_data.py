@@ -4,7 +4,8 @@ password is reset to the printed one, and a fresh API key is printed for the dem
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from accounts import services
 from accounts.models import BillingAccount, User
@@ -111,7 +112,14 @@ ACCOUNTS: list[tuple[str, dict[str, Any], str, list[tuple[str, str, str]], list[
 class Command(BaseCommand):
     help = "Load demo users, billing accounts in every lifecycle state with history, and an operator login."
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--force", action="store_true", help="Load even with DEBUG off (never in production).")
+
+    def handle(self, *args: Any, force: bool = False, **options: Any) -> None:
+        if not (settings.DEBUG or force):
+            raise CommandError(
+                "Demo data creates a superuser with a published password: DEBUG must be on (or --force)."
+            )
         operator = services.operator_create(
             email=OPERATOR_EMAIL, password=OPERATOR_PASSWORD, groups=["support", "finance", "fraud"], superuser=True
         )

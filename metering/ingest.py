@@ -1,0 +1,326 @@
+"""The front door of the data plane: ``POST /api/v1/usage/events``, exactly once, fast.
+
+One request is one batch of up to 10,000 events:
+
+1. msgspec decodes and shape-checks the whole batch in one C call; only if that fails is
+   it decoded event by event, to name each bad one (good events are still accepted);
+2. one Python pass applies the rules a schema cannot say (type-specific fields, the
+   acceptance window, SKU kinds), and one query checks every account in the batch;
+3. the good events go to a session-private staging table with COPY, and one
+   ``INSERT … SELECT … ON CONFLICT DO NOTHING`` moves them into the partitioned event table.
+   The primary key ``(account_id, event_id)`` is the exactly-once guarantee: concurrent
+   requests carrying the same events wait on each other's index entries, and only one
+   insert wins;
+4. only when fewer rows went in than were staged does a second set-based query compare
+   the staged events with the stored ones: same content → duplicate, else → conflict.
+
+The transaction commits before the response is written: a 200 means every accepted event
+is durable. No per-event ORM saves, serializers or queries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+import msgspec
+from django.conf import settings
+from django.db import connection, transaction
+
+from accounts import selectors as account_selectors
+from billing_site.common import ids
+from metering import selectors
+
+MAX_EVENTS = 10_000
+MAX_BODY_BYTES = 10 * 1024 * 1024
+FUTURE_TOLERANCE = dt.timedelta(minutes=5)
+MAX_QUANTITY = Decimal(10) ** 12
+MAX_PLACES = 12
+
+NoNul = msgspec.Meta(pattern="^[^\\x00]*$")  # PostgreSQL text cannot hold NUL
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128), NoNul]
+ResourceId = Annotated[str, msgspec.Meta(min_length=1, max_length=256), NoNul]
+LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64), NoNul]
+LabelValue = Annotated[str, msgspec.Meta(max_length=256), NoNul]
+Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=16)]
+
+
+class EventIn(msgspec.Struct, forbid_unknown_fields=True):
+    id: EventId
+    account_id: str
+    time: Annotated[dt.datetime, msgspec.Meta(tz=True)]
+    type: Literal["usage", "resource"]
+    sku: str | None = None
+    quantity: Decimal | None = None  # a decimal string or a JSON number, decoded exactly
+    resource_id: ResourceId | None = None
+    action: Literal["start", "update", "stop"] | None = None
+    spec: dict[str, Decimal] | None = None
+    labels: Labels | None = None
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    events: list[EventIn]
+
+
+class LooseBatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    events: list[msgspec.Raw]
+
+
+class LooseEventId(msgspec.Struct):
+    id: Any = None
+
+
+_batch_decoder = msgspec.json.Decoder(BatchIn)
+_loose_decoder = msgspec.json.Decoder(LooseBatchIn)
+_event_decoder = msgspec.json.Decoder(EventIn)
+_id_decoder = msgspec.json.Decoder(LooseEventId)
+_json = msgspec.json.Encoder(decimal_format="number")
+
+
+class BatchError(Exception):
+    """The request as a whole is unusable (not JSON, not a batch, too large)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+
+@dataclass
+class Rejection:
+    index: int
+    id: str | None
+    code: str
+    message: str
+
+
+@dataclass
+class IngestResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": [r.__dict__ for r in sorted(self.rejected, key=lambda r: r.index)],
+        }
+
+
+def _field_message(exc: msgspec.ValidationError) -> str:
+    """msgspec says "Expected `str` of length <= 128 - at `$.id`": name the field first."""
+    text = str(exc)
+    message, sep, path = text.rpartition(" - at `")
+    if not sep:
+        return text
+    name = path.rstrip("`").removeprefix("$").lstrip(".") or "event"
+    return f"{name}: {message}"
+
+
+def decode_batch(body: bytes) -> list[EventIn | Rejection]:
+    """Every event decoded, or a ``Rejection`` in its place naming the bad field."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_BODY_BYTES} bytes.")
+    try:
+        return list(_batch_decoder.decode(body).events)
+    except msgspec.DecodeError:
+        pass  # either malformed JSON or a shape error somewhere: find out below
+    try:
+        loose = _loose_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BatchError(400, "invalid", f'Send {{"events": [...]}}: {exc}', field="events") from exc
+    except msgspec.DecodeError as exc:
+        raise BatchError(400, "malformed_request", f"The body is not valid JSON: {exc}") from exc
+    out: list[EventIn | Rejection] = []
+    for index, raw in enumerate(loose.events):
+        try:
+            out.append(_event_decoder.decode(raw))
+        except msgspec.ValidationError as exc:
+            try:
+                event_id = _id_decoder.decode(raw).id
+            except msgspec.MsgspecError:
+                event_id = None
+            out.append(
+                Rejection(index, event_id if isinstance(event_id, str) else None, "invalid", _field_message(exc))
+            )
+    return out
+
+
+def _amount_error(value: Decimal, name: str) -> str | None:
+    if not value.is_finite() or value < 0:
+        return f"{name}: must be a number >= 0"
+    if value > MAX_QUANTITY:
+        return f"{name}: must be <= 10^12"
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > MAX_PLACES:
+        return f"{name}: at most {MAX_PLACES} decimal places"
+    return None
+
+
+# Staged row: (idx, account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec, labels)
+Row = tuple[int, int, str, dt.datetime, str, str | None, Decimal | None, str | None, str | None, str | None, str | None]
+
+
+def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tuple[list[Row], list[Rejection]]:
+    """The rules a schema cannot say, in one pass; then one query for the accounts."""
+    max_age = dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
+    oldest, newest = now - max_age, now + FUTURE_TOLERANCE
+    kinds = selectors.sku_kinds()
+    rows: list[Row] = []
+    rejected: list[Rejection] = []
+
+    def reject(index: int, event: EventIn, code: str, message: str) -> None:
+        rejected.append(Rejection(index, event.id, code, message))
+
+    for index, event in enumerate(decoded):
+        if isinstance(event, Rejection):
+            rejected.append(event)
+            continue
+        account_id = ids.decode("acc", event.account_id)
+        if account_id is None:
+            reject(index, event, "invalid", "account_id: not a billing account id (acc_…)")
+            continue
+        occurred_at = event.time.astimezone(dt.UTC)
+        spec_json: str | None = None
+        if event.type == "usage":
+            if event.sku is None or event.quantity is None:
+                reject(index, event, "invalid", "sku and quantity: both required for a usage event")
+                continue
+            if event.action is not None or event.spec is not None:
+                reject(index, event, "invalid", "action and spec: only for resource events")
+                continue
+            problem = _amount_error(event.quantity, "quantity")
+            if problem:
+                reject(index, event, "invalid", problem)
+                continue
+            kind = kinds.get(event.sku) or selectors.sku_kinds(refresh=True).get(event.sku)
+            if kind != "quantity":
+                why = "is not in the catalog" if kind is None else "is a duration SKU; usage events take quantity SKUs"
+                reject(index, event, "unknown_sku", f"sku: {event.sku} {why}")
+                continue
+        else:
+            if event.resource_id is None or event.action is None:
+                reject(index, event, "invalid", "resource_id and action: both required for a resource event")
+                continue
+            if event.sku is not None or event.quantity is not None:
+                reject(index, event, "invalid", "sku and quantity: only for usage events")
+                continue
+            if event.spec is None and event.action != "stop":
+                reject(index, event, "invalid", f"spec: required for {event.action}")
+                continue
+            if event.spec is not None:
+                problem = None
+                for code, units in event.spec.items():
+                    problem = _amount_error(units, f"spec.{code}")
+                    if problem:
+                        reject(index, event, "invalid", problem)
+                        break
+                    kind = kinds.get(code) or selectors.sku_kinds(refresh=True).get(code)
+                    if kind != "duration":
+                        why = "is not in the catalog" if kind is None else "is a quantity SKU, not a duration one"
+                        problem = f"spec.{code}: {code} {why}"
+                        reject(index, event, "unknown_sku", problem)
+                        break
+                if problem:
+                    continue
+                spec_json = _json.encode(event.spec).decode()
+        if occurred_at < oldest:
+            reject(index, event, "too_old", f"time: older than the {max_age.days}-day acceptance window")
+            continue
+        if occurred_at > newest:
+            reject(index, event, "in_future", "time: more than 5 minutes in the future")
+            continue
+        labels_json = _json.encode(event.labels).decode() if event.labels is not None else None
+        rows.append(
+            (
+                index,
+                account_id,
+                event.id,
+                occurred_at,
+                event.type,
+                event.sku,
+                event.quantity,
+                event.resource_id,
+                event.action,
+                spec_json,
+                labels_json,
+            )
+        )
+
+    known = account_selectors.billing_account_ids_existing({row[1] for row in rows})
+    if len(known) < len({row[1] for row in rows}):
+        kept: list[Row] = []
+        for row in rows:
+            if row[1] in known:
+                kept.append(row)
+            else:
+                rejected.append(
+                    Rejection(
+                        row[0], row[2], "unknown_account", f"account_id: no billing account {ids.encode('acc', row[1])}"
+                    )
+                )
+        rows = kept
+    return rows, rejected
+
+
+_COLUMNS = "account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec, labels"
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS metering_ingest_staging (
+    idx int, account_id bigint, event_id text, occurred_at timestamptz, kind text, sku text,
+    quantity numeric, resource_id text, action text, spec jsonb, labels jsonb
+) ON COMMIT DELETE ROWS
+"""
+_INSERT = f"""
+INSERT INTO metering_usageevent ({_COLUMNS})
+SELECT {_COLUMNS} FROM metering_ingest_staging ORDER BY idx
+ON CONFLICT (account_id, event_id) DO NOTHING
+"""  # noqa: S608 (constants only)
+# Staged events whose stored twin differs: conflicts. Nested loops over the primary key
+# (pruned to one partition per probe), never a scan of the event table.
+_CONFLICTS = """
+SELECT s.idx, s.event_id
+FROM metering_ingest_staging s
+JOIN metering_usageevent e ON e.account_id = s.account_id AND e.event_id = s.event_id
+WHERE (e.occurred_at, e.kind, e.sku, e.quantity, e.resource_id, e.action, e.spec, e.labels)
+      IS DISTINCT FROM
+      (s.occurred_at, s.kind, s.sku, s.quantity, s.resource_id, s.action, s.spec, s.labels)
+"""
+
+
+def store(rows: Iterable[Row], count: int) -> tuple[int, list[tuple[int, str]]]:
+    """COPY into staging, one insert that dedupes; returns (inserted, conflicts)."""
+    with transaction.atomic(durable=True), connection.cursor() as cursor:
+        cursor.execute(_STAGING)
+        with cursor.cursor.copy(f"COPY metering_ingest_staging (idx, {_COLUMNS}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(_INSERT)
+        inserted = cursor.rowcount
+        conflicts: list[tuple[int, str]] = []
+        if inserted < count:
+            cursor.execute("SET LOCAL enable_hashjoin = off")
+            cursor.execute("SET LOCAL enable_mergejoin = off")
+            cursor.execute(_CONFLICTS)
+            conflicts = cursor.fetchall()
+    return inserted, conflicts
+
+
+def ingest(body: bytes, *, now: dt.datetime | None = None) -> IngestResult:
+    decoded = decode_batch(body)
+    if len(decoded) > MAX_EVENTS:
+        raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_EVENTS} events; got {len(decoded)}.")
+    now = now or dt.datetime.now(dt.UTC)
+    rows, rejected = check_events(decoded, now=now)
+    result = IngestResult(rejected=rejected)
+    if rows:
+        inserted, conflicts = store(rows, len(rows))
+        result.accepted = inserted
+        result.duplicates = len(rows) - inserted - len(conflicts)
+        result.rejected.extend(
+            Rejection(idx, event_id, "conflict", "id: already accepted with different content")
+            for idx, event_id in conflicts
+        )
+    return result

@@ -1,0 +1,110 @@
+"""The price catalog and the raw usage events.
+
+Money here is ``Decimal`` with many places: unit prices may be 0.0000125 per request.
+Rounding to the currency's minor unit happens on invoices, never in the catalog or usage.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class SkuKind(models.TextChoices):
+    DURATION = "duration", "Duration (units of a resource's spec x hours while it runs)"
+    QUANTITY = "quantity", "Quantity (point usage reported by a producer)"
+
+
+class Sku(models.Model):
+    code = models.CharField(max_length=64, unique=True, help_text="e.g. compute.vcpu")
+    name = models.CharField(max_length=200)
+    unit = models.CharField(max_length=32, help_text="e.g. vcpu-hour, GB")
+    kind = models.CharField(max_length=16, choices=SkuKind.choices)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "SKU"
+        ordering = ["code"]
+
+    def __str__(self) -> str:
+        return self.code
+
+
+class Price(models.Model):
+    """A SKU's price in one currency from ``valid_from`` until the next price's
+    ``valid_from``. Either flat (``unit_price``) or graduated (``tiers``), never both.
+    Prices are immutable once loaded: a change is a new price with a later ``valid_from``."""
+
+    sku = models.ForeignKey(Sku, on_delete=models.PROTECT, related_name="prices")
+    currency = models.CharField(max_length=3)
+    valid_from = models.DateTimeField()
+    # Decimal with up to 18 places, per unit, in ``currency``; null for tiered prices.
+    unit_price = models.DecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["sku", "currency", "valid_from"], name="metering_price_unique"),
+        ]
+        ordering = ["sku", "currency", "valid_from"]
+
+    def __str__(self) -> str:
+        return f"{self.sku_id} {self.currency} from {self.valid_from:%Y-%m-%d %H:%M}"
+
+    @property
+    def is_tiered(self) -> bool:
+        return self.unit_price is None
+
+
+class PriceTier(models.Model):
+    """One band of a graduated price: units whose position in the account's cumulative
+    monthly quantity is above the previous tier's ``up_to`` and at most this ``up_to``
+    (null: no upper bound) cost ``unit_price`` each."""
+
+    price = models.ForeignKey(Price, on_delete=models.CASCADE, related_name="tiers")
+    position = models.PositiveSmallIntegerField()
+    up_to = models.DecimalField(max_digits=38, decimal_places=12, null=True, blank=True)
+    unit_price = models.DecimalField(max_digits=38, decimal_places=18)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["price", "position"], name="metering_pricetier_unique"),
+        ]
+        ordering = ["price", "position"]
+
+    def __str__(self) -> str:
+        return f"up to {self.up_to if self.up_to is not None else '∞'} at {self.unit_price}"
+
+
+class UsageEvent(models.Model):
+    """A raw usage or resource lifecycle event, exactly once per ``(account_id, event_id)``.
+
+    The table is created by hand in the migration (Django cannot declare it): hash-partitioned
+    by ``account_id`` into 16 partitions, primary key ``(account_id, event_id)`` (a unique
+    constraint on a partitioned table must contain the partition key), ``seq`` from a
+    sequence for reading new events in arrival order (BRIN-indexed: cheap to maintain).
+    Written only by ``metering.ingest`` with COPY and one set-based insert.
+    """
+
+    pk = models.CompositePrimaryKey("account_id", "event_id")
+    account_id = models.BigIntegerField()
+    event_id = models.TextField()
+    seq = models.BigIntegerField()
+    occurred_at = models.DateTimeField()
+    received_at = models.DateTimeField()
+    kind = models.TextField()  # "usage" | "resource"
+    sku = models.TextField(null=True)
+    # Decimal, up to 10^12 with 12 places.
+    quantity = models.DecimalField(max_digits=25, decimal_places=12, null=True)
+    resource_id = models.TextField(null=True)
+    action = models.TextField(null=True)  # "start" | "update" | "stop"
+    spec = models.JSONField(null=True)
+    labels = models.JSONField(null=True)
+
+    class Meta:
+        managed = False
+        db_table = "metering_usageevent"
+
+    def __str__(self) -> str:
+        return f"{self.account_id}/{self.event_id}"

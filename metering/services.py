@@ -1,0 +1,82 @@
+"""Writes of the metering app (the event hot path is ``metering.ingest``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import transaction
+
+from metering import catalog
+from metering.models import Price, PriceTier, Sku
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogLoadResult:
+    skus_created: int = 0
+    skus_updated: int = 0
+    skus_unchanged: int = 0
+    prices_created: int = 0
+    prices_unchanged: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.skus_created or self.skus_updated or self.prices_created)
+
+
+def _tiers_of(price: Price) -> list[tuple[Decimal | None, Decimal]]:
+    return [(t.up_to, t.unit_price) for t in price.tiers.all()]
+
+
+@transaction.atomic(durable=True)
+def catalog_load(*, document: catalog.CatalogDocument) -> CatalogLoadResult:
+    """Load SKUs and prices; idempotent (the same document twice changes nothing).
+
+    A SKU's name and unit may change; its kind may not (usage already recorded against it
+    would change meaning). A loaded price never changes: a different amount for the same
+    SKU, currency and ``valid_from`` is refused; publish a new ``valid_from`` instead.
+    Any refusal rolls the whole load back.
+    """
+    counts = dict.fromkeys(("skus_created", "skus_updated", "skus_unchanged", "prices_created", "prices_unchanged"), 0)
+    existing = {s.code: s for s in Sku.objects.select_for_update().filter(code__in=[d.code for d in document.skus])}
+    for doc in document.skus:
+        sku = existing.get(doc.code)
+        if sku is None:
+            sku = Sku.objects.create(code=doc.code, name=doc.name, unit=doc.unit, kind=doc.kind)
+            counts["skus_created"] += 1
+        elif sku.kind != doc.kind:
+            raise catalog.CatalogError(f"{doc.code}: kind is {sku.kind}, cannot become {doc.kind}")
+        elif (sku.name, sku.unit) != (doc.name, doc.unit):
+            sku.name, sku.unit = doc.name, doc.unit
+            sku.save(update_fields=["name", "unit", "updated_at"])
+            counts["skus_updated"] += 1
+        else:
+            counts["skus_unchanged"] += 1
+
+        loaded = {(p.currency, p.valid_from): p for p in sku.prices.prefetch_related("tiers")}
+        for price_doc in doc.prices:
+            if price_doc.currency not in settings.BILLING_CURRENCIES:
+                raise catalog.CatalogError(
+                    f"{doc.code}: currency {price_doc.currency} is not one of {', '.join(settings.BILLING_CURRENCIES)}"
+                )
+            tiers = [(t.up_to, t.unit_price) for t in price_doc.tiers or []]
+            current = loaded.get((price_doc.currency, price_doc.valid_from))
+            if current is not None:
+                same_flat = current.unit_price == price_doc.unit_price
+                if not (same_flat and _tiers_of(current) == tiers):
+                    raise catalog.CatalogError(
+                        f"{doc.code}: the {price_doc.currency} price from {price_doc.valid_from.isoformat()} is "
+                        "already loaded with different amounts; prices never change, add one with a later valid_from"
+                    )
+                counts["prices_unchanged"] += 1
+                continue
+            price = Price.objects.create(
+                sku=sku, currency=price_doc.currency, valid_from=price_doc.valid_from, unit_price=price_doc.unit_price
+            )
+            PriceTier.objects.bulk_create(
+                PriceTier(price=price, position=i, up_to=up_to, unit_price=unit_price)
+                for i, (up_to, unit_price) in enumerate(tiers)
+            )
+            counts["prices_created"] += 1
+    return CatalogLoadResult(**counts)
