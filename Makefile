@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck check worker beat migrate schema clean
+.PHONY: demo test lint typecheck check worker beat migrate schema clean bench
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,7 @@ beat: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache staticfiles
+
+## make bench: ingestion benchmarks W1-W3 against gunicorn (figures in docs/benchmarks.md)
+bench: $(STAMP)
+	$(BIN)/python -m bench.ingest $(BENCH_ARGS)

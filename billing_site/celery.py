@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.schedules import crontab
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
 
@@ -22,4 +23,10 @@ app.conf.imports = ("billing_site.tasks",)
 
 # Schedules arrive with the work they run (usage rollup every minute, period close on the
 # 1st, dunning daily); each entry sets `expires` so a backlog never runs stale copies.
-app.conf.beat_schedule = {}
+app.conf.beat_schedule = {
+    "metering-ingest-batches-prune": {
+        "task": "metering.ingest_batches_prune",
+        "schedule": crontab(hour=3, minute=17),
+        "options": {"expires": 3600},
+    },
+}

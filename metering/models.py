@@ -108,3 +108,24 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account_id}/{self.event_id}"
+
+
+class IngestBatch(models.Model):
+    """A fingerprint of an ingested batch whose every event went in or was a duplicate.
+
+    A client whose request timed out resends the very same bytes; its SHA-256 finds this
+    row and the answer (all duplicates) comes without decoding or touching the event table.
+    Written in the transaction that stored the events, so it exists only if they do. Used
+    only while the batch's oldest event is inside the acceptance window (afterwards the full
+    path would answer ``too_old``), and pruned daily after that."""
+
+    digest = models.CharField(max_length=64, primary_key=True, help_text="SHA-256 of the request body, hex")
+    events = models.PositiveIntegerField()
+    oldest_event_at = models.DateTimeField()
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["oldest_event_at"], name="metering_ingestbatch_oldest")]
+
+    def __str__(self) -> str:
+        return self.digest[:12]

@@ -80,3 +80,17 @@ def catalog_load(*, document: catalog.CatalogDocument) -> CatalogLoadResult:
             )
             counts["prices_created"] += 1
     return CatalogLoadResult(**counts)
+
+
+def ingest_batches_prune() -> int:
+    """Delete batch fingerprints that can no longer answer a resend (their oldest event is
+    past the acceptance window, so the full path would say ``too_old``)."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from metering.models import IngestBatch
+
+    cutoff = timezone.now() - dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
+    deleted, _ = IngestBatch.objects.filter(oldest_event_at__lt=cutoff).delete()
+    return deleted

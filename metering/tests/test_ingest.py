@@ -4,6 +4,7 @@ exactly once within a batch, across batches and across concurrent requests."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 from collections.abc import Callable
 from decimal import Decimal
@@ -314,3 +315,46 @@ def test_keys(usage_account: BillingAccount, customer: Customer, send: Callable)
     account_services.api_key_revoke(key_id=revoked.key.id, user_id=None)
     assert send(event, client_with_key(revoked.raw)).status_code == 401
     assert not UsageEvent.objects.exists()
+
+
+# --- A byte-identical resend of a clean batch
+
+
+def test_a_byte_identical_resend_is_answered_from_its_fingerprint(
+    usage_account: BillingAccount, producer: APIClient
+) -> None:
+    from metering.models import IngestBatch
+
+    body = json.dumps({"events": [usage(usage_account, f"e{i}") for i in range(3)]})
+    first = producer.post("/api/v1/usage/events", body, content_type="application/json")
+    assert first.json() == {"accepted": 3, "duplicates": 0, "rejected": []}
+    assert IngestBatch.objects.count() == 1
+    before = list(UsageEvent.objects.order_by("seq").values())
+    again = producer.post("/api/v1/usage/events", body, content_type="application/json")
+    assert again.json() == {"accepted": 0, "duplicates": 3, "rejected": []}
+    assert list(UsageEvent.objects.order_by("seq").values()) == before
+
+
+def test_batches_with_rejections_are_not_fingerprinted(usage_account: BillingAccount, producer: APIClient) -> None:
+    from metering.models import IngestBatch
+
+    body = json.dumps({"events": [usage(usage_account, "ok"), usage(usage_account, "bad", sku="nope")]})
+    producer.post("/api/v1/usage/events", body, content_type="application/json")
+    assert not IngestBatch.objects.exists()
+    again = producer.post("/api/v1/usage/events", body, content_type="application/json").json()
+    assert again["duplicates"] == 1 and [r["code"] for r in again["rejected"]] == ["unknown_sku"]
+
+
+def test_a_fingerprint_answers_only_inside_the_acceptance_window(
+    usage_account: BillingAccount, producer: APIClient, settings: Any
+) -> None:
+    from metering import services
+    from metering.models import IngestBatch
+
+    body = json.dumps({"events": [usage(usage_account, "old", time=iso(now() - dt.timedelta(days=3)))]})
+    producer.post("/api/v1/usage/events", body, content_type="application/json")
+    settings.METERING_MAX_EVENT_AGE_DAYS = 2  # the event has now left the window
+    again = producer.post("/api/v1/usage/events", body, content_type="application/json").json()
+    assert [r["code"] for r in again["rejected"]] == ["too_old"]  # the same answer as the full path
+    assert services.ingest_batches_prune() == 1
+    assert not IngestBatch.objects.exists()

@@ -1,0 +1,13 @@
+"""Celery tasks of the metering app: thin, they call services."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from metering import services
+
+
+@shared_task(name="metering.ingest_batches_prune")
+def ingest_batches_prune() -> int:
+    """Forget batch fingerprints whose events have left the acceptance window."""
+    return services.ingest_batches_prune()
