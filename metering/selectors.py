@@ -31,3 +31,9 @@ def sku_kinds(*, refresh: bool = False) -> dict[str, str]:
 def sku_cache_clear() -> None:
     global _sku_loaded_at
     _sku_loaded_at = -1e9
+
+
+def usage_event_count(*, account_id: int) -> int:
+    from metering.models import UsageEvent
+
+    return UsageEvent.objects.filter(account_id=account_id).count()
