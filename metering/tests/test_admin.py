@@ -1,0 +1,86 @@
+"""The catalog admin writes through the catalog service: new prices, never edited ones."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from django.test import Client
+
+from accounts import services as account_services
+from metering.models import Price, Sku
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff(catalog: None) -> Client:
+    user = account_services.operator_create(email="cat@ops.test", password="pw-long-enough", groups=[], superuser=True)
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def test_lists_and_pages_render(staff: Client) -> None:
+    assert b"network.egress" in staff.get("/admin/metering/sku/").content
+    assert b"up to 100: 0" in staff.get("/admin/metering/price/").content
+    sku = Sku.objects.get(code="network.egress")
+    assert staff.get(f"/admin/metering/sku/{sku.pk}/change/").status_code == 200
+    price = Price.objects.filter(sku=sku).first()
+    assert price is not None and staff.get(f"/admin/metering/price/{price.pk}/change/").status_code == 200
+
+
+def test_add_a_sku_and_rename_it(staff: Client) -> None:
+    response = staff.post(
+        "/admin/metering/sku/add/", {"code": "gpu.h100", "name": "H100", "unit": "gpu-hour", "kind": "duration"}
+    )
+    assert response.status_code == 302, response.content[:3000]
+    sku = Sku.objects.get(code="gpu.h100")
+    staff.post(
+        f"/admin/metering/sku/{sku.pk}/change/",
+        {"name": "NVIDIA H100", "unit": "gpu-hour", "prices-TOTAL_FORMS": "0", "prices-INITIAL_FORMS": "0"},
+    )
+    sku.refresh_from_db()
+    assert (sku.name, sku.kind) == ("NVIDIA H100", "duration")
+    bad = staff.post("/admin/metering/sku/add/", {"code": "Bad Code!", "name": "x", "unit": "x", "kind": "quantity"})
+    assert bad.status_code == 200 and not Sku.objects.filter(name="x").exists()
+
+
+def test_add_a_superseding_price_and_refuse_a_changed_one(staff: Client) -> None:
+    sku = Sku.objects.get(code="compute.vcpu")
+    response = staff.post(
+        "/admin/metering/price/add/",
+        {
+            "sku": sku.pk,
+            "currency": "USD",
+            "valid_from_0": "2026-12-01",
+            "valid_from_1": "00:00:00",
+            "unit_price": "0.0105",
+        },
+    )
+    assert response.status_code == 302, response.content[:3000]
+    assert Price.objects.filter(sku=sku, currency="USD").count() == 3
+    again = staff.post(
+        "/admin/metering/price/add/",
+        {
+            "sku": sku.pk,
+            "currency": "USD",
+            "valid_from_0": "2026-12-01",
+            "valid_from_1": "00:00:00",
+            "unit_price": "0.02",
+        },
+    )
+    assert again.status_code == 200 and b"never change" in again.content
+    tiered = staff.post(
+        "/admin/metering/price/add/",
+        {
+            "sku": Sku.objects.get(code="network.egress").pk,
+            "currency": "USD",
+            "valid_from_0": "2027-01-01",
+            "valid_from_1": "00:00:00",
+            "tiers_json": '[{"up_to": "50", "unit_price": "0"}, {"up_to": null, "unit_price": "0.05"}]',
+        },
+    )
+    assert tiered.status_code == 302, tiered.content[:3000]
+    price = Price.objects.get(sku__code="network.egress", currency="USD", valid_from__year=2027)
+    assert [(t.up_to, t.unit_price) for t in price.tiers.all()] == [(Decimal(50), Decimal(0)), (None, Decimal("0.05"))]
