@@ -24,6 +24,11 @@ app.conf.imports = ("billing_site.tasks",)
 # Schedules arrive with the work they run (usage rollup every minute, period close on the
 # 1st, dunning daily); each entry sets `expires` so a backlog never runs stale copies.
 app.conf.beat_schedule = {
+    "metering-rollup-usage": {
+        "task": "metering.rollup_usage",
+        "schedule": crontab(),  # every minute
+        "options": {"expires": 55},  # a backlog never runs stale copies
+    },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",
         "schedule": crontab(hour=3, minute=17),

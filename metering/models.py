@@ -129,3 +129,69 @@ class IngestBatch(models.Model):
 
     def __str__(self) -> str:
         return self.digest[:12]
+
+
+class RollupShard(models.Model):
+    """Progress of the rollup for one shard (= one hash partition of the metering tables):
+    events with ``txid_horizon <= txid < next horizon`` are next; open intervals of running
+    resources are materialised up to ``watermark`` (an hour boundary). A worker claims a
+    shard by locking its row (``FOR UPDATE SKIP LOCKED``), so two never work on one shard."""
+
+    shard = models.PositiveSmallIntegerField(primary_key=True)
+    txid_horizon = models.BigIntegerField(default=0)
+    watermark = models.DateTimeField(null=True, blank=True)
+    events_processed = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["shard"]
+
+    def __str__(self) -> str:
+        return f"shard {self.shard}"
+
+
+class HourlyUsage(models.Model):
+    """Rated hourly usage (table ``metering_hourlyusage``, migration 0004): quantity and amount
+    at full precision in the account's currency; rounding happens on invoices."""
+
+    pk = models.CompositePrimaryKey("account_id", "hour", "sku", "resource_id", "labels")
+    account_id = models.BigIntegerField()
+    hour = models.DateTimeField()
+    sku = models.TextField()
+    resource_id = models.TextField()
+    labels = models.JSONField()
+    quantity = models.DecimalField(max_digits=38, decimal_places=12)
+    amount = models.DecimalField(max_digits=38, decimal_places=12, null=True)
+    cum_quantity = models.DecimalField(max_digits=38, decimal_places=12, null=True)
+
+    class Meta:
+        managed = False
+        db_table = "metering_hourlyusage"
+
+    def __str__(self) -> str:
+        return f"{self.account_id} {self.hour:%Y-%m-%d %H:00} {self.sku} {self.resource_id}"
+
+
+class ResourceState(models.Model):
+    """Where a resource's lifecycle timeline leaves it, with data-quality counters."""
+
+    pk = models.CompositePrimaryKey("account_id", "resource_id")
+    account_id = models.BigIntegerField()
+    resource_id = models.TextField()
+    running = models.BooleanField()
+    since = models.DateTimeField(null=True)
+    spec = models.JSONField(null=True)
+    labels = models.JSONField()
+    last_event_at = models.DateTimeField()
+    events = models.IntegerField()
+    start_while_running = models.IntegerField()
+    stop_while_stopped = models.IntegerField()
+    update_while_stopped = models.IntegerField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        managed = False
+        db_table = "metering_resourcestate"
+
+    def __str__(self) -> str:
+        return f"{self.account_id}/{self.resource_id}"
