@@ -409,3 +409,16 @@ def _rate(cur: object, *, hourly_p: str) -> int:
     )
     rated += cur.rowcount  # type: ignore[attr-defined]
     return rated
+
+
+def shard_of(account_id: int) -> int:
+    """The shard (hash partition remainder) that holds an account's rows."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT r FROM generate_series(0, %s - 1) AS r "
+            "WHERE satisfies_hash_partition('metering_usageevent'::regclass, %s, r, %s::bigint)",
+            [SHARDS, SHARDS, account_id],
+        )
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
