@@ -76,6 +76,8 @@ class SkuForm(forms.ModelForm[Sku]):
         data = super().clean() or {}
         if self.errors:
             return data
+        if self.instance.pk is None and Sku.objects.filter(code=data.get("code")).exists():
+            raise ValidationError("A SKU with this code exists: change it instead.")
         # On change, code and kind are read-only (not in the form): they are the instance's.
         code = data.get("code") or self.instance.code
         kind = data.get("kind") or self.instance.kind

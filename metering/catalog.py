@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 import msgspec
+from django.conf import settings
 
 SkuCode = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.\-]{0,63}$")]
 Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
@@ -58,6 +59,8 @@ def parse(raw: bytes) -> CatalogDocument:
 def _check_amount(value: Decimal, where: str, *, places: int) -> None:
     if not value.is_finite() or value < 0:
         raise CatalogError(f"{where}: must be a finite amount >= 0, got {value}")
+    if value >= Decimal(10) ** (38 - places):  # the column: numeric(38, places)
+        raise CatalogError(f"{where}: too large, got {value}")
     exponent = value.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > places:
         raise CatalogError(f"{where}: at most {places} decimal places, got {value}")
@@ -74,6 +77,16 @@ def check(document: CatalogDocument) -> None:
         seen_prices: set[tuple[str, dt.datetime]] = set()
         for j, price in enumerate(sku.prices):
             where = f"{at}.prices[{j}]"
+            if price.currency not in settings.BILLING_CURRENCIES:
+                raise CatalogError(
+                    f"{where}.currency: {price.currency} is not one of {', '.join(settings.BILLING_CURRENCIES)}"
+                )
+            try:
+                year = price.valid_from.astimezone(dt.UTC).year
+            except OverflowError:
+                year = 0
+            if not 1970 <= year <= 9998:
+                raise CatalogError(f"{where}.valid_from: out of range, got {price.valid_from.isoformat()}")
             key = (price.currency, price.valid_from)
             if key in seen_prices:
                 raise CatalogError(f"{where}: a second {price.currency} price from {price.valid_from.isoformat()}")

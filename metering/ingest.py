@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 
 from accounts import selectors as account_selectors
 from billing_site.common import ids
@@ -43,6 +43,8 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
 MAX_QUANTITY = Decimal(10) ** 12
 MAX_PLACES = 12
+# Smaller batches are not fingerprinted: one row per tiny batch costs more than it saves.
+FINGERPRINT_MIN_EVENTS = 50
 
 NoNul = msgspec.Meta(pattern="^[^\\x00]*$")  # PostgreSQL text cannot hold NUL
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128), NoNul]
@@ -130,18 +132,20 @@ def decode_batch(body: bytes) -> list[EventIn | Rejection]:
         raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_BODY_BYTES} bytes.")
     try:
         return list(_batch_decoder.decode(body).events)
-    except msgspec.DecodeError:
-        pass  # either malformed JSON or a shape error somewhere: find out below
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        pass  # malformed JSON, bad UTF-8 or a shape error somewhere: find out below
     try:
         loose = _loose_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BatchError(400, "invalid", f'Send {{"events": [...]}}: {exc}', field="events") from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BatchError(400, "malformed_request", f"The body is not valid JSON: {exc}") from exc
     out: list[EventIn | Rejection] = []
     for index, raw in enumerate(loose.events):
         try:
             out.append(_event_decoder.decode(raw))
+        except UnicodeDecodeError:
+            out.append(Rejection(index, None, "invalid", "event: not valid UTF-8"))
         except msgspec.ValidationError as exc:
             try:
                 event_id = _id_decoder.decode(raw).id
@@ -154,6 +158,8 @@ def decode_batch(body: bytes) -> list[EventIn | Rejection]:
 
 
 def _amount_error(value: Decimal, name: str) -> str | None:
+    if value == 0:
+        return None  # however many zeros it is written with
     if not value.is_finite() or value < 0:
         return f"{name}: must be a number >= 0"
     if value > MAX_QUANTITY:
@@ -190,7 +196,11 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
         if account_id is None:
             reject(index, event, "invalid", "account_id: not a billing account id (acc_…)")
             continue
-        occurred_at = event.time.astimezone(dt.UTC)
+        try:
+            occurred_at = event.time.astimezone(dt.UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+            reject(index, event, "invalid", "time: out of range")
+            continue
         spec_json: str | None = None
         if event.type == "usage":
             if event.sku is None or event.quantity is None:
@@ -240,7 +250,8 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
         if occurred_at > newest:
             reject(index, event, "in_future", "time: more than 5 minutes in the future")
             continue
-        labels_json = _json.encode(event.labels).decode() if event.labels is not None else None
+        # No labels and {} are the same content (else a resend spelled differently conflicts).
+        labels_json = _json.encode(event.labels).decode() if event.labels else None
         rows.append(
             (
                 index,
@@ -282,7 +293,7 @@ CREATE TEMP TABLE IF NOT EXISTS metering_ingest_staging (
 """
 _INSERT = f"""
 INSERT INTO metering_usageevent ({_COLUMNS})
-SELECT {_COLUMNS} FROM metering_ingest_staging ORDER BY idx
+SELECT {_COLUMNS} FROM metering_ingest_staging ORDER BY account_id, event_id, idx
 ON CONFLICT (account_id, event_id) DO NOTHING
 """  # noqa: S608 (constants only)
 # Staged events whose stored twin differs: conflicts. Nested loops over the primary key
@@ -298,6 +309,18 @@ WHERE (e.occurred_at, e.kind, e.sku, e.quantity, e.resource_id, e.action, e.spec
 
 
 def store(rows: list[Row], *, fingerprint: str | None) -> tuple[int, list[tuple[int, str]]]:
+    """``_store`` once more if PostgreSQL broke a deadlock by aborting ours (it rolled back
+    whole, so the retry starts clean). Inserting in key order makes that rare; two batches
+    holding the same events still wait on each other's index entries in one order."""
+    try:
+        return _store(rows, fingerprint=fingerprint)
+    except OperationalError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) not in ("40P01", "40001"):
+            raise
+        return _store(rows, fingerprint=fingerprint)
+
+
+def _store(rows: list[Row], *, fingerprint: str | None) -> tuple[int, list[tuple[int, str]]]:
     """COPY into staging, one insert that dedupes; returns (inserted, conflicts).
 
     With a ``fingerprint`` (the batch had no rejected event), it is recorded in the same
@@ -316,7 +339,7 @@ def store(rows: list[Row], *, fingerprint: str | None) -> tuple[int, list[tuple[
             cursor.execute("SET LOCAL enable_mergejoin = off")
             cursor.execute(_CONFLICTS)
             conflicts = cursor.fetchall()
-        if fingerprint is not None and not conflicts:
+        if fingerprint is not None and not conflicts and count >= FINGERPRINT_MIN_EVENTS:
             cursor.execute(
                 "INSERT INTO metering_ingestbatch (digest, events, oldest_event_at, received_at) "
                 "VALUES (%s, %s, %s, now()) ON CONFLICT DO NOTHING",

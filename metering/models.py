@@ -82,8 +82,9 @@ class UsageEvent(models.Model):
 
     The table is created by hand in the migration (Django cannot declare it): hash-partitioned
     by ``account_id`` into 16 partitions, primary key ``(account_id, event_id)`` (a unique
-    constraint on a partitioned table must contain the partition key), ``seq`` from a
-    sequence for reading new events in arrival order (BRIN-indexed: cheap to maintain).
+    constraint on a partitioned table must contain the partition key), ``seq`` from a cached
+    sequence (roughly arrival order, for people and BRIN range scans; values are handed out
+    before commit, so the rollup reads by ``txid`` instead, see migration 0004).
     Written only by ``metering.ingest`` with COPY and one set-based insert.
     """
 

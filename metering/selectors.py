@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.db import connection
 
 from metering.models import Sku
 
@@ -37,3 +43,64 @@ def usage_event_count(*, account_id: int) -> int:
     from metering.models import UsageEvent
 
     return UsageEvent.objects.filter(account_id=account_id).count()
+
+
+GRANULARITIES = ("hour", "day", "month")
+MAX_RANGE_DAYS = {"hour": 62, "day": 732, "month": 3660}
+
+
+@dataclass(frozen=True)
+class CostQuery:
+    account_id: int
+    start: dt.datetime  # inclusive, UTC midnight
+    end: dt.datetime  # exclusive, UTC midnight
+    granularity: str = "day"
+    by_sku: bool = False
+    by_resource: bool = False
+    label_keys: tuple[str, ...] = ()
+
+
+def cost_breakdown(query: CostQuery) -> tuple[list[dict[str, Any]], Decimal]:
+    """Rated hourly usage summed by period and the asked dimensions; reads the rollups only.
+
+    Quantities are summed only within a SKU (adding GB to vCPU-hours means nothing)."""
+    columns = [f"date_trunc('{query.granularity}', hour, 'UTC') AS period"]
+    names = ["period"]
+    params: dict[str, Any] = {"account_id": query.account_id, "start": query.start, "end": query.end}
+    if query.by_sku:
+        columns.append("sku")
+        names.append("sku")
+    if query.by_resource:
+        columns.append("resource_id")
+        names.append("resource")
+    for i, key in enumerate(query.label_keys):
+        params[f"label_{i}"] = key
+        columns.append(f"labels ->> %(label_{i})s")
+        names.append(f"label:{key}")
+    group = ", ".join(str(i + 1) for i in range(len(columns)))
+    sql = f"""
+        SELECT {", ".join(columns)}, {"sum(quantity)" if query.by_sku else "NULL"}, coalesce(sum(amount), 0)
+        FROM metering_hourlyusage
+        WHERE account_id = %(account_id)s AND hour >= %(start)s AND hour < %(end)s
+        GROUP BY {group} ORDER BY {group}
+    """  # noqa: S608 (column expressions are fixed; values are parameters)
+    rows: list[dict[str, Any]] = []
+    total = Decimal(0)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for record in cursor.fetchall():
+            row: dict[str, Any] = {}
+            labels: dict[str, str | None] = {}
+            for name, value in zip(names, record, strict=False):
+                if name.startswith("label:"):
+                    labels[name.removeprefix("label:")] = value
+                else:
+                    row[name] = value
+            if query.label_keys:
+                row["labels"] = labels
+            if query.by_sku:
+                row["quantity"] = record[len(names)]
+            row["amount"] = record[len(names) + 1]
+            total += row["amount"]
+            rows.append(row)
+    return rows, total

@@ -56,10 +56,6 @@ def catalog_load(*, document: catalog.CatalogDocument) -> CatalogLoadResult:
 
         loaded = {(p.currency, p.valid_from): p for p in sku.prices.prefetch_related("tiers")}
         for price_doc in doc.prices:
-            if price_doc.currency not in settings.BILLING_CURRENCIES:
-                raise catalog.CatalogError(
-                    f"{doc.code}: currency {price_doc.currency} is not one of {', '.join(settings.BILLING_CURRENCIES)}"
-                )
             tiers = [(t.up_to, t.unit_price) for t in price_doc.tiers or []]
             current = loaded.get((price_doc.currency, price_doc.valid_from))
             if current is not None:

@@ -3,10 +3,9 @@
 Hash partitions by account_id keep the primary key (account_id, event_id) legal on a
 partitioned table and spread per-account work; 16 partitions today, re-partitioned (or
 distributed by account_id, e.g. with Citus) when one machine is outgrown. ``seq`` comes
-from a cached sequence and is BRIN-indexed: new events are read in arrival order without
-a second B-tree to maintain on the hot insert path. Retention (events past the acceptance
-window once rolled up and invoiced) will be time-based sub-partitioning: see the notes of
-the rollup issue.
+from a cached sequence and is BRIN-indexed (no second B-tree on the hot insert path); it is
+only roughly arrival order, so the rollup reads by inserting transaction (migration 0004).
+Retention is an open design question: see docs/benchmarks.md.
 """
 
 from django.db import migrations

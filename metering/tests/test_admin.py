@@ -84,3 +84,22 @@ def test_add_a_superseding_price_and_refuse_a_changed_one(staff: Client) -> None
     assert tiered.status_code == 302, tiered.content[:3000]
     price = Price.objects.get(sku__code="network.egress", currency="USD", valid_from__year=2027)
     assert [(t.up_to, t.unit_price) for t in price.tiers.all()] == [(Decimal(50), Decimal(0)), (None, Decimal("0.05"))]
+
+
+def test_admin_refuses_what_the_catalog_refuses_with_form_errors(staff: Client) -> None:
+    existing = staff.post(
+        "/admin/metering/sku/add/", {"code": "compute.vcpu", "name": "Other", "unit": "x", "kind": "quantity"}
+    )
+    assert existing.status_code == 200 and b"exists" in existing.content
+    assert Sku.objects.get(code="compute.vcpu").name == "vCPU"
+    chf = staff.post(
+        "/admin/metering/price/add/",
+        {
+            "sku": Sku.objects.get(code="compute.vcpu").pk,
+            "currency": "CHF",
+            "valid_from_0": "2027-01-01",
+            "valid_from_1": "00:00:00",
+            "unit_price": "1",
+        },
+    )
+    assert chf.status_code == 200 and b"CHF" in chf.content

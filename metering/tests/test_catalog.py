@@ -74,6 +74,8 @@ BAD = {
     "naive time": (lambda d: d["skus"][1]["prices"][0].update(valid_from="2026-01-01T00:00:00"), "valid_from"),
     "duplicate code": (lambda d: d["skus"].append(dict(d["skus"][0])), "appears twice"),
     "unknown currency": (lambda d: d["skus"][5]["prices"][0].update(currency="CHF"), "CHF"),
+    "huge price": (lambda d: d["skus"][5]["prices"][0].update(unit_price="1" + "0" * 20), "too large"),
+    "year one": (lambda d: d["skus"][5]["prices"][0].update(valid_from="0001-01-01T00:00:00+01:00"), "out of range"),
 }
 
 

@@ -325,14 +325,23 @@ def test_a_byte_identical_resend_is_answered_from_its_fingerprint(
 ) -> None:
     from metering.models import IngestBatch
 
-    body = json.dumps({"events": [usage(usage_account, f"e{i}") for i in range(3)]})
+    body = json.dumps({"events": [usage(usage_account, f"e{i}") for i in range(60)]})
     first = producer.post("/api/v1/usage/events", body, content_type="application/json")
-    assert first.json() == {"accepted": 3, "duplicates": 0, "rejected": []}
+    assert first.json() == {"accepted": 60, "duplicates": 0, "rejected": []}
     assert IngestBatch.objects.count() == 1
     before = list(UsageEvent.objects.order_by("seq").values())
     again = producer.post("/api/v1/usage/events", body, content_type="application/json")
-    assert again.json() == {"accepted": 0, "duplicates": 3, "rejected": []}
+    assert again.json() == {"accepted": 0, "duplicates": 60, "rejected": []}
     assert list(UsageEvent.objects.order_by("seq").values()) == before
+
+
+def test_small_batches_are_not_fingerprinted(usage_account: BillingAccount, producer: APIClient) -> None:
+    from metering.models import IngestBatch
+
+    body = json.dumps({"events": [usage(usage_account, f"e{i}") for i in range(49)]})
+    producer.post("/api/v1/usage/events", body, content_type="application/json")
+    assert not IngestBatch.objects.exists()
+    assert producer.post("/api/v1/usage/events", body, content_type="application/json").json()["duplicates"] == 49
 
 
 def test_batches_with_rejections_are_not_fingerprinted(usage_account: BillingAccount, producer: APIClient) -> None:
@@ -351,10 +360,72 @@ def test_a_fingerprint_answers_only_inside_the_acceptance_window(
     from metering import services
     from metering.models import IngestBatch
 
-    body = json.dumps({"events": [usage(usage_account, "old", time=iso(now() - dt.timedelta(days=3)))]})
+    old = iso(now() - dt.timedelta(days=3))
+    body = json.dumps({"events": [usage(usage_account, f"old{i}", time=old) for i in range(60)]})
     producer.post("/api/v1/usage/events", body, content_type="application/json")
-    settings.METERING_MAX_EVENT_AGE_DAYS = 2  # the event has now left the window
+    assert IngestBatch.objects.count() == 1
+    settings.METERING_MAX_EVENT_AGE_DAYS = 2  # the events have now left the window
     again = producer.post("/api/v1/usage/events", body, content_type="application/json").json()
-    assert [r["code"] for r in again["rejected"]] == ["too_old"]  # the same answer as the full path
+    assert {r["code"] for r in again["rejected"]} == {"too_old"}  # the same answer as the full path
     assert services.ingest_batches_prune() == 1
     assert not IngestBatch.objects.exists()
+
+
+# --- Found by review: inputs that used to be 500s, and spellings that used to conflict
+
+
+def test_bad_utf8_in_one_event_rejects_that_event(usage_account: BillingAccount, producer: APIClient) -> None:
+    good = json.dumps(usage(usage_account, "good")).encode()
+    bad = json.dumps(usage(usage_account, "PLACEHOLDER")).encode().replace(b"PLACEHOLDER", b"bad\xff")
+    response = producer.post(
+        "/api/v1/usage/events", b'{"events": [' + good + b", " + bad + b"]}", content_type="application/json"
+    )
+    body = result(response)
+    assert body["accepted"] == 1 and [(r["index"], r["code"]) for r in body["rejected"]] == [(1, "invalid")]
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_times_at_the_ends_of_the_calendar_are_rejected(
+    usage_account: BillingAccount, send: Callable, moment: str
+) -> None:
+    body = result(send([usage(usage_account, "edge", time=moment), usage(usage_account, "fine")]))
+    assert body["accepted"] == 1 and body["rejected"][0]["code"] in {"invalid", "too_old", "in_future"}
+
+
+def test_no_labels_and_empty_labels_are_the_same_content(usage_account: BillingAccount, send: Callable) -> None:
+    event = usage(usage_account, "e1")
+    result(send([event]))
+    assert result(send([dict(event, labels={})])) == {"accepted": 0, "duplicates": 1, "rejected": []}
+
+
+def test_zero_written_with_many_places_is_zero(usage_account: BillingAccount, send: Callable) -> None:
+    assert result(send([usage(usage_account, "z", quantity="0.00000000000000")]))["accepted"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_batches_with_the_same_events_in_opposite_orders(
+    catalog: None, make_customer: Callable, make_account: Callable
+) -> None:
+    account = make_account(make_customer().user)
+    raw = account_services.service_key_create(name="p", scopes=[Scope.USAGE_WRITE], created_by_id=None).raw
+    events = [usage(account, f"e{i}", quantity=str(i)) for i in range(2000)]
+    batches = [events, list(reversed(events)), events[1000:] + events[:1000]]
+    responses: list[Any] = []
+    barrier = threading.Barrier(len(batches))
+
+    def post(batch: list[dict[str, Any]]) -> None:
+        try:
+            client = client_with_key(raw)
+            barrier.wait()
+            responses.append(client.post("/api/v1/usage/events", {"events": batch}, format="json"))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=post, args=(b,)) for b in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert sum(r.json()["accepted"] for r in responses) == 2000
+    assert UsageEvent.objects.filter(account_id=account.id).count() == 2000
