@@ -1,11 +1,6 @@
-from django.urls import path, register_converter
+from django.urls import path
 
 from accounts import api
-from billing_site.common.ids import converter
-
-register_converter(converter("acc"), "acc")
-register_converter(converter("key"), "key")
-register_converter(converter("usr"), "usr")
 
 urlpatterns = [
     path("users", api.SignupView.as_view(), name="users"),

@@ -1,6 +1,12 @@
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from billing_site.common.ids import converter
+
+# <acc:account_id> and friends: public ids in, integers to the views; every app's URLs use them.
+for _prefix in ("acc", "key", "usr"):
+    register_converter(converter(_prefix), _prefix)
 
 handler404 = "billing_site.common.errors.page_not_found"
 handler500 = "billing_site.common.errors.server_error"

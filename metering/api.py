@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from decimal import Decimal
 from typing import Any
 
 from drf_spectacular.utils import OpenApiExample, extend_schema, inline_serializer
@@ -11,11 +13,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts import selectors as account_selectors
 from accounts.authentication import caller_of
 from accounts.models import Scope
 from billing_site.common.errors import ApplicationError, error_responses
 from billing_site.common.views import StrictQueryMixin
-from metering import ingest
+from metering import ingest, selectors
 
 
 class HasUsageWriteScope(permissions.BasePermission):
@@ -132,3 +135,127 @@ class UsageEventsView(StrictQueryMixin, APIView):
         except ingest.BatchError as exc:
             raise ApplicationError(exc.code, exc.message, status=exc.status, field=exc.field) from exc
         return Response(result.as_dict())
+
+
+def _cost_row(**kwargs: Any) -> serializers.Serializer:
+    return inline_serializer(
+        name="CostRow",
+        fields={
+            "period": serializers.CharField(help_text="`2026-10-01` (day, month) or `2026-10-01T13:00:00Z` (hour)"),
+            "sku": serializers.CharField(required=False),
+            "resource": serializers.CharField(required=False, help_text="'' for usage not tied to a resource"),
+            "labels": serializers.DictField(
+                child=serializers.CharField(allow_null=True), required=False, help_text="asked label key → value"
+            ),
+            "quantity": serializers.CharField(required=False, help_text="decimal string; only when grouped by sku"),
+            "amount": serializers.CharField(help_text="decimal string, full precision"),
+        },
+        **kwargs,
+    )
+
+
+_COSTS = inline_serializer(
+    name="CostBreakdown",
+    fields={
+        "currency": serializers.CharField(),
+        "start": serializers.DateField(),
+        "end": serializers.DateField(),
+        "granularity": serializers.ChoiceField(choices=list(selectors.GRANULARITIES)),
+        "group_by": serializers.ListField(child=serializers.CharField()),
+        "total": serializers.CharField(help_text="decimal string, full precision"),
+        "rows": _cost_row(many=True),
+    },
+)
+
+
+class CostQuerySerializer(serializers.Serializer):
+    start = serializers.DateField(help_text="First day, UTC (inclusive).")
+    end = serializers.DateField(help_text="Day after the last, UTC (exclusive).")
+    granularity = serializers.ChoiceField(choices=list(selectors.GRANULARITIES), default="day")
+    group_by = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        help_text="Comma list of `sku`, `resource`, `label:<key>`.",
+    )
+
+    def validate_group_by(self, value: str) -> list[str]:
+        parts = [part.strip() for part in value.split(",") if part.strip()]
+        for part in parts:
+            if part in ("sku", "resource"):
+                continue
+            key = part.removeprefix("label:")
+            if not part.startswith("label:") or not 1 <= len(key) <= 64 or "\x00" in key:
+                raise serializers.ValidationError(f"'{part}': use sku, resource or label:<key>.")
+        if len(parts) != len(set(parts)):
+            raise serializers.ValidationError("A dimension appears twice.")
+        if len(parts) > 8:
+            raise serializers.ValidationError("At most 8 dimensions.")
+        return parts
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["end"] <= attrs["start"]:
+            raise serializers.ValidationError({"end": ["Must be after start."]})
+        limit = selectors.MAX_RANGE_DAYS[attrs["granularity"]]
+        if (attrs["end"] - attrs["start"]).days > limit:
+            raise serializers.ValidationError({"end": [f"At most {limit} days at {attrs['granularity']} granularity."]})
+        if attrs["start"].year < 2000 or attrs["end"].year > 9998:
+            raise serializers.ValidationError({"start": ["Out of range."]})
+        return attrs
+
+
+def _decimal(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
+
+
+class CostBreakdownView(StrictQueryMixin, APIView):
+    allowed_query_params = ("start", "end", "granularity", "group_by")
+
+    @extend_schema(
+        operation_id="billing_accounts_costs",
+        summary="Cost breakdown of a billing account",
+        description=(
+            "Rated usage summed by period and by the asked dimensions, in the account's currency, at full "
+            "precision (rounding happens on invoices). Reads the hourly rollups, which the rollup keeps "
+            "within a minute of the events; running resources accrue up to the last full hour."
+        ),
+        parameters=[CostQuerySerializer],
+        responses={200: _COSTS, **error_responses(400, 401, 404)},
+    )
+    def get(self, request: Request, account_id: int) -> Response:
+        account = account_selectors.billing_account_get_for_caller(caller=caller_of(request), account_id=account_id)
+        query = CostQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        dims: list[str] = params.get("group_by") or []
+        start = dt.datetime.combine(params["start"], dt.time(), tzinfo=dt.UTC)
+        end = dt.datetime.combine(params["end"], dt.time(), tzinfo=dt.UTC)
+        rows, total = selectors.cost_breakdown(
+            selectors.CostQuery(
+                account_id=account.id,
+                start=start,
+                end=end,
+                granularity=params["granularity"],
+                by_sku="sku" in dims,
+                by_resource="resource" in dims,
+                label_keys=tuple(d.removeprefix("label:") for d in dims if d.startswith("label:")),
+            )
+        )
+        for row in rows:
+            period: dt.datetime = row["period"]
+            row["period"] = (
+                period.strftime("%Y-%m-%dT%H:%M:%SZ") if params["granularity"] == "hour" else period.date().isoformat()
+            )
+            row["amount"] = _decimal(row["amount"])
+            if "quantity" in row:
+                row["quantity"] = _decimal(row["quantity"])
+        return Response(
+            {
+                "currency": account.currency,
+                "start": params["start"].isoformat(),
+                "end": params["end"].isoformat(),
+                "granularity": params["granularity"],
+                "group_by": dims,
+                "total": _decimal(total),
+                "rows": rows,
+            }
+        )
