@@ -18,5 +18,6 @@ class AccountsConfig(AppConfig):
     def ready(self) -> None:
         from accounts import authentication  # noqa: F401  (registers the OpenAPI auth scheme)
 
-        # Permissions exist only after migrate; the groups follow them.
-        post_migrate.connect(_sync_operator_groups, sender=self)
+        # Permissions exist only after migrate, app by app (other apps' after ours): resync
+        # the groups after each app's (idempotent, a few queries).
+        post_migrate.connect(_sync_operator_groups, dispatch_uid="accounts.operator_groups")

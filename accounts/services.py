@@ -287,14 +287,25 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Permissions of other apps, by group (app label, codename): read-only views of their data.
+OPERATOR_GROUPS_ELSEWHERE: dict[str, tuple[tuple[str, str], ...]] = {
+    "support": (("metering", "view_rollupshard"), ("metering", "view_sku"), ("metering", "view_price")),
+    "finance": (("metering", "view_rollupshard"), ("metering", "view_sku"), ("metering", "view_price")),
+    "fraud": (("metering", "view_rollupshard"),),
+}
+
+
 def operator_groups_sync() -> None:
     """Create the operator groups and give them exactly their permissions (idempotent)."""
     from django.contrib.auth.models import Group, Permission
+    from django.db.models import Q
 
     for name, codenames in OPERATOR_GROUPS.items():
         group, _ = Group.objects.get_or_create(name=name)
-        permissions = Permission.objects.filter(content_type__app_label="accounts", codename__in=codenames)
-        group.permissions.set(permissions)
+        wanted = Q(content_type__app_label="accounts", codename__in=codenames)
+        for app_label, codename in OPERATOR_GROUPS_ELSEWHERE.get(name, ()):
+            wanted |= Q(content_type__app_label=app_label, codename=codename)
+        group.permissions.set(Permission.objects.filter(wanted))
 
 
 @transaction.atomic(durable=True)

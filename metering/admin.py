@@ -14,7 +14,7 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 
 from metering import catalog, services
-from metering.models import Price, PriceTier, Sku
+from metering.models import Price, PriceTier, RollupShard, Sku
 
 
 def _load_one(document: catalog.CatalogDocument) -> None:
@@ -210,3 +210,73 @@ class PriceAdmin(WriteThroughServiceMixin, admin.ModelAdmin[Price]):
         obj.pk = Price.objects.get(
             sku__code=form.document.skus[0].code, currency=price.currency, valid_from=price.valid_from
         ).pk
+
+
+class UsageLookupForm(forms.Form):
+    account = forms.CharField(label="Billing account", help_text="acc_…")
+    start = forms.DateField(help_text="YYYY-MM-DD, UTC")
+    end = forms.DateField(help_text="exclusive")
+
+    def clean_account(self) -> int:
+        from billing_site.common import ids
+
+        account_id = ids.decode("acc", self.cleaned_data["account"].strip())
+        if account_id is None:
+            raise ValidationError("Not a billing account id (acc_…).")
+        return account_id
+
+
+@admin.register(RollupShard)
+class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
+    """Rollup progress per shard, and the usage page (costs, resources, data quality)."""
+
+    list_display = ("shard", "watermark", "txid_horizon", "events_processed", "updated_at")
+    readonly_fields = list_display
+    change_list_template = "admin/metering/rollupshard/change_list.html"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_urls(self) -> list[Any]:
+        from django.urls import path
+
+        return [path("usage/", self.admin_site.admin_view(self.usage_view), name="metering_usage"), *super().get_urls()]
+
+    def usage_view(self, request: HttpRequest) -> Any:
+        import datetime as dt
+
+        from django.core.exceptions import PermissionDenied
+        from django.template.response import TemplateResponse
+
+        from metering import selectors
+
+        if not request.user.has_perm("metering.view_rollupshard"):
+            raise PermissionDenied
+        today = dt.datetime.now(dt.UTC).date()
+        form = UsageLookupForm(request.GET or None, initial={"start": today.replace(day=1), "end": today})
+        context: dict[str, Any] = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Usage and costs",
+            "form": form,
+        }
+        if form.is_valid():
+            account_id = form.cleaned_data["account"]
+            start = dt.datetime.combine(form.cleaned_data["start"], dt.time(), tzinfo=dt.UTC)
+            end = dt.datetime.combine(form.cleaned_data["end"], dt.time(), tzinfo=dt.UTC)
+            rows, total = selectors.cost_breakdown(
+                selectors.CostQuery(account_id=account_id, start=start, end=end, granularity="day", by_sku=True)
+            )
+            context.update(
+                rows=rows,
+                total=total,
+                resources=selectors.resource_states(account_id=account_id),
+                quality=selectors.data_quality(account_id=account_id),
+            )
+        return TemplateResponse(request, "admin/metering/usage.html", context)

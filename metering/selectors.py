@@ -104,3 +104,30 @@ def cost_breakdown(query: CostQuery) -> tuple[list[dict[str, Any]], Decimal]:
             total += row["amount"]
             rows.append(row)
     return rows, total
+
+
+def resource_states(*, account_id: int, limit: int = 500) -> list[Any]:
+    from metering.models import ResourceState
+
+    return list(ResourceState.objects.filter(account_id=account_id).order_by("-last_event_at")[:limit])
+
+
+def data_quality(*, account_id: int | None = None) -> dict[str, int]:
+    """Lifecycle anomalies the rollup tolerated: a start for a running resource (taken as an
+    update), a stop for a stopped one (ignored), an update for a stopped one (spec noted,
+    no accrual). Counted from whole timelines, so replays never double count."""
+    from django.db.models import Count, Q, Sum
+
+    from metering.models import ResourceState
+
+    rows = ResourceState.objects.all()
+    if account_id is not None:
+        rows = rows.filter(account_id=account_id)
+    totals = rows.aggregate(
+        resources=Count("resource_id"),
+        running=Count("resource_id", filter=Q(running=True)),
+        start_while_running=Sum("start_while_running"),
+        stop_while_stopped=Sum("stop_while_stopped"),
+        update_while_stopped=Sum("update_while_stopped"),
+    )
+    return {key: value or 0 for key, value in totals.items()}

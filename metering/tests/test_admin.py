@@ -103,3 +103,45 @@ def test_admin_refuses_what_the_catalog_refuses_with_form_errors(staff: Client) 
         },
     )
     assert chf.status_code == 200 and b"CHF" in chf.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_usage_page_shows_costs_resources_and_data_quality(
+    catalog: None, customer: object, make_account: object
+) -> None:
+
+    import time_machine
+
+    from accounts.models import Scope
+    from conftest import client_with_key
+    from metering import rollup
+    from metering.tests.test_rollup import NOW, at, lifecycle, used
+
+    account = make_account(customer.user, currency="USD")  # type: ignore[attr-defined, operator]
+    producer = client_with_key(
+        account_services.service_key_create(name="p", scopes=[Scope.USAGE_WRITE], created_by_id=None).raw
+    )
+    with time_machine.travel(NOW, tick=False):
+        producer.post(
+            "/api/v1/usage/events",
+            {
+                "events": [
+                    lifecycle(account, "s", at("2026-11-02 08:00:00"), "start"),
+                    lifecycle(account, "s2", at("2026-11-02 09:00:00"), "start"),
+                    used(account, "u", at("2026-11-02 08:30:00"), "150"),
+                ]
+            },
+            format="json",
+        )
+    rollup.rollup(now=NOW)
+    support = account_services.operator_create(email="s@ops.test", password="pw-long-enough", groups=["support"])
+    client = Client()
+    client.force_login(support)
+    assert b"Usage and costs" in client.get("/admin/metering/rollupshard/").content
+    page = client.get(
+        "/admin/metering/rollupshard/usage/", {"account": account.public_id, "start": "2026-11-01", "end": "2026-11-04"}
+    )
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "network.egress" in html and "compute.vcpu" in html and "vm-1" in html
+    assert "Start for a running resource (taken as update)</th><td>1</td>" in html

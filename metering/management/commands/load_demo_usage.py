@@ -21,7 +21,7 @@ from django.test import Client
 
 from accounts import services as account_services
 from accounts.models import BillingAccount, Scope
-from metering import selectors
+from metering import rollup, selectors
 
 CATALOG = Path(__file__).resolve().parents[2] / "fixtures" / "catalog.json"
 DEMO_ACCOUNTS = ("Acme Cloud BV", "Globex GmbH", "Initech Ltd")
@@ -146,4 +146,6 @@ class Command(BaseCommand):
                 f"{account.name}: {totals['accepted']} events accepted, {totals['duplicates']} duplicates, "
                 f"{totals['rejected']} rejected"
             )
+        report = rollup.rollup()
+        self.stdout.write(f"Rollup: {report.summary()}")
         self.stdout.write(f"  Usage producer key (scope usage:write): {key.raw}")
