@@ -14,9 +14,20 @@ def ingest_batches_prune() -> int:
 
 
 @shared_task(name="metering.rollup_usage")
-def rollup_usage() -> str:
-    """Every minute (beat): roll up and rate what arrived. Shards busy in another worker are
-    skipped and picked up by the next run."""
+def rollup_usage(seconds: float = 50.0, pause: float = 2.0) -> str:
+    """Started every minute by beat; keeps draining for ``seconds`` (a pass, a short pause,
+    again), so an accepted event reaches the costs within seconds, not within the next
+    minute. Shards busy in another worker are skipped and picked up by the next pass."""
+    import time
+
     from metering import rollup
 
-    return rollup.rollup().summary()
+    deadline = time.monotonic() + seconds
+    events = passes = 0
+    while True:
+        report = rollup.rollup()
+        events += report.events
+        passes += 1
+        if time.monotonic() + pause >= deadline:
+            return f"{passes} passes, {events} events; last: {report.summary()}"
+        time.sleep(pause)
