@@ -17,7 +17,8 @@ the accounts. One run of one shard is one transaction:
    accrue the hours in between;
 6. every hour touched is rated: flat prices per row; graduated prices re-walk the month's
    running total (``cum_quantity``) from the first touched hour, so a tier boundary crossed
-   inside an hour splits that hour's amount;
+   inside an hour splits that hour's amount; the days of everything rated are rebuilt in
+   ``dailyusage`` (what day and month cost breakdowns read);
 7. the horizon and watermark are stored. A crash anywhere rolls all of it back.
 
 Amounts keep 12 decimal places: rounding happens on invoices, not here.
@@ -39,6 +40,10 @@ TEMP_TABLES = (
     "rollup_rebuilt",
     "rollup_extension",
     "rollup_rate",
+    "rollup_prices",
+    "rollup_tiers",
+    "rollup_tier_groups",
+    "rollup_days",
 )
 
 
@@ -220,8 +225,9 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport |
             report.running_extended = cur.rowcount
             cur.execute("INSERT INTO rollup_touched SELECT DISTINCT account_id, sku, hour FROM rollup_extension")
 
-        # 6. Rate every touched hour.
+        # 6. Rate every touched hour; rebuild the days they belong to.
         report.rated_rows = _rate(cur, hourly_p=hourly_p)
+        _refresh_days(cur, hourly_p=hourly_p, daily_p=_p("metering_dailyusage", shard))
 
         # 7. Done: the next run starts where this one ended.
         cur.execute(
@@ -306,26 +312,30 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
     # full, so replays never double count).
     cur.execute(  # type: ignore[attr-defined]
         f"""
+        WITH last AS (
+            SELECT DISTINCT ON (account_id, resource_id) account_id, resource_id, running_after, labels, occurred_at
+            FROM rollup_timeline ORDER BY account_id, resource_id, position DESC
+        ), open AS (
+            SELECT DISTINCT ON (account_id, resource_id) account_id, resource_id, occurred_at, spec
+            FROM rollup_timeline WHERE action IN ('start', 'update') AND running_after
+            ORDER BY account_id, resource_id, position DESC
+        ), counts AS (
+            SELECT account_id, resource_id, count(*) AS events,
+                   count(*) FILTER (WHERE action = 'start' AND running_before) AS start_while_running,
+                   count(*) FILTER (WHERE action = 'stop' AND NOT running_before) AS stop_while_stopped,
+                   count(*) FILTER (WHERE action = 'update' AND NOT running_before) AS update_while_stopped
+            FROM rollup_timeline GROUP BY 1, 2
+        )
         INSERT INTO {state_p} AS r (account_id, resource_id, running, since, spec, labels, last_event_at, events,
                                     start_while_running, stop_while_stopped, update_while_stopped, updated_at)
-        SELECT t.account_id, t.resource_id, last.running_after,
-               CASE WHEN last.running_after THEN open.occurred_at END,
-               CASE WHEN last.running_after THEN open.spec END,
-               coalesce(last.labels, '{{}}'), last.occurred_at, count(*),
-               count(*) FILTER (WHERE t.action = 'start' AND t.running_before),
-               count(*) FILTER (WHERE t.action = 'stop' AND NOT t.running_before),
-               count(*) FILTER (WHERE t.action = 'update' AND NOT t.running_before),
-               now()
-        FROM rollup_timeline t
-        JOIN LATERAL (SELECT * FROM rollup_timeline x
-                      WHERE x.account_id = t.account_id AND x.resource_id = t.resource_id
-                      ORDER BY x.position DESC LIMIT 1) last ON true
-        LEFT JOIN LATERAL (SELECT * FROM rollup_timeline x
-                           WHERE x.account_id = t.account_id AND x.resource_id = t.resource_id
-                             AND x.action IN ('start', 'update') AND x.running_after
-                           ORDER BY x.position DESC LIMIT 1) open ON true
-        GROUP BY t.account_id, t.resource_id, last.running_after, open.occurred_at, open.spec, last.labels,
-                 last.occurred_at
+        SELECT c.account_id, c.resource_id, l.running_after,
+               CASE WHEN l.running_after THEN o.occurred_at END,
+               CASE WHEN l.running_after THEN o.spec END,
+               coalesce(l.labels, '{{}}'), l.occurred_at, c.events,
+               c.start_while_running, c.stop_while_stopped, c.update_while_stopped, now()
+        FROM counts c
+        JOIN last l ON l.account_id = c.account_id AND l.resource_id = c.resource_id
+        LEFT JOIN open o ON o.account_id = c.account_id AND o.resource_id = c.resource_id
         ON CONFLICT (account_id, resource_id) DO UPDATE SET
             running = EXCLUDED.running, since = EXCLUDED.since, spec = EXCLUDED.spec, labels = EXCLUDED.labels,
             last_event_at = EXCLUDED.last_event_at, events = EXCLUDED.events,
@@ -337,17 +347,33 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
 
 def _rate(cur: object, *, hourly_p: str) -> int:
     """Amounts for every touched (account, SKU, hour), at the price valid at that hour."""
+    # The catalog as periods (a price holds until the next one of its SKU and currency) and
+    # tiers with their lower bounds: small tables joined, not looked up row by row.
+    cur.execute(  # type: ignore[attr-defined]
+        """
+        CREATE TEMP TABLE rollup_prices ON COMMIT DROP AS
+        SELECT k.code AS sku, p.currency, p.id AS price_id, p.unit_price, p.valid_from,
+               coalesce(lead(p.valid_from) OVER (PARTITION BY k.code, p.currency ORDER BY p.valid_from),
+                        'infinity'::timestamptz) AS valid_to
+        FROM metering_price p JOIN metering_sku k ON k.id = p.sku_id
+        """
+    )
+    cur.execute(  # type: ignore[attr-defined]
+        """
+        CREATE TEMP TABLE rollup_tiers ON COMMIT DROP AS
+        SELECT price_id, unit_price, up_to,
+               coalesce(lag(up_to) OVER (PARTITION BY price_id ORDER BY position), 0) AS lower_bound
+        FROM metering_pricetier
+        """
+    )
     cur.execute(  # type: ignore[attr-defined]
         """
         CREATE TEMP TABLE rollup_rate ON COMMIT DROP AS
-        SELECT t.account_id, t.sku, t.hour, p.id AS price_id, p.unit_price
+        SELECT t.account_id, t.sku, t.hour, a.currency, p.price_id, p.unit_price
         FROM (SELECT DISTINCT account_id, sku, hour FROM rollup_touched) t
         JOIN accounts_billingaccount a ON a.id = t.account_id
-        LEFT JOIN LATERAL (
-            SELECT p.id, p.unit_price FROM metering_price p JOIN metering_sku k ON k.id = p.sku_id
-            WHERE k.code = t.sku AND p.currency = a.currency AND p.valid_from <= t.hour
-            ORDER BY p.valid_from DESC LIMIT 1
-        ) p ON true
+        LEFT JOIN rollup_prices p ON p.sku = t.sku AND p.currency = a.currency
+                                 AND t.hour >= p.valid_from AND t.hour < p.valid_to
         """
     )
     # Flat prices (and unpriced hours, left without an amount).
@@ -362,53 +388,81 @@ def _rate(cur: object, *, hourly_p: str) -> int:
     rated: int = cur.rowcount  # type: ignore[attr-defined]
     # Graduated prices: walk each touched month's running total from its first touched hour.
     cur.execute(  # type: ignore[attr-defined]
+        """
+        CREATE TEMP TABLE rollup_tier_groups ON COMMIT DROP AS
+        SELECT account_id, sku, currency, date_trunc('month', hour, 'UTC') AS month, min(hour) AS tail_from
+        FROM rollup_rate WHERE price_id IS NOT NULL AND unit_price IS NULL
+        GROUP BY 1, 2, 3, 4
+        """
+    )
+    cur.execute(  # type: ignore[attr-defined]
         f"""
-        WITH groups AS (
-            SELECT account_id, sku, date_trunc('month', hour, 'UTC') AS month, min(hour) AS tail_from
-            FROM rollup_rate WHERE price_id IS NOT NULL AND unit_price IS NULL
-            GROUP BY 1, 2, 3
-        ), based AS (
+        WITH groups AS (SELECT * FROM rollup_tier_groups), based AS (
             SELECT g.*, coalesce((
                 SELECT h.cum_quantity FROM {hourly_p} h
                 WHERE h.account_id = g.account_id AND h.sku = g.sku AND h.hour >= g.month AND h.hour < g.tail_from
                 ORDER BY h.hour DESC, h.resource_id DESC, h.labels DESC LIMIT 1), 0) AS base
             FROM groups g
         ), tail AS (
-            SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity,
+            SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity, b.currency,
                    b.base + sum(h.quantity) OVER (
                        PARTITION BY h.account_id, h.sku ORDER BY h.hour, h.resource_id, h.labels
                        ROWS UNBOUNDED PRECEDING) AS cum_after
             FROM {hourly_p} h
             JOIN based b ON h.account_id = b.account_id AND h.sku = b.sku
                         AND h.hour >= b.tail_from AND h.hour < b.month + interval '1 month'
-        ), tail_priced AS (
-            SELECT t.*, (
-                SELECT p.id FROM metering_price p
-                JOIN metering_sku k ON k.id = p.sku_id
-                JOIN accounts_billingaccount a ON a.id = t.account_id
-                WHERE k.code = t.sku AND p.currency = a.currency AND p.valid_from <= t.hour
-                ORDER BY p.valid_from DESC LIMIT 1) AS price_id
-            FROM tail t
         ), priced AS (
-            SELECT t.*, (
-                SELECT sum(tier.unit_price * greatest(0,
-                           least(t.cum_after, coalesce(tier.up_to, t.cum_after))
-                           - greatest(t.cum_after - t.quantity, tier.lower_bound)))
-                FROM (SELECT pt.unit_price, pt.up_to,
-                             coalesce(lag(pt.up_to) OVER (ORDER BY pt.position), 0) AS lower_bound
-                      FROM metering_pricetier pt WHERE pt.price_id = t.price_id) tier
-            ) AS amount
-            FROM tail_priced t
+            -- an hour at a flat price in a month that also has tiers has no tiers: left out
+            SELECT t.account_id, t.hour, t.sku, t.resource_id, t.labels, t.cum_after,
+                   sum(tier.unit_price * greatest(0,
+                       least(t.cum_after, coalesce(tier.up_to, t.cum_after))
+                       - greatest(t.cum_after - t.quantity, tier.lower_bound))) AS amount
+            FROM tail t
+            JOIN rollup_prices p ON p.sku = t.sku AND p.currency = t.currency
+                                AND t.hour >= p.valid_from AND t.hour < p.valid_to
+            JOIN rollup_tiers tier ON tier.price_id = p.price_id
+            GROUP BY 1, 2, 3, 4, 5, 6
         )
         UPDATE {hourly_p} h SET cum_quantity = p.cum_after, amount = p.amount
         FROM priced p
-        WHERE p.amount IS NOT NULL  -- an hour at a flat price in a month that also has tiers
-          AND h.account_id = p.account_id AND h.hour = p.hour AND h.sku = p.sku
+        WHERE h.account_id = p.account_id AND h.hour = p.hour AND h.sku = p.sku
           AND h.resource_id = p.resource_id AND h.labels = p.labels
         """
     )
     rated += cur.rowcount  # type: ignore[attr-defined]
     return rated
+
+
+def _refresh_days(cur: object, *, hourly_p: str, daily_p: str) -> None:
+    """Rebuild the daily rows of every (account, SKU, day) whose hours changed or were
+    re-rated (a graduated month's tail re-rates the days after its first touched hour)."""
+    cur.execute(  # type: ignore[attr-defined]
+        """
+        CREATE TEMP TABLE rollup_days ON COMMIT DROP AS
+        SELECT DISTINCT account_id, sku, date_trunc('day', hour, 'UTC') AS day FROM rollup_touched
+        UNION
+        SELECT g.account_id, g.sku, d.day
+        FROM rollup_tier_groups g
+        CROSS JOIN LATERAL generate_series(date_trunc('day', g.tail_from, 'UTC'),
+                                           g.month + interval '1 month' - interval '1 day', interval '1 day') AS d(day)
+        """
+    )
+    cur.execute(  # type: ignore[attr-defined]
+        f"""
+        DELETE FROM {daily_p} d USING rollup_days x
+        WHERE d.account_id = x.account_id AND d.sku = x.sku AND d.day = x.day
+        """
+    )
+    cur.execute(  # type: ignore[attr-defined]
+        f"""
+        INSERT INTO {daily_p} (account_id, day, sku, resource_id, labels, quantity, amount)
+        SELECT h.account_id, x.day, h.sku, h.resource_id, h.labels, sum(h.quantity), sum(h.amount)
+        FROM rollup_days x
+        JOIN {hourly_p} h ON h.account_id = x.account_id AND h.sku = x.sku
+                         AND h.hour >= x.day AND h.hour < x.day + interval '1 day'
+        GROUP BY h.account_id, x.day, h.sku, h.resource_id, h.labels
+        """
+    )
 
 
 def shard_of(account_id: int) -> int:

@@ -173,3 +173,22 @@ def test_an_account_without_usage_has_an_empty_breakdown(
     account = make_account(customer.user)
     body = costs(customer.client, account, start="2026-11-01", end="2026-11-02").json()
     assert (body["rows"], body["total"], body["currency"]) == ([], "0", "EUR")
+
+
+def test_day_breakdowns_follow_late_events_and_re_rated_tiers(
+    customer: Customer, billed: BillingAccount, post: Callable
+) -> None:
+    # A late 200 GB early on the 1st pushes every later egress hour of the month up the tiers.
+    post([used(billed, "late", at("2026-11-01 00:01:00"), "200")])
+    roll(billed)
+    for granularity in ("day", "month"):
+        body = costs(
+            customer.client,
+            billed,
+            start="2026-10-01",
+            end="2026-12-01",
+            granularity=granularity,
+            group_by="sku,resource",
+        ).json()
+        got = {(r["period"], r["sku"], r["resource"]): Decimal(r["amount"]) for r in body["rows"]}
+        assert got == {k: v[1] for k, v in expected(billed, granularity, ["sku", "resource"]).items()}
