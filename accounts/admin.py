@@ -26,6 +26,7 @@ from accounts.models import (
 )
 from billing_site.common import ids
 from billing_site.common.actors import Actor
+from billing_site.common.admin import WriteThroughServiceMixin
 from billing_site.common.errors import ApplicationError
 
 ADDRESS_FIELDS = tuple(f for f in services.PROFILE_FIELDS if f.startswith("address_"))
@@ -109,7 +110,7 @@ class TransitionForm(forms.Form):
 
 
 @admin.register(BillingAccount)
-class BillingAccountAdmin(PublicIdSearchMixin, admin.ModelAdmin[BillingAccount]):
+class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.ModelAdmin[BillingAccount]):
     id_prefix = "acc"
     form = BillingAccountForm
     change_form_template = "admin/accounts/billingaccount/change_form.html"
@@ -150,12 +151,6 @@ class BillingAccountAdmin(PublicIdSearchMixin, admin.ModelAdmin[BillingAccount])
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # accounts are closed, never deleted
-
-    def changeform_view(
-        self, request: HttpRequest, object_id: str | None = None, form_url: str = "", extra_context: Any = None
-    ) -> Any:
-        # Django wraps this view in a transaction; the write is the service's own durable one.
-        return self._changeform_view(request, object_id, form_url, extra_context)  # type: ignore[attr-defined]
 
     def save_model(self, request: HttpRequest, obj: BillingAccount, form: Any, change: bool) -> None:
         changes = {f: form.cleaned_data[f] for f in form.changed_data if f in services.PROFILE_FIELDS}

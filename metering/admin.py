@@ -13,6 +13,7 @@ from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 
+from billing_site.common.admin import WriteThroughServiceMixin
 from metering import catalog, services
 from metering.models import Price, PriceTier, RollupShard, Sku
 
@@ -23,20 +24,6 @@ def _load_one(document: catalog.CatalogDocument) -> None:
         services.catalog_load(document=document)
     except catalog.CatalogError as exc:
         raise ValidationError(str(exc)) from exc
-
-
-class WriteThroughServiceMixin:
-    def changeform_view(
-        self, request: HttpRequest, object_id: str | None = None, form_url: str = "", extra_context: Any = None
-    ) -> Any:
-        # Django wraps this view in a transaction; the write is the service's own durable one.
-        return self._changeform_view(request, object_id, form_url, extra_context)  # type: ignore[attr-defined]
-
-    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
-        # The inlines are read-only (their formsets save nothing) and the form was never
-        # saved by the ORM (the service wrote), so there is no save_m2m to call.
-        for formset in formsets:
-            self.save_formset(request, form, formset, change=change)  # type: ignore[attr-defined]
 
 
 class PriceInline(admin.TabularInline[Price, Sku]):

@@ -22,6 +22,11 @@ the accounts. One run of one shard is one transaction:
 7. the horizon and watermark are stored. A crash anywhere rolls all of it back.
 
 Amounts keep 12 decimal places: rounding happens on invoices, not here.
+
+Operational caveat: the snapshot xmin is cluster-wide, so a long-running transaction in
+any database of the same PostgreSQL server holds the horizon back and the rollup waits
+(events are delayed, never lost or doubled). Keep ``idle_in_transaction_session_timeout``
+and statement timeouts on, and long reports on a replica.
 """
 
 from __future__ import annotations

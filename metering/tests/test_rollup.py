@@ -306,6 +306,8 @@ def test_a_rollup_killed_half_way_and_rerun_gives_identical_rows(
 ) -> None:
     owner = make_customer()
     control, victim = make_account(owner.user, currency="USD"), make_account(owner.user, currency="USD")
+    while rollup.shard_of(victim.id) == rollup.shard_of(control.id):  # rolling up one must not touch the other
+        victim = make_account(owner.user, currency="USD")
     for account in (control, victim):
         post([used(account, "u1", at("2026-11-02 09:10:00"), "150")])
         roll(account)
@@ -334,11 +336,19 @@ def test_a_rollup_killed_half_way_and_rerun_gives_identical_rows(
             [sys.executable, "manage.py", "rollup_usage", "--shard", str(shard)],
             cwd=root,
             env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         try:
-            assert _wait_for(lambda: _backend_waiting("killed-rollup")), "the rollup never reached the row lock"
+            reached = _wait_for(lambda: _backend_waiting("killed-rollup") or worker.poll() is not None, seconds=60)
+            if worker.poll() is not None or not reached:
+                worker.kill()
+                output = worker.communicate(timeout=10)[0].decode(errors="replace")[-2000:]
+                cursor.execute(
+                    "SELECT pid, state, backend_xid, backend_xmin, left(query, 80) FROM pg_stat_activity "
+                    "WHERE backend_xid IS NOT NULL OR backend_xmin IS NOT NULL"
+                )
+                raise AssertionError(f"the rollup never reached the row lock: {output!r}; {cursor.fetchall()!r}")
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait(timeout=10)
         finally:

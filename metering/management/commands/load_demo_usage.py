@@ -148,4 +148,12 @@ class Command(BaseCommand):
             )
         report = rollup.rollup()
         self.stdout.write(f"Rollup: {report.summary()}")
+        acme = BillingAccount.objects.filter(name=DEMO_ACCOUNTS[0]).first()
+        if acme is not None:
+            start = (now - dt.timedelta(days=DAYS)).date().isoformat()
+            end = (now + dt.timedelta(days=1)).date().isoformat()
+            self.stdout.write(
+                f"  Costs:    curl -H 'Authorization: Bearer <alice's key>' 'http://127.0.0.1:8000/api/v1/"
+                f"billing-accounts/{acme.public_id}/costs?start={start}&end={end}&group_by=sku,label:project'"
+            )
         self.stdout.write(f"  Usage producer key (scope usage:write): {key.raw}")
