@@ -26,7 +26,7 @@ from accounts.models import (
 )
 from billing_site.common import ids
 from billing_site.common.actors import Actor
-from billing_site.common.admin import WriteThroughServiceMixin
+from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin
 from billing_site.common.errors import ApplicationError
 
 ADDRESS_FIELDS = tuple(f for f in services.PROFILE_FIELDS if f.startswith("address_"))
@@ -58,30 +58,15 @@ class PublicIdSearchMixin:
         return super().get_search_results(request, queryset, search_term)  # type: ignore[misc]
 
 
-class MembershipInline(admin.TabularInline[Membership, BillingAccount]):
+class MembershipInline(ReadOnlyInlineMixin, admin.TabularInline[Membership, BillingAccount]):
     model = Membership
-    extra = 0
     fields = ("user", "role", "created_at")
-    readonly_fields = fields
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
-class TransitionInline(admin.TabularInline[BillingAccountTransition, BillingAccount]):
+class TransitionInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountTransition, BillingAccount]):
     model = BillingAccountTransition
-    extra = 0
     verbose_name_plural = "History"
     fields = ("created_at", "transition", "from_state", "to_state", "actor_kind", "actor_name", "reason")
-    readonly_fields = fields
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class BillingAccountForm(forms.ModelForm[BillingAccount]):
@@ -220,6 +205,7 @@ class ServiceKeyForm(forms.Form):
 class ApiKeyAdmin(PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
     id_prefix = "key"
     list_display = ("name", "prefix", "user", "scopes", "created_at", "last_used_at", "revoked_at")
+    list_select_related = ("user",)
     list_filter = (("user", admin.EmptyFieldListFilter), ("revoked_at", admin.EmptyFieldListFilter))
     search_fields = ("name", "prefix", "user__email")
     readonly_fields = ("name", "prefix", "user", "scopes", "created_by", "created_at", "last_used_at", "revoked_at")

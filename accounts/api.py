@@ -224,6 +224,9 @@ class MemberListCreateView(StrictQueryMixin, generics.ListCreateAPIView[Membersh
         selectors.billing_account_get_for_caller(caller=caller_of(self.request), account_id=account_id)
         return selectors.member_list(account_id=account_id)
 
+    def get_throttles(self) -> list[Any]:
+        return [MemberAddThrottle()] if self.request.method == "POST" else []
+
     @extend_schema(
         summary="Members of a billing account",
         responses={200: MemberSerializer(many=True), **error_responses(400, 401, 404)},
@@ -238,9 +241,6 @@ class MemberListCreateView(StrictQueryMixin, generics.ListCreateAPIView[Membersh
         responses={201: MemberSerializer, **error_responses(400, 401, 403, 404, 409, 415, 429)},
     )
     def post(self, request: Request, account_id: int) -> Response:
-        throttle = MemberAddThrottle()
-        if not throttle.allow_request(request, self):
-            self.throttled(request, throttle.wait() or 0)
         selectors.billing_account_get_for_caller(
             caller=caller_of(request), account_id=account_id, roles=selectors.OWNERS
         )

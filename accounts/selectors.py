@@ -44,10 +44,6 @@ def billing_account_get_for_caller(
     return membership.account
 
 
-def billing_account_is_member(*, account_id: int, user_id: int) -> bool:
-    return Membership.objects.filter(account_id=account_id, user_id=user_id).exists()
-
-
 def billing_account_history(*, account_id: int) -> QuerySet[BillingAccountTransition]:
     return BillingAccountTransition.objects.filter(account_id=account_id).select_related("actor_user")
 

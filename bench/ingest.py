@@ -65,6 +65,32 @@ def setup_django(url: str) -> None:
     django.setup()
 
 
+def ensure_accounts(count: int) -> None:
+    from accounts.models import BillingAccount
+
+    have = BillingAccount.objects.filter(name__startswith="bench ").count()
+    if have >= count:
+        return
+    batch = []
+    for i in range(have, count):
+        batch.append(
+            BillingAccount(
+                name=f"bench {i}",
+                email=f"bench{i}@bench.test",
+                kind="business",
+                country="NL",
+                currency="USD" if i % 2 else "EUR",
+                address_line1="x",
+                address_city="x",
+                address_postal_code="x",
+            )
+        )
+        if len(batch) == 10_000:
+            BillingAccount.objects.bulk_create(batch)
+            batch = []
+    BillingAccount.objects.bulk_create(batch)
+
+
 def prepare(accounts: int) -> tuple[list[str], str]:
     """Migrate, load the catalog, make sure ``accounts`` billing accounts exist; a fresh key."""
     from django.core.management import call_command
@@ -75,23 +101,8 @@ def prepare(accounts: int) -> tuple[list[str], str]:
     call_command("migrate", verbosity=0)
     call_command("collectstatic", interactive=False, verbosity=0)
     call_command("load_catalog", str(ROOT / "metering" / "fixtures" / "catalog.json"), verbosity=0)
+    ensure_accounts(accounts)
     have = list(BillingAccount.objects.filter(name__startswith="bench ").values_list("id", flat=True)[:accounts])
-    missing = accounts - len(have)
-    if missing > 0:
-        created = BillingAccount.objects.bulk_create(
-            BillingAccount(
-                name=f"bench {i}",
-                email=f"bench{i}@bench.test",
-                kind="business",
-                country="NL",
-                currency="EUR",
-                address_line1="x",
-                address_city="x",
-                address_postal_code="x",
-            )
-            for i in range(missing)
-        )
-        have += [a.id for a in created]
     key = services.service_key_create(
         name=f"bench-{secrets.token_hex(3)}", scopes=[Scope.USAGE_WRITE], created_by_id=None
     )

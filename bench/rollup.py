@@ -17,39 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import multiprocessing as mp
-import os
 import secrets
 import statistics
 import time
 from typing import Any
 
-from bench.ingest import database_url, setup_django
-
-
-def ensure_accounts(count: int) -> None:
-    from accounts.models import BillingAccount
-
-    have = BillingAccount.objects.filter(name__startswith="bench ").count()
-    if have >= count:
-        return
-    batch = []
-    for i in range(have, count):
-        batch.append(
-            BillingAccount(
-                name=f"bench {i}",
-                email=f"bench{i}@bench.test",
-                kind="business",
-                country="NL",
-                currency="USD" if i % 2 else "EUR",
-                address_line1="x",
-                address_city="x",
-                address_postal_code="x",
-            )
-        )
-        if len(batch) == 10_000:
-            BillingAccount.objects.bulk_create(batch)
-            batch = []
-    BillingAccount.objects.bulk_create(batch)
+from bench.ingest import database_url, prepare, setup_django
 
 
 def generate_events(total: int, accounts: int, run: str, window_start: dt.datetime) -> float:
@@ -240,15 +213,7 @@ def main() -> None:
 
     url = database_url()
     setup_django(url)
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-    call_command(
-        "load_catalog",
-        os.path.join(os.path.dirname(__file__), "..", "metering", "fixtures", "catalog.json"),
-        verbosity=0,
-    )
-    ensure_accounts(args.accounts)
+    prepare(args.accounts)
     from metering import rollup
 
     print("draining what earlier runs left ...", flush=True)

@@ -13,7 +13,7 @@ from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 
-from billing_site.common.admin import WriteThroughServiceMixin
+from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin
 from metering import catalog, services
 from metering.models import Price, PriceTier, RollupShard, Sku
 
@@ -26,16 +26,10 @@ def _load_one(document: catalog.CatalogDocument) -> None:
         raise ValidationError(str(exc)) from exc
 
 
-class PriceInline(admin.TabularInline[Price, Sku]):
+class PriceInline(ReadOnlyInlineMixin, admin.TabularInline[Price, Sku]):
     model = Price
-    extra = 0
     fields = ("currency", "valid_from", "unit_price", "tier_summary")
-    readonly_fields = fields
-    can_delete = False
     show_change_link = True
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="Tiers")
     def tier_summary(self, price: Price) -> str:
@@ -145,15 +139,9 @@ class PriceAddForm(forms.ModelForm[Price]):
         return data
 
 
-class PriceTierInline(admin.TabularInline[PriceTier, Price]):
+class PriceTierInline(ReadOnlyInlineMixin, admin.TabularInline[PriceTier, Price]):
     model = PriceTier
-    extra = 0
     fields = ("position", "up_to", "unit_price")
-    readonly_fields = fields
-    can_delete = False
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(Price)

@@ -170,6 +170,21 @@ def _amount_error(value: Decimal, name: str) -> str | None:
     return None
 
 
+_WRONG_KIND = {
+    "quantity": "is a duration SKU; usage events take quantity SKUs",
+    "duration": "is a quantity SKU, not a duration one",
+}
+
+
+def _sku_error(kinds: dict[str, str], code: str, wanted: str, field: str) -> str | None:
+    """Why ``code`` is not a SKU of kind ``wanted`` (a miss re-reads the catalog once: it may
+    have just been loaded), or None."""
+    kind = kinds.get(code) or selectors.sku_kinds(refresh=True).get(code)
+    if kind == wanted:
+        return None
+    return f"{field}: {code} {'is not in the catalog' if kind is None else _WRONG_KIND[wanted]}"
+
+
 # Staged row: (idx, account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec, labels)
 Row = tuple[int, int, str, dt.datetime, str, str | None, Decimal | None, str | None, str | None, str | None, str | None]
 
@@ -213,10 +228,9 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
             if problem:
                 reject(index, event, "invalid", problem)
                 continue
-            kind = kinds.get(event.sku) or selectors.sku_kinds(refresh=True).get(event.sku)
-            if kind != "quantity":
-                why = "is not in the catalog" if kind is None else "is a duration SKU; usage events take quantity SKUs"
-                reject(index, event, "unknown_sku", f"sku: {event.sku} {why}")
+            problem = _sku_error(kinds, event.sku, "quantity", "sku")
+            if problem:
+                reject(index, event, "unknown_sku", problem)
                 continue
         else:
             if event.resource_id is None or event.action is None:
@@ -235,10 +249,8 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
                     if problem:
                         reject(index, event, "invalid", problem)
                         break
-                    kind = kinds.get(code) or selectors.sku_kinds(refresh=True).get(code)
-                    if kind != "duration":
-                        why = "is not in the catalog" if kind is None else "is a quantity SKU, not a duration one"
-                        problem = f"spec.{code}: {code} {why}"
+                    problem = _sku_error(kinds, code, "duration", f"spec.{code}")
+                    if problem:
                         reject(index, event, "unknown_sku", problem)
                         break
                 if problem:
@@ -268,8 +280,9 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
             )
         )
 
-    known = account_selectors.billing_account_ids_existing({row[1] for row in rows})
-    if len(known) < len({row[1] for row in rows}):
+    named = {row[1] for row in rows}
+    known = account_selectors.billing_account_ids_existing(named)
+    if len(known) < len(named):
         kept: list[Row] = []
         for row in rows:
             if row[1] in known:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from metering import catalog
-from metering.models import Price, PriceTier, Sku
+from metering.models import IngestBatch, Price, PriceTier, Sku
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +83,6 @@ def catalog_load(*, document: catalog.CatalogDocument) -> CatalogLoadResult:
 def ingest_batches_prune() -> int:
     """Delete batch fingerprints that can no longer answer a resend (their oldest event is
     past the acceptance window, so the full path would say ``too_old``)."""
-    import datetime as dt
-
-    from django.utils import timezone
-
-    from metering.models import IngestBatch
-
     cutoff = timezone.now() - dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
     deleted, _ = IngestBatch.objects.filter(oldest_event_at__lt=cutoff).delete()
     return deleted

@@ -7,6 +7,23 @@ from typing import Any
 from django.http import HttpRequest
 
 
+class ReadOnlyInlineMixin:
+    """An inline that shows rows another service owns: every listed field read-only, nothing
+    added, changed or deleted from here."""
+
+    extra = 0
+    can_delete = False
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.fields  # type: ignore[attr-defined]
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 class WriteThroughServiceMixin:
     """For a ModelAdmin whose ``save_model`` calls a service: the service's write is its own
     durable transaction, so the change view must not wrap it in Django's."""
