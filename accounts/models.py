@@ -106,6 +106,9 @@ class BillingAccount(FSMModelMixin, models.Model):
     state = FSMField(default=AccountState.PENDING, choices=AccountState.choices, protected=True, db_index=True)
     # Decimal with 4 places, in the account's currency. Set by operators only.
     credit_limit = models.DecimalField(max_digits=18, decimal_places=4, default=0)
+    payment_terms_days = models.PositiveSmallIntegerField(
+        default=14, help_text="Invoices are due this many days after they are issued."
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
 

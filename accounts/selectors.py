@@ -3,6 +3,8 @@ the caller's accounts: someone else's id is indistinguishable from a missing one
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from django.db.models import QuerySet
 
 from accounts.authentication import Caller
@@ -76,3 +78,53 @@ def billing_account_ids_existing(account_ids: set[int]) -> set[int]:
             _known_account_ids.clear()
         _known_account_ids.update(found)
     return account_ids & _known_account_ids
+
+
+@dataclass(frozen=True, slots=True)
+class BillingProfile:
+    """What an invoice needs to know about its buyer (snapshotted on the invoice when issued)."""
+
+    account_id: int
+    public_id: str
+    name: str
+    email: str
+    kind: str
+    country: str
+    currency: str
+    tax_id: str
+    address: list[str]
+    payment_terms_days: int
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "account": self.public_id,
+            "name": self.name,
+            "email": self.email,
+            "kind": self.kind,
+            "country": self.country,
+            "tax_id": self.tax_id,
+            "address": self.address,
+        }
+
+
+def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
+    """Billing profiles of these accounts, one query."""
+    profiles: dict[int, BillingProfile] = {}
+    for account in BillingAccount.objects.filter(id__in=account_ids):
+        city_line = " ".join(p for p in (account.address_postal_code, account.address_city) if p)
+        address = [
+            line for line in (account.address_line1, account.address_line2, city_line, account.address_region) if line
+        ]
+        profiles[account.id] = BillingProfile(
+            account_id=account.id,
+            public_id=account.public_id,
+            name=account.name,
+            email=account.email,
+            kind=account.kind,
+            country=str(account.country),
+            currency=account.currency,
+            tax_id=account.tax_id,
+            address=address,
+            payment_terms_days=account.payment_terms_days,
+        )
+    return profiles

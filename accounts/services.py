@@ -266,7 +266,7 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
         "change_apikey",
         "view_user",
     ),
-    # Finance sets credit limits; invoices, credits and write-offs arrive with invoicing.
+    # Finance sets credit limits; runs period closes, grants credit, writes off, credits invoices.
     "finance": (
         "view_billingaccount",
         "change_billingaccount",
@@ -289,8 +289,38 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
 
 # Permissions of other apps, by group (app label, codename): read-only views of their data.
 OPERATOR_GROUPS_ELSEWHERE: dict[str, tuple[tuple[str, str], ...]] = {
-    "support": (("metering", "view_rollupshard"), ("metering", "view_sku"), ("metering", "view_price")),
-    "finance": (("metering", "view_rollupshard"), ("metering", "view_sku"), ("metering", "view_price")),
+    "support": (
+        ("metering", "view_rollupshard"),
+        ("metering", "view_sku"),
+        ("metering", "view_price"),
+        ("invoicing", "view_invoice"),
+        ("invoicing", "view_creditnote"),
+        ("invoicing", "view_creditgrant"),
+    ),
+    "finance": (
+        ("metering", "view_rollupshard"),
+        ("metering", "view_sku"),
+        ("metering", "view_price"),
+        *(
+            ("invoicing", codename)
+            for codename in (
+                "view_invoice",
+                "close_period",
+                "write_off_invoice",
+                "issue_credit_note",
+                "view_creditnote",
+                "view_creditgrant",
+                "add_creditgrant",
+                "view_taxrate",
+                "add_taxrate",
+                "change_taxrate",
+                "view_contractdiscount",
+                "add_contractdiscount",
+                "change_contractdiscount",
+                "view_ledgerentry",
+            )
+        ),
+    ),
     "fraud": (("metering", "view_rollupshard"),),
 }
 

@@ -13,6 +13,7 @@ import os
 
 from celery import Celery
 from celery.schedules import crontab
+from django.conf import settings
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
 
@@ -28,6 +29,16 @@ app.conf.beat_schedule = {
         "task": "metering.rollup_usage",
         "schedule": crontab(),  # every minute; each run drains for ~50 s (see the task)
         "options": {"expires": 55},  # a backlog never runs stale copies
+    },
+    # Last month's invoices, on the 1st once the grace time for late events is over.
+    "invoicing-close-last-period": {
+        "task": "invoicing.close_last_period",
+        "schedule": crontab(
+            day_of_month="1-3",  # the 2nd and 3rd retry a failed run (idempotent)
+            hour=min(23, settings.INVOICING_GRACE_MINUTES // 60),
+            minute=settings.INVOICING_GRACE_MINUTES % 60 if settings.INVOICING_GRACE_MINUTES < 1440 else 59,
+        ),
+        "options": {"expires": 6 * 3600},
     },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",

@@ -5,7 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from billing_site.common.ids import converter
 
 # <acc:account_id> and friends: public ids in, integers to the views; every app's URLs use them.
-for _prefix in ("acc", "key", "usr"):
+for _prefix in ("acc", "key", "usr", "inv", "crn"):
     register_converter(converter(_prefix), _prefix)
 
 handler404 = "billing_site.common.errors.page_not_found"
@@ -15,6 +15,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", include("accounts.urls")),
     path("api/v1/", include("metering.urls")),
+    path("api/v1/", include("invoicing.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]

@@ -135,3 +135,127 @@ def data_quality(*, account_id: int | None = None) -> dict[str, int]:
         update_while_stopped=Sum("update_while_stopped"),
     )
     return {key: value or 0 for key, value in totals.items()}
+
+
+# --- For invoicing: rated usage of whole months, read from the daily rollup.
+
+
+@dataclass(frozen=True, slots=True)
+class MonthlyUsage:
+    account_id: int
+    month: dt.date  # first day of the month
+    sku: str
+    quantity: Decimal
+    amount: Decimal  # full precision, the account's currency
+
+
+def accounts_with_usage(*, start: dt.datetime, end: dt.datetime, account_ids: list[int] | None = None) -> list[int]:
+    """Accounts with rated usage rows on days in [start, end), ascending."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT DISTINCT account_id FROM metering_dailyusage WHERE day >= %s AND day < %s "
+            "AND (%s::bigint[] IS NULL OR account_id = ANY(%s::bigint[])) ORDER BY 1",
+            [start, end, account_ids, account_ids],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def monthly_usage(*, account_ids: list[int], start: dt.datetime, end: dt.datetime) -> list[MonthlyUsage]:
+    """Each account's quantity and rated amount per (calendar month, SKU) for days in [start, end)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT account_id, (date_trunc('month', day, 'UTC') AT TIME ZONE 'UTC')::date, sku,
+                   sum(quantity), coalesce(sum(amount), 0)
+            FROM metering_dailyusage
+            WHERE account_id = ANY(%s) AND day >= %s AND day < %s
+            GROUP BY 1, 2, 3
+            """,
+            [account_ids, start, end],
+        )
+        return [MonthlyUsage(*row) for row in cursor.fetchall()]
+
+
+def usage_detail(*, account_ids: list[int], start: dt.datetime, end: dt.datetime) -> list[tuple[Any, ...]]:
+    """(account_id, sku, resource_id, project label or None, quantity, amount) for [start, end)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT account_id, sku, resource_id, labels ->> 'project', sum(quantity), coalesce(sum(amount), 0)
+            FROM metering_dailyusage
+            WHERE account_id = ANY(%s) AND day >= %s AND day < %s
+            GROUP BY 1, 2, 3, 4
+            ORDER BY 1, 2, 3, 4
+            """,
+            [account_ids, start, end],
+        )
+        return cursor.fetchall()
+
+
+@dataclass(frozen=True, slots=True)
+class AmountWindow:
+    key: int
+    account_id: int
+    sku_prefix: str
+    start: dt.datetime
+    end: dt.datetime
+
+
+def window_amounts(windows: list[AmountWindow]) -> dict[tuple[int, str], Decimal]:
+    """Rated amount per (window key, SKU) of each account's SKUs starting with the window's
+    prefix, for days in the window: what a contract discount applies to."""
+    if not windows:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT w.key, d.sku, coalesce(sum(d.amount), 0)
+            FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::timestamptz[], %s::timestamptz[])
+                 AS w(key, account_id, prefix, start, "end")
+            JOIN metering_dailyusage d
+              ON d.account_id = w.account_id AND d.day >= w.start AND d.day < w."end"
+             AND starts_with(d.sku, w.prefix)
+            GROUP BY 1, 2
+            """,
+            [
+                [w.key for w in windows],
+                [w.account_id for w in windows],
+                [w.sku_prefix for w in windows],
+                [w.start for w in windows],
+                [w.end for w in windows],
+            ],
+        )
+        return {(key, sku): amount for key, sku, amount in cursor.fetchall()}
+
+
+@dataclass(frozen=True, slots=True)
+class SkuPricing:
+    name: str
+    unit: str
+    pricing: str  # "flat" (one unit price all period), "tiered", "varied" (changed in the period)
+    unit_price: Decimal | None
+
+
+def sku_pricing(*, currency: str, start: dt.datetime, end: dt.datetime) -> dict[str, SkuPricing]:
+    """How each SKU was priced in ``currency`` during [start, end): for an invoice line's
+    "unit price" column."""
+    from metering.models import Price
+
+    prices: dict[int, list[Price]] = {}
+    for price in Price.objects.filter(currency=currency).order_by("sku_id", "valid_from"):
+        prices.setdefault(price.sku_id, []).append(price)
+    result: dict[str, SkuPricing] = {}
+    for sku in Sku.objects.all():
+        code, history = sku.code, prices.get(sku.id, [])
+        in_force = [
+            p
+            for i, p in enumerate(history)
+            if p.valid_from < end and (i + 1 == len(history) or history[i + 1].valid_from > start)
+        ]
+        if any(p.is_tiered for p in in_force):
+            result[code] = SkuPricing(sku.name, sku.unit, "tiered", None)
+        elif len(in_force) == 1:
+            result[code] = SkuPricing(sku.name, sku.unit, "flat", in_force[0].unit_price)
+        else:
+            result[code] = SkuPricing(sku.name, sku.unit, "varied", None)
+    return result

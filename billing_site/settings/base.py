@@ -47,6 +47,7 @@ INSTALLED_APPS = [
     "django_countries",
     "accounts",
     "metering",
+    "invoicing",
 ]
 
 MIDDLEWARE = [
@@ -186,3 +187,21 @@ LOGGING = {
 # --- Metering
 # Events older than this many days are refused (`too_old`).
 METERING_MAX_EVENT_AGE_DAYS = int(os.environ.get("METERING_MAX_EVENT_AGE_DAYS", "35"))
+
+# --- Invoicing
+# The seller, as printed on invoices; its country decides domestic VAT vs OSS/reverse charge.
+INVOICING_SELLER_COUNTRY = os.environ.get("INVOICING_SELLER_COUNTRY", "NL").strip().upper()
+INVOICING_SELLER_NAME = os.environ.get("INVOICING_SELLER_NAME", "Example Cloud B.V.")
+# Address lines separated by ";".
+INVOICING_SELLER_ADDRESS = [
+    line.strip()
+    for line in os.environ.get("INVOICING_SELLER_ADDRESS", "Keizersgracht 1;1015 CJ Amsterdam;Netherlands").split(";")
+    if line.strip()
+]
+INVOICING_SELLER_VAT_ID = os.environ.get("INVOICING_SELLER_VAT_ID", "NL004495445B01")
+INVOICING_SELLER_EMAIL = os.environ.get("INVOICING_SELLER_EMAIL", "billing@example.test")
+# Number series prefixes: INV-2026-000001, CN-2026-000001.
+INVOICING_INVOICE_SERIES = os.environ.get("INVOICING_INVOICE_SERIES", "INV")
+INVOICING_CREDIT_NOTE_SERIES = os.environ.get("INVOICING_CREDIT_NOTE_SERIES", "CN")
+# Beat closes last month on the 1st this many minutes after midnight UTC (late events' grace).
+INVOICING_GRACE_MINUTES = int(os.environ.get("INVOICING_GRACE_MINUTES", "120"))

@@ -1,0 +1,63 @@
+"""Money: ISO 4217 minor units and the one rounding rule.
+
+Amounts on documents (invoices, credit notes, ledger lines) are stored as integers in the
+currency's minor unit (``*_minor``: cents for EUR, yen for JPY, fils for BHD). The exponent
+comes from ISO 4217 (the ``iso4217`` package's table), never a hard-coded 100. Rated usage
+keeps full precision; it becomes minor units at exactly one documented point, an invoice line
+(or a document's tax), with ``ROUND_HALF_UP`` (ties away from zero, as PostgreSQL's round()).
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+from functools import cache
+
+import iso4217
+
+
+@cache
+def exponent(currency: str) -> int:
+    """Digits after the decimal point of ``currency``'s minor unit (JPY 0, EUR 2, BHD 3)."""
+    try:
+        value = iso4217.Currency(currency.upper()).exponent
+    except ValueError as exc:
+        raise ValueError(f"{currency!r} is not an ISO 4217 currency") from exc
+    return int(value or 0)
+
+
+def to_minor(amount: Decimal, currency: str) -> int:
+    """``amount`` (major units, any precision) rounded half-up to an integer of minor units."""
+    scale = Decimal(10) ** exponent(currency)
+    return int((amount * scale).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def from_minor(amount_minor: int, currency: str) -> Decimal:
+    """Minor units as a Decimal with exactly the currency's places: 1234 EUR → Decimal('12.34')."""
+    places = exponent(currency)
+    return Decimal(amount_minor).scaleb(-places).quantize(Decimal(1).scaleb(-places))
+
+
+def percent_of_minor(amount_minor: int, percent: Decimal) -> int:
+    """``percent`` % of an amount already in minor units, rounded half-up once."""
+    return int((Decimal(amount_minor) * percent / 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def allocate(total_minor: int, weights: list[Decimal]) -> list[int]:
+    """Split ``total_minor`` in proportion to ``weights`` so that the parts sum to exactly
+    the total (largest remainder: the units left after flooring go to the largest
+    fractional parts, ties to the earlier part). Zero weights get zero unless all are zero,
+    in which case the total goes to the first part."""
+    if not weights:
+        return []
+    whole = sum(weights, Decimal(0))
+    if whole == 0:
+        return [total_minor] + [0] * (len(weights) - 1)
+    sign = -1 if total_minor < 0 else 1
+    magnitude = abs(total_minor)
+    exact = [abs(Decimal(magnitude) * w / whole) for w in weights]
+    parts = [int(x) for x in exact]  # floor for non-negatives
+    leftover = magnitude - sum(parts)
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - parts[i]), i))
+    for i in order[:leftover]:
+        parts[i] += 1
+    return [sign * p for p in parts]

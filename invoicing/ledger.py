@@ -1,0 +1,278 @@
+"""The double-entry ledger: append-only, every source posts once, every entry balances.
+
+Amounts are integer minor units, debits positive and credits negative. Ledger accounts:
+
+=====================  ==============================================================
+``receivable``         what a billing account owes us (per ``account_id``)
+``customer_credit``    credit we owe a billing account, spendable on invoices (liability)
+``revenue:<family>``   revenue per SKU family (``compute``, ``network`` …)
+``vat_payable:<CC>``   VAT owed to a member state
+``gateway_clearing``   money received through (or refunded via) the payment gateway
+``bad_debt``           written-off receivables (expense)
+``promotions``         promotional credit given away (expense)
+=====================  ==============================================================
+
+Sources: an issued invoice (``invoice``), the credit spent on it (``invoice_credit``), a credit
+grant (``credit_grant``), a payment (``payment``), a credit note (``credit_note``), the credit
+given back when an invoice is voided (``credit_reversal``), a write-off (``write_off``).
+``(source_type, source_id)`` is unique; tables are append-only (a trigger refuses UPDATE and
+DELETE); corrections are new entries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from dataclasses import dataclass
+
+from django.db import connection
+
+from billing_site.common.copy import copy_rows
+
+RECEIVABLE = "receivable"
+CUSTOMER_CREDIT = "customer_credit"
+GATEWAY_CLEARING = "gateway_clearing"
+BAD_DEBT = "bad_debt"
+PROMOTIONS = "promotions"
+
+
+def revenue(family: str) -> str:
+    return f"revenue:{family}"
+
+
+def vat_payable(country: str) -> str:
+    return f"vat_payable:{country}"
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    ledger_account: str
+    amount_minor: int  # debit > 0, credit < 0
+    account_id: int | None = None  # the billing account, for per-customer ledger accounts
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    source_type: str
+    source_id: int
+    account_id: int | None
+    currency: str
+    memo: str
+    postings: list[Posting]
+
+
+class UnbalancedEntry(ValueError):
+    pass
+
+
+def post(entries: list[Entry], *, posted_at: dt.datetime) -> None:
+    """Post entries inside the caller's transaction (set-based: one INSERT for the entries,
+    one COPY for their lines). A source that already posted raises IntegrityError."""
+    entries = [e for e in entries if any(p.amount_minor for p in e.postings)]
+    if not entries:
+        return
+    for entry in entries:
+        if sum(p.amount_minor for p in entry.postings) != 0:
+            raise UnbalancedEntry(f"{entry.source_type} {entry.source_id} does not balance: {entry.postings}")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO invoicing_ledgerentry (account_id, source_type, source_id, currency, memo, posted_at)
+            SELECT e.account_id, e.source_type, e.source_id, e.currency, e.memo, %s
+            FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::text[])
+                 AS e(account_id, source_type, source_id, currency, memo)
+            RETURNING source_type, source_id, id
+            """,
+            [
+                posted_at,
+                [e.account_id for e in entries],
+                [e.source_type for e in entries],
+                [e.source_id for e in entries],
+                [e.currency for e in entries],
+                [e.memo for e in entries],
+            ],
+        )
+        entry_ids = {(source_type, source_id): id_ for source_type, source_id, id_ in cursor.fetchall()}
+    copy_rows(
+        "invoicing_ledgerline",
+        ("entry_id", "account_id", "ledger_account", "currency", "amount_minor"),
+        (
+            (entry_ids[(e.source_type, e.source_id)], p.account_id, p.ledger_account, e.currency, p.amount_minor)
+            for e in entries
+            for p in e.postings
+            if p.amount_minor
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedInvoice:
+    invoice_id: int
+    account_id: int
+    currency: str
+    number: str
+    total_minor: int
+    tax_minor: int
+    tax_country: str
+    revenue_by_family: dict[str, int]
+    credits_applied_minor: int
+
+
+def post_invoices_issued(invoices: list[IssuedInvoice], *, posted_at: dt.datetime) -> None:
+    """Receivable up by the total; revenue per SKU family and VAT owed by the same; then the
+    credit spent on it moves from customer credit to the receivable."""
+    entries = []
+    for inv in invoices:
+        postings = [Posting(RECEIVABLE, inv.total_minor, inv.account_id)]
+        postings += [Posting(revenue(family), -amount) for family, amount in sorted(inv.revenue_by_family.items())]
+        if inv.tax_minor:
+            postings.append(Posting(vat_payable(inv.tax_country), -inv.tax_minor))
+        entries.append(
+            Entry("invoice", inv.invoice_id, inv.account_id, inv.currency, f"Invoice {inv.number}", postings)
+        )
+        if inv.credits_applied_minor:
+            entries.append(
+                Entry(
+                    "invoice_credit",
+                    inv.invoice_id,
+                    inv.account_id,
+                    inv.currency,
+                    f"Credit applied to {inv.number}",
+                    [
+                        Posting(CUSTOMER_CREDIT, inv.credits_applied_minor, inv.account_id),
+                        Posting(RECEIVABLE, -inv.credits_applied_minor, inv.account_id),
+                    ],
+                )
+            )
+    post(entries, posted_at=posted_at)
+
+
+# --- The invariants
+
+
+def check() -> list[str]:
+    """Every violation of the ledger's invariants, as sentences (empty: all hold)."""
+    problems: list[str] = []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT e.id, e.source_type, e.source_id, l.currency, sum(l.amount_minor), count(*)
+            FROM invoicing_ledgerentry e LEFT JOIN invoicing_ledgerline l ON l.entry_id = e.id
+            GROUP BY 1, 2, 3, 4
+            HAVING coalesce(sum(l.amount_minor), 0) <> 0 OR count(l.id) < 2 OR l.currency IS DISTINCT FROM e.currency
+            ORDER BY 1
+            """
+        )
+        for entry_id, source_type, source_id, currency, total, lines in cursor.fetchall():
+            problems.append(
+                f"entry {entry_id} ({source_type} {source_id}) does not balance in {currency}: "
+                f"sum {total} over {lines} lines"
+            )
+        cursor.execute(
+            "SELECT source_type, source_id, count(*) FROM invoicing_ledgerentry GROUP BY 1, 2 HAVING count(*) > 1"
+        )
+        for source_type, source_id, count in cursor.fetchall():
+            problems.append(f"{source_type} {source_id} posted {count} times")
+        # Every document posted: issued invoices, payments, credit notes, write-offs, grants.
+        cursor.execute(
+            """
+            WITH sources(source_type, source_id) AS (
+                SELECT 'invoice', id FROM invoicing_invoice WHERE status <> 'draft'
+                UNION ALL SELECT 'payment', id FROM invoicing_payment
+                UNION ALL SELECT 'credit_note', id FROM invoicing_creditnote
+                UNION ALL SELECT 'write_off', id FROM invoicing_invoice WHERE written_off_minor > 0
+                UNION ALL SELECT 'credit_grant', id FROM invoicing_creditgrant
+            )
+            SELECT s.source_type, s.source_id FROM sources s
+            WHERE NOT EXISTS (
+                SELECT FROM invoicing_ledgerentry e WHERE e.source_type = s.source_type AND e.source_id = s.source_id
+            )
+            """
+        )
+        for source_type, source_id in cursor.fetchall():
+            problems.append(f"{source_type} {source_id} has no ledger entry")
+        # Each account's receivable and customer credit against its documents.
+        cursor.execute(
+            """
+            WITH ledger AS (
+                SELECT account_id, currency,
+                       sum(amount_minor) FILTER (WHERE ledger_account = 'receivable') AS receivable,
+                       -sum(amount_minor) FILTER (WHERE ledger_account = 'customer_credit') AS credit
+                FROM invoicing_ledgerline WHERE account_id IS NOT NULL GROUP BY 1, 2
+            ), documents AS (
+                SELECT account_id, currency, sum(receivable) AS receivable, sum(credit) AS credit FROM (
+                    SELECT account_id, currency, total_minor - amount_paid_minor - written_off_minor AS receivable,
+                           0 AS credit
+                    FROM invoicing_invoice WHERE status <> 'draft'
+                    UNION ALL
+                    SELECT a.account_id, i.currency, -a.amount_minor, 0
+                    FROM invoicing_creditapplication a JOIN invoicing_invoice i ON i.id = a.invoice_id
+                    UNION ALL
+                    SELECT account_id, currency, -total_minor, 0 FROM invoicing_creditnote
+                    UNION ALL
+                    SELECT account_id, currency, 0, remaining_minor FROM invoicing_creditgrant
+                ) d GROUP BY 1, 2
+            )
+            SELECT coalesce(l.account_id, d.account_id), coalesce(l.currency, d.currency),
+                   coalesce(l.receivable, 0), coalesce(d.receivable, 0), coalesce(l.credit, 0), coalesce(d.credit, 0)
+            FROM ledger l FULL JOIN documents d ON d.account_id = l.account_id AND d.currency = l.currency
+            WHERE coalesce(l.receivable, 0) <> coalesce(d.receivable, 0)
+               OR coalesce(l.credit, 0) <> coalesce(d.credit, 0)
+            """
+        )
+        for account_id, currency, ledger_receivable, doc_receivable, ledger_credit, doc_credit in cursor.fetchall():
+            if ledger_receivable != doc_receivable:
+                problems.append(
+                    f"account {account_id} {currency}: receivable {ledger_receivable} in the ledger, "
+                    f"{doc_receivable} by its documents"
+                )
+            if ledger_credit != doc_credit:
+                problems.append(
+                    f"account {account_id} {currency}: customer credit {ledger_credit} in the ledger, "
+                    f"{doc_credit} unspent in its grants"
+                )
+        # Documents agree with themselves.
+        cursor.execute(
+            """
+            SELECT i.id FROM invoicing_invoice i
+            LEFT JOIN (SELECT invoice_id, sum(amount_minor) AS s FROM invoicing_invoiceline GROUP BY 1) l
+                   ON l.invoice_id = i.id
+            WHERE i.status <> 'draft'
+              AND (coalesce(l.s, 0) <> i.subtotal_minor OR i.total_minor <> i.subtotal_minor + i.tax_minor)
+            """
+        )
+        for (invoice_id,) in cursor.fetchall():
+            problems.append(f"invoice {invoice_id}: lines, subtotal, tax and total do not add up")
+        cursor.execute(
+            """
+            SELECT g.id FROM invoicing_creditgrant g
+            LEFT JOIN (SELECT grant_id, sum(amount_minor) AS s FROM invoicing_creditapplication GROUP BY 1) a
+                   ON a.grant_id = g.id
+            WHERE g.remaining_minor <> g.amount_minor - coalesce(a.s, 0)
+            """
+        )
+        for (grant_id,) in cursor.fetchall():
+            problems.append(f"credit grant {grant_id}: remaining does not match its applications")
+    problems += _numbering_gaps()
+    return problems
+
+
+def _numbering_gaps() -> list[str]:
+    """Numbers of each series and year are exactly 1..last, each once."""
+    problems = []
+    numbers: dict[tuple[str, int], list[int]] = defaultdict(list)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT number FROM invoicing_invoice WHERE number IS NOT NULL "
+            "UNION ALL SELECT number FROM invoicing_creditnote"
+        )
+        for (number,) in cursor.fetchall():
+            series, year, n = number.rsplit("-", 2)
+            numbers[(series, int(year))].append(int(n))
+        cursor.execute("SELECT series, year, last_number FROM invoicing_documentsequence")
+        last = {(series, year): n for series, year, n in cursor.fetchall()}
+    for key in sorted(set(numbers) | set(last)):
+        taken = sorted(numbers.get(key, []))
+        if taken != list(range(1, last.get(key, 0) + 1)):
+            problems.append(f"series {key[0]} {key[1]}: numbers are not exactly 1..{last.get(key, 0)}")
+    return problems

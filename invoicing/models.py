@@ -1,0 +1,444 @@
+"""Invoices, credit notes, credits, taxes, numbering and the ledger.
+
+Money on documents is stored as integers in the currency's minor unit (``*_minor``; the
+exponent comes from ISO 4217, ``billing_site.common.money``). Quantities and the rated usage
+behind a line keep full precision (``Decimal`` with 12 places). Every table carries
+``account_id`` (the shard key) and leads its hot indexes with it.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django_countries.fields import CountryField
+from django_fsm import FSMField, FSMModelMixin, transition
+
+from billing_site.common import ids
+
+
+class InvoiceStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    ISSUED = "issued", "Issued"
+    PAID = "paid", "Paid"
+    UNCOLLECTIBLE = "uncollectible", "Uncollectible (written off)"
+    VOID = "void", "Void"
+
+
+class TaxTreatment(models.TextChoices):
+    DOMESTIC = "domestic", "Domestic VAT"
+    OSS = "oss", "EU VAT of the customer's country (OSS)"
+    REVERSE_CHARGE = "reverse_charge", "Reverse charge"
+    OUTSIDE_EU = "outside_eu", "Outside the scope of EU VAT"
+
+
+class TaxRate(models.Model):
+    """A member state's standard VAT rate from ``valid_from`` (inclusive) until ``valid_until``
+    (exclusive; empty: until further notice). Finance edits these in the admin."""
+
+    country = CountryField()
+    rate = models.DecimalField(max_digits=5, decimal_places=2, help_text="Percent, e.g. 21.00")
+    valid_from = models.DateField()
+    valid_until = models.DateField(null=True, blank=True)
+    note = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["country", "valid_from"], name="invoicing_taxrate_unique"),
+            models.CheckConstraint(condition=Q(rate__gte=0, rate__lt=100), name="invoicing_taxrate_range"),
+            models.CheckConstraint(
+                condition=Q(valid_until__isnull=True) | Q(valid_until__gt=models.F("valid_from")),
+                name="invoicing_taxrate_period",
+            ),
+        ]
+        ordering = ["country", "-valid_from"]
+
+    def __str__(self) -> str:
+        return f"{self.country} {self.rate}% from {self.valid_from}"
+
+
+class ContractDiscount(models.Model):
+    """A negotiated discount: ``percent`` off the rated amount of SKUs whose code starts with
+    ``sku_prefix`` (``compute.``), for usage on days in [valid_from, valid_until)."""
+
+    account_id = models.BigIntegerField(db_index=True)
+    sku_prefix = models.CharField(max_length=64, help_text="e.g. compute. (empty: every SKU)", blank=True)
+    percent = models.DecimalField(max_digits=5, decimal_places=2)
+    valid_from = models.DateField()
+    valid_until = models.DateField(null=True, blank=True, help_text="Exclusive; empty: open-ended")
+    reason = models.CharField(max_length=200)
+    created_by = models.CharField(max_length=254, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(percent__gt=0, percent__lte=100), name="invoicing_discount_percent"),
+            models.CheckConstraint(
+                condition=Q(valid_until__isnull=True) | Q(valid_until__gt=models.F("valid_from")),
+                name="invoicing_discount_period",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.percent}% on {self.sku_prefix or '*'}"
+
+
+class DocumentSequence(models.Model):
+    """The last number handed out in a series for a calendar year. Numbers are taken by an
+    ``UPDATE … RETURNING`` in the issuing transaction: the row lock serialises issuers and a
+    rollback gives the numbers back, so a series has no gaps and no duplicates."""
+
+    series = models.CharField(max_length=16)
+    year = models.PositiveSmallIntegerField()
+    last_number = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["series", "year"], name="invoicing_sequence_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.series}-{self.year}: {self.last_number}"
+
+
+class Invoice(FSMModelMixin, models.Model):
+    """One invoice per account and calendar month (``period_start`` first day, ``period_end``
+    the first day of the next month, exclusive). Money in integer minor units of ``currency``.
+
+    A draft has no number and may be recomputed; issuing freezes it: number, amounts, lines,
+    tax decision and a snapshot of both parties. ``status`` moves only through transitions."""
+
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    account_id = models.BigIntegerField()
+    period_start = models.DateField()
+    period_end = models.DateField()
+    status = FSMField(default=InvoiceStatus.DRAFT, choices=InvoiceStatus.choices, protected=True)
+    currency = models.CharField(max_length=3)
+    number = models.CharField(max_length=32, null=True, blank=True, unique=True)
+    subtotal_minor = models.BigIntegerField(default=0)
+    tax_rate = models.DecimalField(max_digits=5, decimal_places=2, default=0, help_text="Percent")
+    tax_country = models.CharField(max_length=2, blank=True, default="")
+    tax_treatment = models.CharField(max_length=16, choices=TaxTreatment.choices, blank=True, default="")
+    tax_note = models.CharField(max_length=200, blank=True, default="")
+    tax_minor = models.BigIntegerField(default=0)
+    total_minor = models.BigIntegerField(default=0)
+    credits_applied_minor = models.BigIntegerField(default=0)
+    amount_paid_minor = models.BigIntegerField(default=0)
+    amount_credited_minor = models.BigIntegerField(default=0, help_text="Credit notes against this invoice")
+    written_off_minor = models.BigIntegerField(default=0)
+    payment_terms_days = models.PositiveSmallIntegerField(default=14)
+    buyer = models.JSONField(default=dict, blank=True, help_text="Snapshot when issued")
+    seller = models.JSONField(default=dict, blank=True, help_text="Snapshot when issued")
+    created_at = models.DateTimeField(default=timezone.now)
+    issued_at = models.DateTimeField(null=True, blank=True)
+    due_at = models.DateTimeField(null=True, blank=True)
+    paid_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account_id", "period_start"], name="invoicing_invoice_account_period"),
+            models.CheckConstraint(
+                condition=Q(status=InvoiceStatus.DRAFT, number__isnull=True)
+                | (~Q(status=InvoiceStatus.DRAFT) & Q(number__isnull=False, issued_at__isnull=False)),
+                name="invoicing_invoice_number_iff_issued",
+            ),
+            models.CheckConstraint(
+                condition=Q(credits_applied_minor__gte=0, amount_paid_minor__gte=0, amount_credited_minor__gte=0),
+                name="invoicing_invoice_amounts_not_negative",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["account_id", "-created_at"], name="invoicing_invoice_account"),
+            models.Index(fields=["status", "due_at"], name="invoicing_invoice_status_due"),
+            models.Index(fields=["period_start", "status"], name="invoicing_invoice_period"),
+        ]
+        permissions = [
+            ("close_period", "Can run a period close (billing run)"),
+            ("write_off_invoice", "Can write invoices off as uncollectible"),
+            ("issue_credit_note", "Can issue credit notes and void invoices"),
+        ]
+
+    def __str__(self) -> str:
+        return self.number or f"draft {self.public_id}"
+
+    @property
+    def public_id(self) -> str:
+        return ids.encode("inv", self.id)
+
+    @property
+    def amount_due_minor(self) -> int:
+        return max(0, self.total_minor - self.credits_applied_minor)
+
+    @property
+    def amount_outstanding_minor(self) -> int:
+        """What the customer still owes on this invoice."""
+        return max(
+            0, self.amount_due_minor - self.amount_paid_minor - self.amount_credited_minor - self.written_off_minor
+        )
+
+    # --- Lifecycle: state only. ``invoicing.services`` locks, audits and posts the ledger.
+
+    @transition(field=status, source=InvoiceStatus.DRAFT, target=InvoiceStatus.ISSUED)
+    def issue(self) -> None:
+        """Frozen from now on; numbered."""
+
+    @transition(field=status, source=InvoiceStatus.ISSUED, target=InvoiceStatus.PAID)
+    def mark_paid(self) -> None:
+        """Nothing outstanding any more."""
+
+    @transition(field=status, source=InvoiceStatus.ISSUED, target=InvoiceStatus.UNCOLLECTIBLE)
+    def write_off(self) -> None:
+        """Finance gives up on the outstanding amount."""
+
+    @transition(field=status, source=InvoiceStatus.ISSUED, target=InvoiceStatus.VOID)
+    def void(self) -> None:
+        """Cancelled together with a credit note for the whole amount."""
+
+
+class InvoiceTransition(models.Model):
+    """Append-only audit of invoice state changes, written in the transition's transaction."""
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="transitions")
+    account_id = models.BigIntegerField()
+    from_state = models.CharField(max_length=16, choices=InvoiceStatus.choices)
+    to_state = models.CharField(max_length=16, choices=InvoiceStatus.choices)
+    actor_kind = models.CharField(max_length=16)
+    actor_name = models.CharField(max_length=254)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "created_at"], name="invoicing_it_account")]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.invoice_id}: {self.from_state} → {self.to_state}"
+
+
+class LineKind(models.TextChoices):
+    USAGE = "usage", "Usage"
+    ADJUSTMENT = "adjustment", "Usage adjustment for an earlier period"
+    DISCOUNT = "discount", "Contract discount"
+
+
+class InvoiceLine(models.Model):
+    """A line: a SKU's usage in the period (or a late adjustment for an earlier one, or a
+    discount). ``amount_minor`` is the rated amount rounded once; ``rated_amount`` keeps the
+    full precision it came from. ``detail`` holds the breakdown by resource and project."""
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    account_id = models.BigIntegerField()
+    position = models.PositiveSmallIntegerField()
+    kind = models.CharField(max_length=16, choices=LineKind.choices)
+    sku = models.CharField(max_length=64, blank=True, default="")
+    usage_month = models.DateField(null=True, blank=True, help_text="The month whose usage this line bills")
+    description = models.CharField(max_length=300)
+    quantity = models.DecimalField(max_digits=38, decimal_places=12, null=True, blank=True)
+    unit = models.CharField(max_length=32, blank=True, default="")
+    # Decimal with up to 18 places per unit; empty when the price is tiered or changed in the period.
+    unit_price = models.DecimalField(max_digits=38, decimal_places=18, null=True, blank=True)
+    pricing = models.CharField(max_length=16, blank=True, default="", help_text="flat | tiered | varied")
+    rated_amount = models.DecimalField(max_digits=38, decimal_places=12)
+    amount_minor = models.BigIntegerField()
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["invoice", "position"], name="invoicing_line_unique")]
+        ordering = ["invoice", "position"]
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class BilledUsage(models.Model):
+    """What an issued invoice billed of a month's rated usage of a SKU, at full precision.
+    The next invoice bills the difference between the month's rated usage now and the sum
+    of these rows: late usage lands exactly once, on the next invoice, as an adjustment."""
+
+    account_id = models.BigIntegerField()
+    usage_month = models.DateField()
+    sku = models.CharField(max_length=64)
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="+")
+    quantity = models.DecimalField(max_digits=38, decimal_places=12)
+    rated_amount = models.DecimalField(max_digits=38, decimal_places=12)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account_id", "usage_month", "sku", "invoice"], name="invoicing_billedusage_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.account_id} {self.usage_month:%Y-%m} {self.sku}"
+
+
+class CreditKind(models.TextChoices):
+    PROMOTIONAL = "promotional", "Promotional"
+    PREPAID = "prepaid", "Prepaid"
+
+
+class CreditGrant(models.Model):
+    """Credit an account can spend on invoices in ``currency`` until ``expires_at``."""
+
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    account_id = models.BigIntegerField()
+    kind = models.CharField(max_length=16, choices=CreditKind.choices)
+    currency = models.CharField(max_length=3)
+    amount_minor = models.BigIntegerField()
+    remaining_minor = models.BigIntegerField()
+    expires_at = models.DateTimeField(null=True, blank=True)
+    reason = models.CharField(max_length=300)
+    granted_by = models.CharField(max_length=254)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount_minor__gt=0, remaining_minor__gte=0, remaining_minor__lte=models.F("amount_minor")),
+                name="invoicing_grant_amounts",
+            ),
+        ]
+        indexes = [models.Index(fields=["account_id", "currency", "expires_at"], name="invoicing_grant_account")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} credit {self.amount_minor} {self.currency}"
+
+    @property
+    def public_id(self) -> str:
+        return ids.encode("crg", self.id)
+
+
+class CreditApplication(models.Model):
+    """Credit spent on an invoice (``amount_minor`` > 0) or given back when the invoice is
+    voided (< 0). The grant's ``remaining_minor`` moves in the same transaction."""
+
+    grant = models.ForeignKey(CreditGrant, on_delete=models.PROTECT, related_name="applications")
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="credit_applications")
+    account_id = models.BigIntegerField()
+    amount_minor = models.BigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "created_at"], name="invoicing_ca_account")]
+
+    def __str__(self) -> str:
+        return f"{self.amount_minor} of {self.grant_id} on {self.invoice_id}"
+
+
+class CreditNote(models.Model):
+    """A credit note against an issued or paid invoice, numbered in its own gapless series.
+    Money in minor units of the invoice's currency, taxed at the invoice's rate."""
+
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    account_id = models.BigIntegerField()
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="credit_notes")
+    number = models.CharField(max_length=32, unique=True)
+    currency = models.CharField(max_length=3)
+    reason = models.TextField()
+    subtotal_minor = models.BigIntegerField()
+    tax_minor = models.BigIntegerField()
+    total_minor = models.BigIntegerField()
+    issued_by = models.CharField(max_length=254)
+    issued_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "-issued_at"], name="invoicing_cn_account")]
+        constraints = [models.CheckConstraint(condition=Q(total_minor__gt=0), name="invoicing_cn_positive")]
+
+    def __str__(self) -> str:
+        return self.number
+
+    @property
+    def public_id(self) -> str:
+        return ids.encode("crn", self.id)
+
+
+class CreditNoteLine(models.Model):
+    credit_note = models.ForeignKey(CreditNote, on_delete=models.CASCADE, related_name="lines")
+    position = models.PositiveSmallIntegerField()
+    description = models.CharField(max_length=300)
+    sku = models.CharField(max_length=64, blank=True, default="")
+    amount_minor = models.BigIntegerField(help_text="Net of tax, positive")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["credit_note", "position"], name="invoicing_cnline_unique")]
+        ordering = ["credit_note", "position"]
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class Payment(models.Model):
+    """Money received against an invoice, as reported by the payments app (``reference`` is
+    the gateway's id of the charge: the same report twice records it once)."""
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="payments")
+    account_id = models.BigIntegerField()
+    amount_minor = models.BigIntegerField()
+    currency = models.CharField(max_length=3)
+    reference = models.CharField(max_length=128, unique=True)
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "received_at"], name="invoicing_payment_account")]
+        constraints = [models.CheckConstraint(condition=Q(amount_minor__gt=0), name="invoicing_payment_positive")]
+
+    def __str__(self) -> str:
+        return self.reference
+
+
+class RenderedDocument(models.Model):
+    """A PDF rendered once when its document was issued and kept as it was."""
+
+    kind = models.CharField(max_length=16)  # "invoice" | "credit_note"
+    source_id = models.BigIntegerField()
+    account_id = models.BigIntegerField()
+    pdf = models.BinaryField()
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "source_id"], name="invoicing_document_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.source_id}"
+
+
+class LedgerEntry(models.Model):
+    """One posting, append-only: its lines sum to zero. ``(source_type, source_id)`` is
+    unique, so a source (an issued invoice, a payment …) posts at most once."""
+
+    account_id = models.BigIntegerField(null=True, blank=True)
+    source_type = models.CharField(max_length=32)
+    source_id = models.BigIntegerField()
+    currency = models.CharField(max_length=3)
+    memo = models.CharField(max_length=300, blank=True, default="")
+    posted_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "ledger entries"
+        constraints = [
+            models.UniqueConstraint(fields=["source_type", "source_id"], name="invoicing_ledger_source_once"),
+        ]
+        indexes = [models.Index(fields=["account_id", "posted_at"], name="invoicing_ledger_account")]
+
+    def __str__(self) -> str:
+        return f"{self.source_type} {self.source_id}"
+
+
+class LedgerLine(models.Model):
+    """A debit (``amount_minor`` > 0) or credit (< 0) to a ledger account: ``receivable``,
+    ``customer_credit`` (per billing account), ``revenue:<sku family>``, ``vat_payable:<CC>``,
+    ``gateway_clearing``, ``bad_debt``, ``promotions``."""
+
+    entry = models.ForeignKey(LedgerEntry, on_delete=models.PROTECT, related_name="lines")
+    account_id = models.BigIntegerField(null=True, blank=True)
+    ledger_account = models.CharField(max_length=64)
+    currency = models.CharField(max_length=3)
+    amount_minor = models.BigIntegerField()
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "ledger_account"], name="invoicing_ll_account")]
+
+    def __str__(self) -> str:
+        return f"{self.ledger_account} {self.amount_minor}"

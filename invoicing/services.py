@@ -1,0 +1,557 @@
+"""Every write of the invoicing app. Keyword-only; one durable transaction per entry point;
+state changes under ``select_for_update`` with an audit row; ledger postings in the same
+transaction; side effects (PDF rendering) after commit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django_fsm import can_proceed
+
+from billing_site.common import money
+from billing_site.common.actors import Actor
+from billing_site.common.errors import ApplicationError, Conflict, NotFound
+from billing_site.common.on_commit import on_commit
+from invoicing import billing, ledger, numbering
+from invoicing.billing import Period
+from invoicing.models import (
+    CreditApplication,
+    CreditGrant,
+    CreditKind,
+    CreditNote,
+    CreditNoteLine,
+    Invoice,
+    InvoiceStatus,
+    InvoiceTransition,
+    Payment,
+)
+from metering import selectors as metering_selectors
+
+log = logging.getLogger(__name__)
+
+CHUNK_ACCOUNTS = 500
+
+
+# --- Period close
+
+
+@dataclass
+class CloseReport:
+    period: Period
+    accounts: int = 0
+    issued: int = 0
+    already_issued: int = 0
+    nothing_to_bill: int = 0
+    totals_minor: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        totals = ", ".join(
+            f"{money.from_minor(amount, currency)} {currency}" for currency, amount in sorted(self.totals_minor.items())
+        )
+        verb = "would issue" if self.dry_run else "issued"
+        return (
+            f"{self.period}: {self.accounts} accounts with usage; {verb} {self.issued} invoices"
+            f" ({totals or 'nothing'}); {self.already_issued} already invoiced; "
+            f"{self.nothing_to_bill} with nothing to bill; {self.seconds:.1f} s"
+        )
+
+
+def check_closable(period: Period, *, now: dt.datetime | None = None) -> None:
+    now = now or timezone.now()
+    if period.end_at > now:
+        raise ApplicationError(
+            "period_open", f"{period} has not ended yet: only past periods can be closed.", field="period"
+        )
+
+
+def period_close(
+    *,
+    period: Period,
+    actor: Actor,
+    account_ids: list[int] | None = None,
+    dry_run: bool = False,
+    run_rollup: bool = True,
+    render_pdfs: bool = True,
+    chunk_size: int = CHUNK_ACCOUNTS,
+) -> CloseReport:
+    """Close a past period: roll usage up to now, then invoice every account with usage in
+    the period (or late usage of an earlier one), ``chunk_size`` accounts per transaction.
+    Idempotent: accounts already invoiced for the period are skipped."""
+    started = time.perf_counter()
+    check_closable(period)
+    if run_rollup and not dry_run:
+        _rollup_everything()
+    report = CloseReport(period=period, dry_run=dry_run)
+    first = dt.datetime.combine(billing.lookback_start(period), dt.time(), tzinfo=dt.UTC)
+    candidates = metering_selectors.accounts_with_usage(start=first, end=period.end_at, account_ids=account_ids)
+    report.accounts = len(candidates)
+    for lo in range(0, len(candidates), chunk_size):
+        chunk = candidates[lo : lo + chunk_size]
+        if dry_run:
+            issued = set(
+                Invoice.objects.filter(account_id__in=chunk, period_start=period.start)
+                .exclude(status=InvoiceStatus.DRAFT)
+                .values_list("account_id", flat=True)
+            )
+            todo = [a for a in chunk if a not in issued]
+            plans = billing.plan(period=period, account_ids=todo)
+            report.already_issued += len(issued)
+            report.nothing_to_bill += len(todo) - len(plans)
+            report.issued += len(plans)
+            for p in plans.values():
+                report.totals_minor[p.currency] += p.total_minor
+            continue
+        result = billing.close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs)
+        report.issued += len(result.issued)
+        report.already_issued += result.already_issued
+        report.nothing_to_bill += result.nothing_to_bill
+        for currency, total in (
+            Invoice.objects.filter(id__in=result.issued).values_list("currency", "total_minor").iterator()
+        ):
+            report.totals_minor[currency] += total
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _rollup_everything(*, patience_seconds: float = 120.0) -> None:
+    """Run the usage rollup over every shard; a shard busy in a beat worker is retried until
+    it is free (its worker is rolling it up right now)."""
+    from metering import rollup
+
+    pending = list(range(rollup.SHARDS))
+    deadline = time.monotonic() + patience_seconds
+    while pending:
+        pending = rollup.rollup(shards=pending).skipped
+        if pending and time.monotonic() > deadline:
+            raise ApplicationError("rollup_busy", f"Usage rollup shards {pending} stayed busy; try again.")
+        if pending:
+            time.sleep(0.5)
+
+
+def invoice_draft_compute(*, account_id: int, period: Period) -> Invoice | None:
+    """Create or recompute the account's draft for ``period`` (a preview for finance: no
+    number, no ledger). Refused once the invoice is issued."""
+    with transaction.atomic(durable=True):
+        billing._lock_accounts([account_id])
+        invoice = Invoice.objects.select_for_update().filter(account_id=account_id, period_start=period.start).first()
+        if invoice is not None and invoice.status != InvoiceStatus.DRAFT:
+            raise Conflict("invoice_issued", f"The invoice for {period} is already issued: {invoice.number}.")
+        plans = billing.plan(period=period, account_ids=[account_id])
+        planned = plans.get(account_id)
+        if planned is None:
+            if invoice is not None:
+                invoice.lines.all().delete()
+                invoice.delete()
+            return None
+        if invoice is None:
+            invoice = Invoice(account_id=account_id, period_start=period.start, period_end=period.end)
+        invoice.currency = planned.currency
+        invoice.subtotal_minor = planned.subtotal_minor
+        invoice.tax_rate = planned.tax.rate
+        invoice.tax_country = planned.tax.country
+        invoice.tax_treatment = planned.tax.treatment
+        invoice.tax_note = planned.tax.note
+        invoice.tax_minor = planned.tax_minor
+        invoice.total_minor = planned.total_minor
+        invoice.payment_terms_days = planned.profile.payment_terms_days
+        invoice.buyer = planned.profile.snapshot()
+        invoice.save()
+        invoice.lines.all().delete()
+        invoice.lines.bulk_create(
+            [
+                invoice.lines.model(
+                    invoice=invoice,
+                    account_id=account_id,
+                    position=i,
+                    kind=line.kind,
+                    sku=line.sku,
+                    usage_month=line.usage_month,
+                    description=line.description,
+                    quantity=line.quantity,
+                    unit=line.unit,
+                    unit_price=line.unit_price,
+                    pricing=line.pricing,
+                    rated_amount=line.rated_amount,
+                    amount_minor=line.amount_minor,
+                    detail=line.detail,
+                )
+                for i, line in enumerate(planned.lines, start=1)
+            ]
+        )
+        return invoice
+
+
+def invoice_issue(*, invoice_id: int, actor: Actor) -> Invoice:
+    """Issue one draft (recomputed first): the same path as the period close, for one account."""
+    draft = Invoice.objects.filter(id=invoice_id).first()
+    if draft is None:
+        raise NotFound("No such invoice.")
+    if draft.status != InvoiceStatus.DRAFT:
+        raise Conflict("invalid_transition", f"The invoice is {draft.status}, not a draft.")
+    period = Period(draft.period_start)
+    check_closable(period)
+    result = billing.close_chunk(period=period, account_ids=[draft.account_id], actor=actor)
+    if not result.issued:
+        raise Conflict("nothing_to_bill", "Nothing is left to bill on this draft.")
+    return Invoice.objects.get(id=result.issued[0])
+
+
+# --- One invoice's later life
+
+
+def _transition(invoice: Invoice, name: str, *, actor: Actor, reason: str) -> None:
+    before = invoice.status
+    method = getattr(invoice, name)
+    if not can_proceed(method):
+        raise Conflict("invalid_transition", f"Cannot {name.replace('_', ' ')} an invoice that is {before}.")
+    method()
+    invoice.save()
+    InvoiceTransition.objects.create(
+        invoice=invoice,
+        account_id=invoice.account_id,
+        from_state=before,
+        to_state=invoice.status,
+        actor_kind=actor.kind,
+        actor_name=actor.name,
+        reason=reason,
+    )
+
+
+def _locked_invoice(invoice_id: int) -> Invoice:
+    invoice = Invoice.objects.select_for_update().filter(id=invoice_id).first()
+    if invoice is None:
+        raise NotFound("No such invoice.")
+    return invoice
+
+
+def _require_reason(reason: str) -> str:
+    reason = reason.strip()
+    if not reason:
+        raise ApplicationError("invalid", "A reason is required.", field="reason")
+    return reason
+
+
+@transaction.atomic(durable=True)
+def invoice_record_payment(
+    *, invoice_id: int, amount_minor: int, currency: str, reference: str, received_at: dt.datetime | None = None
+) -> Payment:
+    """Money received against an issued invoice (called by the payments app). The same
+    ``reference`` twice records one payment. Fully paid → ``paid``."""
+    invoice = _locked_invoice(invoice_id)
+    existing = Payment.objects.filter(reference=reference).first()
+    if existing is not None:
+        if existing.invoice_id != invoice_id or existing.amount_minor != amount_minor:
+            raise Conflict("payment_conflict", f"Payment {reference} was recorded with other details.")
+        return existing
+    if invoice.status != InvoiceStatus.ISSUED:
+        raise Conflict("invalid_transition", f"The invoice is {invoice.status}; it takes no payments.")
+    if currency != invoice.currency:
+        raise ApplicationError("currency_mismatch", f"The invoice is in {invoice.currency}.", field="currency")
+    if not 0 < amount_minor <= invoice.amount_outstanding_minor:
+        raise ApplicationError(
+            "invalid_amount",
+            f"The amount must be between 1 and the outstanding {invoice.amount_outstanding_minor} (minor units).",
+            field="amount_minor",
+        )
+    now = received_at or timezone.now()
+    payment = Payment.objects.create(
+        invoice=invoice,
+        account_id=invoice.account_id,
+        amount_minor=amount_minor,
+        currency=currency,
+        reference=reference,
+        received_at=now,
+    )
+    invoice.amount_paid_minor += amount_minor
+    ledger.post(
+        [
+            ledger.Entry(
+                "payment",
+                payment.id,
+                invoice.account_id,
+                currency,
+                f"Payment {reference} for {invoice.number}",
+                [
+                    ledger.Posting(ledger.GATEWAY_CLEARING, amount_minor),
+                    ledger.Posting(ledger.RECEIVABLE, -amount_minor, invoice.account_id),
+                ],
+            )
+        ],
+        posted_at=now,
+    )
+    if invoice.amount_outstanding_minor == 0:
+        invoice.paid_at = now
+        _transition(invoice, "mark_paid", actor=Actor.system("payments"), reason=f"payment {reference}")
+    else:
+        invoice.save()
+    return payment
+
+
+@transaction.atomic(durable=True)
+def invoice_write_off(*, invoice_id: int, actor: Actor, reason: str) -> Invoice:
+    """Finance gives up on what is outstanding: ``uncollectible``, posted to bad debt."""
+    reason = _require_reason(reason)
+    invoice = _locked_invoice(invoice_id)
+    outstanding = invoice.amount_outstanding_minor
+    invoice.written_off_minor = outstanding
+    _transition(invoice, "write_off", actor=actor, reason=reason)
+    ledger.post(
+        [
+            ledger.Entry(
+                "write_off",
+                invoice.id,
+                invoice.account_id,
+                invoice.currency,
+                f"Write-off of {invoice.number}: {reason}",
+                [
+                    ledger.Posting(ledger.BAD_DEBT, outstanding),
+                    ledger.Posting(ledger.RECEIVABLE, -outstanding, invoice.account_id),
+                ],
+            )
+        ],
+        posted_at=timezone.now(),
+    )
+    return invoice
+
+
+@dataclass(frozen=True, slots=True)
+class CreditNoteLineIn:
+    description: str
+    amount_minor: int  # net of tax, > 0
+    sku: str = ""
+
+
+def credit_note_issue(*, invoice_id: int, lines: list[CreditNoteLineIn], reason: str, actor: Actor) -> CreditNote:
+    with transaction.atomic(durable=True):
+        invoice = _locked_invoice(invoice_id)
+        note = _credit_note_insert(invoice, lines=lines, reason=_require_reason(reason), actor=actor)
+    on_commit(_render_later, kind="credit_note", source_ids=[note.id])
+    return note
+
+
+def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
+    """Void an issued, unpaid invoice: a credit note for the whole amount not yet credited,
+    credit spent on it given back to its grants, status ``void``."""
+    reason = _require_reason(reason)
+    with transaction.atomic(durable=True):
+        invoice = _locked_invoice(invoice_id)
+        if invoice.status != InvoiceStatus.ISSUED:
+            raise Conflict("invalid_transition", f"Only an issued invoice can be voided; this one is {invoice.status}.")
+        if invoice.amount_paid_minor:
+            raise Conflict("invoice_paid", "Payments were received on this invoice: refund them with credit notes.")
+        remaining_net = invoice.subtotal_minor - _credited_net(invoice)
+        note = _credit_note_insert(
+            invoice,
+            lines=[
+                CreditNoteLineIn(description=f"Cancellation of invoice {invoice.number}", amount_minor=remaining_net)
+            ],
+            reason=reason,
+            actor=actor,
+            whole=True,
+        )
+        _reverse_credits(invoice, note=note)
+        _transition(invoice, "void", actor=actor, reason=f"{reason} (credit note {note.number})")
+    on_commit(_render_later, kind="credit_note", source_ids=[note.id])
+    return note
+
+
+def _credited_net(invoice: Invoice) -> int:
+    return sum(CreditNote.objects.filter(invoice=invoice).values_list("subtotal_minor", flat=True))
+
+
+def _credit_note_insert(
+    invoice: Invoice, *, lines: list[CreditNoteLineIn], reason: str, actor: Actor, whole: bool = False
+) -> CreditNote:
+    if invoice.status not in (InvoiceStatus.ISSUED, InvoiceStatus.PAID):
+        raise Conflict(
+            "invalid_transition", f"Credit notes need an issued or paid invoice; this one is {invoice.status}."
+        )
+    if not lines or any(line.amount_minor <= 0 or not line.description.strip() for line in lines):
+        raise ApplicationError("invalid", "Each line needs a description and a positive amount.", field="lines")
+    net = sum(line.amount_minor for line in lines)
+    credited_net = _credited_net(invoice)
+    if net > invoice.subtotal_minor - credited_net:
+        raise ApplicationError(
+            "invalid_amount",
+            f"At most {invoice.subtotal_minor - credited_net} (minor units, net) is left to credit on this invoice.",
+            field="lines",
+        )
+    # Tax: the invoice's rate on the net; crediting the rest of the invoice takes exactly the
+    # rest of its tax, so an invoice credited in parts never over- or under-credits VAT.
+    credited_tax = sum(CreditNote.objects.filter(invoice=invoice).values_list("tax_minor", flat=True))
+    if whole or net == invoice.subtotal_minor - credited_net:
+        tax = invoice.tax_minor - credited_tax
+    else:
+        tax = money.percent_of_minor(net, invoice.tax_rate)
+    now = timezone.now()
+    number = numbering.take(settings.INVOICING_CREDIT_NOTE_SERIES, now.year)[0]
+    note = CreditNote.objects.create(
+        account_id=invoice.account_id,
+        invoice=invoice,
+        number=number,
+        currency=invoice.currency,
+        reason=reason,
+        subtotal_minor=net,
+        tax_minor=tax,
+        total_minor=net + tax,
+        issued_by=actor.name,
+        issued_at=now,
+    )
+    CreditNoteLine.objects.bulk_create(
+        [
+            CreditNoteLine(
+                credit_note=note, position=i, description=line.description, sku=line.sku, amount_minor=line.amount_minor
+            )
+            for i, line in enumerate(lines, start=1)
+        ]
+    )
+    invoice.amount_credited_minor += note.total_minor
+    invoice.save(update_fields=["amount_credited_minor", "updated_at"])
+    by_family: dict[str, int] = defaultdict(int)
+    if whole:
+        # The whole invoice: revenue reversed per family exactly as it was posted.
+        for sku, amount in invoice.lines.values_list("sku", "amount_minor"):
+            by_family[billing.family_of(sku)] += amount
+        for earlier in CreditNoteLine.objects.filter(credit_note__invoice=invoice).exclude(credit_note=note):
+            by_family[billing.family_of(earlier.sku)] -= earlier.amount_minor
+    else:
+        for line in lines:
+            by_family[billing.family_of(line.sku)] += line.amount_minor
+    postings = [ledger.Posting(ledger.revenue(f), amount) for f, amount in sorted(by_family.items())]
+    if tax:
+        postings.append(ledger.Posting(ledger.vat_payable(invoice.tax_country), tax))
+    postings.append(ledger.Posting(ledger.RECEIVABLE, -note.total_minor, invoice.account_id))
+    ledger.post(
+        [
+            ledger.Entry(
+                "credit_note",
+                note.id,
+                invoice.account_id,
+                invoice.currency,
+                f"Credit note {number} for {invoice.number}",
+                postings,
+            )
+        ],
+        posted_at=now,
+    )
+    return note
+
+
+def _reverse_credits(invoice: Invoice, *, note: CreditNote) -> None:
+    """Give credit spent on ``invoice`` back to its grants (as negative applications)."""
+    spent: dict[int, int] = defaultdict(int)
+    for grant_id, amount in CreditApplication.objects.filter(invoice=invoice).values_list("grant_id", "amount_minor"):
+        spent[grant_id] += amount
+    spent = {g: a for g, a in spent.items() if a}
+    if not spent:
+        return
+    grants = {g.id: g for g in CreditGrant.objects.select_for_update().filter(id__in=list(spent))}
+    for grant_id, amount in sorted(spent.items()):
+        CreditApplication.objects.create(
+            grant_id=grant_id, invoice=invoice, account_id=invoice.account_id, amount_minor=-amount
+        )
+        grant = grants[grant_id]
+        grant.remaining_minor += amount
+        grant.save(update_fields=["remaining_minor"])
+    total = sum(spent.values())
+    ledger.post(
+        [
+            ledger.Entry(
+                "credit_reversal",
+                note.id,
+                invoice.account_id,
+                invoice.currency,
+                f"Credit given back on voiding {invoice.number}",
+                [
+                    ledger.Posting(ledger.RECEIVABLE, total, invoice.account_id),
+                    ledger.Posting(ledger.CUSTOMER_CREDIT, -total, invoice.account_id),
+                ],
+            )
+        ],
+        posted_at=timezone.now(),
+    )
+
+
+def _render_later(*, kind: str, source_ids: list[int]) -> None:
+    from invoicing import tasks
+
+    tasks.render_documents.delay(kind=kind, source_ids=source_ids)
+
+
+# --- Credits
+
+
+@transaction.atomic(durable=True)
+def credit_grant_create(
+    *,
+    account_id: int,
+    kind: str,
+    amount: Decimal,
+    currency: str,
+    reason: str,
+    actor: Actor,
+    expires_at: dt.datetime | None = None,
+) -> CreditGrant:
+    """Grant credit in ``currency`` (the account's). Promotional credit is an expense;
+    prepaid credit was paid through the gateway."""
+    if kind not in CreditKind.values:
+        raise ApplicationError("invalid", f"kind must be one of {', '.join(CreditKind.values)}.", field="kind")
+    from accounts.models import BillingAccount  # the account's currency decides
+
+    account_currency = BillingAccount.objects.filter(id=account_id).values_list("currency", flat=True).first()
+    if account_currency is None:
+        raise NotFound("No such billing account.")
+    if currency != account_currency:
+        raise ApplicationError("currency_mismatch", f"The account is billed in {account_currency}.", field="currency")
+    amount_minor = money.to_minor(amount, currency)
+    if amount_minor <= 0 or money.from_minor(amount_minor, currency) != amount:
+        raise ApplicationError(
+            "invalid_amount",
+            f"A positive amount with at most {money.exponent(currency)} decimal places is required.",
+            field="amount",
+        )
+    now = timezone.now()
+    if expires_at is not None and expires_at <= now:
+        raise ApplicationError("invalid", "The expiry must be in the future.", field="expires_at")
+    grant = CreditGrant.objects.create(
+        account_id=account_id,
+        kind=kind,
+        currency=currency,
+        amount_minor=amount_minor,
+        remaining_minor=amount_minor,
+        expires_at=expires_at,
+        reason=_require_reason(reason),
+        granted_by=actor.name,
+        created_at=now,
+    )
+    source = ledger.PROMOTIONS if kind == CreditKind.PROMOTIONAL else ledger.GATEWAY_CLEARING
+    try:
+        ledger.post(
+            [
+                ledger.Entry(
+                    "credit_grant",
+                    grant.id,
+                    account_id,
+                    currency,
+                    f"{kind.title()} credit: {reason}",
+                    [
+                        ledger.Posting(source, amount_minor),
+                        ledger.Posting(ledger.CUSTOMER_CREDIT, -amount_minor, account_id),
+                    ],
+                )
+            ],
+            posted_at=now,
+        )
+    except IntegrityError as exc:  # pragma: no cover - a fresh random id
+        raise Conflict("conflict", "Try again.") from exc
+    return grant

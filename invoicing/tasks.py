@@ -1,0 +1,33 @@
+"""Celery tasks of the invoicing app: thin, they take ids and call services."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from celery import shared_task
+from django.conf import settings
+from django.utils import timezone
+
+from billing_site.common.actors import Actor
+
+
+@shared_task(name="invoicing.render_documents")
+def render_documents(*, kind: str, source_ids: list[int]) -> int:
+    """Render and store the PDFs of issued documents (once each; re-runs change nothing)."""
+    from invoicing import pdf
+
+    return sum(1 for source_id in source_ids if pdf.document_ensure(kind=kind, source_id=source_id))
+
+
+@shared_task(name="invoicing.close_last_period")
+def close_last_period() -> str:
+    """Beat, on the 1st after the grace time for late events: close last month."""
+    from invoicing import services
+    from invoicing.billing import Period
+
+    now = timezone.now()
+    period = Period.containing(now).previous
+    grace_over = period.end_at + dt.timedelta(minutes=settings.INVOICING_GRACE_MINUTES)
+    if now < grace_over:
+        return f"{period}: grace time runs until {grace_over.isoformat()}"
+    return services.period_close(period=period, actor=Actor.system("invoicing.beat")).summary()

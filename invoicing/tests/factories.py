@@ -1,0 +1,48 @@
+"""Test data for invoicing: accounts, and rated usage written where the rollup writes it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+
+import factory
+from django.db import connection
+
+from invoicing.models import ContractDiscount
+
+
+def rated(
+    account_id: int,
+    day: str,
+    sku: str,
+    quantity: str | Decimal,
+    amount: str | Decimal,
+    *,
+    resource_id: str = "",
+    labels: dict[str, str] | None = None,
+) -> None:
+    """One day of rated usage in the daily rollup, as the usage rollup leaves it (adds to an
+    existing row of the same key)."""
+    moment = dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO metering_dailyusage (account_id, day, sku, resource_id, labels, quantity, amount)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (account_id, day, sku, resource_id, labels) DO UPDATE
+            SET quantity = metering_dailyusage.quantity + EXCLUDED.quantity,
+                amount = metering_dailyusage.amount + EXCLUDED.amount
+            """,
+            [account_id, moment, sku, resource_id, json.dumps(labels or {}), Decimal(quantity), Decimal(amount)],
+        )
+
+
+class ContractDiscountFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = ContractDiscount
+
+    sku_prefix = "compute."
+    percent = Decimal(10)
+    valid_from = dt.date(2026, 1, 1)
+    reason = "2026 commitment"
