@@ -67,7 +67,8 @@ class UnbalancedEntry(ValueError):
 
 def post(entries: list[Entry], *, posted_at: dt.datetime) -> None:
     """Post entries inside the caller's transaction (set-based: one INSERT for the entries,
-    one COPY for their lines). A source that already posted raises IntegrityError."""
+    one COPY for their lines). A source that already posted raises IntegrityError. An entry
+    whose every amount is zero moves nothing and is not posted."""
     entries = [e for e in entries if any(p.amount_minor for p in e.postings)]
     if not entries:
         return
@@ -177,7 +178,10 @@ def check() -> list[str]:
         cursor.execute(
             """
             WITH sources(source_type, source_id) AS (
-                SELECT 'invoice', id FROM invoicing_invoice WHERE status <> 'draft'
+                -- an invoice of nothing but zero amounts moves no money and posts nothing
+                SELECT 'invoice', i.id FROM invoicing_invoice i WHERE i.status <> 'draft' AND (
+                    i.total_minor <> 0
+                    OR EXISTS (SELECT FROM invoicing_invoiceline l WHERE l.invoice_id = i.id AND l.amount_minor <> 0))
                 UNION ALL SELECT 'payment', id FROM invoicing_payment
                 UNION ALL SELECT 'credit_note', id FROM invoicing_creditnote
                 UNION ALL SELECT 'write_off', id FROM invoicing_invoice WHERE written_off_minor > 0
