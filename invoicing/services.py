@@ -123,19 +123,26 @@ def period_close(
     return report
 
 
-def _rollup_everything(*, patience_seconds: float = 120.0) -> None:
-    """Run the usage rollup over every shard; a shard busy in a beat worker is retried until
-    it is free (its worker is rolling it up right now)."""
+def _rollup_everything(*, patience_seconds: float = 300.0) -> None:
+    """Roll usage up until every event committed before this call is in the rollups: passes
+    over every shard until each shard's horizon has passed the transactions of that moment
+    (a shard busy in a beat worker, or a long transaction elsewhere on the server holding
+    the horizon back, is waited for)."""
     from metering import rollup
 
-    pending = list(range(rollup.SHARDS))
+    ceiling = metering_selectors.transaction_ceiling()
     deadline = time.monotonic() + patience_seconds
-    while pending:
-        pending = rollup.rollup(shards=pending).skipped
-        if pending and time.monotonic() > deadline:
-            raise ApplicationError("rollup_busy", f"Usage rollup shards {pending} stayed busy; try again.")
-        if pending:
-            time.sleep(0.5)
+    while True:
+        rollup.rollup()
+        if metering_selectors.rollup_caught_up(ceiling=ceiling, shards=rollup.SHARDS):
+            return
+        if time.monotonic() > deadline:
+            raise ApplicationError(
+                "rollup_behind",
+                "The usage rollup could not catch up (a shard stayed busy or a long transaction holds the "
+                "horizon back); try again.",
+            )
+        time.sleep(0.5)
 
 
 def invoice_draft_compute(*, account_id: int, period: Period) -> Invoice | None:

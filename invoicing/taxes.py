@@ -123,3 +123,20 @@ def decide(buyer: Buyer, *, tax_point: dt.date, rates: RateTable, seller_country
         treatment, charged = TaxTreatment.OSS, country
     rate = rates.rate(charged, tax_point) if charged else Decimal("0.00")
     return TaxDecision(treatment=treatment, country=charged, rate=rate, note=NOTES[treatment])
+
+
+def seed_rates(model: type[TaxRate] = TaxRate) -> int:
+    """Insert the seed rates that are missing (idempotent); the number added."""
+    added = 0
+    for country, rate, valid_from, valid_until in SEED_RATES:
+        _, created = model.objects.get_or_create(
+            country=country,
+            valid_from=dt.date.fromisoformat(valid_from),
+            defaults={
+                "rate": Decimal(rate),
+                "valid_until": dt.date.fromisoformat(valid_until) if valid_until else None,
+                "note": "seeded",
+            },
+        )
+        added += created
+    return added

@@ -259,3 +259,20 @@ def sku_pricing(*, currency: str, start: dt.datetime, end: dt.datetime) -> dict[
         else:
             result[code] = SkuPricing(sku.name, sku.unit, "varied", None)
     return result
+
+
+def transaction_ceiling() -> int:
+    """The next transaction id to be assigned: every transaction that committed before this
+    call has a lower id. The rollup has taken all such events once every shard's horizon is
+    at or above it (see ``rollup_caught_up``)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+        return int(cursor.fetchone()[0])
+
+
+def rollup_caught_up(*, ceiling: int, shards: int) -> bool:
+    """Whether all ``shards`` have rolled up every event of transactions below ``ceiling``."""
+    from metering.models import RollupShard
+
+    horizons = list(RollupShard.objects.values_list("txid_horizon", flat=True))
+    return len(horizons) >= shards and min(horizons) >= ceiling

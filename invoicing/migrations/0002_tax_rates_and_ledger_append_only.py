@@ -6,8 +6,6 @@ databases, stays possible): a correction is a new entry. Small tables, no lockin
 
 from __future__ import annotations
 
-import datetime as dt
-from decimal import Decimal
 from typing import Any
 
 from django.db import migrations
@@ -31,19 +29,9 @@ DROP FUNCTION invoicing_ledger_append_only();
 
 
 def seed_rates(apps: Any, schema_editor: Any) -> None:
-    from invoicing.taxes import SEED_RATES
+    from invoicing.taxes import seed_rates as seed
 
-    TaxRate = apps.get_model("invoicing", "TaxRate")
-    for country, rate, valid_from, valid_until in SEED_RATES:
-        TaxRate.objects.get_or_create(
-            country=country,
-            valid_from=dt.date.fromisoformat(valid_from),
-            defaults={
-                "rate": Decimal(rate),
-                "valid_until": dt.date.fromisoformat(valid_until) if valid_until else None,
-                "note": "seeded",
-            },
-        )
+    seed(apps.get_model("invoicing", "TaxRate"))
 
 
 class Migration(migrations.Migration):

@@ -24,6 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--account", action="append", default=[], help="acc_… (repeatable): only these")
         parser.add_argument("--dry-run", action="store_true", help="Print what would be invoiced; write nothing")
         parser.add_argument("--no-rollup", action="store_true", help="Skip the usage rollup before closing")
+        parser.add_argument("--chunk-size", type=int, default=services.CHUNK_ACCOUNTS, help="Accounts per transaction")
 
     def handle(self, *args: Any, **options: Any) -> None:
         account_ids = None
@@ -41,6 +42,7 @@ class Command(BaseCommand):
                 account_ids=account_ids,
                 dry_run=options["dry_run"],
                 run_rollup=not options["no_rollup"],
+                chunk_size=max(1, options["chunk_size"]),
             )
         except ApplicationError as exc:
             raise CommandError(exc.message) from exc
