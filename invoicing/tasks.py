@@ -31,3 +31,13 @@ def close_last_period() -> str:
     if now < grace_over:
         return f"{period}: grace time runs until {grace_over.isoformat()}"
     return services.period_close(period=period, actor=Actor.system("invoicing.beat")).summary()
+
+
+@shared_task(name="invoicing.close_period")
+def close_period(*, period: str, operator_id: int, operator_email: str) -> str:
+    """A billing run started by finance from the admin's period-close page."""
+    from invoicing import services
+    from invoicing.billing import Period
+
+    actor = Actor.operator(operator_id, operator_email)
+    return services.period_close(period=Period.parse(period), actor=actor).summary()

@@ -1,0 +1,520 @@
+"""Finance's admin: invoices (with their lines, PDF, ledger entries and the allowed actions),
+credit notes, credit grants, tax rates, contract discounts, the ledger, and the period close
+with its dry-run. Every write goes through ``invoicing.services``."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from billing_site.common import ids, money
+from billing_site.common.actors import Actor
+from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin
+from billing_site.common.errors import ApplicationError
+from invoicing import selectors, services
+from invoicing.billing import Period
+from invoicing.models import (
+    ContractDiscount,
+    CreditGrant,
+    CreditNote,
+    Invoice,
+    InvoiceLine,
+    InvoiceStatus,
+    InvoiceTransition,
+    LedgerEntry,
+    LedgerLine,
+    TaxRate,
+)
+
+
+def _operator(request: HttpRequest) -> Actor:
+    return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
+
+
+def _money(amount_minor: int, currency: str) -> str:
+    return f"{money.from_minor(amount_minor, currency)} {currency}"
+
+
+class AccountIdField(forms.CharField):
+    """A billing account named by its public id (``acc_…``)."""
+
+    def clean(self, value: Any) -> int:
+        text = super().clean(value)
+        decoded = ids.decode("acc", (text or "").strip())
+        if decoded is None:
+            raise forms.ValidationError("Enter a billing account id (acc_…).")
+        from accounts.models import BillingAccount
+
+        if not BillingAccount.objects.filter(id=decoded).exists():
+            raise forms.ValidationError("No such billing account.")
+        return decoded
+
+
+class PeriodFilter(admin.SimpleListFilter):
+    title = "period"
+    parameter_name = "period"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        months = Invoice.objects.order_by("-period_start").values_list("period_start", flat=True).distinct()[:24]
+        return [(f"{m:%Y-%m}", f"{m:%Y-%m}") for m in months]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Invoice]) -> QuerySet[Invoice]:
+        if self.value():
+            return queryset.filter(period_start=Period.parse(self.value() or "").start)
+        return queryset
+
+
+class OverdueFilter(admin.SimpleListFilter):
+    title = "overdue"
+    parameter_name = "overdue"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Overdue"), ("no", "Not overdue")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Invoice]) -> QuerySet[Invoice]:
+        overdue = {"status": InvoiceStatus.ISSUED, "due_at__lt": timezone.now()}
+        if self.value() == "yes":
+            return queryset.filter(**overdue)
+        if self.value() == "no":
+            return queryset.exclude(**overdue)
+        return queryset
+
+
+class InvoicePartInline(ReadOnlyInlineMixin):
+    """Part of an invoice: whoever may view the invoice may view it."""
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("invoicing.view_invoice")
+
+
+class InvoiceLineInline(InvoicePartInline, admin.TabularInline[InvoiceLine, Invoice]):
+    model = InvoiceLine
+    fields = ("position", "kind", "description", "quantity", "unit", "unit_price", "pricing", "amount")
+    readonly_fields = fields
+
+    @admin.display(description="amount")
+    def amount(self, line: InvoiceLine) -> str:
+        return _money(line.amount_minor, line.invoice.currency)
+
+
+class InvoiceTransitionInline(InvoicePartInline, admin.TabularInline[InvoiceTransition, Invoice]):
+    model = InvoiceTransition
+    fields = ("created_at", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), max_length=1000)
+
+
+class CreditNoteForm(ReasonForm):
+    description = forms.CharField(max_length=300)
+    amount = forms.DecimalField(max_digits=18, decimal_places=3, min_value=Decimal("0.001"), help_text="Net of VAT")
+    sku = forms.CharField(max_length=64, required=False, help_text="Revenue family to reverse, e.g. compute.vcpu")
+
+
+class PeriodCloseForm(forms.Form):
+    period = forms.CharField(max_length=7, help_text="YYYY-MM, a month that has ended")
+
+    def clean_period(self) -> Period:
+        try:
+            period = Period.parse(self.cleaned_data["period"])
+            services.check_closable(period)
+        except ApplicationError as exc:
+            raise forms.ValidationError(exc.message) from exc
+        return period
+
+
+# Which permission each invoice action needs.
+ACTIONS = {
+    "void": ("invoicing.issue_credit_note", "Void with a credit note"),
+    "write_off": ("invoicing.write_off_invoice", "Write off"),
+    "credit_note": ("invoicing.issue_credit_note", "Issue a credit note"),
+}
+
+
+@admin.register(Invoice)
+class InvoiceAdmin(admin.ModelAdmin[Invoice]):
+    list_display = ("number", "public_id", "account", "period_start", "status", "total", "outstanding", "due_at")
+    list_filter = ("status", PeriodFilter, "currency", OverdueFilter, "tax_treatment")
+    search_fields = ("number",)
+    ordering = ("-created_at",)
+    inlines = (InvoiceLineInline, InvoiceTransitionInline)
+    change_form_template = "admin/invoicing/invoice/change_form.html"
+    show_full_result_count = False
+    fields = (
+        "number",
+        "status",
+        "account",
+        "period_start",
+        "period_end",
+        "currency",
+        "subtotal",
+        "tax_line",
+        "tax_note",
+        "total",
+        "credits",
+        "paid",
+        "credited",
+        "written_off",
+        "outstanding",
+        "issued_at",
+        "due_at",
+        "paid_at",
+        "buyer",
+        "seller",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[Invoice], search_term: str) -> Any:
+        term = search_term.strip()
+        for prefix, column in (("inv", "id"), ("acc", "account_id")):
+            decoded = ids.decode(prefix, term)
+            if decoded is not None:
+                return queryset.filter(**{column: decoded}), False
+        return super().get_search_results(request, queryset, search_term)
+
+    @admin.display(description="id")
+    def public_id(self, invoice: Invoice) -> str:
+        return invoice.public_id
+
+    @admin.display(description="account")
+    def account(self, invoice: Invoice) -> str:
+        url = reverse("admin:accounts_billingaccount_change", args=[invoice.account_id])
+        return format_html('<a href="{}">{}</a>', url, ids.encode("acc", invoice.account_id))
+
+    @admin.display(description="subtotal")
+    def subtotal(self, invoice: Invoice) -> str:
+        return _money(invoice.subtotal_minor, invoice.currency)
+
+    @admin.display(description="VAT")
+    def tax_line(self, invoice: Invoice) -> str:
+        where = f" ({invoice.tax_country})" if invoice.tax_country else ""
+        treatment = invoice.get_tax_treatment_display()
+        return f"{_money(invoice.tax_minor, invoice.currency)} at {invoice.tax_rate}%{where}, {treatment}"
+
+    @admin.display(description="total", ordering="total_minor")
+    def total(self, invoice: Invoice) -> str:
+        return _money(invoice.total_minor, invoice.currency)
+
+    @admin.display(description="credits applied")
+    def credits(self, invoice: Invoice) -> str:
+        return _money(invoice.credits_applied_minor, invoice.currency)
+
+    @admin.display(description="paid")
+    def paid(self, invoice: Invoice) -> str:
+        return _money(invoice.amount_paid_minor, invoice.currency)
+
+    @admin.display(description="credit notes")
+    def credited(self, invoice: Invoice) -> str:
+        return _money(invoice.amount_credited_minor, invoice.currency)
+
+    @admin.display(description="written off")
+    def written_off(self, invoice: Invoice) -> str:
+        return _money(invoice.written_off_minor, invoice.currency)
+
+    @admin.display(description="outstanding")
+    def outstanding(self, invoice: Invoice) -> str:
+        return _money(invoice.amount_outstanding_minor, invoice.currency)
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None) -> Any:
+        invoice = self.get_object(request, object_id)
+        extra = {**(extra_context or {})}
+        if invoice is not None:
+            extra["actions_allowed"] = [
+                (name, label)
+                for name, (perm, label) in ACTIONS.items()
+                if request.user.has_perm(perm) and self._allowed(invoice, name)
+            ]
+            extra["ledger_entries"] = [
+                (entry, [(line.ledger_account, _money(line.amount_minor, line.currency)) for line in entry.lines.all()])
+                for entry in selectors.ledger_entries_for_invoice(invoice_id=invoice.id)
+            ]
+            extra["credit_notes"] = list(invoice.credit_notes.all())
+            extra["has_pdf"] = invoice.status != InvoiceStatus.DRAFT
+        return super().change_view(request, object_id, form_url, extra)
+
+    @staticmethod
+    def _allowed(invoice: Invoice, name: str) -> bool:
+        if name == "credit_note":
+            return invoice.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID)
+        if name == "void":
+            return invoice.status == InvoiceStatus.ISSUED and invoice.amount_paid_minor == 0
+        return invoice.status == InvoiceStatus.ISSUED
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view
+        return [
+            path("period-close/", view(self.period_close_view), name="invoicing_invoice_period_close"),
+            path("<int:object_id>/pdf/", view(self.pdf_view), name="invoicing_invoice_pdf"),
+            path("<int:object_id>/action/<str:name>/", view(self.action_view), name="invoicing_invoice_action"),
+            path("credit-note/<int:note_id>/pdf/", view(self.credit_note_pdf_view), name="invoicing_creditnote_pdf"),
+            *super().get_urls(),
+        ]
+
+    def pdf_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
+        from invoicing import pdf
+
+        if not request.user.has_perm("invoicing.view_invoice"):
+            raise PermissionDenied
+        invoice = get_object_or_404(Invoice, pk=object_id)
+        content = pdf.document_ensure(kind="invoice", source_id=invoice.id)
+        if content is None:
+            raise PermissionDenied("Drafts have no PDF.")
+        return HttpResponse(content, content_type="application/pdf")
+
+    def credit_note_pdf_view(self, request: HttpRequest, note_id: int) -> HttpResponse:
+        from invoicing import pdf
+
+        if not request.user.has_perm("invoicing.view_creditnote"):
+            raise PermissionDenied
+        note = get_object_or_404(CreditNote, pk=note_id)
+        return HttpResponse(pdf.document_ensure(kind="credit_note", source_id=note.id), content_type="application/pdf")
+
+    def action_view(self, request: HttpRequest, object_id: int, name: str) -> HttpResponse:
+        invoice = get_object_or_404(Invoice, pk=object_id)
+        if name not in ACTIONS or not request.user.has_perm(ACTIONS[name][0]):
+            raise PermissionDenied
+        form: forms.Form = (CreditNoteForm if name == "credit_note" else ReasonForm)(request.POST or None)
+        change_url = reverse("admin:invoicing_invoice_change", args=[invoice.pk])
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            try:
+                if name == "void":
+                    note = services.invoice_void(invoice_id=invoice.id, reason=data["reason"], actor=_operator(request))
+                    done = f"{invoice.number} voided with credit note {note.number}."
+                elif name == "write_off":
+                    services.invoice_write_off(invoice_id=invoice.id, reason=data["reason"], actor=_operator(request))
+                    done = f"{invoice.number} written off."
+                else:
+                    amount_minor = money.to_minor(data["amount"], invoice.currency)
+                    note = services.credit_note_issue(
+                        invoice_id=invoice.id,
+                        lines=[
+                            services.CreditNoteLineIn(
+                                description=data["description"], amount_minor=amount_minor, sku=data["sku"]
+                            )
+                        ],
+                        reason=data["reason"],
+                        actor=_operator(request),
+                    )
+                    done = f"Credit note {note.number} issued."
+            except ApplicationError as exc:
+                form.add_error(None, exc.message)
+            else:
+                messages.success(request, done)
+                return HttpResponseRedirect(change_url)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "original": invoice,
+            "title": f"{ACTIONS[name][1]}: {invoice}",
+            "form": form,
+            "change_url": change_url,
+            "outstanding": _money(invoice.amount_outstanding_minor, invoice.currency),
+            "total": _money(invoice.total_minor, invoice.currency),
+        }
+        return TemplateResponse(request, "admin/invoicing/invoice/action.html", context)
+
+    def period_close_view(self, request: HttpRequest) -> HttpResponse:
+        if not request.user.has_perm("invoicing.close_period"):
+            raise PermissionDenied
+        form = PeriodCloseForm(request.POST or None)
+        preview = None
+        if request.method == "POST" and form.is_valid():
+            period: Period = form.cleaned_data["period"]
+            if "start" in request.POST:
+                from invoicing import tasks
+
+                result = tasks.close_period.delay(
+                    period=period.label, operator_id=request.user.pk, operator_email=str(request.user)
+                )
+                summary = result.result if result.ready() else "started in a worker"
+                messages.success(request, f"Billing run for {period}: {summary}")
+                return HttpResponseRedirect(reverse("admin:invoicing_invoice_changelist") + f"?period={period}")
+            report = services.period_close(period=period, actor=_operator(request), dry_run=True)
+            preview = {
+                "period": period.label,
+                "report": report,
+                "totals": [(c, money.from_minor(a, c)) for c, a in sorted(report.totals_minor.items())],
+            }
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Period close",
+            "form": form,
+            "preview": preview,
+            "last_month": Period.containing(timezone.now()).previous.label,
+        }
+        return TemplateResponse(request, "admin/invoicing/invoice/period_close.html", context)
+
+
+@admin.register(CreditNote)
+class CreditNoteAdmin(admin.ModelAdmin[CreditNote]):
+    list_display = ("number", "invoice", "currency", "total", "issued_at", "issued_by", "pdf")
+    search_fields = ("number", "invoice__number")
+    list_select_related = ("invoice",)
+    readonly_fields = ("number", "invoice", "currency", "reason", "total", "issued_by", "issued_at", "pdf")
+    fields = readonly_fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="total (incl. VAT)")
+    def total(self, note: CreditNote) -> str:
+        return _money(note.total_minor, note.currency)
+
+    @admin.display(description="PDF")
+    def pdf(self, note: CreditNote) -> str:
+        return format_html('<a href="{}">PDF</a>', reverse("admin:invoicing_creditnote_pdf", args=[note.pk]))
+
+
+class CreditGrantForm(forms.ModelForm[CreditGrant]):
+    account = AccountIdField(help_text="acc_…")
+    amount = forms.DecimalField(max_digits=18, decimal_places=3, min_value=Decimal("0.001"))
+
+    class Meta:
+        model = CreditGrant
+        fields = ("kind", "currency", "expires_at", "reason")
+
+
+@admin.register(CreditGrant)
+class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
+    list_display = ("public_id", "account", "kind", "amount", "remaining", "expires_at", "granted_by", "created_at")
+    list_filter = ("kind", "currency")
+    form = CreditGrantForm
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ("account", "kind", "amount", "currency", "expires_at", "reason")
+        return ("account", "kind", "amount", "remaining", "currency", "expires_at", "reason", "granted_by")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return self.get_fields(request, obj) if obj is not None else ()
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="id")
+    def public_id(self, grant: CreditGrant) -> str:
+        return grant.public_id
+
+    @admin.display(description="account")
+    def account(self, grant: CreditGrant) -> str:
+        return ids.encode("acc", grant.account_id)
+
+    @admin.display(description="amount")
+    def amount(self, grant: CreditGrant) -> str:
+        return _money(grant.amount_minor, grant.currency)
+
+    @admin.display(description="remaining")
+    def remaining(self, grant: CreditGrant) -> str:
+        return _money(grant.remaining_minor, grant.currency)
+
+    def save_model(self, request: HttpRequest, obj: CreditGrant, form: Any, change: bool) -> None:
+        data = form.cleaned_data
+        try:
+            grant = services.credit_grant_create(
+                account_id=data["account"],
+                kind=data["kind"],
+                amount=data["amount"],
+                currency=data["currency"],
+                reason=data["reason"],
+                actor=_operator(request),
+                expires_at=data["expires_at"],
+            )
+        except ApplicationError as exc:
+            raise PermissionDenied(exc.message) from exc
+        obj.pk = grant.pk
+
+
+@admin.register(TaxRate)
+class TaxRateAdmin(admin.ModelAdmin[TaxRate]):
+    list_display = ("country", "rate", "valid_from", "valid_until", "note")
+    list_filter = ("country",)
+    ordering = ("country", "-valid_from")
+
+
+class ContractDiscountForm(forms.ModelForm[ContractDiscount]):
+    account = AccountIdField(help_text="acc_…")
+
+    class Meta:
+        model = ContractDiscount
+        fields = ("sku_prefix", "percent", "valid_from", "valid_until", "reason")
+
+    def save(self, commit: bool = True) -> ContractDiscount:
+        self.instance.account_id = self.cleaned_data["account"]
+        return super().save(commit)
+
+
+@admin.register(ContractDiscount)
+class ContractDiscountAdmin(admin.ModelAdmin[ContractDiscount]):
+    list_display = ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason", "created_by")
+    form = ContractDiscountForm
+    fields = ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason")
+
+    @admin.display(description="account")
+    def account(self, discount: ContractDiscount) -> str:
+        return ids.encode("acc", discount.account_id)
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        form = super().get_form(request, obj, change=change, **kwargs)
+        if obj is not None:
+            form.base_fields["account"].initial = ids.encode("acc", obj.account_id)
+        return form
+
+    def save_model(self, request: HttpRequest, obj: ContractDiscount, form: Any, change: bool) -> None:
+        obj.created_by = obj.created_by or str(request.user)
+        super().save_model(request, obj, form, change)
+
+
+class LedgerLineInline(ReadOnlyInlineMixin, admin.TabularInline[LedgerLine, LedgerEntry]):
+    model = LedgerLine
+    fields = ("ledger_account", "account_id", "currency", "amount_minor")
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("invoicing.view_ledgerentry")
+
+
+@admin.register(LedgerEntry)
+class LedgerEntryAdmin(admin.ModelAdmin[LedgerEntry]):
+    list_display = ("posted_at", "source_type", "source_id", "account_id", "currency", "memo")
+    list_filter = ("source_type", "currency")
+    search_fields = ("memo",)
+    inlines = (LedgerLineInline,)
+    readonly_fields = ("posted_at", "source_type", "source_id", "account_id", "currency", "memo")
+    show_full_result_count = False
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
