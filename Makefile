@@ -18,6 +18,7 @@ demo: $(STAMP)
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --no-input -v 0
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py load_demo_data
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py load_demo_usage
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py load_demo_invoices
 	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py runserver 127.0.0.1:8000
 
 ## make test: install and run the whole suite against a real PostgreSQL

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.db import connection
@@ -34,7 +35,10 @@ def invoice_html(invoice: Invoice) -> str:
         lines.append(
             {
                 "description": line.description,
-                "quantity": f"{line.quantity.normalize():f}" if line.quantity is not None else "",
+                # Printed to 6 places (sums of per-second accrual carry 12); the API keeps all.
+                "quantity": (
+                    f"{line.quantity.quantize(Decimal('0.000001')).normalize():,f}" if line.quantity is not None else ""
+                ),
                 "unit": line.unit,
                 "unit_price": (
                     f"{line.unit_price.normalize():f}" if line.unit_price is not None else (line.pricing or "")

@@ -154,7 +154,8 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "Billing back office API",
     "DESCRIPTION": (
-        "Billing accounts, members, API keys and the account lifecycle. "
+        "Billing accounts, members, API keys, the account lifecycle, usage events, cost breakdowns, "
+        "invoices, credit notes and balances. "
         "Errors are application/problem+json (RFC 9457) with a stable `code`."
     ),
     "VERSION": "1.0.0",
@@ -181,7 +182,13 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"pgserver": {"level": "WARNING"}},  # the embedded server logs every start and stop
+    "loggers": {
+        "pgserver": {"level": "WARNING"},  # the embedded server logs every start and stop
+        # PDF rendering: WeasyPrint logs each step and fontTools each glyph table at INFO; the
+        # "HarfBuzz-Subset missing" warning is about speed only (fontTools subsets instead).
+        "weasyprint": {"level": "ERROR"},
+        "fontTools": {"level": "WARNING"},
+    },
 }
 
 # --- Metering
