@@ -2,8 +2,8 @@
 
 For a calendar month ``M`` and a chunk of accounts, one durable transaction:
 
-1. takes a per-account advisory lock (two runs, or runs of two periods, never bill an account
-   at the same time) and skips accounts whose invoice for ``M`` is already issued;
+1. locks the accounts' ``BillingLock`` rows (two runs, or runs of two periods, never bill
+   an account at the same time) and skips accounts whose invoice for ``M`` is already issued;
 2. plans each invoice from the daily rollup: for every month from the look-back start to
    ``M`` and every SKU, the rated usage now minus what issued invoices already billed
    (``BilledUsage``): ``M``'s own usage becomes usage lines, earlier months' differences
@@ -356,12 +356,19 @@ class ChunkResult:
 
 
 def _lock_accounts(account_ids: list[int]) -> None:
-    """Transaction-scoped advisory locks, one per account, taken in ascending order (no
-    deadlocks between runs): the invoicing app's "this account is being billed" lock."""
+    """Lock the accounts' ``BillingLock`` rows (created on first use) in ascending order, so
+    runs that overlap wait for each other instead of deadlocking."""
+    ordered = sorted(account_ids)
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(pg_advisory_xact_lock(a)) FROM (SELECT a FROM unnest(%s::bigint[]) a ORDER BY a) s",
-            [sorted(account_ids)],
+            "INSERT INTO invoicing_billinglock (account_id) SELECT a FROM unnest(%s::bigint[]) a ORDER BY a "
+            "ON CONFLICT DO NOTHING",
+            [ordered],
+        )
+        cursor.execute(
+            "SELECT count(*) FROM (SELECT account_id FROM invoicing_billinglock WHERE account_id = ANY(%s) "
+            "ORDER BY account_id FOR UPDATE) locked",
+            [ordered],
         )
 
 
@@ -557,7 +564,7 @@ def _write_invoices(
             },
         )
         invoice_ids = dict(cursor.fetchall())
-        if len(invoice_ids) != len(plans):  # the advisory lock makes this impossible; say so if not
+        if len(invoice_ids) != len(plans):  # the billing lock makes this impossible; say so if not
             raise RuntimeError("an invoice of this chunk was issued by someone else meanwhile")
         # A recomputed draft loses its old lines.
         cursor.execute("DELETE FROM invoicing_invoiceline WHERE invoice_id = ANY(%s)", [list(invoice_ids.values())])

@@ -83,6 +83,18 @@ class ContractDiscount(models.Model):
         return f"{self.percent}% on {self.sku_prefix or '*'}"
 
 
+class BillingLock(models.Model):
+    """One row per billed account, locked ``FOR UPDATE`` while the account is being invoiced:
+    two period closes (of the same or different months) never bill one account at once.
+    Row locks live in the tuples, so a chunk of thousands of accounts does not fill the
+    server's shared lock table the way as many advisory locks would."""
+
+    account_id = models.BigIntegerField(primary_key=True)
+
+    def __str__(self) -> str:
+        return str(self.account_id)
+
+
 class DocumentSequence(models.Model):
     """The last number handed out in a series for a calendar year. Numbers are taken by an
     ``UPDATE … RETURNING`` in the issuing transaction: the row lock serialises issuers and a

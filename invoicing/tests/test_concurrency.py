@@ -100,7 +100,7 @@ def test_two_runs_at_once_issue_one_invoice_per_account(accounts: list[BillingAc
 def test_a_run_killed_half_way_then_rerun_gives_one_invoice_each_with_the_same_content(
     accounts: list[BillingAccount],
 ) -> None:
-    blocker = accounts[3]  # the killed run commits chunks of accounts 0, 1, 2 and waits on 3
+    blocker = accounts[3]  # the killed run commits chunks of accounts 0, 1, 2 and waits on 3's lock row
     settings_dict = connection.settings_dict
     env = {
         **os.environ,
@@ -114,7 +114,7 @@ def test_a_run_killed_half_way_then_rerun_gives_one_invoice_each_with_the_same_c
     try:
         with holder.cursor() as cursor:
             cursor.execute("BEGIN")
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [blocker.id])
+            cursor.execute("INSERT INTO invoicing_billinglock (account_id) VALUES (%s)", [blocker.id])
             worker = subprocess.Popen(
                 [sys.executable, "manage.py", "bill_period", "2026-10", "--no-rollup", "--chunk-size", "1"],
                 cwd=root,
