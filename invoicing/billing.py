@@ -159,9 +159,12 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
     first_month = lookback_start(period)
     first_at = dt.datetime.combine(first_month, dt.time(), tzinfo=dt.UTC)
 
+    usage = metering_selectors.billing_usage(
+        account_ids=account_ids, start=first_at, end=period.end_at, detail_month=period.start
+    )
     rated: dict[tuple[int, dt.date, str], list[Decimal]] = {}
-    for usage in metering_selectors.monthly_usage(account_ids=account_ids, start=first_at, end=period.end_at):
-        rated[(usage.account_id, usage.month, usage.sku)] = [usage.quantity, usage.amount]
+    for monthly in usage.monthly:
+        rated[(monthly.account_id, monthly.month, monthly.sku)] = [monthly.quantity, monthly.amount]
     billed: dict[tuple[int, dt.date, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
     for row in BilledUsage.objects.filter(account_id__in=account_ids, usage_month__gte=first_month).values_list(
         "account_id", "usage_month", "sku", "quantity", "rated_amount"
@@ -169,7 +172,6 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
         billed[row[:3]][0] += row[3]
         billed[row[:3]][1] += row[4]
 
-    detail = _details(account_ids=account_ids, period=period)
     discounts = list(
         ContractDiscount.objects.filter(account_id__in=account_ids, valid_from__lt=period.end).exclude(
             valid_until__lte=period.start
@@ -210,7 +212,7 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
                 currency=currency, start=period.start_at, end=period.end_at
             )
         lines = _usage_lines(
-            period, deltas[account_id], currency, pricing[currency], detail.get(account_id, {})
+            period, account_id, deltas[account_id], currency, pricing[currency], usage
         ) + _discount_lines(discounts_of.get(account_id, []), discount_bases, currency)
         if not lines:
             continue
@@ -236,10 +238,11 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
 
 def _usage_lines(
     period: Period,
+    account_id: int,
     deltas: list[tuple[dt.date, str, Decimal, Decimal]],
     currency: str,
     pricing: dict[str, metering_selectors.SkuPricing],
-    detail: dict[str, dict[str, list[tuple[str, Decimal, Decimal]]]],
+    usage: metering_selectors.BillingUsage,
 ) -> list[PlannedLine]:
     current, adjustments = [], []
     for month, sku, quantity, amount in deltas:
@@ -257,7 +260,12 @@ def _usage_lines(
                 pricing=how.pricing,
                 rated_amount=amount,
                 amount_minor=amount_minor,
-                detail=_line_detail(detail.get(sku, {}), amount_minor, currency),
+                detail=_line_detail(
+                    usage.by_resource.get((account_id, sku), []),
+                    usage.by_project.get((account_id, sku), []),
+                    amount_minor,
+                    currency,
+                ),
             )
             current.append(line)
         else:
@@ -280,42 +288,30 @@ def _usage_lines(
     return current + adjustments
 
 
-def _line_detail(by: dict[str, list[tuple[str, Decimal, Decimal]]], amount_minor: int, currency: str) -> dict[str, Any]:
-    """The line's amount split by resource and by ``project`` label, each split summing to the
-    line's rounded amount exactly (largest remainder over the rated amounts)."""
+def _line_detail(
+    resources: list[tuple[str, Decimal, Decimal]],
+    projects: list[tuple[str | None, Decimal, Decimal]],
+    amount_minor: int,
+    currency: str,
+) -> dict[str, Any]:
+    """The line's amount split by resource and by ``project`` label (when any usage carries
+    one), each split summing to the line's rounded amount exactly (largest remainder over the
+    rated amounts)."""
     result: dict[str, Any] = {}
-    for dimension, rows in by.items():
+    named = [(key or "(no resource)", q, a) for key, q, a in sorted(resources, key=lambda r: r[0])]
+    splits: list[tuple[str, list[tuple[str, Decimal, Decimal]]]] = [("resources", named)]
+    if any(key for key, _, _ in projects):
+        ordered = sorted(projects, key=lambda r: (r[0] is None, r[0] or ""))
+        splits.append(("projects", [(key or "(no project)", q, a) for key, q, a in ordered]))
+    for dimension, rows in splits:
+        if not rows:
+            continue
         parts = money.allocate(amount_minor, [amount for _, _, amount in rows])
         result[dimension] = [
             {"key": key, "quantity": str(quantity), "amount": str(money.from_minor(part, currency))}
             for (key, quantity, _), part in zip(rows, parts, strict=True)
         ]
     return result
-
-
-def _details(*, account_ids: list[int], period: Period) -> dict[int, dict[str, dict[str, list[Any]]]]:
-    """account → sku → {"resources": [(id, qty, amount)], "projects": [...]} for the period."""
-    resources: dict[tuple[int, str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
-    projects: dict[tuple[int, str, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
-    has_project: set[tuple[int, str]] = set()
-    for account_id, sku, resource_id, project, quantity, amount in metering_selectors.usage_detail(
-        account_ids=account_ids, start=period.start_at, end=period.end_at
-    ):
-        r = resources[(account_id, sku, resource_id or "(no resource)")]
-        r[0] += quantity
-        r[1] += amount
-        p = projects[(account_id, sku, project or "(no project)")]
-        p[0] += quantity
-        p[1] += amount
-        if project:
-            has_project.add((account_id, sku))
-    out: dict[int, dict[str, dict[str, list[Any]]]] = defaultdict(lambda: defaultdict(dict))
-    for (account_id, sku, key), (quantity, amount) in resources.items():
-        out[account_id][sku].setdefault("resources", []).append((key, quantity, amount))
-    for (account_id, sku, key), (quantity, amount) in projects.items():
-        if (account_id, sku) in has_project:
-            out[account_id][sku].setdefault("projects", []).append((key, quantity, amount))
-    return out
 
 
 def _discount_lines(

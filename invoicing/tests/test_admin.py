@@ -133,6 +133,9 @@ def test_finance_grants_credit_and_edits_tax_rates(invoice: Invoice) -> None:
     assert TaxRate.objects.get(pk=rate.pk).valid_until == dt.date(2027, 1, 1)
 
 
+# Committing for real: the run rolls usage up first, shard by shard, each shard its own
+# transaction (inside one test transaction their locks would pile up).
+@pytest.mark.django_db(transaction=True)
 def test_period_close_previews_then_runs(catalog: None, customer: Customer, make_account: Callable) -> None:
     accounts = [make_account(customer.user, currency=c, country="US") for c in ("EUR", "EUR", "JPY")]
     for account in accounts:
