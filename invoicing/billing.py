@@ -308,7 +308,7 @@ def _line_detail(
             continue
         parts = money.allocate(amount_minor, [amount for _, _, amount in rows])
         result[dimension] = [
-            {"key": key, "quantity": str(quantity), "amount": str(money.from_minor(part, currency))}
+            {"key": key, "quantity": str(quantity), "amount": money.format_minor(part, currency)}
             for (key, quantity, _), part in zip(rows, parts, strict=True)
         ]
     return result
@@ -372,6 +372,10 @@ def _lock_accounts(account_ids: list[int]) -> None:
 def close_chunk(*, period: Period, account_ids: list[int], actor: Actor, render_pdfs: bool = True) -> ChunkResult:
     now = timezone.now()
     result = ChunkResult()
+    with connection.cursor() as cursor:
+        # This transaction only: a chunk's aggregation (~100 k daily rows per 500 accounts)
+        # hashes in memory instead of spilling; JIT costs more than it saves on one-off queries.
+        cursor.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
     _lock_accounts(account_ids)
     existing = dict(
         Invoice.objects.filter(account_id__in=account_ids, period_start=period.start).values_list(

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -52,9 +53,15 @@ class CloseReport:
     nothing_to_bill: int = 0
     totals_minor: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     dry_run: bool = False
+    queued_chunks: int = 0
     seconds: float = 0.0
 
     def summary(self) -> str:
+        if self.queued_chunks:
+            return (
+                f"{self.period}: {self.accounts} accounts with usage in {self.queued_chunks} chunks queued "
+                f"for the workers; {self.seconds:.1f} s"
+            )
         totals = ", ".join(
             f"{money.from_minor(amount, currency)} {currency}" for currency, amount in sorted(self.totals_minor.items())
         )
@@ -74,6 +81,24 @@ def check_closable(period: Period, *, now: dt.datetime | None = None) -> None:
         )
 
 
+def period_chunks(
+    *, period: Period, account_ids: list[int] | None = None, chunk_size: int = CHUNK_ACCOUNTS
+) -> list[list[int]]:
+    """The accounts a close of ``period`` considers (usage in it, or late usage of a month it
+    may still adjust), ascending, cut into chunks of one transaction each."""
+    first = dt.datetime.combine(billing.lookback_start(period), dt.time(), tzinfo=dt.UTC)
+    candidates = metering_selectors.accounts_with_usage(start=first, end=period.end_at, account_ids=account_ids)
+    return [candidates[lo : lo + chunk_size] for lo in range(0, len(candidates), chunk_size)]
+
+
+def period_close_chunk(
+    *, period: Period, account_ids: list[int], actor: Actor, render_pdfs: bool = True
+) -> billing.ChunkResult:
+    """Invoice one chunk of accounts (one transaction); what a worker runs for a fanned-out close."""
+    check_closable(period)
+    return billing.close_chunk(period=period, account_ids=account_ids, actor=actor, render_pdfs=render_pdfs)
+
+
 def period_close(
     *,
     period: Period,
@@ -83,20 +108,36 @@ def period_close(
     run_rollup: bool = True,
     render_pdfs: bool = True,
     chunk_size: int = CHUNK_ACCOUNTS,
+    fan_out: bool = False,
 ) -> CloseReport:
     """Close a past period: roll usage up to now, then invoice every account with usage in
     the period (or late usage of an earlier one), ``chunk_size`` accounts per transaction.
-    Idempotent: accounts already invoiced for the period are skipped."""
+    Idempotent: accounts already invoiced for the period are skipped.
+
+    ``fan_out`` (with a broker) queues one ``invoicing.close_chunk`` task per chunk, so every
+    worker bills in parallel, instead of billing the chunks here one after the other."""
     started = time.perf_counter()
     check_closable(period)
     if run_rollup and not dry_run:
         _rollup_everything()
     report = CloseReport(period=period, dry_run=dry_run)
-    first = dt.datetime.combine(billing.lookback_start(period), dt.time(), tzinfo=dt.UTC)
-    candidates = metering_selectors.accounts_with_usage(start=first, end=period.end_at, account_ids=account_ids)
-    report.accounts = len(candidates)
-    for lo in range(0, len(candidates), chunk_size):
-        chunk = candidates[lo : lo + chunk_size]
+    chunks = period_chunks(period=period, account_ids=account_ids, chunk_size=chunk_size)
+    report.accounts = sum(len(chunk) for chunk in chunks)
+    if fan_out and not dry_run and not current_app.conf.task_always_eager:
+        from invoicing import tasks
+
+        for chunk in chunks:
+            tasks.close_chunk.delay(
+                period=period.label,
+                account_ids=chunk,
+                actor_kind=actor.kind.value,
+                actor_name=actor.name,
+                actor_user_id=actor.user_id,
+            )
+        report.queued_chunks = len(chunks)
+        report.seconds = time.perf_counter() - started
+        return report
+    for chunk in chunks:
         if dry_run:
             issued = set(
                 Invoice.objects.filter(account_id__in=chunk, period_start=period.start)
@@ -111,7 +152,7 @@ def period_close(
             for p in plans.values():
                 report.totals_minor[p.currency] += p.total_minor
             continue
-        result = billing.close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs)
+        result = period_close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs)
         report.issued += len(result.issued)
         report.already_issued += result.already_issued
         report.nothing_to_bill += result.nothing_to_bill

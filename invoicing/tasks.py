@@ -8,7 +8,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from billing_site.common.actors import Actor
+from billing_site.common.actors import Actor, ActorKind
 
 
 @shared_task(name="invoicing.render_documents")
@@ -30,7 +30,23 @@ def close_last_period() -> str:
     grace_over = period.end_at + dt.timedelta(minutes=settings.INVOICING_GRACE_MINUTES)
     if now < grace_over:
         return f"{period}: grace time runs until {grace_over.isoformat()}"
-    return services.period_close(period=period, actor=Actor.system("invoicing.beat")).summary()
+    return services.period_close(period=period, actor=Actor.system("invoicing.beat"), fan_out=True).summary()
+
+
+@shared_task(name="invoicing.close_chunk", acks_late=True)
+def close_chunk(
+    *, period: str, account_ids: list[int], actor_kind: str, actor_name: str, actor_user_id: int | None
+) -> str:
+    """One chunk of a fanned-out period close (idempotent: a redelivery finds it issued)."""
+    from invoicing import services
+    from invoicing.billing import Period
+
+    result = services.period_close_chunk(
+        period=Period.parse(period),
+        account_ids=account_ids,
+        actor=Actor(kind=ActorKind(actor_kind), name=actor_name, user_id=actor_user_id),
+    )
+    return f"{period}: {len(result.issued)} issued, {result.already_issued} already, {result.nothing_to_bill} empty"
 
 
 @shared_task(name="invoicing.close_period")
@@ -40,4 +56,4 @@ def close_period(*, period: str, operator_id: int, operator_email: str) -> str:
     from invoicing.billing import Period
 
     actor = Actor.operator(operator_id, operator_email)
-    return services.period_close(period=Period.parse(period), actor=actor).summary()
+    return services.period_close(period=Period.parse(period), actor=actor, fan_out=True).summary()

@@ -231,6 +231,7 @@ def window_amounts(windows: list[AmountWindow]) -> dict[tuple[int, str], Decimal
             JOIN metering_dailyusage d
               ON d.account_id = w.account_id AND d.day >= w.start AND d.day < w."end"
              AND starts_with(d.sku, w.prefix)
+            WHERE d.account_id = ANY(%s::bigint[])  -- lets the planner probe each partition's index
             GROUP BY 1, 2
             """,
             [
@@ -239,6 +240,7 @@ def window_amounts(windows: list[AmountWindow]) -> dict[tuple[int, str], Decimal
                 [w.sku_prefix for w in windows],
                 [w.start for w in windows],
                 [w.end for w in windows],
+                sorted({w.account_id for w in windows}),
             ],
         )
         return {(key, sku): amount for key, sku, amount in cursor.fetchall()}

@@ -22,20 +22,6 @@ from metering.tests.test_rollup import at, lifecycle, used
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-def _rates_and_clean_rollups(request: pytest.FixtureRequest) -> None:
-    from django.db import connection
-
-    from invoicing.taxes import seed_rates
-
-    seed_rates()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "TRUNCATE metering_usageevent, metering_resourceevent, metering_resourcestate, metering_hourlyusage, "
-            "metering_dailyusage"
-        )
-
-
 def send(producer: APIClient, events: list[dict[str, Any]], now: dt.datetime) -> None:
     with time_machine.travel(now, tick=False):
         response = producer.post("/api/v1/usage/events", {"events": events}, format="json")

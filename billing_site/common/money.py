@@ -33,8 +33,17 @@ def to_minor(amount: Decimal, currency: str) -> int:
 
 def from_minor(amount_minor: int, currency: str) -> Decimal:
     """Minor units as a Decimal with exactly the currency's places: 1234 EUR → Decimal('12.34')."""
+    return Decimal(format_minor(amount_minor, currency))
+
+
+def format_minor(amount_minor: int, currency: str) -> str:
+    """Minor units as a decimal string with exactly the currency's places: 1234 EUR → '12.34',
+    -5 EUR → '-0.05', 1234 JPY → '1234' (integer arithmetic only)."""
     places = exponent(currency)
-    return Decimal(amount_minor).scaleb(-places).quantize(Decimal(1).scaleb(-places))
+    if places == 0:
+        return str(amount_minor)
+    whole, fraction = divmod(abs(amount_minor), 10**places)
+    return f"{'-' if amount_minor < 0 else ''}{whole}.{fraction:0{places}d}"
 
 
 def percent_of_minor(amount_minor: int, percent: Decimal) -> int:
