@@ -128,3 +128,13 @@ def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
             payment_terms_days=account.payment_terms_days,
         )
     return profiles
+
+
+def billing_account_ids_open(*, opened_before: object, account_ids: list[int] | None = None) -> list[int]:
+    """Ids of accounts created before ``opened_before`` and not closed, ascending."""
+    from accounts.models import AccountState
+
+    rows = BillingAccount.objects.filter(created_at__lt=opened_before).exclude(state=AccountState.CLOSED)
+    if account_ids is not None:
+        rows = rows.filter(id__in=account_ids)
+    return list(rows.order_by("id").values_list("id", flat=True))

@@ -204,7 +204,7 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
     plans: dict[int, PlannedInvoice] = {}
     for account_id in account_ids:
         profile = profiles.get(account_id)
-        if profile is None or not deltas.get(account_id):
+        if profile is None or not (deltas.get(account_id) or settings.INVOICING_ISSUE_EMPTY):
             continue
         currency = profile.currency
         if currency not in pricing:
@@ -212,9 +212,9 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
                 currency=currency, start=period.start_at, end=period.end_at
             )
         lines = _usage_lines(
-            period, account_id, deltas[account_id], currency, pricing[currency], usage
+            period, account_id, deltas.get(account_id, []), currency, pricing[currency], usage
         ) + _discount_lines(discounts_of.get(account_id, []), discount_bases, currency)
-        if not lines:
+        if not lines and not settings.INVOICING_ISSUE_EMPTY:
             continue
         subtotal = sum(line.amount_minor for line in lines)
         decision = taxes.decide(

@@ -17,6 +17,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django_fsm import can_proceed
 
+from accounts import selectors as account_selectors
 from billing_site.common import money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
@@ -85,9 +86,15 @@ def period_chunks(
     *, period: Period, account_ids: list[int] | None = None, chunk_size: int = CHUNK_ACCOUNTS
 ) -> list[list[int]]:
     """The accounts a close of ``period`` considers (usage in it, or late usage of a month it
-    may still adjust), ascending, cut into chunks of one transaction each."""
+    may still adjust; with ``INVOICING_ISSUE_EMPTY`` every account open in the period too),
+    ascending, cut into chunks of one transaction each."""
     first = dt.datetime.combine(billing.lookback_start(period), dt.time(), tzinfo=dt.UTC)
     candidates = metering_selectors.accounts_with_usage(start=first, end=period.end_at, account_ids=account_ids)
+    if settings.INVOICING_ISSUE_EMPTY:  # every account open in the period, usage or not
+        candidates = sorted(
+            set(candidates)
+            | set(account_selectors.billing_account_ids_open(opened_before=period.end_at, account_ids=account_ids))
+        )
     return [candidates[lo : lo + chunk_size] for lo in range(0, len(candidates), chunk_size)]
 
 

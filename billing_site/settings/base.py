@@ -210,5 +210,7 @@ INVOICING_SELLER_EMAIL = os.environ.get("INVOICING_SELLER_EMAIL", "billing@examp
 # Number series prefixes: INV-2026-000001, CN-2026-000001.
 INVOICING_INVOICE_SERIES = os.environ.get("INVOICING_INVOICE_SERIES", "INV")
 INVOICING_CREDIT_NOTE_SERIES = os.environ.get("INVOICING_CREDIT_NOTE_SERIES", "CN")
+# Invoice accounts with nothing to bill too (a zero invoice for every open account).
+INVOICING_ISSUE_EMPTY = env_bool("INVOICING_ISSUE_EMPTY", default=False)
 # Beat closes last month on the 1st this many minutes after midnight UTC (late events' grace).
 INVOICING_GRACE_MINUTES = int(os.environ.get("INVOICING_GRACE_MINUTES", "120"))

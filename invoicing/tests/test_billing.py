@@ -159,6 +159,16 @@ def test_accounts_without_usage_get_no_invoice(acct: Callable) -> None:
     assert Invoice.objects.filter(account_id=busy.id).count() == 1
 
 
+def test_accounts_without_usage_get_a_zero_invoice_when_configured(acct: Callable, settings: object) -> None:
+    settings.INVOICING_ISSUE_EMPTY = True  # type: ignore[attr-defined]
+    with time_machine.travel(dt.datetime(2026, 9, 15, tzinfo=dt.UTC), tick=False):
+        idle = acct(currency="EUR")
+    close()
+    invoice = invoice_of(idle)
+    assert (invoice.total_minor, invoice.lines.count(), invoice.status) == (0, 0, InvoiceStatus.PAID)
+    assert ledger.check() == []
+
+
 def test_dry_run_writes_nothing(acct: Callable) -> None:
     account = acct(currency="EUR", country="NL")
     rated(account.id, "2026-10-02", "compute.vcpu", "100", "100")
