@@ -399,6 +399,23 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
         model = CreditGrant
         fields = ("kind", "currency", "expires_at", "reason")
 
+    def clean(self) -> dict[str, Any]:
+        """The service's rules, checked here so that a mistake comes back on the form."""
+        data = super().clean() or {}
+        account_id, currency, amount = data.get("account"), data.get("currency"), data.get("amount")
+        if account_id is not None and currency:
+            from accounts.models import BillingAccount
+
+            account_currency = BillingAccount.objects.filter(id=account_id).values_list("currency", flat=True).first()
+            if currency != account_currency:
+                self.add_error("currency", f"The account is billed in {account_currency}.")
+            elif amount is not None and money.from_minor(money.to_minor(amount, currency), currency) != amount:
+                self.add_error("amount", f"{currency} has {money.exponent(currency)} decimal places.")
+        expires_at = data.get("expires_at")
+        if expires_at is not None and expires_at <= timezone.now():
+            self.add_error("expires_at", "The expiry must be in the future.")
+        return data
+
 
 @admin.register(CreditGrant)
 class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):

@@ -29,6 +29,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from accounts import selectors as account_selectors
@@ -437,7 +438,7 @@ def _apply_credits(plans: list[PlannedInvoice], *, now: dt.datetime) -> dict[int
         CreditGrant.objects.select_for_update()
         .filter(account_id__in=list(wanted), remaining_minor__gt=0)
         .exclude(expires_at__lte=now)
-        .order_by("account_id", models_nulls_last("expires_at"), "created_at", "id")
+        .order_by("account_id", F("expires_at").asc(nulls_last=True), "created_at", "id")
     )
     applied: dict[int, list[tuple[int, int]]] = defaultdict(list)
     left = {a: p.total_minor for a, p in wanted.items()}
@@ -460,12 +461,6 @@ def _apply_credits(plans: list[PlannedInvoice], *, now: dt.datetime) -> dict[int
                 [[g for g, _ in updates], [a for _, a in updates]],
             )
     return applied
-
-
-def models_nulls_last(name: str) -> Any:
-    from django.db.models import F
-
-    return F(name).asc(nulls_last=True)
 
 
 _INVOICE_COLUMNS = (

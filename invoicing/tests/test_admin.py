@@ -121,6 +121,17 @@ def test_finance_grants_credit_and_edits_tax_rates(invoice: Invoice) -> None:
         },
     )
     assert response.status_code == 302, response.content.decode()[:2000]
+    wrong = finance.post(
+        "/admin/invoicing/creditgrant/add/",
+        {
+            "account": ids.encode("acc", account_id),
+            "kind": "promotional",
+            "amount": "25",
+            "currency": "USD",
+            "reason": "x",
+        },
+    )
+    assert wrong.status_code == 200 and b"The account is billed in EUR." in wrong.content
     grant = CreditGrant.objects.get()
     assert (grant.amount_minor, grant.granted_by) == (2500, "finance@ops.test")
     assert finance.get("/admin/invoicing/taxrate/").status_code == 200

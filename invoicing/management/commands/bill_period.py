@@ -24,6 +24,11 @@ class Command(BaseCommand):
         parser.add_argument("--account", action="append", default=[], help="acc_… (repeatable): only these")
         parser.add_argument("--dry-run", action="store_true", help="Print what would be invoiced; write nothing")
         parser.add_argument("--no-rollup", action="store_true", help="Skip the usage rollup before closing")
+        parser.add_argument(
+            "--no-pdfs",
+            action="store_true",
+            help="Do not queue PDF rendering (each PDF is then rendered and stored on its first download)",
+        )
         parser.add_argument("--chunk-size", type=int, default=services.CHUNK_ACCOUNTS, help="Accounts per transaction")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -42,6 +47,7 @@ class Command(BaseCommand):
                 account_ids=account_ids,
                 dry_run=options["dry_run"],
                 run_rollup=not options["no_rollup"],
+                render_pdfs=not options["no_pdfs"],
                 chunk_size=max(1, options["chunk_size"]),
             )
         except ApplicationError as exc:
