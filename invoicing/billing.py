@@ -265,7 +265,6 @@ def _usage_lines(
                     usage.by_resource.get((account_id, sku), []),
                     usage.by_project.get((account_id, sku), []),
                     amount_minor,
-                    currency,
                 ),
             )
             current.append(line)
@@ -293,26 +292,32 @@ def _line_detail(
     resources: list[tuple[str, Decimal, Decimal]],
     projects: list[tuple[str | None, Decimal, Decimal]],
     amount_minor: int,
-    currency: str,
 ) -> dict[str, Any]:
     """The line's amount split by resource and by ``project`` label (when any usage carries
     one), each split summing to the line's rounded amount exactly (largest remainder over the
-    rated amounts)."""
+    rated amounts). Stored compactly as ``[key, quantity, amount_minor]`` triples;
+    ``detail_view`` gives the public shape."""
     result: dict[str, Any] = {}
-    named = [(key or "(no resource)", q, a) for key, q, a in sorted(resources, key=lambda r: r[0])]
-    splits: list[tuple[str, list[tuple[str, Decimal, Decimal]]]] = [("resources", named)]
+    splits = [("resources", [(key or "(no resource)", q, a) for key, q, a in sorted(resources)])]
     if any(key for key, _, _ in projects):
-        ordered = sorted(projects, key=lambda r: (r[0] is None, r[0] or ""))
+        ordered = sorted(projects, key=lambda row: (row[0] is None, row[0] or ""))  # "(no project)" last
         splits.append(("projects", [(key or "(no project)", q, a) for key, q, a in ordered]))
     for dimension, rows in splits:
-        if not rows:
-            continue
-        parts = money.allocate(amount_minor, [amount for _, _, amount in rows])
-        result[dimension] = [
-            {"key": key, "quantity": str(quantity), "amount": money.format_minor(part, currency)}
-            for (key, quantity, _), part in zip(rows, parts, strict=True)
-        ]
+        if rows:
+            parts = money.allocate(amount_minor, [amount for _, _, amount in rows])
+            result[dimension] = [[key, str(q), part] for (key, q, _), part in zip(rows, parts, strict=True)]
     return result
+
+
+def detail_view(detail: dict[str, Any], currency: str) -> dict[str, list[dict[str, str]]]:
+    """A line's stored detail as shown in the API and on the PDF: amounts as money strings."""
+    return {
+        dimension: [
+            {"key": key, "quantity": quantity, "amount": money.format_minor(part, currency)}
+            for key, quantity, part in rows
+        ]
+        for dimension, rows in detail.items()
+    }
 
 
 def _discount_lines(

@@ -17,6 +17,7 @@ from django.template.loader import render_to_string
 from django_countries import countries
 
 from billing_site.common import money
+from invoicing.billing import detail_view
 from invoicing.models import CreditNote, Invoice, RenderedDocument
 
 
@@ -44,7 +45,7 @@ def invoice_html(invoice: Invoice) -> str:
                     f"{line.unit_price.normalize():f}" if line.unit_price is not None else (line.pricing or "")
                 ),
                 "amount": _money(line.amount_minor, currency),
-                "detail": line.detail,
+                "detail": detail_view(line.detail, currency),
             }
         )
     context: dict[str, Any] = {

@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from billing_site.common import ids, money
+from invoicing.billing import detail_view
 from invoicing.models import CreditNote, Invoice, InvoiceLine, InvoiceStatus
 
 
@@ -41,7 +42,10 @@ class InvoiceLineSerializer(serializers.Serializer):
     unit_price = serializers.SerializerMethodField()
     pricing = serializers.CharField(help_text="flat | tiered | varied (the price changed in the period)")
     amount = serializers.SerializerMethodField()
-    detail = serializers.JSONField(help_text="The line's amount by resource and by `project` label")
+    detail = serializers.SerializerMethodField(
+        help_text="The line's amount split by resource and by `project` label: "
+        '{"resources": [{"key", "quantity", "amount"}], "projects": [...]}; each split sums to the line'
+    )
 
     def get_usage_month(self, line: InvoiceLine) -> str | None:
         return f"{line.usage_month:%Y-%m}" if line.usage_month else None
@@ -54,6 +58,25 @@ class InvoiceLineSerializer(serializers.Serializer):
 
     def get_amount(self, line: InvoiceLine) -> str:
         return _money(line.amount_minor, self.context["currency"])
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "additionalProperties": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "key": {"type": "string"},
+                        "quantity": {"type": "string"},
+                        "amount": {"type": "string"},
+                    },
+                },
+            },
+        }
+    )
+    def get_detail(self, line: InvoiceLine) -> dict[str, Any]:
+        return detail_view(line.detail, self.context["currency"])
 
 
 class InvoiceSerializer(serializers.Serializer):

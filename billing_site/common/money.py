@@ -54,19 +54,21 @@ def percent_of_minor(amount_minor: int, percent: Decimal) -> int:
 def allocate(total_minor: int, weights: list[Decimal]) -> list[int]:
     """Split ``total_minor`` in proportion to ``weights`` so that the parts sum to exactly
     the total (largest remainder: the units left after flooring go to the largest
-    fractional parts, ties to the earlier part). Zero weights get zero unless all are zero,
-    in which case the total goes to the first part."""
+    fractional parts, ties to the earlier part). Weights count by magnitude; if they are all
+    zero the total goes to the first part."""
     if not weights:
         return []
-    whole = sum(weights, Decimal(0))
+    # Integer arithmetic on the weights scaled to 12 places (rated amounts carry 12).
+    scaled = [abs(int(w.scaleb(12))) for w in weights]
+    whole = sum(scaled)
     if whole == 0:
         return [total_minor] + [0] * (len(weights) - 1)
-    sign = -1 if total_minor < 0 else 1
     magnitude = abs(total_minor)
-    exact = [abs(Decimal(magnitude) * w / whole) for w in weights]
-    parts = [int(x) for x in exact]  # floor for non-negatives
+    floors_and_rests = [divmod(magnitude * w, whole) for w in scaled]
+    parts = [floor for floor, _ in floors_and_rests]
     leftover = magnitude - sum(parts)
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - parts[i]), i))
-    for i in order[:leftover]:
-        parts[i] += 1
-    return [sign * p for p in parts]
+    if leftover:
+        order = sorted(range(len(parts)), key=lambda i: (-floors_and_rests[i][1], i))
+        for i in order[:leftover]:
+            parts[i] += 1
+    return parts if total_minor >= 0 else [-p for p in parts]
