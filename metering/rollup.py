@@ -7,18 +7,22 @@ the accounts. One run of one shard is one transaction:
 2. take the new events: ``horizon_old <= txid < pg_snapshot_xmin(now)``. Every transaction
    below the snapshot's xmin has finished, so an event can be neither skipped (still in
    flight) nor taken twice (the horizon moves in this same transaction);
-3. usage events: summed into their hour and added to ``hourlyusage``;
-4. lifecycle events: appended to each resource's timeline; for each touched resource the
-   timeline is replayed in event-time order (ties by event id) from the event before the
-   earliest new one, its duration rows from that hour on are deleted and rebuilt. So a late
-   event lands where its time says and the answer never depends on arrival order. Closed
-   intervals are materialised in full; open ones (running resources) up to the watermark;
+3. usage events: summed per (account, hour, SKU, resource, labels), a quantity to add;
+4. lifecycle events: appended to each resource's timeline; each touched resource is replayed
+   in event-time order (ties by event id) from its last start or stop before the hour of the
+   event preceding the earliest new one (what decides whether it runs there), and its
+   duration rows from that hour on are replaced by the rebuilt ones. So a late event lands
+   where its time says and the answer never depends on arrival order. Closed intervals are
+   materialised in full; open ones (running resources) up to the watermark. The
+   data-quality counters move by the difference the new events make to the replayed part;
 5. the watermark (start of the current hour) moves: running resources that had no events
    accrue the hours in between;
-6. every hour touched is rated: flat prices per row; graduated prices re-walk the month's
-   running total (``cum_quantity``) from the first touched hour, so a tier boundary crossed
-   inside an hour splits that hour's amount; the days of everything rated are rebuilt in
-   ``dailyusage`` (what day and month cost breakdowns read);
+6. the new state of every hourly row that changes is computed before anything is written
+   (existing rows read once), and rated there: flat prices per row; graduated prices
+   re-walk the month's running total (``cum_quantity``) from the first changed hour, so a
+   tier boundary crossed inside an hour splits that hour's amount. Then each changed row is
+   written once, and ``dailyusage`` (what day and month cost breakdowns read) moves by the
+   rows' differences (a day that lost a row is re-added from its hours);
 7. the horizon and watermark are stored. A crash anywhere rolls all of it back.
 
 Amounts keep 12 decimal places: rounding happens on invoices, not here.
@@ -39,17 +43,24 @@ from django.db import connection, transaction
 SHARDS = 16  # the partitions of migration 0002/0004
 TEMP_TABLES = (
     "rollup_new",
-    "rollup_touched",
+    "rollup_delta",
+    "rollup_lifecycle",
     "rollup_dirty",
     "rollup_timeline",
+    "rollup_replaced",
     "rollup_rebuilt",
-    "rollup_extension",
-    "rollup_rate",
     "rollup_prices",
     "rollup_tiers",
+    "rollup_rows",
     "rollup_tier_groups",
-    "rollup_days",
+    "rollup_tail",
+    "rollup_write",
+    "rollup_daily",
 )
+# For this transaction only. A shard's sorts and hash tables (~1 M events, ~100 k hourly rows)
+# fit in memory instead of spilling to disk; JIT compilation costs more than it saves on
+# statements that run once per shard, and the planner cannot cost temp tables well anyway.
+SESSION_SETTINGS = "SET LOCAL work_mem = '256MB'; SET LOCAL jit = off"
 
 
 @dataclass
@@ -129,6 +140,7 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport |
         if claimed is None:
             return None
         horizon_old, watermark_old = claimed
+        cur.execute(SESSION_SETTINGS)
         cur.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, now()")
         horizon_new, db_now = cur.fetchone()
         watermark = hour_floor(now or db_now)
@@ -150,59 +162,74 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport |
             params,
         )
         report.events = cur.rowcount
-        cur.execute("CREATE TEMP TABLE rollup_touched (account_id bigint, sku text, hour timestamptz) ON COMMIT DROP")
 
-        # 3. Usage events: added to their hour.
+        # 3. Usage events: what to add to each hourly row. (Hashed, not sorted: ~1 M events
+        # fold into ~100 k rows, and the planner cannot know that of a fresh temp table.)
+        cur.execute("SET LOCAL enable_sort = off")
         cur.execute(
-            f"""
-            INSERT INTO {hourly_p} AS h (account_id, hour, sku, resource_id, labels, quantity)
-            SELECT account_id, date_trunc('hour', occurred_at, 'UTC'), sku, coalesce(resource_id, ''),
-                   coalesce(labels, '{{}}'), sum(quantity)
+            """
+            CREATE TEMP TABLE rollup_delta ON COMMIT DROP AS
+            SELECT account_id, date_trunc('hour', occurred_at, 'UTC') AS hour, sku,
+                   coalesce(resource_id, '') AS resource_id, coalesce(labels, '{}') AS labels,
+                   sum(quantity) AS quantity
             FROM rollup_new WHERE kind = 'usage'
             GROUP BY 1, 2, 3, 4, 5
-            ON CONFLICT (account_id, hour, sku, resource_id, labels)
-            DO UPDATE SET quantity = h.quantity + EXCLUDED.quantity
             """
         )
         report.usage_rows = cur.rowcount
-        cur.execute(
-            """
-            INSERT INTO rollup_touched
-            SELECT DISTINCT account_id, sku, date_trunc('hour', occurred_at, 'UTC') FROM rollup_new WHERE kind = 'usage'
-            """
-        )
+        cur.execute("SET LOCAL enable_sort = on")
 
         # 4. Lifecycle events: extend the timelines, replay the touched resources.
         cur.execute(
-            f"""
-            INSERT INTO {resev_p} (account_id, resource_id, occurred_at, event_id, action, spec, labels)
-            SELECT account_id, resource_id, occurred_at, event_id, action, spec, coalesce(labels, '{{}}')
-            FROM rollup_new WHERE kind = 'resource'
-            ON CONFLICT DO NOTHING
-            """
+            "CREATE TEMP TABLE rollup_lifecycle (account_id bigint, resource_id text, occurred_at timestamptz, "
+            "event_id text) ON COMMIT DROP"
         )
         cur.execute(
             f"""
+            WITH added AS (
+                INSERT INTO {resev_p} (account_id, resource_id, occurred_at, event_id, action, spec, labels)
+                SELECT account_id, resource_id, occurred_at, event_id, action, spec, coalesce(labels, '{{}}')
+                FROM rollup_new WHERE kind = 'resource'
+                ORDER BY account_id, resource_id, occurred_at, event_id
+                ON CONFLICT DO NOTHING
+                RETURNING account_id, resource_id, occurred_at, event_id
+            )
+            INSERT INTO rollup_lifecycle SELECT * FROM added
+            """
+        )
+        # Per touched resource: the hour it is replayed from (that of the event before its
+        # earliest new one) and the anchor, its last start or stop before that hour: whether
+        # it runs from there on depends on nothing older.
+        cur.execute(
+            f"""
             CREATE TEMP TABLE rollup_dirty ON COMMIT DROP AS
-            SELECT d.account_id, d.resource_id,
-                   date_trunc('hour', coalesce(
-                       (SELECT max(e.occurred_at) FROM {resev_p} e
-                        WHERE e.account_id = d.account_id AND e.resource_id = d.resource_id
-                          AND e.occurred_at < d.first_new),
-                       d.first_new), 'UTC') AS replay_from
+            SELECT d.account_id, d.resource_id, r.replay_from,
+                   coalesce(a.occurred_at, '-infinity') AS anchor_at, coalesce(a.event_id, '') AS anchor_id
             FROM (SELECT account_id, resource_id, min(occurred_at) AS first_new
-                  FROM rollup_new WHERE kind = 'resource' GROUP BY 1, 2) d
+                  FROM rollup_lifecycle GROUP BY 1, 2) d
+            CROSS JOIN LATERAL (
+                SELECT date_trunc('hour', coalesce(
+                    (SELECT max(e.occurred_at) FROM {resev_p} e
+                     WHERE e.account_id = d.account_id AND e.resource_id = d.resource_id
+                       AND e.occurred_at < d.first_new),
+                    d.first_new), 'UTC') AS replay_from
+            ) r
+            LEFT JOIN LATERAL (
+                SELECT e.occurred_at, e.event_id FROM {resev_p} e
+                WHERE e.account_id = d.account_id AND e.resource_id = d.resource_id
+                  AND e.occurred_at < r.replay_from AND e.action IN ('start', 'stop')
+                ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1
+            ) a ON true
             """
         )
         report.resources = cur.rowcount
-        if report.resources:
-            _replay_resources(cur, resev_p=resev_p, hourly_p=hourly_p, state_p=state_p, params=params)
+        _replay_resources(cur, resev_p=resev_p, hourly_p=hourly_p, state_p=state_p, params=params)
 
         # 5. The watermark moved: running resources without events accrue the hours between.
         if watermark_old is not None and watermark > watermark_old:
             cur.execute(
                 f"""
-                CREATE TEMP TABLE rollup_extension ON COMMIT DROP AS
+                INSERT INTO rollup_delta (account_id, hour, sku, resource_id, labels, quantity)
                 SELECT r.account_id, h.hour, s.key AS sku, r.resource_id, r.labels,
                        sum(s.value::numeric * extract(epoch FROM
                            least(h.hour + interval '1 hour', %(w)s) - greatest(r.since, h.hour)) / 3600) AS quantity
@@ -219,20 +246,10 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport |
                 """,
                 params,
             )
-            cur.execute(
-                f"""
-                INSERT INTO {hourly_p} AS h (account_id, hour, sku, resource_id, labels, quantity)
-                SELECT account_id, hour, sku, resource_id, labels, quantity FROM rollup_extension
-                ON CONFLICT (account_id, hour, sku, resource_id, labels)
-                DO UPDATE SET quantity = h.quantity + EXCLUDED.quantity
-                """
-            )
             report.running_extended = cur.rowcount
-            cur.execute("INSERT INTO rollup_touched SELECT DISTINCT account_id, sku, hour FROM rollup_extension")
 
-        # 6. Rate every touched hour; rebuild the days they belong to.
-        report.rated_rows = _rate(cur, hourly_p=hourly_p)
-        _refresh_days(cur, hourly_p=hourly_p, daily_p=_p("metering_dailyusage", shard))
+        # 6. The new state of every changed hourly row, rated; then written once.
+        report.rated_rows = _rate_and_write(cur, hourly_p=hourly_p, daily_p=_p("metering_dailyusage", shard))
 
         # 7. Done: the next run starts where this one ended.
         cur.execute(
@@ -244,44 +261,49 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport |
 
 
 def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str, params: dict[str, object]) -> None:
-    # The whole timeline of each touched resource, in event-time order (ties by event id),
-    # with whether the resource is running before and after each event: the last start or
-    # stop so far decides; an update changes the spec, not whether it runs.
+    # Each touched resource's timeline from its anchor on, in event-time order (ties by event
+    # id), with whether the resource runs before and after each event: the last start or stop
+    # so far decides; an update changes the spec, not whether it runs. The same is worked out
+    # without this run's events (``_old``), for the counters' difference.
     cur.execute(  # type: ignore[attr-defined]
         f"""
         CREATE TEMP TABLE rollup_timeline ON COMMIT DROP AS
-        WITH ordered AS (
+        WITH replayed AS (
             SELECT e.account_id, e.resource_id, e.occurred_at, e.event_id, e.action, e.spec, e.labels,
-                   d.replay_from,
-                   lead(e.occurred_at) OVER w AS next_at,
-                   count(*) FILTER (WHERE e.action IN ('start', 'stop')) OVER w AS run_group,
-                   row_number() OVER w AS position
-            FROM {resev_p} e
-            JOIN rollup_dirty d ON d.account_id = e.account_id AND d.resource_id = e.resource_id
-            WINDOW w AS (PARTITION BY e.account_id, e.resource_id ORDER BY e.occurred_at, e.event_id)
-        ), with_status AS (
-            SELECT o.*,
-                   coalesce(first_value(o.action) OVER g = 'start', false) AND o.run_group > 0 AS running_after
-            FROM ordered o
-            WINDOW g AS (PARTITION BY o.account_id, o.resource_id, o.run_group ORDER BY o.position)
+                   d.replay_from, n.event_id IS NOT NULL AS is_new
+            FROM rollup_dirty d
+            JOIN {resev_p} e ON e.account_id = d.account_id AND e.resource_id = d.resource_id
+                            AND (e.occurred_at, e.event_id) >= (d.anchor_at, d.anchor_id)
+            LEFT JOIN rollup_lifecycle n ON n.account_id = e.account_id AND n.resource_id = e.resource_id
+                                        AND n.occurred_at = e.occurred_at AND n.event_id = e.event_id
+        ), ordered AS (
+            SELECT r.*, lead(r.occurred_at) OVER w AS next_at, row_number() OVER w AS position
+            FROM replayed r
+            WINDOW w AS (PARTITION BY r.account_id, r.resource_id ORDER BY r.occurred_at, r.event_id)
         )
-        SELECT s.*,
-               coalesce(lag(s.running_after) OVER (PARTITION BY s.account_id, s.resource_id ORDER BY s.position),
-                        false) AS running_before
-        FROM with_status s
+        -- The last start or stop so far as 2 x its position, + 1 for a start: odd is running.
+        SELECT o.*,
+               coalesce((max(o.position * 2 + (o.action = 'start')::int)
+                         FILTER (WHERE o.action IN ('start', 'stop')) OVER upto) % 2 = 1, false) AS running_after,
+               coalesce((max(o.position * 2 + (o.action = 'start')::int)
+                         FILTER (WHERE o.action IN ('start', 'stop')) OVER before) % 2 = 1, false) AS running_before,
+               coalesce((max(o.position * 2 + (o.action = 'start')::int)
+                         FILTER (WHERE o.action IN ('start', 'stop') AND NOT o.is_new) OVER before) % 2 = 1, false)
+                   AS running_before_old
+        FROM ordered o
+        WINDOW upto AS (PARTITION BY o.account_id, o.resource_id ORDER BY o.position ROWS UNBOUNDED PRECEDING),
+               before AS (PARTITION BY o.account_id, o.resource_id ORDER BY o.position
+                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
         """
     )
-    # Throw away the touched resources' duration rows from their replay hour, then rebuild them.
+    # The duration rows from each replay hour on: replaced by what the replay rebuilds.
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        WITH gone AS (
-            DELETE FROM {hourly_p} h
-            USING rollup_dirty d, metering_sku k
-            WHERE h.account_id = d.account_id AND h.resource_id = d.resource_id AND h.hour >= d.replay_from
-              AND k.code = h.sku AND k.kind = 'duration'
-            RETURNING h.account_id, h.sku, h.hour
-        )
-        INSERT INTO rollup_touched SELECT DISTINCT account_id, sku, hour FROM gone
+        CREATE TEMP TABLE rollup_replaced ON COMMIT DROP AS
+        SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels
+        FROM rollup_dirty d
+        JOIN {hourly_p} h ON h.account_id = d.account_id AND h.resource_id = d.resource_id AND h.hour >= d.replay_from
+        JOIN metering_sku k ON k.code = h.sku AND k.kind = 'duration'
         """
     )
     cur.execute(  # type: ignore[attr-defined]
@@ -306,15 +328,9 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
         """,
         params,
     )
-    cur.execute(  # type: ignore[attr-defined]
-        f"""
-        INSERT INTO {hourly_p} (account_id, hour, sku, resource_id, labels, quantity)
-        SELECT account_id, hour, sku, resource_id, labels, quantity FROM rollup_rebuilt WHERE quantity <> 0
-        """
-    )
-    cur.execute("INSERT INTO rollup_touched SELECT DISTINCT account_id, sku, hour FROM rollup_rebuilt")  # type: ignore[attr-defined]
-    # Where each timeline leaves its resource, and its data-quality counters (recounted in
-    # full, so replays never double count).
+    # Where each timeline leaves its resource. Its data-quality counters move by what the new
+    # events change in the replayed part (nothing before the anchor changes), so replays
+    # never double count and the history before the anchor is never read again.
     cur.execute(  # type: ignore[attr-defined]
         f"""
         WITH last AS (
@@ -325,10 +341,17 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
             FROM rollup_timeline WHERE action IN ('start', 'update') AND running_after
             ORDER BY account_id, resource_id, position DESC
         ), counts AS (
-            SELECT account_id, resource_id, count(*) AS events,
-                   count(*) FILTER (WHERE action = 'start' AND running_before) AS start_while_running,
-                   count(*) FILTER (WHERE action = 'stop' AND NOT running_before) AS stop_while_stopped,
-                   count(*) FILTER (WHERE action = 'update' AND NOT running_before) AS update_while_stopped
+            SELECT account_id, resource_id,
+                   count(*) FILTER (WHERE is_new) AS events,
+                   count(*) FILTER (WHERE action = 'start' AND running_before)
+                   - count(*) FILTER (WHERE NOT is_new AND action = 'start' AND running_before_old)
+                       AS start_while_running,
+                   count(*) FILTER (WHERE action = 'stop' AND NOT running_before)
+                   - count(*) FILTER (WHERE NOT is_new AND action = 'stop' AND NOT running_before_old)
+                       AS stop_while_stopped,
+                   count(*) FILTER (WHERE action = 'update' AND NOT running_before)
+                   - count(*) FILTER (WHERE NOT is_new AND action = 'update' AND NOT running_before_old)
+                       AS update_while_stopped
             FROM rollup_timeline GROUP BY 1, 2
         )
         INSERT INTO {state_p} AS r (account_id, resource_id, running, since, spec, labels, last_event_at, events,
@@ -343,15 +366,17 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
         LEFT JOIN open o ON o.account_id = c.account_id AND o.resource_id = c.resource_id
         ON CONFLICT (account_id, resource_id) DO UPDATE SET
             running = EXCLUDED.running, since = EXCLUDED.since, spec = EXCLUDED.spec, labels = EXCLUDED.labels,
-            last_event_at = EXCLUDED.last_event_at, events = EXCLUDED.events,
-            start_while_running = EXCLUDED.start_while_running, stop_while_stopped = EXCLUDED.stop_while_stopped,
-            update_while_stopped = EXCLUDED.update_while_stopped, updated_at = now()
+            last_event_at = EXCLUDED.last_event_at, events = r.events + EXCLUDED.events,
+            start_while_running = r.start_while_running + EXCLUDED.start_while_running,
+            stop_while_stopped = r.stop_while_stopped + EXCLUDED.stop_while_stopped,
+            update_while_stopped = r.update_while_stopped + EXCLUDED.update_while_stopped, updated_at = now()
         """
     )
 
 
-def _rate(cur: object, *, hourly_p: str) -> int:
-    """Amounts for every touched (account, SKU, hour), at the price valid at that hour."""
+def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
+    """The new quantity, amount and running total of every hourly row that changes, at the
+    price valid at its hour; each such row written once; the days moved by the differences."""
     # The catalog as periods (a price holds until the next one of its SKU and currency) and
     # tiers with their lower bounds: small tables joined, not looked up row by row.
     cur.execute(  # type: ignore[attr-defined]
@@ -371,100 +396,186 @@ def _rate(cur: object, *, hourly_p: str) -> int:
         FROM metering_pricetier
         """
     )
-    cur.execute(  # type: ignore[attr-defined]
-        """
-        CREATE TEMP TABLE rollup_rate ON COMMIT DROP AS
-        SELECT t.account_id, t.sku, t.hour, a.currency, p.price_id, p.unit_price
-        FROM (SELECT DISTINCT account_id, sku, hour FROM rollup_touched) t
-        JOIN accounts_billingaccount a ON a.id = t.account_id
-        LEFT JOIN rollup_prices p ON p.sku = t.sku AND p.currency = a.currency
-                                 AND t.hour >= p.valid_from AND t.hour < p.valid_to
-        """
-    )
-    # Flat prices (and unpriced hours, left without an amount).
+    # Changed rows: usage and accrual add to a row; a replayed resource's duration rows are
+    # replaced by the rebuilt ones (a row not rebuilt, or rebuilt as zero, goes). Values are
+    # cast to the columns' scale here, so the daily differences are exact.
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        UPDATE {hourly_p} h SET amount = h.quantity * r.unit_price, cum_quantity = NULL
-        FROM rollup_rate r
-        WHERE (r.unit_price IS NOT NULL OR r.price_id IS NULL)
-          AND h.account_id = r.account_id AND h.sku = r.sku AND h.hour = r.hour
+        CREATE TEMP TABLE rollup_rows ON COMMIT DROP AS
+        WITH changed AS (
+            SELECT account_id, hour, sku, resource_id, labels, sum(quantity) AS quantity, bool_or(replaced) AS replaced
+            FROM (
+                SELECT account_id, hour, sku, resource_id, labels, quantity, false AS replaced FROM rollup_delta
+                UNION ALL
+                SELECT account_id, hour, sku, resource_id, labels, quantity, true FROM rollup_rebuilt
+                UNION ALL
+                SELECT account_id, hour, sku, resource_id, labels, 0, true FROM rollup_replaced
+            ) c
+            GROUP BY 1, 2, 3, 4, 5
+        )
+        SELECT c.account_id, c.hour, c.sku, c.resource_id, c.labels,
+               h.account_id IS NOT NULL AS existed, h.quantity AS old_quantity, h.amount AS old_amount,
+               h.cum_quantity AS old_cum,
+               NOT c.replaced OR c.quantity <> 0 AS kept,
+               (CASE WHEN c.replaced THEN c.quantity ELSE coalesce(h.quantity, 0) + c.quantity END)::numeric(38, 12)
+                   AS quantity,
+               a.currency, p.price_id, p.unit_price
+        FROM changed c
+        LEFT JOIN {hourly_p} h ON h.account_id = c.account_id AND h.hour = c.hour AND h.sku = c.sku
+                              AND h.resource_id = c.resource_id AND h.labels = c.labels
+        LEFT JOIN accounts_billingaccount a ON a.id = c.account_id
+        LEFT JOIN rollup_prices p ON p.sku = c.sku AND p.currency = a.currency
+                                 AND c.hour >= p.valid_from AND c.hour < p.valid_to
         """
     )
-    rated: int = cur.rowcount  # type: ignore[attr-defined]
-    # Graduated prices: walk each touched month's running total from its first touched hour.
+    # Graduated prices: walk each touched month's running total from its first changed hour
+    # (rows before it keep theirs), over the rows as they will be.
     cur.execute(  # type: ignore[attr-defined]
         """
         CREATE TEMP TABLE rollup_tier_groups ON COMMIT DROP AS
         SELECT account_id, sku, currency, date_trunc('month', hour, 'UTC') AS month, min(hour) AS tail_from
-        FROM rollup_rate WHERE price_id IS NOT NULL AND unit_price IS NULL
+        FROM rollup_rows WHERE price_id IS NOT NULL AND unit_price IS NULL
         GROUP BY 1, 2, 3, 4
         """
     )
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        WITH groups AS (SELECT * FROM rollup_tier_groups), based AS (
+        CREATE TEMP TABLE rollup_tail ON COMMIT DROP AS
+        WITH based AS (
             SELECT g.*, coalesce((
                 SELECT h.cum_quantity FROM {hourly_p} h
                 WHERE h.account_id = g.account_id AND h.sku = g.sku AND h.hour >= g.month AND h.hour < g.tail_from
                 ORDER BY h.hour DESC, h.resource_id DESC, h.labels DESC LIMIT 1), 0) AS base
-            FROM groups g
-        ), tail AS (
-            SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity, b.currency,
-                   b.base + sum(h.quantity) OVER (
-                       PARTITION BY h.account_id, h.sku ORDER BY h.hour, h.resource_id, h.labels
+            FROM rollup_tier_groups g
+        ), tail_rows AS (
+            SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity, b.currency, b.base,
+                   false AS changed, h.amount AS old_amount, h.cum_quantity AS old_cum
+            FROM based b
+            JOIN {hourly_p} h ON h.account_id = b.account_id AND h.sku = b.sku
+                             AND h.hour >= b.tail_from AND h.hour < b.month + interval '1 month'
+            WHERE NOT EXISTS (SELECT 1 FROM rollup_rows r
+                              WHERE r.account_id = h.account_id AND r.hour = h.hour AND r.sku = h.sku
+                                AND r.resource_id = h.resource_id AND r.labels = h.labels)
+            UNION ALL
+            SELECT r.account_id, r.hour, r.sku, r.resource_id, r.labels, r.quantity, b.currency, b.base,
+                   true, r.old_amount, r.old_cum
+            FROM based b
+            JOIN rollup_rows r ON r.account_id = b.account_id AND r.sku = b.sku
+                              AND r.hour >= b.tail_from AND r.hour < b.month + interval '1 month'
+            WHERE r.kept
+        ), walked AS (
+            SELECT t.*, t.base + sum(t.quantity) OVER (
+                       PARTITION BY t.account_id, t.sku ORDER BY t.hour, t.resource_id, t.labels
                        ROWS UNBOUNDED PRECEDING) AS cum_after
-            FROM {hourly_p} h
-            JOIN based b ON h.account_id = b.account_id AND h.sku = b.sku
-                        AND h.hour >= b.tail_from AND h.hour < b.month + interval '1 month'
-        ), priced AS (
-            -- an hour at a flat price in a month that also has tiers has no tiers: left out
-            SELECT t.account_id, t.hour, t.sku, t.resource_id, t.labels, t.cum_after,
-                   sum(tier.unit_price * greatest(0,
-                       least(t.cum_after, coalesce(tier.up_to, t.cum_after))
-                       - greatest(t.cum_after - t.quantity, tier.lower_bound))) AS amount
-            FROM tail t
-            JOIN rollup_prices p ON p.sku = t.sku AND p.currency = t.currency
-                                AND t.hour >= p.valid_from AND t.hour < p.valid_to
-            JOIN rollup_tiers tier ON tier.price_id = p.price_id
-            GROUP BY 1, 2, 3, 4, 5, 6
+            FROM tail_rows t
         )
-        UPDATE {hourly_p} h SET cum_quantity = p.cum_after, amount = p.amount
-        FROM priced p
-        WHERE h.account_id = p.account_id AND h.hour = p.hour AND h.sku = p.sku
-          AND h.resource_id = p.resource_id AND h.labels = p.labels
+        -- an hour at a flat price in a month that also has tiers has no tiers: left out
+        SELECT t.account_id, t.hour, t.sku, t.resource_id, t.labels, t.quantity, t.changed, t.old_amount, t.old_cum,
+               t.cum_after::numeric(38, 12) AS cum_quantity,
+               sum(tier.unit_price * greatest(0,
+                   least(t.cum_after, coalesce(tier.up_to, t.cum_after))
+                   - greatest(t.cum_after - t.quantity, tier.lower_bound)))::numeric(38, 12) AS amount
+        FROM walked t
+        JOIN rollup_prices p ON p.sku = t.sku AND p.currency = t.currency
+                            AND t.hour >= p.valid_from AND t.hour < p.valid_to
+        JOIN rollup_tiers tier ON tier.price_id = p.price_id
+        GROUP BY t.account_id, t.hour, t.sku, t.resource_id, t.labels, t.quantity, t.changed, t.old_amount,
+                 t.old_cum, t.cum_after
         """
     )
-    rated += cur.rowcount  # type: ignore[attr-defined]
-    return rated
-
-
-def _refresh_days(cur: object, *, hourly_p: str, daily_p: str) -> None:
-    """Rebuild the daily rows of every (account, SKU, day) whose hours changed or were
-    re-rated (a graduated month's tail re-rates the days after its first touched hour)."""
+    # What is written: changed rows (flat: quantity x price; unpriced: no amount; graduated:
+    # from the walk) and unchanged rows whose walk moved; a row equal to what is stored is not.
     cur.execute(  # type: ignore[attr-defined]
         """
-        CREATE TEMP TABLE rollup_days ON COMMIT DROP AS
-        SELECT DISTINCT account_id, sku, date_trunc('day', hour, 'UTC') AS day FROM rollup_touched
-        UNION
-        SELECT g.account_id, g.sku, d.day
-        FROM rollup_tier_groups g
-        CROSS JOIN LATERAL generate_series(date_trunc('day', g.tail_from, 'UTC'),
-                                           g.month + interval '1 month' - interval '1 day', interval '1 day') AS d(day)
+        CREATE TEMP TABLE rollup_write ON COMMIT DROP AS
+        SELECT * FROM (
+            SELECT r.account_id, r.hour, r.sku, r.resource_id, r.labels, r.existed, r.kept,
+                   r.old_quantity, r.old_amount, r.quantity,
+                   CASE WHEN t.account_id IS NOT NULL THEN t.amount
+                        WHEN r.price_id IS NOT NULL AND r.unit_price IS NULL THEN r.old_amount
+                        ELSE (r.quantity * r.unit_price)::numeric(38, 12) END AS amount,
+                   CASE WHEN t.account_id IS NOT NULL THEN t.cum_quantity
+                        WHEN r.price_id IS NOT NULL AND r.unit_price IS NULL THEN r.old_cum END AS cum_quantity,
+                   r.old_cum
+            FROM rollup_rows r
+            LEFT JOIN rollup_tail t ON t.changed AND t.account_id = r.account_id AND t.hour = r.hour
+                                   AND t.sku = r.sku AND t.resource_id = r.resource_id AND t.labels = r.labels
+            UNION ALL
+            SELECT t.account_id, t.hour, t.sku, t.resource_id, t.labels, true, true,
+                   t.quantity, t.old_amount, t.quantity, t.amount, t.cum_quantity, t.old_cum
+            FROM rollup_tail t
+            WHERE NOT t.changed
+        ) w
+        WHERE CASE WHEN NOT w.kept THEN w.existed
+                   ELSE NOT w.existed OR (w.quantity, w.amount, w.cum_quantity)
+                                         IS DISTINCT FROM (w.old_quantity, w.old_amount, w.old_cum) END
         """
     )
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        DELETE FROM {daily_p} d USING rollup_days x
-        WHERE d.account_id = x.account_id AND d.sku = x.sku AND d.day = x.day
+        DELETE FROM {hourly_p} h USING rollup_write w
+        WHERE NOT w.kept AND h.account_id = w.account_id AND h.hour = w.hour AND h.sku = w.sku
+          AND h.resource_id = w.resource_id AND h.labels = w.labels
+        """
+    )
+    cur.execute(  # type: ignore[attr-defined]
+        f"""
+        INSERT INTO {hourly_p} AS h (account_id, hour, sku, resource_id, labels, quantity, amount, cum_quantity)
+        SELECT account_id, hour, sku, resource_id, labels, quantity, amount, cum_quantity
+        FROM rollup_write WHERE kept
+        ORDER BY account_id, hour, sku, resource_id, labels
+        ON CONFLICT (account_id, hour, sku, resource_id, labels) DO UPDATE SET
+            quantity = EXCLUDED.quantity, amount = EXCLUDED.amount, cum_quantity = EXCLUDED.cum_quantity
+        """
+    )
+    written: int = cur.rowcount  # type: ignore[attr-defined]
+    _move_days(cur, hourly_p=hourly_p, daily_p=daily_p)
+    return written
+
+
+def _move_days(cur: object, *, hourly_p: str, daily_p: str) -> None:
+    """Add each written row's difference to its day. A day that lost an hourly row, or whose
+    row lost its amount, is summed again from its hours instead (it may have no rows left,
+    and a sum of no amounts is no amount, not zero)."""
+    cur.execute(  # type: ignore[attr-defined]
+        """
+        CREATE TEMP TABLE rollup_daily ON COMMIT DROP AS
+        SELECT account_id, date_trunc('day', hour, 'UTC') AS day, sku, resource_id, labels,
+               sum(CASE WHEN kept THEN quantity ELSE 0 END - coalesce(old_quantity, 0)) AS quantity,
+               CASE WHEN bool_or(kept AND amount IS NOT NULL OR old_amount IS NOT NULL)
+                    THEN sum(coalesce(CASE WHEN kept THEN amount END, 0) - coalesce(old_amount, 0)) END AS amount,
+               bool_or(NOT kept OR (old_amount IS NOT NULL AND amount IS NULL)) AS recount
+        FROM rollup_write
+        GROUP BY 1, 2, 3, 4, 5
+        """
+    )
+    cur.execute(  # type: ignore[attr-defined]
+        f"""
+        INSERT INTO {daily_p} AS d (account_id, day, sku, resource_id, labels, quantity, amount)
+        SELECT account_id, day, sku, resource_id, labels, quantity, amount
+        FROM rollup_daily WHERE NOT recount
+        ORDER BY account_id, day, sku, resource_id, labels
+        ON CONFLICT (account_id, day, sku, resource_id, labels) DO UPDATE SET
+            quantity = d.quantity + EXCLUDED.quantity,
+            amount = CASE WHEN EXCLUDED.amount IS NULL THEN d.amount ELSE coalesce(d.amount, 0) + EXCLUDED.amount END
+        """
+    )
+    cur.execute(  # type: ignore[attr-defined]
+        f"""
+        DELETE FROM {daily_p} d USING rollup_daily x
+        WHERE x.recount AND d.account_id = x.account_id AND d.day = x.day AND d.sku = x.sku
+          AND d.resource_id = x.resource_id AND d.labels = x.labels
         """
     )
     cur.execute(  # type: ignore[attr-defined]
         f"""
         INSERT INTO {daily_p} (account_id, day, sku, resource_id, labels, quantity, amount)
         SELECT h.account_id, x.day, h.sku, h.resource_id, h.labels, sum(h.quantity), sum(h.amount)
-        FROM rollup_days x
-        JOIN {hourly_p} h ON h.account_id = x.account_id AND h.sku = x.sku
+        FROM rollup_daily x
+        JOIN {hourly_p} h ON h.account_id = x.account_id AND h.resource_id = x.resource_id
                          AND h.hour >= x.day AND h.hour < x.day + interval '1 day'
+                         AND h.sku = x.sku AND h.labels = x.labels
+        WHERE x.recount
         GROUP BY h.account_id, x.day, h.sku, h.resource_id, h.labels
         """
     )

@@ -119,6 +119,51 @@ def hourly(account: BillingAccount, sku: str | None = None) -> dict[tuple[str, s
     }
 
 
+def hourly_rows(account: BillingAccount) -> list[HourlyUsage]:
+    return list(HourlyUsage.objects.filter(account_id=account.id))
+
+
+def days_of(rows: list[HourlyUsage]) -> dict[tuple[str, str, str, str], tuple[Decimal, Decimal | None]]:
+    """The daily rows as the hourly ones add up (no amount where no hour has one)."""
+    out: dict[tuple[str, str, str, str], tuple[Decimal, Decimal | None]] = {}
+    for r in rows:
+        key = (r.hour.strftime("%m-%d"), r.sku, r.resource_id, json.dumps(r.labels, sort_keys=True))
+        quantity, amount = out.get(key, (Decimal(0), None))
+        if r.amount is not None:
+            amount = (amount or Decimal(0)) + r.amount
+        out[key] = (quantity + r.quantity, amount)
+    return out
+
+
+def daily(account: BillingAccount) -> dict[tuple[str, str, str, str], tuple[Decimal, Decimal | None]]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT day, sku, resource_id, labels::text, quantity, amount FROM metering_dailyusage "
+            "WHERE account_id = %s",
+            [account.id],
+        )
+        return {
+            (day.strftime("%m-%d"), sku, resource, json.dumps(json.loads(labels), sort_keys=True)): (quantity, amount)
+            for day, sku, resource, labels, quantity, amount in cursor.fetchall()
+        }
+
+
+def resource_state(account: BillingAccount) -> dict[str, tuple[Any, ...]]:
+    return {
+        s.resource_id: (
+            s.running,
+            s.since,
+            s.spec,
+            s.last_event_at,
+            s.events,
+            s.start_while_running,
+            s.stop_while_stopped,
+            s.update_while_stopped,
+        )
+        for s in ResourceState.objects.filter(account_id=account.id)
+    }
+
+
 def amounts(account: BillingAccount, sku: str) -> dict[str, Decimal | None]:
     return {r.hour.strftime("%m-%d %H"): r.amount for r in HourlyUsage.objects.filter(account_id=account.id, sku=sku)}
 
@@ -223,7 +268,7 @@ def test_labels_are_those_of_the_lifecycle_event_in_effect(account: BillingAccou
     post(
         [
             lifecycle(account, "s", at("2026-11-02 08:00:00"), "start", labels={"project": "web"}),
-            lifecycle(account, "u", at("2026-11-02 09:00:00"), "update", labels={"project": "ml"}),
+            lifecycle(account, "r", at("2026-11-02 09:00:00"), "update", labels={"project": "ml"}),
             lifecycle(account, "x", at("2026-11-02 10:00:00"), "stop"),
         ]
     )
@@ -232,6 +277,34 @@ def test_labels_are_those_of_the_lifecycle_event_in_effect(account: BillingAccou
         ("11-02 08", "compute.vcpu", "vm-1", '{"project": "web"}'),
         ("11-02 09", "compute.vcpu", "vm-1", '{"project": "ml"}'),
     }
+
+
+def test_days_follow_hours_that_a_late_event_removes_or_relabels(account: BillingAccount, post: Callable) -> None:
+    post(
+        [
+            lifecycle(account, "s", at("2026-11-02 08:00:00"), "start", labels={"project": "web"}),
+            used(account, "u", at("2026-11-02 09:10:00"), "7", resource_id="vm-1"),
+        ]
+    )
+    roll(account)  # running to the watermark, 11-03 12:00
+    assert daily(account) == days_of(hourly_rows(account))
+    # Late: relabelled at 09:00 and stopped at 10:30 the same day; the next day's hours go.
+    post(
+        [
+            lifecycle(account, "r", at("2026-11-02 09:00:00"), "update", labels={"project": "ml"}),
+            lifecycle(account, "x", at("2026-11-02 10:30:00"), "stop"),
+        ]
+    )
+    roll(account)
+    assert {k[0]: v for k, v in hourly(account, "compute.vcpu").items()} == {
+        "11-02 08": Decimal(2),
+        "11-02 09": Decimal(2),
+        "11-02 10": Decimal(1),
+    }
+    assert daily(account) == days_of(hourly_rows(account))
+    assert {k[:2] for k in daily(account)} == {("11-02", "compute.vcpu"), ("11-02", "network.egress")}
+    state = ResourceState.objects.get(account_id=account.id, resource_id="vm-1")
+    assert (state.running, state.events, state.start_while_running, state.stop_while_stopped) == (False, 3, 0, 0)
 
 
 # --- Order independence
@@ -283,6 +356,10 @@ def test_the_same_hourly_totals_whatever_the_arrival_order(
         return {(k[0], k[1]): v for k, v in hourly(account).items()}
 
     assert normalised(shuffled) == normalised(in_order)
+    # The days follow their hours, and the data-quality counters count the whole timeline
+    # however it arrived (a late event changes what the events after it were).
+    assert daily(shuffled) == daily(in_order) == days_of(hourly_rows(shuffled))
+    assert resource_state(shuffled) == resource_state(in_order)
 
 
 # --- Crash safety and concurrency
