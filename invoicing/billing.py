@@ -8,9 +8,11 @@ For a calendar month ``M`` and a chunk of accounts, one durable transaction:
    ``M`` and every SKU, the rated usage now minus what issued invoices already billed
    (``BilledUsage``): ``M``'s own usage becomes usage lines, earlier months' differences
    become "Usage adjustment for YYYY-MM" lines; then contract discounts, tax, credits;
-3. writes invoices (already issued: a draft of ``M`` is recomputed and issued in place),
-   lines, billed usage, credit applications, audit rows and ledger entries with a handful of
-   set-based statements, numbers taken in one go from the series (``invoicing.numbering``).
+3. writes lines, billed usage, credit applications and audit rows, then takes the numbers
+   in one go from the series (``invoicing.numbering``; its row lock is held from here to the
+   commit, so it is taken last), then the invoices (already issued: a draft of ``M`` is
+   recomputed and issued in place) and their ledger entries: a handful of set-based
+   statements (COPY and ``INSERT … SELECT FROM unnest``), no per-row round trips.
 
 A run killed half-way loses only its open chunk; the re-run finds the committed chunks
 issued and does the rest, with the same content, because it reads the same usage.
@@ -383,23 +385,32 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor, render_
         # hashes in memory instead of spilling; JIT costs more than it saves on one-off queries.
         cursor.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
     _lock_accounts(account_ids)
-    existing = dict(
-        Invoice.objects.filter(account_id__in=account_ids, period_start=period.start).values_list(
-            "account_id", "status"
-        )
-    )
-    todo = [a for a in account_ids if existing.get(a, InvoiceStatus.DRAFT) == InvoiceStatus.DRAFT]
+    existing = {
+        account_id: (invoice_id, status)
+        for account_id, invoice_id, status in Invoice.objects.filter(
+            account_id__in=account_ids, period_start=period.start
+        ).values_list("account_id", "id", "status")
+    }
+    drafts = {a: invoice_id for a, (invoice_id, status) in existing.items() if status == InvoiceStatus.DRAFT}
+    todo = [a for a in account_ids if a not in existing or a in drafts]
     result.already_issued = len(account_ids) - len(todo)
     plans = plan(period=period, account_ids=todo)
     result.nothing_to_bill = len(todo) - len(plans)
     if not plans:
         return result
     ordered = [plans[a] for a in sorted(plans)]
-    invoice_numbers = numbering.take(settings.INVOICING_INVOICE_SERIES, now.year, len(ordered))
+    # A draft is issued in place (it keeps its id); the others get new ids now, so that the
+    # rows pointing at them go in first (their foreign keys are checked at commit) and the
+    # series' number lock is taken as late as possible and held only to the commit.
+    invoice_ids = {p.account_id: drafts.get(p.account_id) or ids.new_id() for p in ordered}
     applied = _apply_credits(ordered, now=now)
-    invoice_ids = _write_invoices(period, ordered, invoice_numbers, applied, now=now)
+    if drafts:
+        with connection.cursor() as cursor:
+            cursor.execute("DELETE FROM invoicing_invoiceline WHERE invoice_id = ANY(%s)", [list(drafts.values())])
     _write_lines(ordered, invoice_ids)
     _write_audit(ordered, invoice_ids, applied, actor=actor, now=now)
+    invoice_numbers = numbering.take(settings.INVOICING_INVOICE_SERIES, now.year, len(ordered))
+    _write_invoices(period, ordered, invoice_ids, invoice_numbers, applied, now=now)
     ledger.post_invoices_issued(
         [
             ledger.IssuedInvoice(
@@ -479,13 +490,13 @@ _INVOICE_COLUMNS = (
 def _write_invoices(
     period: Period,
     plans: list[PlannedInvoice],
+    invoice_ids: dict[int, int],
     numbers: list[str],
     applied: dict[int, list[tuple[int, int]]],
     *,
     now: dt.datetime,
-) -> dict[int, int]:
-    """Insert the invoices as issued (a draft of the period is issued in place: it keeps its
-    id). Returns account → invoice id."""
+) -> None:
+    """Insert the invoices as issued (a draft of the period is issued in place)."""
     seller = json.dumps(seller_snapshot())
     rows = []
     for p, number in zip(plans, numbers, strict=True):
@@ -493,7 +504,7 @@ def _write_invoices(
         settled = p.total_minor - credits <= 0
         rows.append(
             (
-                ids.new_id(),
+                invoice_ids[p.account_id],
                 p.account_id,
                 number,
                 InvoiceStatus.PAID if settled else InvoiceStatus.ISSUED,
@@ -563,12 +574,9 @@ def _write_invoices(
                 "paid_at": list(columns[16]),
             },
         )
-        invoice_ids = dict(cursor.fetchall())
-        if len(invoice_ids) != len(plans):  # the billing lock makes this impossible; say so if not
-            raise RuntimeError("an invoice of this chunk was issued by someone else meanwhile")
-        # A recomputed draft loses its old lines.
-        cursor.execute("DELETE FROM invoicing_invoiceline WHERE invoice_id = ANY(%s)", [list(invoice_ids.values())])
-    return invoice_ids
+        written = dict(cursor.fetchall())
+    if written != invoice_ids:  # the billing lock makes this impossible; say so if not
+        raise RuntimeError("an invoice of this chunk was issued by someone else meanwhile")
 
 
 def _write_lines(plans: list[PlannedInvoice], invoice_ids: dict[int, int]) -> None:
