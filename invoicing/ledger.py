@@ -182,7 +182,7 @@ def check() -> list[str]:
                 SELECT 'invoice', i.id FROM invoicing_invoice i WHERE i.status <> 'draft' AND (
                     i.total_minor <> 0
                     OR EXISTS (SELECT FROM invoicing_invoiceline l WHERE l.invoice_id = i.id AND l.amount_minor <> 0))
-                UNION ALL SELECT 'payment', id FROM invoicing_payment
+                UNION ALL SELECT 'payment', id FROM invoicing_invoicepayment
                 UNION ALL SELECT 'credit_note', id FROM invoicing_creditnote
                 UNION ALL SELECT 'write_off', id FROM invoicing_invoice WHERE written_off_minor > 0
                 UNION ALL SELECT 'credit_grant', id FROM invoicing_creditgrant

@@ -380,7 +380,7 @@ class CreditNoteLine(models.Model):
         return self.description
 
 
-class Payment(models.Model):
+class InvoicePayment(models.Model):
     """Money received against an invoice, as reported by the payments app (``reference`` is
     the gateway's id of the charge: the same report twice records it once)."""
 

@@ -55,9 +55,9 @@ def balance(*, account_id: int) -> dict[str, dict[str, int]]:
 def ledger_entries_for_invoice(*, invoice_id: int) -> QuerySet[LedgerEntry]:
     """Entries whose source is the invoice or a document about it."""
     note_ids = list(CreditNote.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
-    from invoicing.models import Payment
+    from invoicing.models import InvoicePayment
 
-    payment_ids = list(Payment.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
+    payment_ids = list(InvoicePayment.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
     return (
         LedgerEntry.objects.filter(
             Q(source_type__in=["invoice", "invoice_credit", "write_off"], source_id=invoice_id)

@@ -31,9 +31,9 @@ from invoicing.models import (
     CreditNote,
     CreditNoteLine,
     Invoice,
+    InvoicePayment,
     InvoiceStatus,
     InvoiceTransition,
-    Payment,
 )
 from metering import selectors as metering_selectors
 
@@ -299,11 +299,11 @@ def _require_reason(reason: str) -> str:
 @transaction.atomic(durable=True)
 def invoice_record_payment(
     *, invoice_id: int, amount_minor: int, currency: str, reference: str, received_at: dt.datetime | None = None
-) -> Payment:
+) -> InvoicePayment:
     """Money received against an issued invoice (called by the payments app). The same
     ``reference`` twice records one payment. Fully paid → ``paid``."""
     invoice = _locked_invoice(invoice_id)
-    existing = Payment.objects.filter(reference=reference).first()
+    existing = InvoicePayment.objects.filter(reference=reference).first()
     if existing is not None:
         if existing.invoice_id != invoice_id or existing.amount_minor != amount_minor:
             raise Conflict("payment_conflict", f"Payment {reference} was recorded with other details.")
@@ -319,7 +319,7 @@ def invoice_record_payment(
             field="amount_minor",
         )
     now = received_at or timezone.now()
-    payment = Payment.objects.create(
+    payment = InvoicePayment.objects.create(
         invoice=invoice,
         account_id=invoice.account_id,
         amount_minor=amount_minor,
