@@ -171,31 +171,30 @@ def prepare(accounts: int, days: int) -> None:
     print(f"prepared {accounts:,} accounts x {len(SKUS)} SKUs x {days} days in {time.perf_counter() - started:.1f} s")
 
 
-def close_worker(url: str, chunks: list[list[int]], out: Any) -> None:
-    """What a Celery worker does with its share of a fanned-out close's chunk tasks."""
+def close_worker(url: str, shards: list[int], out: Any) -> None:
+    """What a Celery worker does with its share of a fanned-out close's shard tasks."""
     setup_django(url)
     from billing_site.common.actors import Actor
     from invoicing import services
     from invoicing.billing import Period
 
     issued = 0
-    for chunk in chunks:
-        result = services.period_close_chunk(
-            period=Period.parse(PERIOD), account_ids=chunk, actor=Actor.system("bench"), render_pdfs=False
+    for shard in shards:
+        report = services.period_close_shard(
+            period=Period.parse(PERIOD), shard=shard, actor=Actor.system("bench"), render_pdfs=False
         )
-        issued += len(result.issued)
+        issued += report.issued
     out.put(issued)
 
 
-def close_with_workers(url: str, workers: int, chunk_size: int) -> tuple[int, int]:
-    """The close fanned out over ``workers`` processes; (invoices issued, chunks)."""
-    from invoicing import services
-    from invoicing.billing import Period
+def close_with_workers(url: str, workers: int) -> int:
+    """The close fanned out over ``workers`` processes taking the shards in turn; invoices issued."""
+    from metering.selectors import shard_count
 
-    chunks = services.period_chunks(period=Period.parse(PERIOD), chunk_size=chunk_size)
     context = mp.get_context("spawn")
     out = context.Queue()
-    processes = [context.Process(target=close_worker, args=(url, chunks[i::workers], out)) for i in range(workers)]
+    shards = list(range(shard_count()))
+    processes = [context.Process(target=close_worker, args=(url, shards[i::workers], out)) for i in range(workers)]
     for process in processes:
         process.start()
     issued = sum(out.get() for _ in processes)
@@ -203,14 +202,14 @@ def close_with_workers(url: str, workers: int, chunk_size: int) -> tuple[int, in
         process.join()
         if process.exitcode:
             raise SystemExit(f"a close worker failed ({process.exitcode})")
-    return issued, len(chunks)
+    return issued
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accounts", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=30, help="days of rated usage per SKU in the month")
-    parser.add_argument("--chunk-size", type=int, default=500, help="accounts per transaction")
+    parser.add_argument("--chunk-size", type=int, default=500, help="accounts per transaction (--workers 1)")
     parser.add_argument("--pdfs", type=int, default=20, help="invoices whose PDF rendering is timed")
     parser.add_argument(
         "--workers", type=int, default=2, help="processes billing chunks in parallel, as Celery workers do (1: inline)"
@@ -230,8 +229,8 @@ def main() -> None:
     actor = Actor.system("bench")
     started = time.perf_counter()
     if args.workers > 1:
-        issued, chunks = close_with_workers(url, args.workers, args.chunk_size)
-        how = f"{args.workers} workers, {chunks} chunks of <= {args.chunk_size} accounts"
+        issued = close_with_workers(url, args.workers)
+        how = f"{args.workers} workers taking the 16 shards in turn, chunks of <= 500 accounts"
     else:
         report = services.period_close(
             period=period, actor=actor, run_rollup=False, render_pdfs=False, chunk_size=args.chunk_size

@@ -54,15 +54,12 @@ class CloseReport:
     nothing_to_bill: int = 0
     totals_minor: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     dry_run: bool = False
-    queued_chunks: int = 0
+    queued_shards: int = 0
     seconds: float = 0.0
 
     def summary(self) -> str:
-        if self.queued_chunks:
-            return (
-                f"{self.period}: {self.accounts} accounts with usage in {self.queued_chunks} chunks queued "
-                f"for the workers; {self.seconds:.1f} s"
-            )
+        if self.queued_shards:
+            return f"{self.period}: {self.queued_shards} shards of accounts queued for the workers"
         totals = ", ".join(
             f"{money.from_minor(amount, currency)} {currency}" for currency, amount in sorted(self.totals_minor.items())
         )
@@ -83,27 +80,46 @@ def check_closable(period: Period, *, now: dt.datetime | None = None) -> None:
 
 
 def period_chunks(
-    *, period: Period, account_ids: list[int] | None = None, chunk_size: int = CHUNK_ACCOUNTS
+    *, period: Period, account_ids: list[int] | None = None, chunk_size: int = CHUNK_ACCOUNTS, shard: int | None = None
 ) -> list[list[int]]:
     """The accounts a close of ``period`` considers (usage in it, or late usage of a month it
     may still adjust; with ``INVOICING_ISSUE_EMPTY`` every account open in the period too),
     ascending, cut into chunks of one transaction each."""
     first = dt.datetime.combine(billing.lookback_start(period), dt.time(), tzinfo=dt.UTC)
-    candidates = metering_selectors.accounts_with_usage(start=first, end=period.end_at, account_ids=account_ids)
+    candidates = metering_selectors.accounts_with_usage(
+        start=first, end=period.end_at, account_ids=account_ids, shard=shard
+    )
     if settings.INVOICING_ISSUE_EMPTY:  # every account open in the period, usage or not
-        candidates = sorted(
-            set(candidates)
-            | set(account_selectors.billing_account_ids_open(opened_before=period.end_at, account_ids=account_ids))
-        )
+        idle = account_selectors.billing_account_ids_open(opened_before=period.end_at, account_ids=account_ids)
+        if shard is not None:
+            from metering.rollup import shard_of
+
+            idle = [a for a in idle if shard_of(a) == shard]
+        candidates = sorted(set(candidates) | set(idle))
     return [candidates[lo : lo + chunk_size] for lo in range(0, len(candidates), chunk_size)]
 
 
-def period_close_chunk(
-    *, period: Period, account_ids: list[int], actor: Actor, render_pdfs: bool = True
-) -> billing.ChunkResult:
-    """Invoice one chunk of accounts (one transaction); what a worker runs for a fanned-out close."""
+def period_close_shard(
+    *, period: Period, shard: int, actor: Actor, render_pdfs: bool = True, chunk_size: int = CHUNK_ACCOUNTS
+) -> CloseReport:
+    """Close ``period`` for the accounts of one shard, chunk by chunk: what a worker runs for
+    a fanned-out close (shards are independent: no two share an account)."""
+    started = time.perf_counter()
     check_closable(period)
-    return billing.close_chunk(period=period, account_ids=account_ids, actor=actor, render_pdfs=render_pdfs)
+    report = CloseReport(period=period)
+    for chunk in period_chunks(period=period, chunk_size=chunk_size, shard=shard):
+        report.accounts += len(chunk)
+        _add(report, billing.close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _add(report: CloseReport, result: billing.ChunkResult) -> None:
+    report.issued += len(result.issued)
+    report.already_issued += result.already_issued
+    report.nothing_to_bill += result.nothing_to_bill
+    for currency, total in Invoice.objects.filter(id__in=result.issued).values_list("currency", "total_minor"):
+        report.totals_minor[currency] += total
 
 
 def period_close(
@@ -121,29 +137,29 @@ def period_close(
     the period (or late usage of an earlier one), ``chunk_size`` accounts per transaction.
     Idempotent: accounts already invoiced for the period are skipped.
 
-    ``fan_out`` (with a broker) queues one ``invoicing.close_chunk`` task per chunk, so every
-    worker bills in parallel, instead of billing the chunks here one after the other."""
+    ``fan_out`` (with a broker) queues one ``invoicing.close_shard`` task per shard of
+    accounts, so every worker bills in parallel, instead of billing here chunk after chunk."""
     started = time.perf_counter()
     check_closable(period)
     if run_rollup and not dry_run:
         _rollup_everything()
     report = CloseReport(period=period, dry_run=dry_run)
-    chunks = period_chunks(period=period, account_ids=account_ids, chunk_size=chunk_size)
-    report.accounts = sum(len(chunk) for chunk in chunks)
-    if fan_out and not dry_run and not current_app.conf.task_always_eager:
+    if fan_out and not dry_run and account_ids is None and not current_app.conf.task_always_eager:
         from invoicing import tasks
 
-        for chunk in chunks:
-            tasks.close_chunk.delay(
+        for shard in range(metering_selectors.shard_count()):
+            tasks.close_shard.delay(
                 period=period.label,
-                account_ids=chunk,
+                shard=shard,
                 actor_kind=actor.kind.value,
                 actor_name=actor.name,
                 actor_user_id=actor.user_id,
             )
-        report.queued_chunks = len(chunks)
+        report.queued_shards = metering_selectors.shard_count()
         report.seconds = time.perf_counter() - started
         return report
+    chunks = period_chunks(period=period, account_ids=account_ids, chunk_size=chunk_size)
+    report.accounts = sum(len(chunk) for chunk in chunks)
     for chunk in chunks:
         if dry_run:
             issued = set(
@@ -159,14 +175,7 @@ def period_close(
             for p in plans.values():
                 report.totals_minor[p.currency] += p.total_minor
             continue
-        result = period_close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs)
-        report.issued += len(result.issued)
-        report.already_issued += result.already_issued
-        report.nothing_to_bill += result.nothing_to_bill
-        for currency, total in (
-            Invoice.objects.filter(id__in=result.issued).values_list("currency", "total_minor").iterator()
-        ):
-            report.totals_minor[currency] += total
+        _add(report, billing.close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
     report.seconds = time.perf_counter() - started
     return report
 

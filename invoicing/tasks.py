@@ -33,20 +33,14 @@ def close_last_period() -> str:
     return services.period_close(period=period, actor=Actor.system("invoicing.beat"), fan_out=True).summary()
 
 
-@shared_task(name="invoicing.close_chunk", acks_late=True)
-def close_chunk(
-    *, period: str, account_ids: list[int], actor_kind: str, actor_name: str, actor_user_id: int | None
-) -> str:
-    """One chunk of a fanned-out period close (idempotent: a redelivery finds it issued)."""
+@shared_task(name="invoicing.close_shard", acks_late=True)
+def close_shard(*, period: str, shard: int, actor_kind: str, actor_name: str, actor_user_id: int | None) -> str:
+    """One shard of a fanned-out period close (idempotent: a redelivery finds it issued)."""
     from invoicing import services
     from invoicing.billing import Period
 
-    result = services.period_close_chunk(
-        period=Period.parse(period),
-        account_ids=account_ids,
-        actor=Actor(kind=ActorKind(actor_kind), name=actor_name, user_id=actor_user_id),
-    )
-    return f"{period}: {len(result.issued)} issued, {result.already_issued} already, {result.nothing_to_bill} empty"
+    actor = Actor(kind=ActorKind(actor_kind), name=actor_name, user_id=actor_user_id)
+    return services.period_close_shard(period=Period.parse(period), shard=shard, actor=actor).summary()
 
 
 @shared_task(name="invoicing.close_period")

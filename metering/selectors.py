@@ -161,15 +161,32 @@ class BillingUsage:
     by_project: dict[tuple[int, str], list[tuple[str | None, Decimal, Decimal]]]
 
 
-def accounts_with_usage(*, start: dt.datetime, end: dt.datetime, account_ids: list[int] | None = None) -> list[int]:
-    """Accounts with rated usage rows on days in [start, end), ascending."""
+def accounts_with_usage(
+    *, start: dt.datetime, end: dt.datetime, account_ids: list[int] | None = None, shard: int | None = None
+) -> list[int]:
+    """Accounts with rated usage rows on days in [start, end), ascending; only those of one
+    shard (hash partition, see ``metering.rollup.shard_of``) if ``shard`` is given, so that
+    work over all accounts splits into independent per-shard scans."""
+    from metering.rollup import SHARDS
+
+    table = "metering_dailyusage"
+    if shard is not None:
+        if not 0 <= shard < SHARDS:
+            raise ValueError(f"shard {shard} is not in 0..{SHARDS - 1}")
+        table = f"metering_dailyusage_p{shard:02d}"
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT DISTINCT account_id FROM metering_dailyusage WHERE day >= %s AND day < %s "
+            f"SELECT DISTINCT account_id FROM {table} WHERE day >= %s AND day < %s "  # noqa: S608 (our table)
             "AND (%s::bigint[] IS NULL OR account_id = ANY(%s::bigint[])) ORDER BY 1",
             [start, end, account_ids, account_ids],
         )
         return [row[0] for row in cursor.fetchall()]
+
+
+def shard_count() -> int:
+    from metering.rollup import SHARDS
+
+    return SHARDS
 
 
 def billing_usage(

@@ -34,9 +34,9 @@ def test_a_fanned_out_period_close_is_billed_by_the_workers(
     for account in accounts:
         rated(account.id, "2026-10-02", "compute.vcpu", "1", "10")
     report = services.period_close(
-        period=Period(dt.date(2026, 10, 1)), actor=Actor.system("tests"), run_rollup=False, chunk_size=1, fan_out=True
+        period=Period(dt.date(2026, 10, 1)), actor=Actor.system("tests"), run_rollup=False, fan_out=True
     )
-    assert report.queued_chunks == 3 and Invoice.objects.count() <= 3
+    assert report.queued_shards == 16 and Invoice.objects.count() <= 3
     deadline = time.monotonic() + 60
     while Invoice.objects.count() < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
