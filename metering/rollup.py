@@ -333,15 +333,9 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
     # never double count and the history before the anchor is never read again.
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        WITH last AS (
-            SELECT DISTINCT ON (account_id, resource_id) account_id, resource_id, running_after, labels, occurred_at
-            FROM rollup_timeline ORDER BY account_id, resource_id, position DESC
-        ), open AS (
-            SELECT DISTINCT ON (account_id, resource_id) account_id, resource_id, occurred_at, spec
-            FROM rollup_timeline WHERE action IN ('start', 'update') AND running_after
-            ORDER BY account_id, resource_id, position DESC
-        ), counts AS (
-            SELECT account_id, resource_id,
+        WITH counts AS (
+            SELECT account_id, resource_id, max(position) AS last_position,
+                   max(position) FILTER (WHERE action IN ('start', 'update') AND running_after) AS open_position,
                    count(*) FILTER (WHERE is_new) AS events,
                    count(*) FILTER (WHERE action = 'start' AND running_before)
                    - count(*) FILTER (WHERE NOT is_new AND action = 'start' AND running_before_old)
@@ -353,6 +347,14 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
                    - count(*) FILTER (WHERE NOT is_new AND action = 'update' AND NOT running_before_old)
                        AS update_while_stopped
             FROM rollup_timeline GROUP BY 1, 2
+        ), last AS (
+            SELECT t.account_id, t.resource_id, t.running_after, t.labels, t.occurred_at
+            FROM counts c JOIN rollup_timeline t
+              ON t.account_id = c.account_id AND t.resource_id = c.resource_id AND t.position = c.last_position
+        ), open AS (
+            SELECT t.account_id, t.resource_id, t.occurred_at, t.spec
+            FROM counts c JOIN rollup_timeline t
+              ON t.account_id = c.account_id AND t.resource_id = c.resource_id AND t.position = c.open_position
         )
         INSERT INTO {state_p} AS r (account_id, resource_id, running, since, spec, labels, last_event_at, events,
                                     start_while_running, stop_while_stopped, update_while_stopped, updated_at)
