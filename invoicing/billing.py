@@ -264,9 +264,7 @@ def _usage_lines(
                 rated_amount=amount,
                 amount_minor=amount_minor,
                 detail=_line_detail(
-                    usage.by_resource.get((account_id, sku), []),
-                    usage.by_project.get((account_id, sku), []),
-                    amount_minor,
+                    usage.by_resource.get((account_id, sku), []), usage.by_project.get((account_id, sku), [])
                 ),
             )
             current.append(line)
@@ -291,35 +289,32 @@ def _usage_lines(
 
 
 def _line_detail(
-    resources: list[tuple[str, Decimal, Decimal]],
-    projects: list[tuple[str | None, Decimal, Decimal]],
-    amount_minor: int,
+    resources: list[tuple[str, Decimal, Decimal]], projects: list[tuple[str | None, Decimal, Decimal]]
 ) -> dict[str, Any]:
-    """The line's amount split by resource and by ``project`` label (when any usage carries
-    one), each split summing to the line's rounded amount exactly (largest remainder over the
-    rated amounts). Stored compactly as ``[key, quantity, amount_minor]`` triples;
-    ``detail_view`` gives the public shape."""
-    result: dict[str, Any] = {}
-    splits = [("resources", [(key or "(no resource)", q, a) for key, q, a in sorted(resources)])]
+    """What is behind a line: its usage by resource and by ``project`` label (when any usage
+    carries one), as ``[key, quantity, rated amount]`` at full precision. ``detail_view``
+    splits the line's rounded amount over them."""
+    result: dict[str, Any] = {
+        "resources": [[key or "(no resource)", str(q), str(a)] for key, q, a in sorted(resources)]
+    }
     if any(key for key, _, _ in projects):
         ordered = sorted(projects, key=lambda row: (row[0] is None, row[0] or ""))  # "(no project)" last
-        splits.append(("projects", [(key or "(no project)", q, a) for key, q, a in ordered]))
-    for dimension, rows in splits:
-        if rows:
-            parts = money.allocate(amount_minor, [amount for _, _, amount in rows])
-            result[dimension] = [[key, str(q), part] for (key, q, _), part in zip(rows, parts, strict=True)]
+        result["projects"] = [[key or "(no project)", str(q), str(a)] for key, q, a in ordered]
     return result
 
 
-def detail_view(detail: dict[str, Any], currency: str) -> dict[str, list[dict[str, str]]]:
-    """A line's stored detail as shown in the API and on the PDF: amounts as money strings."""
-    return {
-        dimension: [
+def detail_view(detail: dict[str, Any], amount_minor: int, currency: str) -> dict[str, list[dict[str, str]]]:
+    """A line's detail as the API and the PDF show it: the line's amount split over the rows
+    in proportion to their rated amounts, each split summing to the line exactly (largest
+    remainder, ``money.allocate``). Computed from frozen data, so it never changes."""
+    view: dict[str, list[dict[str, str]]] = {}
+    for dimension, rows in detail.items():
+        parts = money.allocate(amount_minor, [Decimal(amount) for _, _, amount in rows])
+        view[dimension] = [
             {"key": key, "quantity": quantity, "amount": money.format_minor(part, currency)}
-            for key, quantity, part in rows
+            for (key, quantity, _), part in zip(rows, parts, strict=True)
         ]
-        for dimension, rows in detail.items()
-    }
+    return view
 
 
 def _discount_lines(

@@ -45,7 +45,7 @@ def invoice_html(invoice: Invoice) -> str:
                     f"{line.unit_price.normalize():f}" if line.unit_price is not None else (line.pricing or "")
                 ),
                 "amount": _money(line.amount_minor, currency),
-                "detail": detail_view(line.detail, currency),
+                "detail": detail_view(line.detail, line.amount_minor, currency),
             }
         )
     context: dict[str, Any] = {

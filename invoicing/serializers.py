@@ -76,7 +76,7 @@ class InvoiceLineSerializer(serializers.Serializer):
         }
     )
     def get_detail(self, line: InvoiceLine) -> dict[str, Any]:
-        return detail_view(line.detail, self.context["currency"])
+        return detail_view(line.detail, line.amount_minor, self.context["currency"])
 
 
 class InvoiceSerializer(serializers.Serializer):

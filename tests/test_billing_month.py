@@ -58,7 +58,7 @@ def test_tiers_and_a_mid_month_price_change_reach_the_invoice_and_late_usage_the
     lines = {line.sku: line for line in invoice.lines.all()}
     assert (lines["compute.vcpu"].quantity, lines["compute.vcpu"].rated_amount) == (8, Decimal("0.094"))
     assert (lines["compute.vcpu"].amount_minor, lines["compute.vcpu"].pricing) == (9, "varied")
-    assert detail_view(lines["compute.vcpu"].detail, "USD")["projects"] == [
+    assert detail_view(lines["compute.vcpu"].detail, 9, "USD")["projects"] == [
         {"key": "web", "quantity": "8.000000000000", "amount": "0.09"}
     ]
     assert (lines["network.egress"].quantity, lines["network.egress"].amount_minor) == (130, 270)

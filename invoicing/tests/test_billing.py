@@ -72,7 +72,7 @@ def test_a_line_at_half_a_cent_rounds_up_once_and_tax_once_per_invoice(acct: Cal
     assert invoice.due_at == NOW + dt.timedelta(days=14)
     assert invoice.buyer["name"] == account.name and invoice.seller["vat_id"]
     # the detail by resource sums to the line exactly (largest remainder)
-    parts = detail_view(lines["compute.vcpu"].detail, "EUR")["resources"]
+    parts = detail_view(lines["compute.vcpu"].detail, 1013, "EUR")["resources"]
     assert [(p["key"], p["amount"]) for p in parts] == [("vm-1", "6.07"), ("vm-2", "4.06")]
 
 
