@@ -193,31 +193,40 @@ def billing_usage(
     *, account_ids: list[int], start: dt.datetime, end: dt.datetime, detail_month: dt.date
 ) -> BillingUsage:
     """Each account's rated usage per (calendar month, SKU) for days in [start, end), and for
-    ``detail_month`` the split by resource and by ``project`` label: one scan of the daily
-    rollup (GROUPING SETS), not three."""
+    ``detail_month`` (the last month of the range) the split by resource and by ``project``
+    label: one statement, one pass over each month's daily rows (GROUPING SETS for the
+    detailed month, a plain grouping for the months before it)."""
     result = BillingUsage(monthly=[], by_resource={}, by_project={})
+    detail_start = dt.datetime.combine(detail_month, dt.time(), tzinfo=dt.UTC)
     with connection.cursor() as cursor:
         cursor.execute(
             """
-            SELECT account_id, month, sku, resource_id, project, GROUPING(resource_id, project),
+            SELECT account_id, %(detail_month)s::date, sku, resource_id, project, GROUPING(resource_id, project),
                    sum(quantity), coalesce(sum(amount), 0)
             FROM (
-                SELECT account_id, (date_trunc('month', day, 'UTC') AT TIME ZONE 'UTC')::date AS month, sku,
-                       resource_id, labels ->> 'project' AS project, quantity, amount
+                SELECT account_id, sku, resource_id, labels ->> 'project' AS project, quantity, amount
                 FROM metering_dailyusage
-                WHERE account_id = ANY(%(accounts)s) AND day >= %(start)s AND day < %(end)s
+                WHERE account_id = ANY(%(accounts)s) AND day >= %(detail_start)s AND day < %(end)s
             ) d
-            GROUP BY GROUPING SETS (
-                (account_id, month, sku), (account_id, month, sku, resource_id), (account_id, month, sku, project)
-            )
+            GROUP BY GROUPING SETS ((account_id, sku), (account_id, sku, resource_id), (account_id, sku, project))
+            UNION ALL
+            SELECT account_id, (date_trunc('month', day, 'UTC') AT TIME ZONE 'UTC')::date, sku, NULL, NULL, 3,
+                   sum(quantity), coalesce(sum(amount), 0)
+            FROM metering_dailyusage
+            WHERE account_id = ANY(%(accounts)s) AND day >= %(start)s AND day < %(detail_start)s
+            GROUP BY 1, 2, 3
             """,
-            {"accounts": account_ids, "start": start, "end": end},
+            {
+                "accounts": account_ids,
+                "start": start,
+                "end": end,
+                "detail_start": detail_start,
+                "detail_month": detail_month,
+            },
         )
         for account_id, month, sku, resource_id, project, grouping, quantity, amount in cursor.fetchall():
             if grouping == 3:
                 result.monthly.append(MonthlyUsage(account_id, month, sku, quantity, amount))
-            elif month != detail_month:
-                continue
             elif grouping == 1:
                 result.by_resource.setdefault((account_id, sku), []).append((resource_id, quantity, amount))
             else:
