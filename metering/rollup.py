@@ -450,7 +450,7 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
                 ORDER BY h.hour DESC, h.resource_id DESC, h.labels DESC LIMIT 1), 0) AS base
             FROM rollup_tier_groups g
         ), tail_rows AS (
-            SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity, b.currency, b.base,
+            SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity, b.currency, b.base, b.month,
                    false AS changed, h.amount AS old_amount, h.cum_quantity AS old_cum
             FROM based b
             JOIN {hourly_p} h ON h.account_id = b.account_id AND h.sku = b.sku
@@ -459,15 +459,16 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
                               WHERE r.account_id = h.account_id AND r.hour = h.hour AND r.sku = h.sku
                                 AND r.resource_id = h.resource_id AND r.labels = h.labels)
             UNION ALL
-            SELECT r.account_id, r.hour, r.sku, r.resource_id, r.labels, r.quantity, b.currency, b.base,
+            SELECT r.account_id, r.hour, r.sku, r.resource_id, r.labels, r.quantity, b.currency, b.base, b.month,
                    true, r.old_amount, r.old_cum
             FROM based b
             JOIN rollup_rows r ON r.account_id = b.account_id AND r.sku = b.sku
                               AND r.hour >= b.tail_from AND r.hour < b.month + interval '1 month'
             WHERE r.kept
         ), walked AS (
+            -- each month's running total on its own: a run may touch two months of one SKU
             SELECT t.*, t.base + sum(t.quantity) OVER (
-                       PARTITION BY t.account_id, t.sku ORDER BY t.hour, t.resource_id, t.labels
+                       PARTITION BY t.account_id, t.sku, t.month ORDER BY t.hour, t.resource_id, t.labels
                        ROWS UNBOUNDED PRECEDING) AS cum_after
             FROM tail_rows t
         )

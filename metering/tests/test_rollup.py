@@ -547,6 +547,24 @@ def test_graduated_tiers_crossing_a_boundary_inside_an_hour(account: BillingAcco
     assert amounts(account, "network.egress")["11-02 10"] == Decimal("0.07")
 
 
+def test_each_month_walks_its_own_tiers_when_one_run_touches_two(account: BillingAccount, post: Callable) -> None:
+    # network.egress in USD: first 100 GB of each month free. 60 GB on Oct 31, 70 GB on Nov 1,
+    # rolled up in the same run: both months stay inside their free tier.
+    post([used(account, "a", at("2026-10-31 23:30:00"), "60"), used(account, "b", at("2026-11-01 00:30:00"), "70")])
+    roll(account)
+    assert amounts(account, "network.egress") == {"10-31 23": Decimal(0), "11-01 00": Decimal(0)}
+    cum = dict(
+        HourlyUsage.objects.filter(account_id=account.id, sku="network.egress").values_list(
+            "hour__month", "cum_quantity"
+        )
+    )
+    assert cum == {10: Decimal(60), 11: Decimal(70)}
+    # A later run in November continues November's own total: 40 GB more crosses 100 by 10.
+    post([used(account, "c", at("2026-11-01 02:30:00"), "40")])
+    roll(account)
+    assert amounts(account, "network.egress")["11-01 02"] == Decimal("0.9")
+
+
 def test_usage_without_a_price_in_the_currency_has_no_amount(
     catalog: None, customer: Customer, make_account: Callable, post: Callable
 ) -> None:
