@@ -100,6 +100,10 @@ class InvoicePartInline(ReadOnlyInlineMixin):
 
 class InvoiceLineInline(InvoicePartInline, admin.TabularInline[InvoiceLine, Invoice]):
     model = InvoiceLine
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[InvoiceLine]:
+        return super().get_queryset(request).select_related("invoice")
+
     fields = ("position", "kind", "description", "quantity", "unit", "unit_price", "pricing", "amount")
     readonly_fields = fields
 
@@ -120,7 +124,22 @@ class ReasonForm(forms.Form):
 class CreditNoteForm(ReasonForm):
     description = forms.CharField(max_length=300)
     amount = forms.DecimalField(max_digits=18, decimal_places=3, min_value=Decimal("0.001"), help_text="Net of VAT")
-    sku = forms.CharField(max_length=64, required=False, help_text="Revenue family to reverse, e.g. compute.vcpu")
+    sku = forms.ChoiceField(help_text="The invoice line whose revenue this reverses")
+
+    def __init__(self, *args: Any, invoice: Invoice, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.invoice = invoice
+        skus = sorted({sku for sku in invoice.lines.values_list("sku", flat=True) if sku})
+        sku_field = self.fields["sku"]
+        assert isinstance(sku_field, forms.ChoiceField)
+        sku_field.choices = [(sku, sku) for sku in skus]
+
+    def clean_amount(self) -> Decimal:
+        amount: Decimal = self.cleaned_data["amount"]
+        currency = self.invoice.currency
+        if money.from_minor(money.to_minor(amount, currency), currency) != amount:
+            raise forms.ValidationError(f"{currency} has {money.exponent(currency)} decimal places.")
+        return amount
 
 
 class PeriodCloseForm(forms.Form):
@@ -294,7 +313,11 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
         invoice = get_object_or_404(Invoice, pk=object_id)
         if name not in ACTIONS or not request.user.has_perm(ACTIONS[name][0]):
             raise PermissionDenied
-        form: forms.Form = (CreditNoteForm if name == "credit_note" else ReasonForm)(request.POST or None)
+        form: forms.Form = (
+            CreditNoteForm(request.POST or None, invoice=invoice)
+            if name == "credit_note"
+            else ReasonForm(request.POST or None)
+        )
         change_url = reverse("admin:invoicing_invoice_change", args=[invoice.pk])
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data

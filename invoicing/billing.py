@@ -168,12 +168,13 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
     rated: dict[tuple[int, dt.date, str], list[Decimal]] = {}
     for monthly in usage.monthly:
         rated[(monthly.account_id, monthly.month, monthly.sku)] = [monthly.quantity, monthly.amount]
-    billed: dict[tuple[int, dt.date, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+    billed: dict[tuple[int, dt.date, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0), Decimal(0)])
     for row in BilledUsage.objects.filter(account_id__in=account_ids, usage_month__gte=first_month).values_list(
-        "account_id", "usage_month", "sku", "quantity", "rated_amount"
+        "account_id", "usage_month", "sku", "quantity", "rated_amount", "amount_minor"
     ):
         billed[row[:3]][0] += row[3]
         billed[row[:3]][1] += row[4]
+        billed[row[:3]][2] += row[5]
 
     discounts = list(
         ContractDiscount.objects.filter(account_id__in=account_ids, valid_from__lt=period.end).exclude(
@@ -196,12 +197,18 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
         discounts_of[d.account_id].append(d)
 
     pricing: dict[str, dict[str, metering_selectors.SkuPricing]] = {}
-    deltas: dict[int, list[tuple[dt.date, str, Decimal, Decimal]]] = defaultdict(list)
+    deltas: dict[int, list[Delta]] = defaultdict(list)
     for key in sorted(set(rated) | set(billed)):
         now_q, now_a = rated.get(key, (Decimal(0), Decimal(0)))
-        was_q, was_a = billed.get(key, (Decimal(0), Decimal(0)))
-        if now_q != was_q or now_a != was_a:
-            deltas[key[0]].append((key[1], key[2], now_q - was_q, now_a - was_a))
+        was_q, was_a, was_minor = billed.get(key, (Decimal(0), Decimal(0), Decimal(0)))
+        currency = profiles[key[0]].currency if key[0] in profiles else None
+        if currency is None:
+            continue
+        # Rounded once on the month's total: what is charged now is round(total) minus what
+        # was charged before, so late usage never loses or gains a cent to rounding.
+        minor = money.to_minor(now_a, currency) - int(was_minor)
+        if now_q != was_q or now_a != was_a or minor:
+            deltas[key[0]].append(Delta(key[1], key[2], now_q - was_q, now_a - was_a, minor))
 
     tax_point = period.end - dt.timedelta(days=1)
     plans: dict[int, PlannedInvoice] = {}
@@ -214,12 +221,18 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
             pricing[currency] = metering_selectors.sku_pricing(
                 currency=currency, start=period.start_at, end=period.end_at
             )
-        lines = _usage_lines(
-            period, account_id, deltas.get(account_id, []), currency, pricing[currency], usage
-        ) + _discount_lines(discounts_of.get(account_id, []), discount_bases, currency)
+        usage_lines = _usage_lines(period, account_id, deltas.get(account_id, []), pricing[currency], usage)
+        lines = usage_lines + _discount_lines(
+            discounts_of.get(account_id, []), discount_bases, usage_lines, period, currency
+        )
         if not lines and not settings.INVOICING_ISSUE_EMPTY:
             continue
         subtotal = sum(line.amount_minor for line in lines)
+        if subtotal < 0:
+            # Late usage rated lower than billed (a late stop, say) and nothing to set it off:
+            # no negative invoice. The difference stays unbilled and is set off against the
+            # account's next invoice; finance can issue a credit note meanwhile.
+            continue
         decision = taxes.decide(
             taxes.Buyer(country=profile.country, kind=profile.kind, tax_id=profile.tax_id),
             tax_point=tax_point,
@@ -239,18 +252,35 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
     return plans
 
 
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A month's rated usage of a SKU not billed yet: quantity and full-precision amount, and
+    the minor units to charge for it (round of the month's total minus what was charged)."""
+
+    month: dt.date
+    sku: str
+    quantity: Decimal
+    amount: Decimal
+    amount_minor: int
+
+
 def _usage_lines(
     period: Period,
     account_id: int,
-    deltas: list[tuple[dt.date, str, Decimal, Decimal]],
-    currency: str,
+    deltas: list[Delta],
     pricing: dict[str, metering_selectors.SkuPricing],
     usage: metering_selectors.BillingUsage,
 ) -> list[PlannedLine]:
     current, adjustments = [], []
-    for month, sku, quantity, amount in deltas:
+    for delta in deltas:
+        month, sku, quantity, amount, amount_minor = (
+            delta.month,
+            delta.sku,
+            delta.quantity,
+            delta.amount,
+            delta.amount_minor,
+        )
         how = pricing.get(sku) or metering_selectors.SkuPricing(sku, "", "varied", None)
-        amount_minor = money.to_minor(amount, currency)
         if month == period.start:
             line = PlannedLine(
                 kind=LineKind.USAGE,
@@ -318,29 +348,45 @@ def detail_view(detail: dict[str, Any], amount_minor: int, currency: str) -> dic
 
 
 def _discount_lines(
-    discounts: list[ContractDiscount], bases: dict[tuple[int, str], Decimal], currency: str
+    discounts: list[ContractDiscount],
+    bases: dict[tuple[int, str], Decimal],
+    usage_lines: list[PlannedLine],
+    period: Period,
+    currency: str,
 ) -> list[PlannedLine]:
+    """A negative line per discount: on the period's own usage in the discount's days, and on
+    late-usage adjustments of an earlier month the discount covered whole."""
     lines = []
     for d in sorted(discounts, key=lambda d: (d.sku_prefix, d.id)):
-        base = sum((amount for (key, _), amount in bases.items() if key == d.id), Decimal(0))
-        if base == 0:
-            continue
-        rated = -(base * d.percent / 100)
         scope = f"{d.sku_prefix}*" if d.sku_prefix else "all usage"
-        lines.append(
-            PlannedLine(
-                kind=LineKind.DISCOUNT,
-                sku=d.sku_prefix,
-                usage_month=None,
-                description=f"Contract discount {d.percent.normalize():f}% on {scope} ({d.reason})",
-                quantity=None,
-                unit="",
-                unit_price=None,
-                pricing="",
-                rated_amount=rated,
-                amount_minor=money.to_minor(rated, currency),
+        base = sum((amount for (key, _), amount in bases.items() if key == d.id), Decimal(0))
+        by_month: dict[dt.date, Decimal] = defaultdict(Decimal)
+        for line in usage_lines:
+            month = line.usage_month
+            if line.kind != LineKind.ADJUSTMENT or month is None or not line.sku.startswith(d.sku_prefix):
+                continue
+            month_end = Period(month).end
+            if d.valid_from <= month and (d.valid_until is None or d.valid_until >= month_end):
+                by_month[month] += line.rated_amount
+        for month, amount in [(None, base), *sorted(by_month.items())]:
+            if amount == 0:
+                continue
+            rated = -(amount * d.percent / 100)
+            what = "" if month is None else f", usage adjustment for {month:%Y-%m}"
+            lines.append(
+                PlannedLine(
+                    kind=LineKind.DISCOUNT,
+                    sku=d.sku_prefix,
+                    usage_month=month,
+                    description=f"Contract discount {d.percent.normalize():f}% on {scope} ({d.reason}){what}",
+                    quantity=None,
+                    unit="",
+                    unit_price=None,
+                    pricing="",
+                    rated_amount=rated,
+                    amount_minor=money.to_minor(rated, currency),
+                )
             )
-        )
     return lines
 
 
@@ -405,6 +451,8 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor, render_
     _write_lines(ordered, invoice_ids)
     _write_audit(ordered, invoice_ids, applied, actor=actor, now=now)
     invoice_numbers = numbering.take(settings.INVOICING_INVOICE_SERIES, now.year, len(ordered))
+    # Issued now, under the series lock: numbers and issue times rise together across workers.
+    now = timezone.now()
     _write_invoices(period, ordered, invoice_ids, invoice_numbers, applied, now=now)
     ledger.post_invoices_issued(
         [
@@ -616,9 +664,17 @@ def _write_lines(plans: list[PlannedInvoice], invoice_ids: dict[int, int]) -> No
     )
     copy_rows(
         "invoicing_billedusage",
-        ("account_id", "usage_month", "sku", "invoice_id", "quantity", "rated_amount"),
+        ("account_id", "usage_month", "sku", "invoice_id", "quantity", "rated_amount", "amount_minor"),
         (
-            (p.account_id, line.usage_month, line.sku, invoice_ids[p.account_id], line.quantity, line.rated_amount)
+            (
+                p.account_id,
+                line.usage_month,
+                line.sku,
+                invoice_ids[p.account_id],
+                line.quantity,
+                line.rated_amount,
+                line.amount_minor,
+            )
             for p in plans
             for line in p.billed
         ),

@@ -25,7 +25,7 @@ import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
 
-from django.db import connection
+from django.db import connection, transaction
 
 from billing_site.common.copy import copy_rows
 
@@ -152,7 +152,18 @@ def post_invoices_issued(invoices: list[IssuedInvoice], *, posted_at: dt.datetim
 
 
 def check() -> list[str]:
-    """Every violation of the ledger's invariants, as sentences (empty: all hold)."""
+    """Every violation of the ledger's invariants, as sentences (empty: all hold). Outside a
+    transaction it reads one consistent snapshot (REPEATABLE READ, read-only), so a billing
+    run committing meanwhile cannot show up as a gap or a mismatch."""
+    if connection.in_atomic_block:
+        return _check()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        return _check()
+
+
+def _check() -> list[str]:
     problems: list[str] = []
     with connection.cursor() as cursor:
         cursor.execute(
@@ -178,10 +189,14 @@ def check() -> list[str]:
         cursor.execute(
             """
             WITH sources(source_type, source_id) AS (
-                -- an invoice of nothing but zero amounts moves no money and posts nothing
+                -- an invoice whose postings are all zero (no total, no tax, each revenue family
+                -- netting to zero) moves no money and posts nothing
                 SELECT 'invoice', i.id FROM invoicing_invoice i WHERE i.status <> 'draft' AND (
-                    i.total_minor <> 0
-                    OR EXISTS (SELECT FROM invoicing_invoiceline l WHERE l.invoice_id = i.id AND l.amount_minor <> 0))
+                    i.total_minor <> 0 OR i.tax_minor <> 0
+                    OR EXISTS (
+                        SELECT FROM invoicing_invoiceline l WHERE l.invoice_id = i.id
+                        GROUP BY coalesce(nullif(split_part(l.sku, '.', 1), ''), 'general')
+                        HAVING sum(l.amount_minor) <> 0))
                 UNION ALL SELECT 'payment', id FROM invoicing_invoicepayment
                 UNION ALL SELECT 'credit_note', id FROM invoicing_creditnote
                 UNION ALL SELECT 'write_off', id FROM invoicing_invoice WHERE written_off_minor > 0
@@ -257,6 +272,34 @@ def check() -> list[str]:
         )
         for (grant_id,) in cursor.fetchall():
             problems.append(f"credit grant {grant_id}: remaining does not match its applications")
+        # Each invoice's running amounts against the rows behind them, and its own entry.
+        cursor.execute(
+            """
+            SELECT i.id,
+                   i.credits_applied_minor <> coalesce((
+                       SELECT sum(a.amount_minor) FROM invoicing_creditapplication a
+                       WHERE a.invoice_id = i.id AND a.amount_minor > 0), 0),
+                   i.amount_paid_minor <> coalesce((SELECT sum(p.amount_minor) FROM invoicing_invoicepayment p
+                                                    WHERE p.invoice_id = i.id), 0),
+                   i.amount_credited_minor <> coalesce((SELECT sum(c.total_minor) FROM invoicing_creditnote c
+                                                        WHERE c.invoice_id = i.id), 0),
+                   EXISTS (SELECT FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id
+                           WHERE e.source_type = 'invoice' AND e.source_id = i.id
+                           GROUP BY e.id
+                           HAVING coalesce(sum(l.amount_minor) FILTER (WHERE l.ledger_account = 'receivable'), 0)
+                                  <> i.total_minor
+                               OR coalesce(-sum(l.amount_minor)
+                                           FILTER (WHERE starts_with(l.ledger_account, 'vat_payable:')), 0)
+                                  <> i.tax_minor)
+            FROM invoicing_invoice i WHERE i.status <> 'draft'
+            """
+        )
+        for invoice_id, credits, paid, credited, entry in cursor.fetchall():
+            for wrong, what in ((credits, "credits applied"), (paid, "amount paid"), (credited, "amount credited")):
+                if wrong:
+                    problems.append(f"invoice {invoice_id}: {what} does not match the rows behind it")
+            if entry:
+                problems.append(f"invoice {invoice_id}: its ledger entry's receivable or VAT is not the invoice's")
     problems += _numbering_gaps()
     return problems
 

@@ -262,9 +262,10 @@ class InvoiceLine(models.Model):
 
 
 class BilledUsage(models.Model):
-    """What an issued invoice billed of a month's rated usage of a SKU, at full precision.
-    The next invoice bills the difference between the month's rated usage now and the sum
-    of these rows: late usage lands exactly once, on the next invoice, as an adjustment."""
+    """What an issued invoice billed of a month's rated usage of a SKU (full precision, and
+    the rounded amount charged). The next invoice bills the difference between the month's
+    rated usage now and the sum of these rows: late usage lands exactly once, on the next
+    invoice, as an adjustment."""
 
     account_id = models.BigIntegerField()
     usage_month = models.DateField()
@@ -272,6 +273,9 @@ class BilledUsage(models.Model):
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="+")
     quantity = models.DecimalField(max_digits=38, decimal_places=12)
     rated_amount = models.DecimalField(max_digits=38, decimal_places=12)
+    # What the line charged, in minor units: later adjustments bill round(month's rated total)
+    # minus the sum of these, so rounding never drifts however the usage arrives.
+    amount_minor = models.BigIntegerField(default=0)
 
     class Meta:
         constraints = [

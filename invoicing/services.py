@@ -450,13 +450,16 @@ def _credit_note_insert(
             f"At most {invoice.subtotal_minor - credited_net} (minor units, net) is left to credit on this invoice.",
             field="lines",
         )
-    # Tax: the invoice's rate on the net; crediting the rest of the invoice takes exactly the
-    # rest of its tax, so an invoice credited in parts never over- or under-credits VAT.
+    # Tax: the invoice's rate on all the net credited so far, rounded once, minus the tax
+    # already credited, kept within what is left of the invoice's tax; crediting the rest of
+    # the invoice takes exactly the rest of its tax. So credit notes in parts never reverse
+    # more (or less) VAT than the invoice charged.
     credited_tax = sum(CreditNote.objects.filter(invoice=invoice).values_list("tax_minor", flat=True))
     if whole or net == invoice.subtotal_minor - credited_net:
         tax = invoice.tax_minor - credited_tax
     else:
-        tax = money.percent_of_minor(net, invoice.tax_rate)
+        cumulative = money.percent_of_minor(credited_net + net, invoice.tax_rate)
+        tax = min(max(cumulative - credited_tax, 0), invoice.tax_minor - credited_tax)
     now = timezone.now()
     number = numbering.take(settings.INVOICING_CREDIT_NOTE_SERIES, now.year)[0]
     note = CreditNote.objects.create(
@@ -480,7 +483,12 @@ def _credit_note_insert(
         ]
     )
     invoice.amount_credited_minor += note.total_minor
-    invoice.save(update_fields=["amount_credited_minor", "updated_at"])
+    if invoice.status == InvoiceStatus.ISSUED and invoice.amount_outstanding_minor == 0 and not whole:
+        # Nothing is owed any more: settled (a void, ``whole``, moves it to ``void`` instead).
+        invoice.paid_at = now
+        _transition(invoice, "mark_paid", actor=actor, reason=f"settled by credit note {number}")
+    else:
+        invoice.save(update_fields=["amount_credited_minor", "updated_at"])
     by_family: dict[str, int] = defaultdict(int)
     if whole:
         # The whole invoice: revenue reversed per family exactly as it was posted.

@@ -268,3 +268,62 @@ def test_credit_is_never_spent_across_currencies(acct: Callable) -> None:
         services.credit_grant_create(
             account_id=account.id, kind="promotional", amount=Decimal("5"), currency="USD", reason="x", actor=FINANCE
         )
+
+
+# --- Found in review
+
+
+def test_late_usage_is_rounded_on_the_month_total_not_on_the_difference(acct: Callable) -> None:
+    account = acct(currency="EUR", country="US")
+    rated(account.id, "2026-10-02", "compute.vcpu", "1", "10.004")
+    close()
+    assert invoice_of(account).subtotal_minor == 1000  # 10.004 → 10.00
+    rated(account.id, "2026-10-03", "compute.vcpu", "1", "0.003")  # the month is now 10.007 → 10.01
+    rated(account.id, "2026-11-02", "compute.vcpu", "1", "1")
+    with time_machine.travel(dt.datetime(2026, 12, 1, 3, tzinfo=dt.UTC), tick=False):
+        close(NOVEMBER)
+    adjustment = invoice_of(account, NOVEMBER).lines.get(kind=LineKind.ADJUSTMENT)
+    assert (adjustment.rated_amount, adjustment.amount_minor) == (Decimal("0.003"), 1)  # the missing cent
+
+
+def test_no_negative_invoice_the_difference_is_set_off_later(acct: Callable) -> None:
+    account = acct(currency="EUR", country="US")
+    rated(account.id, "2026-10-02", "compute.vcpu", "10", "60")
+    close()
+    rated(account.id, "2026-10-02", "compute.vcpu", "-5", "-30")  # re-rated lower (a late stop)
+    rated(account.id, "2026-11-02", "compute.vcpu", "1", "1")
+    with time_machine.travel(dt.datetime(2026, 12, 1, 3, tzinfo=dt.UTC), tick=False):
+        report = close(NOVEMBER)
+    assert (report.issued, report.nothing_to_bill) == (0, 1)  # -29.00 is not invoiced
+    assert not Invoice.objects.filter(account_id=account.id, period_start=NOVEMBER.start).exists()
+    # December's usage absorbs it.
+    rated(account.id, "2026-12-02", "compute.vcpu", "100", "50")
+    with time_machine.travel(dt.datetime(2027, 1, 1, 3, tzinfo=dt.UTC), tick=False):
+        close(Period(dt.date(2026, 12, 1)))
+    december = invoice_of(account, Period(dt.date(2026, 12, 1)))
+    assert december.subtotal_minor == 5000 + 100 - 3000
+    assert ledger.check() == []
+
+
+def test_a_discount_covers_late_usage_of_a_month_it_covered_whole(acct: Callable) -> None:
+    account = acct(currency="EUR", country="US")
+    ContractDiscountFactory(account_id=account.id, percent=Decimal(10), valid_from=dt.date(2026, 1, 1))
+    rated(account.id, "2026-10-02", "compute.vcpu", "1", "50")
+    close()
+    rated(account.id, "2026-10-20", "compute.vcpu", "1", "100")  # late October compute
+    with time_machine.travel(dt.datetime(2026, 12, 1, 3, tzinfo=dt.UTC), tick=False):
+        close(NOVEMBER)
+    lines = {(line.kind, line.amount_minor) for line in invoice_of(account, NOVEMBER).lines.all()}
+    assert lines == {(LineKind.ADJUSTMENT, 10000), (LineKind.DISCOUNT, -1000)}
+
+
+def test_usage_and_adjustment_that_net_to_zero_post_nothing_and_check_passes(acct: Callable) -> None:
+    account = acct(currency="EUR", country="US")
+    rated(account.id, "2026-10-02", "compute.vcpu", "1", "5")
+    close()
+    rated(account.id, "2026-10-02", "compute.ram", "-1", "-5")  # a late correction in the same family
+    rated(account.id, "2026-11-02", "compute.vcpu", "1", "5")
+    with time_machine.travel(dt.datetime(2026, 12, 1, 3, tzinfo=dt.UTC), tick=False):
+        close(NOVEMBER)
+    assert invoice_of(account, NOVEMBER).total_minor == 0
+    assert ledger.check() == []

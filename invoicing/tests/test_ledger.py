@@ -247,3 +247,25 @@ def test_write_off_and_void(two_accounts: list[BillingAccount]) -> None:
     with pytest.raises(ApplicationError) as caught:
         services.invoice_write_off(invoice_id=invoice.id, actor=FINANCE, reason="x")
     assert caught.value.code == "invalid_transition"
+
+
+def test_credit_notes_in_parts_never_reverse_more_vat_than_charged(two_accounts: list[BillingAccount]) -> None:
+    account = two_accounts[0]
+    rated(account.id, "2026-10-02", "compute.vcpu", "1", "0.07")  # 0.07 net, 21 % → 0.01 VAT
+    services.period_close(period=PERIODS[2], actor=FINANCE, run_rollup=False, render_pdfs=False)
+    invoice = Invoice.objects.get(account_id=account.id)
+    assert invoice.tax_minor == 1
+    taxes = []
+    for net in (3, 3, 1):
+        note = services.credit_note_issue(
+            invoice_id=invoice.id,
+            lines=[services.CreditNoteLineIn(description="part", amount_minor=net, sku="compute.vcpu")],
+            reason="parts",
+            actor=FINANCE,
+        )
+        taxes.append(note.tax_minor)
+    assert sum(taxes) == invoice.tax_minor == 1
+    invoice.refresh_from_db()
+    # fully credited: nothing is owed any more, so the invoice is settled
+    assert (invoice.amount_outstanding_minor, invoice.status) == (0, InvoiceStatus.PAID)
+    assert ledger.check() == []
