@@ -92,9 +92,7 @@ def period_chunks(
     if settings.INVOICING_ISSUE_EMPTY:  # every account open in the period, usage or not
         idle = account_selectors.billing_account_ids_open(opened_before=period.end_at, account_ids=account_ids)
         if shard is not None:
-            from metering.rollup import shard_of
-
-            idle = [a for a in idle if shard_of(a) == shard]
+            idle = metering_selectors.accounts_in_shard(idle, shard)
         candidates = sorted(set(candidates) | set(idle))
     return [candidates[lo : lo + chunk_size] for lo in range(0, len(candidates), chunk_size)]
 

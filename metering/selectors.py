@@ -183,6 +183,19 @@ def accounts_with_usage(
         return [row[0] for row in cursor.fetchall()]
 
 
+def accounts_in_shard(account_ids: list[int], shard: int) -> list[int]:
+    """Those of ``account_ids`` whose rows live in ``shard``, in one query."""
+    from metering.rollup import SHARDS
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT a FROM unnest(%s::bigint[]) a "
+            "WHERE satisfies_hash_partition('metering_usageevent'::regclass, %s, %s, a) ORDER BY a",
+            [account_ids, SHARDS, shard],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
 def shard_count() -> int:
     from metering.rollup import SHARDS
 

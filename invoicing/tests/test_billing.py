@@ -167,6 +167,11 @@ def test_accounts_without_usage_get_a_zero_invoice_when_configured(acct: Callabl
     invoice = invoice_of(idle)
     assert (invoice.total_minor, invoice.lines.count(), invoice.status) == (0, 0, InvoiceStatus.PAID)
     assert ledger.check() == []
+    # Fanned out by shard, the idle account is found in its own shard only.
+    from metering.rollup import SHARDS, shard_of
+
+    found = [services.period_chunks(period=OCTOBER, shard=s) for s in range(SHARDS)]
+    assert [s for s, chunks in enumerate(found) if [idle.id] in chunks] == [shard_of(idle.id)]
 
 
 def test_dry_run_writes_nothing(acct: Callable) -> None:
