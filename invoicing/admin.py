@@ -42,10 +42,6 @@ def _operator(request: HttpRequest) -> Actor:
     return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
 
 
-def _money(amount_minor: int, currency: str) -> str:
-    return f"{money.from_minor(amount_minor, currency)} {currency}"
-
-
 class AccountIdField(forms.CharField):
     """A billing account named by its public id (``acc_…``)."""
 
@@ -109,7 +105,7 @@ class InvoiceLineInline(InvoicePartInline, admin.TabularInline[InvoiceLine, Invo
 
     @admin.display(description="amount")
     def amount(self, line: InvoiceLine) -> str:
-        return _money(line.amount_minor, line.invoice.currency)
+        return money.display(line.amount_minor, line.invoice.currency)
 
 
 class InvoiceTransitionInline(InvoicePartInline, admin.TabularInline[InvoiceTransition, Invoice]):
@@ -137,7 +133,7 @@ class CreditNoteForm(ReasonForm):
     def clean_amount(self) -> Decimal:
         amount: Decimal = self.cleaned_data["amount"]
         currency = self.invoice.currency
-        if money.from_minor(money.to_minor(amount, currency), currency) != amount:
+        if not money.fits_minor(amount, currency):
             raise forms.ValidationError(f"{currency} has {money.exponent(currency)} decimal places.")
         return amount
 
@@ -223,37 +219,37 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
 
     @admin.display(description="subtotal")
     def subtotal(self, invoice: Invoice) -> str:
-        return _money(invoice.subtotal_minor, invoice.currency)
+        return money.display(invoice.subtotal_minor, invoice.currency)
 
     @admin.display(description="VAT")
     def tax_line(self, invoice: Invoice) -> str:
         where = f" ({invoice.tax_country})" if invoice.tax_country else ""
         treatment = invoice.get_tax_treatment_display()
-        return f"{_money(invoice.tax_minor, invoice.currency)} at {invoice.tax_rate}%{where}, {treatment}"
+        return f"{money.display(invoice.tax_minor, invoice.currency)} at {invoice.tax_rate}%{where}, {treatment}"
 
     @admin.display(description="total", ordering="total_minor")
     def total(self, invoice: Invoice) -> str:
-        return _money(invoice.total_minor, invoice.currency)
+        return money.display(invoice.total_minor, invoice.currency)
 
     @admin.display(description="credits applied")
     def credits(self, invoice: Invoice) -> str:
-        return _money(invoice.credits_applied_minor, invoice.currency)
+        return money.display(invoice.credits_applied_minor, invoice.currency)
 
     @admin.display(description="paid")
     def paid(self, invoice: Invoice) -> str:
-        return _money(invoice.amount_paid_minor, invoice.currency)
+        return money.display(invoice.amount_paid_minor, invoice.currency)
 
     @admin.display(description="credit notes")
     def credited(self, invoice: Invoice) -> str:
-        return _money(invoice.amount_credited_minor, invoice.currency)
+        return money.display(invoice.amount_credited_minor, invoice.currency)
 
     @admin.display(description="written off")
     def written_off(self, invoice: Invoice) -> str:
-        return _money(invoice.written_off_minor, invoice.currency)
+        return money.display(invoice.written_off_minor, invoice.currency)
 
     @admin.display(description="outstanding")
     def outstanding(self, invoice: Invoice) -> str:
-        return _money(invoice.amount_outstanding_minor, invoice.currency)
+        return money.display(invoice.amount_outstanding_minor, invoice.currency)
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None) -> Any:
         invoice = self.get_object(request, object_id)
@@ -265,7 +261,13 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                 if request.user.has_perm(perm) and self._allowed(invoice, name)
             ]
             extra["ledger_entries"] = [
-                (entry, [(line.ledger_account, _money(line.amount_minor, line.currency)) for line in entry.lines.all()])
+                (
+                    entry,
+                    [
+                        (line.ledger_account, money.display(line.amount_minor, line.currency))
+                        for line in entry.lines.all()
+                    ],
+                )
                 for entry in selectors.ledger_entries_for_invoice(invoice_id=invoice.id)
             ]
             extra["credit_notes"] = list(invoice.credit_notes.all())
@@ -353,8 +355,8 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
             "title": f"{ACTIONS[name][1]}: {invoice}",
             "form": form,
             "change_url": change_url,
-            "outstanding": _money(invoice.amount_outstanding_minor, invoice.currency),
-            "total": _money(invoice.total_minor, invoice.currency),
+            "outstanding": money.display(invoice.amount_outstanding_minor, invoice.currency),
+            "total": money.display(invoice.total_minor, invoice.currency),
         }
         return TemplateResponse(request, "admin/invoicing/invoice/action.html", context)
 
@@ -407,7 +409,7 @@ class CreditNoteAdmin(admin.ModelAdmin[CreditNote]):
 
     @admin.display(description="total (incl. VAT)")
     def total(self, note: CreditNote) -> str:
-        return _money(note.total_minor, note.currency)
+        return money.display(note.total_minor, note.currency)
 
     @admin.display(description="PDF")
     def pdf(self, note: CreditNote) -> str:
@@ -432,7 +434,7 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
             account_currency = BillingAccount.objects.filter(id=account_id).values_list("currency", flat=True).first()
             if currency != account_currency:
                 self.add_error("currency", f"The account is billed in {account_currency}.")
-            elif amount is not None and money.from_minor(money.to_minor(amount, currency), currency) != amount:
+            elif amount is not None and not money.fits_minor(amount, currency):
                 self.add_error("amount", f"{currency} has {money.exponent(currency)} decimal places.")
         expires_at = data.get("expires_at")
         if expires_at is not None and expires_at <= timezone.now():
@@ -470,11 +472,11 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
 
     @admin.display(description="amount")
     def amount(self, grant: CreditGrant) -> str:
-        return _money(grant.amount_minor, grant.currency)
+        return money.display(grant.amount_minor, grant.currency)
 
     @admin.display(description="remaining")
     def remaining(self, grant: CreditGrant) -> str:
-        return _money(grant.remaining_minor, grant.currency)
+        return money.display(grant.remaining_minor, grant.currency)
 
     def save_model(self, request: HttpRequest, obj: CreditGrant, form: Any, change: bool) -> None:
         data = form.cleaned_data

@@ -398,9 +398,10 @@ class ChunkResult:
     issued: list[int] = field(default_factory=list)  # invoice ids
     already_issued: int = 0
     nothing_to_bill: int = 0
+    totals_minor: dict[str, int] = field(default_factory=dict)  # issued totals by currency
 
 
-def _lock_accounts(account_ids: list[int]) -> None:
+def lock_accounts(account_ids: list[int]) -> None:
     """Lock the accounts' ``BillingLock`` rows (created on first use) in ascending order, so
     runs that overlap wait for each other instead of deadlocking."""
     ordered = sorted(account_ids)
@@ -425,7 +426,7 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor, render_
         # This transaction only: a chunk's aggregation (~100 k daily rows per 500 accounts)
         # hashes in memory instead of spilling; JIT costs more than it saves on one-off queries.
         cursor.execute("SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
-    _lock_accounts(account_ids)
+    lock_accounts(account_ids)
     existing = {
         account_id: (invoice_id, status)
         for account_id, invoice_id, status in Invoice.objects.filter(
@@ -472,6 +473,8 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor, render_
         posted_at=now,
     )
     result.issued = [invoice_ids[p.account_id] for p in ordered]
+    for p in ordered:
+        result.totals_minor[p.currency] = result.totals_minor.get(p.currency, 0) + p.total_minor
     if render_pdfs:
         from invoicing import tasks
 
@@ -622,7 +625,49 @@ def _write_invoices(
         raise RuntimeError("an invoice of this chunk was issued by someone else meanwhile")
 
 
+def write_draft(*, period: Period, planned: PlannedInvoice, draft: Invoice | None) -> Invoice:
+    """Save ``planned`` as the account's draft for ``period`` (a preview: no number, no
+    ledger, nothing marked billed), replacing an earlier draft's figures and lines."""
+    invoice = draft or Invoice(account_id=planned.account_id, period_start=period.start, period_end=period.end)
+    invoice.currency = planned.currency
+    invoice.subtotal_minor = planned.subtotal_minor
+    invoice.tax_rate = planned.tax.rate
+    invoice.tax_country = planned.tax.country
+    invoice.tax_treatment = planned.tax.treatment
+    invoice.tax_note = planned.tax.note
+    invoice.tax_minor = planned.tax_minor
+    invoice.total_minor = planned.total_minor
+    invoice.payment_terms_days = planned.profile.payment_terms_days
+    invoice.buyer = planned.profile.snapshot()
+    invoice.save()
+    invoice.lines.all().delete()
+    _write_invoice_lines([planned], {planned.account_id: invoice.id})
+    return invoice
+
+
 def _write_lines(plans: list[PlannedInvoice], invoice_ids: dict[int, int]) -> None:
+    """The issued invoices' lines, and what they billed of each month's usage."""
+    _write_invoice_lines(plans, invoice_ids)
+    copy_rows(
+        "invoicing_billedusage",
+        ("account_id", "usage_month", "sku", "invoice_id", "quantity", "rated_amount", "amount_minor"),
+        (
+            (
+                p.account_id,
+                line.usage_month,
+                line.sku,
+                invoice_ids[p.account_id],
+                line.quantity,
+                line.rated_amount,
+                line.amount_minor,
+            )
+            for p in plans
+            for line in p.billed
+        ),
+    )
+
+
+def _write_invoice_lines(plans: list[PlannedInvoice], invoice_ids: dict[int, int]) -> None:
     copy_rows(
         "invoicing_invoiceline",
         (
@@ -660,23 +705,6 @@ def _write_lines(plans: list[PlannedInvoice], invoice_ids: dict[int, int]) -> No
             )
             for p in plans
             for position, line in enumerate(p.lines, start=1)
-        ),
-    )
-    copy_rows(
-        "invoicing_billedusage",
-        ("account_id", "usage_month", "sku", "invoice_id", "quantity", "rated_amount", "amount_minor"),
-        (
-            (
-                p.account_id,
-                line.usage_month,
-                line.sku,
-                invoice_ids[p.account_id],
-                line.quantity,
-                line.rated_amount,
-                line.amount_minor,
-            )
-            for p in plans
-            for line in p.billed
         ),
     )
 

@@ -22,7 +22,7 @@ from invoicing.models import CreditNote, Invoice, RenderedDocument
 
 
 def _money(amount_minor: int, currency: str) -> str:
-    return f"{money.from_minor(amount_minor, currency):,} {currency}"
+    return money.display(amount_minor, currency, grouped=True)
 
 
 def _country(code: str) -> str:

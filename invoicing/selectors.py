@@ -7,7 +7,7 @@ from collections import defaultdict
 from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone
 
-from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry
+from invoicing.models import CreditGrant, CreditNote, Invoice, InvoicePayment, InvoiceStatus, LedgerEntry
 
 CUSTOMER_VISIBLE = (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE, InvoiceStatus.VOID)
 
@@ -55,8 +55,6 @@ def balance(*, account_id: int) -> dict[str, dict[str, int]]:
 def ledger_entries_for_invoice(*, invoice_id: int) -> QuerySet[LedgerEntry]:
     """Entries whose source is the invoice or a document about it."""
     note_ids = list(CreditNote.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
-    from invoicing.models import InvoicePayment
-
     payment_ids = list(InvoicePayment.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
     return (
         LedgerEntry.objects.filter(

@@ -13,10 +13,6 @@ from invoicing.billing import detail_view
 from invoicing.models import CreditNote, Invoice, InvoiceLine, InvoiceStatus
 
 
-def _money(amount_minor: int, currency: str) -> str:
-    return format(money.from_minor(amount_minor, currency), "f")
-
-
 class MoneyField(serializers.Field):
     """An ``*_minor`` attribute shown in major units with the currency's places."""
 
@@ -25,7 +21,7 @@ class MoneyField(serializers.Field):
         super().__init__(source="*", read_only=True, **kwargs)
 
     def to_representation(self, obj: Any) -> str:
-        return _money(getattr(obj, self.source_minor), obj.currency)
+        return money.format_minor(getattr(obj, self.source_minor), obj.currency)
 
 
 extend_schema_field({"type": "string", "format": "decimal", "example": "12.30"})(MoneyField)
@@ -57,7 +53,7 @@ class InvoiceLineSerializer(serializers.Serializer):
         return None if line.unit_price is None else format(line.unit_price.normalize(), "f")
 
     def get_amount(self, line: InvoiceLine) -> str:
-        return _money(line.amount_minor, self.context["currency"])
+        return money.format_minor(line.amount_minor, self.context["currency"])
 
     @extend_schema_field(
         {
@@ -116,7 +112,7 @@ class CreditNoteLineSerializer(serializers.Serializer):
     amount = serializers.SerializerMethodField()
 
     def get_amount(self, line: Any) -> str:
-        return _money(line.amount_minor, self.context["currency"])
+        return money.format_minor(line.amount_minor, self.context["currency"])
 
 
 class CreditNoteSerializer(serializers.Serializer):
@@ -153,8 +149,8 @@ def balance_rows(balances: dict[str, dict[str, int]]) -> list[dict[str, str]]:
     return [
         {
             "currency": currency,
-            "credits_available": _money(amounts["credits_available"], currency),
-            "outstanding": _money(amounts["outstanding"], currency),
+            "credits_available": money.format_minor(amounts["credits_available"], currency),
+            "outstanding": money.format_minor(amounts["outstanding"], currency),
         }
         for currency, amounts in sorted(balances.items())
     ]

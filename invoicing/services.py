@@ -14,6 +14,7 @@ from decimal import Decimal
 from celery import current_app
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Sum
 from django.utils import timezone
 from django_fsm import can_proceed
 
@@ -36,6 +37,7 @@ from invoicing.models import (
     InvoiceTransition,
 )
 from metering import selectors as metering_selectors
+from metering import services as metering_services
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def _add(report: CloseReport, result: billing.ChunkResult) -> None:
     report.issued += len(result.issued)
     report.already_issued += result.already_issued
     report.nothing_to_bill += result.nothing_to_bill
-    for currency, total in Invoice.objects.filter(id__in=result.issued).values_list("currency", "total_minor"):
+    for currency, total in result.totals_minor.items():
         report.totals_minor[currency] += total
 
 
@@ -140,7 +142,7 @@ def period_close(
     started = time.perf_counter()
     check_closable(period)
     if run_rollup and not dry_run:
-        _rollup_everything()
+        metering_services.rollup_catch_up()
     report = CloseReport(period=period, dry_run=dry_run)
     if fan_out and not dry_run and account_ids is None and not current_app.conf.task_always_eager:
         from invoicing import tasks
@@ -178,33 +180,11 @@ def period_close(
     return report
 
 
-def _rollup_everything(*, patience_seconds: float = 300.0) -> None:
-    """Roll usage up until every event committed before this call is in the rollups: passes
-    over every shard until each shard's horizon has passed the transactions of that moment
-    (a shard busy in a beat worker, or a long transaction elsewhere on the server holding
-    the horizon back, is waited for)."""
-    from metering import rollup
-
-    ceiling = metering_selectors.transaction_ceiling()
-    deadline = time.monotonic() + patience_seconds
-    while True:
-        rollup.rollup()
-        if metering_selectors.rollup_caught_up(ceiling=ceiling, shards=rollup.SHARDS):
-            return
-        if time.monotonic() > deadline:
-            raise ApplicationError(
-                "rollup_behind",
-                "The usage rollup could not catch up (a shard stayed busy or a long transaction holds the "
-                "horizon back); try again.",
-            )
-        time.sleep(0.5)
-
-
 def invoice_draft_compute(*, account_id: int, period: Period) -> Invoice | None:
     """Create or recompute the account's draft for ``period`` (a preview for finance: no
     number, no ledger). Refused once the invoice is issued."""
     with transaction.atomic(durable=True):
-        billing._lock_accounts([account_id])
+        billing.lock_accounts([account_id])
         invoice = Invoice.objects.select_for_update().filter(account_id=account_id, period_start=period.start).first()
         if invoice is not None and invoice.status != InvoiceStatus.DRAFT:
             raise Conflict("invoice_issued", f"The invoice for {period} is already issued: {invoice.number}.")
@@ -215,42 +195,7 @@ def invoice_draft_compute(*, account_id: int, period: Period) -> Invoice | None:
                 invoice.lines.all().delete()
                 invoice.delete()
             return None
-        if invoice is None:
-            invoice = Invoice(account_id=account_id, period_start=period.start, period_end=period.end)
-        invoice.currency = planned.currency
-        invoice.subtotal_minor = planned.subtotal_minor
-        invoice.tax_rate = planned.tax.rate
-        invoice.tax_country = planned.tax.country
-        invoice.tax_treatment = planned.tax.treatment
-        invoice.tax_note = planned.tax.note
-        invoice.tax_minor = planned.tax_minor
-        invoice.total_minor = planned.total_minor
-        invoice.payment_terms_days = planned.profile.payment_terms_days
-        invoice.buyer = planned.profile.snapshot()
-        invoice.save()
-        invoice.lines.all().delete()
-        invoice.lines.bulk_create(
-            [
-                invoice.lines.model(
-                    invoice=invoice,
-                    account_id=account_id,
-                    position=i,
-                    kind=line.kind,
-                    sku=line.sku,
-                    usage_month=line.usage_month,
-                    description=line.description,
-                    quantity=line.quantity,
-                    unit=line.unit,
-                    unit_price=line.unit_price,
-                    pricing=line.pricing,
-                    rated_amount=line.rated_amount,
-                    amount_minor=line.amount_minor,
-                    detail=line.detail,
-                )
-                for i, line in enumerate(planned.lines, start=1)
-            ]
-        )
-        return invoice
+        return billing.write_draft(period=period, planned=planned, draft=invoice)
 
 
 def invoice_issue(*, invoice_id: int, actor: Actor) -> Invoice:
@@ -411,7 +356,7 @@ def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
             raise Conflict("invalid_transition", f"Only an issued invoice can be voided; this one is {invoice.status}.")
         if invoice.amount_paid_minor:
             raise Conflict("invoice_paid", "Payments were received on this invoice: refund them with credit notes.")
-        remaining_net = invoice.subtotal_minor - _credited_net(invoice)
+        remaining_net = invoice.subtotal_minor - _credited(invoice)[0]
         note = _credit_note_insert(
             invoice,
             lines=[
@@ -427,8 +372,10 @@ def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
     return note
 
 
-def _credited_net(invoice: Invoice) -> int:
-    return sum(CreditNote.objects.filter(invoice=invoice).values_list("subtotal_minor", flat=True))
+def _credited(invoice: Invoice) -> tuple[int, int]:
+    """Net and tax already credited on ``invoice`` by its credit notes."""
+    totals = CreditNote.objects.filter(invoice=invoice).aggregate(net=Sum("subtotal_minor"), tax=Sum("tax_minor"))
+    return totals["net"] or 0, totals["tax"] or 0
 
 
 def _credit_note_insert(
@@ -441,7 +388,7 @@ def _credit_note_insert(
     if not lines or any(line.amount_minor <= 0 or not line.description.strip() for line in lines):
         raise ApplicationError("invalid", "Each line needs a description and a positive amount.", field="lines")
     net = sum(line.amount_minor for line in lines)
-    credited_net = _credited_net(invoice)
+    credited_net, credited_tax = _credited(invoice)
     if net > invoice.subtotal_minor - credited_net:
         raise ApplicationError(
             "invalid_amount",
@@ -452,7 +399,6 @@ def _credit_note_insert(
     # already credited, kept within what is left of the invoice's tax; crediting the rest of
     # the invoice takes exactly the rest of its tax. So credit notes in parts never reverse
     # more (or less) VAT than the invoice charged.
-    credited_tax = sum(CreditNote.objects.filter(invoice=invoice).values_list("tax_minor", flat=True))
     if whole or net == invoice.subtotal_minor - credited_net:
         tax = invoice.tax_minor - credited_tax
     else:
@@ -584,7 +530,7 @@ def credit_grant_create(
     if currency != account_currency:
         raise ApplicationError("currency_mismatch", f"The account is billed in {account_currency}.", field="currency")
     amount_minor = money.to_minor(amount, currency)
-    if amount_minor <= 0 or money.from_minor(amount_minor, currency) != amount:
+    if amount_minor <= 0 or not money.fits_minor(amount, currency):
         raise ApplicationError(
             "invalid_amount",
             f"A positive amount with at most {money.exponent(currency)} decimal places is required.",

@@ -86,3 +86,28 @@ def ingest_batches_prune() -> int:
     cutoff = timezone.now() - dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
     deleted, _ = IngestBatch.objects.filter(oldest_event_at__lt=cutoff).delete()
     return deleted
+
+
+def rollup_catch_up(*, patience_seconds: float = 300.0) -> None:
+    """Roll usage up until every event committed before this call is in the rollups: passes
+    over every shard until each shard's horizon has passed the transactions of that moment
+    (a shard busy in a beat worker, or a long transaction elsewhere on the server holding
+    the horizon back, is waited for). What a period close runs first."""
+    import time
+
+    from billing_site.common.errors import ApplicationError
+    from metering import rollup, selectors
+
+    ceiling = selectors.transaction_ceiling()
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        rollup.rollup()
+        if selectors.rollup_caught_up(ceiling=ceiling, shards=rollup.SHARDS):
+            return
+        if time.monotonic() > deadline:
+            raise ApplicationError(
+                "rollup_behind",
+                "The usage rollup could not catch up (a shard stayed busy or a long transaction holds the "
+                "horizon back); try again.",
+            )
+        time.sleep(0.5)

@@ -46,6 +46,17 @@ def format_minor(amount_minor: int, currency: str) -> str:
     return f"{'-' if amount_minor < 0 else ''}{whole}.{fraction:0{places}d}"
 
 
+def fits_minor(amount: Decimal, currency: str) -> bool:
+    """Whether ``amount`` needs no more places than the currency's minor unit (10.5 JPY: no)."""
+    return amount == amount.quantize(Decimal(1).scaleb(-exponent(currency)))
+
+
+def display(amount_minor: int, currency: str, *, grouped: bool = False) -> str:
+    """For people: '1234.50 EUR' (``grouped``: '1,234.50 EUR')."""
+    amount = from_minor(amount_minor, currency)
+    return f"{amount:,} {currency}" if grouped else f"{amount} {currency}"
+
+
 def percent_of_minor(amount_minor: int, percent: Decimal) -> int:
     """``percent`` % of an amount already in minor units, rounded half-up once."""
     return int((Decimal(amount_minor) * percent / 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
