@@ -154,9 +154,22 @@ def seller_snapshot() -> dict[str, Any]:
     }
 
 
-def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | None = None) -> dict[int, PlannedInvoice]:
+class Plans(dict[int, PlannedInvoice]):
+    """Planned invoices by account, and the accounts that cannot be billed, with the reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unbillable: dict[int, str] = {}
+
+
+def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | None = None) -> Plans:
     """What each account's invoice for ``period`` would say now. Reads only; accounts with
-    nothing to bill are left out."""
+    nothing to bill are left out, accounts whose amounts cannot be represented on a document
+    are left out and listed in ``unbillable``.
+
+    An invoice bills, per SKU, its own month's rated usage and every earlier month's (from
+    the look-back start) minus what issued invoices billed of it; months after the period
+    are not read, so closing months in any order bills each usage month exactly once."""
     rates = rates or taxes.RateTable()
     profiles = account_selectors.billing_profiles(account_ids=account_ids)
     first_month = lookback_start(period)
@@ -169,9 +182,11 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
     for monthly in usage.monthly:
         rated[(monthly.account_id, monthly.month, monthly.sku)] = [monthly.quantity, monthly.amount]
     billed: dict[tuple[int, dt.date, str], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0), Decimal(0)])
-    for row in BilledUsage.objects.filter(account_id__in=account_ids, usage_month__gte=first_month).values_list(
-        "account_id", "usage_month", "sku", "quantity", "rated_amount", "amount_minor"
-    ):
+    # Only months up to the period's own: a later month, billed by its own invoice already
+    # (months can be closed in any order), is never this invoice's business.
+    for row in BilledUsage.objects.filter(
+        account_id__in=account_ids, usage_month__gte=first_month, usage_month__lte=period.start
+    ).values_list("account_id", "usage_month", "sku", "quantity", "rated_amount", "amount_minor"):
         billed[row[:3]][0] += row[3]
         billed[row[:3]][1] += row[4]
         billed[row[:3]][2] += row[5]
@@ -208,10 +223,10 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
         # was charged before, so late usage never loses or gains a cent to rounding.
         minor = money.to_minor(now_a, currency) - int(was_minor)
         if now_q != was_q or now_a != was_a or minor:
-            deltas[key[0]].append(Delta(key[1], key[2], now_q - was_q, now_a - was_a, minor))
+            deltas[key[0]].append(Delta(key[1], key[2], now_q - was_q, now_a - was_a, minor, first=not was_q))
 
     tax_point = period.end - dt.timedelta(days=1)
-    plans: dict[int, PlannedInvoice] = {}
+    plans = Plans()
     for account_id in account_ids:
         profile = profiles.get(account_id)
         if profile is None or not (deltas.get(account_id) or settings.INVOICING_ISSUE_EMPTY):
@@ -239,6 +254,14 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
             rates=rates,
         )
         tax = money.percent_of_minor(subtotal, decision.rate)
+        if not money.within_document_limit(subtotal, tax, subtotal + tax, *(line.amount_minor for line in lines)):
+            # Usage that rates beyond any representable invoice (a runaway producer, a unit
+            # mix-up): not billed, reported, and it does not stop the rest of the run.
+            plans.unbillable[account_id] = (
+                f"amounts beyond the document limit ({money.DOCUMENT_LIMIT_MINOR} minor units): "
+                f"subtotal {subtotal} {currency}"
+            )
+            continue
         plans[account_id] = PlannedInvoice(
             account_id=account_id,
             currency=currency,
@@ -262,6 +285,7 @@ class Delta:
     quantity: Decimal
     amount: Decimal
     amount_minor: int
+    first: bool  # nothing of this month and SKU was billed before: the delta is all of it
 
 
 def _usage_lines(
@@ -293,9 +317,14 @@ def _usage_lines(
                 pricing=how.pricing,
                 rated_amount=amount,
                 amount_minor=amount_minor,
+                # The split by resource and project describes the whole month: shown only when
+                # the line bills the whole month (a later month's invoice, closed first, may
+                # have billed part of it already).
                 detail=_line_detail(
                     usage.by_resource.get((account_id, sku), []), usage.by_project.get((account_id, sku), [])
-                ),
+                )
+                if delta.first
+                else {},
             )
             current.append(line)
         else:
@@ -359,7 +388,20 @@ def _discount_lines(
     lines = []
     for d in sorted(discounts, key=lambda d: (d.sku_prefix, d.id)):
         scope = f"{d.sku_prefix}*" if d.sku_prefix else "all usage"
-        base = sum((amount for (key, _), amount in bases.items() if key == d.id), Decimal(0))
+        covers_period = d.valid_from <= period.start and (d.valid_until is None or d.valid_until >= period.end)
+        if covers_period:
+            # On what this invoice bills of the month: a later month's invoice, closed first,
+            # may have billed (and discounted) part of it already.
+            base = sum(
+                (
+                    line.rated_amount
+                    for line in usage_lines
+                    if line.kind == LineKind.USAGE and line.sku.startswith(d.sku_prefix)
+                ),
+                Decimal(0),
+            )
+        else:  # on the usage of the discount's days in the period
+            base = sum((amount for (key, _), amount in bases.items() if key == d.id), Decimal(0))
         by_month: dict[dt.date, Decimal] = defaultdict(Decimal)
         for line in usage_lines:
             month = line.usage_month
@@ -399,6 +441,7 @@ class ChunkResult:
     already_issued: int = 0
     nothing_to_bill: int = 0
     totals_minor: dict[str, int] = field(default_factory=dict)  # issued totals by currency
+    unbillable: dict[int, str] = field(default_factory=dict)  # account → why it was not invoiced
 
 
 def lock_accounts(account_ids: list[int]) -> None:
@@ -437,7 +480,8 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor, render_
     todo = [a for a in account_ids if a not in existing or a in drafts]
     result.already_issued = len(account_ids) - len(todo)
     plans = plan(period=period, account_ids=todo)
-    result.nothing_to_bill = len(todo) - len(plans)
+    result.unbillable = plans.unbillable
+    result.nothing_to_bill = len(todo) - len(plans) - len(plans.unbillable)
     if not plans:
         return result
     ordered = [plans[a] for a in sorted(plans)]

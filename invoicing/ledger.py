@@ -24,10 +24,15 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
+from decimal import Decimal
 
+from django.conf import settings
 from django.db import connection, transaction
+from django.utils import timezone
 
+from billing_site.common import money
 from billing_site.common.copy import copy_rows
+from metering import selectors as metering_selectors
 
 RECEIVABLE = "receivable"
 CUSTOMER_CREDIT = "customer_credit"
@@ -151,20 +156,24 @@ def post_invoices_issued(invoices: list[IssuedInvoice], *, posted_at: dt.datetim
 # --- The invariants
 
 
-def check() -> list[str]:
+def check(*, usage_since: dt.date | None = None) -> list[str]:
     """Every violation of the ledger's invariants, as sentences (empty: all hold). Outside a
     transaction it reads one consistent snapshot (REPEATABLE READ, read-only), so a billing
-    run committing meanwhile cannot show up as a gap or a mismatch."""
+    run committing meanwhile cannot show up as a gap or a mismatch. Billed against rated
+    usage is compared for usage months from ``usage_since`` (default: twelve months ago)."""
+    if usage_since is None:
+        today = timezone.now().date()
+        usage_since = dt.date(today.year - 1, today.month, 1)
     if connection.in_atomic_block:
-        return _check()
+        return _check(usage_since)
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        return _check()
+        return _check(usage_since)
 
 
-def _check() -> list[str]:
-    problems: list[str] = []
+def _check(usage_since: dt.date) -> list[str]:
+    problems = _billed_against_rated(usage_since)
     with connection.cursor() as cursor:
         cursor.execute(
             """
@@ -301,6 +310,79 @@ def _check() -> list[str]:
             if entry:
                 problems.append(f"invoice {invoice_id}: its ledger entry's receivable or VAT is not the invoice's")
     problems += _numbering_gaps()
+    return problems
+
+
+def _billed_against_rated(usage_since: dt.date) -> list[str]:
+    """Invoices bill each usage month exactly once in total:
+
+    - no invoice bills usage of a month after its own period;
+    - once an account's usage month is closed — an invoice of that month or a later one was
+      issued after the month's last event could still be accepted (its end plus
+      ``METERING_MAX_EVENT_AGE_DAYS``) — what its invoices billed of each SKU (quantity, rated
+      amount, and minor units = the month's rated total rounded once) is the rated usage."""
+    problems: list[str] = []
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT b.invoice_id, b.usage_month, i.period_start FROM invoicing_billedusage b
+            JOIN invoicing_invoice i ON i.id = b.invoice_id AND i.account_id = b.account_id
+            WHERE b.usage_month > i.period_start
+            UNION
+            SELECT l.invoice_id, l.usage_month, i.period_start FROM invoicing_invoiceline l
+            JOIN invoicing_invoice i ON i.id = l.invoice_id AND i.account_id = l.account_id
+            WHERE l.usage_month > i.period_start
+            ORDER BY 1, 2
+            """
+        )
+        for invoice_id, month, period_start in cursor.fetchall():
+            problems.append(f"invoice {invoice_id} of {period_start:%Y-%m} bills usage of a later month, {month:%Y-%m}")
+        cursor.execute(
+            """
+            SELECT account_id, min(currency),
+                   max(least(period_start, ((date_trunc('month', issued_at - make_interval(days => %s), 'UTC')
+                                             AT TIME ZONE 'UTC') - interval '1 month')::date))
+            FROM invoicing_invoice WHERE status <> 'draft' AND issued_at IS NOT NULL
+            GROUP BY 1
+            """,
+            [settings.METERING_MAX_EVENT_AGE_DAYS],
+        )
+        closed: dict[int, dt.date] = {}
+        currency: dict[int, str] = {}
+        for account_id, account_currency, through in cursor.fetchall():
+            if through >= usage_since:
+                closed[account_id] = through
+                currency[account_id] = account_currency
+        if not closed:
+            return problems
+        accounts = sorted(closed)
+        cursor.execute(
+            """
+            SELECT b.account_id, b.usage_month, b.sku, sum(b.quantity), sum(b.rated_amount), sum(b.amount_minor)
+            FROM unnest(%s::bigint[], %s::date[]) AS c(account_id, through)
+            JOIN invoicing_billedusage b
+              ON b.account_id = c.account_id AND b.usage_month >= %s AND b.usage_month <= c.through
+            GROUP BY 1, 2, 3
+            """,
+            [accounts, [closed[a] for a in accounts], usage_since],
+        )
+        billed = {(a, month, sku): (q, amount, minor) for a, month, sku, q, amount, minor in cursor.fetchall()}
+    rated = {
+        (u.account_id, u.month, u.sku): (u.quantity, u.amount)
+        for u in metering_selectors.monthly_usage_through(through=closed, since=usage_since)
+    }
+    zero = Decimal(0)
+    for key in sorted(set(billed) | set(rated)):
+        account_id, month, sku = key
+        billed_q, billed_amount, billed_minor = billed.get(key, (zero, zero, 0))
+        rated_q, rated_amount = rated.get(key, (zero, zero))
+        rated_minor = money.to_minor(rated_amount, currency[account_id])
+        if (billed_q, billed_amount, billed_minor) != (rated_q, rated_amount, rated_minor):
+            problems.append(
+                f"account {account_id} usage {month:%Y-%m} {sku} is closed but billed {billed_q} for "
+                f"{money.format_minor(int(billed_minor), currency[account_id])} {currency[account_id]} "
+                f"while {rated_q} rated {rated_amount} ({money.format_minor(rated_minor, currency[account_id])})"
+            )
     return problems
 
 

@@ -13,13 +13,13 @@ from decimal import Decimal
 
 from celery import current_app
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DataError, IntegrityError, transaction
 from django.db.models import Sum
 from django.utils import timezone
 from django_fsm import can_proceed
 
 from accounts import selectors as account_selectors
-from billing_site.common import money
+from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.on_commit import on_commit
@@ -58,6 +58,7 @@ class CloseReport:
     dry_run: bool = False
     queued_shards: int = 0
     seconds: float = 0.0
+    unbillable: dict[int, str] = field(default_factory=dict)  # account id → why it was not invoiced
 
     def summary(self) -> str:
         if self.queued_shards:
@@ -66,11 +67,16 @@ class CloseReport:
             f"{money.from_minor(amount, currency)} {currency}" for currency, amount in sorted(self.totals_minor.items())
         )
         verb = "would issue" if self.dry_run else "issued"
-        return (
+        text = (
             f"{self.period}: {self.accounts} accounts with usage; {verb} {self.issued} invoices"
             f" ({totals or 'nothing'}); {self.already_issued} already invoiced; "
             f"{self.nothing_to_bill} with nothing to bill; {self.seconds:.1f} s"
         )
+        if self.unbillable:
+            text += f"; {len(self.unbillable)} NOT invoiced (see below)"
+            for account_id, reason in sorted(self.unbillable.items()):
+                text += f"\n  {ids.encode('acc', account_id)}: {reason}"
+        return text
 
 
 def check_closable(period: Period, *, now: dt.datetime | None = None) -> None:
@@ -109,15 +115,78 @@ def period_close_shard(
     report = CloseReport(period=period)
     for chunk in period_chunks(period=period, chunk_size=chunk_size, shard=shard):
         report.accounts += len(chunk)
-        _add(report, billing.close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
+        _add(report, close_chunk_isolated(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
     report.seconds = time.perf_counter() - started
     return report
+
+
+# What one account's data can make a chunk fail with (a value out of range, a constraint):
+# the chunk is retried in halves so that the account is found, reported and skipped while
+# the others are invoiced. Infrastructure errors (a lost connection) are not isolated: the
+# run stops and, being idempotent, is simply run again.
+_ACCOUNT_ERRORS: tuple[type[BaseException], ...] = (DataError, IntegrityError, ArithmeticError, ValueError)
+
+
+def close_chunk_isolated(
+    *, period: Period, account_ids: list[int], actor: Actor, render_pdfs: bool = True
+) -> billing.ChunkResult:
+    """``billing.close_chunk``, with one bad account isolated: on an error its data can
+    cause, the chunk is split in halves and each is retried, down to the single account,
+    which is reported in ``unbillable`` (and logged) instead of blocking its neighbours."""
+    started = time.perf_counter()
+    try:
+        result = billing.close_chunk(period=period, account_ids=account_ids, actor=actor, render_pdfs=render_pdfs)
+    except _ACCOUNT_ERRORS as exc:
+        if len(account_ids) == 1:
+            log.error(
+                "invoicing.account_unbillable",
+                extra={
+                    "period": period.label,
+                    "account_id": ids.encode("acc", account_ids[0]),
+                    "error": type(exc).__name__,
+                },
+            )
+            return billing.ChunkResult(unbillable={account_ids[0]: f"{type(exc).__name__}: {exc}".strip()})
+        half = len(account_ids) // 2
+        merged = billing.ChunkResult()
+        for part in (account_ids[:half], account_ids[half:]):
+            _merge(merged, close_chunk_isolated(period=period, account_ids=part, actor=actor, render_pdfs=render_pdfs))
+        return merged
+    for account_id, reason in result.unbillable.items():
+        log.error(
+            "invoicing.account_unbillable",
+            extra={"period": period.label, "account_id": ids.encode("acc", account_id), "error": reason},
+        )
+    log.info(
+        "invoicing.chunk_closed",
+        extra={
+            "period": period.label,
+            "first_account_id": ids.encode("acc", account_ids[0]) if account_ids else None,
+            "accounts": len(account_ids),
+            "issued": len(result.issued),
+            "already_issued": result.already_issued,
+            "nothing_to_bill": result.nothing_to_bill,
+            "unbillable": len(result.unbillable),
+            "duration_ms": round((time.perf_counter() - started) * 1000),
+        },
+    )
+    return result
+
+
+def _merge(into: billing.ChunkResult, part: billing.ChunkResult) -> None:
+    into.issued += part.issued
+    into.already_issued += part.already_issued
+    into.nothing_to_bill += part.nothing_to_bill
+    into.unbillable.update(part.unbillable)
+    for currency, total in part.totals_minor.items():
+        into.totals_minor[currency] = into.totals_minor.get(currency, 0) + total
 
 
 def _add(report: CloseReport, result: billing.ChunkResult) -> None:
     report.issued += len(result.issued)
     report.already_issued += result.already_issued
     report.nothing_to_bill += result.nothing_to_bill
+    report.unbillable.update(result.unbillable)
     for currency, total in result.totals_minor.items():
         report.totals_minor[currency] += total
 
@@ -170,12 +239,13 @@ def period_close(
             todo = [a for a in chunk if a not in issued]
             plans = billing.plan(period=period, account_ids=todo)
             report.already_issued += len(issued)
-            report.nothing_to_bill += len(todo) - len(plans)
+            report.unbillable.update(plans.unbillable)
+            report.nothing_to_bill += len(todo) - len(plans) - len(plans.unbillable)
             report.issued += len(plans)
             for p in plans.values():
                 report.totals_minor[p.currency] += p.total_minor
             continue
-        _add(report, billing.close_chunk(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
+        _add(report, close_chunk_isolated(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
     report.seconds = time.perf_counter() - started
     return report
 

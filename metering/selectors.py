@@ -247,6 +247,30 @@ def billing_usage(
     return result
 
 
+def monthly_usage_through(*, through: dict[int, dt.date], since: dt.date) -> list[MonthlyUsage]:
+    """Each account's rated usage per (calendar month, SKU) for the months from ``since`` up
+    to and including the account's month in ``through``: what the billing check compares
+    with what invoices billed. One statement over the daily rollup."""
+    if not through:
+        return []
+    accounts = sorted(through)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT d.account_id, (date_trunc('month', d.day, 'UTC') AT TIME ZONE 'UTC')::date, d.sku,
+                   sum(d.quantity), coalesce(sum(d.amount), 0)
+            FROM unnest(%s::bigint[], %s::date[]) AS t(account_id, through)
+            JOIN metering_dailyusage d
+              ON d.account_id = t.account_id AND d.day >= %s::timestamptz
+             AND d.day < ((t.through + interval '1 month') AT TIME ZONE 'UTC')
+            WHERE d.account_id = ANY(%s::bigint[])  -- lets the planner probe each partition's index
+            GROUP BY 1, 2, 3
+            """,
+            [accounts, [through[a] for a in accounts], dt.datetime.combine(since, dt.time(), tzinfo=dt.UTC), accounts],
+        )
+        return [MonthlyUsage(*row) for row in cursor.fetchall()]
+
+
 @dataclass(frozen=True, slots=True)
 class AmountWindow:
     key: int

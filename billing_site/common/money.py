@@ -15,6 +15,18 @@ from functools import cache
 import iso4217
 
 
+# The largest amount (in minor units, either sign) a line, tax, subtotal or total of one
+# document may carry: far beyond any real invoice (10^13 EUR, 10^15 JPY) and far inside a
+# bigint (9.2 * 10^18), so even the sum of thousands of such documents in the ledger stays
+# representable. Usage rating to more than this is not billed: the account is reported.
+DOCUMENT_LIMIT_MINOR = 10**15
+
+
+def within_document_limit(*amounts_minor: int) -> bool:
+    """Whether every amount is representable on a document (see ``DOCUMENT_LIMIT_MINOR``)."""
+    return all(-DOCUMENT_LIMIT_MINOR <= amount <= DOCUMENT_LIMIT_MINOR for amount in amounts_minor)
+
+
 @cache
 def exponent(currency: str) -> int:
     """Digits after the decimal point of ``currency``'s minor unit (JPY 0, EUR 2, BHD 3)."""
