@@ -11,14 +11,15 @@ error responses by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponseBase, JsonResponse
 from drf_spectacular.utils import OpenApiResponse, inline_serializer
 from rest_framework import exceptions, serializers
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -107,11 +108,23 @@ _DRF_CODES: list[tuple[type[exceptions.APIException], str]] = [
 ]
 
 
+class ProblemResponse(Response):
+    """A problem rendered as JSON whatever renderer the view negotiated: the schema view's
+    YAML or the docs' HTML renderer would otherwise write a problem+json header over a body
+    that is not JSON."""
+
+    @property
+    def rendered_content(self) -> Any:
+        self.accepted_renderer = JSONRenderer()
+        self.accepted_media_type = PROBLEM_CONTENT_TYPE
+        return super().rendered_content
+
+
 def api_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Response | None:
     headers: dict[str, str] = {}
     if isinstance(exc, ApplicationError):
         body = problem(exc.status, exc.code, exc.message, exc.errors)
-        return Response(body, status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
+        return ProblemResponse(body, status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
@@ -134,24 +147,74 @@ def api_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Respons
     else:
         code = next((c for cls, c in _DRF_CODES if isinstance(exc, cls)), "error")
         body = problem(status, code, str(exc.detail))
-    return Response(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
+    return ProblemResponse(body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
 
 
 def _json_problem(status: int, code: str, detail: str) -> JsonResponse:
     return JsonResponse(problem(status, code, detail), status=status, content_type=PROBLEM_CONTENT_TYPE)
 
 
+def is_api_request(request: HttpRequest) -> bool:
+    return request.path_info.startswith("/api/")
+
+
+# What an error that did not come from our exception handler says: by status.
+_FALLBACK: dict[int, tuple[str, str]] = {
+    400: ("bad_request", "Bad request."),
+    403: ("permission_denied", "You do not have permission to perform this action."),
+    404: ("not_found", "Not found."),
+    405: ("method_not_allowed", "Method not allowed."),
+    413: ("payload_too_large", "Request body too large."),
+    500: ("internal_error", "Internal server error. It has been logged."),
+}
+# Headers of the original response a client needs to act on the error.
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
+
+def fallback_problem(status: int) -> JsonResponse:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        status, phrase = 500, HTTPStatus(500).phrase
+    code, detail = _FALLBACK.get(status, (phrase.lower().replace(" ", "_").replace("-", "_"), f"{phrase}."))
+    return _json_problem(status, code, detail)
+
+
+class ProblemJsonMiddleware:
+    """The last word on errors under ``/api/``: any 4xx/5xx that is not already problem+json
+    (Django's debug 404 and 500 pages, which bypass ``handler404``/``handler500`` when
+    ``DEBUG`` is on; the 400 of a disallowed host; a view that answers HTML) is replaced by
+    the problem of its status. First in ``MIDDLEWARE``, so it sees every other layer's answer.
+    Pages outside ``/api/`` (the admin) keep Django's HTML errors."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response = self.get_response(request)
+        if response.status_code < 400 or not is_api_request(request):
+            return response
+        if response.get("Content-Type", "").split(";")[0].strip() == PROBLEM_CONTENT_TYPE:
+            return response
+        replacement = fallback_problem(response.status_code)
+        for header in _KEPT_HEADERS:
+            if header in response:
+                replacement[header] = response[header]
+        response.close()
+        return replacement
+
+
 def page_not_found(request: HttpRequest, exception: Exception | None = None) -> Any:
-    if request.path.startswith("/api/"):
-        return _json_problem(404, "not_found", "Not found.")
+    if is_api_request(request):
+        return fallback_problem(404)
     from django.views.defaults import page_not_found as default
 
     return default(request, exception)
 
 
 def server_error(request: HttpRequest) -> Any:
-    if request.path.startswith("/api/"):
-        return _json_problem(500, "internal_error", "Internal server error. It has been logged.")
+    if is_api_request(request):
+        return fallback_problem(500)
     from django.views.defaults import server_error as default
 
     return default(request)
