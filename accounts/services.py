@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -26,8 +27,12 @@ from accounts.models import (
     User,
     normalize_email,
 )
+from billing_site.common import ids
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
+from billing_site.common.logs import mask_email
+
+log = logging.getLogger(__name__)
 
 TRANSITIONS = ("activate", "suspend", "reactivate", "block", "unblock", "close")
 REASON_REQUIRED = frozenset({"suspend", "block", "unblock", "close"})
@@ -75,6 +80,7 @@ def user_signup(*, email: str, password: str) -> tuple[User, IssuedKey]:
     except IntegrityError as exc:  # the unique constraint decides, not a look-up first
         raise Conflict("email_taken", "A user with this email already exists.", field="email") from exc
     issued = _key_insert(user_id=user.id, name="default", scopes=[], created_by_id=None)
+    log.info("user.signup", extra={"user_id": user.public_id, "email": mask_email(email)})
     return user, issued
 
 
@@ -107,6 +113,17 @@ def _key_insert(*, user_id: int | None, name: str, scopes: list[str], created_by
         scopes=scopes,
         created_by_id=created_by_id,
     )
+    # The key's public id only: never the raw key, its prefix or its hash.
+    log.info(
+        "api_key.create",
+        extra={
+            "key_id": key.public_id,
+            "kind": "service" if user_id is None else "user",
+            "user_id": ids.encode("usr", user_id) if user_id is not None else None,
+            "scopes": scopes,
+            "created_by": ids.encode("usr", created_by_id) if created_by_id is not None else None,
+        },
+    )
     return IssuedKey(key=key, raw=material.raw)
 
 
@@ -122,6 +139,10 @@ def api_key_revoke(*, key_id: int, user_id: int | None) -> ApiKey:
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
+        log.info(
+            "api_key.revoke",
+            extra={"key_id": key.public_id, "by": "owner" if user_id is not None else "operator"},
+        )
     return key
 
 
@@ -145,6 +166,15 @@ def billing_account_create(*, owner_id: int, profile: dict[str, Any], currency: 
     account = BillingAccount(currency=currency, **profile)
     account.save(force_insert=True)
     Membership.objects.create(account=account, user_id=owner_id, role=MemberRole.OWNER)
+    log.info(
+        "account.create",
+        extra={
+            "account_id": account.public_id,
+            "owner_id": ids.encode("usr", owner_id),
+            "currency": currency,
+            "state": account.state,
+        },
+    )
     return account
 
 
@@ -177,6 +207,8 @@ def billing_account_update(
         account.credit_limit = credit_limit
         fields.append("credit_limit")
     account.save(update_fields=fields)
+    # Which fields changed, not their values (they hold emails, addresses, tax ids).
+    log.info("account.update", extra={"account_id": account.public_id, "fields": sorted(set(fields) - {"updated_at"})})
     return account
 
 
@@ -222,7 +254,25 @@ def billing_account_transition(
         actor_name=actor.name,
         reason=reason,
     )
+    log.info(
+        "account.transition",
+        extra={
+            "account_id": account.public_id,
+            "transition": transition,
+            "from": from_state,
+            "to": account.state,
+            **_actor_fields(actor),
+        },
+    )
     return account
+
+
+def _actor_fields(actor: Actor) -> dict[str, str | None]:
+    """Who, for a log line: users and operators by public id (their name is an email)."""
+    if actor.kind == ActorKind.SYSTEM:
+        return {"actor_kind": actor.kind.value, "actor": actor.name}
+    user_id = ids.encode("usr", actor.user_id) if actor.user_id is not None else None
+    return {"actor_kind": actor.kind.value, "actor": user_id}
 
 
 # --- Members
@@ -237,9 +287,14 @@ def member_add(*, account_id: int, email: str, role: str) -> Membership:
         raise ApplicationError("unknown_user", "No user with this email; they must sign up first.", field="email")
     try:
         with transaction.atomic():
-            return Membership.objects.create(account_id=account_id, user=user, role=role)
+            membership = Membership.objects.create(account_id=account_id, user=user, role=role)
     except IntegrityError as exc:
         raise Conflict("already_member", "This user is already a member of the account.", field="email") from exc
+    log.info(
+        "member.add",
+        extra={"account_id": ids.encode("acc", account_id), "user_id": user.public_id, "role": role},
+    )
+    return membership
 
 
 @transaction.atomic(durable=True)
@@ -250,6 +305,14 @@ def member_remove(*, account_id: int, user_id: int) -> None:
     if membership.role == MemberRole.OWNER:
         raise Conflict("owner_cannot_be_removed", "The owner cannot be removed from the account.")
     membership.delete()
+    log.info(
+        "member.remove",
+        extra={
+            "account_id": ids.encode("acc", account_id),
+            "user_id": ids.encode("usr", user_id),
+            "role": membership.role,
+        },
+    )
 
 
 # --- Operators
@@ -349,4 +412,8 @@ def operator_create(*, email: str, password: str, groups: list[str], superuser: 
     user.set_password(password)
     user.save()
     user.groups.set(Group.objects.filter(name__in=groups))
+    log.info(
+        "operator.create",
+        extra={"user_id": user.public_id, "email": mask_email(user.email), "groups": groups, "superuser": superuser},
+    )
     return user

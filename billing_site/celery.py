@@ -9,10 +9,12 @@ Broker: ``CELERY_BROKER_URL`` or ``REDIS_URL``. With neither, tasks run inline
 
 from __future__ import annotations
 
+import logging.config
 import os
 
 from celery import Celery
 from celery.schedules import crontab
+from celery.signals import setup_logging
 from django.conf import settings
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
@@ -21,6 +23,15 @@ app = Celery("billing_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 app.conf.imports = ("billing_site.tasks",)
+
+
+@setup_logging.connect
+def _log_as_the_settings_say(**_: object) -> None:
+    """Workers and beat log through ``settings.LOGGING`` (``LOG_FORMAT``, ``LOG_LEVEL``) like
+    every other process: a receiver of this signal stops Celery from replacing the root
+    handler with its own format (so ``-l`` has no effect; ``LOG_LEVEL`` decides)."""
+    logging.config.dictConfig(settings.LOGGING)
+
 
 # Schedules arrive with the work they run (usage rollup every minute, period close on the
 # 1st, dunning daily); each entry sets `expires` so a backlog never runs stale copies.

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -35,8 +37,11 @@ from django.db import OperationalError, connection, transaction
 
 from accounts import selectors as account_selectors
 from billing_site.common import ids
+from billing_site.common.logs import ms_since
 from metering import selectors
 from metering.models import IngestBatch
+
+log = logging.getLogger(__name__)
 
 MAX_EVENTS = 10_000
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -370,6 +375,7 @@ def _replayed(digest: str, now: dt.datetime) -> IngestResult | None:
 
 
 def ingest(body: bytes, *, now: dt.datetime | None = None) -> IngestResult:
+    started = time.monotonic()
     now = now or dt.datetime.now(dt.UTC)
     if len(body) > MAX_BODY_BYTES:
         raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_BODY_BYTES} bytes.")
@@ -390,4 +396,14 @@ def ingest(body: bytes, *, now: dt.datetime | None = None) -> IngestResult:
             Rejection(idx, event_id, "conflict", "id: already accepted with different content")
             for idx, event_id in conflicts
         )
+    log.info(
+        "ingest.batch",
+        extra={
+            "events": len(decoded),
+            "accepted": result.accepted,
+            "duplicates": result.duplicates,
+            "rejected": len(result.rejected),
+            "duration_ms": ms_since(started),
+        },
+    )
     return result

@@ -36,9 +36,15 @@ and statement timeouts on, and long reports on a replica.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from dataclasses import dataclass, field
 
 from django.db import connection, transaction
+
+from billing_site.common.logs import ms_since
+
+log = logging.getLogger(__name__)
 
 SHARDS = 16  # the partitions of migration 0002/0004
 TEMP_TABLES = (
@@ -72,6 +78,12 @@ class ShardReport:
     running_extended: int = 0
     rated_rows: int = 0
     watermark: dt.datetime | None = None
+    horizon: int = 0  # the txid the next run of this shard starts from
+    duration_ms: int = 0
+
+    @property
+    def did_work(self) -> bool:
+        return bool(self.events or self.running_extended or self.rated_rows)
 
 
 @dataclass
@@ -107,12 +119,43 @@ def hour_floor(moment: dt.datetime) -> dt.datetime:
 def rollup(*, now: dt.datetime | None = None, shards: list[int] | None = None) -> RollupReport:
     """Process everything pending in every shard (or the given ones)."""
     report = RollupReport()
+    started = time.monotonic()
     for shard in shards if shards is not None else range(SHARDS):
+        shard_started = time.monotonic()
         result = rollup_shard(shard=shard, now=now)
         if result is None:
             report.skipped.append(shard)
-        else:
-            report.shards.append(result)
+            log.debug("rollup.shard_busy", extra={"shard": shard})
+            continue
+        result.duration_ms = ms_since(shard_started)
+        report.shards.append(result)
+        # Logged once committed. A shard with nothing to do is a DEBUG line: the drain runs
+        # every few seconds on every shard.
+        log.log(
+            logging.INFO if result.did_work else logging.DEBUG,
+            "rollup.shard",
+            extra={
+                "shard": shard,
+                "events": result.events,
+                "usage_rows": result.usage_rows,
+                "resources": result.resources,
+                "running_extended": result.running_extended,
+                "rated_rows": result.rated_rows,
+                "horizon": result.horizon,
+                "watermark": result.watermark,
+                "duration_ms": result.duration_ms,
+            },
+        )
+    log.log(
+        logging.INFO if report.events else logging.DEBUG,
+        "rollup.run",
+        extra={
+            "shards": len(report.shards),
+            "events": report.events,
+            "skipped": report.skipped,
+            "duration_ms": ms_since(started),
+        },
+    )
     return report
 
 
@@ -146,7 +189,7 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport |
         watermark = hour_floor(now or db_now)
         if watermark_old is not None and watermark < watermark_old:
             watermark = watermark_old  # the watermark never moves back
-        report = ShardReport(shard=shard, watermark=watermark)
+        report = ShardReport(shard=shard, watermark=watermark, horizon=horizon_new)
         # ON COMMIT DROP cleans up after a real transaction; inside an outer one (tests, a
         # caller's atomic block) the previous shard's tables are still there.
         cur.execute(f"DROP TABLE IF EXISTS {', '.join(TEMP_TABLES)}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dj_database_url
 import django_stubs_ext
+from django.core.exceptions import ImproperlyConfigured
 
 from billing_site.database import database_url
 
@@ -184,13 +185,31 @@ BILLING_CURRENCIES = env_list("BILLING_CURRENCIES", "USD,EUR,GBP,JPY")
 # An API key's last-used time is written at most this often per key (seconds).
 API_KEY_TOUCH_INTERVAL_SECONDS = int(os.environ.get("API_KEY_TOUCH_INTERVAL_SECONDS", "60"))
 
+# --- Logging: structured lines to stdout (billing_site/common/logs.py): `text` reads well in
+# a terminal, `json` is one object per line for a log pipeline. Celery keeps this configuration
+# (billing_site/celery.py), so workers log the same way.
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
+LOG_FORMAT = os.environ.get("LOG_FORMAT", "").strip().lower() or ("text" if DEBUG else "json")
+if LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be 'text' or 'json', not {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "formatters": {
+        "text": {"()": "billing_site.common.logs.TextFormatter"},
+        "json": {"()": "billing_site.common.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": LOG_FORMAT},
+    },
+    "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
     "loggers": {
+        # Django's own handlers (stderr in DEBUG, mail to admins, runserver's request lines)
+        # are replaced by the root's: every line has one format and one destination.
+        "django": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        "django.server": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        # SQL with its parameters (emails, key hashes) never reaches the logs, not even at DEBUG.
+        "django.db.backends": {"level": "INFO"},
         "pgserver": {"level": "WARNING"},  # the embedded server logs every start and stop
         # PDF rendering: WeasyPrint logs each step and fontTools each glyph table at INFO; the
         # "HarfBuzz-Subset missing" warning is about speed only (fontTools subsets instead).
