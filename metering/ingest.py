@@ -137,13 +137,13 @@ def decode_batch(body: bytes) -> list[EventIn | Rejection]:
         raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_BODY_BYTES} bytes.")
     try:
         return list(_batch_decoder.decode(body).events)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         pass  # malformed JSON, bad UTF-8 or a shape error somewhere: find out below
     try:
         loose = _loose_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise BatchError(400, "invalid", f'Send {{"events": [...]}}: {exc}', field="events") from exc
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise BatchError(400, "malformed_request", f"The body is not valid JSON: {exc}") from exc
     out: list[EventIn | Rejection] = []
     for index, raw in enumerate(loose.events):
