@@ -24,6 +24,7 @@ from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMi
 from billing_site.common.errors import ApplicationError
 from invoicing import selectors, services
 from invoicing.billing import Period
+from invoicing.line_display import quantity_text, unit_price_text
 from invoicing.models import (
     ContractDiscount,
     CreditGrant,
@@ -100,8 +101,16 @@ class InvoiceLineInline(InvoicePartInline, admin.TabularInline[InvoiceLine, Invo
     def get_queryset(self, request: HttpRequest) -> QuerySet[InvoiceLine]:
         return super().get_queryset(request).select_related("invoice")
 
-    fields = ("position", "kind", "description", "quantity", "unit", "unit_price", "pricing", "amount")
+    fields = ("position", "kind", "description", "shown_quantity", "unit", "shown_unit_price", "pricing", "amount")
     readonly_fields = fields
+
+    @admin.display(description="quantity")
+    def shown_quantity(self, line: InvoiceLine) -> str:
+        return quantity_text(line.quantity) or self.get_empty_value_display()  # as on the PDF and in the API
+
+    @admin.display(description="unit price")
+    def shown_unit_price(self, line: InvoiceLine) -> str:
+        return unit_price_text(line.unit_price) or self.get_empty_value_display()
 
     @admin.display(description="amount")
     def amount(self, line: InvoiceLine) -> str:

@@ -351,8 +351,8 @@ def _line_detail(
     resources: list[tuple[str, Decimal, Decimal]], projects: list[tuple[str | None, Decimal, Decimal]]
 ) -> dict[str, Any]:
     """What is behind a line: its usage by resource and by ``project`` label (when any usage
-    carries one), as ``[key, quantity, rated amount]`` at full precision. ``detail_view``
-    splits the line's rounded amount over them."""
+    carries one), as ``[key, quantity, rated amount]`` at full precision.
+    ``line_display.detail_view`` shows them, splitting the line's rounded amount over them."""
     result: dict[str, Any] = {
         "resources": [[key or "(no resource)", str(q), str(a)] for key, q, a in sorted(resources)]
     }
@@ -360,20 +360,6 @@ def _line_detail(
         ordered = sorted(projects, key=lambda row: (row[0] is None, row[0] or ""))  # "(no project)" last
         result["projects"] = [[key or "(no project)", str(q), str(a)] for key, q, a in ordered]
     return result
-
-
-def detail_view(detail: dict[str, Any], amount_minor: int, currency: str) -> dict[str, list[dict[str, str]]]:
-    """A line's detail as the API and the PDF show it: the line's amount split over the rows
-    in proportion to their rated amounts, each split summing to the line exactly (largest
-    remainder, ``money.allocate``). Computed from frozen data, so it never changes."""
-    view: dict[str, list[dict[str, str]]] = {}
-    for dimension, rows in detail.items():
-        parts = money.allocate(amount_minor, [Decimal(amount) for _, _, amount in rows])
-        view[dimension] = [
-            {"key": key, "quantity": quantity, "amount": money.format_minor(part, currency)}
-            for (key, quantity, _), part in zip(rows, parts, strict=True)
-        ]
-    return view
 
 
 def _discount_lines(

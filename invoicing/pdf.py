@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
-from decimal import Decimal
 from typing import Any
 
 from django.db import connection
@@ -17,7 +16,7 @@ from django.template.loader import render_to_string
 from django_countries import countries
 
 from billing_site.common import money
-from invoicing.billing import detail_view
+from invoicing.line_display import detail_view, quantity_text, unit_price_text
 from invoicing.models import CreditNote, Invoice, RenderedDocument
 
 
@@ -36,14 +35,9 @@ def invoice_html(invoice: Invoice) -> str:
         lines.append(
             {
                 "description": line.description,
-                # Printed to 6 places (sums of per-second accrual carry 12); the API keeps all.
-                "quantity": (
-                    f"{line.quantity.quantize(Decimal('0.000001')).normalize():,f}" if line.quantity is not None else ""
-                ),
+                "quantity": quantity_text(line.quantity, grouped=True) or "",
                 "unit": line.unit,
-                "unit_price": (
-                    f"{line.unit_price.normalize():f}" if line.unit_price is not None else (line.pricing or "")
-                ),
+                "unit_price": unit_price_text(line.unit_price) or line.pricing or "",
                 "amount": _money(line.amount_minor, currency),
                 "detail": detail_view(line.detail, line.amount_minor, currency),
             }

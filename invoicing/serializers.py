@@ -9,7 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from billing_site.common import ids, money
-from invoicing.billing import detail_view
+from invoicing.line_display import detail_view, quantity_text, unit_price_text
 from invoicing.models import CreditNote, Invoice, InvoiceLine, InvoiceStatus
 
 
@@ -33,7 +33,10 @@ class InvoiceLineSerializer(serializers.Serializer):
     sku = serializers.CharField()
     usage_month = serializers.SerializerMethodField()
     description = serializers.CharField()
-    quantity = serializers.SerializerMethodField()
+    quantity = serializers.SerializerMethodField(
+        help_text="Decimal string rounded half-up to at most 6 places, no trailing zeros (744, 122316.2); "
+        "the amount is computed from the unrounded quantity"
+    )
     unit = serializers.CharField()
     unit_price = serializers.SerializerMethodField()
     pricing = serializers.CharField(help_text="flat | tiered | varied (the price changed in the period)")
@@ -47,10 +50,10 @@ class InvoiceLineSerializer(serializers.Serializer):
         return f"{line.usage_month:%Y-%m}" if line.usage_month else None
 
     def get_quantity(self, line: InvoiceLine) -> str | None:
-        return None if line.quantity is None else format(line.quantity.normalize(), "f")
+        return quantity_text(line.quantity)
 
     def get_unit_price(self, line: InvoiceLine) -> str | None:
-        return None if line.unit_price is None else format(line.unit_price.normalize(), "f")
+        return unit_price_text(line.unit_price)
 
     def get_amount(self, line: InvoiceLine) -> str:
         return money.format_minor(line.amount_minor, self.context["currency"])

@@ -16,7 +16,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import BillingAccount
 from conftest import Customer
-from invoicing.billing import detail_view
+from invoicing.line_display import detail_view
 from invoicing.models import Invoice
 from metering.tests.test_rollup import at, lifecycle, used
 
@@ -59,7 +59,7 @@ def test_tiers_and_a_mid_month_price_change_reach_the_invoice_and_late_usage_the
     assert (lines["compute.vcpu"].quantity, lines["compute.vcpu"].rated_amount) == (8, Decimal("0.094"))
     assert (lines["compute.vcpu"].amount_minor, lines["compute.vcpu"].pricing) == (9, "varied")
     assert detail_view(lines["compute.vcpu"].detail, 9, "USD")["projects"] == [
-        {"key": "web", "quantity": "8.000000000000", "amount": "0.09"}
+        {"key": "web", "quantity": "8", "amount": "0.09"}
     ]
     assert (lines["network.egress"].quantity, lines["network.egress"].amount_minor) == (130, 270)
     assert lines["network.egress"].pricing == "tiered"

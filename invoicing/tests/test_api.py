@@ -76,8 +76,8 @@ def test_invoices_list_and_detail(customer: Customer, billed: BillingAccount) ->
         "amount": "10.13",
         "detail": vcpu["detail"],
     }
-    assert vcpu["detail"]["resources"] == [{"key": "vm-1", "quantity": "810.000000000000", "amount": "10.13"}]
-    assert vcpu["detail"]["projects"] == [{"key": "web", "quantity": "810.000000000000", "amount": "10.13"}]
+    assert vcpu["detail"]["resources"] == [{"key": "vm-1", "quantity": "810", "amount": "10.13"}]
+    assert vcpu["detail"]["projects"] == [{"key": "web", "quantity": "810", "amount": "10.13"}]
     detail = customer.client.get(url(billed, f"invoices/{invoice['id']}"))
     assert detail.status_code == 200 and detail.json() == invoice
 

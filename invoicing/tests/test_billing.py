@@ -14,7 +14,8 @@ from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
 from conftest import Customer
 from invoicing import ledger, services
-from invoicing.billing import Period, detail_view
+from invoicing.billing import Period
+from invoicing.line_display import detail_view
 from invoicing.models import BilledUsage, CreditApplication, Invoice, InvoiceStatus, InvoiceTransition, LineKind
 from invoicing.tests.factories import ContractDiscountFactory, rated
 
