@@ -24,9 +24,14 @@ from accounts.models import (
     Scope,
     User,
 )
-from billing_site.common import ids
+from billing_site.common import ids, money
 from billing_site.common.actors import Actor
-from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin
+from billing_site.common.admin import (
+    AmountField,
+    CountryInUseFilter,
+    ReadOnlyInlineMixin,
+    WriteThroughServiceMixin,
+)
 from billing_site.common.errors import ApplicationError
 
 ADDRESS_FIELDS = tuple(f for f in services.PROFILE_FIELDS if f.startswith("address_"))
@@ -39,6 +44,16 @@ TRANSITION_PERMISSIONS = {
     "close": "accounts.transition_billingaccount",
     "block": "accounts.block_billingaccount",
     "unblock": "accounts.block_billingaccount",
+}
+
+# What a done transition is called in the message after it.
+TRANSITION_DONE = {
+    "activate": "activated",
+    "suspend": "suspended",
+    "reactivate": "reactivated",
+    "close": "closed",
+    "block": "blocked",
+    "unblock": "unblocked",
 }
 
 
@@ -62,6 +77,9 @@ class MembershipInline(ReadOnlyInlineMixin, admin.TabularInline[Membership, Bill
     model = Membership
     fields = ("user", "role", "created_at")
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Membership]:
+        return super().get_queryset(request).select_related("user", "account")  # each row names both
+
 
 class TransitionInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountTransition, BillingAccount]):
     model = BillingAccountTransition
@@ -70,14 +88,23 @@ class TransitionInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountTr
 
 
 class BillingAccountForm(forms.ModelForm[BillingAccount]):
+    credit_limit = AmountField(label="Credit limit", allow_zero=True, help_text="In the account's currency")
+
     class Meta:
         model = BillingAccount
         fields = (*services.PROFILE_FIELDS, "credit_limit")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields.get("credit_limit")
+        if isinstance(field, AmountField) and self.instance.currency:
+            # The account's currency decides the places: "0.00" EUR, "0" JPY, never "0.0000".
+            field.currency = self.instance.currency
+            field.help_text = f"{self.instance.currency}, plain decimal notation"
+            self.initial["credit_limit"] = money.format_amount(self.instance.credit_limit, self.instance.currency)
+
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        if data.get("credit_limit") is not None and data["credit_limit"] < 0:
-            self.add_error("credit_limit", "A credit limit cannot be negative.")
         country = str(data.get("country") or "")
         if data.get("tax_id") and country:
             try:
@@ -100,7 +127,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
     form = BillingAccountForm
     change_form_template = "admin/accounts/billingaccount/change_form.html"
     list_display = ("public_id", "name", "email", "kind", "country", "currency", "state", "created_at")
-    list_filter = ("state", "kind", "country")
+    list_filter = ("state", "kind", CountryInUseFilter)
     search_fields = ("name", "email", "tax_id")
     readonly_fields = ("public_id", "state", "currency", "created_at", "updated_at")
     fieldsets = (
@@ -116,6 +143,10 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
     def public_id(self, obj: BillingAccount) -> str:
         return obj.public_id
 
+    @admin.display(description="Credit limit")
+    def credit_limit_shown(self, obj: BillingAccount) -> str:
+        return f"{money.format_amount(obj.credit_limit, obj.currency)} {obj.currency}"
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # customers open accounts through the API
 
@@ -126,13 +157,30 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
                 "state",
                 "currency",
                 "credit_limit",
+                "credit_limit_shown",
                 *services.PROFILE_FIELDS,
                 "created_at",
                 "updated_at",
             )
         if not request.user.has_perm("accounts.set_credit_limit_billingaccount"):
-            return (*self.readonly_fields, "credit_limit")
+            return (*self.readonly_fields, "credit_limit", "credit_limit_shown")
         return self.readonly_fields
+
+    def get_fieldsets(self, request: HttpRequest, obj: BillingAccount | None = None) -> Any:
+        """A read-only credit limit is shown with the currency's places ("0.00 EUR")."""
+        fieldsets = super().get_fieldsets(request, obj)
+        if "credit_limit" not in self.get_readonly_fields(request, obj):
+            return fieldsets
+        return [
+            (
+                name,
+                {
+                    **options,
+                    "fields": tuple("credit_limit_shown" if f == "credit_limit" else f for f in options["fields"]),
+                },
+            )
+            for name, options in fieldsets
+        ]
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # accounts are closed, never deleted
@@ -181,13 +229,17 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
             except ApplicationError as exc:
                 form.add_error(None, exc.message)
             else:
-                messages.success(request, f"{account.public_id}: {name} done.")
+                account.refresh_from_db(fields=["state"])
+                done = TRANSITION_DONE[name]
+                if name == "unblock":
+                    done += f", back to {account.get_state_display().lower()}"
+                messages.success(request, f"{account.name} ({account.public_id}) {done}.")
                 return HttpResponseRedirect(change_url)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
             "original": account,
-            "title": f"{name.capitalize()} {account.public_id}",
+            "title": f"{name.capitalize()} {account.name} ({account.public_id})",
             "transition": name,
             "form": form,
             "change_url": change_url,

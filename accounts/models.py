@@ -188,7 +188,8 @@ class Membership(models.Model):
         indexes = [models.Index(fields=["user", "account"], name="accounts_membership_user")]
 
     def __str__(self) -> str:
-        return f"{self.user_id} {self.role} of {self.account_id}"
+        # Names both sides (select_related("user", "account") where many are shown).
+        return f"{self.user.email}: {self.get_role_display().lower()} of {self.account.name} ({self.account.public_id})"
 
 
 class BillingAccountTransition(models.Model):
@@ -211,7 +212,7 @@ class BillingAccountTransition(models.Model):
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"{self.account_id}: {self.from_state} → {self.to_state} ({self.transition})"
+        return f"{ids.encode('acc', self.account_id)}: {self.transition} ({self.from_state} → {self.to_state})"
 
 
 class ApiKey(models.Model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 
 from accounts.authentication import Caller
 from accounts.models import ApiKey, BillingAccount, BillingAccountTransition, MemberRole, Membership, Scope
@@ -128,6 +128,13 @@ def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
             payment_terms_days=account.payment_terms_days,
         )
     return profiles
+
+
+def billing_account_name_subquery(*, account_id_field: str = "account_id") -> Subquery:
+    """Each row's billing account name, to annotate another app's rows with (``account_id_field``
+    names their account column): a list of invoices or grants names its customers in the
+    page's one query, without a foreign key across apps."""
+    return Subquery(BillingAccount.objects.filter(id=OuterRef(account_id_field)).values("name")[:1])
 
 
 def billing_account_ids_open(*, opened_before: object, account_ids: list[int] | None = None) -> list[int]:

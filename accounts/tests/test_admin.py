@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from django.test import Client
@@ -144,3 +145,100 @@ def test_only_finance_sets_credit_limits_and_closed_accounts_are_read_only(
     _, finance = operator(["finance"])
     form = finance.get(change_url(closed)).context["adminform"].form
     assert not set(form.fields) & {"credit_limit", "name", "tax_id"}
+
+
+def test_inline_rows_and_messages_name_people_and_public_ids(customer: object, make_account: Callable) -> None:
+    account = make_account(customer.user, name="Acme BV", state=AccountState.ACTIVE)  # type: ignore[attr-defined]
+    user = customer.user  # type: ignore[attr-defined]
+    _, support = operator(["support"])
+    response = support.post(transition_url(account, "suspend"), {"reason": "unpaid"}, follow=True)
+    page = response.content.decode()
+    # The flash message: who, by name and public id, and what happened, as a sentence.
+    assert f"Acme BV ({account.public_id}) suspended." in page
+    assert "suspend done" not in page
+    # Inline rows: the member by email, the history row by public id, never the integers.
+    assert f"{user.email}: owner of Acme BV ({account.public_id})" in page
+    assert f"{account.public_id}: suspend (active → suspended)" in page
+    assert f"{user.id} owner of {account.id}" not in page and f"{account.id}: active" not in page
+    assert (
+        f"Reactivate Acme BV ({account.public_id})"
+        in support.get(transition_url(account, "reactivate")).content.decode()
+    )
+
+
+def test_unblock_message_says_where_the_account_went(customer: object, make_account: Callable) -> None:
+    account = make_account(customer.user, name="Blocked Ltd", state=AccountState.BLOCKED)  # type: ignore[attr-defined]
+    _, fraud = operator(["fraud"])
+    page = fraud.post(
+        transition_url(account, "unblock"), {"reason": "false positive", "to_state": "active"}, follow=True
+    ).content.decode()
+    assert f"Blocked Ltd ({account.public_id}) unblocked, back to active." in page
+
+
+def test_country_filter_lists_only_countries_in_use(customer: object, make_account: Callable) -> None:
+    make_account(customer.user, country="NL")  # type: ignore[attr-defined]
+    make_account(customer.user, country="DE")  # type: ignore[attr-defined]
+    _, support = operator(["support"])
+    page = support.get("/admin/accounts/billingaccount/").content.decode()
+    assert "Netherlands (NL)" in page and "Germany (DE)" in page
+    assert "?country=NL" in page and "?country=DE" in page
+    assert "?country=FR" not in page and "Afghanistan" not in page  # not all 249
+    filtered = support.get("/admin/accounts/billingaccount/", {"country": "DE"})
+    assert filtered.status_code == 200 and len(filtered.context["cl"].result_list) == 1
+
+
+def _credit_limit_post(client: Client, account: BillingAccount, value: str) -> Any:
+    form = client.get(change_url(account)).context["adminform"].form
+    data = {k: ("" if v is None else v) for k, v in form.initial.items() if k in form.fields}
+    data.update(
+        {
+            "credit_limit": value,
+            "country": str(account.country),
+            "transitions-TOTAL_FORMS": "0",
+            "transitions-INITIAL_FORMS": "0",
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        }
+    )
+    return client.post(change_url(account), data)
+
+
+def test_credit_limit_has_exactly_the_currency_places_in_admin_and_api(
+    customer: object, make_account: Callable
+) -> None:
+    eur = make_account(customer.user, currency="EUR")  # type: ignore[attr-defined]
+    jpy = make_account(customer.user, currency="JPY", country="JP")  # type: ignore[attr-defined]
+    _, finance = operator(["finance"])
+    assert 'name="credit_limit" value="0.00"' in finance.get(change_url(eur)).content.decode()
+    assert 'name="credit_limit" value="0"' in finance.get(change_url(jpy)).content.decode()
+
+    refused = {
+        (eur, "100.505"): "Credit limit: EUR amounts have at most 2 decimal places",
+        (eur, "100.500"): "Credit limit: EUR amounts have at most 2 decimal places",
+        (eur, "1e3"): "Credit limit: enter an amount in plain decimal notation",
+        (eur, "1 000"): "Credit limit: enter an amount in plain decimal notation",
+        (eur, "1,000.00"): "Credit limit: enter an amount in plain decimal notation",
+        (eur, "١٢٣"): "Credit limit: enter an amount in plain decimal notation",
+        (eur, "-5"): "Credit limit: the amount must be zero or more",
+        (jpy, "100.5"): "Credit limit: JPY amounts have no decimal places",
+    }
+    for (account, value), message in refused.items():
+        page = _credit_limit_post(finance, account, value)
+        assert page.status_code == 200, value
+        assert message in page.content.decode(), value
+        account.refresh_from_db()
+        assert account.credit_limit == 0, value
+
+    assert _credit_limit_post(finance, eur, "2500.5").status_code == 302
+    assert _credit_limit_post(finance, jpy, "300000").status_code == 302
+    assert customer.client.get(f"/api/v1/billing-accounts/{eur.public_id}").json()["credit_limit"] == "2500.50"  # type: ignore[attr-defined]
+    assert customer.client.get(f"/api/v1/billing-accounts/{jpy.public_id}").json()["credit_limit"] == "300000"  # type: ignore[attr-defined]
+    _, support = operator(["support"])
+    assert "2500.50 EUR" in support.get(change_url(eur)).content.decode()  # read-only, same places
+
+
+def test_view_site_leads_to_the_api_docs() -> None:
+    _, support = operator(["support"])
+    page = support.get("/admin/").content.decode()
+    assert '<a href="/api/docs/">View site</a>' in page
+    assert support.get("/api/docs/").status_code == 200

@@ -153,7 +153,7 @@ def test_create_billing_account(customer: Customer) -> None:
     assert body["id"].startswith("acc_") and body["state"] == "pending"
     assert body["tax_id"] == "NL004495445B01"  # validated and stored compact
     assert body["address"] == {**VALID_ACCOUNT["address"], "line2": "", "region": ""}
-    assert body["credit_limit"] == "0.0000"
+    assert body["credit_limit"] == "0.00"  # EUR: the currency's places, not the column's
     account = BillingAccount.objects.get(id=ids.decode("acc", body["id"]))
     assert Membership.objects.get(account=account).role == "owner"
     assert customer.client.get(url(body["id"])).json() == body

@@ -14,7 +14,6 @@ from functools import cache
 
 import iso4217
 
-
 # The largest amount (in minor units, either sign) a line, tax, subtotal or total of one
 # document may carry: far beyond any real invoice (10^13 EUR, 10^15 JPY) and far inside a
 # bigint (9.2 * 10^18), so even the sum of thousands of such documents in the ledger stays
@@ -56,6 +55,12 @@ def format_minor(amount_minor: int, currency: str) -> str:
         return str(amount_minor)
     whole, fraction = divmod(abs(amount_minor), 10**places)
     return f"{'-' if amount_minor < 0 else ''}{whole}.{fraction:0{places}d}"
+
+
+def format_amount(amount: Decimal | int, currency: str) -> str:
+    """A major-unit amount kept with more places (a credit limit stored with 4) as a string with
+    exactly the currency's places, rounded half-up: Decimal('0.0000') EUR → '0.00', JPY → '0'."""
+    return format(Decimal(amount).quantize(Decimal(1).scaleb(-exponent(currency)), rounding=ROUND_HALF_UP), "f")
 
 
 def fits_minor(amount: Decimal, currency: str) -> bool:
