@@ -150,7 +150,11 @@ def seller_snapshot() -> dict[str, Any]:
         "address": settings.INVOICING_SELLER_ADDRESS,
         "country": settings.INVOICING_SELLER_COUNTRY,
         "vat_id": settings.INVOICING_SELLER_VAT_ID,
+        "registration_id": settings.INVOICING_SELLER_REGISTRATION_ID,
         "email": settings.INVOICING_SELLER_EMAIL,
+        "iban": settings.INVOICING_SELLER_IBAN,
+        "bic": settings.INVOICING_SELLER_BIC,
+        "bank_name": settings.INVOICING_SELLER_BANK_NAME,
     }
 
 

@@ -78,6 +78,21 @@ class InvoiceLineSerializer(serializers.Serializer):
         return detail_view(line.detail, line.amount_minor, self.context["currency"])
 
 
+class SellerSerializer(serializers.Serializer):
+    """The seller as printed on the document, snapshotted when it was issued."""
+
+    name = serializers.CharField()
+    address = serializers.ListField(child=serializers.CharField())
+    country = serializers.CharField()
+    vat_id = serializers.CharField()
+    # Snapshots taken before these were configured lack them: shown as "".
+    registration_id = serializers.CharField(default="", help_text="Company registration number (NL: KvK)")
+    email = serializers.CharField()
+    iban = serializers.CharField(default="", help_text="Where to pay, compact form")
+    bic = serializers.CharField(default="")
+    bank_name = serializers.CharField(default="")
+
+
 class InvoiceSerializer(serializers.Serializer):
     id = serializers.SerializerMethodField()
     number = serializers.CharField()
@@ -85,6 +100,7 @@ class InvoiceSerializer(serializers.Serializer):
     period_start = serializers.DateField()
     period_end = serializers.DateField(help_text="Exclusive: the first day after the period")
     currency = serializers.CharField()
+    seller = SellerSerializer(read_only=True)
     lines = serializers.SerializerMethodField()
     subtotal = MoneyField("subtotal_minor")
     tax_rate = serializers.DecimalField(max_digits=5, decimal_places=2, help_text="Percent")
@@ -124,6 +140,7 @@ class CreditNoteSerializer(serializers.Serializer):
     invoice = serializers.SerializerMethodField()
     invoice_number = serializers.CharField(source="invoice.number")
     currency = serializers.CharField()
+    seller = SellerSerializer(source="invoice.seller", read_only=True)
     reason = serializers.CharField()
     lines = serializers.SerializerMethodField()
     subtotal = MoneyField("subtotal_minor")

@@ -27,10 +27,13 @@ the accounts. One run of one shard is one transaction:
 
 Amounts keep 12 decimal places: rounding happens on invoices, not here.
 
-Operational caveat: the snapshot xmin is cluster-wide, so a long-running transaction in
-any database of the same PostgreSQL server holds the horizon back and the rollup waits
-(events are delayed, never lost or doubled). Keep ``idle_in_transaction_session_timeout``
-and statement timeouts on, and long reports on a replica.
+Operational caveat: the snapshot xmin is cluster-wide, so a long-running transaction that
+has written (holds a txid) in any database of the same PostgreSQL server holds the horizon
+back and the rollup waits (events are delayed, never lost or doubled). Keep
+``idle_in_transaction_session_timeout`` and statement timeouts on, and long reports on a
+replica. ``horizon_hold`` finds such a transaction once it has been open for
+``METERING_HORIZON_HOLD_SECONDS`` with committed events waiting behind it; every run
+(``rollup_usage``, the task) then names it (pid, database, state, age) and logs a warning.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.db import connection, transaction
 
 from billing_site.common.logs import ms_since
@@ -86,10 +90,120 @@ class ShardReport:
         return bool(self.events or self.running_extended or self.rated_rows)
 
 
+@dataclass(frozen=True)
+class HorizonHold:
+    """The transaction that keeps committed events from the rollup: the oldest one of the
+    server that holds a txid (our own excepted), with what ``pg_stat_activity`` says of it."""
+
+    horizon: int  # its txid: no shard can take events at or past it
+    waiting_events: int  # committed since it began, waiting (counted up to WAITING_COUNT_LIMIT)
+    pid: int | None = None  # None: not visible to this role (or a prepared transaction)
+    datname: str | None = None
+    usename: str | None = None
+    application_name: str | None = None
+    state: str | None = None
+    age_seconds: float | None = None  # since its transaction began
+    backend_xid: str | None = None
+    backend_xmin: str | None = None
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "pid": self.pid,
+            "datname": self.datname,
+            "usename": self.usename,
+            "application_name": self.application_name,
+            "state": self.state,
+            "xact_age_s": None if self.age_seconds is None else round(self.age_seconds, 1),
+            "backend_xid": self.backend_xid,
+            "backend_xmin": self.backend_xmin,
+            "horizon": self.horizon,
+            "waiting_events": self.waiting_events,
+        }
+
+    def describe(self) -> str:
+        waiting = f"{self.waiting_events}{'+' if self.waiting_events >= WAITING_COUNT_LIMIT else ''}"
+        head = f"held back: {waiting} committed events wait behind transaction {self.horizon}"
+        if self.pid is None:
+            return (
+                f"{head}, whose backend this role cannot see (grant it pg_read_all_stats, or look for a "
+                "prepared transaction in pg_prepared_xacts); the rollup catches up once it ends"
+            )
+        age = "unknown" if self.age_seconds is None else f"{self.age_seconds:.1f} s"
+        xmin = f", backend_xmin {self.backend_xmin}" if self.backend_xmin else ""
+        return (
+            f"{head} of pid {self.pid} (database {self.datname}, user {self.usename}, "
+            f"application {self.application_name or '-'}, {self.state or 'state unknown'}, open for {age}, "
+            f"backend_xid {self.backend_xid}{xmin}); the rollup catches up once it ends "
+            f"(SELECT pg_terminate_backend({self.pid}) ends it)"
+        )
+
+
+# Counting what waits stops here: the point is that something waits, not the exact backlog.
+WAITING_COUNT_LIMIT = 1_000_000
+
+
+def horizon_hold(*, min_age_seconds: float | None = None) -> HorizonHold | None:
+    """The transaction holding the rollup back, if one has been open for ``min_age_seconds``
+    (default ``METERING_HORIZON_HOLD_SECONDS``) with committed events waiting behind it.
+
+    The horizon is the oldest txid still running on the server (``pg_current_snapshot``'s
+    in-progress list, which leaves our own out). Ingestion keeps short transactions in flight
+    all the time, which is why a holder is reported only once it is old enough."""
+    threshold = settings.METERING_HORIZON_HOLD_SECONDS if min_age_seconds is None else min_age_seconds
+    with connection.cursor() as cur:
+        cur.execute("SELECT min(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) AS x")
+        (horizon,) = cur.fetchone()
+        if horizon is None:
+            return None
+        # pg_stat_activity shows 32-bit xids; the snapshot's are 64-bit (epoch-extended).
+        cur.execute(
+            "SELECT pid, datname, usename, application_name, state, backend_xid::text, backend_xmin::text, "
+            "extract(epoch FROM clock_timestamp() - xact_start)::float8 "
+            "FROM pg_stat_activity WHERE backend_xid::text::bigint = %s AND pid <> pg_backend_pid() LIMIT 1",
+            [horizon % 2**32],
+        )
+        backend = cur.fetchone()
+        age = backend[7] if backend else None
+        if age is not None and age < threshold:
+            return None
+        cur.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM metering_usageevent WHERE txid > %s "
+            "AND txid <> coalesce(pg_current_xact_id_if_assigned()::text::bigint, 0) LIMIT %s) AS w",
+            [horizon, WAITING_COUNT_LIMIT],
+        )
+        (waiting,) = cur.fetchone()
+    if not waiting:
+        return None
+    if backend is None:
+        return HorizonHold(horizon=horizon, waiting_events=waiting)
+    pid, datname, usename, application_name, state, backend_xid, backend_xmin, age = backend
+    return HorizonHold(
+        horizon=horizon,
+        waiting_events=waiting,
+        pid=pid,
+        datname=datname,
+        usename=usename,
+        application_name=application_name,
+        state=state,
+        age_seconds=age,
+        backend_xid=backend_xid,
+        backend_xmin=backend_xmin,
+    )
+
+
+def check_horizon() -> HorizonHold | None:
+    """``horizon_hold``, logged as a warning when there is one (someone should look)."""
+    held = horizon_hold()
+    if held is not None:
+        log.warning("rollup.horizon_held", extra=held.fields())
+    return held
+
+
 @dataclass
 class RollupReport:
     shards: list[ShardReport] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)  # claimed by another worker
+    held: HorizonHold | None = None  # a transaction keeps committed events from this run
 
     @property
     def events(self) -> int:
@@ -109,6 +223,8 @@ class RollupReport:
             text += f"; watermark {watermark.isoformat()}"
         if self.skipped:
             text += f"; shards {self.skipped} busy in another worker"
+        if self.held:
+            text += f"\n{self.held.describe()}"
         return text
 
 
@@ -116,8 +232,9 @@ def hour_floor(moment: dt.datetime) -> dt.datetime:
     return moment.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def rollup(*, now: dt.datetime | None = None, shards: list[int] | None = None) -> RollupReport:
-    """Process everything pending in every shard (or the given ones)."""
+def rollup(*, now: dt.datetime | None = None, shards: list[int] | None = None, check_held: bool = True) -> RollupReport:
+    """Process everything pending in every shard (or the given ones); then, with
+    ``check_held``, say whether a transaction holds events back (``check_horizon``)."""
     report = RollupReport()
     started = time.monotonic()
     for shard in shards if shards is not None else range(SHARDS):
@@ -156,6 +273,8 @@ def rollup(*, now: dt.datetime | None = None, shards: list[int] | None = None) -
             "duration_ms": ms_since(started),
         },
     )
+    if check_held:
+        report.held = check_horizon()
     return report
 
 

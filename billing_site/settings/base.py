@@ -221,6 +221,9 @@ LOGGING = {
 # --- Metering
 # Events older than this many days are refused (`too_old`).
 METERING_MAX_EVENT_AGE_DAYS = int(os.environ.get("METERING_MAX_EVENT_AGE_DAYS", "35"))
+# A transaction open this long (seconds) with committed events waiting behind it is reported
+# as holding the rollup back (rollup_usage's output and a warning log; metering/rollup.py).
+METERING_HORIZON_HOLD_SECONDS = float(os.environ.get("METERING_HORIZON_HOLD_SECONDS", "30"))
 
 # --- Invoicing
 # The seller, as printed on invoices; its country decides domestic VAT vs OSS/reverse charge.

@@ -101,7 +101,7 @@ def test_the_invoice_html_carries_the_legal_content(billed: BillingAccount) -> N
     for text in (
         "INV-2026-000001",
         "Example Cloud B.V.",
-        "NL004495445B01",
+        "NL000099998B57",
         billed.name,
         "2026-11-03",  # issue date
         "2026-10-01 \u2013 2026-10-31",  # supply period (en dash)
