@@ -3,6 +3,7 @@ the caller's accounts: someone else's id is indistinguishable from a missing one
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from django.db.models import OuterRef, QuerySet, Subquery
@@ -62,22 +63,33 @@ WRITERS = (MemberRole.OWNER, MemberRole.ADMIN)
 OWNERS = (MemberRole.OWNER,)
 
 
-_known_account_ids: set[int] = set()
-_KNOWN_ACCOUNT_IDS_MAX = 1_000_000
+@dataclass(frozen=True, slots=True)
+class IngestStanding:
+    """What usage ingestion needs to know of an account: its state, and when it was closed."""
+
+    state: str
+    closed_at: dt.datetime | None
 
 
-def billing_account_ids_existing(account_ids: set[int]) -> set[int]:
-    """Which of these billing account ids exist: one query for the ones not seen before.
+def billing_account_standings(account_ids: set[int]) -> dict[int, IngestStanding]:
+    """The state (and closure time, for closed accounts) of each of these accounts that
+    exists: one indexed query per batch (states change, so nothing is cached)."""
+    from accounts.models import AccountState
 
-    Accounts are never deleted (closed at most), so a positive answer is cached for the
-    life of the process (bounded); unknown ids are asked again every time."""
-    missing = account_ids - _known_account_ids
-    if missing:
-        found = set(BillingAccount.objects.filter(id__in=list(missing)).values_list("id", flat=True))
-        if len(_known_account_ids) + len(found) > _KNOWN_ACCOUNT_IDS_MAX:
-            _known_account_ids.clear()
-        _known_account_ids.update(found)
-    return account_ids & _known_account_ids
+    closed_at = (
+        BillingAccountTransition.objects.filter(account_id=OuterRef("id"), to_state=AccountState.CLOSED)
+        .order_by("-created_at")
+        .values("created_at")[:1]
+    )
+    rows = (
+        BillingAccount.objects.filter(id__in=list(account_ids))
+        .annotate(closed_at=Subquery(closed_at))
+        .values_list("id", "state", "closed_at")
+    )
+    return {
+        account_id: IngestStanding(state, closed if state == AccountState.CLOSED else None)
+        for account_id, state, closed in rows
+    }
 
 
 @dataclass(frozen=True, slots=True)

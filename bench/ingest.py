@@ -140,7 +140,7 @@ def make_events(run: str, worker: int, count: int, accounts: list[str], seed: in
                     "time": moment,
                     "type": "usage",
                     "sku": "storage.object.requests",
-                    "quantity": rng.randrange(1, 5000),
+                    "quantity": str(rng.randrange(1, 5000)),
                     "resource_id": f"bucket-{rng.randrange(10)}",
                 }
             )
@@ -157,9 +157,9 @@ def make_events(run: str, worker: int, count: int, accounts: list[str], seed: in
             }
             if action != "stop":
                 event["spec"] = {
-                    "compute.vcpu": rng.choice([1, 2, 4, 8]),
-                    "compute.ram": rng.choice([2, 4, 16]),
-                    "storage.disk.ssd": rng.choice([20, 100]),
+                    "compute.vcpu": rng.choice(["1", "2", "4", "8"]),
+                    "compute.ram": rng.choice(["2", "4", "16"]),
+                    "storage.disk.ssd": rng.choice(["20", "100"]),
                 }
             events.append(event)
     return events

@@ -47,15 +47,21 @@ _EVENT_FIELDS: dict[str, serializers.Field] = {
     "time": serializers.DateTimeField(help_text="RFC 3339 with an offset."),
     "type": serializers.ChoiceField(choices=["usage", "resource"]),
     "sku": serializers.CharField(required=False, help_text="usage: a quantity SKU"),
-    "quantity": serializers.DecimalField(
-        max_digits=25, decimal_places=12, required=False, help_text="usage: >= 0, <= 10^12"
+    "quantity": serializers.RegexField(
+        ingest.QUANTITY_PATTERN,
+        required=False,
+        help_text=(
+            "usage: a decimal string, up to 12 digits, optionally a point and up to 12 more "
+            '(`"1.25"`; no sign, exponent or spaces; JSON numbers are refused, as they become binary floats '
+            "in many producers)"
+        ),
     ),
     "resource_id": serializers.CharField(max_length=256, required=False),
     "action": serializers.ChoiceField(choices=["start", "update", "stop"], required=False),
     "spec": serializers.DictField(
-        child=serializers.DecimalField(max_digits=25, decimal_places=12),
+        child=serializers.RegexField(ingest.QUANTITY_PATTERN),
         required=False,
-        help_text="resource start/update: duration SKU code → units",
+        help_text="resource start/update: duration SKU code → units, each a decimal string like `quantity`",
     ),
     "labels": serializers.DictField(child=serializers.CharField(max_length=256), required=False),
 }
@@ -74,7 +80,15 @@ _RESULT = inline_serializer(
                 "index": serializers.IntegerField(),
                 "id": serializers.CharField(allow_null=True),
                 "code": serializers.ChoiceField(
-                    choices=["invalid", "unknown_account", "unknown_sku", "too_old", "in_future", "conflict"]
+                    choices=[
+                        "invalid",
+                        "unknown_account",
+                        "account_closed",
+                        "unknown_sku",
+                        "too_old",
+                        "in_future",
+                        "conflict",
+                    ]
                 ),
                 "message": serializers.CharField(),
             },
@@ -112,7 +126,7 @@ class UsageEventsView(StrictQueryMixin, APIView):
                             "type": "resource",
                             "resource_id": "vm-42",
                             "action": "start",
-                            "spec": {"compute.vcpu": 2, "compute.ram": "4"},
+                            "spec": {"compute.vcpu": "2", "compute.ram": "4"},
                             "labels": {"project": "web"},
                         },
                         {

@@ -29,7 +29,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from django.conf import settings
@@ -46,8 +46,12 @@ log = logging.getLogger(__name__)
 MAX_EVENTS = 10_000
 MAX_BODY_BYTES = 10 * 1024 * 1024
 FUTURE_TOLERANCE = dt.timedelta(minutes=5)
-MAX_QUANTITY = Decimal(10) ** 12
-MAX_PLACES = 12
+# The one grammar of a quantity (and of a spec's units): a decimal string of ASCII digits,
+# at most 12 before the point and 12 after it — no sign, exponent, spaces, underscores or
+# other scripts' digits, and no JSON numbers (many producers' JSON libraries turn them into
+# binary floats). The API schema documents the same pattern.
+QUANTITY_PATTERN = r"^[0-9]{1,12}(\.[0-9]{1,12})?$"
+_QUANTITY_HELP = 'a decimal string of up to 12 digits, optionally a point and up to 12 more (e.g. "1.25")'
 # Smaller batches are not fingerprinted: one row per tiny batch costs more than it saves.
 FINGERPRINT_MIN_EVENTS = 50
 
@@ -57,6 +61,8 @@ ResourceId = Annotated[str, msgspec.Meta(min_length=1, max_length=256), NoNul]
 LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=64), NoNul]
 LabelValue = Annotated[str, msgspec.Meta(max_length=256), NoNul]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=16)]
+# msgspec matches with re.search: "$" would let a trailing newline through, "\Z" does not.
+Quantity = Annotated[str, msgspec.Meta(pattern=QUANTITY_PATTERN.removesuffix("$") + "\\Z")]
 
 
 class EventIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -65,10 +71,10 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     time: Annotated[dt.datetime, msgspec.Meta(tz=True)]
     type: Literal["usage", "resource"]
     sku: str | None = None
-    quantity: Decimal | None = None  # a decimal string or a JSON number, decoded exactly
+    quantity: Quantity | None = None
     resource_id: ResourceId | None = None
     action: Literal["start", "update", "stop"] | None = None
-    spec: dict[str, Decimal] | None = None
+    spec: dict[str, Quantity] | None = None
     labels: Labels | None = None
 
 
@@ -128,6 +134,10 @@ def _field_message(exc: msgspec.ValidationError) -> str:
     if not sep:
         return text
     name = path.rstrip("`").removeprefix("$").lstrip(".") or "event"
+    if name == "quantity":
+        return f"quantity: must be {_QUANTITY_HELP}"
+    if name == "spec[...]":  # msgspec does not say which key
+        return f"spec: each SKU's units must be {_QUANTITY_HELP}"
     return f"{name}: {message}"
 
 
@@ -162,19 +172,6 @@ def decode_batch(body: bytes) -> list[EventIn | Rejection]:
     return out
 
 
-def _amount_error(value: Decimal, name: str) -> str | None:
-    if value == 0:
-        return None  # however many zeros it is written with
-    if not value.is_finite() or value < 0:
-        return f"{name}: must be a number >= 0"
-    if value > MAX_QUANTITY:
-        return f"{name}: must be <= 10^12"
-    exponent = value.as_tuple().exponent
-    if isinstance(exponent, int) and -exponent > MAX_PLACES:
-        return f"{name}: at most {MAX_PLACES} decimal places"
-    return None
-
-
 _WRONG_KIND = {
     "quantity": "is a duration SKU; usage events take quantity SKUs",
     "duration": "is a quantity SKU, not a duration one",
@@ -190,12 +187,47 @@ def _sku_error(kinds: dict[str, str], code: str, wanted: str, field: str) -> str
     return f"{field}: {code} {'is not in the catalog' if kind is None else _WRONG_KIND[wanted]}"
 
 
-# Staged row: (idx, account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec, labels)
-Row = tuple[int, int, str, dt.datetime, str, str | None, Decimal | None, str | None, str | None, str | None, str | None]
+class Row(NamedTuple):
+    """One accepted event, as it is staged and stored (``idx``: its place in the batch)."""
+
+    idx: int
+    account_id: int
+    event_id: str
+    occurred_at: dt.datetime
+    kind: str
+    sku: str | None
+    quantity: Decimal | None
+    resource_id: str | None
+    action: str | None
+    spec: str | None  # JSON
+    labels: str | None  # JSON
 
 
-def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tuple[list[Row], list[Rejection]]:
-    """The rules a schema cannot say, in one pass; then one query for the accounts."""
+# The staging table and the event table, described once: each ``Row`` field's PostgreSQL type.
+_STAGED_TYPES = {
+    "idx": "int",
+    "account_id": "bigint",
+    "event_id": "text",
+    "occurred_at": "timestamptz",
+    "kind": "text",
+    "sku": "text",
+    "quantity": "numeric",
+    "resource_id": "text",
+    "action": "text",
+    "spec": "jsonb",
+    "labels": "jsonb",
+}
+assert tuple(_STAGED_TYPES) == Row._fields, "describe every staged field once"
+# States whose accepted usage is counted (``InactiveAccountUsage``); closed accounts refuse it.
+_COUNTED_STATES = frozenset({"pending", "suspended", "blocked"})
+
+
+def check_events(
+    decoded: list[EventIn | Rejection], *, now: dt.datetime
+) -> tuple[list[Row], list[Rejection], dict[int, str]]:
+    """The rules a schema cannot say, in one pass; then one query for the accounts. Returns
+    the good rows, the rejections, and the accounts among the rows that are not active
+    (pending, suspended, blocked: their usage is accepted and counted) with their state."""
     max_age = dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
     oldest, newest = now - max_age, now + FUTURE_TOLERANCE
     kinds = selectors.sku_kinds()
@@ -229,10 +261,7 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
             if event.action is not None or event.spec is not None:
                 reject(index, event, "invalid", "action and spec: only for resource events")
                 continue
-            problem = _amount_error(event.quantity, "quantity")
-            if problem:
-                reject(index, event, "invalid", problem)
-                continue
+            quantity = Decimal(event.quantity)  # the pattern admits nothing Decimal could refuse
             problem = _sku_error(kinds, event.sku, "quantity", "sku")
             if problem:
                 reject(index, event, "unknown_sku", problem)
@@ -247,20 +276,18 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
             if event.spec is None and event.action != "stop":
                 reject(index, event, "invalid", f"spec: required for {event.action}")
                 continue
+            quantity = None
             if event.spec is not None:
                 problem = None
-                for code, units in event.spec.items():
-                    problem = _amount_error(units, f"spec.{code}")
-                    if problem:
-                        reject(index, event, "invalid", problem)
-                        break
+                for code in event.spec:
                     problem = _sku_error(kinds, code, "duration", f"spec.{code}")
                     if problem:
                         reject(index, event, "unknown_sku", problem)
                         break
                 if problem:
                     continue
-                spec_json = _json.encode(event.spec).decode()
+                # Stored as JSON numbers, exactly as written (the rollup reads them as numeric).
+                spec_json = _json.encode({code: Decimal(units) for code, units in event.spec.items()}).decode()
         if occurred_at < oldest:
             reject(index, event, "too_old", f"time: older than the {max_age.days}-day acceptance window")
             continue
@@ -270,50 +297,72 @@ def check_events(decoded: list[EventIn | Rejection], *, now: dt.datetime) -> tup
         # No labels and {} are the same content (else a resend spelled differently conflicts).
         labels_json = _json.encode(event.labels).decode() if event.labels else None
         rows.append(
-            (
-                index,
-                account_id,
-                event.id,
-                occurred_at,
-                event.type,
-                event.sku,
-                event.quantity,
-                event.resource_id,
-                event.action,
-                spec_json,
-                labels_json,
+            Row(
+                idx=index,
+                account_id=account_id,
+                event_id=event.id,
+                occurred_at=occurred_at,
+                kind=event.type,
+                sku=event.sku,
+                quantity=quantity,
+                resource_id=event.resource_id,
+                action=event.action,
+                spec=spec_json,
+                labels=labels_json,
             )
         )
 
-    named = {row[1] for row in rows}
-    known = account_selectors.billing_account_ids_existing(named)
-    if len(known) < len(named):
-        kept: list[Row] = []
-        for row in rows:
-            if row[1] in known:
-                kept.append(row)
-            else:
-                rejected.append(
-                    Rejection(
-                        row[0], row[2], "unknown_account", f"account_id: no billing account {ids.encode('acc', row[1])}"
-                    )
+    standings = account_selectors.billing_account_standings({row.account_id for row in rows})
+    kept: list[Row] = []
+    for row in rows:
+        standing = standings.get(row.account_id)
+        if standing is None:
+            rejected.append(
+                Rejection(
+                    row.idx,
+                    row.event_id,
+                    "unknown_account",
+                    f"account_id: no billing account {ids.encode('acc', row.account_id)}",
                 )
-        rows = kept
-    return rows, rejected
+            )
+        elif standing.closed_at is not None and row.occurred_at >= standing.closed_at:
+            rejected.append(
+                Rejection(
+                    row.idx,
+                    row.event_id,
+                    "account_closed",
+                    f"time: {ids.encode('acc', row.account_id)} was closed at {standing.closed_at:%Y-%m-%dT%H:%M:%SZ};"
+                    " usage after its closure is not accepted",
+                )
+            )
+        else:
+            kept.append(row)
+    inactive = {a: s.state for a, s in standings.items() if s.state in _COUNTED_STATES}
+    return kept, rejected, inactive
 
 
-_COLUMNS = "account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec, labels"
-_STAGING = """
+_COLUMNS = ", ".join(name for name in _STAGED_TYPES if name != "idx")  # the event table's columns
+_STAGING = f"""
 CREATE TEMP TABLE IF NOT EXISTS metering_ingest_staging (
-    idx int, account_id bigint, event_id text, occurred_at timestamptz, kind text, sku text,
-    quantity numeric, resource_id text, action text, spec jsonb, labels jsonb
+    {", ".join(f"{name} {kind}" for name, kind in _STAGED_TYPES.items())}
 ) ON COMMIT DELETE ROWS
 """
+# Inserts what is new and returns how many went in per account (only a few rows travel back).
 _INSERT = f"""
-INSERT INTO metering_usageevent ({_COLUMNS})
-SELECT {_COLUMNS} FROM metering_ingest_staging ORDER BY account_id, event_id, idx
-ON CONFLICT (account_id, event_id) DO NOTHING
+WITH inserted AS (
+    INSERT INTO metering_usageevent ({_COLUMNS})
+    SELECT {_COLUMNS} FROM metering_ingest_staging ORDER BY account_id, event_id, idx
+    ON CONFLICT (account_id, event_id) DO NOTHING
+    RETURNING account_id
+)
+SELECT account_id, count(*) FROM inserted GROUP BY account_id
 """  # noqa: S608 (constants only)
+_COUNT_INACTIVE = """
+INSERT INTO metering_inactiveaccountusage (account_id, account_state, events, last_received_at)
+SELECT a, s, n, now() FROM unnest(%s::bigint[], %s::text[], %s::bigint[]) AS c(a, s, n)
+ON CONFLICT (account_id, account_state) DO UPDATE
+SET events = metering_inactiveaccountusage.events + EXCLUDED.events, last_received_at = EXCLUDED.last_received_at
+"""
 # Staged events whose stored twin differs: conflicts. Nested loops over the primary key
 # (pruned to one partition per probe), never a scan of the event table.
 _CONFLICTS = """
@@ -326,31 +375,40 @@ WHERE (e.occurred_at, e.kind, e.sku, e.quantity, e.resource_id, e.action, e.spec
 """
 
 
-def store(rows: list[Row], *, fingerprint: str | None) -> tuple[int, list[tuple[int, str]]]:
+def store(
+    rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str] | None = None
+) -> tuple[int, list[tuple[int, str]]]:
     """``_store`` once more if PostgreSQL broke a deadlock by aborting ours (it rolled back
     whole, so the retry starts clean). Inserting in key order makes that rare; two batches
     holding the same events still wait on each other's index entries in one order."""
     try:
-        return _store(rows, fingerprint=fingerprint)
+        return _store(rows, fingerprint=fingerprint, inactive=inactive or {})
     except OperationalError as exc:
         if getattr(exc.__cause__, "sqlstate", None) not in ("40P01", "40001"):
             raise
-        return _store(rows, fingerprint=fingerprint)
+        return _store(rows, fingerprint=fingerprint, inactive=inactive or {})
 
 
-def _store(rows: list[Row], *, fingerprint: str | None) -> tuple[int, list[tuple[int, str]]]:
+def _store(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str]) -> tuple[int, list[tuple[int, str]]]:
     """COPY into staging, one insert that dedupes; returns (inserted, conflicts).
 
     With a ``fingerprint`` (the batch had no rejected event), it is recorded in the same
-    transaction when no conflict turns up either."""
+    transaction when no conflict turns up either. Newly stored events of ``inactive``
+    accounts are counted by account and state in the same transaction."""
     count = len(rows)
     with transaction.atomic(durable=True), connection.cursor() as cursor:
         cursor.execute(_STAGING)
-        with cursor.cursor.copy(f"COPY metering_ingest_staging (idx, {_COLUMNS}) FROM STDIN") as copy:
+        with cursor.cursor.copy(f"COPY metering_ingest_staging ({', '.join(Row._fields)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
         cursor.execute(_INSERT)
-        inserted = cursor.rowcount
+        per_account: list[tuple[int, int]] = cursor.fetchall()
+        inserted = sum(n for _, n in per_account)
+        counted = [(a, inactive[a], n) for a, n in per_account if a in inactive]
+        if counted:
+            cursor.execute(
+                _COUNT_INACTIVE, [[a for a, _, _ in counted], [s for _, s, _ in counted], [n for *_, n in counted]]
+            )
         conflicts: list[tuple[int, str]] = []
         if inserted < count:
             cursor.execute("SET LOCAL enable_hashjoin = off")
@@ -361,7 +419,7 @@ def _store(rows: list[Row], *, fingerprint: str | None) -> tuple[int, list[tuple
             cursor.execute(
                 "INSERT INTO metering_ingestbatch (digest, events, oldest_event_at, received_at) "
                 "VALUES (%s, %s, %s, now()) ON CONFLICT DO NOTHING",
-                [fingerprint, count, min(row[3] for row in rows)],
+                [fingerprint, count, min(row.occurred_at for row in rows)],
             )
     return inserted, conflicts
 
@@ -386,10 +444,10 @@ def ingest(body: bytes, *, now: dt.datetime | None = None) -> IngestResult:
     decoded = decode_batch(body)
     if len(decoded) > MAX_EVENTS:
         raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_EVENTS} events; got {len(decoded)}.")
-    rows, rejected = check_events(decoded, now=now)
+    rows, rejected, inactive = check_events(decoded, now=now)
     result = IngestResult(rejected=rejected)
     if rows:
-        inserted, conflicts = store(rows, fingerprint=None if rejected else digest)
+        inserted, conflicts = store(rows, fingerprint=None if rejected else digest, inactive=inactive)
         result.accepted = inserted
         result.duplicates = len(rows) - inserted - len(conflicts)
         result.rejected.extend(

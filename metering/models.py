@@ -196,3 +196,22 @@ class ResourceState(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account_id}/{self.resource_id}"
+
+
+class InactiveAccountUsage(models.Model):
+    """Events accepted for an account that was not active when they arrived (pending,
+    suspended or blocked): usage that happened and is billable, counted per account and
+    state for the data-quality view. Written by ingestion, set-based, in the batch's
+    transaction and only for newly stored events (a resend counts nothing)."""
+
+    pk = models.CompositePrimaryKey("account_id", "account_state")
+    account_id = models.BigIntegerField()
+    account_state = models.CharField(max_length=16)
+    events = models.BigIntegerField(default=0)
+    last_received_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name_plural = "inactive account usage"
+
+    def __str__(self) -> str:
+        return f"{self.account_id} {self.account_state}: {self.events} events"

@@ -111,7 +111,7 @@ def cost_breakdown(query: CostQuery) -> tuple[list[dict[str, Any]], Decimal]:
 
 
 def resource_states(*, account_id: int, limit: int = 500) -> list[Any]:
-    from metering.models import ResourceState
+    from metering.models import InactiveAccountUsage, ResourceState
 
     return list(ResourceState.objects.filter(account_id=account_id).order_by("-last_event_at")[:limit])
 
@@ -122,7 +122,7 @@ def data_quality(*, account_id: int | None = None) -> dict[str, int]:
     no accrual). Counted from whole timelines, so replays never double count."""
     from django.db.models import Count, Q, Sum
 
-    from metering.models import ResourceState
+    from metering.models import InactiveAccountUsage, ResourceState
 
     rows = ResourceState.objects.all()
     if account_id is not None:
@@ -134,6 +134,14 @@ def data_quality(*, account_id: int | None = None) -> dict[str, int]:
         stop_while_stopped=Sum("stop_while_stopped"),
         update_while_stopped=Sum("update_while_stopped"),
     )
+    # Usage accepted while the account was not active: it happened and is billed, but
+    # someone should know why a pending, suspended or blocked account still consumes.
+    inactive = InactiveAccountUsage.objects.all()
+    if account_id is not None:
+        inactive = inactive.filter(account_id=account_id)
+    by_state = dict(inactive.values("account_state").annotate(n=Sum("events")).values_list("account_state", "n"))
+    for state in ("pending", "suspended", "blocked"):
+        totals[f"events_while_{state}"] = by_state.get(state, 0)
     return {key: value or 0 for key, value in totals.items()}
 
 

@@ -67,7 +67,8 @@ def lifecycle(
         "action": action,
     }
     if action != "stop":
-        event["spec"] = spec if spec is not None else {"compute.vcpu": 2}
+        # Units go over the wire as decimal strings, the API's one grammar for them.
+        event["spec"] = {code: str(units) for code, units in (spec if spec is not None else {"compute.vcpu": 2}).items()}
     if labels is not None:
         event["labels"] = labels
     return event

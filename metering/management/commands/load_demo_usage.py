@@ -41,9 +41,9 @@ def synthetic_month(account: BillingAccount, *, now: dt.datetime, seed: int) -> 
         project = projects[vm % 3]
         labels = {"project": project, "env": "prod" if vm % 2 == 0 else "staging"}
         spec = {
-            "compute.vcpu": rng.choice([2, 4, 8]),
-            "compute.ram": rng.choice([4, 8, 16, 32]),
-            "storage.disk.ssd": rng.choice([50, 100, 200]),
+            "compute.vcpu": rng.choice(["2", "4", "8"]),
+            "compute.ram": rng.choice(["4", "8", "16", "32"]),
+            "storage.disk.ssd": rng.choice(["50", "100", "200"]),
         }
         moment = start + dt.timedelta(hours=rng.randrange(0, 72), minutes=rng.randrange(60))
         add(f"vm-{vm}-start", moment, type="resource", resource_id=f"vm-{vm}", action="start", spec=spec, labels=labels)
@@ -51,7 +51,11 @@ def synthetic_month(account: BillingAccount, *, now: dt.datetime, seed: int) -> 
             moment += dt.timedelta(days=rng.randrange(3, 9), minutes=rng.randrange(60))
             if moment >= now:
                 break
-            spec = {**spec, "compute.vcpu": spec["compute.vcpu"] * 2, "compute.ram": spec["compute.ram"] * 2}
+            spec = {
+                **spec,
+                "compute.vcpu": str(int(spec["compute.vcpu"]) * 2),
+                "compute.ram": str(int(spec["compute.ram"]) * 2),
+            }
             add(
                 f"vm-{vm}-resize-{resize}",
                 moment,
@@ -72,7 +76,7 @@ def synthetic_month(account: BillingAccount, *, now: dt.datetime, seed: int) -> 
         type="resource",
         resource_id="gpu-1",
         action="start",
-        spec={"compute.gpu.a100": 1, "compute.vcpu": 12, "compute.ram": 85},
+        spec={"compute.gpu.a100": "1", "compute.vcpu": "12", "compute.ram": "85"},
         labels={"project": "ml"},
     )
     add(
@@ -100,7 +104,7 @@ def synthetic_month(account: BillingAccount, *, now: dt.datetime, seed: int) -> 
             hour + dt.timedelta(minutes=rng.randrange(60)),
             type="usage",
             sku="storage.object.requests",
-            quantity=rng.randrange(1_000, 250_000),
+            quantity=str(rng.randrange(1_000, 250_000)),
             resource_id="bucket-assets",
             labels={"project": "web"},
         )
