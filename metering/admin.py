@@ -3,6 +3,7 @@ checks as ``load_catalog``): loaded prices are never edited, a new one supersede
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from decimal import Decimal
 from typing import Any
@@ -12,9 +13,12 @@ from django import forms
 from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
+from django.utils import timezone
 
-from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin
-from metering import catalog, services
+from accounts import selectors as account_selectors
+from billing_site.common import ids, money
+from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin, key_values
+from metering import catalog, selectors, services
 from metering.models import Price, PriceTier, RollupShard, Sku
 
 
@@ -187,18 +191,37 @@ class PriceAdmin(WriteThroughServiceMixin, admin.ModelAdmin[Price]):
         ).pk
 
 
+def this_month() -> tuple[dt.date, dt.date]:
+    """The first day of this month (UTC) and of the next: the usage page's default range."""
+    first = timezone.now().astimezone(dt.UTC).date().replace(day=1)
+    return first, (first + dt.timedelta(days=32)).replace(day=1)
+
+
 class UsageLookupForm(forms.Form):
     account = forms.CharField(label="Billing account", help_text="acc_…")
-    start = forms.DateField(help_text="YYYY-MM-DD, UTC")
-    end = forms.DateField(help_text="exclusive")
+    start = forms.DateField(required=False, help_text="YYYY-MM-DD, UTC, inclusive; blank: the 1st of this month")
+    end = forms.DateField(required=False, help_text="exclusive; blank: the 1st of next month")
 
-    def clean_account(self) -> int:
-        from billing_site.common import ids
-
+    def clean_account(self) -> account_selectors.BillingProfile:
         account_id = ids.decode("acc", self.cleaned_data["account"].strip())
         if account_id is None:
             raise ValidationError("Not a billing account id (acc_…).")
-        return account_id
+        profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+        if profile is None:
+            raise ValidationError("No such billing account.")
+        return profile
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        first, next_first = this_month()
+        start, end = data.get("start") or first, data.get("end") or next_first
+        if "start" not in self.errors and "end" not in self.errors:
+            if end <= start:
+                self.add_error("end", "The end must be after the start.")
+            elif (end - start).days > selectors.MAX_RANGE_DAYS["day"]:
+                self.add_error("end", f"At most {selectors.MAX_RANGE_DAYS['day']} days at a time.")
+        data["start"], data["end"] = start, end
+        return data
 
 
 @admin.register(RollupShard)
@@ -224,17 +247,13 @@ class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
         return [path("usage/", self.admin_site.admin_view(self.usage_view), name="metering_usage"), *super().get_urls()]
 
     def usage_view(self, request: HttpRequest) -> Any:
-        import datetime as dt
-
         from django.core.exceptions import PermissionDenied
         from django.template.response import TemplateResponse
 
-        from metering import selectors
-
         if not request.user.has_perm("metering.view_rollupshard"):
             raise PermissionDenied
-        today = dt.datetime.now(dt.UTC).date()
-        form = UsageLookupForm(request.GET or None, initial={"start": today.replace(day=1), "end": today})
+        first, next_first = this_month()
+        form = UsageLookupForm(request.GET or None, initial={"start": first, "end": next_first})
         context: dict[str, Any] = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,
@@ -242,16 +261,30 @@ class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
             "form": form,
         }
         if form.is_valid():
-            account_id = form.cleaned_data["account"]
-            start = dt.datetime.combine(form.cleaned_data["start"], dt.time(), tzinfo=dt.UTC)
-            end = dt.datetime.combine(form.cleaned_data["end"], dt.time(), tzinfo=dt.UTC)
+            profile: account_selectors.BillingProfile = form.cleaned_data["account"]
+            start_day, end_day = form.cleaned_data["start"], form.cleaned_data["end"]
+            start = dt.datetime.combine(start_day, dt.time(), tzinfo=dt.UTC)
+            end = dt.datetime.combine(end_day, dt.time(), tzinfo=dt.UTC)
             rows, total = selectors.cost_breakdown(
-                selectors.CostQuery(account_id=account_id, start=start, end=end, granularity="day", by_sku=True)
+                selectors.CostQuery(account_id=profile.account_id, start=start, end=end, granularity="day", by_sku=True)
             )
+            for row in rows:
+                row["amount"] = _plain(row["amount"])
+                row["quantity"] = _plain(row["quantity"]) if row.get("quantity") is not None else ""
+            resources = selectors.resource_states(account_id=profile.account_id)
             context.update(
+                title=f"Usage and costs of {profile.name} ({profile.public_id})",
+                account=profile,
+                range_start=start_day,
+                range_last=end_day - dt.timedelta(days=1),
+                range_end=end_day,
                 rows=rows,
-                total=total,
-                resources=selectors.resource_states(account_id=account_id),
-                quality=selectors.data_quality(account_id=account_id),
+                total=f"{money.format_amount(total, profile.currency)} {profile.currency}",
+                total_exact=f"{_plain(total)} {profile.currency}",
+                resources=[
+                    (resource, key_values(resource.spec, humanize=False), key_values(resource.labels, humanize=False))
+                    for resource in resources
+                ],
+                quality=selectors.data_quality(account_id=profile.account_id),
             )
         return TemplateResponse(request, "admin/metering/usage.html", context)

@@ -152,12 +152,17 @@ class AmountField(forms.CharField):
 
 
 def key_values(
-    mapping: Mapping[str, Any] | None, *, labels: Mapping[str, str] | None = None, order: Sequence[str] = ()
+    mapping: Mapping[str, Any] | None,
+    *,
+    labels: Mapping[str, str] | None = None,
+    order: Sequence[str] = (),
+    humanize: bool = True,
 ) -> str:
     """A JSON object (a party's snapshot, a resource's spec or labels) as a small definition
     list, every key and value escaped; lists become lines. Keys named in ``order`` come first in
     that order, the others after them alphabetically (jsonb keeps no order a person would
-    choose). Empty: a dash, as the admin shows empty values."""
+    choose). ``humanize``: keys become labels ("tax_id" → "Tax id"); off for keys that are
+    identifiers (SKU codes in a spec, label keys). Empty: a dash, as the admin shows empty values."""
     if not mapping:
         return "-"
     labels = labels or {}
@@ -171,7 +176,7 @@ def key_values(
             shown = format_html("{}", ", ".join(f"{k}: {v}" for k, v in value.items()))
         else:
             shown = format_html("{}", "-" if value is None or value == "" else value)
-        label = labels.get(key) or str(key).replace("_", " ").capitalize()
+        label = labels.get(key) or (str(key).replace("_", " ").capitalize() if humanize else str(key))
         items.append(format_html("<dt>{}</dt><dd>{}</dd>", label, shown))
     return format_html('<dl class="key-values">{}</dl>', mark_safe("".join(items)))  # noqa: S308 (each item escaped)
 

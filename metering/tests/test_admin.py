@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from decimal import Decimal
 
 import pytest
@@ -127,7 +129,13 @@ def test_the_usage_page_shows_costs_resources_and_data_quality(
             {
                 "events": [
                     lifecycle(account, "s", at("2026-11-02 08:00:00"), "start"),
-                    lifecycle(account, "s2", at("2026-11-02 09:00:00"), "start"),
+                    lifecycle(
+                        account,
+                        "s2",
+                        at("2026-11-02 09:00:00"),
+                        "start",
+                        labels={"project": "<b>apollo</b>", "team": "infra"},
+                    ),
                     used(account, "u", at("2026-11-02 08:30:00"), "150"),
                 ]
             },
@@ -145,3 +153,52 @@ def test_the_usage_page_shows_costs_resources_and_data_quality(
     assert page.status_code == 200
     assert "network.egress" in html and "compute.vcpu" in html and "vm-1" in html
     assert "Start for a running resource (taken as update)</th><td>1</td>" in html
+    # Spec and labels as a small definition list, escaped; never a Python dict.
+    assert "<dt>compute.vcpu</dt><dd>2</dd>" in html
+    assert (
+        "<dt>project</dt><dd>&lt;b&gt;apollo&lt;/b&gt;</dd><dt>team</dt><dd>infra</dd>" in html
+        and "<b>apollo</b>" not in html
+    )
+    assert "{'" not in html and "{&#x27;" not in html
+    # The range and the currency are said, on the total too.
+    assert "usage from <strong>2026-11-01</strong> to <strong>2026-11-03</strong>" in html
+    assert f"{account.name} ({account.public_id}), billed in USD" in html
+    assert re.search(r"total \d+\.\d{2} USD\)", html), html
+
+
+def _rated_day(account_id: int, day: str, sku: str, quantity: str, amount: str) -> None:
+    """A day of rated usage where the rollup leaves it (the usage page reads the daily rollup)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO metering_dailyusage (account_id, day, sku, resource_id, labels, quantity, amount) "
+            "VALUES (%s, %s, %s, '', '{}', %s, %s)",
+            [
+                account_id,
+                dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC),
+                sku,
+                Decimal(quantity),
+                Decimal(amount),
+            ],
+        )
+
+
+def test_the_usage_page_defaults_to_this_month(catalog: None, customer: object, make_account: object) -> None:
+    import time_machine
+
+    account = make_account(customer.user, currency="EUR", name="Range GmbH")  # type: ignore[operator]
+    _rated_day(account.id, "2026-10-31", "network.egress", "1", "5")  # last month: not shown
+    _rated_day(account.id, "2026-11-30", "network.egress", "2", "1.25")  # this month's last day
+    _rated_day(account.id, "2026-12-01", "network.egress", "3", "7")  # next month: not shown
+    with time_machine.travel(dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC), tick=False):
+        support = account_services.operator_create(email="s@ops.test", password="pw-long-enough", groups=["support"])
+        client = Client()
+        client.force_login(support)
+        empty = client.get("/admin/metering/rollupshard/usage/").content.decode()
+        assert 'value="2026-11-01"' in empty and 'value="2026-12-01"' in empty  # the form opens on this month
+        html = client.get("/admin/metering/rollupshard/usage/", {"account": account.public_id}).content.decode()
+    assert "usage from <strong>2026-11-01</strong> to <strong>2026-11-30</strong> inclusive" in html
+    assert "the range ends before 2026-12-01" in html
+    assert "total 1.25 EUR" in html and "2026-11-30" in html
+    assert "2026-10-31" not in html and "2026-12-01</td>" not in html
