@@ -235,8 +235,15 @@ INVOICING_SELLER_ADDRESS = [
     for line in os.environ.get("INVOICING_SELLER_ADDRESS", "Keizersgracht 1;1015 CJ Amsterdam;Netherlands").split(";")
     if line.strip()
 ]
-INVOICING_SELLER_VAT_ID = os.environ.get("INVOICING_SELLER_VAT_ID", "NL004495445B01")
+# An example number with a valid checksum, not any demo customer's.
+INVOICING_SELLER_VAT_ID = os.environ.get("INVOICING_SELLER_VAT_ID", "NL000099998B57").replace(" ", "").upper()
 INVOICING_SELLER_EMAIL = os.environ.get("INVOICING_SELLER_EMAIL", "billing@example.test")
+# Company registration number (NL: the 8-digit KvK number) and where to pay (IBAN, BIC, bank),
+# printed on every invoice and credit note; `manage.py check` validates them (invoicing/checks.py).
+INVOICING_SELLER_REGISTRATION_ID = os.environ.get("INVOICING_SELLER_REGISTRATION_ID", "90000001").strip()
+INVOICING_SELLER_IBAN = os.environ.get("INVOICING_SELLER_IBAN", "NL74EXMP0123456789").replace(" ", "").upper()
+INVOICING_SELLER_BIC = os.environ.get("INVOICING_SELLER_BIC", "EXMPNL2A").replace(" ", "").upper()
+INVOICING_SELLER_BANK_NAME = os.environ.get("INVOICING_SELLER_BANK_NAME", "Example Bank N.V.").strip()
 # Number series prefixes: INV-2026-000001, CN-2026-000001.
 INVOICING_INVOICE_SERIES = os.environ.get("INVOICING_INVOICE_SERIES", "INV")
 INVOICING_CREDIT_NOTE_SERIES = os.environ.get("INVOICING_CREDIT_NOTE_SERIES", "CN")
