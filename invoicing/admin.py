@@ -4,7 +4,6 @@ with its dry-run. Every write goes through ``invoicing.services``."""
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from django import forms
@@ -18,9 +17,16 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
-from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin
+from billing_site.common.admin import (
+    AmountField,
+    CountryInUseFilter,
+    ReadOnlyInlineMixin,
+    WriteThroughServiceMixin,
+    key_values,
+)
 from billing_site.common.errors import ApplicationError
 from invoicing import selectors, services
 from invoicing.billing import Period
@@ -44,18 +50,54 @@ def _operator(request: HttpRequest) -> Actor:
 
 
 class AccountIdField(forms.CharField):
-    """A billing account named by its public id (``acc_…``)."""
+    """A billing account named by its public id (``acc_…``); ``profile`` is the account's
+    billing profile once cleaned (its currency, name)."""
+
+    profile: account_selectors.BillingProfile | None = None
 
     def clean(self, value: Any) -> int:
         text = super().clean(value)
         decoded = ids.decode("acc", (text or "").strip())
         if decoded is None:
             raise forms.ValidationError("Enter a billing account id (acc_…).")
-        from accounts.models import BillingAccount
-
-        if not BillingAccount.objects.filter(id=decoded).exists():
+        self.profile = account_selectors.billing_profiles(account_ids=[decoded]).get(decoded)
+        if self.profile is None:
             raise forms.ValidationError("No such billing account.")
         return decoded
+
+
+def _with_account_names(queryset: QuerySet[Any]) -> QuerySet[Any]:
+    """Rows of this app named by their customer, in the same query (no foreign key across apps)."""
+    return queryset.annotate(account_name=account_selectors.billing_account_name_subquery())
+
+
+def _account_link(row: Any) -> str:
+    """The customer's name and public id, linked to the billing account."""
+    url = reverse("admin:accounts_billingaccount_change", args=[row.account_id])
+    name = getattr(row, "account_name", None) or ""
+    return format_html('<a href="{}">{}</a> {}', url, name, ids.encode("acc", row.account_id))
+
+
+# How each kind of ledger source is named to people (its public id's prefix).
+SOURCE_PREFIXES = {
+    "invoice": "inv",
+    "invoice_credit": "inv",
+    "write_off": "inv",
+    "credit_note": "crn",
+    "credit_reversal": "crn",
+    "credit_grant": "crg",
+}
+
+# A party's snapshot on an invoice, in the order a person reads it.
+PARTY_LABELS = {
+    "tax_id": "VAT number",
+    "vat_id": "VAT number",
+    "registration_id": "Registration number",
+    "iban": "IBAN",
+    "bic": "BIC",
+    "bank_name": "Bank",
+}
+PARTY_ORDER = ("name", "account", "kind", "email", "address", "country", "tax_id", "vat_id", "registration_id")
 
 
 class PeriodFilter(admin.SimpleListFilter):
@@ -128,7 +170,7 @@ class ReasonForm(forms.Form):
 
 class CreditNoteForm(ReasonForm):
     description = forms.CharField(max_length=300)
-    amount = forms.DecimalField(max_digits=18, decimal_places=3, min_value=Decimal("0.001"), help_text="Net of VAT")
+    amount = AmountField(label="Amount")
     sku = forms.ChoiceField(help_text="The invoice line whose revenue this reverses")
 
     def __init__(self, *args: Any, invoice: Invoice, **kwargs: Any) -> None:
@@ -138,13 +180,10 @@ class CreditNoteForm(ReasonForm):
         sku_field = self.fields["sku"]
         assert isinstance(sku_field, forms.ChoiceField)
         sku_field.choices = [(sku, sku) for sku in skus]
-
-    def clean_amount(self) -> Decimal:
-        amount: Decimal = self.cleaned_data["amount"]
-        currency = self.invoice.currency
-        if not money.fits_minor(amount, currency):
-            raise forms.ValidationError(f"{currency} has {money.exponent(currency)} decimal places.")
-        return amount
+        amount_field = self.fields["amount"]
+        assert isinstance(amount_field, AmountField)
+        amount_field.currency = invoice.currency  # the invoice's places: 10.00 EUR, 1000 JPY
+        amount_field.help_text = f"Net of VAT, in {invoice.currency}"
 
 
 class PeriodCloseForm(forms.Form):
@@ -170,6 +209,7 @@ ACTIONS = {
 @admin.register(Invoice)
 class InvoiceAdmin(admin.ModelAdmin[Invoice]):
     list_display = ("number", "public_id", "account", "period_start", "status", "total", "outstanding", "due_at")
+    list_display_links = ("number", "public_id")
     list_filter = ("status", PeriodFilter, "currency", OverdueFilter, "tax_treatment")
     search_fields = ("number",)
     ordering = ("-created_at",)
@@ -195,10 +235,13 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
         "issued_at",
         "due_at",
         "paid_at",
-        "buyer",
-        "seller",
+        "buyer_details",
+        "seller_details",
     )
     readonly_fields = fields
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Invoice]:
+        return _with_account_names(super().get_queryset(request))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -221,10 +264,17 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
     def public_id(self, invoice: Invoice) -> str:
         return invoice.public_id
 
-    @admin.display(description="account")
+    @admin.display(description="customer", ordering="account_name")
     def account(self, invoice: Invoice) -> str:
-        url = reverse("admin:accounts_billingaccount_change", args=[invoice.account_id])
-        return format_html('<a href="{}">{}</a>', url, ids.encode("acc", invoice.account_id))
+        return _account_link(invoice)
+
+    @admin.display(description="buyer (as issued)")
+    def buyer_details(self, invoice: Invoice) -> str:
+        return key_values(invoice.buyer, labels=PARTY_LABELS, order=PARTY_ORDER)
+
+    @admin.display(description="seller (as issued)")
+    def seller_details(self, invoice: Invoice) -> str:
+        return key_values(invoice.seller, labels=PARTY_LABELS, order=PARTY_ORDER)
 
     @admin.display(description="subtotal")
     def subtotal(self, invoice: Invoice) -> str:
@@ -279,7 +329,9 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                 )
                 for entry in selectors.ledger_entries_for_invoice(invoice_id=invoice.id)
             ]
-            extra["credit_notes"] = list(invoice.credit_notes.all())
+            extra["credit_notes"] = [
+                (note, money.display(note.total_minor, note.currency)) for note in invoice.credit_notes.all()
+            ]
             extra["has_pdf"] = invoice.status != InvoiceStatus.DRAFT
         return super().change_view(request, object_id, form_url, extra)
 
@@ -427,24 +479,47 @@ class CreditNoteAdmin(admin.ModelAdmin[CreditNote]):
 
 class CreditGrantForm(forms.ModelForm[CreditGrant]):
     account = AccountIdField(help_text="acc_…")
-    amount = forms.DecimalField(max_digits=18, decimal_places=3, min_value=Decimal("0.001"))
+    amount = AmountField(label="Amount", help_text="In the account's currency, plain decimal notation, e.g. 25.00")
+    currency = forms.CharField(
+        max_length=3, required=False, help_text="ISO 4217 code, e.g. EUR; blank: the account's currency"
+    )
 
     class Meta:
         model = CreditGrant
         fields = ("kind", "currency", "expires_at", "reason")
 
+    def clean_currency(self) -> str:
+        currency = str(self.cleaned_data.get("currency") or "").strip().upper()
+        if currency:
+            try:
+                money.exponent(currency)
+            except ValueError:
+                raise forms.ValidationError(
+                    f"{currency} is not an ISO 4217 currency code: enter three letters such as EUR, or leave it blank."
+                ) from None
+        return currency
+
     def clean(self) -> dict[str, Any]:
         """The service's rules, checked here so that a mistake comes back on the form."""
         data = super().clean() or {}
-        account_id, currency, amount = data.get("account"), data.get("currency"), data.get("amount")
-        if account_id is not None and currency:
-            from accounts.models import BillingAccount
-
-            account_currency = BillingAccount.objects.filter(id=account_id).values_list("currency", flat=True).first()
-            if currency != account_currency:
-                self.add_error("currency", f"The account is billed in {account_currency}.")
-            elif amount is not None and not money.fits_minor(amount, currency):
-                self.add_error("amount", f"{currency} has {money.exponent(currency)} decimal places.")
+        account_field = self.fields["account"]
+        amount_field = self.fields["amount"]
+        assert isinstance(account_field, AccountIdField) and isinstance(amount_field, AmountField)
+        profile = account_field.profile if data.get("account") is not None else None
+        if profile is not None and "currency" not in self.errors:
+            currency = data.get("currency") or profile.currency
+            data["currency"] = currency
+            amount = data.get("amount")
+            if currency != profile.currency:
+                self.add_error(
+                    "currency",
+                    f"The account is billed in {profile.currency}. Credit is granted in the account's currency.",
+                )
+            elif amount is not None:
+                try:
+                    amount_field.check_places(amount, currency)
+                except forms.ValidationError as exc:
+                    self.add_error("amount", exc)
         expires_at = data.get("expires_at")
         if expires_at is not None and expires_at <= timezone.now():
             self.add_error("expires_at", "The expiry must be in the future.")
@@ -456,6 +531,9 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
     list_display = ("public_id", "account", "kind", "amount", "remaining", "expires_at", "granted_by", "created_at")
     list_filter = ("kind", "currency")
     form = CreditGrantForm
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[CreditGrant]:
+        return _with_account_names(super().get_queryset(request))
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         if obj is None:
@@ -475,9 +553,11 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
     def public_id(self, grant: CreditGrant) -> str:
         return grant.public_id
 
-    @admin.display(description="account")
+    @admin.display(description="customer", ordering="account_name")
     def account(self, grant: CreditGrant) -> str:
-        return ids.encode("acc", grant.account_id)
+        if grant.pk is None:
+            return "-"
+        return _account_link(grant)
 
     @admin.display(description="amount")
     def amount(self, grant: CreditGrant) -> str:
@@ -501,13 +581,15 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
             )
         except ApplicationError as exc:
             raise PermissionDenied(exc.message) from exc
-        obj.pk = grant.pk
+        # The admin's "… was added" message names ``obj``: give it what the service wrote.
+        for field in CreditGrant._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(grant, field.attname))
 
 
 @admin.register(TaxRate)
 class TaxRateAdmin(admin.ModelAdmin[TaxRate]):
     list_display = ("country", "rate", "valid_from", "valid_until", "note")
-    list_filter = ("country",)
+    list_filter = (CountryInUseFilter,)
     ordering = ("country", "-valid_from")
 
 
@@ -529,9 +611,12 @@ class ContractDiscountAdmin(admin.ModelAdmin[ContractDiscount]):
     form = ContractDiscountForm
     fields = ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason")
 
-    @admin.display(description="account")
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ContractDiscount]:
+        return _with_account_names(super().get_queryset(request))
+
+    @admin.display(description="customer", ordering="account_name")
     def account(self, discount: ContractDiscount) -> str:
-        return ids.encode("acc", discount.account_id)
+        return _account_link(discount)
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
         form = super().get_form(request, obj, change=change, **kwargs)
@@ -546,20 +631,41 @@ class ContractDiscountAdmin(admin.ModelAdmin[ContractDiscount]):
 
 class LedgerLineInline(ReadOnlyInlineMixin, admin.TabularInline[LedgerLine, LedgerEntry]):
     model = LedgerLine
-    fields = ("ledger_account", "account_id", "currency", "amount_minor")
+    fields = ("ledger_account", "billing_account", "amount")
 
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return request.user.has_perm("invoicing.view_ledgerentry")
 
+    @admin.display(description="billing account")
+    def billing_account(self, line: LedgerLine) -> str:
+        return ids.encode("acc", line.account_id) if line.account_id else "-"
+
+    @admin.display(description="amount (debit +, credit -)")
+    def amount(self, line: LedgerLine) -> str:
+        return money.display(line.amount_minor, line.currency)
+
 
 @admin.register(LedgerEntry)
 class LedgerEntryAdmin(admin.ModelAdmin[LedgerEntry]):
-    list_display = ("posted_at", "source_type", "source_id", "account_id", "currency", "memo")
+    list_display = ("posted_at", "source_type", "source", "customer", "currency", "memo")
     list_filter = ("source_type", "currency")
     search_fields = ("memo",)
     inlines = (LedgerLineInline,)
-    readonly_fields = ("posted_at", "source_type", "source_id", "account_id", "currency", "memo")
+    readonly_fields = ("posted_at", "source_type", "source", "customer", "currency", "memo")
+    fields = readonly_fields
     show_full_result_count = False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[LedgerEntry]:
+        return _with_account_names(super().get_queryset(request))
+
+    @admin.display(description="source")
+    def source(self, entry: LedgerEntry) -> str:
+        prefix = SOURCE_PREFIXES.get(entry.source_type)
+        return ids.encode(prefix, entry.source_id) if prefix else f"{entry.source_type} #{entry.source_id}"
+
+    @admin.display(description="customer", ordering="account_name")
+    def customer(self, entry: LedgerEntry) -> str:
+        return _account_link(entry) if entry.account_id else "-"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -14,7 +14,7 @@ from django.utils import timezone
 from django_countries.fields import CountryField
 from django_fsm import FSMField, FSMModelMixin, transition
 
-from billing_site.common import ids
+from billing_site.common import ids, money
 
 
 class InvoiceStatus(models.TextChoices):
@@ -223,7 +223,7 @@ class InvoiceTransition(models.Model):
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"{self.invoice_id}: {self.from_state} → {self.to_state}"
+        return f"{ids.encode('inv', self.invoice_id)}: {self.from_state} → {self.to_state}"
 
 
 class LineKind(models.TextChoices):
@@ -285,7 +285,7 @@ class BilledUsage(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.account_id} {self.usage_month:%Y-%m} {self.sku}"
+        return f"{ids.encode('acc', self.account_id)} {self.usage_month:%Y-%m} {self.sku}"
 
 
 class CreditKind(models.TextChoices):
@@ -317,7 +317,9 @@ class CreditGrant(models.Model):
         indexes = [models.Index(fields=["account_id", "currency", "expires_at"], name="invoicing_grant_account")]
 
     def __str__(self) -> str:
-        return f"{self.kind} credit {self.amount_minor} {self.currency}"
+        if self.amount_minor is None:  # not written yet
+            return f"{self.get_kind_display()} credit"
+        return f"{self.get_kind_display()} credit of {money.display(self.amount_minor, self.currency)}"
 
     @property
     def public_id(self) -> str:
@@ -338,7 +340,7 @@ class CreditApplication(models.Model):
         indexes = [models.Index(fields=["account_id", "created_at"], name="invoicing_ca_account")]
 
     def __str__(self) -> str:
-        return f"{self.amount_minor} of {self.grant_id} on {self.invoice_id}"
+        return f"{self.amount_minor} of {ids.encode('crg', self.grant_id)} on {ids.encode('inv', self.invoice_id)}"
 
 
 class CreditNote(models.Model):
@@ -457,4 +459,4 @@ class LedgerLine(models.Model):
         indexes = [models.Index(fields=["account_id", "ledger_account"], name="invoicing_ll_account")]
 
     def __str__(self) -> str:
-        return f"{self.ledger_account} {self.amount_minor}"
+        return f"{self.ledger_account}: {money.display(self.amount_minor, self.currency)}"

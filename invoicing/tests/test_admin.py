@@ -12,11 +12,12 @@ from django.test import Client
 
 from accounts import services as account_services
 from accounts.models import BillingAccount
+from billing_site.common import ids
 from billing_site.common.actors import Actor
 from conftest import Customer
 from invoicing import ledger, services
 from invoicing.billing import Period
-from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, TaxRate
+from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry, TaxRate
 from invoicing.tests.factories import rated
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
@@ -163,3 +164,112 @@ def test_period_close_previews_then_runs(catalog: None, customer: Customer, make
     assert started.status_code == 302
     assert Invoice.objects.count() == 3  # no broker in tests: the task ran inline
     assert operator("support").get("/admin/invoicing/invoice/period-close/").status_code == 403
+
+
+def test_invoice_list_names_the_customer_in_one_query_for_the_page(
+    invoice: Invoice, customer: Customer, make_account: Callable[..., BillingAccount]
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    finance = operator("finance")
+    finance.get("/admin/invoicing/invoice/")  # warm the session and permission caches
+    with CaptureQueriesContext(connection) as one:
+        page = finance.get("/admin/invoicing/invoice/").content.decode()
+    assert "Admin Test BV" in page and ids.encode("acc", invoice.account_id) in page
+    for name in ("Second BV", "Third BV"):
+        other = make_account(customer.user, currency="EUR", country="NL", name=name)
+        rated(other.id, "2026-10-03", "compute.vcpu", "1", "1")
+    services.period_close(period=OCTOBER, actor=Actor.system("tests"), run_rollup=False, render_pdfs=False)
+    with CaptureQueriesContext(connection) as three:
+        page = finance.get("/admin/invoicing/invoice/").content.decode()
+    assert "Second BV" in page and "Third BV" in page
+    assert len(three) == len(one)  # the names come with the page's query, not one query per row
+    by_customer = finance.get("/admin/invoicing/invoice/", {"o": "-2"}).context["cl"].result_list
+    assert [i.account_name for i in by_customer] == ["Third BV", "Second BV", "Admin Test BV"]  # sortable by name
+
+
+def test_invoice_page_shows_the_parties_readably(invoice: Invoice) -> None:
+    Invoice.objects.filter(pk=invoice.pk).update(buyer={**invoice.buyer, "name": "<i>Admin</i> Test BV"})
+    page = operator("finance").get(f"/admin/invoicing/invoice/{invoice.pk}/change/").content.decode()
+    assert '<dl class="key-values"><dt>Name</dt><dd>&lt;i&gt;Admin&lt;/i&gt; Test BV</dd><dt>Account</dt>' in page
+    assert "<i>Admin</i>" not in page  # escaped
+    assert "<dt>VAT number</dt>" in page
+    assert '"account":' not in page and "&quot;account&quot;" not in page and "&quot;vat_id&quot;" not in page
+
+
+def test_credit_grant_added_message_currency_and_places(invoice: Invoice) -> None:
+    finance = operator("finance")
+    account = ids.encode("acc", invoice.account_id)
+    base = {"account": account, "kind": "promotional", "reason": "launch"}
+    added = finance.post("/admin/invoicing/creditgrant/add/", {**base, "amount": "25", "currency": "eur"}, follow=True)
+    page = added.content.decode()
+    assert "Promotional credit of 25.00 EUR" in page and "was added successfully" in page
+    assert "None" not in page.split('class="messagelist"')[1].split("</ul>")[0]
+    blank = finance.post("/admin/invoicing/creditgrant/add/", {**base, "amount": "5.50", "currency": ""})
+    assert blank.status_code == 302  # blank currency: the account's
+    assert sorted(CreditGrant.objects.values_list("currency", "amount_minor")) == [("EUR", 550), ("EUR", 2500)]
+    assert "Admin Test BV" in finance.get("/admin/invoicing/creditgrant/").content.decode()
+
+    refused = {
+        ("25.005", "EUR"): "Amount: EUR amounts have at most 2 decimal places",
+        ("1e3", "EUR"): "Amount: enter an amount in plain decimal notation",
+        ("0", "EUR"): "Amount: the amount must be more than zero",
+        ("25", "EURO"): "Ensure this value has at most 3 characters",
+        ("25", "XYZ"): "XYZ is not an ISO 4217 currency code",
+        ("25", "usd"): "The account is billed in EUR. Credit is granted in the account&#x27;s currency.",
+    }
+    for (amount, currency), message in refused.items():
+        page = finance.post("/admin/invoicing/creditgrant/add/", {**base, "amount": amount, "currency": currency})
+        assert page.status_code == 200 and message in page.content.decode(), (amount, currency)
+    assert CreditGrant.objects.count() == 2
+
+
+def test_credit_note_amount_takes_the_invoice_currency_places(invoice: Invoice) -> None:
+    finance = operator("finance")
+    url = f"/admin/invoicing/invoice/{invoice.pk}/action/credit_note/"
+    base = {"description": "Outage", "sku": "compute.vcpu", "reason": "outage"}
+    for amount, message in (
+        ("10.005", "Amount: EUR amounts have at most 2 decimal places"),
+        ("1e1", "Amount: enter an amount in plain decimal notation"),
+        ("-1", "Amount: the amount must be more than zero"),
+    ):
+        page = finance.post(url, {**base, "amount": amount})
+        assert page.status_code == 200 and message in page.content.decode(), amount
+    assert not CreditNote.objects.exists()
+    assert finance.post(url, {**base, "amount": "10.50"}).status_code == 302
+    page = finance.get(f"/admin/invoicing/invoice/{invoice.pk}/change/").content.decode()
+    assert "12.71 EUR" in page and "minor units" not in page  # the credit note's total as money
+
+
+def test_ledger_and_tax_rate_lists_name_things_people_know(invoice: Invoice) -> None:
+    finance = operator("finance")
+    page = finance.get("/admin/invoicing/ledgerentry/").content.decode()
+    assert invoice.public_id in page and "Admin Test BV" in page
+    assert f">{invoice.account_id}<" not in page and f">{invoice.id}<" not in page
+    entry = LedgerEntry.objects.get(source_type="invoice", source_id=invoice.id)
+    detail = finance.get(f"/admin/invoicing/ledgerentry/{entry.pk}/change/").content.decode()
+    assert "121.00 EUR" in detail and "receivable: 121.00 EUR" in detail
+    rates = finance.get("/admin/invoicing/taxrate/").content.decode()
+    assert "?country=NL" in rates and "Netherlands (NL)" in rates
+    in_use = set(TaxRate.objects.values_list("country", flat=True))
+    assert "US" not in in_use and "?country=US" not in rates and "Afghanistan" not in rates
+
+
+def test_invoicing_admin_reaches_accounts_only_through_selectors_and_services() -> None:
+    import ast
+    from pathlib import Path
+
+    import invoicing.admin
+
+    tree = ast.parse(Path(invoicing.admin.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert not {name for name in imported if name and name.startswith("accounts") and name != "accounts"}
+    names = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "accounts"
+        for alias in node.names
+    }
+    assert names <= {"selectors", "services"}
