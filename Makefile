@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+comma := ,
 
 .PHONY: demo test lint typecheck check worker beat migrate schema clean bench
 
@@ -40,12 +41,15 @@ check: lint typecheck schema test
 migrate: $(STAMP)
 	$(BIN)/python manage.py migrate
 
-## a Celery worker / the beat scheduler (need REDIS_URL or CELERY_BROKER_URL)
+## a Celery worker / the beat scheduler (need REDIS_URL or CELERY_BROKER_URL). The worker serves
+## every queue; `make worker QUEUES=rollup` serves only those named (comma-separated), see README.
+## Logging follows LOG_LEVEL and LOG_FORMAT, as everywhere.
+QUEUES ?=
 worker: $(STAMP)
-	$(BIN)/celery -A billing_site worker -l info
+	$(BIN)/celery -A billing_site worker $(if $(QUEUES),-Q $(QUEUES) -n $(firstword $(subst $(comma), ,$(QUEUES)))@%h)
 
 beat: $(STAMP)
-	$(BIN)/celery -A billing_site beat -l info
+	$(BIN)/celery -A billing_site beat
 
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache staticfiles

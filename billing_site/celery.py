@@ -1,10 +1,15 @@
-"""The Celery app. Queues and the beat schedule live here, in code.
+"""The Celery app. Queues, routes, time limits and the beat schedule live here, in code.
 
 Broker: ``CELERY_BROKER_URL`` or ``REDIS_URL``. With neither, tasks run inline
 (``CELERY_TASK_ALWAYS_EAGER``) so the demo works with nothing installed.
 
-    celery -A billing_site worker -l info      # a worker
-    celery -A billing_site beat -l info        # the scheduler
+    celery -A billing_site worker              # a worker serving every queue
+    celery -A billing_site worker -Q rollup    # a worker serving one queue (see README)
+    celery -A billing_site beat                # the scheduler
+
+Each task has its own queue so that a kind of work never waits behind another: 100,000
+PDF renders of a period close must not hold up the every-minute rollup until its
+``expires`` drops it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from celery import Celery
 from celery.schedules import crontab
 from celery.signals import setup_logging
 from django.conf import settings
+from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
 
@@ -23,6 +29,43 @@ app = Celery("billing_site")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 app.conf.imports = ("billing_site.tasks",)
+
+# The queues, and which worker pool each one is for (the README says how to run them).
+QUEUES = {
+    "rollup": "the usage rollup: short, every minute, never behind anything else",
+    "invoicing": "period closes and their shards",
+    "documents": "invoice and credit-note PDFs (many, slow, can wait)",
+    "payments": "charges and refunds (tasks arrive with the payments app)",
+    "default": "anything else: maintenance, health checks",
+}
+
+# Every task: its queue and its (soft, hard) time limits in seconds. At the soft limit the
+# task gets SoftTimeLimitExceeded (its transaction rolls back; every task is idempotent, so
+# the next run redoes the work); at the hard limit its worker process is replaced. The limits
+# are far above a normal run and exist to end a stuck one. A test checks that no task is
+# missing here; tasks that are not (Celery's own) get the settings' defaults.
+TASKS: dict[str, tuple[str, int, int]] = {
+    # drains ~50 s; a pass over hours of backlog may take minutes (or use manage.py rollup_usage)
+    "metering.rollup_usage": ("rollup", 1800, 1860),
+    "metering.ingest_batches_prune": ("default", 600, 660),
+    # one chunk's documents (500) at ~0.3 s each
+    "invoicing.render_documents": ("documents", 900, 960),
+    # one shard of accounts; the run rolls usage up first, then fans out
+    "invoicing.close_shard": ("invoicing", 1800, 1860),
+    "invoicing.close_period": ("invoicing", 3600, 3660),
+    "invoicing.close_last_period": ("invoicing", 3600, 3660),
+    "billing_site.worker_health": ("default", 10, 20),
+}
+
+app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
+app.conf.task_default_queue = "default"
+app.conf.task_routes = {
+    **{name: {"queue": queue} for name, (queue, _, _) in TASKS.items()},
+    "payments.*": {"queue": "payments"},
+}
+app.conf.task_annotations = {
+    name: {"soft_time_limit": soft, "time_limit": hard} for name, (_, soft, hard) in TASKS.items()
+}
 
 
 @setup_logging.connect
