@@ -1,16 +1,31 @@
-"""Fixtures shared by every app's tests: API clients with real keys, accounts with owners."""
+"""Fixtures shared by every app's tests: API clients with real keys, accounts with owners, the
+clock, threads that start together, child processes on the tests' clock, lock-wait polling.
+
+The clock: no test depends on the date it runs on. Tests that care freeze the clock with
+``time_machine`` at a moment of their own; the rest derive what they expect from the clock.
+To prove it, run the suite with ``BILLING_TEST_CLOCK=2027-01-02T00:00:00Z`` (any ISO 8601
+moment): the whole session then starts at that moment and ticks from there (time-machine,
+started in ``pytest_configure``; threads, the in-process Celery worker and child processes
+started with ``manage_py`` see it too). PostgreSQL's ``now()`` is not moved.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import os
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+import time_machine
 from rest_framework.test import APIClient
 
 from accounts import services
@@ -18,6 +33,120 @@ from accounts.models import BillingAccount, Membership, User
 from accounts.tests.factories import BillingAccountFactory
 
 _emails = itertools.count()
+ROOT = Path(__file__).resolve().parent
+TEST_CLOCK = "BILLING_TEST_CLOCK"
+_clock_key = pytest.StashKey[time_machine.travel]()
+
+
+def _session_clock() -> dt.datetime | None:
+    raw = os.environ.get(TEST_CLOCK, "").strip()
+    if not raw:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{TEST_CLOCK}={raw!r} is not an ISO 8601 moment: {exc}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    moment = _session_clock()
+    if moment is not None:
+        traveller = time_machine.travel(moment, tick=True)
+        traveller.start()
+        config.stash[_clock_key] = traveller
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    traveller = config.stash.get(_clock_key, None)
+    if traveller is not None:
+        traveller.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    moment = _session_clock()
+    return f"clock: the session starts at {moment.isoformat()} ({TEST_CLOCK}, ticking)" if moment else None
+
+
+def manage_py(*args: str) -> list[str]:
+    """The command line of ``manage.py *args`` in a child process whose clock is frozen at this
+    process's now (the test's frozen clock, or the session's): a child process would otherwise
+    read the real clock and, say, number its invoices in another year than the test."""
+    code = (
+        "import os, runpy, sys, time_machine; "
+        "time_machine.travel(sys.argv[1], tick=False).start(); "
+        "sys.argv = sys.argv[2:]; sys.path[0] = os.path.dirname(sys.argv[0]); "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return [sys.executable, "-c", code, dt.datetime.now(dt.UTC).isoformat(), str(ROOT / "manage.py"), *args]
+
+
+def in_threads(count: int, work: Callable[[int], Any], timeout: float = 120) -> list[Any]:
+    """Run ``work(0)`` … ``work(count - 1)`` in threads released together by a barrier; each
+    result, or the exception it raised, in order. Each thread closes its connections."""
+    results: list[Any] = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = work(i)
+        except Exception as exc:  # returned to the test
+            results[i] = exc
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return results
+
+
+def database_url() -> str:
+    """The test database as a ``DATABASE_URL`` for a child process."""
+    from urllib.parse import quote
+
+    from django.db import connection
+
+    settings_dict = connection.settings_dict
+    host = settings_dict["HOST"] or "localhost"
+    port = settings_dict["PORT"] or 5432
+    return f"postgres://{settings_dict['USER']}@{quote(host, safe='')}:{port}/{settings_dict['NAME']}"
+
+
+def backend_waiting(app: str) -> bool:
+    """Whether a backend with ``application_name`` ``app`` is waiting for a lock."""
+    from django.db import connections
+
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'", [app]
+        )
+        return bool(cursor.fetchone()[0])
+
+
+def backend_alive(app: str) -> bool:
+    from django.db import connections
+
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [app])
+        return bool(cursor.fetchone()[0])
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 30) -> bool:
+    """Poll ``condition`` until it holds (True) or ``seconds`` of monotonic time pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @dataclass

@@ -1,9 +1,32 @@
+"""The invoicing tests' clock and period: every test runs frozen at ``NOW``, two days into
+November 2026, so October is the last closed month whatever the real date (a test moves the
+clock on with the ``clock`` fixture or its own ``time_machine.travel``)."""
+
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterator
+
 import pytest
+import time_machine
+
+from billing_site.common.actors import Actor
+from invoicing.billing import Period
 
 # The price catalog, and the emptying of the hand-made metering tables for committing tests.
 from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
+
+NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
+OCTOBER = Period(dt.date(2026, 10, 1))
+NOVEMBER = Period(dt.date(2026, 11, 1))
+FINANCE = Actor.system("tests")
+
+
+@pytest.fixture(autouse=True)
+def clock() -> Iterator[time_machine.Traveller]:
+    """The clock, frozen at ``NOW`` (threads see it too; child processes through ``manage_py``)."""
+    with time_machine.travel(NOW, tick=False) as traveller:
+        yield traveller
 
 
 @pytest.fixture(autouse=True)

@@ -16,18 +16,9 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor
 from conftest import Customer
 from invoicing import ledger, services
-from invoicing.billing import Period
 from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry, TaxRate
+from invoicing.tests.conftest import NOW, OCTOBER
 from invoicing.tests.factories import rated
-
-NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
-OCTOBER = Period(dt.date(2026, 10, 1))
-
-
-@pytest.fixture(autouse=True)
-def _clock() -> object:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
 
 
 def operator(group: str) -> Client:

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
-import time_machine
 from rest_framework.test import APIClient
 
 from accounts import services as account_services
 from accounts.models import BillingAccount, Membership, Scope
 from billing_site.common import ids
-from billing_site.common.actors import Actor
 from conftest import Customer, client_with_key
 from invoicing import services
-from invoicing.billing import Period
 from invoicing.models import Invoice, RenderedDocument
+from invoicing.tests.conftest import FINANCE, OCTOBER
 from invoicing.tests.factories import rated
-
-NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
-OCTOBER = Period(dt.date(2026, 10, 1))
-FINANCE = Actor.system("tests")
-
-
-@pytest.fixture(autouse=True)
-def _clock() -> object:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
 
 
 @pytest.fixture

@@ -10,25 +10,14 @@ import pytest
 import time_machine
 
 from accounts.models import BillingAccount
-from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
 from conftest import Customer
 from invoicing import ledger, services
 from invoicing.billing import Period
 from invoicing.line_display import detail_view
 from invoicing.models import BilledUsage, CreditApplication, Invoice, InvoiceStatus, InvoiceTransition, LineKind
+from invoicing.tests.conftest import FINANCE, NOVEMBER, NOW, OCTOBER
 from invoicing.tests.factories import ContractDiscountFactory, rated
-
-NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
-OCTOBER = Period(dt.date(2026, 10, 1))
-NOVEMBER = Period(dt.date(2026, 11, 1))
-FINANCE = Actor.system("tests")
-
-
-@pytest.fixture(autouse=True)
-def _clock() -> object:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
 
 
 @pytest.fixture
@@ -183,7 +172,7 @@ def test_dry_run_writes_nothing(acct: Callable) -> None:
     assert not Invoice.objects.exists()
 
 
-def test_late_usage_is_billed_on_the_next_invoice_as_an_adjustment(acct: Callable, _clock: object) -> None:
+def test_late_usage_is_billed_on_the_next_invoice_as_an_adjustment(acct: Callable) -> None:
     account = acct(currency="EUR", country="US")
     rated(account.id, "2026-10-30", "network.egress", "200", "9")
     close()
@@ -269,11 +258,39 @@ def test_credits_are_applied_soonest_expiring_first(acct: Callable) -> None:
 
 
 def test_credit_is_never_spent_across_currencies(acct: Callable) -> None:
-    account = acct(currency="EUR", country="US")
-    with pytest.raises(ApplicationError):
+    account = acct(currency="USD", country="US")
+    dollars = services.credit_grant_create(
+        account_id=account.id,
+        kind="promotional",
+        amount=Decimal("5"),
+        currency="USD",
+        reason="welcome",
+        actor=FINANCE,
+        expires_at=NOW + dt.timedelta(days=10),  # the soonest-expiring grant: first in line if currency did not count
+    )
+    # No service moves an account to another currency; a data fix could. Its dollars stay dollars.
+    BillingAccount.objects.filter(id=account.id).update(currency="EUR")
+    with pytest.raises(ApplicationError) as refused:
         services.credit_grant_create(
             account_id=account.id, kind="promotional", amount=Decimal("5"), currency="USD", reason="x", actor=FINANCE
         )
+    assert refused.value.code == "currency_mismatch"
+    euros = services.credit_grant_create(
+        account_id=account.id, kind="prepaid", amount=Decimal("20"), currency="EUR", reason="top-up", actor=FINANCE
+    )
+    rated(account.id, "2026-10-02", "compute.vcpu", "1", "60")
+    close()
+    invoice = invoice_of(account)
+    assert (invoice.currency, invoice.total_minor, invoice.credits_applied_minor, invoice.amount_due_minor) == (
+        "EUR",
+        6000,
+        2000,
+        4000,
+    )
+    assert dict(CreditApplication.objects.values_list("grant_id", "amount_minor")) == {euros.id: 2000}
+    dollars.refresh_from_db()
+    assert (dollars.currency, dollars.remaining_minor) == ("USD", 500)
+    assert ledger.check() == []
 
 
 # --- Found in review

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Callable
 from io import StringIO
 
 import pytest
-import time_machine
 from django.core.management import CommandError, call_command
 
 from accounts.models import BillingAccount
 from conftest import Customer
 from invoicing.models import Invoice
 from invoicing.tests.factories import rated
-
-
-@pytest.fixture(autouse=True)
-def _clock() -> object:
-    with time_machine.travel(dt.datetime(2026, 11, 3, 9, tzinfo=dt.UTC), tick=False) as traveller:
-        yield traveller
 
 
 @pytest.fixture

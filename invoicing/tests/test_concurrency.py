@@ -3,32 +3,25 @@ under concurrent issuing. These tests commit for real (``transaction=True``)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import signal
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import connection, connections, transaction
 
 from accounts.models import BillingAccount
-from billing_site.common.actors import Actor
-from conftest import Customer
+from conftest import Customer, backend_alive, backend_waiting, database_url, in_threads, manage_py, wait_for
 from invoicing import ledger, numbering, services
-from invoicing.billing import Period
 from invoicing.models import Invoice
+from invoicing.tests.conftest import FINANCE, NOW, OCTOBER
 from invoicing.tests.factories import rated
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-OCTOBER = Period(dt.date(2026, 10, 1))  # in the past for the real clock these tests run on
-FINANCE = Actor.system("tests")
+NUMBERS = [f"INV-{NOW.year}-{n:06d}" for n in range(1, 7)]  # numbered in the year they are issued
 
 
 @pytest.fixture
@@ -59,27 +52,6 @@ def numbers() -> list[str]:
     return sorted(Invoice.objects.values_list("number", flat=True))
 
 
-def in_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
-    results: list[Any] = [None] * count
-    barrier = threading.Barrier(count)
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = work(i)
-        except Exception as exc:  # reported to the test below
-            results[i] = exc
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    return results
-
-
 def close(chunk_size: int = 2) -> services.CloseReport:
     return services.period_close(
         period=OCTOBER, actor=FINANCE, run_rollup=False, render_pdfs=False, chunk_size=chunk_size
@@ -91,7 +63,7 @@ def test_two_runs_at_once_issue_one_invoice_per_account(accounts: list[BillingAc
     assert not [r for r in reports if isinstance(r, Exception)], reports
     assert sum(r.issued for r in reports) == 6
     assert Invoice.objects.count() == 6
-    assert numbers() == [f"INV-2026-{n:06d}" for n in range(1, 7)]
+    assert numbers() == NUMBERS
     assert ledger.check() == []
     first = content()
     assert close().issued == 0 and content() == first  # and a third run changes nothing
@@ -101,46 +73,46 @@ def test_a_run_killed_half_way_then_rerun_gives_one_invoice_each_with_the_same_c
     accounts: list[BillingAccount],
 ) -> None:
     blocker = accounts[3]  # the killed run commits chunks of accounts 0, 1, 2 and waits on 3's lock row
-    settings_dict = connection.settings_dict
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
         "PGAPPNAME": "killed-billing",
-        "DATABASE_URL": f"postgres://{settings_dict['USER']}@{settings_dict['HOST'] or 'localhost'}:"
-        f"{settings_dict['PORT'] or 5432}/{settings_dict['NAME']}",
+        "DATABASE_URL": database_url(),
     }
-    root = Path(__file__).resolve().parents[2]
     holder = connections.create_connection("default")
     try:
         with holder.cursor() as cursor:
             cursor.execute("BEGIN")
             cursor.execute("INSERT INTO invoicing_billinglock (account_id) VALUES (%s)", [blocker.id])
             worker = subprocess.Popen(
-                [sys.executable, "manage.py", "bill_period", "2026-10", "--no-rollup", "--chunk-size", "1"],
-                cwd=root,
+                manage_py("bill_period", OCTOBER.label, "--no-rollup", "--chunk-size", "1"),  # on the tests' clock
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )
-            deadline = time.monotonic() + 60
-            while Invoice.objects.count() < 3 and worker.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(0.3)  # let it reach the lock of the fourth account
-            assert worker.poll() is None, worker.communicate()[0]
-            os.kill(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=10)
-            cursor.execute("ROLLBACK")
+            try:
+                # It waits for the fourth account's lock row once the first three chunks are in.
+                reached = wait_for(lambda: backend_waiting("killed-billing") or worker.poll() is not None, seconds=60)
+                if worker.poll() is not None or not reached:
+                    worker.kill()
+                    output = worker.communicate(timeout=10)[0].decode(errors="replace")[-3000:]
+                    raise AssertionError(f"the run never reached the fourth account's lock: {output!r}")
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=10)
+            finally:
+                cursor.execute("ROLLBACK")
     finally:
         holder.close()
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'killed-billing'"
         )
+    assert wait_for(lambda: not backend_alive("killed-billing"))
     assert Invoice.objects.count() == 3  # whole chunks only, nothing half-written
     assert ledger.check() == []
     report = close()
     assert (report.issued, report.already_issued) == (3, 3)
-    assert numbers() == [f"INV-2026-{n:06d}" for n in range(1, 7)]
+    assert numbers() == NUMBERS
     killed = content()
     # The same content as an uninterrupted run over the same usage.
     with connection.cursor() as cursor:

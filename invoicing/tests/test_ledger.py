@@ -9,23 +9,20 @@ from decimal import Decimal
 from io import StringIO
 
 import pytest
-import time_machine
 from django.core.management import call_command
 from django.db import DatabaseError, IntegrityError, connection, transaction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from accounts.models import BillingAccount
-from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
 from conftest import Customer
 from invoicing import ledger, services
 from invoicing.billing import Period
 from invoicing.models import Invoice, InvoiceStatus, LedgerEntry, LedgerLine
+from invoicing.tests.conftest import FINANCE, NOW
 from invoicing.tests.factories import rated
 
-NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
-FINANCE = Actor.system("tests")
 PERIODS = [Period(dt.date(2026, 8, 1)), Period(dt.date(2026, 9, 1)), Period(dt.date(2026, 10, 1))]
 INVOICING_TABLES = (
     "invoicing_ledgerline, invoicing_ledgerentry, invoicing_creditapplication, invoicing_creditnoteline, "
@@ -33,12 +30,6 @@ INVOICING_TABLES = (
     "invoicing_invoiceline, invoicing_rendereddocument, invoicing_invoice, invoicing_creditgrant, "
     "invoicing_documentsequence, metering_dailyusage"
 )
-
-
-@pytest.fixture(autouse=True)
-def _clock() -> object:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
 
 
 @pytest.fixture

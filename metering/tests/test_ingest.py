@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.db import connections
+import time_machine
 from rest_framework.test import APIClient
 
 from accounts import services as account_services
 from accounts.models import BillingAccount, Scope
-from conftest import Customer, client_with_key
+from conftest import Customer, client_with_key, in_threads
 from metering.models import UsageEvent
 
 pytestmark = pytest.mark.django_db
@@ -61,6 +60,7 @@ def result(response: Any) -> dict[str, Any]:
     return response.json()
 
 
+@time_machine.travel(dt.datetime(2026, 11, 25, 9, 30, tzinfo=dt.UTC), tick=False)  # half an hour after the event
 def test_events_are_stored_exactly_as_sent(usage_account: BillingAccount, send: Callable) -> None:
     moment = dt.datetime(2026, 11, 25, 11, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
     body = result(
@@ -255,23 +255,10 @@ def test_concurrent_requests_with_the_same_events_store_each_once(
     raw = account_services.service_key_create(name="p", scopes=[Scope.USAGE_WRITE], created_by_id=None).raw
     events = [usage(account, f"e{i}", quantity=str(i)) for i in range(300)]
     events += [resource(account, f"r{i}", resource_id=f"vm-{i}") for i in range(200)]
-    bodies: list[dict[str, Any]] = []
-    barrier = threading.Barrier(4)
-
-    def post() -> None:
-        try:
-            client = client_with_key(raw)
-            barrier.wait()
-            response = client.post("/api/v1/usage/events", {"events": events}, format="json")
-            bodies.append(response.json())
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=post) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    responses = in_threads(
+        4, lambda _: client_with_key(raw).post("/api/v1/usage/events", {"events": events}, format="json")
+    )
+    bodies = [r.json() for r in responses]
     assert len(bodies) == 4
     assert sum(b["accepted"] for b in bodies) == 500
     assert sum(b["duplicates"] for b in bodies) == 1500
@@ -428,22 +415,10 @@ def test_concurrent_batches_with_the_same_events_in_opposite_orders(
     raw = account_services.service_key_create(name="p", scopes=[Scope.USAGE_WRITE], created_by_id=None).raw
     events = [usage(account, f"e{i}", quantity=str(i)) for i in range(2000)]
     batches = [events, list(reversed(events)), events[1000:] + events[:1000]]
-    responses: list[Any] = []
-    barrier = threading.Barrier(len(batches))
-
-    def post(batch: list[dict[str, Any]]) -> None:
-        try:
-            client = client_with_key(raw)
-            barrier.wait()
-            responses.append(client.post("/api/v1/usage/events", {"events": batch}, format="json"))
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=post, args=(b,)) for b in batches]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    responses = in_threads(
+        len(batches),
+        lambda i: client_with_key(raw).post("/api/v1/usage/events", {"events": batches[i]}, format="json"),
+    )
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert sum(r.json()["accepted"] for r in responses) == 2000
     assert UsageEvent.objects.filter(account_id=account.id).count() == 2000

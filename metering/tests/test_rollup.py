@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +25,7 @@ from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 from accounts.models import BillingAccount
-from conftest import Customer
+from conftest import Customer, backend_alive, backend_waiting, database_url, in_threads, wait_for
 from metering import rollup
 from metering.models import HourlyUsage, ResourceState
 
@@ -68,7 +66,9 @@ def lifecycle(
     }
     if action != "stop":
         # Units go over the wire as decimal strings, the API's one grammar for them.
-        event["spec"] = {code: str(units) for code, units in (spec if spec is not None else {"compute.vcpu": 2}).items()}
+        event["spec"] = {
+            code: str(units) for code, units in (spec if spec is not None else {"compute.vcpu": 2}).items()
+        }
     if labels is not None:
         event["labels"] = labels
     return event
@@ -404,7 +404,7 @@ def test_a_rollup_killed_half_way_and_rerun_gives_identical_rows(
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
         "PGAPPNAME": "killed-rollup",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": database_url(),
     }
     with connections["default"].cursor() as cursor:
         cursor.execute("BEGIN")
@@ -418,7 +418,7 @@ def test_a_rollup_killed_half_way_and_rerun_gives_identical_rows(
             stderr=subprocess.STDOUT,
         )
         try:
-            reached = _wait_for(lambda: _backend_waiting("killed-rollup") or worker.poll() is not None, seconds=60)
+            reached = wait_for(lambda: backend_waiting("killed-rollup") or worker.poll() is not None, seconds=60)
             if worker.poll() is not None or not reached:
                 worker.kill()
                 output = worker.communicate(timeout=10)[0].decode(errors="replace")[-2000:]
@@ -434,45 +434,11 @@ def test_a_rollup_killed_half_way_and_rerun_gives_identical_rows(
         cursor.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'killed-rollup'"
         )
-    assert _wait_for(lambda: not _backend_alive("killed-rollup"))
+    assert wait_for(lambda: not backend_alive("killed-rollup"))
     assert hourly(victim) == {("11-02 09", "network.egress", "", "{}"): Decimal(150)}  # nothing half-written
     roll(victim)
     assert list(hourly(victim).values()) and sorted(hourly(victim).items()) == sorted(hourly(control).items())
     assert amounts(victim, "network.egress") == amounts(control, "network.egress")
-
-
-def _database_url() -> str:
-    settings_dict = connection.settings_dict
-    host = settings_dict["HOST"] or "localhost"
-    from urllib.parse import quote
-
-    port = settings_dict["PORT"] or 5432
-    return f"postgres://{settings_dict['USER']}@{quote(host, safe='')}:{port}/{settings_dict['NAME']}"
-
-
-def _backend_waiting(app: str) -> bool:
-    with connections["default"].cursor() as cursor:
-        cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'", [app]
-        )
-        return bool(cursor.fetchone()[0])
-
-
-def _backend_alive(app: str) -> bool:
-    with connections["default"].cursor() as cursor:
-        cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [app])
-        return bool(cursor.fetchone()[0])
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_two_rollups_at_once_do_not_double_count(account: BillingAccount, post: Callable) -> None:
@@ -480,23 +446,9 @@ def test_two_rollups_at_once_do_not_double_count(account: BillingAccount, post: 
         [used(account, f"u{i}", at("2026-11-02 09:00:00") + dt.timedelta(minutes=i), "1") for i in range(50)]
         + [lifecycle(account, "s", at("2026-11-02 08:00:00"), "start")]
     )
-    reports: list[rollup.RollupReport] = []
-    barrier = threading.Barrier(2)
-
-    def run() -> None:
-        try:
-            barrier.wait()
-            reports.append(roll(account))
-        finally:
-            connections.close_all()
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    reports = in_threads(2, lambda _: roll(account))
     roll(account)  # whatever a busy shard left for later
-    assert len(reports) == 2
+    assert [type(r) for r in reports] == [rollup.RollupReport] * 2, reports
     assert hourly(account, "network.egress") == {("11-02 09", "network.egress", "", "{}"): Decimal(50)}
     # 2 vCPU from 11-02 08:00 to the watermark, 11-03 12:00: 28 hours
     assert sum(hourly(account, "compute.vcpu").values()) == 2 * 28
