@@ -126,7 +126,7 @@ class BillingAccount(FSMModelMixin, models.Model):
         indexes = [models.Index(fields=["country", "kind"], name="accounts_ba_country_kind")]
 
     def __str__(self) -> str:
-        return f"{self.public_id} {self.name}"
+        return f"{self.name} ({self.public_id})"
 
     @property
     def public_id(self) -> str:

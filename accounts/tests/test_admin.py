@@ -230,6 +230,8 @@ def test_credit_limit_has_exactly_the_currency_places_in_admin_and_api(
         assert account.credit_limit == 0, value
 
     assert _credit_limit_post(finance, eur, "2500.5").status_code == 302
+    saved = finance.get(change_url(eur)).content.decode()  # the admin's message names the account
+    assert f"{eur.name} ({eur.public_id})</a>” was changed successfully." in saved
     assert _credit_limit_post(finance, jpy, "300000").status_code == 302
     assert customer.client.get(f"/api/v1/billing-accounts/{eur.public_id}").json()["credit_limit"] == "2500.50"  # type: ignore[attr-defined]
     assert customer.client.get(f"/api/v1/billing-accounts/{jpy.public_id}").json()["credit_limit"] == "300000"  # type: ignore[attr-defined]
