@@ -76,6 +76,17 @@ def _log_as_the_settings_say(**_: object) -> None:
     logging.config.dictConfig(settings.LOGGING)
 
 
+def period_close_schedule(grace_minutes: int) -> crontab:
+    """When beat closes last month: ``grace_minutes`` after midnight UTC on the 1st (23:59 at
+    the latest: ``invoicing.close_last_period`` itself waits out a longer grace), and again
+    on the 2nd and 3rd, which retry a failed run (the close is idempotent)."""
+    return crontab(
+        day_of_month="1-3",
+        hour=min(23, grace_minutes // 60),
+        minute=grace_minutes % 60 if grace_minutes < 1440 else 59,
+    )
+
+
 # Schedules arrive with the work they run (usage rollup every minute, period close on the
 # 1st, dunning daily); each entry sets `expires` so a backlog never runs stale copies.
 app.conf.beat_schedule = {
@@ -87,11 +98,7 @@ app.conf.beat_schedule = {
     # Last month's invoices, on the 1st once the grace time for late events is over.
     "invoicing-close-last-period": {
         "task": "invoicing.close_last_period",
-        "schedule": crontab(
-            day_of_month="1-3",  # the 2nd and 3rd retry a failed run (idempotent)
-            hour=min(23, settings.INVOICING_GRACE_MINUTES // 60),
-            minute=settings.INVOICING_GRACE_MINUTES % 60 if settings.INVOICING_GRACE_MINUTES < 1440 else 59,
-        ),
+        "schedule": period_close_schedule(settings.INVOICING_GRACE_MINUTES),
         "options": {"expires": 6 * 3600},
     },
     "metering-ingest-batches-prune": {
