@@ -1,20 +1,48 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from django.conf import settings
+from django.contrib.auth import password_validation
+from django_countries.data import COUNTRIES
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from accounts import validation
 from accounts.models import AccountKind, AccountState, BillingAccount, MemberRole
 from billing_site.common import money
-from billing_site.common.serializers import StrictSerializer
+from billing_site.common.serializers import CodeField, StrictSerializer
+
+# Every ISO 3166-1 alpha-2 code, with its English name for the schema's enum description.
+COUNTRY_CHOICES = sorted(COUNTRIES.items())
+
+
+def _password_min_length() -> int:
+    lengths = [v.min_length for v in password_validation.get_default_password_validators() if hasattr(v, "min_length")]
+    return max(lengths, default=1)
+
+
+class PasswordField(serializers.CharField):
+    """Checked by Django's password validators when the user is created (``weak_password``);
+    the schema states the rules it can: the minimum length and "not only digits"."""
+
+    schema_overrides: ClassVar[dict[str, object]] = {
+        "minLength": _password_min_length(),
+        "pattern": r"^[^\u0000]*[^0-9\u0000][^\u0000]*$",  # no NUL (as any CharField), not only digits
+    }
 
 
 class SignupSerializer(StrictSerializer):
     email = serializers.EmailField(max_length=254)
-    password = serializers.CharField(max_length=128, write_only=True, trim_whitespace=False)
+    password = PasswordField(
+        max_length=128,
+        write_only=True,
+        trim_whitespace=False,
+        help_text=(
+            f"At least {_password_min_length()} characters, not only digits, not a commonly used password "
+            "and not too similar to the email; refused with `weak_password` naming the rule."
+        ),
+    )
 
 
 class SignupResponseSerializer(serializers.Serializer):
@@ -62,9 +90,17 @@ class BillingAccountSerializer(StrictSerializer):
     name = serializers.CharField(max_length=200)
     email = serializers.EmailField(max_length=254)
     kind = serializers.ChoiceField(choices=AccountKind.choices)
-    country = serializers.CharField(max_length=2, min_length=2, help_text="ISO 3166-1 alpha-2, e.g. `NL`.")
-    currency = serializers.CharField(
-        max_length=3, min_length=3, help_text=f"ISO 4217; one of {', '.join(settings.BILLING_CURRENCIES)}."
+    country = CodeField(
+        choices=COUNTRY_CHOICES,
+        code="invalid_country",
+        message="'{value}' is not an ISO 3166-1 alpha-2 country code in upper case, such as NL.",
+        help_text="ISO 3166-1 alpha-2, upper case, e.g. `NL`.",
+    )
+    currency: serializers.Field = CodeField(
+        choices=[(code, code) for code in settings.BILLING_CURRENCIES],
+        code="unsupported_currency",
+        message=f"'{{value}}' is not a supported currency; use one of {', '.join(settings.BILLING_CURRENCIES)}.",
+        help_text="ISO 4217, upper case: one of the currencies this deployment bills in (`BILLING_CURRENCIES`).",
     )
     tax_id = serializers.CharField(
         max_length=32, required=False, allow_blank=True, help_text="EU VAT numbers are checked, checksum included."
@@ -76,18 +112,6 @@ class BillingAccountSerializer(StrictSerializer):
     )
     created_at = serializers.DateTimeField(read_only=True)
     updated_at = serializers.DateTimeField(read_only=True)
-
-    def validate_country(self, value: str) -> str:
-        try:
-            return validation.normalize_country(value)
-        except ValueError as exc:
-            raise serializers.ValidationError(str(exc), code="invalid_country") from exc
-
-    def validate_currency(self, value: str) -> str:
-        try:
-            return validation.normalize_currency(value)
-        except ValueError as exc:
-            raise serializers.ValidationError(str(exc), code="unsupported_currency") from exc
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         instance: BillingAccount | None = self.instance

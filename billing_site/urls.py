@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from billing_site.common import schema as _schema_extensions  # noqa: F401  (registers them)
 from billing_site.common.ids import converter
 
 # <acc:account_id> and friends: public ids in, integers to the views; every app's URLs use them.

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from decimal import Decimal
 from typing import Any
 
-from drf_spectacular.utils import OpenApiExample, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import permissions, serializers
 from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
@@ -17,6 +18,7 @@ from accounts import selectors as account_selectors
 from accounts.authentication import caller_of
 from accounts.models import Scope
 from billing_site.common.errors import ApplicationError, error_responses
+from billing_site.common.schema import closed_inline_serializer
 from billing_site.common.views import StrictQueryMixin
 from metering import ingest, selectors
 
@@ -65,9 +67,13 @@ _EVENT_FIELDS: dict[str, serializers.Field] = {
     ),
     "labels": serializers.DictField(child=serializers.CharField(max_length=256), required=False),
 }
-_BATCH = inline_serializer(
+# Unknown fields are refused (msgspec's forbid_unknown_fields): the batch's with a 400, an event's
+# by rejecting that event.
+_BATCH = closed_inline_serializer(
     name="UsageEventBatch",
-    fields={"events": inline_serializer(name="UsageEventIn", fields=_EVENT_FIELDS, many=True, max_length=10_000)},
+    fields={
+        "events": closed_inline_serializer(name="UsageEventIn", fields=_EVENT_FIELDS, many=True, max_length=10_000)
+    },
 )
 _RESULT = inline_serializer(
     name="UsageIngestResult",
@@ -182,24 +188,25 @@ _COSTS = inline_serializer(
 )
 
 
+# group_by: up to 8 distinct dimensions, comma-separated, no spaces (documented as a form array).
+_DIMENSION = r"sku|resource|label:[^,\u0000]{1,64}"
+
+
 class CostQuerySerializer(serializers.Serializer):
-    start = serializers.DateField(help_text="First day, UTC (inclusive).")
-    end = serializers.DateField(help_text="Day after the last, UTC (exclusive).")
-    granularity = serializers.ChoiceField(choices=list(selectors.GRANULARITIES), default="day")
-    group_by = serializers.CharField(
-        required=False,
-        allow_blank=True,
-        help_text="Comma list of `sku`, `resource`, `label:<key>`.",
+    start = serializers.DateField(help_text="First day, UTC (inclusive); from year 2000.")
+    end = serializers.DateField(
+        help_text="Day after the last, UTC (exclusive): after `start`, and at most "
+        + ", ".join(f"{days} days later at `{name}`" for name, days in selectors.MAX_RANGE_DAYS.items())
+        + " granularity."
     )
+    granularity = serializers.ChoiceField(choices=list(selectors.GRANULARITIES), default="day")
+    group_by = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False)
 
     def validate_group_by(self, value: str) -> list[str]:
-        parts = [part.strip() for part in value.split(",") if part.strip()]
+        parts = value.split(",") if value else []
         for part in parts:
-            if part in ("sku", "resource"):
-                continue
-            key = part.removeprefix("label:")
-            if not part.startswith("label:") or not 1 <= len(key) <= 64 or "\x00" in key:
-                raise serializers.ValidationError(f"'{part}': use sku, resource or label:<key>.")
+            if not re.fullmatch(_DIMENSION, part):
+                raise serializers.ValidationError(f"'{part}': use sku, resource or label:<key>, no spaces.")
         if len(parts) != len(set(parts)):
             raise serializers.ValidationError("A dimension appears twice.")
         if len(parts) > 8:
@@ -217,6 +224,20 @@ class CostQuerySerializer(serializers.Serializer):
         return attrs
 
 
+_GROUP_BY = OpenApiParameter(
+    "group_by",
+    {
+        "type": "array",
+        "items": {"type": "string", "pattern": f"^({_DIMENSION})$"},
+        "uniqueItems": True,
+        "maxItems": 8,
+    },
+    style="form",
+    explode=False,
+    description="Comma list of up to 8 distinct `sku`, `resource`, `label:<key>`, no spaces (`sku,label:project`).",
+)
+
+
 def _decimal(value: Decimal | None) -> str | None:
     return None if value is None else format(value, "f")
 
@@ -232,7 +253,7 @@ class CostBreakdownView(StrictQueryMixin, APIView):
             "precision (rounding happens on invoices). Reads the hourly rollups, which the rollup keeps "
             "within a minute of the events; running resources accrue up to the last full hour."
         ),
-        parameters=[CostQuerySerializer],
+        parameters=[CostQuerySerializer, _GROUP_BY],
         responses={200: _COSTS, **error_responses(400, 401, 404)},
     )
     def get(self, request: Request, account_id: int) -> Response:

@@ -163,8 +163,11 @@ def test_create_billing_account(customer: Customer) -> None:
     ("change", "field", "code"),
     [
         ({"country": "XX"}, "country", "invalid_country"),
-        ({"country": "Netherlands"}, "country", "max_length"),
+        ({"country": "Netherlands"}, "country", "invalid_country"),
+        ({"country": "nl"}, "country", "invalid_country"),  # exactly as the schema's enum: upper case
+        ({"country": " NL"}, "country", "invalid_country"),
         ({"currency": "BTC"}, "currency", "unsupported_currency"),
+        ({"currency": "eur"}, "currency", "unsupported_currency"),
         ({"tax_id": "NL004495446B01"}, "tax_id", "invalid_tax_id"),  # bad checksum
         ({"tax_id": "DE136695976"}, "tax_id", "invalid_tax_id"),  # valid, but not Dutch
         ({"kind": "company"}, "kind", "invalid_choice"),

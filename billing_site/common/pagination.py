@@ -44,4 +44,10 @@ class CreatedCursorPagination(CursorPagination):
         for parameter in parameters:
             if parameter["name"] == self.page_size_query_param:
                 parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+            if parameter["name"] == self.cursor_query_param:
+                parameter["schema"] = {"type": "string", "minLength": 1}
+                parameter["description"] = (
+                    "Opaque: pass back the cursor of a `next` or `previous` link; omit it for the first page. "
+                    "Anything else is a 400."
+                )
         return parameters

@@ -28,3 +28,19 @@ class StrictSerializer(serializers.Serializer):
             if errors:
                 raise serializers.ValidationError(errors)
         return super().to_internal_value(data)
+
+
+class CodeField(serializers.ChoiceField):
+    """One code of a closed list, exactly as listed: no case folding or trimming, so the
+    schema's ``enum`` is the whole rule. Anything else is refused with a domain ``code``
+    (``invalid_country``) rather than DRF's generic ``invalid_choice``."""
+
+    def __init__(self, *, choices: Any, code: str, message: str, **kwargs: Any) -> None:
+        self.code = code
+        self.message = message  # may name the value as {value}
+        super().__init__(choices=choices, **kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str) and data in self.choice_strings_to_values:
+            return self.choice_strings_to_values[data]
+        raise serializers.ValidationError(self.message.format(value=data), code=self.code)

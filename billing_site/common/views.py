@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from rest_framework import exceptions
+from rest_framework.exceptions import ErrorDetail
 from rest_framework.request import Request
 
 
 class StrictQueryMixin:
     """Unknown query parameters are a 400 naming them, not silently ignored (a typo such as
-    ``?pagesize=`` should not quietly return the default page)."""
+    ``?pagesize=`` should not quietly return the default page); so is one given twice."""
 
     allowed_query_params: tuple[str, ...] = ()
 
@@ -25,3 +26,9 @@ class StrictQueryMixin:
         unknown = sorted(set(request.query_params) - allowed)
         if unknown:
             raise exceptions.ValidationError({name: ["Unknown query parameter."] for name in unknown})
+        # ?page_size=10&page_size=500: which one counts would be a guess (Django takes the last).
+        repeated = sorted(name for name, values in request.query_params.lists() if len(values) > 1)
+        if repeated:
+            raise exceptions.ValidationError(
+                {name: [ErrorDetail("Given more than once.", code="repeated")] for name in repeated}
+            )

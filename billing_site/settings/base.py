@@ -175,6 +175,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
     "SCHEMA_PATH_PREFIX": "/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "billing_site.common.schema.trim_enum_descriptions",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "BillingAccountStateEnum": "accounts.models.AccountState.choices",
         "MemberRoleEnum": "accounts.models.MemberRole.choices",
