@@ -1,4 +1,4 @@
-"""Side effects after commit, carrying ids (see CONVENTIONS: Transactions and side effects)."""
+"""Side effects after commit, carrying ids (see docs/architecture.md: side effects after commit)."""
 
 from __future__ import annotations
 
