@@ -13,14 +13,19 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
-## make demo: install, get a database (embedded PostgreSQL unless DATABASE_URL), migrate,
-## load demo data, print the operator login, serve on http://127.0.0.1:8000
+## make demo: install, get a database (embedded PostgreSQL unless DATABASE_URL), migrate, load
+## the demo data, print the logins, keys and curl examples, serve on http://127.0.0.1:8000.
+## However it ends (Ctrl-C, a failed step), the embedded PostgreSQL is stopped with it.
 demo: $(STAMP)
-	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py migrate --no-input -v 0
-	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py load_demo_data
-	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py load_demo_usage
-	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py load_demo_invoices
-	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py runserver 127.0.0.1:8000
+	@export DEBUG=$${DEBUG:-1}; \
+	trap '$(BIN)/python billing_site/database.py stop' EXIT; trap 'exit 130' INT TERM HUP; \
+	set -e; \
+	$(BIN)/python manage.py migrate --no-input -v 0; \
+	$(BIN)/python manage.py load_demo_data; \
+	$(BIN)/python manage.py load_demo_usage; \
+	$(BIN)/python manage.py load_demo_invoices; \
+	$(BIN)/python manage.py demo_access; \
+	$(BIN)/python manage.py runserver 127.0.0.1:8000
 
 ## make test: install and run the whole suite against a real PostgreSQL
 test: $(STAMP)

@@ -13,9 +13,11 @@ Same engine everywhere: there is no SQLite fallback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -33,12 +35,7 @@ def _listening(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def embedded_database_url() -> str:
-    """Start (or join) the embedded server and return a URL for our database on it.
-
-    pgserver keeps one postmaster per data directory and reference-counts the
-    processes using it, so the runserver reloader, a worker and a shell can share it.
-    """
+def _prepare_embedded() -> None:
     EMBEDDED_DATA_DIR.parent.mkdir(parents=True, exist_ok=True)
     # pgserver keeps its lock under the user's runtime directory; give it one of ours when
     # the environment has none (containers, CI) rather than a shared /tmp fallback.
@@ -47,6 +44,15 @@ def embedded_database_url() -> str:
         runtime.mkdir(mode=0o700, exist_ok=True)
         os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     logging.getLogger("pgserver").setLevel(logging.WARNING)  # it logs every start and stop at INFO
+
+
+def embedded_database_url() -> str:
+    """Start (or join) the embedded server and return a URL for our database on it.
+
+    pgserver keeps one postmaster per data directory and reference-counts the
+    processes using it, so the runserver reloader, a worker and a shell can share it.
+    """
+    _prepare_embedded()
 
     import pgserver  # imported lazily: only the zero-configuration path needs it
 
@@ -60,6 +66,49 @@ def embedded_database_url() -> str:
     return f"postgres://postgres@{socket_dir}/{EMBEDDED_DATABASE}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def embedded_stop() -> str:
+    """Stop the embedded server unless a live process still uses it; what ``make demo`` runs
+    when it ends, however it ends.
+
+    pgserver stops the server when the last process that joined it exits, but a process
+    killed on its way out never leaves pgserver's list (Ctrl-C on runserver: the reloader
+    kills its child if it takes more than 0.25 s to exit), and the server then runs on with
+    nobody left to stop it. Dead processes are dropped from the list here first."""
+    if os.environ.get("DATABASE_URL", "").strip():
+        return "DATABASE_URL is set: no embedded PostgreSQL to stop"
+    postmaster_pid = EMBEDDED_DATA_DIR / "postmaster.pid"
+    if not postmaster_pid.exists():
+        return "embedded PostgreSQL: not running"
+    users_file = EMBEDDED_DATA_DIR / ".handle_pids.json"
+    users = json.loads(users_file.read_text()) if users_file.exists() else []
+    alive = [pid for pid in users if pid != os.getpid() and _alive(pid)]
+    if alive != users:
+        users_file.write_text(json.dumps(alive))
+    if alive:
+        return f"embedded PostgreSQL: left running, still used by processes {alive}"
+    server_pid = int(postmaster_pid.read_text().split()[0])
+    if not _alive(server_pid):
+        return "embedded PostgreSQL: not running"
+    _prepare_embedded()
+    import pgserver
+
+    # Joining as the only user and leaving again makes pgserver stop it (as the right OS user).
+    pgserver.get_server(EMBEDDED_DATA_DIR, cleanup_mode="stop").cleanup()
+    if postmaster_pid.exists():
+        return f"embedded PostgreSQL: could not stop it (pid {server_pid}), see {EMBEDDED_DATA_DIR / 'log'}"
+    return "embedded PostgreSQL: stopped"
+
+
 def database_url(*, prefer_local_server: bool = False) -> str:
     url = os.environ.get("DATABASE_URL", "").strip()
     if url:
@@ -67,3 +116,11 @@ def database_url(*, prefer_local_server: bool = False) -> str:
     if prefer_local_server and _listening("127.0.0.1", 5432):
         return LOCAL_URL
     return embedded_database_url()
+
+
+if __name__ == "__main__":
+    # python billing_site/database.py stop: as a script, not ``-m``, since importing the
+    # billing_site package loads the settings, which start the embedded server.
+    if sys.argv[1:] != ["stop"]:
+        sys.exit("usage: python billing_site/database.py stop")
+    print(embedded_stop())

@@ -48,7 +48,7 @@ def test_demo_data_covers_every_state_with_history_and_is_rerunnable() -> None:
     operator = User.objects.get(email="operator@demo.test")
     assert operator.is_staff and operator.check_password("demo-operator-2026")
     assert set(operator.groups.values_list("name", flat=True)) == {"support", "finance", "fraud"}
-    assert "operator@demo.test / demo-operator-2026" in out.getvalue()
+    assert "operator login operator@demo.test" in out.getvalue()  # the password: demo_access, tests/test_demo.py
 
 
 def test_create_operator() -> None:

@@ -1,6 +1,6 @@
 """Demo data for ``make demo``: users, billing accounts in every state with their history,
-and an operator login. Safe to run again: existing demo rows are kept, the operator's
-password is reset to the printed one, and a fresh API key is printed for the demo owner."""
+and an operator login. Safe to run again: existing demo rows are kept and the operator's
+password is reset to the published one. ``demo_access`` prints the login and fresh keys."""
 
 from typing import Any
 
@@ -150,15 +150,9 @@ class Command(BaseCommand):
                 )
             created += 1
 
-        key = services.api_key_create(user_id=users["alice@demo.test"].id, name="demo")
         self.stdout.write(
-            self.style.SUCCESS(f"Demo data: {created} billing account(s) created, {len(ACCOUNTS)} in all.")
+            self.style.SUCCESS(
+                f"Demo data: {created} billing account(s) created, {len(ACCOUNTS)} in all; operator login "
+                f"{OPERATOR_EMAIL} (`manage.py demo_access` prints its password, API keys and curl examples)."
+            )
         )
-        self.stdout.write("")
-        self.stdout.write(f"  Admin:    http://127.0.0.1:8000/admin/   login {OPERATOR_EMAIL} / {OPERATOR_PASSWORD}")
-        self.stdout.write("  API docs: http://127.0.0.1:8000/api/docs/")
-        self.stdout.write(f"  API key of alice@demo.test (owner of Acme Cloud BV and Globex GmbH): {key.raw}")
-        self.stdout.write(
-            "  Try:      curl -H 'Authorization: Bearer <key>' http://127.0.0.1:8000/api/v1/billing-accounts"
-        )
-        self.stdout.write("")

@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from accounts.models import BillingAccount
+from billing_site.common import money
 from billing_site.common.actors import Actor
 from invoicing import ledger, services
 from invoicing.billing import Period
@@ -57,13 +58,9 @@ class Command(BaseCommand):
         for invoice in Invoice.objects.filter(period_start=period.start).order_by("number"):
             has_pdf = RenderedDocument.objects.filter(kind="invoice", source_id=invoice.id).exists()
             self.stdout.write(
-                f"  {invoice.number} {invoice.buyer.get('name', '')}: total {invoice.total_minor} minor units "
-                f"{invoice.currency}, {invoice.tax_treatment}{', PDF stored' if has_pdf else ''}"
+                f"  {invoice.number} {invoice.buyer.get('name', '')}: total "
+                f"{money.display(invoice.total_minor, invoice.currency)}, {invoice.tax_treatment}"
+                f"{', PDF stored' if has_pdf else ''}"
             )
         problems = ledger.check()
         self.stdout.write("Ledger: ok" if not problems else f"Ledger: {len(problems)} problems: {problems[:3]}")
-        if acme is not None:
-            self.stdout.write(
-                "  Invoices: curl -H 'Authorization: Bearer <alice's key>' "
-                f"http://127.0.0.1:8000/api/v1/billing-accounts/{acme.public_id}/invoices"
-            )

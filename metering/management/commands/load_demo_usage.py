@@ -125,7 +125,9 @@ class Command(BaseCommand):
         call_command("load_catalog", str(CATALOG), stdout=out)
         self.stdout.write(out.getvalue().strip())
         selectors.sku_cache_clear()
-        key = account_services.service_key_create(name="demo-producer", scopes=[Scope.USAGE_WRITE], created_by_id=None)
+        # A key of its own to send through the endpoint, revoked when done (demo_access prints
+        # a producer key to try).
+        key = account_services.service_key_create(name="demo-loader", scopes=[Scope.USAGE_WRITE], created_by_id=None)
         client = Client(HTTP_AUTHORIZATION=f"Bearer {key.raw}", SERVER_NAME="127.0.0.1")
         now = dt.datetime.now(dt.UTC)
         for seed, account in enumerate(BillingAccount.objects.filter(name__in=DEMO_ACCOUNTS).order_by("name")):
@@ -150,14 +152,6 @@ class Command(BaseCommand):
                 f"{account.name}: {totals['accepted']} events accepted, {totals['duplicates']} duplicates, "
                 f"{totals['rejected']} rejected"
             )
-        report = rollup.rollup()
+        account_services.api_key_revoke(key_id=key.key.id, user_id=None)
+        report = rollup.rollup(now=now)
         self.stdout.write(f"Rollup: {report.summary()}")
-        acme = BillingAccount.objects.filter(name=DEMO_ACCOUNTS[0]).first()
-        if acme is not None:
-            start = (now - dt.timedelta(days=DAYS)).date().isoformat()
-            end = (now + dt.timedelta(days=1)).date().isoformat()
-            self.stdout.write(
-                f"  Costs:    curl -H 'Authorization: Bearer <alice's key>' 'http://127.0.0.1:8000/api/v1/"
-                f"billing-accounts/{acme.public_id}/costs?start={start}&end={end}&group_by=sku,label:project'"
-            )
-        self.stdout.write(f"  Usage producer key (scope usage:write): {key.raw}")

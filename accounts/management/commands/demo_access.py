@@ -1,0 +1,74 @@
+"""The last words of ``make demo``, all in one place: the operator login, a fresh API key for a
+demo customer and one for a usage producer, and curl lines that work as printed. A key exists
+in clear only when it is created, so every run creates (and prints) new ones. DEBUG only."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils import timezone
+
+from accounts import services
+from accounts.management.commands.load_demo_data import OPERATOR_EMAIL, OPERATOR_PASSWORD
+from accounts.models import BillingAccount, Scope, User
+
+SITE = "http://127.0.0.1:8000"
+CUSTOMER_EMAIL = "alice@demo.test"
+CUSTOMER_ACCOUNT = "Acme Cloud BV"
+
+
+class Command(BaseCommand):
+    help = "Print the demo's operator login, fresh API keys and curl examples (DEBUG only)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--force", action="store_true", help="Run even with DEBUG off (never in production).")
+
+    def handle(self, *args: Any, force: bool = False, **options: Any) -> None:
+        if not (settings.DEBUG or force):
+            raise CommandError("Demo keys are for demo databases: DEBUG must be on (or --force).")
+        customer = User.objects.filter(email=CUSTOMER_EMAIL).first()
+        acme = BillingAccount.objects.filter(name=CUSTOMER_ACCOUNT).first()
+        if customer is None or acme is None:
+            raise CommandError("No demo data: run `manage.py load_demo_data` first.")
+        key = services.api_key_create(user_id=customer.id, name="demo").raw
+        producer = services.service_key_create(name="demo-producer", scopes=[Scope.USAGE_WRITE], created_by_id=None).raw
+
+        now = timezone.now()
+        # The costs of the demo's month of usage: from the first of last month to tomorrow.
+        start = (now.date().replace(day=1) - dt.timedelta(days=1)).replace(day=1)
+        end = now.date() + dt.timedelta(days=1)
+        event = {
+            "id": "try-1",  # sent twice, it is counted once: the second answer says "duplicates": 1
+            "account_id": acme.public_id,
+            "time": now.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            "type": "usage",
+            "sku": "network.egress",
+            "quantity": "1.5",
+        }
+        api = f"{SITE}/api/v1"
+        accounts = f"{api}/billing-accounts/{acme.public_id}"
+        lines = [
+            "",
+            self.style.SUCCESS(f"The demo runs on {SITE}/ (Ctrl-C stops it and its embedded PostgreSQL)."),
+            "",
+            f"  Admin:         {SITE}/admin/  login {OPERATOR_EMAIL} / {OPERATOR_PASSWORD}",
+            f"  API docs:      {SITE}/api/docs/",
+            f"  Customer key:  {key}",
+            f"                 ({CUSTOMER_EMAIL}, owner of Acme Cloud BV and Globex GmbH)",
+            f"  Producer key:  {producer}",
+            "                 (a usage producer: scope usage:write)",
+            "",
+            "  Try:",
+            f"  curl -H 'Authorization: Bearer {key}' {api}/billing-accounts",
+            f"  curl -H 'Authorization: Bearer {key}' "
+            f"'{accounts}/costs?start={start.isoformat()}&end={end.isoformat()}&group_by=sku,label:project'",
+            f"  curl -H 'Authorization: Bearer {key}' {accounts}/invoices",
+            f"  curl -H 'Authorization: Bearer {producer}' -H 'Content-Type: application/json' "
+            f"-d '{json.dumps({'events': [event]})}' {api}/usage/events",
+            "",
+        ]
+        self.stdout.write("\n".join(lines))

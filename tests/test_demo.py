@@ -1,0 +1,91 @@
+"""``make demo``'s last words: the login, both keys and curl lines that work as printed, all at
+the end; money as money in the period close; the embedded PostgreSQL stopped when it ends."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+
+import pytest
+import time_machine
+from django.core.management import call_command
+
+from billing_site import database
+from conftest import client_with_key
+
+NOW = dt.datetime(2026, 11, 3, 12, 30, tzinfo=dt.UTC)
+SITE = "http://127.0.0.1:8000"
+
+
+def run(command: str) -> str:
+    out = StringIO()
+    call_command(command, "--force", stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db(transaction=True)  # the rollup takes only committed events
+def test_the_demo_prints_the_login_both_keys_and_working_curl_lines_together_at_the_end() -> None:
+    with time_machine.travel(NOW, tick=False):
+        loading = {name: run(name) for name in ("load_demo_data", "load_demo_usage", "load_demo_invoices")}
+        access = run("demo_access")
+
+        for name, out in loading.items():  # nothing to copy from the middle of the output
+            assert "bku_" not in out and "bks_" not in out and "curl -H" not in out, name
+        invoices = loading["load_demo_invoices"]
+        assert "minor units" not in invoices
+        assert re.search(r"Period close 2026-10: .* issued 3 invoices \(\d+\.\d\d EUR, \d+\.\d\d GBP\)", invoices)
+        assert re.search(r"INV-2026-\d{6} Acme Cloud BV: total \d+\.\d\d EUR, domestic, PDF stored", invoices)
+
+        assert f"{SITE}/admin/  login operator@demo.test / demo-operator-2026" in access
+        (key,) = set(re.findall(r"bku_[A-Za-z0-9_-]+", access))
+        (producer,) = set(re.findall(r"bks_[A-Za-z0-9_-]+", access))
+        curls = [shlex.split(line) for line in access.splitlines() if line.strip().startswith("curl ")]
+        assert len(curls) == 4
+        for argv in curls:
+            token = argv[argv.index("-H") + 1].removeprefix("Authorization: Bearer ")
+            url = argv[-1].removeprefix(SITE)
+            client = client_with_key(token)
+            if "-d" in argv:
+                assert token == producer
+                response = client.post(url, json.loads(argv[argv.index("-d") + 1]), format="json")
+                assert response.status_code == 200 and response.json()["accepted"] == 1, response.json()
+            else:
+                assert token == key
+                response = client.get(url)
+                assert response.status_code == 200, (url, response.content[:300])
+                body = response.json()
+                assert body.get("results") or body.get("rows"), url  # accounts, invoices; costs
+
+
+def test_stopping_the_embedded_server_forgets_processes_that_died_and_spares_live_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setattr(database, "EMBEDDED_DATA_DIR", tmp_path)
+    assert database.embedded_stop() == "embedded PostgreSQL: not running"
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / "postmaster.pid").write_text(f"{dead_pid}\n{tmp_path}\n")
+    users = tmp_path / ".handle_pids.json"
+    # runserver's child, killed by the reloader before it could leave the list, and a shell
+    # that still uses the server
+    users.write_text(json.dumps([dead_pid, os.getppid()]))
+    assert database.embedded_stop() == f"embedded PostgreSQL: left running, still used by processes [{os.getppid()}]"
+    assert json.loads(users.read_text()) == [os.getppid()]
+
+    users.write_text(json.dumps([dead_pid]))
+    assert database.embedded_stop() == "embedded PostgreSQL: not running"  # its postmaster is gone too
+    assert json.loads(users.read_text()) == []
+
+
+def test_nothing_is_stopped_when_the_database_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgres://billing@db.internal:5432/billing")
+    assert database.embedded_stop() == "DATABASE_URL is set: no embedded PostgreSQL to stop"
