@@ -12,7 +12,9 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.request import Request
 
 from accounts import keys, services
-from accounts.models import ApiKey
+from accounts.models import ApiKey, Scope
+
+__all__ = ["Caller", "Scope", "caller_of"]  # what other apps' API views use (Scope: a key's scopes)
 
 
 @dataclass(frozen=True, slots=True)

@@ -350,54 +350,22 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Permissions of other apps, by group (app label, codename): read-only views of their data.
-OPERATOR_GROUPS_ELSEWHERE: dict[str, tuple[tuple[str, str], ...]] = {
-    "support": (
-        ("metering", "view_rollupshard"),
-        ("metering", "view_sku"),
-        ("metering", "view_price"),
-        ("invoicing", "view_invoice"),
-        ("invoicing", "view_creditnote"),
-        ("invoicing", "view_creditgrant"),
-    ),
-    "finance": (
-        ("metering", "view_rollupshard"),
-        ("metering", "view_sku"),
-        ("metering", "view_price"),
-        *(
-            ("invoicing", codename)
-            for codename in (
-                "view_invoice",
-                "close_period",
-                "write_off_invoice",
-                "issue_credit_note",
-                "view_creditnote",
-                "view_creditgrant",
-                "add_creditgrant",
-                "view_taxrate",
-                "add_taxrate",
-                "change_taxrate",
-                "view_contractdiscount",
-                "add_contractdiscount",
-                "change_contractdiscount",
-                "view_ledgerentry",
-            )
-        ),
-    ),
-    "fraud": (("metering", "view_rollupshard"),),
-}
-
-
 def operator_groups_sync() -> None:
-    """Create the operator groups and give them exactly their permissions (idempotent)."""
+    """Create the operator groups and give them exactly their permissions (idempotent).
+
+    Each app declares what its operators may do in its own ``AppConfig.operator_permissions``
+    (group → codenames of that app's permissions); this app declares the groups."""
+    from django.apps import apps
     from django.contrib.auth.models import Group, Permission
     from django.db.models import Q
 
+    declared = [(config.label, getattr(config, "operator_permissions", {})) for config in apps.get_app_configs()]
     for name, codenames in OPERATOR_GROUPS.items():
         group, _ = Group.objects.get_or_create(name=name)
         wanted = Q(content_type__app_label="accounts", codename__in=codenames)
-        for app_label, codename in OPERATOR_GROUPS_ELSEWHERE.get(name, ()):
-            wanted |= Q(content_type__app_label=app_label, codename=codename)
+        for app_label, permissions in declared:
+            if app_label != "accounts" and permissions.get(name):
+                wanted |= Q(content_type__app_label=app_label, codename__in=permissions[name])
         group.permissions.set(Permission.objects.filter(wanted))
 
 

@@ -10,8 +10,9 @@ from django_countries.data import COUNTRIES
 from stdnum.eu import vat as eu_vat
 from stdnum.exceptions import ValidationError as StdnumError
 
+from billing_site.common.countries import EU_COUNTRIES
+
 # EU VAT numbers carry the member state's prefix; Greece uses EL, Northern Ireland XI.
-EU_COUNTRIES = frozenset(code.upper() for code in eu_vat.MEMBER_STATES if code != "xi")
 _VAT_PREFIX = {"GR": "EL"}
 _GENERIC_TAX_ID = re.compile(r"^[A-Z0-9]{2,32}$")
 

@@ -176,7 +176,7 @@ def close_worker(url: str, shards: list[int], out: Any) -> None:
     setup_django(url)
     from billing_site.common.actors import Actor
     from invoicing import services
-    from invoicing.billing import Period
+    from invoicing.periods import Period
 
     issued = 0
     for shard in shards:
@@ -222,8 +222,8 @@ def main() -> None:
 
     from billing_site.common.actors import Actor
     from invoicing import ledger, pdf, services
-    from invoicing.billing import Period
     from invoicing.models import Invoice, InvoiceLine
+    from invoicing.periods import Period
 
     period = Period.parse(PERIOD)
     actor = Actor.system("bench")

@@ -29,7 +29,6 @@ from billing_site.common.admin import (
 )
 from billing_site.common.errors import ApplicationError
 from invoicing import selectors, services
-from invoicing.billing import Period
 from invoicing.line_display import quantity_text, unit_price_text
 from invoicing.models import (
     ContractDiscount,
@@ -43,6 +42,7 @@ from invoicing.models import (
     LedgerLine,
     TaxRate,
 )
+from invoicing.periods import Period
 
 
 def _operator(request: HttpRequest) -> Actor:

@@ -32,6 +32,7 @@ from django.utils import timezone
 
 from billing_site.common import money
 from billing_site.common.copy import copy_rows
+from invoicing.models import LedgerSource
 from metering import selectors as metering_selectors
 
 RECEIVABLE = "receivable"
@@ -58,7 +59,7 @@ class Posting:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    source_type: str
+    source_type: LedgerSource
     source_id: int
     account_id: int | None
     currency: str
@@ -134,12 +135,12 @@ def post_invoices_issued(invoices: list[IssuedInvoice], *, posted_at: dt.datetim
         if inv.tax_minor:
             postings.append(Posting(vat_payable(inv.tax_country), -inv.tax_minor))
         entries.append(
-            Entry("invoice", inv.invoice_id, inv.account_id, inv.currency, f"Invoice {inv.number}", postings)
+            Entry(LedgerSource.INVOICE, inv.invoice_id, inv.account_id, inv.currency, f"Invoice {inv.number}", postings)
         )
         if inv.credits_applied_minor:
             entries.append(
                 Entry(
-                    "invoice_credit",
+                    LedgerSource.INVOICE_CREDIT,
                     inv.invoice_id,
                     inv.account_id,
                     inv.currency,
@@ -200,22 +201,22 @@ def _check(usage_since: dt.date) -> list[str]:
             WITH sources(source_type, source_id) AS (
                 -- an invoice whose postings are all zero (no total, no tax, each revenue family
                 -- netting to zero) moves no money and posts nothing
-                SELECT 'invoice', i.id FROM invoicing_invoice i WHERE i.status <> 'draft' AND (
+                SELECT %(invoice)s, i.id FROM invoicing_invoice i WHERE i.status <> 'draft' AND (
                     i.total_minor <> 0 OR i.tax_minor <> 0
                     OR EXISTS (
                         SELECT FROM invoicing_invoiceline l WHERE l.invoice_id = i.id
-                        GROUP BY coalesce(nullif(split_part(l.sku, '.', 1), ''), 'general')
-                        HAVING sum(l.amount_minor) <> 0))
-                UNION ALL SELECT 'payment', id FROM invoicing_invoicepayment
-                UNION ALL SELECT 'credit_note', id FROM invoicing_creditnote
-                UNION ALL SELECT 'write_off', id FROM invoicing_invoice WHERE written_off_minor > 0
-                UNION ALL SELECT 'credit_grant', id FROM invoicing_creditgrant
+                        GROUP BY l.revenue_family HAVING sum(l.amount_minor) <> 0))
+                UNION ALL SELECT %(payment)s, id FROM invoicing_invoicepayment
+                UNION ALL SELECT %(credit_note)s, id FROM invoicing_creditnote
+                UNION ALL SELECT %(write_off)s, id FROM invoicing_invoice WHERE written_off_minor > 0
+                UNION ALL SELECT %(credit_grant)s, id FROM invoicing_creditgrant
             )
             SELECT s.source_type, s.source_id FROM sources s
             WHERE NOT EXISTS (
                 SELECT FROM invoicing_ledgerentry e WHERE e.source_type = s.source_type AND e.source_id = s.source_id
             )
-            """
+            """,
+            {source.value: source.value for source in LedgerSource},
         )
         for source_type, source_id in cursor.fetchall():
             problems.append(f"{source_type} {source_id} has no ledger entry")
@@ -293,7 +294,7 @@ def _check(usage_since: dt.date) -> list[str]:
                    i.amount_credited_minor <> coalesce((SELECT sum(c.total_minor) FROM invoicing_creditnote c
                                                         WHERE c.invoice_id = i.id), 0),
                    EXISTS (SELECT FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id
-                           WHERE e.source_type = 'invoice' AND e.source_id = i.id
+                           WHERE e.source_type = %s AND e.source_id = i.id
                            GROUP BY e.id
                            HAVING coalesce(sum(l.amount_minor) FILTER (WHERE l.ledger_account = 'receivable'), 0)
                                   <> i.total_minor
@@ -301,7 +302,8 @@ def _check(usage_since: dt.date) -> list[str]:
                                            FILTER (WHERE starts_with(l.ledger_account, 'vat_payable:')), 0)
                                   <> i.tax_minor)
             FROM invoicing_invoice i WHERE i.status <> 'draft'
-            """
+            """,
+            [LedgerSource.INVOICE.value],
         )
         for invoice_id, credits, paid, credited, entry in cursor.fetchall():
             for wrong, what in ((credits, "credits applied"), (paid, "amount paid"), (credited, "amount credited")):

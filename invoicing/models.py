@@ -242,6 +242,8 @@ class InvoiceLine(models.Model):
     position = models.PositiveSmallIntegerField()
     kind = models.CharField(max_length=16, choices=LineKind.choices)
     sku = models.CharField(max_length=64, blank=True, default="")
+    # Written with the line (``planning.family_of``): revenue is posted and checked by it.
+    revenue_family = models.CharField(max_length=64, default="general")
     usage_month = models.DateField(null=True, blank=True, help_text="The month whose usage this line bills")
     description = models.CharField(max_length=300)
     quantity = models.DecimalField(max_digits=38, decimal_places=12, null=True, blank=True)
@@ -376,6 +378,7 @@ class CreditNoteLine(models.Model):
     position = models.PositiveSmallIntegerField()
     description = models.CharField(max_length=300)
     sku = models.CharField(max_length=64, blank=True, default="")
+    revenue_family = models.CharField(max_length=64, default="general")  # as on the invoice line it credits
     amount_minor = models.BigIntegerField(help_text="Net of tax, positive")
 
     class Meta:
@@ -422,12 +425,24 @@ class RenderedDocument(models.Model):
         return f"{self.kind} {self.source_id}"
 
 
+class LedgerSource(models.TextChoices):
+    """What a ledger entry posts (``(source_type, source_id)`` is unique)."""
+
+    INVOICE = "invoice", "Issued invoice"
+    INVOICE_CREDIT = "invoice_credit", "Credit spent on an invoice"
+    CREDIT_GRANT = "credit_grant", "Credit grant"
+    PAYMENT = "payment", "Payment received"
+    CREDIT_NOTE = "credit_note", "Credit note"
+    CREDIT_REVERSAL = "credit_reversal", "Credit given back on a void"
+    WRITE_OFF = "write_off", "Write-off"
+
+
 class LedgerEntry(models.Model):
     """One posting, append-only: its lines sum to zero. ``(source_type, source_id)`` is
     unique, so a source (an issued invoice, a payment …) posts at most once."""
 
     account_id = models.BigIntegerField(null=True, blank=True)
-    source_type = models.CharField(max_length=32)
+    source_type = models.CharField(max_length=32, choices=LedgerSource.choices)
     source_id = models.BigIntegerField()
     currency = models.CharField(max_length=3)
     memo = models.CharField(max_length=300, blank=True, default="")

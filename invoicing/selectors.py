@@ -7,7 +7,15 @@ from collections import defaultdict
 from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone
 
-from invoicing.models import CreditGrant, CreditNote, Invoice, InvoicePayment, InvoiceStatus, LedgerEntry
+from invoicing.models import (
+    CreditGrant,
+    CreditNote,
+    Invoice,
+    InvoicePayment,
+    InvoiceStatus,
+    LedgerEntry,
+    LedgerSource,
+)
 
 CUSTOMER_VISIBLE = (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE, InvoiceStatus.VOID)
 
@@ -58,9 +66,12 @@ def ledger_entries_for_invoice(*, invoice_id: int) -> QuerySet[LedgerEntry]:
     payment_ids = list(InvoicePayment.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
     return (
         LedgerEntry.objects.filter(
-            Q(source_type__in=["invoice", "invoice_credit", "write_off"], source_id=invoice_id)
-            | Q(source_type__in=["credit_note", "credit_reversal"], source_id__in=note_ids)
-            | Q(source_type="payment", source_id__in=payment_ids)
+            Q(
+                source_type__in=[LedgerSource.INVOICE, LedgerSource.INVOICE_CREDIT, LedgerSource.WRITE_OFF],
+                source_id=invoice_id,
+            )
+            | Q(source_type__in=[LedgerSource.CREDIT_NOTE, LedgerSource.CREDIT_REVERSAL], source_id__in=note_ids)
+            | Q(source_type=LedgerSource.PAYMENT, source_id__in=payment_ids)
         )
         .prefetch_related("lines")
         .order_by("posted_at", "id")

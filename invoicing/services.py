@@ -22,9 +22,8 @@ from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
-from billing_site.common.on_commit import on_commit
-from invoicing import billing, ledger, numbering
-from invoicing.billing import Period
+from billing_site.common.on_commit import queue_task
+from invoicing import issuing, ledger, numbering, planning
 from invoicing.models import (
     CreditApplication,
     CreditGrant,
@@ -35,7 +34,10 @@ from invoicing.models import (
     InvoicePayment,
     InvoiceStatus,
     InvoiceTransition,
+    LedgerSource,
 )
+from invoicing.periods import Period, lookback_start
+from invoicing.planning import family_of
 from metering import selectors as metering_selectors
 from metering import services as metering_services
 
@@ -93,7 +95,7 @@ def period_chunks(
     """The accounts a close of ``period`` considers (usage in it, or late usage of a month it
     may still adjust; with ``INVOICING_ISSUE_EMPTY`` every account open in the period too),
     ascending, cut into chunks of one transaction each."""
-    first = dt.datetime.combine(billing.lookback_start(period), dt.time(), tzinfo=dt.UTC)
+    first = dt.datetime.combine(lookback_start(period), dt.time(), tzinfo=dt.UTC)
     candidates = metering_selectors.accounts_with_usage(
         start=first, end=period.end_at, account_ids=account_ids, shard=shard
     )
@@ -129,13 +131,15 @@ _ACCOUNT_ERRORS: tuple[type[BaseException], ...] = (DataError, IntegrityError, A
 
 def close_chunk_isolated(
     *, period: Period, account_ids: list[int], actor: Actor, render_pdfs: bool = True
-) -> billing.ChunkResult:
-    """``billing.close_chunk``, with one bad account isolated: on an error its data can
+) -> issuing.ChunkResult:
+    """``issuing.close_chunk``, with one bad account isolated: on an error its data can
     cause, the chunk is split in halves and each is retried, down to the single account,
     which is reported in ``unbillable`` (and logged) instead of blocking its neighbours."""
     started = time.perf_counter()
     try:
-        result = billing.close_chunk(period=period, account_ids=account_ids, actor=actor, render_pdfs=render_pdfs)
+        result = issuing.close_chunk(period=period, account_ids=account_ids, actor=actor)
+        if render_pdfs and result.issued:
+            queue_task("invoicing.render_documents", kind="invoice", source_ids=result.issued)
     except _ACCOUNT_ERRORS as exc:
         if len(account_ids) == 1:
             log.error(
@@ -146,9 +150,9 @@ def close_chunk_isolated(
                     "error": type(exc).__name__,
                 },
             )
-            return billing.ChunkResult(unbillable={account_ids[0]: f"{type(exc).__name__}: {exc}".strip()})
+            return issuing.ChunkResult(unbillable={account_ids[0]: f"{type(exc).__name__}: {exc}".strip()})
         half = len(account_ids) // 2
-        merged = billing.ChunkResult()
+        merged = issuing.ChunkResult()
         for part in (account_ids[:half], account_ids[half:]):
             _merge(merged, close_chunk_isolated(period=period, account_ids=part, actor=actor, render_pdfs=render_pdfs))
         return merged
@@ -173,7 +177,7 @@ def close_chunk_isolated(
     return result
 
 
-def _merge(into: billing.ChunkResult, part: billing.ChunkResult) -> None:
+def _merge(into: issuing.ChunkResult, part: issuing.ChunkResult) -> None:
     into.issued += part.issued
     into.already_issued += part.already_issued
     into.nothing_to_bill += part.nothing_to_bill
@@ -182,7 +186,7 @@ def _merge(into: billing.ChunkResult, part: billing.ChunkResult) -> None:
         into.totals_minor[currency] = into.totals_minor.get(currency, 0) + total
 
 
-def _add(report: CloseReport, result: billing.ChunkResult) -> None:
+def _add(report: CloseReport, result: issuing.ChunkResult) -> None:
     report.issued += len(result.issued)
     report.already_issued += result.already_issued
     report.nothing_to_bill += result.nothing_to_bill
@@ -214,10 +218,9 @@ def period_close(
         metering_services.rollup_catch_up()
     report = CloseReport(period=period, dry_run=dry_run)
     if fan_out and not dry_run and account_ids is None and not current_app.conf.task_always_eager:
-        from invoicing import tasks
-
         for shard in range(metering_selectors.shard_count()):
-            tasks.close_shard.delay(
+            queue_task(
+                "invoicing.close_shard",
                 period=period.label,
                 shard=shard,
                 actor_kind=actor.kind.value,
@@ -237,7 +240,7 @@ def period_close(
                 .values_list("account_id", flat=True)
             )
             todo = [a for a in chunk if a not in issued]
-            plans = billing.plan(period=period, account_ids=todo)
+            plans = planning.plan(period=period, account_ids=todo)
             report.already_issued += len(issued)
             report.unbillable.update(plans.unbillable)
             report.nothing_to_bill += len(todo) - len(plans) - len(plans.unbillable)
@@ -254,18 +257,18 @@ def invoice_draft_compute(*, account_id: int, period: Period) -> Invoice | None:
     """Create or recompute the account's draft for ``period`` (a preview for finance: no
     number, no ledger). Refused once the invoice is issued."""
     with transaction.atomic(durable=True):
-        billing.lock_accounts([account_id])
+        issuing.lock_accounts([account_id])
         invoice = Invoice.objects.select_for_update().filter(account_id=account_id, period_start=period.start).first()
         if invoice is not None and invoice.status != InvoiceStatus.DRAFT:
             raise Conflict("invoice_issued", f"The invoice for {period} is already issued: {invoice.number}.")
-        plans = billing.plan(period=period, account_ids=[account_id])
+        plans = planning.plan(period=period, account_ids=[account_id])
         planned = plans.get(account_id)
         if planned is None:
             if invoice is not None:
                 invoice.lines.all().delete()
                 invoice.delete()
             return None
-        return billing.write_draft(period=period, planned=planned, draft=invoice)
+        return issuing.write_draft(period=period, planned=planned, draft=invoice)
 
 
 def invoice_issue(*, invoice_id: int, actor: Actor) -> Invoice:
@@ -277,7 +280,8 @@ def invoice_issue(*, invoice_id: int, actor: Actor) -> Invoice:
         raise Conflict("invalid_transition", f"The invoice is {draft.status}, not a draft.")
     period = Period(draft.period_start)
     check_closable(period)
-    result = billing.close_chunk(period=period, account_ids=[draft.account_id], actor=actor)
+    result = issuing.close_chunk(period=period, account_ids=[draft.account_id], actor=actor)
+    queue_task("invoicing.render_documents", kind="invoice", source_ids=result.issued)
     if not result.issued:
         raise Conflict("nothing_to_bill", "Nothing is left to bill on this draft.")
     return Invoice.objects.get(id=result.issued[0])
@@ -353,7 +357,7 @@ def invoice_record_payment(
     ledger.post(
         [
             ledger.Entry(
-                "payment",
+                LedgerSource.PAYMENT,
                 payment.id,
                 invoice.account_id,
                 currency,
@@ -385,7 +389,7 @@ def invoice_write_off(*, invoice_id: int, actor: Actor, reason: str) -> Invoice:
     ledger.post(
         [
             ledger.Entry(
-                "write_off",
+                LedgerSource.WRITE_OFF,
                 invoice.id,
                 invoice.account_id,
                 invoice.currency,
@@ -412,7 +416,7 @@ def credit_note_issue(*, invoice_id: int, lines: list[CreditNoteLineIn], reason:
     with transaction.atomic(durable=True):
         invoice = _locked_invoice(invoice_id)
         note = _credit_note_insert(invoice, lines=lines, reason=_require_reason(reason), actor=actor)
-    on_commit(_render_later, kind="credit_note", source_ids=[note.id])
+    queue_task("invoicing.render_documents", kind="credit_note", source_ids=[note.id])
     return note
 
 
@@ -438,7 +442,7 @@ def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
         )
         _reverse_credits(invoice, note=note)
         _transition(invoice, "void", actor=actor, reason=f"{reason} (credit note {note.number})")
-    on_commit(_render_later, kind="credit_note", source_ids=[note.id])
+    queue_task("invoicing.render_documents", kind="credit_note", source_ids=[note.id])
     return note
 
 
@@ -491,7 +495,12 @@ def _credit_note_insert(
     CreditNoteLine.objects.bulk_create(
         [
             CreditNoteLine(
-                credit_note=note, position=i, description=line.description, sku=line.sku, amount_minor=line.amount_minor
+                credit_note=note,
+                position=i,
+                description=line.description,
+                sku=line.sku,
+                revenue_family=family_of(line.sku),
+                amount_minor=line.amount_minor,
             )
             for i, line in enumerate(lines, start=1)
         ]
@@ -506,13 +515,17 @@ def _credit_note_insert(
     by_family: dict[str, int] = defaultdict(int)
     if whole:
         # The whole invoice: revenue reversed per family exactly as it was posted.
-        for sku, amount in invoice.lines.values_list("sku", "amount_minor"):
-            by_family[billing.family_of(sku)] += amount
-        for earlier in CreditNoteLine.objects.filter(credit_note__invoice=invoice).exclude(credit_note=note):
-            by_family[billing.family_of(earlier.sku)] -= earlier.amount_minor
+        for family, amount in invoice.lines.values_list("revenue_family", "amount_minor"):
+            by_family[family] += amount
+        for family, amount in (
+            CreditNoteLine.objects.filter(credit_note__invoice=invoice)
+            .exclude(credit_note=note)
+            .values_list("revenue_family", "amount_minor")
+        ):
+            by_family[family] -= amount
     else:
         for line in lines:
-            by_family[billing.family_of(line.sku)] += line.amount_minor
+            by_family[family_of(line.sku)] += line.amount_minor
     postings = [ledger.Posting(ledger.revenue(f), amount) for f, amount in sorted(by_family.items())]
     if tax:
         postings.append(ledger.Posting(ledger.vat_payable(invoice.tax_country), tax))
@@ -520,7 +533,7 @@ def _credit_note_insert(
     ledger.post(
         [
             ledger.Entry(
-                "credit_note",
+                LedgerSource.CREDIT_NOTE,
                 note.id,
                 invoice.account_id,
                 invoice.currency,
@@ -553,7 +566,7 @@ def _reverse_credits(invoice: Invoice, *, note: CreditNote) -> None:
     ledger.post(
         [
             ledger.Entry(
-                "credit_reversal",
+                LedgerSource.CREDIT_REVERSAL,
                 note.id,
                 invoice.account_id,
                 invoice.currency,
@@ -566,12 +579,6 @@ def _reverse_credits(invoice: Invoice, *, note: CreditNote) -> None:
         ],
         posted_at=timezone.now(),
     )
-
-
-def _render_later(*, kind: str, source_ids: list[int]) -> None:
-    from invoicing import tasks
-
-    tasks.render_documents.delay(kind=kind, source_ids=source_ids)
 
 
 # --- Credits
@@ -592,11 +599,10 @@ def credit_grant_create(
     prepaid credit was paid through the gateway."""
     if kind not in CreditKind.values:
         raise ApplicationError("invalid", f"kind must be one of {', '.join(CreditKind.values)}.", field="kind")
-    from accounts.models import BillingAccount  # the account's currency decides
-
-    account_currency = BillingAccount.objects.filter(id=account_id).values_list("currency", flat=True).first()
-    if account_currency is None:
+    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+    if profile is None:
         raise NotFound("No such billing account.")
+    account_currency = profile.currency  # the account's currency decides
     if currency != account_currency:
         raise ApplicationError("currency_mismatch", f"The account is billed in {account_currency}.", field="currency")
     amount_minor = money.to_minor(amount, currency)
@@ -625,7 +631,7 @@ def credit_grant_create(
         ledger.post(
             [
                 ledger.Entry(
-                    "credit_grant",
+                    LedgerSource.CREDIT_GRANT,
                     grant.id,
                     account_id,
                     currency,

@@ -23,7 +23,7 @@ def render_documents(*, kind: str, source_ids: list[int]) -> int:
 def close_last_period() -> str:
     """Beat, on the 1st after the grace time for late events: close last month."""
     from invoicing import services
-    from invoicing.billing import Period
+    from invoicing.periods import Period
 
     now = timezone.now()
     period = Period.containing(now).previous
@@ -37,7 +37,7 @@ def close_last_period() -> str:
 def close_shard(*, period: str, shard: int, actor_kind: str, actor_name: str, actor_user_id: int | None) -> str:
     """One shard of a fanned-out period close (idempotent: a redelivery finds it issued)."""
     from invoicing import services
-    from invoicing.billing import Period
+    from invoicing.periods import Period
 
     actor = Actor(kind=ActorKind(actor_kind), name=actor_name, user_id=actor_user_id)
     return services.period_close_shard(period=Period.parse(period), shard=shard, actor=actor).summary()
@@ -47,7 +47,7 @@ def close_shard(*, period: str, shard: int, actor_kind: str, actor_name: str, ac
 def close_period(*, period: str, operator_id: int, operator_email: str) -> str:
     """A billing run started by finance from the admin's period-close page."""
     from invoicing import services
-    from invoicing.billing import Period
+    from invoicing.periods import Period
 
     actor = Actor.operator(operator_id, operator_email)
     return services.period_close(period=Period.parse(period), actor=actor, fan_out=True).summary()

@@ -20,7 +20,7 @@ from decimal import Decimal
 from django.conf import settings
 from stdnum.eu import vat as eu_vat
 
-from accounts.validation import EU_COUNTRIES
+from billing_site.common.countries import EU_COUNTRIES
 from billing_site.common.errors import ApplicationError
 from invoicing.models import TaxRate, TaxTreatment
 

@@ -15,8 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts import selectors as account_selectors
-from accounts.authentication import caller_of
-from accounts.models import Scope
+from accounts.authentication import Scope, caller_of
 from billing_site.common.errors import ApplicationError, error_responses
 from billing_site.common.schema import closed_inline_serializer
 from billing_site.common.views import StrictQueryMixin

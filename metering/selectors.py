@@ -111,7 +111,7 @@ def cost_breakdown(query: CostQuery) -> tuple[list[dict[str, Any]], Decimal]:
 
 
 def resource_states(*, account_id: int, limit: int = 500) -> list[Any]:
-    from metering.models import InactiveAccountUsage, ResourceState
+    from metering.models import ResourceState
 
     return list(ResourceState.objects.filter(account_id=account_id).order_by("-last_event_at")[:limit])
 

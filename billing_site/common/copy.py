@@ -1,8 +1,14 @@
-"""Bulk writes with PostgreSQL's COPY: the set-based way to insert thousands of rows."""
+"""Bulk writes with PostgreSQL's COPY and ``unnest``: the set-based way to write thousands of rows.
+
+A bulk-written table is described once (``BulkTable``): its columns' names and PostgreSQL
+types, in the order of the fields of the ``NamedTuple`` rows written to it. The column
+lists, the ``unnest`` arguments and an upsert's ``SET`` list are generated from that, so a
+new column is one edit and two columns cannot be swapped by position.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from django.db import connection
@@ -19,3 +25,40 @@ def copy_rows(table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]])
     ):
         for row in rows:
             copy.write_row(row)
+
+
+class BulkTable:
+    """A table and the ``NamedTuple`` its rows are written as: ``types`` maps each of the
+    tuple's fields, in order, to the column's PostgreSQL type."""
+
+    def __init__(self, name: str, row: type[tuple[Any, ...]], types: Mapping[str, str]) -> None:
+        fields = tuple(getattr(row, "_fields", ()))
+        if fields != tuple(types):
+            raise TypeError(f"{name}: {row.__name__}'s fields {fields} are not the described columns {tuple(types)}")
+        self.name = name
+        self.row = row
+        self.types = dict(types)
+        self.columns = tuple(types)
+
+    @property
+    def column_list(self) -> str:
+        return ", ".join(self.columns)
+
+    def copy(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """COPY the rows in (the fast path for plain inserts)."""
+        copy_rows(self.name, self.columns, rows)
+
+    def unnest(self, rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[list[Any]]]:
+        """``unnest(%s::type[], …) AS r(columns)`` and its parameters (one array per column),
+        for an ``INSERT … SELECT … FROM`` that needs ``ON CONFLICT`` or ``RETURNING``."""
+        arrays = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in self.columns]
+        args = ", ".join(f"%s::{kind}[]" for kind in self.types.values())
+        return f"unnest({args}) AS r({self.column_list})", arrays
+
+    def excluded(self, columns: Iterable[str]) -> str:
+        """``col = EXCLUDED.col, …`` for an upsert's ``SET`` list."""
+        columns = list(columns)
+        unknown = [column for column in columns if column not in self.types]
+        if unknown:
+            raise KeyError(f"{self.name} has no columns {unknown}")
+        return ", ".join(f"{column} = EXCLUDED.{column}" for column in columns)

@@ -11,7 +11,7 @@ import pytest
 import time_machine
 
 from billing_site.common.actors import Actor
-from invoicing.billing import Period
+from invoicing.periods import Period
 
 # The price catalog, and the emptying of the hand-made metering tables for committing tests.
 from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401

@@ -13,9 +13,9 @@ from accounts.models import BillingAccount
 from billing_site.common.errors import ApplicationError
 from conftest import Customer
 from invoicing import ledger, services
-from invoicing.billing import Period
 from invoicing.line_display import detail_view
 from invoicing.models import BilledUsage, CreditApplication, Invoice, InvoiceStatus, InvoiceTransition, LineKind
+from invoicing.periods import Period
 from invoicing.tests.conftest import FINANCE, NOVEMBER, NOW, OCTOBER
 from invoicing.tests.factories import ContractDiscountFactory, rated
 

@@ -22,9 +22,9 @@ from accounts.models import BillingAccount
 from billing_site.common.actors import Actor
 from conftest import Customer
 from invoicing import pdf, services
-from invoicing.billing import Period
 from invoicing.checks import seller_is_complete
 from invoicing.models import Invoice, LineKind
+from invoicing.periods import Period
 from invoicing.tests.factories import ContractDiscountFactory, rated
 from invoicing.tests.readers import api_invoice, laid_out
 

@@ -18,8 +18,8 @@ from billing_site.common import money
 from billing_site.common.actors import Actor
 from conftest import Customer
 from invoicing import ledger, services
-from invoicing.billing import Period
 from invoicing.models import BilledUsage, Invoice, InvoiceLine, LineKind
+from invoicing.periods import Period
 from invoicing.tests.factories import ContractDiscountFactory, rated
 
 SEPTEMBER = Period(dt.date(2026, 9, 1))

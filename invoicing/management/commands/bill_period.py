@@ -10,7 +10,7 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
 from invoicing import services
-from invoicing.billing import Period
+from invoicing.periods import Period
 
 
 class Command(BaseCommand):

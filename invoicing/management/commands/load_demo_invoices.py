@@ -12,12 +12,12 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from accounts.models import BillingAccount
+from accounts import selectors as account_selectors
 from billing_site.common import money
 from billing_site.common.actors import Actor
 from invoicing import ledger, services
-from invoicing.billing import Period
 from invoicing.models import ContractDiscount, CreditGrant, Invoice, RenderedDocument
+from invoicing.periods import Period
 
 DEMO = Actor.system("load_demo_invoices")
 
@@ -31,8 +31,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, force: bool = False, **options: Any) -> None:
         if not (settings.DEBUG or force):
             raise CommandError("Demo invoices are for demo databases: DEBUG must be on (or --force).")
-        globex = BillingAccount.objects.filter(name="Globex GmbH").first()
-        acme = BillingAccount.objects.filter(name="Acme Cloud BV").first()
+        named = {a.name: a for a in account_selectors.billing_accounts_named(names=["Globex GmbH", "Acme Cloud BV"])}
+        globex, acme = named.get("Globex GmbH"), named.get("Acme Cloud BV")
         if acme is not None and not CreditGrant.objects.filter(account_id=acme.id).exists():
             services.credit_grant_create(
                 account_id=acme.id,

@@ -19,8 +19,9 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.test import Client
 
+from accounts import selectors as account_selectors
 from accounts import services as account_services
-from accounts.models import BillingAccount, Scope
+from accounts.authentication import Scope
 from metering import rollup, selectors
 
 CATALOG = Path(__file__).resolve().parents[2] / "fixtures" / "catalog.json"
@@ -28,7 +29,7 @@ DEMO_ACCOUNTS = ("Acme Cloud BV", "Globex GmbH", "Initech Ltd")
 DAYS = 30
 
 
-def synthetic_month(account: BillingAccount, *, now: dt.datetime, seed: int) -> list[dict[str, Any]]:
+def synthetic_month(account: Any, *, now: dt.datetime, seed: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)  # noqa: S311 (synthetic data, not secrets)
     start = (now - dt.timedelta(days=DAYS)).replace(minute=0, second=0, microsecond=0)
     events: list[dict[str, Any]] = []
@@ -130,7 +131,7 @@ class Command(BaseCommand):
         key = account_services.service_key_create(name="demo-loader", scopes=[Scope.USAGE_WRITE], created_by_id=None)
         client = Client(HTTP_AUTHORIZATION=f"Bearer {key.raw}", SERVER_NAME="127.0.0.1")
         now = dt.datetime.now(dt.UTC)
-        for seed, account in enumerate(BillingAccount.objects.filter(name__in=DEMO_ACCOUNTS).order_by("name")):
+        for seed, account in enumerate(account_selectors.billing_accounts_named(names=list(DEMO_ACCOUNTS))):
             if selectors.usage_event_count(account_id=account.id):
                 self.stdout.write(f"{account.name}: has usage already, skipped")
                 continue
