@@ -22,6 +22,8 @@ DELETE); corrections are new entries.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,8 +34,11 @@ from django.utils import timezone
 
 from billing_site.common import money
 from billing_site.common.copy import copy_rows
+from billing_site.common.logs import ms_since
 from invoicing.models import LedgerSource
 from metering import selectors as metering_selectors
+
+log = logging.getLogger(__name__)
 
 RECEIVABLE = "receivable"
 CUSTOMER_CREDIT = "customer_credit"
@@ -165,12 +170,25 @@ def check(*, usage_since: dt.date | None = None) -> list[str]:
     if usage_since is None:
         today = timezone.now().date()
         usage_since = dt.date(today.year - 1, today.month, 1)
+    started = time.monotonic()
     if connection.in_atomic_block:
-        return _check(usage_since)
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        return _check(usage_since)
+        problems = _check(usage_since)
+    else:
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            problems = _check(usage_since)
+    log.log(
+        logging.ERROR if problems else logging.INFO,
+        "ledger.check",
+        extra={
+            "violations": len(problems),
+            "first": problems[0] if problems else None,
+            "usage_since": usage_since.isoformat(),
+            "duration_ms": ms_since(started),
+        },
+    )
+    return problems
 
 
 def _check(usage_since: dt.date) -> list[str]:

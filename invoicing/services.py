@@ -119,7 +119,27 @@ def period_close_shard(
         report.accounts += len(chunk)
         _add(report, close_chunk_isolated(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
     report.seconds = time.perf_counter() - started
+    _log_run(report, shard=shard)
     return report
+
+
+def _log_run(report: CloseReport, *, shard: int | None) -> None:
+    log.log(
+        logging.ERROR if report.unbillable else logging.INFO,
+        "invoicing.period_closed",
+        extra={
+            "period": report.period.label,
+            "shard": shard,
+            "dry_run": report.dry_run,
+            "accounts": report.accounts,
+            "issued": report.issued,
+            "already_issued": report.already_issued,
+            "nothing_to_bill": report.nothing_to_bill,
+            "unbillable": len(report.unbillable),
+            "totals": {c: money.format_minor(m, c) for c, m in sorted(report.totals_minor.items())},
+            "duration_ms": round(report.seconds * 1000),
+        },
+    )
 
 
 # What one account's data can make a chunk fail with (a value out of range, a constraint):
@@ -229,6 +249,7 @@ def period_close(
             )
         report.queued_shards = metering_selectors.shard_count()
         report.seconds = time.perf_counter() - started
+        log.info("invoicing.period_close_queued", extra={"period": period.label, "shards": report.queued_shards})
         return report
     chunks = period_chunks(period=period, account_ids=account_ids, chunk_size=chunk_size)
     report.accounts = sum(len(chunk) for chunk in chunks)
@@ -250,6 +271,7 @@ def period_close(
             continue
         _add(report, close_chunk_isolated(period=period, account_ids=chunk, actor=actor, render_pdfs=render_pdfs))
     report.seconds = time.perf_counter() - started
+    _log_run(report, shard=None)
     return report
 
 

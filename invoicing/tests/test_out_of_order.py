@@ -222,3 +222,24 @@ def test_a_database_error_of_one_account_is_isolated_to_it(
     assert "DataError" in report.unbillable[runaway.id]
     assert Invoice.objects.filter(account_id__in=[a.id for a in accounts]).count() == 5
     assert ledger.check() == []
+
+
+def test_a_close_logs_each_chunk_the_run_the_skipped_account_and_the_check(
+    acct: Callable, clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    runaway = acct(currency="JPY", country="NL")
+    ordinary = acct(currency="EUR", country="NL")
+    rated(runaway.id, "2026-10-15", "compute.vcpu", "1", "10000000000000000000")
+    rated(ordinary.id, "2026-10-15", "compute.vcpu", "10", "12.34")
+    with caplog.at_level("INFO"):
+        close(OCTOBER)
+        ledger.check()
+    by_event = {record.getMessage(): record for record in caplog.records}
+    chunk = by_event["invoicing.chunk_closed"]
+    assert (chunk.period, chunk.accounts, chunk.issued, chunk.unbillable) == ("2026-10", 2, 1, 1)
+    skipped = by_event["invoicing.account_unbillable"]
+    assert skipped.levelname == "ERROR" and skipped.account_id == runaway.public_id
+    run = by_event["invoicing.period_closed"]
+    assert (run.issued, run.unbillable, run.totals) == (1, 1, {"EUR": "14.93"})
+    check = by_event["ledger.check"]
+    assert check.violations == 0 and check.levelname == "INFO"
