@@ -80,6 +80,23 @@ def test_a_field_never_replaces_the_core_keys_of_a_json_line() -> None:
     assert body["time"] == "2026-11-03T12:30:00.000Z" and body["logger"] == "accounts.services"
 
 
+def test_celery_task_records_carry_no_arguments() -> None:
+    # Celery's "Task … succeeded" and "received" records carry the task's kwargs as ``data``.
+    line = logging.getLogger("celery.app.trace").makeRecord(
+        "celery.app.trace",
+        logging.INFO,
+        __file__,
+        1,
+        "Task %(name)s[%(id)s] succeeded",
+        ({"name": "invoicing.close_period", "id": "t-1"},),
+        None,
+        extra={"data": {"kwargs": "{'operator_email': 'ops.person@example.test'}"}},
+    )
+    for formatter in (TextFormatter(), JsonFormatter()):
+        rendered = formatter.format(line)
+        assert "invoicing.close_period[t-1] succeeded" in rendered and "ops.person" not in rendered
+
+
 def test_emails_are_masked() -> None:
     assert mask_email("john.doe@example.com") == "j***@example.com"
     assert mask_email("@example.com") == "***@example.com"

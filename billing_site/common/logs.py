@@ -50,6 +50,9 @@ _RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__d
 # Fields that third parties attach and that are noise or objects in a log line (Django adds
 # the request object to django.request and django.server records).
 _DROPPED_FIELDS = frozenset({"request", "server_time"})
+# Celery attaches ``data`` (a task's args and kwargs, e.g. an operator's email) to its task
+# received/succeeded/failed records: their message says which task, by id, and that is enough.
+_DROPPED_CELERY_FIELDS = frozenset({"data"})
 _BARE = re.compile(r"[^\s\"'=\\]+")
 
 
@@ -88,10 +91,11 @@ def timed(
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     """The ``extra`` fields of a record, in the order they were given."""
+    dropped = _DROPPED_FIELDS | _DROPPED_CELERY_FIELDS if record.name.startswith("celery") else _DROPPED_FIELDS
     return {
         key: value
         for key, value in record.__dict__.items()
-        if key not in _RECORD_ATTRIBUTES and key not in _DROPPED_FIELDS and not key.startswith("_")
+        if key not in _RECORD_ATTRIBUTES and key not in dropped and not key.startswith("_")
     }
 
 

@@ -121,7 +121,7 @@ _BROKER_URL = os.environ.get("CELERY_BROKER_URL", "").strip() or REDIS_URL
 # No broker: run tasks inline, and point Celery at its in-memory transport so that nothing
 # ever reaches for the default amqp://localhost.
 CELERY_TASK_ALWAYS_EAGER = not _BROKER_URL
-CELERY_BROKER_URL = _BROKER_URL or "memory://"
+CELERY_BROKER_URL = _BROKER_URL or "memory://localhost/"  # with a host: kombu warns without one
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "").strip() or None
 CELERY_TASK_ACKS_LATE = True
