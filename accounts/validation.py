@@ -1,12 +1,10 @@
-"""Profile rules shared by the API and the admin: country, currency, tax id."""
+"""Profile rules shared by the API and the admin: the tax id (country and currency are closed lists)."""
 
 from __future__ import annotations
 
 import re
 
 import stdnum
-from django.conf import settings
-from django_countries.data import COUNTRIES
 from stdnum.eu import vat as eu_vat
 from stdnum.exceptions import ValidationError as StdnumError
 
@@ -15,21 +13,6 @@ from billing_site.common.countries import EU_COUNTRIES
 # EU VAT numbers carry the member state's prefix; Greece uses EL, Northern Ireland XI.
 _VAT_PREFIX = {"GR": "EL"}
 _GENERIC_TAX_ID = re.compile(r"^[A-Z0-9]{2,32}$")
-
-
-def normalize_country(value: str) -> str:
-    code = value.strip().upper()
-    if len(code) != 2 or code not in COUNTRIES:
-        raise ValueError(f"'{value}' is not an ISO 3166-1 alpha-2 country code.")
-    return code
-
-
-def normalize_currency(value: str) -> str:
-    code = value.strip().upper()
-    allowed = settings.BILLING_CURRENCIES
-    if code not in allowed:
-        raise ValueError(f"'{value}' is not a supported currency; use one of {', '.join(allowed)}.")
-    return code
 
 
 def normalize_tax_id(country: str, value: str) -> str:
