@@ -78,23 +78,25 @@ class IngestStanding:
 
 def billing_account_standings(account_ids: set[int]) -> dict[int, IngestStanding]:
     """The state (and closure time, for closed accounts) of each of these accounts that
-    exists: one indexed query per batch (states change, so nothing is cached)."""
+    exists: one indexed query per batch (states change, so nothing is cached). Only closed
+    accounts look up their closure in the audit trail; one closed without a closure record
+    (imported data) counts as closed since its row last changed."""
+    from django.db.models import Case, When
+    from django.db.models.functions import Coalesce
+
     from accounts.models import AccountState
 
-    closed_at = (
+    closure = (
         BillingAccountTransition.objects.filter(account_id=OuterRef("id"), to_state=AccountState.CLOSED)
         .order_by("-created_at")
         .values("created_at")[:1]
     )
     rows = (
         BillingAccount.objects.filter(id__in=list(account_ids))
-        .annotate(closed_at=Subquery(closed_at))
+        .annotate(closed_at=Case(When(state=AccountState.CLOSED, then=Coalesce(Subquery(closure), "updated_at"))))
         .values_list("id", "state", "closed_at")
     )
-    return {
-        account_id: IngestStanding(state, closed if state == AccountState.CLOSED else None)
-        for account_id, state, closed in rows
-    }
+    return {account_id: IngestStanding(state, closed) for account_id, state, closed in rows}
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,9 +97,10 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor) -> Chun
     # series' number lock is taken as late as possible and held only to the commit.
     invoice_ids = {p.account_id: drafts.get(p.account_id) or ids.new_id() for p in ordered}
     applied = _apply_credits(ordered, now=now)
-    if drafts:
+    issued_drafts = [drafts[p.account_id] for p in ordered if p.account_id in drafts]
+    if issued_drafts:  # a draft not issued now (nothing to bill, unbillable) keeps its lines
         with connection.cursor() as cursor:
-            cursor.execute("DELETE FROM invoicing_invoiceline WHERE invoice_id = ANY(%s)", [list(drafts.values())])
+            cursor.execute("DELETE FROM invoicing_invoiceline WHERE invoice_id = ANY(%s)", [issued_drafts])
     _write_lines(ordered, invoice_ids)
     _write_audit(ordered, invoice_ids, applied, actor=actor, now=now)
     invoice_numbers = numbering.take(settings.INVOICING_INVOICE_SERIES, now.year, len(ordered))

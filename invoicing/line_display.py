@@ -7,7 +7,7 @@ A line's quantity is stored at full precision: the sum of per-hour fractions, ea
 figure wherever it appears. Only what is shown is rounded: amounts are computed from the
 stored full-precision quantities, as before, and never from these strings.
 
-A line's detail (its usage by resource and by ``project`` label, see ``billing._line_detail``)
+A line's detail (its usage by resource and by ``project`` label, see ``planning._line_detail``)
 is shown the same way: each row's quantity rounded as above, and the line's rounded amount
 split over the rows in proportion to their rated amounts so that each split sums to the line
 exactly (largest remainder, ``money.allocate``). Computed from frozen data, so it never changes.

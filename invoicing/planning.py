@@ -150,7 +150,7 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
         # was charged before, so late usage never loses or gains a cent to rounding.
         minor = money.to_minor(now_a, currency) - int(was_minor)
         if now_q != was_q or now_a != was_a or minor:
-            deltas[key[0]].append(Delta(key[1], key[2], now_q - was_q, now_a - was_a, minor, first=not was_q))
+            deltas[key[0]].append(Delta(key[1], key[2], now_q - was_q, now_a - was_a, minor, first=key not in billed))
 
     tax_point = period.end - dt.timedelta(days=1)
     plans = Plans()

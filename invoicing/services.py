@@ -162,15 +162,12 @@ def close_chunk_isolated(
             queue_task("invoicing.render_documents", kind="invoice", source_ids=result.issued)
     except _ACCOUNT_ERRORS as exc:
         if len(account_ids) == 1:
+            reason = _failure_reason(exc)
             log.error(
                 "invoicing.account_unbillable",
-                extra={
-                    "period": period.label,
-                    "account_id": ids.encode("acc", account_ids[0]),
-                    "error": type(exc).__name__,
-                },
+                extra={"period": period.label, "account_id": ids.encode("acc", account_ids[0]), "error": reason},
             )
-            return issuing.ChunkResult(unbillable={account_ids[0]: f"{type(exc).__name__}: {exc}".strip()})
+            return issuing.ChunkResult(unbillable={account_ids[0]: reason})
         half = len(account_ids) // 2
         merged = issuing.ChunkResult()
         for part in (account_ids[:half], account_ids[half:]):
@@ -195,6 +192,16 @@ def close_chunk_isolated(
         },
     )
     return result
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """What went wrong, for the report and the log, without the failing row: PostgreSQL's
+    DETAIL line (and so ``str(exc)``) would carry the buyer's snapshot, email and address."""
+    diag = getattr(exc.__cause__, "diag", None)
+    if diag is None:
+        return type(exc).__name__
+    constraint = f", constraint {diag.constraint_name}" if diag.constraint_name else ""
+    return f"{type(exc).__name__} {diag.sqlstate}: {diag.message_primary}{constraint}"
 
 
 def _merge(into: issuing.ChunkResult, part: issuing.ChunkResult) -> None:
@@ -302,8 +309,9 @@ def invoice_issue(*, invoice_id: int, actor: Actor) -> Invoice:
         raise Conflict("invalid_transition", f"The invoice is {draft.status}, not a draft.")
     period = Period(draft.period_start)
     check_closable(period)
-    result = issuing.close_chunk(period=period, account_ids=[draft.account_id], actor=actor)
-    queue_task("invoicing.render_documents", kind="invoice", source_ids=result.issued)
+    result = close_chunk_isolated(period=period, account_ids=[draft.account_id], actor=actor)
+    if result.unbillable:
+        raise Conflict("unbillable", f"This draft cannot be issued: {result.unbillable[draft.account_id]}.")
     if not result.issued:
         raise Conflict("nothing_to_bill", "Nothing is left to bill on this draft.")
     return Invoice.objects.get(id=result.issued[0])

@@ -355,7 +355,7 @@ WITH inserted AS (
     ON CONFLICT (account_id, event_id) DO NOTHING
     RETURNING account_id
 )
-SELECT account_id, count(*) FROM inserted GROUP BY account_id
+SELECT account_id, count(*) FROM inserted GROUP BY account_id ORDER BY account_id
 """  # noqa: S608 (constants only)
 _COUNT_INACTIVE = """
 INSERT INTO metering_inactiveaccountusage (account_id, account_state, events, last_received_at)

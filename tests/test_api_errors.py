@@ -155,3 +155,14 @@ def test_pages_outside_the_api_keep_their_html_errors(debug: bool, db: None, set
     response = Client().get("/no-such-page")
     assert response.status_code == 404
     assert response["Content-Type"].startswith("text/html")
+
+
+@both_debug_modes
+def test_a_replaced_error_keeps_the_security_headers(debug: bool, customer: Customer, settings: Any) -> None:
+    settings.DEBUG = debug
+    response = customer.client.get("/api/v1/no-such-route")
+    assert_problem(response, 404, "not_found")
+    # Set by SecurityMiddleware and XFrameOptionsMiddleware on the response the problem replaced.
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["X-Frame-Options"] == "DENY"
+    assert response["Referrer-Policy"]

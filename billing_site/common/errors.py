@@ -173,8 +173,9 @@ _FALLBACK: dict[int, tuple[str, str]] = {
     413: ("payload_too_large", "Request body too large."),
     500: ("internal_error", "Internal server error. It has been logged."),
 }
-# Headers of the original response a client needs to act on the error.
-_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+# Headers of the original response that describe its old body: everything else (Allow,
+# WWW-Authenticate, Retry-After, and the security headers the inner middleware set) is kept.
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding", "content-language", "etag"})
 
 
 def fallback_problem(status: int) -> JsonResponse:
@@ -203,9 +204,10 @@ class ProblemJsonMiddleware:
         if response.get("Content-Type", "").split(";")[0].strip() == PROBLEM_CONTENT_TYPE:
             return response
         replacement = fallback_problem(response.status_code)
-        for header in _KEPT_HEADERS:
-            if header in response:
-                replacement[header] = response[header]
+        for header, value in response.items():
+            if header.lower() not in _BODY_HEADERS:
+                replacement[header] = value
+        replacement.cookies = response.cookies
         response.close()
         return replacement
 

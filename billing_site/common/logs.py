@@ -18,12 +18,7 @@ or ``json``, one object per line::
 Every record gets the same treatment, Django's and Celery's included: their message becomes
 ``event`` (quoted in text when it has spaces) and their ``extra`` become fields.
 
-A run with a duration is one line too, written when the block ends (``error=<type>`` at
-ERROR if it raised; the exception itself propagates)::
-
-    with logs.timed(log, "invoicing.chunk_closed", period=period.label, accounts=len(ids)) as fields:
-        ...
-        fields["issued"] = len(result.issued)
+A run with a duration is one line too, at its end, with ``duration_ms`` (``ms_since``).
 
 Never a secret in a field: no API key, password, token or card data, and an email address
 only through ``mask_email`` (``j***@example.com``).
@@ -36,8 +31,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
 
@@ -69,24 +62,6 @@ def mask_email(email: str | None) -> str:
 def ms_since(started: float) -> int:
     """Milliseconds since ``started`` (a ``time.monotonic()`` reading)."""
     return round((time.monotonic() - started) * 1000)
-
-
-@contextmanager
-def timed(
-    logger: logging.Logger, event: str, /, *, level: int = logging.INFO, **fields: Any
-) -> Iterator[dict[str, Any]]:
-    """Log ``event`` once when the block ends, with ``fields`` (the block may add to the dict
-    it is given) and ``duration_ms``; at ERROR with ``error=<exception type>`` if it raised."""
-    started = time.monotonic()
-    try:
-        yield fields
-    except Exception as exc:
-        fields["duration_ms"] = ms_since(started)
-        fields["error"] = type(exc).__name__
-        logger.error(event, extra=fields)
-        raise
-    fields["duration_ms"] = ms_since(started)
-    logger.log(level, event, extra=fields)
 
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:

@@ -219,7 +219,7 @@ def test_a_database_error_of_one_account_is_isolated_to_it(
     report = close(OCTOBER)
     assert report.issued == 5
     assert set(report.unbillable) == {runaway.id}
-    assert "DataError" in report.unbillable[runaway.id]
+    assert report.unbillable[runaway.id].startswith("DataError 22003: value")  # no failing row's content
     assert Invoice.objects.filter(account_id__in=[a.id for a in accounts]).count() == 5
     assert ledger.check() == []
 

@@ -500,3 +500,20 @@ def test_usage_of_an_account_that_is_not_active_is_accepted_and_counted(
     quality = selectors.data_quality(account_id=usage_account.id)
     assert quality[f"events_while_{state}"] == 2
     assert sum(quality[f"events_while_{s}"] for s in ("pending", "suspended", "blocked")) == 2
+
+
+def test_a_closed_account_without_a_closure_record_refuses_usage_after_its_last_change(
+    usage_account: BillingAccount, send: Callable
+) -> None:
+    # Imported data: closed, but no transition row says when. Its row's last change stands in.
+    BillingAccount.objects.filter(id=usage_account.id).update(state="closed", updated_at=now() - dt.timedelta(hours=1))
+    body = result(
+        send(
+            [
+                usage(usage_account, "before", time=iso(now() - dt.timedelta(hours=2))),
+                usage(usage_account, "after", time=iso(now() - dt.timedelta(minutes=30))),
+            ]
+        )
+    )
+    assert body["accepted"] == 1
+    assert [(r["id"], r["code"]) for r in body["rejected"]] == [("after", "account_closed")]
