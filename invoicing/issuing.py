@@ -400,9 +400,45 @@ _BILLED = BulkTable(
 )
 
 
+class _DiscountedRow(NamedTuple):
+    account_id: int
+    discount_id: int
+    usage_month: dt.date
+    invoice_id: int
+    base_amount: Decimal
+    amount_minor: int
+
+
+_DISCOUNTED = BulkTable(
+    "invoicing_discountedusage",
+    _DiscountedRow,
+    {
+        "account_id": "bigint",
+        "discount_id": "bigint",
+        "usage_month": "date",
+        "invoice_id": "bigint",
+        "base_amount": "numeric",
+        "amount_minor": "bigint",
+    },
+)
+
+
 def _write_lines(plans: list[PlannedInvoice], invoice_ids: dict[int, int]) -> None:
-    """The issued invoices' lines, and what they billed of each month's usage."""
+    """The issued invoices' lines, and what they billed and discounted of each month's usage."""
     _write_invoice_lines(plans, invoice_ids)
+    _DISCOUNTED.copy(
+        _DiscountedRow(
+            account_id=p.account_id,
+            discount_id=line.discount_id,
+            usage_month=line.usage_month,
+            invoice_id=invoice_ids[p.account_id],
+            base_amount=line.discount_base,
+            amount_minor=line.amount_minor,
+        )
+        for p in plans
+        for line in p.discounted
+        if line.discount_id is not None and line.usage_month is not None
+    )
     _BILLED.copy(
         _BilledRow(
             account_id=p.account_id,

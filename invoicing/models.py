@@ -83,6 +83,31 @@ class ContractDiscount(models.Model):
         return f"{self.percent}% on {self.sku_prefix or '*'}"
 
 
+class DiscountedUsage(models.Model):
+    """What an issued invoice discounted of a month's usage under one contract discount: the
+    rated base it took (the usage in the discount's days of that month, its SKUs) and the
+    minor units it gave. Like ``BilledUsage`` for usage, it lets a later invoice discount
+    only what is left, so each month's discount is given exactly once in any closing order."""
+
+    account_id = models.BigIntegerField()
+    discount = models.ForeignKey(ContractDiscount, on_delete=models.PROTECT, related_name="+")
+    usage_month = models.DateField()
+    invoice = models.ForeignKey("Invoice", on_delete=models.PROTECT, related_name="+")
+    base_amount = models.DecimalField(max_digits=38, decimal_places=12)
+    amount_minor = models.BigIntegerField()  # negative: a discount
+
+    class Meta:
+        verbose_name_plural = "discounted usage"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account_id", "discount", "usage_month", "invoice"], name="invoicing_discountedusage_unique"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{ids.encode('acc', self.account_id)} {self.usage_month:%Y-%m} discount {self.discount_id}"
+
+
 class BillingLock(models.Model):
     """One row per billed account, locked ``FOR UPDATE`` while the account is being invoiced:
     two period closes (of the same or different months) never bill one account at once.

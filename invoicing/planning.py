@@ -21,7 +21,7 @@ from django.conf import settings
 from accounts import selectors as account_selectors
 from billing_site.common import money
 from invoicing import taxes
-from invoicing.models import BilledUsage, ContractDiscount, LineKind
+from invoicing.models import BilledUsage, ContractDiscount, DiscountedUsage, LineKind
 from invoicing.periods import Period, lookback_start
 from metering import selectors as metering_selectors
 
@@ -44,6 +44,8 @@ class PlannedLine:
     rated_amount: Decimal
     amount_minor: int
     detail: dict[str, Any] = field(default_factory=dict)
+    discount_id: int | None = None  # a discount line: which discount, on how much rated usage
+    discount_base: Decimal = Decimal(0)
 
     @property
     def revenue_family(self) -> str:
@@ -65,6 +67,10 @@ class PlannedInvoice:
     @property
     def billed(self) -> list[PlannedLine]:
         return [line for line in self.lines if line.kind in (LineKind.USAGE, LineKind.ADJUSTMENT)]
+
+    @property
+    def discounted(self) -> list[PlannedLine]:
+        return [line for line in self.lines if line.discount_id is not None]
 
 
 def seller_snapshot() -> dict[str, Any]:
@@ -118,25 +124,8 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
         billed[row[:3]][1] += row[4]
         billed[row[:3]][2] += row[5]
 
-    discounts = list(
-        ContractDiscount.objects.filter(account_id__in=account_ids, valid_from__lt=period.end).exclude(
-            valid_until__lte=period.start
-        )
-    )
-    windows = [
-        metering_selectors.AmountWindow(
-            key=d.id,
-            account_id=d.account_id,
-            sku_prefix=d.sku_prefix,
-            start=dt.datetime.combine(max(d.valid_from, period.start), dt.time(), tzinfo=dt.UTC),
-            end=dt.datetime.combine(min(d.valid_until or period.end, period.end), dt.time(), tzinfo=dt.UTC),
-        )
-        for d in discounts
-    ]
-    discount_bases = metering_selectors.window_amounts(windows)
-    discounts_of: dict[int, list[ContractDiscount]] = defaultdict(list)
-    for d in discounts:
-        discounts_of[d.account_id].append(d)
+    currencies = {account_id: profile.currency for account_id, profile in profiles.items()}
+    discounts_of = _discount_deltas(period=period, first_month=first_month, currencies=currencies)
 
     pricing: dict[str, dict[str, metering_selectors.SkuPricing]] = {}
     deltas: dict[int, list[Delta]] = defaultdict(list)
@@ -164,9 +153,7 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
                 currency=currency, start=period.start_at, end=period.end_at
             )
         usage_lines = _usage_lines(period, account_id, deltas.get(account_id, []), pricing[currency], usage)
-        lines = usage_lines + _discount_lines(
-            discounts_of.get(account_id, []), discount_bases, usage_lines, period, currency
-        )
+        lines = usage_lines + _discount_lines(discounts_of.get(account_id, []), period, currency)
         if not lines and not settings.INVOICING_ISSUE_EMPTY:
             continue
         subtotal = sum(line.amount_minor for line in lines)
@@ -289,57 +276,94 @@ def _line_detail(
     return result
 
 
-def _discount_lines(
-    discounts: list[ContractDiscount],
-    bases: dict[tuple[int, str], Decimal],
-    usage_lines: list[PlannedLine],
-    period: Period,
-    currency: str,
-) -> list[PlannedLine]:
-    """A negative line per discount: on the period's own usage in the discount's days, and on
-    late-usage adjustments of an earlier month the discount covered whole."""
-    lines = []
-    for d in sorted(discounts, key=lambda d: (d.sku_prefix, d.id)):
-        scope = f"{d.sku_prefix}*" if d.sku_prefix else "all usage"
-        covers_period = d.valid_from <= period.start and (d.valid_until is None or d.valid_until >= period.end)
-        if covers_period:
-            # On what this invoice bills of the month: a later month's invoice, closed first,
-            # may have billed (and discounted) part of it already.
-            base = sum(
-                (
-                    line.rated_amount
-                    for line in usage_lines
-                    if line.kind == LineKind.USAGE and line.sku.startswith(d.sku_prefix)
-                ),
-                Decimal(0),
-            )
-        else:  # on the usage of the discount's days in the period
-            base = sum((amount for (key, _), amount in bases.items() if key == d.id), Decimal(0))
-        by_month: dict[dt.date, Decimal] = defaultdict(Decimal)
-        for line in usage_lines:
-            month = line.usage_month
-            if line.kind != LineKind.ADJUSTMENT or month is None or not line.sku.startswith(d.sku_prefix):
-                continue
-            month_end = Period(month).end
-            if d.valid_from <= month and (d.valid_until is None or d.valid_until >= month_end):
-                by_month[month] += line.rated_amount
-        for month, amount in [(None, base), *sorted(by_month.items())]:
-            if amount == 0:
-                continue
-            rated = -(amount * d.percent / 100)
-            what = "" if month is None else f", usage adjustment for {month:%Y-%m}"
-            lines.append(
-                PlannedLine(
-                    kind=LineKind.DISCOUNT,
-                    sku=d.sku_prefix,
-                    usage_month=month,
-                    description=f"Contract discount {d.percent.normalize():f}% on {scope} ({d.reason}){what}",
-                    quantity=None,
-                    unit="",
-                    unit_price=None,
-                    pricing="",
-                    rated_amount=rated,
-                    amount_minor=money.to_minor(rated, currency),
+@dataclass(frozen=True, slots=True)
+class DiscountDelta:
+    """What is left to discount of one month's usage under one discount: the rated base not
+    discounted yet, and the minor units to give for it (round of the month's whole discount
+    minus what was given)."""
+
+    discount: ContractDiscount
+    month: dt.date
+    base: Decimal
+    amount_minor: int
+
+
+def _discount_deltas(
+    *, period: Period, first_month: dt.date, currencies: dict[int, str]
+) -> dict[int, list[DiscountDelta]]:
+    """For every discount and every month from the look-back start to ``period`` that its
+    days overlap: the usage of its SKUs on those days (one set-based read) minus what issued
+    invoices discounted of that month (``DiscountedUsage``)."""
+    account_ids = list(currencies)
+    discounts = list(
+        ContractDiscount.objects.filter(account_id__in=account_ids, valid_from__lt=period.end).exclude(
+            valid_until__lte=first_month
+        )
+    )
+    if not discounts:
+        return {}
+    windows: list[metering_selectors.AmountWindow] = []
+    cells: list[tuple[ContractDiscount, dt.date]] = []
+    for d in discounts:
+        month = first_month
+        while month <= period.start:
+            end = Period(month).end
+            start, stop = max(d.valid_from, month), min(d.valid_until or end, end)
+            if start < stop:
+                windows.append(
+                    metering_selectors.AmountWindow(
+                        key=len(cells),
+                        account_id=d.account_id,
+                        sku_prefix=d.sku_prefix,
+                        start=dt.datetime.combine(start, dt.time(), tzinfo=dt.UTC),
+                        end=dt.datetime.combine(stop, dt.time(), tzinfo=dt.UTC),
+                    )
                 )
+                cells.append((d, month))
+            month = end
+    bases: dict[int, Decimal] = defaultdict(Decimal)
+    for (key, _sku), amount in metering_selectors.window_amounts(windows).items():
+        bases[key] += amount
+    given: dict[tuple[int, dt.date], list[Decimal]] = defaultdict(lambda: [Decimal(0), Decimal(0)])
+    for discount_id, month, base, minor in DiscountedUsage.objects.filter(
+        account_id__in=account_ids, usage_month__gte=first_month, usage_month__lte=period.start
+    ).values_list("discount_id", "usage_month", "base_amount", "amount_minor"):
+        given[(discount_id, month)][0] += base
+        given[(discount_id, month)][1] += minor
+    out: dict[int, list[DiscountDelta]] = defaultdict(list)
+    for key, (d, month) in enumerate(cells):
+        if d.account_id not in currencies:
+            continue
+        base_now = bases.get(key, Decimal(0))
+        base_was, minor_was = given.get((d.id, month), (Decimal(0), Decimal(0)))
+        minor = money.to_minor(-(base_now * d.percent / 100), currencies[d.account_id]) - int(minor_was)
+        if base_now != base_was or minor:
+            out[d.account_id].append(DiscountDelta(d, month, base_now - base_was, minor))
+    return out
+
+
+def _discount_lines(deltas: list[DiscountDelta], period: Period, currency: str) -> list[PlannedLine]:
+    """A negative line per discount and month with something left to discount: the period's
+    own month first, then earlier months' late usage as adjustments."""
+    lines = []
+    for delta in sorted(deltas, key=lambda x: (x.month != period.start, x.month, x.discount.sku_prefix, x.discount.id)):
+        d = delta.discount
+        scope = f"{d.sku_prefix}*" if d.sku_prefix else "all usage"
+        what = "" if delta.month == period.start else f", usage adjustment for {delta.month:%Y-%m}"
+        lines.append(
+            PlannedLine(
+                kind=LineKind.DISCOUNT,
+                sku=d.sku_prefix,
+                usage_month=delta.month,
+                description=f"Contract discount {d.percent.normalize():f}% on {scope} ({d.reason}){what}",
+                quantity=None,
+                unit="",
+                unit_price=None,
+                pricing="",
+                rated_amount=-(delta.base * d.percent / 100),
+                amount_minor=delta.amount_minor,
+                discount_id=d.id,
+                discount_base=delta.base,
             )
+        )
     return lines

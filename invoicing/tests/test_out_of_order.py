@@ -243,3 +243,63 @@ def test_a_close_logs_each_chunk_the_run_the_skipped_account_and_the_check(
     assert (run.issued, run.unbillable, run.totals) == (1, 1, {"EUR": "14.93"})
     check = by_event["ledger.check"]
     assert check.violations == 0 and check.levelname == "INFO"
+
+
+@pytest.mark.parametrize(
+    "order",
+    list(itertools.permutations([SEPTEMBER, OCTOBER, NOVEMBER])),
+    ids=lambda order: ",".join(p.label for p in order),
+)
+def test_discounts_are_given_exactly_once_whatever_order_months_are_closed_in(
+    acct: Callable, clock, order: tuple[Period, ...]
+) -> None:
+    account = acct(currency="EUR", country="NL")
+    # 10 % on compute in October only; 20 % on storage from 15 October, open-ended.
+    ContractDiscountFactory(
+        account_id=account.id,
+        sku_prefix="compute.",
+        percent=Decimal(10),
+        valid_from=dt.date(2026, 10, 1),
+        valid_until=dt.date(2026, 11, 1),
+    )
+    ContractDiscountFactory(
+        account_id=account.id, sku_prefix="storage.", percent=Decimal(20), valid_from=dt.date(2026, 10, 15)
+    )
+    usage = [
+        ("2026-09-10", "compute.vcpu", "100.00"),
+        ("2026-10-10", "compute.vcpu", "50.00"),
+        ("2026-10-10", "storage.object.requests", "40.00"),  # before the storage discount
+        ("2026-10-20", "storage.object.requests", "30.00"),
+        ("2026-11-10", "compute.vcpu", "70.00"),
+        ("2026-11-10", "storage.object.requests", "20.00"),
+        ("2026-12-10", "storage.object.requests", "5.00"),
+    ]
+    late = [
+        [("2026-10-30", "compute.vcpu", "3.33"), ("2026-10-31", "storage.object.requests", "1.11")],
+        [("2026-11-30", "storage.object.requests", "2.22"), ("2026-09-30", "compute.vcpu", "9.99")],
+    ]
+    for day, sku, amount in usage:
+        rated(account.id, day, sku, "1", amount)
+    for step, period in enumerate(order):
+        clock.move_to(dt.datetime(2026, 12, 2 + step, 9, 0, tzinfo=dt.UTC))
+        close(period)
+        if step < len(late):
+            for day, sku, amount in late[step]:
+                rated(account.id, day, sku, "1", amount)
+    clock.move_to(dt.datetime(2027, 1, 10, 9, 0, tzinfo=dt.UTC))
+    close(DECEMBER)
+
+    # compute in October: 50.00 + 3.33 → 10 % = 5.333 → 5.33; storage from 15 October:
+    # October 30.00 + 1.11 → 6.222 → 6.22, November 20.00 + 2.22 → 4.444 → 4.44, December 1.00.
+    discounts = InvoiceLine.objects.filter(account_id=account.id, kind=LineKind.DISCOUNT)
+    by_month: dict[dt.date | None, int] = defaultdict(int)
+    for line in discounts:
+        by_month[line.usage_month] += line.amount_minor
+    assert dict(by_month) == {
+        OCTOBER.start: -533 - 622,
+        NOVEMBER.start: -444,
+        DECEMBER.start: -100,
+    }
+    assert all(line.amount_minor >= 0 for line in InvoiceLine.objects.filter(account_id=account.id, kind="usage"))
+    assert later_month_lines(account) == []
+    assert ledger.check() == []
