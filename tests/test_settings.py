@@ -56,3 +56,10 @@ def test_without_a_broker_tasks_run_inline() -> None:
 
     assert app.conf.task_always_eager is True  # the test settings configure no broker
     assert worker_health.delay().get(timeout=5)["status"] == "ok"
+
+
+@pytest.mark.parametrize("grace", ["-1", "4320"])
+def test_a_grace_time_beat_could_never_honour_is_refused_at_start(grace: str) -> None:
+    result = _manage("check", INVOICING_GRACE_MINUTES=grace)
+    assert result.returncode != 0
+    assert "INVOICING_GRACE_MINUTES must be between 0 and 4319" in result.stderr

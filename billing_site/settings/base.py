@@ -259,3 +259,9 @@ INVOICING_CREDIT_NOTE_SERIES = os.environ.get("INVOICING_CREDIT_NOTE_SERIES", "C
 INVOICING_ISSUE_EMPTY = env_bool("INVOICING_ISSUE_EMPTY", default=False)
 # Beat closes last month on the 1st this many minutes after midnight UTC (late events' grace).
 INVOICING_GRACE_MINUTES = int(os.environ.get("INVOICING_GRACE_MINUTES", "120"))
+# Beat tries the close on the 1st to the 3rd, at 23:59 at the latest: a longer grace would
+# never close last month on its own.
+if not 0 <= INVOICING_GRACE_MINUTES <= 3 * 1440 - 1:
+    raise ImproperlyConfigured(
+        f"INVOICING_GRACE_MINUTES must be between 0 and 4319 (the 3rd, 23:59), not {INVOICING_GRACE_MINUTES}"
+    )
