@@ -78,25 +78,26 @@ class IngestStanding:
 
 def billing_account_standings(account_ids: set[int]) -> dict[int, IngestStanding]:
     """The state (and closure time, for closed accounts) of each of these accounts that
-    exists: one indexed query per batch (states change, so nothing is cached). Only closed
-    accounts look up their closure in the audit trail; one closed without a closure record
-    (imported data) counts as closed since its row last changed."""
-    from django.db.models import Case, When
-    from django.db.models.functions import Coalesce
+    exists: one indexed query per batch on the ingestion hot path (states change, so nothing
+    is cached). Only closed accounts look up their closure in the audit trail; one closed
+    without a closure record (imported data) counts as closed since its row last changed."""
+    if not account_ids:
+        return {}
+    from django.db import connection
 
-    from accounts.models import AccountState
-
-    closure = (
-        BillingAccountTransition.objects.filter(account_id=OuterRef("id"), to_state=AccountState.CLOSED)
-        .order_by("-created_at")
-        .values("created_at")[:1]
-    )
-    rows = (
-        BillingAccount.objects.filter(id__in=list(account_ids))
-        .annotate(closed_at=Case(When(state=AccountState.CLOSED, then=Coalesce(Subquery(closure), "updated_at"))))
-        .values_list("id", "state", "closed_at")
-    )
-    return {account_id: IngestStanding(state, closed) for account_id, state, closed in rows}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT a.id, a.state,
+                   CASE WHEN a.state = 'closed' THEN coalesce(
+                       (SELECT max(t.created_at) FROM accounts_billingaccounttransition t
+                        WHERE t.account_id = a.id AND t.to_state = 'closed'),
+                       a.updated_at) END
+            FROM accounts_billingaccount a WHERE a.id = ANY(%s)
+            """,
+            [list(account_ids)],
+        )
+        return {account_id: IngestStanding(state, closed_at) for account_id, state, closed_at in cursor.fetchall()}
 
 
 @dataclass(frozen=True, slots=True)
