@@ -357,11 +357,11 @@ WITH inserted AS (
 )
 SELECT account_id, count(*) FROM inserted GROUP BY account_id ORDER BY account_id
 """  # noqa: S608 (constants only)
+# Appended, never upserted: a shared counter row per account would make concurrent batches
+# of one busy account wait on each other's row lock until commit.
 _COUNT_INACTIVE = """
-INSERT INTO metering_inactiveaccountusage (account_id, account_state, events, last_received_at)
-SELECT a, s, n, now() FROM unnest(%s::bigint[], %s::text[], %s::bigint[]) AS c(a, s, n)
-ON CONFLICT (account_id, account_state) DO UPDATE
-SET events = metering_inactiveaccountusage.events + EXCLUDED.events, last_received_at = EXCLUDED.last_received_at
+INSERT INTO metering_inactiveaccountusage (account_id, account_state, events, received_at)
+SELECT a, s, n, now() FROM unnest(%s::bigint[], %s::text[], %s::int[]) AS c(a, s, n)
 """
 # Staged events whose stored twin differs: conflicts. Nested loops over the primary key
 # (pruned to one partition per probe), never a scan of the event table.

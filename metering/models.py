@@ -200,18 +200,20 @@ class ResourceState(models.Model):
 
 class InactiveAccountUsage(models.Model):
     """Events accepted for an account that was not active when they arrived (pending,
-    suspended or blocked): usage that happened and is billable, counted per account and
-    state for the data-quality view. Written by ingestion, set-based, in the batch's
-    transaction and only for newly stored events (a resend counts nothing)."""
+    suspended or blocked): usage that happened and is billable, counted for the data-quality
+    view. Written by ingestion, set-based, in the batch's transaction and only for newly
+    stored events (a resend counts nothing): one row per batch and account, appended, so
+    concurrent batches for the same account never wait on a shared counter row; readers sum."""
 
-    pk = models.CompositePrimaryKey("account_id", "account_state")
+    id = models.BigAutoField(primary_key=True)
     account_id = models.BigIntegerField()
     account_state = models.CharField(max_length=16)
-    events = models.BigIntegerField(default=0)
-    last_received_at = models.DateTimeField()
+    events = models.IntegerField()
+    received_at = models.DateTimeField()
 
     class Meta:
         verbose_name_plural = "inactive account usage"
+        indexes = [models.Index(fields=["account_id", "account_state"], name="metering_inactive_account")]
 
     def __str__(self) -> str:
         return f"{self.account_id} {self.account_state}: {self.events} events"
