@@ -5,12 +5,14 @@ clock on with the ``clock`` fixture or its own ``time_machine.travel``)."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import time_machine
 
+from accounts.models import BillingAccount
 from billing_site.common.actors import Actor
+from conftest import Customer
 from invoicing.periods import Period
 
 # The price catalog, and the emptying of the hand-made metering tables for committing tests.
@@ -20,6 +22,20 @@ NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
 OCTOBER = Period(dt.date(2026, 10, 1))
 NOVEMBER = Period(dt.date(2026, 11, 1))
 FINANCE = Actor.system("tests")
+
+
+@pytest.fixture
+def acct(
+    catalog: None,  # noqa: F811 (the fixture imported above, requested by name)
+    customer: Customer,
+    make_account: Callable[..., BillingAccount],
+) -> Callable[..., BillingAccount]:
+    """Makes billing accounts (``acct(currency="EUR", country="NL")``) owned by one customer."""
+
+    def make(**fields: object) -> BillingAccount:
+        return make_account(customer.user, **fields)
+
+    return make
 
 
 @pytest.fixture(autouse=True)

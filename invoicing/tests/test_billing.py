@@ -11,23 +11,12 @@ import time_machine
 
 from accounts.models import BillingAccount
 from billing_site.common.errors import ApplicationError
-from conftest import Customer
 from invoicing import ledger, services
 from invoicing.line_display import detail_view
 from invoicing.models import BilledUsage, CreditApplication, Invoice, InvoiceStatus, InvoiceTransition, LineKind
 from invoicing.periods import Period
 from invoicing.tests.conftest import FINANCE, NOVEMBER, NOW, OCTOBER
 from invoicing.tests.factories import ContractDiscountFactory, rated
-
-
-@pytest.fixture
-def acct(
-    catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]
-) -> Callable[..., BillingAccount]:
-    def make(**fields: object) -> BillingAccount:
-        return make_account(customer.user, **fields)
-
-    return make
 
 
 def close(period: Period = OCTOBER, **kwargs: object) -> services.CloseReport:

@@ -16,7 +16,6 @@ from django.db.models import Sum
 from accounts.models import BillingAccount
 from billing_site.common import money
 from billing_site.common.actors import Actor
-from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import BilledUsage, Invoice, InvoiceLine, LineKind
 from invoicing.periods import Period
@@ -33,16 +32,6 @@ FINANCE = Actor.system("tests")
 def clock() -> object:
     with time_machine.travel(dt.datetime(2026, 12, 2, 9, 0, tzinfo=dt.UTC), tick=False) as traveller:
         yield traveller
-
-
-@pytest.fixture
-def acct(
-    catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]
-) -> Callable[..., BillingAccount]:
-    def make(**fields: object) -> BillingAccount:
-        return make_account(customer.user, **fields)
-
-    return make
 
 
 def close(period: Period, **kwargs: object) -> services.CloseReport:
