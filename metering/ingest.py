@@ -37,6 +37,7 @@ from django.db import OperationalError, connection, transaction
 
 from accounts import selectors as account_selectors
 from billing_site.common import ids
+from billing_site.common.copy import BulkTable
 from billing_site.common.logs import ms_since
 from metering import selectors
 from metering.models import IngestBatch
@@ -204,20 +205,23 @@ class Row(NamedTuple):
 
 
 # The staging table and the event table, described once: each ``Row`` field's PostgreSQL type.
-_STAGED_TYPES = {
-    "idx": "int",
-    "account_id": "bigint",
-    "event_id": "text",
-    "occurred_at": "timestamptz",
-    "kind": "text",
-    "sku": "text",
-    "quantity": "numeric",
-    "resource_id": "text",
-    "action": "text",
-    "spec": "jsonb",
-    "labels": "jsonb",
-}
-assert tuple(_STAGED_TYPES) == Row._fields, "describe every staged field once"
+_STAGED = BulkTable(
+    "metering_ingest_staging",
+    Row,
+    {
+        "idx": "int",
+        "account_id": "bigint",
+        "event_id": "text",
+        "occurred_at": "timestamptz",
+        "kind": "text",
+        "sku": "text",
+        "quantity": "numeric",
+        "resource_id": "text",
+        "action": "text",
+        "spec": "jsonb",
+        "labels": "jsonb",
+    },
+)
 # States whose accepted usage is counted (``InactiveAccountUsage``); closed accounts refuse it.
 _COUNTED_STATES = frozenset({"pending", "suspended", "blocked"})
 
@@ -341,20 +345,21 @@ def check_events(
     return kept, rejected, inactive
 
 
-_COLUMNS = ", ".join(name for name in _STAGED_TYPES if name != "idx")  # the event table's columns
+_COLUMNS = ", ".join(name for name in _STAGED.columns if name != "idx")  # the event table's columns
 _STAGING = f"""
 CREATE TEMP TABLE IF NOT EXISTS metering_ingest_staging (
-    {", ".join(f"{name} {kind}" for name, kind in _STAGED_TYPES.items())}
+    {", ".join(f"{name} {kind}" for name, kind in _STAGED.types.items())}
 ) ON COMMIT DELETE ROWS
 """
-# Inserts what is new and returns how many went in per account (only a few rows travel back).
 _INSERT = f"""
-WITH inserted AS (
-    INSERT INTO metering_usageevent ({_COLUMNS})
-    SELECT {_COLUMNS} FROM metering_ingest_staging ORDER BY account_id, event_id, idx
-    ON CONFLICT (account_id, event_id) DO NOTHING
-    RETURNING account_id
-)
+INSERT INTO metering_usageevent ({_COLUMNS})
+SELECT {_COLUMNS} FROM metering_ingest_staging ORDER BY account_id, event_id, idx
+ON CONFLICT (account_id, event_id) DO NOTHING
+"""  # noqa: S608 (constants only)
+# The same, when the batch names an inactive account: how many went in per account (only a
+# few rows travel back), to count them. Batches of active accounts skip the aggregation.
+_INSERT_COUNTED = f"""
+WITH inserted AS ({_INSERT} RETURNING account_id)
 SELECT account_id, count(*) FROM inserted GROUP BY account_id ORDER BY account_id
 """  # noqa: S608 (constants only)
 # Appended, never upserted: a shared counter row per account would make concurrent batches
@@ -398,13 +403,16 @@ def _store(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str]
     count = len(rows)
     with transaction.atomic(durable=True), connection.cursor() as cursor:
         cursor.execute(_STAGING)
-        with cursor.cursor.copy(f"COPY metering_ingest_staging ({', '.join(Row._fields)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        cursor.execute(_INSERT)
-        per_account: list[tuple[int, int]] = cursor.fetchall()
-        inserted = sum(n for _, n in per_account)
-        counted = [(a, inactive[a], n) for a, n in per_account if a in inactive]
+        _STAGED.copy(rows)
+        counted: list[tuple[int, str, int]] = []
+        if inactive:
+            cursor.execute(_INSERT_COUNTED)
+            per_account: list[tuple[int, int]] = cursor.fetchall()
+            inserted = sum(n for _, n in per_account)
+            counted = [(a, inactive[a], n) for a, n in per_account if a in inactive]
+        else:
+            cursor.execute(_INSERT)
+            inserted = cursor.rowcount
         if counted:
             cursor.execute(
                 _COUNT_INACTIVE, [[a for a, _, _ in counted], [s for _, s, _ in counted], [n for *_, n in counted]]
