@@ -55,6 +55,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "invoicing.close_period": ("invoicing", 3600, 3660),
     "invoicing.close_last_period": ("invoicing", 3600, 3660),
     "billing_site.worker_health": ("default", 10, 20),
+    "billing_site.outbox_drain": ("default", 120, 150),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
@@ -100,6 +101,12 @@ app.conf.beat_schedule = {
         "task": "invoicing.close_last_period",
         "schedule": period_close_schedule(settings.INVOICING_GRACE_MINUTES),
         "options": {"expires": 6 * 3600},
+    },
+    # Side effects the outbox still holds (prompt delivery after commit is the normal path).
+    "outbox-drain": {
+        "task": "billing_site.outbox_drain",
+        "schedule": 15.0,
+        "options": {"expires": 14},
     },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",

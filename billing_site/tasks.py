@@ -16,3 +16,12 @@ def worker_health() -> dict[str, str]:
         cursor.execute("SELECT now()")
         (db_now,) = cursor.fetchone()
     return {"status": "ok", "database_time": db_now.isoformat(), "worker_time": timezone.now().isoformat()}
+
+
+@shared_task(name="billing_site.outbox_drain")
+def outbox_drain() -> int:
+    """Deliver what the outbox holds (beat, every 15 s): side effects whose prompt delivery
+    after commit did not happen (a crash, a broker outage)."""
+    from billing_site.outbox import services
+
+    return services.drain()

@@ -4,9 +4,10 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing_site.common import schema as _schema_extensions  # noqa: F401  (registers them)
 from billing_site.common.ids import converter
+from payments.webhook_views import StripeWebhookView
 
 # <acc:account_id> and friends: public ids in, integers to the views; every app's URLs use them.
-for _prefix in ("acc", "key", "usr", "inv", "crn"):
+for _prefix in ("acc", "key", "usr", "inv", "crn", "pmt", "pay", "ref"):
     register_converter(converter(_prefix), _prefix)
 
 handler404 = "billing_site.common.errors.page_not_found"
@@ -17,6 +18,8 @@ urlpatterns = [
     path("api/v1/", include("accounts.urls")),
     path("api/v1/", include("metering.urls")),
     path("api/v1/", include("invoicing.urls")),
+    path("api/v1/", include("payments.urls")),
+    path("webhooks/stripe", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]

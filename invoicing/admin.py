@@ -31,6 +31,7 @@ from billing_site.common.errors import ApplicationError
 from invoicing import selectors, services
 from invoicing.line_display import quantity_text, unit_price_text
 from invoicing.models import (
+    GRANTABLE_CREDIT_KINDS,
     ContractDiscount,
     CreditGrant,
     CreditNote,
@@ -86,6 +87,9 @@ SOURCE_PREFIXES = {
     "credit_note": "crn",
     "credit_reversal": "crn",
     "credit_grant": "crg",
+    "dispute_opened": "dsp",  # the payments app's dispute
+    "dispute_won": "dsp",
+    "dispute_lost": "dsp",
 }
 
 # A party's snapshot on an invoice, in the order a person reads it.
@@ -168,6 +172,12 @@ class ReasonForm(forms.Form):
     reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), max_length=1000)
 
 
+# How a credit note on a paid invoice gives the money back, from this admin. A refund to the
+# card is a gateway call: the payments app's (Payments → Refund), which issues the credit note.
+SETTLE_CHOICES = [(services.SETTLE_CREDIT, "As customer credit")]
+CARD_REFUNDS_NOTE = "Card refunds are made from Payments → Refund (the credit note is issued with the refund)."
+
+
 class CreditNoteForm(ReasonForm):
     description = forms.CharField(max_length=300)
     amount = AmountField(label="Amount")
@@ -176,6 +186,15 @@ class CreditNoteForm(ReasonForm):
     def __init__(self, *args: Any, invoice: Invoice, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.invoice = invoice
+        if invoice.status == InvoiceStatus.PAID:
+            # Paid: what is credited goes back to the customer; here, only as credit.
+            self.fields["settle"] = forms.ChoiceField(
+                label="Give the money back",
+                choices=SETTLE_CHOICES,
+                initial=services.SETTLE_CREDIT,
+                widget=forms.RadioSelect,
+                help_text=CARD_REFUNDS_NOTE,
+            )
         skus = sorted({sku for sku in invoice.lines.values_list("sku", flat=True) if sku})
         sku_field = self.fields["sku"]
         assert isinstance(sku_field, forms.ChoiceField)
@@ -230,6 +249,7 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
         "credits",
         "paid",
         "credited",
+        "refunded",
         "written_off",
         "outstanding",
         "issued_at",
@@ -302,6 +322,10 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
     def credited(self, invoice: Invoice) -> str:
         return money.display(invoice.amount_credited_minor, invoice.currency)
 
+    @admin.display(description="refunded (to the card or as credit)")
+    def refunded(self, invoice: Invoice) -> str:
+        return money.display(invoice.amount_refunded_minor, invoice.currency)
+
     @admin.display(description="written off")
     def written_off(self, invoice: Invoice) -> str:
         return money.display(invoice.written_off_minor, invoice.currency)
@@ -331,6 +355,14 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
             ]
             extra["credit_notes"] = [
                 (note, money.display(note.total_minor, note.currency)) for note in invoice.credit_notes.all()
+            ]
+            extra["refunds"] = [
+                (
+                    refund,
+                    money.display(refund.amount_minor, refund.currency),
+                    refund.grant.public_id if refund.grant else "",
+                )
+                for refund in invoice.refunds.select_related("credit_note", "grant").order_by("created_at", "id")
             ]
             extra["has_pdf"] = invoice.status != InvoiceStatus.DRAFT
         return super().change_view(request, object_id, form_url, extra)
@@ -402,8 +434,14 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                         ],
                         reason=data["reason"],
                         actor=_operator(request),
+                        settle=data.get("settle") or None,
                     )
-                    done = f"Credit note {note.number} issued."
+                    settled = note.refunds.filter(method="credit").first()
+                    done = f"Credit note {note.number} issued." + (
+                        f" {money.display(settled.amount_minor, settled.currency)} kept as customer credit."
+                        if settled
+                        else ""
+                    )
             except ApplicationError as exc:
                 form.add_error(None, exc.message)
             else:
@@ -418,8 +456,21 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
             "change_url": change_url,
             "outstanding": money.display(invoice.amount_outstanding_minor, invoice.currency),
             "total": money.display(invoice.total_minor, invoice.currency),
+            "settlement_note": self._settlement_note(invoice) if name == "credit_note" else "",
         }
         return TemplateResponse(request, "admin/invoicing/invoice/action.html", context)
+
+    @staticmethod
+    def _settlement_note(invoice: Invoice) -> str:
+        """What happens to money a credit note gives back, said before it is issued."""
+        if invoice.status == InvoiceStatus.PAID:
+            return f"The invoice is paid: the credit note's amount is kept as customer credit. {CARD_REFUNDS_NOTE}"
+        if invoice.amount_paid_minor:
+            return (
+                "Payments were received on this invoice: what the credit note credits beyond the outstanding "
+                f"amount is kept as customer credit. {CARD_REFUNDS_NOTE}"
+            )
+        return ""
 
     def period_close_view(self, request: HttpRequest) -> HttpResponse:
         if not request.user.has_perm("invoicing.close_period"):
@@ -487,6 +538,13 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
     class Meta:
         model = CreditGrant
         fields = ("kind", "currency", "expires_at", "reason")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        kind = self.fields["kind"]
+        assert isinstance(kind, forms.ChoiceField)
+        # Overpayment credit is written by the services that receive the money, never by hand.
+        kind.choices = [(k.value, k.label) for k in GRANTABLE_CREDIT_KINDS]
 
     def clean_currency(self) -> str:
         currency = str(self.cleaned_data.get("currency") or "").strip().upper()

@@ -12,9 +12,14 @@ For a calendar month and a chunk of accounts, ``close_chunk``:
    statements (COPY and ``INSERT … SELECT FROM unnest``, tables described once as
    ``BulkTable``), no per-row round trips.
 
+4. writes, in the same transaction, an outbox message ``payments.charge_invoice`` for every
+   invoice issued with an amount due (one not wholly covered by credits), deduplicated by
+   ``charge-after-issue:<invoice id>``: the charge is attempted after the commit, and the
+   outbox's drain delivers it if the process dies first (``billing_site.outbox``).
+
 A run killed half-way loses only its open chunk; the re-run finds the committed chunks
-issued and does the rest, with the same content, because it reads the same usage. Side
-effects (PDF renders) are the caller's, after the commit: this module queues nothing.
+issued and does the rest, with the same content, because it reads the same usage. Other
+side effects (PDF renders) are the caller's, after the commit.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from django.utils import timezone
 from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.copy import BulkTable
+from billing_site.outbox import services as outbox
 from invoicing import ledger, numbering
 from invoicing.models import CreditGrant, Invoice, InvoiceStatus
 from invoicing.periods import Period
@@ -124,10 +130,34 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor) -> Chun
         ],
         posted_at=now,
     )
+    _queue_charges(ordered, invoice_ids, applied)
     result.issued = [invoice_ids[p.account_id] for p in ordered]
     for p in ordered:
         result.totals_minor[p.currency] = result.totals_minor.get(p.currency, 0) + p.total_minor
     return result
+
+
+CHARGE_TASK = "payments.charge_invoice"
+
+
+def _queue_charges(
+    plans: list[PlannedInvoice], invoice_ids: dict[int, int], applied: dict[int, list[tuple[int, int]]]
+) -> None:
+    """Charge every invoice issued with an amount due, after the commit, through the outbox
+    (one INSERT for the chunk). The task is the payments app's, named here, not imported."""
+    due = [
+        (invoice_ids[p.account_id], p.account_id)
+        for p in plans
+        if p.total_minor - sum(amount for _, amount in applied.get(p.account_id, [])) > 0
+    ]
+    outbox.enqueue_tasks(
+        CHARGE_TASK,
+        [
+            {"invoice_id": invoice_id, "account_id": account_id, "trigger": "after_issue"}
+            for invoice_id, account_id in due
+        ],
+        dedupe_keys=[f"charge-after-issue:{invoice_id}" for invoice_id, _ in due],
+    )
 
 
 def _revenue_by_family(p: PlannedInvoice) -> dict[str, int]:
@@ -192,6 +222,7 @@ class _InvoiceRow(NamedTuple):
     amount_paid_minor: int
     amount_credited_minor: int
     written_off_minor: int
+    amount_refunded_minor: int
     payment_terms_days: int
     buyer: str  # JSON
     seller: str  # JSON
@@ -224,6 +255,7 @@ _INVOICES = BulkTable(
         "amount_paid_minor": "bigint",
         "amount_credited_minor": "bigint",
         "written_off_minor": "bigint",
+        "amount_refunded_minor": "bigint",
         "payment_terms_days": "int",
         "buyer": "jsonb",
         "seller": "jsonb",
@@ -247,6 +279,7 @@ _ISSUED_OVER_DRAFT = [
         "amount_paid_minor",
         "amount_credited_minor",
         "written_off_minor",
+        "amount_refunded_minor",
         "created_at",
     )
 ]
@@ -287,6 +320,7 @@ def _write_invoices(
                 amount_paid_minor=0,
                 amount_credited_minor=0,
                 written_off_minor=0,
+                amount_refunded_minor=0,
                 payment_terms_days=p.profile.payment_terms_days,
                 buyer=json.dumps(p.profile.snapshot()),
                 seller=seller,

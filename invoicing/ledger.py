@@ -10,13 +10,33 @@ Amounts are integer minor units, debits positive and credits negative. Ledger ac
 ``gateway_clearing``   money received through (or refunded via) the payment gateway
 ``bad_debt``           written-off receivables (expense)
 ``promotions``         promotional credit given away (expense)
+``disputes``           funds the bank withdrew for a disputed payment while the dispute is
+                       open (per ``account_id``; back to zero once it is won or lost)
+``chargeback_loss``    disputes lost: the funds are gone for good (expense)
 =====================  ==============================================================
 
-Sources: an issued invoice (``invoice``), the credit spent on it (``invoice_credit``), a credit
-grant (``credit_grant``), a payment (``payment``), a credit note (``credit_note``), the credit
-given back when an invoice is voided (``credit_reversal``), a write-off (``write_off``).
-``(source_type, source_id)`` is unique; tables are append-only (a trigger refuses UPDATE and
-DELETE); corrections are new entries.
+Sources and what they post (debit / credit):
+
+=====================  ==============================================================
+``invoice``            receivable / revenue per family and VAT (an issued invoice)
+``invoice_credit``     customer credit / receivable (credit spent on the invoice)
+``credit_grant``       promotions, gateway clearing (prepaid; an overpayment kept as
+                       credit) or receivable (a credit note settled as credit) / customer
+                       credit
+``payment``            gateway clearing / receivable (what a payment applied to its invoice)
+``credit_note``        revenue per family and VAT / receivable
+``refund``             receivable / gateway clearing (a credit note's amount refunded to
+                       the card; an ``InvoiceRefund`` of method ``card``)
+``credit_reversal``    receivable / customer credit (credit given back when voiding)
+``write_off``          bad debt / receivable
+``dispute_opened``     disputes / gateway clearing (the bank withdrew the funds)
+``dispute_won``        gateway clearing / disputes (the funds came back)
+``dispute_lost``       chargeback loss / disputes
+=====================  ==============================================================
+
+``(source_type, source_id)`` is unique (a dispute's stages are told apart by their source
+type; the id is the payments app's dispute); tables are append-only (a trigger refuses UPDATE
+and DELETE); corrections are new entries.
 """
 
 from __future__ import annotations
@@ -30,6 +50,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
 
 from billing_site.common import money
@@ -45,6 +66,8 @@ CUSTOMER_CREDIT = "customer_credit"
 GATEWAY_CLEARING = "gateway_clearing"
 BAD_DEBT = "bad_debt"
 PROMOTIONS = "promotions"
+DISPUTES = "disputes"
+CHARGEBACK_LOSS = "chargeback_loss"
 
 
 def revenue(family: str) -> str:
@@ -213,7 +236,8 @@ def _check(usage_since: dt.date) -> list[str]:
         )
         for source_type, source_id, count in cursor.fetchall():
             problems.append(f"{source_type} {source_id} posted {count} times")
-        # Every document posted: issued invoices, payments, credit notes, write-offs, grants.
+        # Every document posted: issued invoices, payments (what they applied), credit notes,
+        # write-offs, grants, refunds to the card.
         cursor.execute(
             """
             WITH sources(source_type, source_id) AS (
@@ -224,10 +248,11 @@ def _check(usage_since: dt.date) -> list[str]:
                     OR EXISTS (
                         SELECT FROM invoicing_invoiceline l WHERE l.invoice_id = i.id
                         GROUP BY l.revenue_family HAVING sum(l.amount_minor) <> 0))
-                UNION ALL SELECT %(payment)s, id FROM invoicing_invoicepayment
+                UNION ALL SELECT %(payment)s, id FROM invoicing_invoicepayment WHERE amount_minor > 0
                 UNION ALL SELECT %(credit_note)s, id FROM invoicing_creditnote
                 UNION ALL SELECT %(write_off)s, id FROM invoicing_invoice WHERE written_off_minor > 0
                 UNION ALL SELECT %(credit_grant)s, id FROM invoicing_creditgrant
+                UNION ALL SELECT %(refund)s, id FROM invoicing_invoicerefund WHERE method = 'card'
             )
             SELECT s.source_type, s.source_id FROM sources s
             WHERE NOT EXISTS (
@@ -248,7 +273,8 @@ def _check(usage_since: dt.date) -> list[str]:
                 FROM invoicing_ledgerline WHERE account_id IS NOT NULL GROUP BY 1, 2
             ), documents AS (
                 SELECT account_id, currency, sum(receivable) AS receivable, sum(credit) AS credit FROM (
-                    SELECT account_id, currency, total_minor - amount_paid_minor - written_off_minor AS receivable,
+                    SELECT account_id, currency,
+                           total_minor - amount_paid_minor - written_off_minor + amount_refunded_minor AS receivable,
                            0 AS credit
                     FROM invoicing_invoice WHERE status <> 'draft'
                     UNION ALL
@@ -311,6 +337,8 @@ def _check(usage_since: dt.date) -> list[str]:
                                                     WHERE p.invoice_id = i.id), 0),
                    i.amount_credited_minor <> coalesce((SELECT sum(c.total_minor) FROM invoicing_creditnote c
                                                         WHERE c.invoice_id = i.id), 0),
+                   i.amount_refunded_minor <> coalesce((SELECT sum(r.amount_minor) FROM invoicing_invoicerefund r
+                                                        WHERE r.invoice_id = i.id), 0),
                    EXISTS (SELECT FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id
                            WHERE e.source_type = %s AND e.source_id = i.id
                            GROUP BY e.id
@@ -323,13 +351,129 @@ def _check(usage_since: dt.date) -> list[str]:
             """,
             [LedgerSource.INVOICE.value],
         )
-        for invoice_id, credits, paid, credited, entry in cursor.fetchall():
-            for wrong, what in ((credits, "credits applied"), (paid, "amount paid"), (credited, "amount credited")):
+        for invoice_id, credits, paid, credited, refunded, entry in cursor.fetchall():
+            for wrong, what in (
+                (credits, "credits applied"),
+                (paid, "amount paid"),
+                (credited, "amount credited"),
+                (refunded, "amount refunded"),
+            ):
                 if wrong:
                     problems.append(f"invoice {invoice_id}: {what} does not match the rows behind it")
             if entry:
                 problems.append(f"invoice {invoice_id}: its ledger entry's receivable or VAT is not the invoice's")
+        # No invoice owes a negative amount: what was received or credited beyond what is due
+        # is settled as credit (a void invoice gives its spent credit back to the grants).
+        cursor.execute(
+            """
+            SELECT id, greatest(total_minor - credits_applied_minor, 0) - amount_paid_minor - amount_credited_minor
+                       - written_off_minor + amount_refunded_minor
+            FROM invoicing_invoice
+            WHERE status NOT IN ('draft', 'void')
+              AND greatest(total_minor - credits_applied_minor, 0) - amount_paid_minor - amount_credited_minor
+                  - written_off_minor + amount_refunded_minor < 0
+            """
+        )
+        for invoice_id, balance in cursor.fetchall():
+            problems.append(f"invoice {invoice_id}: owes {balance}, less than nothing (an unsettled excess)")
+        problems += _payments_refunds_and_disputes(cursor)
     problems += _numbering_gaps()
+    return problems
+
+
+def _payments_refunds_and_disputes(cursor: CursorWrapper) -> list[str]:
+    """Money received and given back agrees with the entries behind it; disputes close once."""
+    problems = []
+    # A payment's excess is an overpayment grant of exactly that amount, from the gateway.
+    cursor.execute(
+        """
+        SELECT p.id FROM invoicing_invoicepayment p
+        LEFT JOIN invoicing_creditgrant g ON g.id = p.credit_grant_id
+        WHERE (p.credit_grant_id IS NOT NULL OR p.received_minor <> p.amount_minor)
+          AND (g.id IS NULL OR g.kind <> 'overpayment' OR g.amount_minor <> p.received_minor - p.amount_minor
+               OR g.currency <> p.currency OR g.account_id <> p.account_id
+               OR NOT EXISTS (
+                   SELECT FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id
+                   WHERE e.source_type = 'credit_grant' AND e.source_id = g.id
+                     AND l.ledger_account = 'gateway_clearing' AND l.amount_minor = g.amount_minor))
+        """
+    )
+    for (payment_id,) in cursor.fetchall():
+        problems.append(f"payment {payment_id}: its excess is not an overpayment grant from the gateway")
+    # A refund to the card: its credit note is for exactly the amount, its entry moves exactly
+    # the amount from gateway clearing back to the receivable.
+    cursor.execute(
+        """
+        SELECT r.id FROM invoicing_invoicerefund r
+        JOIN invoicing_creditnote n ON n.id = r.credit_note_id
+        WHERE r.method = 'card' AND (
+            n.total_minor <> r.amount_minor OR n.invoice_id <> r.invoice_id OR r.currency <> n.currency
+            OR EXISTS (
+                SELECT FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id
+                WHERE e.source_type = %s AND e.source_id = r.id
+                GROUP BY e.id
+                HAVING coalesce(sum(l.amount_minor) FILTER (
+                           WHERE l.ledger_account = 'receivable' AND l.account_id = r.account_id), 0)
+                       <> r.amount_minor
+                    OR coalesce(-sum(l.amount_minor) FILTER (WHERE l.ledger_account = 'gateway_clearing'), 0)
+                       <> r.amount_minor))
+        """,
+        [LedgerSource.REFUND.value],
+    )
+    for (refund_id,) in cursor.fetchall():
+        problems.append(f"refund {refund_id}: its credit note or ledger entry is not for its amount")
+    # A settlement as credit: an overpayment grant of exactly the amount, from the receivable.
+    cursor.execute(
+        """
+        SELECT r.id FROM invoicing_invoicerefund r
+        LEFT JOIN invoicing_creditgrant g ON g.id = r.grant_id
+        WHERE r.method = 'credit' AND (
+            g.id IS NULL OR g.kind <> 'overpayment' OR g.amount_minor <> r.amount_minor
+            OR g.account_id <> r.account_id OR g.currency <> r.currency
+            OR NOT EXISTS (
+                SELECT FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id
+                WHERE e.source_type = 'credit_grant' AND e.source_id = g.id
+                  AND l.ledger_account = 'receivable' AND l.account_id = r.account_id
+                  AND l.amount_minor = r.amount_minor))
+        """
+    )
+    for (refund_id,) in cursor.fetchall():
+        problems.append(f"refund {refund_id}: not settled by an overpayment grant of its amount from the receivable")
+    # Every overpayment grant is backed by exactly one payment's excess or one settlement.
+    cursor.execute(
+        """
+        SELECT g.id FROM invoicing_creditgrant g
+        WHERE g.kind = 'overpayment'
+          AND (SELECT count(*) FROM invoicing_invoicepayment p WHERE p.credit_grant_id = g.id)
+            + (SELECT count(*) FROM invoicing_invoicerefund r WHERE r.grant_id = g.id) <> 1
+        """
+    )
+    for (grant_id,) in cursor.fetchall():
+        problems.append(f"credit grant {grant_id}: an overpayment grant not backed by one payment or settlement")
+    # Disputes: a close has its opening, of the same amount; none is closed both ways.
+    cursor.execute(
+        """
+        SELECT e.source_id,
+               array_agg(e.source_type ORDER BY e.source_type),
+               count(DISTINCT (e.currency, abs(l.amount_minor)))
+        FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id AND l.ledger_account = %s
+        WHERE e.source_type IN (%s, %s, %s)
+        GROUP BY 1
+        """,
+        [
+            DISPUTES,
+            LedgerSource.DISPUTE_OPENED.value,
+            LedgerSource.DISPUTE_WON.value,
+            LedgerSource.DISPUTE_LOST.value,
+        ],
+    )
+    for dispute_id, stages, amounts in cursor.fetchall():
+        if LedgerSource.DISPUTE_OPENED not in stages:
+            problems.append(f"dispute {dispute_id}: closed without being opened")
+        if LedgerSource.DISPUTE_WON in stages and LedgerSource.DISPUTE_LOST in stages:
+            problems.append(f"dispute {dispute_id}: both won and lost")
+        if amounts > 1:
+            problems.append(f"dispute {dispute_id}: its stages move different amounts")
     return problems
 
 

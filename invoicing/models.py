@@ -161,6 +161,10 @@ class Invoice(FSMModelMixin, models.Model):
     amount_paid_minor = models.BigIntegerField(default=0)
     amount_credited_minor = models.BigIntegerField(default=0, help_text="Credit notes against this invoice")
     written_off_minor = models.BigIntegerField(default=0)
+    # Money given back after a credit note: to the card, or kept as customer credit (``refunds``).
+    amount_refunded_minor = models.BigIntegerField(
+        default=0, db_default=0, help_text="Given back: to the card or as credit"
+    )
     payment_terms_days = models.PositiveSmallIntegerField(default=14)
     buyer = models.JSONField(default=dict, blank=True, help_text="Snapshot when issued")
     seller = models.JSONField(default=dict, blank=True, help_text="Snapshot when issued")
@@ -179,7 +183,12 @@ class Invoice(FSMModelMixin, models.Model):
                 name="invoicing_invoice_number_iff_issued",
             ),
             models.CheckConstraint(
-                condition=Q(credits_applied_minor__gte=0, amount_paid_minor__gte=0, amount_credited_minor__gte=0),
+                condition=Q(
+                    credits_applied_minor__gte=0,
+                    amount_paid_minor__gte=0,
+                    amount_credited_minor__gte=0,
+                    amount_refunded_minor__gte=0,
+                ),
                 name="invoicing_invoice_amounts_not_negative",
             ),
         ]
@@ -206,11 +215,25 @@ class Invoice(FSMModelMixin, models.Model):
         return max(0, self.total_minor - self.credits_applied_minor)
 
     @property
-    def amount_outstanding_minor(self) -> int:
-        """What the customer still owes on this invoice."""
-        return max(
-            0, self.amount_due_minor - self.amount_paid_minor - self.amount_credited_minor - self.written_off_minor
+    def balance_minor(self) -> int:
+        """What the invoice leaves on the customer's receivable: due, less what was paid,
+        credited by credit notes and written off, plus what was given back (refunded to the
+        card or kept as credit). Negative would mean more was received or credited than owed:
+        the services settle such an excess to customer credit in the same transaction, so it
+        never stays negative on an issued, paid or written-off invoice (a void invoice gives
+        its spent credit back to the grants instead)."""
+        return (
+            self.amount_due_minor
+            - self.amount_paid_minor
+            - self.amount_credited_minor
+            - self.written_off_minor
+            + self.amount_refunded_minor
         )
+
+    @property
+    def amount_outstanding_minor(self) -> int:
+        """What the customer still owes on this invoice (never below zero)."""
+        return max(0, self.balance_minor)
 
     # --- Lifecycle: state only. ``invoicing.services`` locks, audits and posts the ledger.
 
@@ -318,6 +341,14 @@ class BilledUsage(models.Model):
 class CreditKind(models.TextChoices):
     PROMOTIONAL = "promotional", "Promotional"
     PREPAID = "prepaid", "Prepaid"
+    # Written by the services only: money received beyond what an invoice owed (a payment
+    # larger than the outstanding amount, or one arriving after the invoice was paid, voided
+    # or written off), or a credit note on a paid invoice settled as credit.
+    OVERPAYMENT = "overpayment", "Overpayment kept as credit"
+
+
+# What finance may grant by hand (the admin, ``credit_grant_create``).
+GRANTABLE_CREDIT_KINDS = (CreditKind.PROMOTIONAL, CreditKind.PREPAID)
 
 
 class CreditGrant(models.Model):
@@ -416,18 +447,76 @@ class CreditNoteLine(models.Model):
 
 class InvoicePayment(models.Model):
     """Money received against an invoice, as reported by the payments app (``reference`` is
-    the gateway's id of the charge: the same report twice records it once)."""
+    the payment's id: the unique reference decides, so the same report twice records it
+    once). ``received_minor`` arrived; ``amount_minor`` of it was applied to the invoice (at
+    most what was outstanding, 0 when the invoice no longer took payments); the rest became
+    customer credit (``credit_grant``, kind ``overpayment``): money received is never lost."""
 
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="payments")
     account_id = models.BigIntegerField()
-    amount_minor = models.BigIntegerField()
+    amount_minor = models.BigIntegerField(help_text="Applied to the invoice")
+    received_minor = models.BigIntegerField(default=0, help_text="Received in all")
     currency = models.CharField(max_length=3)
     reference = models.CharField(max_length=128, unique=True)
+    credit_grant = models.ForeignKey(
+        "CreditGrant", on_delete=models.PROTECT, null=True, blank=True, related_name="+", help_text="The excess"
+    )
+    invoice_paid = models.BooleanField(default=False, help_text="The invoice was paid once this was recorded")
     received_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         indexes = [models.Index(fields=["account_id", "received_at"], name="invoicing_payment_account")]
-        constraints = [models.CheckConstraint(condition=Q(amount_minor__gt=0), name="invoicing_payment_positive")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount_minor__gte=0, received_minor__gt=0, amount_minor__lte=models.F("received_minor")),
+                name="invoicing_payment_amounts",
+            ),
+            models.CheckConstraint(
+                condition=Q(amount_minor=models.F("received_minor"), credit_grant__isnull=True)
+                | Q(amount_minor__lt=models.F("received_minor"), credit_grant__isnull=False),
+                name="invoicing_payment_excess_granted",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.reference
+
+
+class RefundMethod(models.TextChoices):
+    CARD = "card", "Refunded to the card"
+    CREDIT = "credit", "Kept as customer credit"
+
+
+class InvoiceRefund(models.Model):
+    """Money given back on an invoice after a credit note: refunded to the card (the payments
+    app refunded it at the gateway; ledger source ``refund``: receivable debit, gateway
+    clearing credit), or kept as customer credit (``grant``, kind ``overpayment``; the
+    grant's own ledger entry moves it from the receivable to customer credit). Either way
+    the credit note's reduction of the receivable is matched, so none is left negative.
+    ``reference`` is unique: the payments app's refund id, or ``settle:<credit note>``."""
+
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="refunds")
+    account_id = models.BigIntegerField()
+    amount_minor = models.BigIntegerField()
+    currency = models.CharField(max_length=3)
+    method = models.CharField(max_length=8, choices=RefundMethod.choices)
+    reference = models.CharField(max_length=128, unique=True)
+    credit_note = models.ForeignKey(CreditNote, on_delete=models.PROTECT, related_name="refunds")
+    grant = models.ForeignKey(CreditGrant, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "created_at"], name="invoicing_refund_account")]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_minor__gt=0), name="invoicing_refund_positive"),
+            models.CheckConstraint(
+                condition=Q(method=RefundMethod.CARD, grant__isnull=True)
+                | Q(method=RefundMethod.CREDIT, grant__isnull=False),
+                name="invoicing_refund_method_grant",
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.reference
@@ -460,6 +549,10 @@ class LedgerSource(models.TextChoices):
     CREDIT_NOTE = "credit_note", "Credit note"
     CREDIT_REVERSAL = "credit_reversal", "Credit given back on a void"
     WRITE_OFF = "write_off", "Write-off"
+    REFUND = "refund", "Refund to the card"
+    DISPUTE_OPENED = "dispute_opened", "Dispute opened (funds withdrawn)"
+    DISPUTE_WON = "dispute_won", "Dispute won (funds returned)"
+    DISPUTE_LOST = "dispute_lost", "Dispute lost (chargeback)"
 
 
 class LedgerEntry(models.Model):
@@ -486,8 +579,9 @@ class LedgerEntry(models.Model):
 
 class LedgerLine(models.Model):
     """A debit (``amount_minor`` > 0) or credit (< 0) to a ledger account: ``receivable``,
-    ``customer_credit`` (per billing account), ``revenue:<sku family>``, ``vat_payable:<CC>``,
-    ``gateway_clearing``, ``bad_debt``, ``promotions``."""
+    ``customer_credit``, ``disputes`` (per billing account), ``revenue:<sku family>``,
+    ``vat_payable:<CC>``, ``gateway_clearing``, ``bad_debt``, ``promotions``,
+    ``chargeback_loss`` (the table in ``invoicing.ledger``)."""
 
     entry = models.ForeignKey(LedgerEntry, on_delete=models.PROTECT, related_name="lines")
     account_id = models.BigIntegerField(null=True, blank=True)

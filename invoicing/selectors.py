@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import F, Q, QuerySet, Sum, Value
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from invoicing.models import (
@@ -12,6 +16,7 @@ from invoicing.models import (
     CreditNote,
     Invoice,
     InvoicePayment,
+    InvoiceRefund,
     InvoiceStatus,
     LedgerEntry,
     LedgerSource,
@@ -61,9 +66,12 @@ def balance(*, account_id: int) -> dict[str, dict[str, int]]:
 
 
 def ledger_entries_for_invoice(*, invoice_id: int) -> QuerySet[LedgerEntry]:
-    """Entries whose source is the invoice or a document about it."""
+    """Entries whose source is the invoice or a document about it (its credit notes,
+    payments, refunds, and the overpayment grants its payments and settlements wrote)."""
     note_ids = list(CreditNote.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
-    payment_ids = list(InvoicePayment.objects.filter(invoice_id=invoice_id).values_list("id", flat=True))
+    payments = list(InvoicePayment.objects.filter(invoice_id=invoice_id).values_list("id", "credit_grant_id"))
+    refunds = list(InvoiceRefund.objects.filter(invoice_id=invoice_id).values_list("id", "method", "grant_id"))
+    grant_ids = [g for _, g in payments if g] + [g for _, _, g in refunds if g]
     return (
         LedgerEntry.objects.filter(
             Q(
@@ -71,8 +79,135 @@ def ledger_entries_for_invoice(*, invoice_id: int) -> QuerySet[LedgerEntry]:
                 source_id=invoice_id,
             )
             | Q(source_type__in=[LedgerSource.CREDIT_NOTE, LedgerSource.CREDIT_REVERSAL], source_id__in=note_ids)
-            | Q(source_type=LedgerSource.PAYMENT, source_id__in=payment_ids)
+            | Q(source_type=LedgerSource.PAYMENT, source_id__in=[p for p, _ in payments])
+            | Q(source_type=LedgerSource.REFUND, source_id__in=[r for r, _, _ in refunds])
+            | Q(source_type=LedgerSource.CREDIT_GRANT, source_id__in=grant_ids)
         )
         .prefetch_related("lines")
         .order_by("posted_at", "id")
+    )
+
+
+# --- For the payments app: frozen values, never models
+
+
+@dataclass(frozen=True, slots=True)
+class PayableInvoice:
+    """An issued (or later) invoice as the payments app sees it; money in minor units."""
+
+    invoice_id: int
+    account_id: int
+    number: str
+    currency: str
+    status: str  # InvoiceStatus value: issued, paid, uncollectible, void
+    total_minor: int
+    amount_due_minor: int  # the total less credits applied
+    outstanding_minor: int  # still owed (never below 0)
+    due_at: dt.datetime | None
+    issued_at: dt.datetime | None
+    paid: bool  # status ``paid``: nothing is owed
+
+
+_DUE = Greatest(F("total_minor") - F("credits_applied_minor"), Value(0))
+# ``Invoice.amount_outstanding_minor``, in SQL.
+_OUTSTANDING = Greatest(
+    _DUE - F("amount_paid_minor") - F("amount_credited_minor") - F("written_off_minor") + F("amount_refunded_minor"),
+    Value(0),
+)
+_PAYABLE_FIELDS = (
+    "id",
+    "account_id",
+    "number",
+    "currency",
+    "status",
+    "total_minor",
+    "due",
+    "outstanding",
+    "due_at",
+    "issued_at",
+)
+
+
+def _payable(queryset: QuerySet[Invoice]) -> list[PayableInvoice]:
+    """One query, whatever the number of invoices."""
+    rows = queryset.annotate(due=_DUE, outstanding=_OUTSTANDING).values_list(*_PAYABLE_FIELDS)
+    return [
+        PayableInvoice(
+            invoice_id=invoice_id,
+            account_id=account_id,
+            number=number or "",
+            currency=currency,
+            status=status,
+            total_minor=total,
+            amount_due_minor=due,
+            outstanding_minor=outstanding,
+            due_at=due_at,
+            issued_at=issued_at,
+            paid=status == InvoiceStatus.PAID,
+        )
+        for invoice_id, account_id, number, currency, status, total, due, outstanding, due_at, issued_at in rows
+    ]
+
+
+def payable_invoice(*, invoice_id: int, account_id: int | None = None) -> PayableInvoice | None:
+    """The invoice in any state after issue (None: no such invoice, a draft, or, with
+    ``account_id``, another account's)."""
+    queryset = Invoice.objects.filter(id=invoice_id).exclude(status=InvoiceStatus.DRAFT)
+    if account_id is not None:
+        queryset = queryset.filter(account_id=account_id)
+    found = _payable(queryset)
+    return found[0] if found else None
+
+
+def payable_invoices(
+    *, account_id: int | None = None, invoice_ids: Iterable[int] | None = None
+) -> list[PayableInvoice]:
+    """Issued invoices with something outstanding (of the account, or among ``invoice_ids``;
+    both: both), oldest due first."""
+    queryset = Invoice.objects.filter(status=InvoiceStatus.ISSUED)
+    if account_id is not None:
+        queryset = queryset.filter(account_id=account_id)
+    if invoice_ids is not None:
+        queryset = queryset.filter(id__in=list(invoice_ids))
+    return _payable(queryset.alias(owed=_OUTSTANDING).filter(owed__gt=0).order_by("due_at", "id"))
+
+
+def overdue_invoices(*, due_before: dt.datetime, account_ids: Iterable[int] | None = None) -> list[PayableInvoice]:
+    """Issued invoices with something outstanding, due before ``due_before`` (of these
+    accounts), oldest due first."""
+    queryset = Invoice.objects.filter(status=InvoiceStatus.ISSUED, due_at__lt=due_before)
+    if account_ids is not None:
+        queryset = queryset.filter(account_id__in=list(account_ids))
+    return _payable(queryset.alias(owed=_OUTSTANDING).filter(owed__gt=0).order_by("due_at", "id"))
+
+
+@dataclass(frozen=True, slots=True)
+class InvoicePaidAmount:
+    invoice_id: int
+    currency: str
+    paid_minor: int  # applied to the invoice by payments
+    refunded_minor: int  # given back: to the card or as customer credit
+    refundable_minor: int  # what ``services.refund_record`` still accepts: paid less refunded
+
+
+def invoice_paid_amount(invoice_id: int) -> InvoicePaidAmount | None:
+    """What was paid on the invoice and how much of it can still be refunded (None: no such invoice)."""
+    row = Invoice.objects.filter(id=invoice_id).values_list("currency", "amount_paid_minor", "amount_refunded_minor")
+    found = row.first()
+    if found is None:
+        return None
+    currency, paid, refunded = found
+    return InvoicePaidAmount(
+        invoice_id=invoice_id,
+        currency=currency,
+        paid_minor=paid,
+        refunded_minor=refunded,
+        refundable_minor=max(0, paid - refunded),
+    )
+
+
+def invoice_numbers(ids: Iterable[int]) -> dict[int, str]:
+    """Invoice id → number, for display (drafts have none and are left out)."""
+    return dict(
+        Invoice.objects.filter(id__in=list(ids), number__isnull=False).values_list("id", "number")  # type: ignore[arg-type]
     )

@@ -112,6 +112,7 @@ class InvoiceSerializer(serializers.Serializer):
     amount_due = MoneyField("amount_due_minor")
     amount_paid = MoneyField("amount_paid_minor")
     amount_credited = MoneyField("amount_credited_minor")
+    amount_refunded = MoneyField("amount_refunded_minor")
     amount_outstanding = MoneyField("amount_outstanding_minor")
     issued_at = serializers.DateTimeField()
     due_at = serializers.DateTimeField()

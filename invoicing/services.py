@@ -1,6 +1,12 @@
 """Every write of the invoicing app. Keyword-only; one durable transaction per entry point;
 state changes under ``select_for_update`` with an audit row; ledger postings in the same
-transaction; side effects (PDF rendering) after commit."""
+transaction; side effects (PDF rendering) after commit.
+
+Three entry points are deliberately not durable: ``payment_apply``, ``refund_record`` and
+``dispute_post`` run inside the payments app's transaction that records the outcome at the
+gateway, so the payment (refund, dispute) and its effect on the books commit together. They
+refuse to run outside a transaction, and the unique reference (ledger source) of what they
+write decides, so a replay writes nothing."""
 
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from decimal import Decimal
 
 from celery import current_app
 from django.conf import settings
-from django.db import DataError, IntegrityError, transaction
+from django.db import DataError, IntegrityError, connection, models, transaction
 from django.db.models import Sum
 from django.utils import timezone
 from django_fsm import can_proceed
@@ -23,8 +29,10 @@ from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.on_commit import queue_task
+from billing_site.common.transactions import require_transaction
 from invoicing import issuing, ledger, numbering, planning
 from invoicing.models import (
+    GRANTABLE_CREDIT_KINDS,
     CreditApplication,
     CreditGrant,
     CreditKind,
@@ -32,9 +40,12 @@ from invoicing.models import (
     CreditNoteLine,
     Invoice,
     InvoicePayment,
+    InvoiceRefund,
     InvoiceStatus,
     InvoiceTransition,
+    LedgerLine,
     LedgerSource,
+    RefundMethod,
 )
 from invoicing.periods import Period, lookback_start
 from invoicing.planning import family_of
@@ -352,60 +363,478 @@ def _require_reason(reason: str) -> str:
     return reason
 
 
+def _require_reference(reference: str) -> str:
+    reference = reference.strip()
+    if not reference or len(reference) > 128:
+        raise ApplicationError("invalid", "A reference of 1 to 128 characters is required.", field="reference")
+    return reference
+
+
+def _save_settled(invoice: Invoice, *, actor: Actor, reason: str, now: dt.datetime, fields: list[str]) -> None:
+    """Save ``invoice``'s running amounts; an issued invoice left owing nothing is ``paid``."""
+    if invoice.status == InvoiceStatus.ISSUED and invoice.amount_outstanding_minor == 0:
+        invoice.paid_at = now
+        _transition(invoice, "mark_paid", actor=actor, reason=reason)
+    else:
+        invoice.save(update_fields=[*fields, "updated_at"])
+
+
+def _insert_once(row: models.Model) -> bool:
+    """Insert ``row`` unless a row with its ``reference`` exists: the unique index decides, not
+    a read before the write (a concurrent twin waits for ours to commit or roll back, then
+    inserts nothing). True when ``row`` was inserted (its ``pk`` is set)."""
+    opts = row._meta
+    assert opts.pk is not None
+    fields = [f for f in opts.concrete_fields if not (f.primary_key and row.pk is None)]
+    quote = connection.ops.quote_name
+    params = [f.get_db_prep_save(f.pre_save(row, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {quote(opts.db_table)} ({', '.join(quote(f.column) for f in fields)}) "  # noqa: S608
+            f"VALUES ({', '.join(['%s'] * len(fields))}) ON CONFLICT (reference) DO NOTHING "
+            f"RETURNING {quote(opts.pk.column)}",  # identifiers from the model; values are parameters
+            params,
+        )
+        inserted = cursor.fetchone()
+    if inserted is None:
+        return False
+    row.pk = inserted[0]
+    row._state.adding = False
+    row._state.db = connection.alias
+    return True
+
+
+# --- Payments received (called by the payments app inside its own transaction)
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentApplied:
+    """What ``payment_apply`` did with a payment (the same for a replay of its reference)."""
+
+    invoice_id: int
+    account_id: int
+    applied_minor: int  # to the invoice, at most what was outstanding
+    credited_minor: int  # the rest, kept as customer credit (a grant of kind ``overpayment``)
+    invoice_paid: bool  # the invoice is paid (nothing outstanding) once the payment was recorded
+    invoice_number: str
+
+
+def payment_apply(
+    *, invoice_id: int, amount_minor: int, currency: str, reference: str, received_at: dt.datetime | None = None
+) -> PaymentApplied:
+    """Money received for ``invoice_id`` (``reference``: the payment's id). Runs inside the
+    caller's transaction: the payments app records its payment's outcome and applies the
+    money in one commit. Under the invoice's row lock, at most what is outstanding on an
+    ``issued`` invoice is applied (ledger: gateway clearing debit, receivable credit; fully
+    paid → ``paid``, audited); the excess, or all of it when the invoice takes no payments any
+    more (paid by a racing payment, voided, written off), is kept as customer credit (ledger:
+    gateway clearing debit, customer credit credit). Money received is never lost and never
+    refused for the invoice's state.
+
+    The unique ``reference`` decides: the same reference again returns the first result and
+    writes nothing; the same reference with other details is a ``payment_conflict``."""
+    require_transaction("A payment applied to an invoice")
+    if amount_minor <= 0:
+        raise ApplicationError("invalid_amount", "A payment is a positive amount (minor units).", field="amount_minor")
+    reference = _require_reference(reference)
+    now = received_at or timezone.now()
+    invoice = _locked_invoice(invoice_id)
+    if currency != invoice.currency:
+        raise ApplicationError("currency_mismatch", f"The invoice is in {invoice.currency}.", field="currency")
+    outstanding = invoice.amount_outstanding_minor if invoice.status == InvoiceStatus.ISSUED else 0
+    applied = min(amount_minor, outstanding)
+    excess = amount_minor - applied
+    payment = InvoicePayment(
+        invoice=invoice,
+        account_id=invoice.account_id,
+        amount_minor=applied,
+        received_minor=amount_minor,
+        currency=currency,
+        reference=reference,
+        credit_grant_id=ids.new_id() if excess else None,  # written below (the foreign key is checked at commit)
+        invoice_paid=invoice.status == InvoiceStatus.PAID or (applied > 0 and applied == outstanding),
+        received_at=now,
+    )
+    if not _insert_once(payment):
+        first = InvoicePayment.objects.select_related("invoice").get(reference=reference)
+        if (first.invoice_id, first.received_minor, first.currency) != (invoice_id, amount_minor, currency):
+            raise Conflict("payment_conflict", f"Payment {reference} was recorded with other details.")
+        return _payment_applied(first)
+    if applied:
+        ledger.post(
+            [
+                ledger.Entry(
+                    LedgerSource.PAYMENT,
+                    payment.id,
+                    invoice.account_id,
+                    currency,
+                    f"Payment {reference} for {invoice.number}",
+                    [
+                        ledger.Posting(ledger.GATEWAY_CLEARING, applied),
+                        ledger.Posting(ledger.RECEIVABLE, -applied, invoice.account_id),
+                    ],
+                )
+            ],
+            posted_at=now,
+        )
+        invoice.amount_paid_minor += applied
+        _save_settled(
+            invoice,
+            actor=Actor.system("payments"),
+            reason=f"payment {reference}",
+            now=now,
+            fields=["amount_paid_minor"],
+        )
+    if excess:
+        assert payment.credit_grant_id is not None
+        why = "more than was outstanding on" if applied else f"received while {invoice.status}:"
+        _credit_grant_write(
+            grant_id=payment.credit_grant_id,
+            account_id=invoice.account_id,
+            kind=CreditKind.OVERPAYMENT,
+            currency=currency,
+            amount_minor=excess,
+            reason=f"Payment {reference}, {why} invoice {invoice.number or invoice.public_id}",
+            granted_by="payments",
+            debit=ledger.GATEWAY_CLEARING,
+            memo=f"Overpayment kept as credit: payment {reference} for {invoice.number or invoice.public_id}",
+            now=now,
+        )
+    log.info(
+        "invoicing.payment_applied",
+        extra={
+            "invoice_id": invoice.public_id,
+            "account_id": ids.encode("acc", invoice.account_id),
+            "applied_minor": applied,
+            "credited_minor": excess,
+            "invoice_paid": payment.invoice_paid,
+        },
+    )
+    return _payment_applied(payment)
+
+
+def _payment_applied(payment: InvoicePayment) -> PaymentApplied:
+    return PaymentApplied(
+        invoice_id=payment.invoice_id,
+        account_id=payment.account_id,
+        applied_minor=payment.amount_minor,
+        credited_minor=payment.received_minor - payment.amount_minor,
+        invoice_paid=payment.invoice_paid,
+        invoice_number=payment.invoice.number or "",
+    )
+
+
 @transaction.atomic(durable=True)
 def invoice_record_payment(
     *, invoice_id: int, amount_minor: int, currency: str, reference: str, received_at: dt.datetime | None = None
-) -> InvoicePayment:
-    """Money received against an issued invoice (called by the payments app). The same
-    ``reference`` twice records one payment. Fully paid → ``paid``."""
-    invoice = _locked_invoice(invoice_id)
-    existing = InvoicePayment.objects.filter(reference=reference).first()
-    if existing is not None:
-        if existing.invoice_id != invoice_id or existing.amount_minor != amount_minor:
-            raise Conflict("payment_conflict", f"Payment {reference} was recorded with other details.")
-        return existing
-    if invoice.status != InvoiceStatus.ISSUED:
-        raise Conflict("invalid_transition", f"The invoice is {invoice.status}; it takes no payments.")
-    if currency != invoice.currency:
-        raise ApplicationError("currency_mismatch", f"The invoice is in {invoice.currency}.", field="currency")
-    if not 0 < amount_minor <= invoice.amount_outstanding_minor:
-        raise ApplicationError(
-            "invalid_amount",
-            f"The amount must be between 1 and the outstanding {invoice.amount_outstanding_minor} (minor units).",
-            field="amount_minor",
-        )
-    now = received_at or timezone.now()
-    payment = InvoicePayment.objects.create(
-        invoice=invoice,
-        account_id=invoice.account_id,
+) -> PaymentApplied:
+    """``payment_apply`` in a durable transaction of its own (finance's tools, tests)."""
+    return payment_apply(
+        invoice_id=invoice_id,
         amount_minor=amount_minor,
         currency=currency,
         reference=reference,
-        received_at=now,
+        received_at=received_at,
     )
-    invoice.amount_paid_minor += amount_minor
-    ledger.post(
-        [
-            ledger.Entry(
-                LedgerSource.PAYMENT,
-                payment.id,
-                invoice.account_id,
+
+
+@dataclass(frozen=True, slots=True)
+class RefundRecorded:
+    invoice_id: int
+    account_id: int
+    refund_id: int  # the ``InvoiceRefund``
+    amount_minor: int
+    credit_note_id: int
+    credit_note_number: str
+
+
+def refund_record(
+    *, invoice_id: int, amount_minor: int, currency: str, reference: str, reason: str, actor: Actor
+) -> RefundRecorded:
+    """Money the gateway gave back to the card on ``invoice_id`` (``amount_minor`` gross, as
+    refunded; ``reference``: the payments app's refund id). Runs inside the caller's
+    transaction (the payments app records the refund's outcome in the same commit), after the
+    gateway refunded.
+
+    Refused beyond what was paid less what was already given back (``invalid_amount``).
+    Issues a credit note for exactly the gross amount (its net and tax split by
+    ``_gross_split``), then posts the refund (receivable debit, gateway clearing credit), so
+    the credit note leaves no negative receivable. The invoice's status does not change (what
+    it still owes does not either: it was credited what went back). The unique ``reference``
+    decides: a replay returns the first result and writes nothing; other details under the
+    same reference are a ``refund_conflict``. A refusal leaves nothing behind, even when the
+    caller catches it and carries on."""
+    require_transaction("A refund recorded on an invoice")
+    if amount_minor <= 0:
+        raise ApplicationError("invalid_amount", "A refund is a positive amount (minor units).", field="amount_minor")
+    reference = _require_reference(reference)
+    reason = _require_reason(reason)
+    now = timezone.now()
+    with transaction.atomic():  # a savepoint: what a refusal wrote is undone with it
+        invoice = _locked_invoice(invoice_id)
+        if currency != invoice.currency:
+            raise ApplicationError("currency_mismatch", f"The invoice is in {invoice.currency}.", field="currency")
+        refund = InvoiceRefund(
+            invoice=invoice,
+            account_id=invoice.account_id,
+            amount_minor=amount_minor,
+            currency=currency,
+            method=RefundMethod.CARD,
+            reference=reference,
+            credit_note_id=ids.new_id(),  # written below (the foreign key is checked at commit)
+            reason=reason,
+            created_at=now,
+        )
+        if not _insert_once(refund):
+            first = InvoiceRefund.objects.select_related("credit_note").get(reference=reference)
+            if (first.invoice_id, first.amount_minor, first.currency, first.method) != (
+                invoice_id,
+                amount_minor,
                 currency,
-                f"Payment {reference} for {invoice.number}",
-                [
-                    ledger.Posting(ledger.GATEWAY_CLEARING, amount_minor),
-                    ledger.Posting(ledger.RECEIVABLE, -amount_minor, invoice.account_id),
-                ],
+                RefundMethod.CARD,
+            ):
+                raise Conflict("refund_conflict", f"Refund {reference} was recorded with other details.")
+            return _refund_recorded(first, first.credit_note)
+        refundable = max(0, invoice.amount_paid_minor - invoice.amount_refunded_minor)
+        if amount_minor > refundable:
+            raise ApplicationError(
+                "invalid_amount",
+                f"At most {refundable} (minor units) of what was paid on {invoice.number} is left to refund.",
+                field="amount_minor",
             )
-        ],
-        posted_at=now,
+        if invoice.status not in (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE):
+            raise Conflict("invalid_transition", f"The invoice is {invoice.status}; it takes no refunds.")
+        net, tax, rest = _gross_split(invoice, amount_minor)
+        note = _credit_note_write(
+            invoice,
+            note_id=refund.credit_note_id,
+            lines=_refund_lines(invoice, net, description=f"Refund {reference}"),
+            tax=tax,
+            reason=reason,
+            actor=actor,
+            rest=rest,
+            now=now,
+        )
+        ledger.post(
+            [
+                ledger.Entry(
+                    LedgerSource.REFUND,
+                    refund.id,
+                    invoice.account_id,
+                    currency,
+                    f"Refund {reference} on {invoice.number} (credit note {note.number})",
+                    [
+                        ledger.Posting(ledger.RECEIVABLE, amount_minor, invoice.account_id),
+                        ledger.Posting(ledger.GATEWAY_CLEARING, -amount_minor),
+                    ],
+                )
+            ],
+            posted_at=now,
+        )
+        invoice.amount_refunded_minor += amount_minor
+        invoice.save(update_fields=["amount_credited_minor", "amount_refunded_minor", "updated_at"])
+    queue_task("invoicing.render_documents", kind="credit_note", source_ids=[note.id])
+    log.info(
+        "invoicing.refund_recorded",
+        extra={
+            "invoice_id": invoice.public_id,
+            "account_id": ids.encode("acc", invoice.account_id),
+            "amount_minor": amount_minor,
+            "credit_note": note.number,
+        },
     )
-    if invoice.amount_outstanding_minor == 0:
-        invoice.paid_at = now
-        _transition(invoice, "mark_paid", actor=Actor.system("payments"), reason=f"payment {reference}")
-    else:
-        invoice.save()
-    return payment
+    return _refund_recorded(refund, note)
+
+
+def _refund_recorded(refund: InvoiceRefund, note: CreditNote) -> RefundRecorded:
+    return RefundRecorded(
+        invoice_id=refund.invoice_id,
+        account_id=refund.account_id,
+        refund_id=refund.id,
+        amount_minor=refund.amount_minor,
+        credit_note_id=note.id,
+        credit_note_number=note.number,
+    )
+
+
+def _gross_split(invoice: Invoice, gross: int) -> tuple[int, int, bool]:
+    """Net and tax of a credit note for ``gross`` on ``invoice`` (``gross_split``), and
+    whether it credits all that is left of the invoice."""
+    credited_net, credited_tax = _credited(invoice)
+    left = invoice.total_minor - credited_net - credited_tax
+    if gross > left:
+        raise ApplicationError(
+            "invalid_amount",
+            f"At most {left} (minor units) is left to credit on {invoice.number}.",
+            field="amount_minor",
+        )
+    net, tax = gross_split(
+        gross,
+        rate=invoice.tax_rate,
+        invoice_net=invoice.subtotal_minor,
+        invoice_tax=invoice.tax_minor,
+        credited_net=credited_net,
+        credited_tax=credited_tax,
+    )
+    return net, tax, gross == left
+
+
+def gross_split(
+    gross: int, *, rate: Decimal, invoice_net: int, invoice_tax: int, credited_net: int, credited_tax: int
+) -> tuple[int, int]:
+    """Split ``gross`` (tax included, minor units; at most what is left to credit) into the
+    net and tax of a credit note on an invoice of ``invoice_net`` + ``invoice_tax`` taxed at
+    ``rate`` percent, of which ``credited_net`` and ``credited_tax`` are already credited:
+    net + tax == gross exactly.
+
+    Rounding: crediting all that is left takes exactly the rest of the net and of the tax.
+    Otherwise the tax follows the cumulative rule of credit notes by lines (``rule_tax``: the
+    rate on all the net credited so far, rounded half-up once, less the tax already credited,
+    within what is left of the invoice's tax): the net is the smallest whose net plus
+    rule-tax reaches ``gross``, and the tax is ``gross`` less that net. So the tax is the
+    rule's, or one minor unit less where the rounded tax steps up inside ``gross`` (never
+    more): the VAT credited in parts never exceeds the rule on the net credited so far,
+    hence never what the invoice charged, and the next credit note, being cumulative, makes
+    that unit up."""
+    net_left, tax_left = invoice_net - credited_net, invoice_tax - credited_tax
+    if gross >= net_left + tax_left:
+        return net_left, tax_left
+    lo, hi = 0, min(gross, net_left)
+    while lo < hi:  # net + rule-tax rises strictly with the net: bisect
+        mid = (lo + hi) // 2
+        tax = rule_tax(credited_net + mid, rate=rate, credited_tax=credited_tax, invoice_tax=invoice_tax)
+        if mid + tax >= gross:
+            hi = mid
+        else:
+            lo = mid + 1
+    # Within what is left of both (so the net never exceeds the invoice's either).
+    tax = min(max(gross - lo, gross - net_left, 0), tax_left)
+    return gross - tax, tax
+
+
+def rule_tax(cumulative_net: int, *, rate: Decimal, credited_tax: int, invoice_tax: int) -> int:
+    """The tax of a credit note that brings the net credited on an invoice to
+    ``cumulative_net``: the rate on it, rounded half-up once, less the tax already credited,
+    kept within what is left of the invoice's tax."""
+    cumulative = money.percent_of_minor(cumulative_net, rate)
+    return min(max(cumulative - credited_tax, 0), invoice_tax - credited_tax)
+
+
+def _refund_lines(invoice: Invoice, net: int, *, description: str) -> list[CreditNoteLineIn]:
+    """``net`` spread over the invoice's revenue families in proportion to what is left of
+    each (invoice lines less earlier credit note lines), parts summing to ``net``; each line
+    names a SKU of its family, so revenue is reversed where it was posted."""
+    if net <= 0:
+        return []
+    left: dict[str, int] = defaultdict(int)
+    sku_of: dict[str, str] = {}
+    for sku, family, amount in invoice.lines.order_by("position").values_list("sku", "revenue_family", "amount_minor"):
+        left[family] += amount
+        sku_of.setdefault(family, sku)
+    for family, amount in CreditNoteLine.objects.filter(credit_note__invoice=invoice).values_list(
+        "revenue_family", "amount_minor"
+    ):
+        left[family] -= amount
+    families = sorted(f for f in left if family_of(sku_of.get(f, f)) == f)
+    if not families:
+        return [CreditNoteLineIn(description=description, amount_minor=net)]
+    parts = money.allocate(net, [Decimal(max(left[f], 0)) for f in families])
+    return [
+        CreditNoteLineIn(
+            description=description if len(families) == 1 else f"{description}: {family}",
+            amount_minor=part,
+            sku=sku_of.get(family, family),
+        )
+        for family, part in zip(families, parts, strict=True)
+        if part
+    ]
+
+
+# --- Disputes (ledger only; the payments app owns the dispute)
+
+
+DISPUTE_STAGES = {
+    "opened": LedgerSource.DISPUTE_OPENED,
+    "won": LedgerSource.DISPUTE_WON,
+    "lost": LedgerSource.DISPUTE_LOST,
+}
+
+
+def dispute_post(*, dispute_id: int, account_id: int, currency: str, amount_minor: int, stage: str, memo: str) -> bool:
+    """Post a stage of the payments app's dispute ``dispute_id`` to the ledger, inside the
+    caller's transaction; True when it posted now. Each stage posts once (the ledger's unique
+    ``(source, id)``): a replay posts nothing; the same stage with another amount or currency,
+    or a dispute closed both ways, is a ``dispute_conflict``.
+
+    - ``opened``: the bank withdrew the funds: disputes debit, gateway clearing credit;
+    - ``won``: they came back: gateway clearing debit, disputes credit;
+    - ``lost``: they are lost: chargeback loss debit, disputes credit.
+
+    A close learnt before the opening posts the opening first. Stages of one dispute are
+    serialised by a transaction-scoped advisory lock on its id."""
+    require_transaction("A dispute's ledger entry")
+    source = DISPUTE_STAGES.get(stage)
+    if source is None:
+        raise ApplicationError("invalid", f"stage must be one of {', '.join(DISPUTE_STAGES)}.", field="stage")
+    if amount_minor <= 0:
+        raise ApplicationError("invalid_amount", "A dispute is a positive amount (minor units).", field="amount_minor")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"invoicing.dispute:{dispute_id}"])
+    posted = {
+        source_type: (entry_currency, abs(amount))
+        for source_type, entry_currency, amount in LedgerLine.objects.filter(
+            entry__source_type__in=list(DISPUTE_STAGES.values()),
+            entry__source_id=dispute_id,
+            ledger_account=ledger.DISPUTES,
+        ).values_list("entry__source_type", "entry__currency", "amount_minor")
+    }
+    if source in posted:
+        if posted[source] != (currency, amount_minor):
+            raise Conflict("dispute_conflict", f"Dispute {dispute_id} was {stage} with other amounts.")
+        return False
+    if source != LedgerSource.DISPUTE_OPENED:
+        closed = {LedgerSource.DISPUTE_WON, LedgerSource.DISPUTE_LOST} & posted.keys()
+        if closed:
+            raise Conflict("dispute_conflict", f"Dispute {dispute_id} is already closed ({closed.pop()}).")
+        opened = posted.get(LedgerSource.DISPUTE_OPENED)
+        if opened is not None and opened != (currency, amount_minor):
+            raise Conflict("dispute_conflict", f"Dispute {dispute_id} was opened with other amounts.")
+    memo = memo.strip()[:300] or f"Dispute {dispute_id} {stage}"
+    entries = []
+    if source != LedgerSource.DISPUTE_OPENED and LedgerSource.DISPUTE_OPENED not in posted:
+        entries.append(_dispute_entry(dispute_id, "opened", account_id, currency, amount_minor, memo))
+    entries.append(_dispute_entry(dispute_id, stage, account_id, currency, amount_minor, memo))
+    ledger.post(entries, posted_at=timezone.now())
+    log.info(
+        "invoicing.dispute_posted",
+        extra={
+            "dispute_id": ids.encode("dsp", dispute_id),
+            "account_id": ids.encode("acc", account_id),
+            "stage": stage,
+            "amount_minor": amount_minor,
+            "entries": len(entries),
+        },
+    )
+    return True
+
+
+def _dispute_entry(dispute_id: int, stage: str, account_id: int, currency: str, amount: int, memo: str) -> ledger.Entry:
+    debit, credit = {
+        "opened": ((ledger.DISPUTES, account_id), (ledger.GATEWAY_CLEARING, None)),
+        "won": ((ledger.GATEWAY_CLEARING, None), (ledger.DISPUTES, account_id)),
+        "lost": ((ledger.CHARGEBACK_LOSS, None), (ledger.DISPUTES, account_id)),
+    }[stage]
+    return ledger.Entry(
+        DISPUTE_STAGES[stage],
+        dispute_id,
+        account_id,
+        currency,
+        memo,
+        [ledger.Posting(debit[0], amount, debit[1]), ledger.Posting(credit[0], -amount, credit[1])],
+    )
+
+
+# --- Write-offs, credit notes, voids
 
 
 @transaction.atomic(durable=True)
@@ -442,10 +871,44 @@ class CreditNoteLineIn:
     sku: str = ""
 
 
-def credit_note_issue(*, invoice_id: int, lines: list[CreditNoteLineIn], reason: str, actor: Actor) -> CreditNote:
+SETTLE_CREDIT = "credit"
+
+
+def credit_note_issue(
+    *, invoice_id: int, lines: list[CreditNoteLineIn], reason: str, actor: Actor, settle: str | None = None
+) -> CreditNote:
+    """A credit note against an issued or paid invoice (net by lines, tax by the cumulative
+    rule). What it credits beyond what is still owed is settled in the same transaction, so
+    no negative receivable is left: as customer credit (a grant of kind ``overpayment``; its
+    ledger entry: receivable debit, customer credit credit), recorded as an ``InvoiceRefund``
+    of method ``credit``. On a paid invoice that needs ``settle="credit"`` (a refund to the
+    card is the payments app's: it refunds at the gateway and calls ``refund_record``); on an
+    issued, partly paid invoice the excess is settled so without asking. An issued invoice
+    left owing nothing is ``paid``."""
+    if settle not in (None, SETTLE_CREDIT):
+        raise ApplicationError("invalid", "settle is 'credit' or omitted.", field="settle")
+    reason = _require_reason(reason)
     with transaction.atomic(durable=True):
         invoice = _locked_invoice(invoice_id)
-        note = _credit_note_insert(invoice, lines=lines, reason=_require_reason(reason), actor=actor)
+        _require_creditable(invoice)
+        tax, rest = _lines_tax(invoice, lines)
+        if invoice.status == InvoiceStatus.PAID and settle != SETTLE_CREDIT:
+            raise Conflict(
+                "settlement_required",
+                "The invoice is paid: settle the credit note as customer credit, "
+                "or refund the card from Payments → Refund.",
+                field="settle",
+            )
+        now = timezone.now()
+        note = _credit_note_write(invoice, lines=lines, tax=tax, reason=reason, actor=actor, rest=rest, now=now)
+        _settle_to_credit(invoice, note=note, actor=actor, now=now)
+        _save_settled(
+            invoice,
+            actor=actor,
+            reason=f"settled by credit note {note.number}",
+            now=now,
+            fields=["amount_credited_minor", "amount_refunded_minor"],
+        )
     queue_task("invoicing.render_documents", kind="credit_note", source_ids=[note.id])
     return note
 
@@ -460,18 +923,18 @@ def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
             raise Conflict("invalid_transition", f"Only an issued invoice can be voided; this one is {invoice.status}.")
         if invoice.amount_paid_minor:
             raise Conflict("invoice_paid", "Payments were received on this invoice: refund them with credit notes.")
-        remaining_net = invoice.subtotal_minor - _credited(invoice)[0]
-        note = _credit_note_insert(
-            invoice,
-            lines=[
-                CreditNoteLineIn(description=f"Cancellation of invoice {invoice.number}", amount_minor=remaining_net)
-            ],
-            reason=reason,
-            actor=actor,
-            whole=True,
+        lines = [
+            CreditNoteLineIn(
+                description=f"Cancellation of invoice {invoice.number}",
+                amount_minor=invoice.subtotal_minor - _credited(invoice)[0],
+            )
+        ]
+        tax, _ = _lines_tax(invoice, lines)
+        note = _credit_note_write(
+            invoice, lines=lines, tax=tax, reason=reason, actor=actor, rest=True, now=timezone.now()
         )
         _reverse_credits(invoice, note=note)
-        _transition(invoice, "void", actor=actor, reason=f"{reason} (credit note {note.number})")
+        _transition(invoice, "void", actor=actor, reason=f"{reason} (credit note {note.number})")  # saves it
     queue_task("invoicing.render_documents", kind="credit_note", source_ids=[note.id])
     return note
 
@@ -482,13 +945,19 @@ def _credited(invoice: Invoice) -> tuple[int, int]:
     return totals["net"] or 0, totals["tax"] or 0
 
 
-def _credit_note_insert(
-    invoice: Invoice, *, lines: list[CreditNoteLineIn], reason: str, actor: Actor, whole: bool = False
-) -> CreditNote:
+def _require_creditable(invoice: Invoice) -> None:
     if invoice.status not in (InvoiceStatus.ISSUED, InvoiceStatus.PAID):
         raise Conflict(
             "invalid_transition", f"Credit notes need an issued or paid invoice; this one is {invoice.status}."
         )
+
+
+def _lines_tax(invoice: Invoice, lines: list[CreditNoteLineIn]) -> tuple[int, bool]:
+    """The tax of a credit note of ``lines`` (net) on ``invoice``, and whether it credits the
+    rest of the invoice. Tax: the invoice's rate on all the net credited so far, rounded
+    once, minus the tax already credited, kept within what is left of the invoice's tax;
+    crediting the rest of the invoice takes exactly the rest of its tax. So credit notes in
+    parts never reverse more (or less) VAT than the invoice charged."""
     if not lines or any(line.amount_minor <= 0 or not line.description.strip() for line in lines):
         raise ApplicationError("invalid", "Each line needs a description and a positive amount.", field="lines")
     net = sum(line.amount_minor for line in lines)
@@ -499,18 +968,32 @@ def _credit_note_insert(
             f"At most {invoice.subtotal_minor - credited_net} (minor units, net) is left to credit on this invoice.",
             field="lines",
         )
-    # Tax: the invoice's rate on all the net credited so far, rounded once, minus the tax
-    # already credited, kept within what is left of the invoice's tax; crediting the rest of
-    # the invoice takes exactly the rest of its tax. So credit notes in parts never reverse
-    # more (or less) VAT than the invoice charged.
-    if whole or net == invoice.subtotal_minor - credited_net:
-        tax = invoice.tax_minor - credited_tax
-    else:
-        cumulative = money.percent_of_minor(credited_net + net, invoice.tax_rate)
-        tax = min(max(cumulative - credited_tax, 0), invoice.tax_minor - credited_tax)
-    now = timezone.now()
+    if net == invoice.subtotal_minor - credited_net:
+        return invoice.tax_minor - credited_tax, True
+    tax = rule_tax(credited_net + net, rate=invoice.tax_rate, credited_tax=credited_tax, invoice_tax=invoice.tax_minor)
+    return tax, False
+
+
+def _credit_note_write(
+    invoice: Invoice,
+    *,
+    lines: list[CreditNoteLineIn],
+    tax: int,
+    reason: str,
+    actor: Actor,
+    rest: bool,
+    now: dt.datetime,
+    note_id: int | None = None,
+) -> CreditNote:
+    """Number and write a credit note of ``lines`` (net) and ``tax`` on ``invoice`` (locked)
+    and post it: revenue per family and VAT debited, the receivable credited. ``rest``: it
+    credits all that is left of the invoice, so revenue is reversed per family exactly as it
+    was posted. Moves ``invoice.amount_credited_minor``; the caller saves the invoice (and
+    settles, and moves its status)."""
+    net = sum(line.amount_minor for line in lines)
     number = numbering.take(settings.INVOICING_CREDIT_NOTE_SERIES, now.year)[0]
     note = CreditNote.objects.create(
+        id=note_id or ids.new_id(),
         account_id=invoice.account_id,
         invoice=invoice,
         number=number,
@@ -536,14 +1019,8 @@ def _credit_note_insert(
         ]
     )
     invoice.amount_credited_minor += note.total_minor
-    if invoice.status == InvoiceStatus.ISSUED and invoice.amount_outstanding_minor == 0 and not whole:
-        # Nothing is owed any more: settled (a void, ``whole``, moves it to ``void`` instead).
-        invoice.paid_at = now
-        _transition(invoice, "mark_paid", actor=actor, reason=f"settled by credit note {number}")
-    else:
-        invoice.save(update_fields=["amount_credited_minor", "updated_at"])
     by_family: dict[str, int] = defaultdict(int)
-    if whole:
+    if rest:
         # The whole invoice: revenue reversed per family exactly as it was posted.
         for family, amount in invoice.lines.values_list("revenue_family", "amount_minor"):
             by_family[family] += amount
@@ -574,6 +1051,41 @@ def _credit_note_insert(
         posted_at=now,
     )
     return note
+
+
+def _settle_to_credit(invoice: Invoice, *, note: CreditNote, actor: Actor, now: dt.datetime) -> InvoiceRefund | None:
+    """What ``note`` credited beyond what was owed on ``invoice`` (more was received than is
+    now due), kept as customer credit: a grant whose ledger entry moves it from the
+    receivable (debit) to customer credit, recorded as a refund of method ``credit``."""
+    excess = -invoice.balance_minor
+    if excess <= 0:
+        return None
+    grant = _credit_grant_write(
+        account_id=invoice.account_id,
+        kind=CreditKind.OVERPAYMENT,
+        currency=invoice.currency,
+        amount_minor=excess,
+        reason=f"Credit note {note.number} on invoice {invoice.number}, settled as credit",
+        granted_by=actor.name,
+        debit=ledger.RECEIVABLE,
+        debit_account_id=invoice.account_id,
+        memo=f"Credit note {note.number} on {invoice.number} settled as credit",
+        now=now,
+    )
+    refund = InvoiceRefund.objects.create(
+        invoice=invoice,
+        account_id=invoice.account_id,
+        amount_minor=excess,
+        currency=invoice.currency,
+        method=RefundMethod.CREDIT,
+        reference=f"settle:{note.public_id}",
+        credit_note=note,
+        grant=grant,
+        reason=note.reason,
+        created_at=now,
+    )
+    invoice.amount_refunded_minor += excess
+    return refund
 
 
 def _reverse_credits(invoice: Invoice, *, note: CreditNote) -> None:
@@ -626,9 +1138,10 @@ def credit_grant_create(
     expires_at: dt.datetime | None = None,
 ) -> CreditGrant:
     """Grant credit in ``currency`` (the account's). Promotional credit is an expense;
-    prepaid credit was paid through the gateway."""
-    if kind not in CreditKind.values:
-        raise ApplicationError("invalid", f"kind must be one of {', '.join(CreditKind.values)}.", field="kind")
+    prepaid credit was paid through the gateway. (Overpayment credit is written by the
+    services that receive the money, never granted by hand.)"""
+    if kind not in GRANTABLE_CREDIT_KINDS:
+        raise ApplicationError("invalid", f"kind must be one of {', '.join(GRANTABLE_CREDIT_KINDS)}.", field="kind")
     profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
     if profile is None:
         raise NotFound("No such billing account.")
@@ -645,35 +1158,68 @@ def credit_grant_create(
     now = timezone.now()
     if expires_at is not None and expires_at <= now:
         raise ApplicationError("invalid", "The expiry must be in the future.", field="expires_at")
+    reason = _require_reason(reason)
+    try:
+        return _credit_grant_write(
+            account_id=account_id,
+            kind=kind,
+            currency=currency,
+            amount_minor=amount_minor,
+            expires_at=expires_at,
+            reason=reason,
+            granted_by=actor.name,
+            debit=ledger.PROMOTIONS if kind == CreditKind.PROMOTIONAL else ledger.GATEWAY_CLEARING,
+            memo=f"{kind.title()} credit: {reason}",
+            now=now,
+        )
+    except IntegrityError as exc:  # pragma: no cover - a fresh random id
+        raise Conflict("conflict", "Try again.") from exc
+
+
+def _credit_grant_write(
+    *,
+    account_id: int,
+    kind: str,
+    currency: str,
+    amount_minor: int,
+    reason: str,
+    granted_by: str,
+    debit: str,
+    memo: str,
+    now: dt.datetime,
+    debit_account_id: int | None = None,
+    expires_at: dt.datetime | None = None,
+    grant_id: int | None = None,
+) -> CreditGrant:
+    """Write a grant and its ledger entry (source ``credit_grant``): ``debit`` (where the
+    credit comes from: promotions, the gateway, the receivable) debited, customer credit
+    credited."""
     grant = CreditGrant.objects.create(
+        id=grant_id or ids.new_id(),
         account_id=account_id,
         kind=kind,
         currency=currency,
         amount_minor=amount_minor,
         remaining_minor=amount_minor,
         expires_at=expires_at,
-        reason=_require_reason(reason),
-        granted_by=actor.name,
+        reason=reason[:300],
+        granted_by=granted_by,
         created_at=now,
     )
-    source = ledger.PROMOTIONS if kind == CreditKind.PROMOTIONAL else ledger.GATEWAY_CLEARING
-    try:
-        ledger.post(
-            [
-                ledger.Entry(
-                    LedgerSource.CREDIT_GRANT,
-                    grant.id,
-                    account_id,
-                    currency,
-                    f"{kind.title()} credit: {reason}",
-                    [
-                        ledger.Posting(source, amount_minor),
-                        ledger.Posting(ledger.CUSTOMER_CREDIT, -amount_minor, account_id),
-                    ],
-                )
-            ],
-            posted_at=now,
-        )
-    except IntegrityError as exc:  # pragma: no cover - a fresh random id
-        raise Conflict("conflict", "Try again.") from exc
+    ledger.post(
+        [
+            ledger.Entry(
+                LedgerSource.CREDIT_GRANT,
+                grant.id,
+                account_id,
+                currency,
+                memo[:300],
+                [
+                    ledger.Posting(debit, amount_minor, debit_account_id),
+                    ledger.Posting(ledger.CUSTOMER_CREDIT, -amount_minor, account_id),
+                ],
+            )
+        ],
+        posted_at=now,
+    )
     return grant

@@ -261,7 +261,9 @@ _DESCRIPTIONS = {
     409: "Conflicts with the resource's current state.",
     413: "Request body too large.",
     415: "Unsupported media type: send application/json.",
+    402: "The card was declined (`code`: `card_declined`).",
     429: "Too many requests.",
+    503: "A service we depend on (the payment gateway) is not reachable; try again (`code`: `gateway_unavailable`).",
 }
 
 

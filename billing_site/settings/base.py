@@ -50,6 +50,8 @@ INSTALLED_APPS = [
     "accounts",
     "metering",
     "invoicing",
+    "billing_site.outbox",
+    "payments",
 ]
 
 MIDDLEWARE = [
@@ -223,6 +225,8 @@ LOGGING = {
         # "HarfBuzz-Subset missing" warning is about speed only (fontTools subsets instead).
         "weasyprint": {"level": "ERROR"},
         "fontTools": {"level": "WARNING"},
+        # The stripe SDK logs each request at INFO; payments.charging logs what matters, with our ids.
+        "stripe": {"level": "WARNING"},
     },
 }
 
@@ -265,3 +269,40 @@ if not 0 <= INVOICING_GRACE_MINUTES <= 3 * 1440 - 1:
     raise ImproperlyConfigured(
         f"INVOICING_GRACE_MINUTES must be between 0 and 4319 (the 3rd, 23:59), not {INVOICING_GRACE_MINUTES}"
     )
+
+# --- Payments (payments/, README "Payments")
+# The gateway a new billing account charges through: "sandbox" (offline, deterministic, Stripe's
+# test cards' meaning) or "stripe". Chosen per account (payments.PaymentProfile); this is the default.
+PAYMENTS_DEFAULT_GATEWAY = os.environ.get("PAYMENTS_DEFAULT_GATEWAY", "sandbox").strip() or "sandbox"
+# Calls per second to one gateway, across every process sharing REDIS_URL (0: no limit of ours;
+# Stripe's own default live limit is 100/s). Stripe's 429s are retried with back-off regardless.
+PAYMENTS_GATEWAY_RATE_LIMIT = int(os.environ.get("PAYMENTS_GATEWAY_RATE_LIMIT", "100"))
+# A payment still `processing` this long (seconds) is asked about at the gateway by the reconciler.
+PAYMENTS_STALE_PROCESSING_SECONDS = int(os.environ.get("PAYMENTS_STALE_PROCESSING_SECONDS", "300"))
+# Card binding attempts (card testing is an abuse): per billing account, per user, per client IP.
+PAYMENTS_BINDING_RATE_ACCOUNT = os.environ.get("PAYMENTS_BINDING_RATE_ACCOUNT", "10/hour")
+PAYMENTS_BINDING_RATE_USER = os.environ.get("PAYMENTS_BINDING_RATE_USER", "20/hour")
+PAYMENTS_BINDING_RATE_IP = os.environ.get("PAYMENTS_BINDING_RATE_IP", "30/hour")
+# Stripe: keys from the dashboard; STRIPE_API_BASE points the SDK elsewhere (localstripe in tests).
+STRIPE_SECRET_KEY = os.environ.get("STRIPE_SECRET_KEY", "").strip()
+STRIPE_PUBLISHABLE_KEY = os.environ.get("STRIPE_PUBLISHABLE_KEY", "").strip()
+STRIPE_WEBHOOK_SECRET = os.environ.get("STRIPE_WEBHOOK_SECRET", "").strip()
+STRIPE_API_BASE = os.environ.get("STRIPE_API_BASE", "").strip() or "https://api.stripe.com"
+STRIPE_TIMEOUT_SECONDS = float(os.environ.get("STRIPE_TIMEOUT_SECONDS", "30"))
+# The sandbox gateway's simulated latency per call (ms) and share of calls that fail (0..1), and
+# how (SANDBOX_FAILURE_MODE): "unavailable" before doing anything, "lost" (outcome unknown) after
+# doing it, or "mixed", half each.
+SANDBOX_LATENCY_MS = int(os.environ.get("SANDBOX_LATENCY_MS", "0"))
+SANDBOX_FAILURE_RATE = float(os.environ.get("SANDBOX_FAILURE_RATE", "0"))
+SANDBOX_FAILURE_MODE = os.environ.get("SANDBOX_FAILURE_MODE", "mixed").strip() or "mixed"  # | unavailable | lost
+
+# --- Email: customers' notices (dunning). Console backend unless an SMTP host is configured.
+EMAIL_HOST = os.environ.get("EMAIL_HOST", "").strip()
+EMAIL_BACKEND = (
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend"
+)
+EMAIL_PORT = int(os.environ.get("EMAIL_PORT", "587"))
+EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", default=bool(EMAIL_HOST))
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "") or INVOICING_SELLER_EMAIL

@@ -13,6 +13,9 @@ CELERY_BROKER_URL = "memory://"
 CELERY_TASK_ALWAYS_EAGER = True
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 WHITENOISE_USE_FINDERS = True
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+PAYMENTS_BINDING_RATE_ACCOUNT = PAYMENTS_BINDING_RATE_USER = PAYMENTS_BINDING_RATE_IP = "100000/hour"
+PAYMENTS_GATEWAY_RATE_LIMIT = 0  # tests that are about the limit set it themselves
 REST_FRAMEWORK = {
     **REST_FRAMEWORK,  # noqa: F405
     "DEFAULT_THROTTLE_RATES": {"signup": "100000/hour", "member_add": "100000/hour"},

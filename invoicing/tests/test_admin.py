@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import time_machine
+from django.db import transaction
 from django.test import Client
 
 from accounts import services as account_services
@@ -264,3 +265,33 @@ def test_invoicing_admin_reaches_accounts_only_through_selectors_and_services() 
         for alias in node.names
     }
     assert names <= {"selectors", "services"}
+
+
+def test_a_credit_note_on_a_paid_invoice_is_settled_as_credit_from_the_admin(invoice: Invoice) -> None:
+    with transaction.atomic():
+        services.payment_apply(invoice_id=invoice.id, amount_minor=12100, currency="EUR", reference="pay_admin")
+    finance = operator("finance")
+    url = f"/admin/invoicing/invoice/{invoice.pk}/action/credit_note/"
+    form = finance.get(url).content.decode()
+    assert "As customer credit" in form and "Payments → Refund" in form
+    base = {"description": "Outage", "amount": "10", "sku": "compute.vcpu", "reason": "outage"}
+    assert finance.post(url, base).status_code == 200  # the settlement is asked for
+    assert not CreditNote.objects.exists()
+    response = finance.post(url, {**base, "settle": "credit"}, follow=True)
+    assert "12.10 EUR kept as customer credit" in response.content.decode()
+    grant = CreditGrant.objects.get()
+    assert (grant.kind, grant.amount_minor, grant.granted_by) == ("overpayment", 1210, "finance@ops.test")
+    page = finance.get(f"/admin/invoicing/invoice/{invoice.pk}/change/").content.decode()
+    assert "<h2>Refunds</h2>" in page and "Kept as customer credit" in page and grant.public_id in page
+    assert "customer_credit: -12.10 EUR" in page  # the settlement's ledger entry, on the invoice page
+    grants = finance.get("/admin/invoicing/creditgrant/").content.decode()
+    assert "Overpayment kept as credit" in grants
+    assert 'value="overpayment"' not in finance.get("/admin/invoicing/creditgrant/add/").content.decode()
+    assert ledger.check() == []
+
+
+def test_the_credit_note_form_of_a_partly_paid_invoice_says_where_the_excess_goes(invoice: Invoice) -> None:
+    with transaction.atomic():
+        services.payment_apply(invoice_id=invoice.id, amount_minor=100, currency="EUR", reference="pay_part")
+    form = operator("finance").get(f"/admin/invoicing/invoice/{invoice.pk}/action/credit_note/").content.decode()
+    assert "beyond the outstanding amount is kept as customer credit" in form and "settle" not in form

@@ -27,7 +27,8 @@ from invoicing.tests.factories import rated
 PERIODS = [Period(dt.date(2026, 8, 1)), Period(dt.date(2026, 9, 1)), Period(dt.date(2026, 10, 1))]
 INVOICING_TABLES = (
     "invoicing_ledgerline, invoicing_ledgerentry, invoicing_creditapplication, invoicing_creditnoteline, "
-    "invoicing_creditnote, invoicing_invoicepayment, invoicing_billedusage, invoicing_discountedusage, "
+    "invoicing_invoicerefund, invoicing_creditnote, invoicing_invoicepayment, invoicing_billedusage, "
+    "invoicing_discountedusage, "
     "invoicing_invoicetransition, "
     "invoicing_invoiceline, invoicing_rendereddocument, invoicing_invoice, invoicing_creditgrant, "
     "invoicing_documentsequence, metering_dailyusage"

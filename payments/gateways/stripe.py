@@ -1,0 +1,699 @@
+"""The Stripe gateway: ``base.Gateway`` over the official SDK. The only module that imports ``stripe``.
+
+One ``stripe.StripeClient`` per gateway, built from explicit arguments (no module globals such
+as ``stripe.api_key`` are set), with the API version pinned (``STRIPE_API_VERSION``) so a
+dashboard upgrade cannot change what we parse, and the SDK's own network retries off: retries
+are ours, because only we know which failures are safe to repeat.
+
+Every HTTP request goes through ``StripeGateway._call``, the one place where (a) the rate
+limiter is asked first (``payments.ratelimit``, also before each retry and each page of a
+list), (b) a 429 is retried with full-jitter exponential back-off, the *same* request with the
+*same* idempotency key (one is generated per logical call when the caller gave none, so even a
+detach is retried as one request), and (c) the SDK's errors become ours (``_translate``, after
+Zulip's ``catch_stripe_errors``):
+
+======================================  ==================================================
+SDK error                               ours
+======================================  ==================================================
+``CardError`` (402)                     ``PaymentDeclined(decline_code or code, retryable)``
+``RateLimitError`` (429), still after   ``RateLimited``
+``rate_limit_retries`` back-offs
+``APIConnectionError``, never connected ``GatewayUnavailable`` (refused, DNS, connect timeout)
+``APIConnectionError``, otherwise       ``OutcomeUnknown`` (read timeout, reset, dropped answer)
+``APIError``, 5xx, 409, anything else   ``OutcomeUnknown``
+``AuthenticationError``,                ``GatewayUnavailable`` (our key: nothing happened)
+``PermissionError``
+``InvalidRequestError``,                ``InvalidRequest(code)`` (404 without a code:
+``IdempotencyError``                    ``resource_missing``)
+======================================  ==================================================
+
+"Never connected" is decided by walking the exception chain (``__cause__``, ``__context__``,
+urllib3's ``reason``, exception ``args``) for a connection that was never established:
+``ConnectionRefusedError``, urllib3's ``NewConnectionError``/``ConnectTimeoutError`` (DNS
+failures included), requests' ``ConnectTimeout``, httpx's ``ConnectError``/``ConnectTimeout``.
+By class name, so it holds whichever HTTP library the SDK uses and needs no import of it.
+Only then had no byte of the request left this process. Anything that fails after the
+connection was made is ``OutcomeUnknown``, even a reset that came before the server read the
+request: from the client's side a reset before and after processing look the same, so the
+honest answer is "ask before charging again".
+
+Retryable declines: everything except ``HARD_DECLINES``, the codes for which the issuer will
+never approve this card (Visa's category 1, Mastercard's "do not try again": lost, stolen,
+pick up, fraud, closed or invalid account, expired, wrong number, revoked authorisation).
+``do_not_honor`` stays retryable: it is the issuer's generic refusal, and Visa and Mastercard
+both allow it to be retried later. An off-session charge refused with
+``authentication_required`` is no decline: ``charge`` returns ``requires_action`` with the
+intent's client secret, so the customer can authenticate (``base``: not a decline).
+
+Intent statuses: ``succeeded``; ``requires_action``, and ``requires_payment_method`` after an
+``authentication_required`` decline, are ``requires_action`` (the client secret is handed out
+then only); ``processing`` and ``requires_capture`` are ``processing``; ``requires_payment_method``
+and ``requires_confirmation`` are ``failed`` (our intents are confirmed when created, so they
+got there by a decline, whose code is in ``last_payment_error``); ``canceled``; anything new is
+``processing`` (ask again later, never guess an outcome).
+
+Emulators (``emulator``: test keys and an ``api_base`` outside ``stripe.com``, i.e. localstripe
+in tests; never with live keys). localstripe 1.15 implements a subset of the API, so with it,
+and only with it, this gateway: leaves out the parameters it refuses with a 400
+(``description`` and ``allowed_payment_method_types`` on a PaymentIntent, the latter on a
+SetupIntent, ``reason`` on a Refund); lists PaymentIntents unfiltered and filters by customer
+and date itself (it refuses both filters); confirms with a card PaymentMethod created from the
+test card number for the test payment method names it does not know (all but ``pm_card_visa``,
+``pm_card_visa_chargeDeclined`` and ``pm_card_chargeCustomerFail``; it takes 16-digit numbers
+only, so ``pm_card_amex`` is refused as ``test_card_unsupported``); attaches the PaymentMethod
+of a succeeded SetupIntent to the customer (Stripe does that itself); refuses a refund of a
+payment that did not succeed or beyond what is left of it (it checks neither); and, on a
+decline, finds the PaymentIntent through the declined charge (its error names only the charge).
+None of this runs against Stripe.
+
+Webhooks: ``webhook_event_construct`` checks the ``Stripe-Signature`` header with the SDK and
+returns the event as a plain dict, or raises ``InvalidSignature``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
+
+import stripe
+
+from billing_site.common.transactions import forbid_transaction
+from payments.gateways.base import (
+    CardFacts,
+    ChargeRequest,
+    ChargeResult,
+    ChargeStatus,
+    GatewayError,
+    GatewayUnavailable,
+    InvalidRequest,
+    OutcomeUnknown,
+    PaymentDeclined,
+    PaymentMethodInfo,
+    RateLimited,
+    RefundRequest,
+    RefundResult,
+    SetupIntentInfo,
+    SetupStatus,
+)
+
+if TYPE_CHECKING:
+    from stripe.params import (
+        CustomerCreateParams,
+        PaymentIntentCreateParams,
+        PaymentIntentListParams,
+        RefundCreateParams,
+        SetupIntentCreateParams,
+    )
+
+    from payments.ratelimit import CallRateLimiter
+
+log = logging.getLogger(__name__)
+
+# The API version every request is made with: the SDK's own (stripe==16.1.0). Upgrade the SDK and
+# this together, after reading Stripe's changelog for the objects parsed below.
+STRIPE_API_VERSION = "2026-10-28.endive"
+DEFAULT_API_BASE = "https://api.stripe.com"
+PAYMENT_INTENT_PAGE_SIZE = 100  # Stripe's maximum
+
+# Decline codes after which no later attempt with the same card can succeed (see the docstring).
+HARD_DECLINES = frozenset(
+    {
+        "lost_card",
+        "stolen_card",
+        "pickup_card",
+        "fraudulent",
+        "restricted_card",
+        "merchant_blacklist",
+        "invalid_account",
+        "card_not_supported",
+        "incorrect_number",
+        "invalid_number",
+        "expired_card",
+        "revocation_of_authorization",
+        "revocation_of_all_authorizations",
+        "security_violation",
+        "stop_payment_order",
+        "transaction_not_allowed",
+    }
+)
+
+# Stripe's test payment methods and their card numbers: what an emulator is given in their stead
+# when it does not know the name (https://docs.stripe.com/testing).
+TEST_CARD_NUMBERS = {
+    "pm_card_visa": "4242424242424242",
+    "pm_card_visa_debit": "4000056655665556",
+    "pm_card_mastercard": "5555555555554444",
+    "pm_card_amex": "378282246310005",
+    "pm_card_chargeDeclined": "4000000000000002",
+    "pm_card_visa_chargeDeclined": "4000000000000002",
+    "pm_card_chargeCustomerFail": "4000000000000341",
+    "pm_card_authenticationRequired": "4000002760003184",
+    "pm_card_authenticationRequiredOnSetup": "4000002500003155",
+    "pm_card_visa_chargeDeclinedLostCard": "4000000000009987",
+    "pm_card_visa_chargeDeclinedStolenCard": "4000000000009979",
+    "pm_card_visa_chargeDeclinedInsufficientFunds": "4000000000009995",
+    "pm_card_visa_chargeDeclinedExpiredCard": "4000000000000069",
+}
+# The names localstripe resolves itself (``PaymentMethod._try_get_canonical_test_article``).
+EMULATOR_KNOWN_TEST_PAYMENT_METHODS = frozenset(
+    {"pm_card_visa", "pm_card_visa_chargeDeclined", "pm_card_chargeCustomerFail"}
+)
+
+# CARD_ONLY: SetupIntents and PaymentIntents are limited to cards (``allowed_payment_method_types``,
+# the pinned version's name for the older ``payment_method_types``): with the dashboard's
+# automatic payment methods instead, a server-side confirmation could also need a return_url for
+# redirect-based methods we never bind. localstripe knows neither name and only does cards.
+REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+
+_CHARGE_STATUSES = {
+    "succeeded": ChargeStatus.SUCCEEDED,
+    "requires_action": ChargeStatus.REQUIRES_ACTION,
+    "processing": ChargeStatus.PROCESSING,
+    "requires_capture": ChargeStatus.PROCESSING,  # authorised, capture pending (we capture automatically)
+    # Our intents are confirmed when created: one that needs a payment method or a confirmation
+    # again has failed (the decline is in last_payment_error).
+    "requires_payment_method": ChargeStatus.FAILED,
+    "requires_confirmation": ChargeStatus.FAILED,
+    "canceled": ChargeStatus.CANCELED,
+}
+_REFUND_STATUSES = {
+    "succeeded": "succeeded",
+    "pending": "pending",
+    "requires_action": "pending",
+    "failed": "failed",
+    "canceled": "failed",
+}
+
+# Exception class names meaning "the connection was never established" (see the docstring).
+_NEVER_CONNECTED = frozenset(
+    {
+        "ConnectionRefusedError",  # builtin
+        "NewConnectionError",  # urllib3: refused, unreachable, DNS (NameResolutionError is one)
+        "ConnectTimeoutError",  # urllib3
+        "NameResolutionError",  # urllib3
+        "ConnectTimeout",  # requests, httpx
+        "ConnectError",  # httpx
+        "gaierror",  # socket: DNS
+    }
+)
+
+
+class InvalidSignature(GatewayError):
+    """A webhook whose ``Stripe-Signature`` does not verify (wrong secret, altered body, older
+    than the tolerance), or whose body is not a Stripe event: answer 400, process nothing."""
+
+
+class StripeGateway:
+    """``base.Gateway`` over Stripe. Thread-safe: the SDK's HTTP client keeps one session per thread."""
+
+    def __init__(
+        self,
+        *,
+        secret_key: str,
+        publishable_key: str = "",
+        api_base: str = DEFAULT_API_BASE,
+        timeout: float = 30.0,
+        name: str = "stripe",
+        limiter: CallRateLimiter | None = None,
+        rate_limit_retries: int = 5,
+        backoff_base_seconds: float = 0.25,
+        backoff_cap_seconds: float = 8.0,
+        emulator: bool | None = None,
+    ) -> None:
+        self.name = name
+        self.publishable_key = publishable_key
+        self.api_base = api_base.rstrip("/")
+        self.timeout = timeout
+        self.limiter = limiter
+        self.rate_limit_retries = rate_limit_retries
+        self.backoff_base_seconds = backoff_base_seconds
+        self.backoff_cap_seconds = backoff_cap_seconds
+        self.test_mode = secret_key.startswith(("sk_test_", "rk_test_"))
+        host = urlsplit(self.api_base).hostname or ""
+        self.emulator = (
+            emulator
+            if emulator is not None
+            else self.test_mode and not (host == "stripe.com" or host.endswith(".stripe.com"))
+        )
+        self._client = stripe.StripeClient(
+            secret_key,
+            stripe_version=STRIPE_API_VERSION,
+            base_addresses={"api": self.api_base},
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=timeout),
+        )
+
+    @classmethod
+    def from_settings(cls) -> StripeGateway:
+        from django.conf import settings
+        from django.core.exceptions import ImproperlyConfigured
+
+        from payments.ratelimit import limiter_for
+
+        if not settings.STRIPE_SECRET_KEY:
+            raise ImproperlyConfigured("STRIPE_SECRET_KEY is not set: the stripe gateway cannot be used.")
+        return cls(
+            secret_key=settings.STRIPE_SECRET_KEY,
+            publishable_key=settings.STRIPE_PUBLISHABLE_KEY,
+            api_base=settings.STRIPE_API_BASE,
+            timeout=settings.STRIPE_TIMEOUT_SECONDS,
+            limiter=limiter_for("stripe"),
+        )
+
+    def __repr__(self) -> str:  # never the key
+        mode = "test" if self.test_mode else "live"
+        return f"StripeGateway(name={self.name!r}, {mode}, api_base={self.api_base!r}, emulator={self.emulator})"
+
+    # --- customers and cards
+
+    def customer_create(self, *, account_ref: str, email: str, name: str, idempotency_key: str) -> str:
+        params: CustomerCreateParams = {"metadata": {"account_id": account_ref}}
+        if email:  # "" would not mean "none" to Stripe
+            params["email"] = email
+        if name:
+            params["name"] = name
+        customer = self._call(
+            "customer_create",
+            lambda options: self._client.v1.customers.create(params=params, options=options),
+            idempotency_key=idempotency_key,
+        )
+        return str(customer["id"])
+
+    def setup_intent_create(
+        self, *, customer_id: str, metadata: dict[str, str], idempotency_key: str
+    ) -> SetupIntentInfo:
+        params: SetupIntentCreateParams = {"customer": customer_id, "usage": "off_session", "metadata": dict(metadata)}
+        if not self.emulator:
+            params["allowed_payment_method_types"] = ["card"]  # see CARD_ONLY
+        intent = self._call(
+            "setup_intent_create",
+            lambda options: self._client.v1.setup_intents.create(params=params, options=options),
+            idempotency_key=idempotency_key,
+        )
+        return _setup_info(intent)
+
+    def setup_intent_retrieve(self, intent_id: str) -> SetupIntentInfo:
+        intent = self._call(
+            "setup_intent_retrieve",
+            lambda options: self._client.v1.setup_intents.retrieve(intent_id, options=options),
+        )
+        return _setup_info(intent)
+
+    def setup_intent_confirm_test(self, *, intent_id: str, test_payment_method: str) -> SetupIntentInfo:
+        """Confirm server-side with a Stripe test payment method, test mode only. An intent that
+        already succeeded is returned as it is, so a repeated call is harmless."""
+        if not self.test_mode:
+            raise InvalidRequest("test_mode_only", "Test payment methods are accepted with test keys only.")
+        current = self.setup_intent_retrieve(intent_id)
+        if current.status == SetupStatus.SUCCEEDED:
+            return current
+        payment_method = self._test_payment_method(test_payment_method)
+        intent = self._call(
+            "setup_intent_confirm",
+            lambda options: self._client.v1.setup_intents.confirm(
+                intent_id, params={"payment_method": payment_method}, options=options
+            ),
+        )
+        info = _setup_info(intent)
+        if self.emulator and info.status == SetupStatus.SUCCEEDED and info.payment_method_id and info.customer_id:
+            self._call(
+                "payment_method_attach",
+                lambda options: self._client.v1.payment_methods.attach(
+                    info.payment_method_id, params={"customer": info.customer_id}, options=options
+                ),
+            )
+        return info
+
+    def _test_payment_method(self, name: str) -> str:
+        """The payment method to confirm with: the test name itself, except on an emulator that
+        does not know it, where a card PaymentMethod is created from the test card number."""
+        if not self.emulator or name in EMULATOR_KNOWN_TEST_PAYMENT_METHODS:
+            return name
+        number = TEST_CARD_NUMBERS.get(name)
+        if number is None:
+            return name  # the emulator answers resource_missing, as Stripe would
+        if len(number) != 16:
+            raise InvalidRequest("test_card_unsupported", f"The emulator accepts 16-digit card numbers only ({name}).")
+        expires = dt.datetime.now(dt.UTC).year + 3
+        created = self._call(
+            "payment_method_create",
+            lambda options: self._client.v1.payment_methods.create(
+                params={
+                    "type": "card",
+                    "card": {"number": number, "exp_month": 12, "exp_year": expires, "cvc": "123"},
+                },
+                options=options,
+            ),
+        )
+        return str(created["id"])
+
+    def payment_method_retrieve(self, payment_method_id: str) -> PaymentMethodInfo:
+        method = self._call(
+            "payment_method_retrieve",
+            lambda options: self._client.v1.payment_methods.retrieve(payment_method_id, options=options),
+        )
+        card = method.get("card") or {}
+        if not card:
+            raise InvalidRequest("not_a_card", f"Payment method {method.get('id')} is not a card.")
+        return PaymentMethodInfo(
+            id=str(method["id"]),
+            customer_id=_id_of(method.get("customer")),
+            card=CardFacts(
+                brand=str(card.get("brand") or "unknown"),
+                last4=str(card.get("last4") or ""),
+                exp_month=int(card.get("exp_month") or 0),
+                exp_year=int(card.get("exp_year") or 0),
+                fingerprint=str(card.get("fingerprint") or ""),
+                country=str(card.get("country") or ""),
+                funding=str(card.get("funding") or "unknown"),
+            ),
+        )
+
+    def payment_method_detach(self, payment_method_id: str) -> None:
+        self._call(
+            "payment_method_detach",
+            lambda options: self._client.v1.payment_methods.detach(payment_method_id, options=options),
+        )
+
+    # --- charges
+
+    def charge(self, request: ChargeRequest) -> ChargeResult:
+        params: PaymentIntentCreateParams = {
+            "customer": request.customer_id,
+            "payment_method": request.payment_method_id,
+            "amount": request.amount_minor,
+            "currency": request.currency.lower(),
+            "off_session": True,
+            "confirm": True,
+            "metadata": dict(request.metadata),
+            "expand": ["latest_charge"],
+        }
+        if not self.emulator:
+            params["allowed_payment_method_types"] = ["card"]  # see CARD_ONLY
+            if request.description:
+                params["description"] = request.description
+        try:
+            intent = self._call(
+                "charge",
+                lambda options: self._client.v1.payment_intents.create(params=params, options=options),
+                idempotency_key=request.idempotency_key,
+            )
+        except PaymentDeclined as exc:
+            error = _error_body(exc.__cause__)
+            pending = error.get("payment_intent")
+            if exc.code == "authentication_required" and isinstance(pending, dict) and pending.get("id"):
+                # The issuer wants 3-D Secure, which off-session cannot give: the customer must
+                # authenticate (on-session, with the intent's client secret). Not a decline.
+                return _charge_result(pending, authentication_required=True)
+            if not exc.intent_id and self.emulator and error.get("charge"):
+                exc.intent_id = self._intent_of_charge(str(error["charge"]))
+            raise
+        result = _charge_result(intent)
+        if result.status == ChargeStatus.FAILED:
+            raise PaymentDeclined(
+                result.decline_code,
+                retryable=result.retryable,
+                message=result.decline_message,
+                intent_id=result.intent_id,
+            )
+        return result
+
+    def _intent_of_charge(self, charge_id: str) -> str:
+        """The PaymentIntent of a declined charge (emulators name only the charge); "" if unknown."""
+        try:
+            charge = self._call(
+                "charge_retrieve", lambda options: self._client.v1.charges.retrieve(charge_id, options=options)
+            )
+        except GatewayError:
+            return ""
+        return _id_of(charge.get("payment_intent"))
+
+    def payment_intent_retrieve(self, intent_id: str) -> ChargeResult:
+        intent = self._call(
+            "payment_intent_retrieve",
+            lambda options: self._client.v1.payment_intents.retrieve(
+                intent_id, params={"expand": ["latest_charge"]}, options=options
+            ),
+        )
+        return _charge_result(intent)
+
+    def payment_intents_for_customer(self, *, customer_id: str, created_since: dt.datetime) -> list[ChargeResult]:
+        """Every page, oldest first. Stripe filters by customer and date; an emulator cannot, so
+        the filter is applied here too (a no-op against Stripe)."""
+        since = int(created_since.timestamp())
+        found = [
+            _charge_result(intent)
+            for intent in self._payment_intent_pages(customer_id=customer_id, since=since)
+            if _id_of(intent.get("customer")) == customer_id and int(intent.get("created") or 0) >= since
+        ]
+        return sorted(found, key=lambda result: result.created_at or dt.datetime.min.replace(tzinfo=dt.UTC))
+
+    def _payment_intent_pages(self, *, customer_id: str, since: int) -> Iterator[dict[str, Any]]:
+        starting_after = ""
+        while True:
+            params: PaymentIntentListParams = {"limit": PAYMENT_INTENT_PAGE_SIZE, "expand": ["data.latest_charge"]}
+            if not self.emulator:
+                params["customer"] = customer_id
+                params["created"] = {"gte": since}
+            if starting_after:
+                params["starting_after"] = starting_after
+            page = self._list_page(params)
+            data: list[dict[str, Any]] = list(page.get("data") or [])
+            yield from data
+            if not page.get("has_more") or not data:
+                return
+            starting_after = str(data[-1]["id"])
+
+    def _list_page(self, params: PaymentIntentListParams) -> dict[str, Any]:
+        return self._call(
+            "payment_intent_list",
+            lambda options: self._client.v1.payment_intents.list(params=params, options=options),
+        )
+
+    def payment_intent_cancel(self, intent_id: str) -> ChargeResult:
+        intent = self._call(
+            "payment_intent_cancel",
+            lambda options: self._client.v1.payment_intents.cancel(
+                intent_id, params={"expand": ["latest_charge"]}, options=options
+            ),
+        )
+        return _charge_result(intent)
+
+    def refund(self, request: RefundRequest) -> RefundResult:
+        if request.reason and request.reason not in REFUND_REASONS:
+            raise InvalidRequest("invalid_refund_reason", f"Unknown refund reason {request.reason!r}.")
+        if self.emulator:
+            self._refund_check(request)
+        params: RefundCreateParams = {
+            "payment_intent": request.intent_id,
+            "amount": request.amount_minor,
+            "metadata": dict(request.metadata),
+        }
+        if request.reason and not self.emulator:
+            params["reason"] = cast(Any, request.reason)
+        refund = self._call(
+            "refund",
+            lambda options: self._client.v1.refunds.create(params=params, options=options),
+            idempotency_key=request.idempotency_key,
+        )
+        return RefundResult(
+            refund_id=str(refund["id"]),
+            status=_REFUND_STATUSES.get(str(refund.get("status")), "pending"),
+            amount_minor=int(refund["amount"]),
+            currency=str(refund["currency"]).upper(),
+            intent_id=_id_of(refund.get("payment_intent")) or request.intent_id,
+        )
+
+    def _refund_check(self, request: RefundRequest) -> None:
+        """What Stripe checks and an emulator does not: the payment succeeded, and the refund fits
+        in what is left of it."""
+        intent = self._call(
+            "payment_intent_retrieve",
+            lambda options: self._client.v1.payment_intents.retrieve(
+                request.intent_id, params={"expand": ["latest_charge"]}, options=options
+            ),
+        )
+        charge = intent.get("latest_charge")
+        if intent.get("status") != "succeeded" or not isinstance(charge, dict):
+            raise InvalidRequest("charge_not_succeeded", "Only a succeeded payment can be refunded.")
+        left = int(charge.get("amount") or 0) - int(charge.get("amount_refunded") or 0)
+        if request.amount_minor > left:
+            raise InvalidRequest("amount_too_large", f"The refund exceeds what is left of the charge ({left}).")
+
+    # --- the one door to the network
+
+    def _call(
+        self,
+        operation: str,
+        send: Callable[[stripe.RequestOptions], stripe.StripeObject],
+        *,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """One logical request: limiter, the request, 429s retried with the same idempotency key,
+        errors translated. Returns the response as a plain dict (SDK objects are not dicts)."""
+        forbid_transaction("A Stripe call")
+        # Every request carries a key, the caller's or one made here, the same on every retry
+        # (Stripe ignores it on a GET).
+        options: stripe.RequestOptions = {"idempotency_key": idempotency_key or f"{operation}-{uuid.uuid4().hex}"}
+        attempt = 0
+        while True:
+            if self.limiter is not None:
+                self.limiter.acquire()
+            try:
+                return send(options).to_dict()
+            except stripe.RateLimitError as exc:
+                if attempt >= self.rate_limit_retries:
+                    log.warning("payments.stripe_rate_limited", extra={"operation": operation, "attempts": attempt + 1})
+                    raise RateLimited(f"stripe: {operation} still rate limited after {attempt + 1} attempts") from exc
+                delay = self._backoff(attempt)
+                log.info(
+                    "payments.stripe_backoff",
+                    extra={"operation": operation, "attempt": attempt + 1, "delay_ms": round(delay * 1000)},
+                )
+                time.sleep(delay)
+                attempt += 1
+            except stripe.StripeError as exc:
+                raise _translate(exc, operation) from exc
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(cap, base * 2**attempt)] (spreads retrying callers apart)."""
+        ceiling = min(self.backoff_cap_seconds, self.backoff_base_seconds * 2**attempt)
+        return random.uniform(0, ceiling)  # noqa: S311 - jitter, not a secret
+
+
+# --- errors
+
+
+def _translate(exc: stripe.StripeError, operation: str) -> GatewayError:
+    """The SDK's error as ours (the table in the module docstring)."""
+    error = _error_body(exc)
+    message = exc.user_message or type(exc).__name__
+    if isinstance(exc, stripe.CardError):
+        code = str(error.get("decline_code") or exc.code or "card_declined")
+        return PaymentDeclined(
+            code,
+            retryable=code not in HARD_DECLINES,
+            message=message,
+            intent_id=_id_of(error.get("payment_intent")),
+        )
+    if isinstance(exc, stripe.APIConnectionError):
+        if _never_connected(exc):
+            return GatewayUnavailable(f"stripe: {operation}: could not connect")
+        return OutcomeUnknown(f"stripe: {operation}: the answer was lost (timeout or broken connection)")
+    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
+        return GatewayUnavailable(f"stripe: {operation}: refused our key ({exc.http_status})")
+    if isinstance(exc, stripe.IdempotencyError):
+        return InvalidRequest("idempotency_error", message)
+    if isinstance(exc, stripe.InvalidRequestError):
+        code = exc.code or ("resource_missing" if exc.http_status == 404 else "invalid_request")
+        return InvalidRequest(str(code), message)
+    if isinstance(exc, stripe.RateLimitError):  # only when not retried (never, today)
+        return RateLimited(f"stripe: {operation}: rate limited")
+    return OutcomeUnknown(f"stripe: {operation}: {exc.http_status or 'error'} {message}")
+
+
+def _error_body(exc: BaseException | None) -> dict[str, Any]:
+    """The ``error`` object of a Stripe error response, or {}."""
+    if isinstance(exc, stripe.StripeError) and isinstance(exc.json_body, dict):
+        error = exc.json_body.get("error")
+        if isinstance(error, dict):
+            return error
+    return {}
+
+
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args)
+        stack.extend(item for item in linked if isinstance(item, BaseException))
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether the connection was never established (so the request was never sent)."""
+    return any(klass.__name__ in _NEVER_CONNECTED for link in _exception_chain(exc) for klass in type(link).__mro__)
+
+
+# --- shapes
+
+
+def _id_of(value: Any) -> str:
+    """An expandable field's id: the string itself, or the expanded object's ``id``."""
+    if isinstance(value, dict):
+        return str(value.get("id") or "")
+    return str(value or "")
+
+
+def _setup_info(intent: dict[str, Any]) -> SetupIntentInfo:
+    error = intent.get("last_setup_error") or {}
+    return SetupIntentInfo(
+        id=str(intent["id"]),
+        status=str(intent["status"]),
+        customer_id=_id_of(intent.get("customer")),
+        client_secret=str(intent.get("client_secret") or ""),
+        payment_method_id=_id_of(intent.get("payment_method")),
+        metadata={str(k): str(v) for k, v in (intent.get("metadata") or {}).items()},
+        decline_code=str(error.get("decline_code") or error.get("code") or ""),
+    )
+
+
+def _charge_result(intent: dict[str, Any], *, authentication_required: bool = False) -> ChargeResult:
+    raw_status = str(intent.get("status") or "")
+    error = intent.get("last_payment_error") or {}
+    code = str(error.get("decline_code") or error.get("code") or "")
+    if authentication_required:
+        code = "authentication_required"
+    if raw_status == "requires_payment_method" and code == "authentication_required":
+        status = ChargeStatus.REQUIRES_ACTION  # off-session 3-D Secure: the customer confirms on-session
+    else:
+        status = _CHARGE_STATUSES.get(raw_status, ChargeStatus.PROCESSING)  # unknown: ask again later
+    charge = intent.get("latest_charge")
+    next_action = intent.get("next_action") or {}
+    redirect = (next_action.get("redirect_to_url") or {}) if next_action.get("type") == "redirect_to_url" else {}
+    created = intent.get("created")
+    return ChargeResult(
+        intent_id=str(intent["id"]),
+        status=status,
+        amount_minor=int(intent.get("amount") or 0),
+        currency=str(intent.get("currency") or "").upper(),
+        charge_id=_id_of(charge),
+        amount_refunded_minor=int(charge.get("amount_refunded") or 0) if isinstance(charge, dict) else 0,
+        client_secret=str(intent.get("client_secret") or "") if status == ChargeStatus.REQUIRES_ACTION else "",
+        next_action_url=str(redirect.get("url") or ""),
+        decline_code=(code or raw_status) if status == ChargeStatus.FAILED else code,
+        decline_message=str(error.get("message") or ""),
+        retryable=code not in HARD_DECLINES,
+        metadata={str(k): str(v) for k, v in (intent.get("metadata") or {}).items()},
+        created_at=dt.datetime.fromtimestamp(int(created), tz=dt.UTC) if created else None,
+    )
+
+
+# --- webhooks
+
+
+def webhook_event_construct(
+    *, payload: bytes, signature_header: str, secret: str, tolerance_seconds: int = 300
+) -> dict[str, Any]:
+    """The event a webhook carries, as a plain dict, once its signature is verified (HMAC-SHA256
+    of ``<t>.<body>`` with our endpoint's secret, ``t`` no older than ``tolerance_seconds``).
+    Raises ``InvalidSignature`` otherwise; an empty secret verifies nothing, so it is refused."""
+    if not secret:
+        raise InvalidSignature("no webhook secret configured")
+    try:
+        event = stripe.Webhook.construct_event(payload, signature_header, secret, tolerance_seconds)
+    except stripe.SignatureVerificationError as exc:
+        raise InvalidSignature(f"stripe webhook: {exc.user_message or 'bad signature'}") from exc
+    except ValueError as exc:  # not JSON, or not a (snapshot) event
+        raise InvalidSignature("stripe webhook: the body is not a Stripe event") from exc
+    return event.to_dict(for_json=True)

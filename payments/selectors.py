@@ -1,0 +1,170 @@
+"""Reads of the payments app shared by the API, the admin and other apps (antifraud reads
+card facts and payment outcomes through here)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from django.db.models import QuerySet
+
+from billing_site.common import ids, money
+from payments.models import (
+    Dispute,
+    DunningCase,
+    DunningCaseStatus,
+    Payment,
+    PaymentMethod,
+    PaymentProfile,
+    Refund,
+)
+
+
+def payment_method_list(*, account_id: int) -> QuerySet[PaymentMethod]:
+    """The account's cards still bound, the default first."""
+    return PaymentMethod.objects.filter(account_id=account_id, detached_at__isnull=True).order_by(
+        "-is_default", "-created_at"
+    )
+
+
+def payment_list(*, account_id: int) -> QuerySet[Payment]:
+    return Payment.objects.filter(account_id=account_id).order_by("-created_at")
+
+
+def refund_list(*, account_id: int) -> QuerySet[Refund]:
+    return Refund.objects.filter(account_id=account_id).order_by("-created_at")
+
+
+@dataclass(frozen=True, slots=True)
+class CardFact:
+    """A bound card as antifraud sees it (fingerprint included; never shown to customers)."""
+
+    account_id: int
+    payment_method_id: int
+    fingerprint: str
+    brand: str
+    issuer_country: str
+    funding: str
+    created_at: dt.datetime
+    active: bool
+
+
+def card_facts(*, account_ids: list[int] | None = None, fingerprints: list[str] | None = None) -> list[CardFact]:
+    rows = PaymentMethod.objects.all()
+    if account_ids is not None:
+        rows = rows.filter(account_id__in=account_ids)
+    if fingerprints is not None:
+        rows = rows.filter(fingerprint__in=fingerprints)
+    return [
+        CardFact(
+            account_id=m.account_id,
+            payment_method_id=m.id,
+            fingerprint=m.fingerprint,
+            brand=m.brand,
+            issuer_country=m.issuer_country,
+            funding=m.funding,
+            created_at=m.created_at,
+            active=m.detached_at is None,
+        )
+        for m in rows
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeFact:
+    """A chargeback on an account's payment: the fraud team's flag (antifraud reads these; an
+    account with disputes, open or lost, is one to look at)."""
+
+    account_id: int
+    dispute_id: int
+    payment_id: int
+    amount_minor: int
+    currency: str
+    reason: str
+    status: str  # open | won | lost
+    opened_at: dt.datetime
+    closed_at: dt.datetime | None
+
+
+def disputes_for_accounts(account_ids: list[int] | set[int]) -> list[DisputeFact]:
+    """Every dispute on these accounts' payments, oldest first."""
+    rows = Dispute.objects.filter(account_id__in=list(account_ids)).order_by("opened_at", "id")
+    return [
+        DisputeFact(
+            account_id=d.account_id,
+            dispute_id=d.id,
+            payment_id=d.payment_id,
+            amount_minor=d.amount_minor,
+            currency=d.currency,
+            reason=d.reason,
+            status=d.status,
+            opened_at=d.opened_at,
+            closed_at=d.closed_at,
+        )
+        for d in rows
+    ]
+
+
+@dataclass
+class DunningInvoice:
+    invoice: str
+    status: str
+    amount_outstanding: str
+    currency: str
+    due_at: dt.datetime | None
+    first_failure_at: dt.datetime
+    retries_done: int
+    next_retry_at: dt.datetime | None
+    suspension_at: dt.datetime | None
+    write_off_at: dt.datetime | None
+    last_decline_code: str
+
+
+@dataclass
+class DunningState:
+    state: str  # none | retrying | suspended | paused | written_off
+    paused: bool
+    invoices: list[DunningInvoice] = field(default_factory=list)
+
+
+def dunning_state(*, account_id: int) -> DunningState:
+    """What the customer sees of dunning: each unpaid invoice being chased, its retries so far,
+    and when the next retry, the suspension and the write-off are due by the policy."""
+    from invoicing import selectors as invoicing_selectors
+    from payments import dunning
+
+    profile = PaymentProfile.objects.filter(account_id=account_id).first()
+    paused = bool(profile and profile.dunning_paused)
+    cases = list(DunningCase.objects.filter(account_id=account_id).exclude(status=DunningCaseStatus.RESOLVED))
+    payable = {i.invoice_id: i for i in invoicing_selectors.payable_invoices(account_id=account_id)}
+    policy = dunning.policy_for(account_id=account_id) if cases else None
+    invoices = []
+    for case in sorted(cases, key=lambda c: c.due_at):
+        invoice = payable.get(case.invoice_id)
+        schedule = dunning.schedule(case, policy) if policy is not None else None
+        invoices.append(
+            DunningInvoice(
+                invoice=ids.encode("inv", case.invoice_id),
+                status=case.status,
+                amount_outstanding=money.format_minor(invoice.outstanding_minor if invoice else 0, case.currency),
+                currency=case.currency,
+                due_at=case.due_at,
+                first_failure_at=case.first_failure_at,
+                retries_done=case.retries_done,
+                next_retry_at=schedule.next_retry_at if schedule else None,
+                suspension_at=schedule.suspension_at if schedule else None,
+                write_off_at=schedule.write_off_at if schedule else None,
+                last_decline_code=case.last_decline_code,
+            )
+        )
+    if paused:
+        state = "paused"
+    elif any(c.status == DunningCaseStatus.OPEN and c.suspended_account for c in cases):
+        state = "suspended"
+    elif any(c.status == DunningCaseStatus.OPEN for c in cases):
+        state = "retrying"
+    elif cases:
+        state = "written_off"
+    else:
+        state = "none"
+    return DunningState(state=state, paused=paused, invoices=invoices)

@@ -1,0 +1,417 @@
+"""Charging invoices on the sandbox gateway: card binding through the API, charges, declines
+hard and retryable, authentication, answers lost and reconciled, twenty payers at once, a
+worker killed mid-charge. Every money test ends with the ledger check clean."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+import time_machine
+from django.core import mail
+from django.db import connections
+from django.test import override_settings
+
+from accounts.models import AccountState, BillingAccount
+from billing_site.outbox.models import OutboxMessage
+from conftest import Customer, ROOT, database_url, in_threads, wait_for
+from invoicing import ledger
+from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
+from payments import charging, gateways
+from payments.models import (
+    BindingAttempt,
+    BindingStatus,
+    DunningCase,
+    Payment,
+    PaymentMethod,
+    PaymentStatus,
+    SandboxObject,
+)
+from payments.tests.helpers import NOW, bind, issue_invoice, pay
+
+# The price catalog (rated usage needs its SKUs).
+from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def clock() -> Iterator[time_machine.Traveller]:
+    with time_machine.travel(NOW, tick=False) as traveller:
+        yield traveller
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gateways() -> Iterator[None]:
+    gateways.reset()
+    yield
+    gateways.reset()
+
+
+@pytest.fixture(autouse=True)
+def _seeded_tax_rates(request: pytest.FixtureRequest) -> None:
+    """Committing tests are cleaned by a flush that empties the VAT rates the migration seeded."""
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None or not marker.kwargs.get("transaction"):
+        return
+    request.getfixturevalue("transactional_db")
+    from invoicing.taxes import seed_rates
+
+    seed_rates()
+
+
+@pytest.fixture
+def no_worker() -> Iterator[None]:
+    """Tasks are queued (to the in-memory broker) and nothing runs them, as with no worker up:
+    the post-issue and new-card charges wait, so a test drives the charge itself."""
+    from billing_site.celery import app
+
+    saved = app.conf.task_always_eager
+    app.conf.task_always_eager = False
+    try:
+        yield
+    finally:
+        app.conf.task_always_eager = saved
+
+
+@pytest.fixture
+def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:  # noqa: F811
+    return make_account(customer.user, currency="EUR", country="NL")
+
+
+def charges_at_gateway(invoice: Invoice) -> int:
+    """Succeeded PaymentIntents the sandbox holds for this invoice (what the card was charged)."""
+    return sum(
+        1
+        for row in SandboxObject.objects.filter(kind="payment_intent")
+        if row.data["metadata"].get("invoice_id") == invoice.public_id and row.data["status"] == "succeeded"
+    )
+
+
+@pytest.mark.django_db
+def test_a_card_bound_through_the_api_becomes_the_default_and_activates_the_account(
+    customer: Customer, acct: BillingAccount, django_capture_on_commit_callbacks: Callable[..., object]
+) -> None:
+    setup = customer.client.post(f"/api/v1/billing-accounts/{acct.public_id}/payment-methods/setup")
+    assert setup.status_code == 201
+    body = setup.json()
+    assert body["gateway"] == "sandbox" and body["setup_intent_id"].startswith("seti_")
+    assert body["client_secret"] and body["publishable_key"]
+    with django_capture_on_commit_callbacks(execute=True):  # type: ignore[operator]
+        done = customer.client.post(
+            f"/api/v1/billing-accounts/{acct.public_id}/payment-methods",
+            {"setup_intent_id": body["setup_intent_id"], "test_payment_method": "pm_card_visa"},
+            format="json",
+        )
+    assert done.status_code == 201, done.content
+    card = done.json()
+    assert (card["brand"], card["last4"], card["default"]) == ("visa", "4242", True)
+    assert "fingerprint" not in card
+    acct.refresh_from_db()
+    assert acct.state == AccountState.ACTIVE  # the first binding activated it (antifraud: allow)
+    listed = customer.client.get(f"/api/v1/billing-accounts/{acct.public_id}/payment-methods").json()
+    assert [c["id"] for c in listed] == [card["id"]]
+    assert all("fingerprint" not in c for c in listed)
+    # Completing the same binding again converges on the same card.
+    again = customer.client.post(
+        f"/api/v1/billing-accounts/{acct.public_id}/payment-methods",
+        {"setup_intent_id": body["setup_intent_id"]},
+        format="json",
+    )
+    assert again.status_code == 201 and again.json()["id"] == card["id"]
+    assert PaymentMethod.objects.filter(account_id=acct.id).count() == 1
+
+
+@pytest.mark.django_db
+def test_a_card_declined_at_binding_is_refused_with_402_and_nothing_bound(
+    customer: Customer, acct: BillingAccount
+) -> None:
+    response = bind(customer.client, acct, "pm_card_chargeDeclined")
+    assert response.status_code == 402
+    assert response.json()["code"] == "card_declined"
+    assert not PaymentMethod.objects.filter(account_id=acct.id).exists()
+    assert BindingAttempt.objects.get(account_id=acct.id).status == BindingStatus.FAILED
+    acct.refresh_from_db()
+    assert acct.state == AccountState.PENDING
+
+
+@pytest.mark.django_db
+def test_someone_elses_setup_intent_is_404(
+    customer: Customer, acct: BillingAccount, make_customer: Callable[..., Customer], make_account: Callable[..., BillingAccount]
+) -> None:
+    other = make_customer()
+    theirs = make_account(other.user, currency="EUR", country="NL")
+    setup = other.client.post(f"/api/v1/billing-accounts/{theirs.public_id}/payment-methods/setup").json()
+    response = customer.client.post(
+        f"/api/v1/billing-accounts/{acct.public_id}/payment-methods",
+        {"setup_intent_id": setup["setup_intent_id"], "test_payment_method": "pm_card_visa"},
+        format="json",
+    )
+    assert response.status_code == 404
+    assert not PaymentMethod.objects.exists()
+
+
+@pytest.mark.django_db
+def test_paying_an_invoice_charges_it_once_and_marks_it_paid(customer: Customer, acct: BillingAccount) -> None:
+    invoice = issue_invoice(acct, "100")
+    assert bind(customer.client, acct).status_code == 201
+    response = pay(customer.client, acct, invoice)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["status"], body["amount"], body["currency"], body["attempt"]) == ("succeeded", "121.00", "EUR", 1)
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID and invoice.amount_paid_minor == 12100
+    again = pay(customer.client, acct, invoice)
+    assert again.status_code == 409 and again.json()["code"] == "nothing_due"
+    assert charges_at_gateway(invoice) == 1
+    listed = customer.client.get(f"/api/v1/billing-accounts/{acct.public_id}/payments").json()["results"]
+    assert [p["id"] for p in listed] == [body["id"]]
+    detail = customer.client.get(f"/api/v1/billing-accounts/{acct.public_id}/payments/{body['id']}").json()
+    assert detail["invoice"] == invoice.public_id and detail["client_secret"] is None
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_a_retryable_decline_fails_the_payment_opens_dunning_and_emails(customer: Customer, acct: BillingAccount) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct, "pm_card_chargeCustomerFail")
+    body = pay(customer.client, acct, invoice).json()
+    assert (body["status"], body["decline_code"]) == ("failed", "card_declined")
+    assert body["message"] == "Your card was declined."
+    payment = Payment.objects.get(id=charging.ids.decode("pay", body["id"]))
+    assert payment.retryable
+    case = DunningCase.objects.get(invoice_id=invoice.id)
+    assert case.retryable and case.last_decline_code == "card_declined"
+    assert OutboxMessage.objects.filter(kind="email", account_id=acct.id).exists()
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.ISSUED
+    # The customer may try again: a new attempt.
+    second = pay(customer.client, acct, invoice).json()
+    assert second["attempt"] == 2 and second["status"] == "failed"
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_a_lost_card_is_a_hard_decline_told_neutrally(customer: Customer, acct: BillingAccount) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct, "pm_card_visa_chargeDeclinedLostCard")
+    body = pay(customer.client, acct, invoice).json()
+    assert (body["status"], body["decline_code"]) == ("failed", "lost_card")
+    assert "lost" not in body["message"].lower()
+    assert not Payment.objects.get(invoice_id=invoice.id).retryable
+    assert not DunningCase.objects.get(invoice_id=invoice.id).retryable
+
+
+@pytest.mark.django_db
+def test_authentication_required_gives_the_client_secret_and_a_new_attempt_can_follow(
+    customer: Customer, acct: BillingAccount
+) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct, "pm_card_authenticationRequired")
+    first = pay(customer.client, acct, invoice).json()
+    assert first["status"] == "requires_action"
+    assert first["client_secret"] and first["next_action_url"]
+    # Abandoned: the customer pays again later. The old intent is canceled first, so a late
+    # authentication of it could not charge a second time.
+    second = pay(customer.client, acct, invoice).json()
+    assert second["attempt"] == 2 and second["status"] == "requires_action"
+    assert Payment.objects.get(id=charging.ids.decode("pay", first["id"])).status == PaymentStatus.CANCELED
+    # The customer authenticates the second one; the gateway reports success.
+    sandbox = gateways.gateway("sandbox")
+    payment = Payment.objects.get(id=charging.ids.decode("pay", second["id"]))
+    result = sandbox.authenticate(payment.gateway_intent_id)  # type: ignore[attr-defined]
+    charging.payment_record_outcome(payment_id=payment.id, result=result)
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID
+    assert charges_at_gateway(invoice) == 1
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_no_card_is_409_no_payment_method(customer: Customer, acct: BillingAccount) -> None:
+    invoice = issue_invoice(acct)
+    response = pay(customer.client, acct, invoice)
+    assert response.status_code == 409 and response.json()["code"] == "no_payment_method"
+    assert not Payment.objects.exists()
+
+
+@pytest.mark.django_db
+@override_settings(SANDBOX_FAILURE_RATE=1.0, SANDBOX_FAILURE_MODE="lost")
+def test_a_lost_answer_leaves_the_payment_unknown_blocks_new_charges_and_the_reconciler_resolves_it(
+    customer: Customer, acct: BillingAccount
+) -> None:
+    invoice = issue_invoice(acct)
+    gateways.reset()
+    with override_settings(SANDBOX_FAILURE_RATE=0.0):
+        gateways.reset()
+        bind(customer.client, acct)
+    gateways.reset()
+    body = pay(customer.client, acct, invoice).json()  # charged, then the answer is lost
+    assert body["status"] == "unknown"
+    unknown = Payment.objects.get(id=charging.ids.decode("pay", body["id"]))
+    # While it is unknown, nothing charges the invoice again: the pay call returns it.
+    again = pay(customer.client, acct, invoice)
+    assert again.status_code == 200 and again.json()["id"] == body["id"]
+    with override_settings(SANDBOX_FAILURE_RATE=0.0):
+        gateways.reset()
+        counts = charging.payments_reconcile()
+    assert counts["resolved"] == 1
+    unknown.refresh_from_db()
+    assert unknown.status == PaymentStatus.SUCCEEDED and unknown.gateway_intent_id
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID
+    assert charges_at_gateway(invoice) == 1
+    assert InvoicePayment.objects.filter(invoice=invoice).count() == 1
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_an_unreachable_gateway_fails_the_payment_as_retryable_without_blaming_the_customer(
+    customer: Customer, acct: BillingAccount
+) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct)
+    mail.outbox.clear()
+    with override_settings(SANDBOX_FAILURE_RATE=1.0, SANDBOX_FAILURE_MODE="unavailable"):
+        gateways.reset()
+        body = pay(customer.client, acct, invoice).json()
+    assert (body["status"], body["decline_code"]) == ("failed", "gateway_unavailable")
+    assert not OutboxMessage.objects.filter(kind="email", name__contains="payment_failed").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_twenty_concurrent_pay_requests_charge_once(
+    customer: Customer, acct: BillingAccount, _clean_metering_tables: None, no_worker: None  # noqa: F811
+) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct)
+    assert not Payment.objects.filter(invoice_id=invoice.id).exists()  # the queued charges wait
+    assert invoice.status == InvoiceStatus.ISSUED
+
+    def attempt(_: int) -> int:
+        return pay(customer.client, acct, invoice).status_code
+
+    statuses = in_threads(20, attempt)
+    assert all(s in (200, 201, 409) for s in statuses), statuses
+    assert statuses.count(201) >= 1
+    assert Payment.objects.filter(invoice_id=invoice.id, status=PaymentStatus.SUCCEEDED).count() == 1
+    assert charges_at_gateway(invoice) == 1
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID and invoice.amount_paid_minor == invoice.total_minor
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_killed_mid_charge_does_not_charge_twice_after_restart(
+    customer: Customer, acct: BillingAccount, _clean_metering_tables: None, no_worker: None  # noqa: F811
+) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct)
+    start = charging.payment_create(invoice_id=invoice.id, trigger="operator")
+    payment = start.payment
+    # A child process sends it with a slow gateway and is killed while the call is out.
+    env = {**os.environ, "DATABASE_URL": database_url(), "SANDBOX_LATENCY_MS": "20000", "DJANGO_SETTINGS_MODULE": "billing_site.settings.test"}
+    code = (  # on the test's clock, as conftest's manage_py does
+        f"import time_machine; time_machine.travel({dt.datetime.now(dt.UTC).isoformat()!r}, tick=False).start(); "
+        "import django; django.setup(); from payments import charging; "
+        f"charging.payment_execute(payment_id={payment.id})"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)  # noqa: S603
+    try:
+        assert wait_for(lambda: Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING, 60)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    connections.close_all()
+    assert Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING
+    # Restarted: the reconciler asks the gateway once the payment is stale.
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    counts = charging.payments_reconcile(now=later)
+    assert counts["not_sent"] == 1
+    assert Payment.objects.get(id=payment.id).status == PaymentStatus.FAILED
+    # The retry charges once; the killed attempt never reached the card.
+    retried = charging.invoice_charge(invoice_id=invoice.id, trigger="dunning")
+    assert retried.status == PaymentStatus.SUCCEEDED
+    assert charges_at_gateway(invoice) == 1
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_tenancy_and_roles_on_every_payments_endpoint(
+    customer: Customer, acct: BillingAccount, make_customer: Callable[..., Customer]
+) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct)
+    paid = pay(customer.client, acct, invoice).json()
+    card = PaymentMethod.objects.get(account_id=acct.id)
+    base = f"/api/v1/billing-accounts/{acct.public_id}"
+    stranger = make_customer()
+    for method, path in [
+        ("post", f"{base}/payment-methods/setup"),
+        ("get", f"{base}/payment-methods"),
+        ("post", f"{base}/payment-methods"),
+        ("post", f"{base}/payment-methods/{card.public_id}/default"),
+        ("delete", f"{base}/payment-methods/{card.public_id}"),
+        ("post", f"{base}/invoices/{invoice.public_id}/pay"),
+        ("get", f"{base}/payments"),
+        ("get", f"{base}/payments/{paid['id']}"),
+        ("get", f"{base}/refunds"),
+        ("get", f"{base}/dunning"),
+    ]:
+        response = getattr(stranger.client, method)(path, {}, format="json")
+        assert response.status_code == 404, (method, path, response.status_code)
+    # A viewer reads and cannot write.
+    viewer = make_customer()
+    from accounts.models import Membership
+
+    Membership.objects.create(account=acct, user=viewer.user, role="viewer")
+    assert viewer.client.get(f"{base}/payments").status_code == 200
+    assert viewer.client.get(f"{base}/payment-methods").status_code == 200
+    assert viewer.client.get(f"{base}/dunning").status_code == 200
+    for method, path in [
+        ("post", f"{base}/payment-methods/setup"),
+        ("post", f"{base}/payment-methods/{card.public_id}/default"),
+        ("delete", f"{base}/payment-methods/{card.public_id}"),
+        ("post", f"{base}/invoices/{invoice.public_id}/pay"),
+    ]:
+        assert getattr(viewer.client, method)(path).status_code == 403, path
+    # Anonymous: 401.
+    from rest_framework.test import APIClient
+
+    assert APIClient().get(f"{base}/payments").status_code == 401
+
+
+@pytest.mark.django_db
+def test_the_default_card_cannot_be_removed_while_invoices_are_unpaid_unless_another_is_set(
+    customer: Customer, acct: BillingAccount
+) -> None:
+    invoice = issue_invoice(acct)
+    first = bind(customer.client, acct, "pm_card_chargeCustomerFail").json()
+    base = f"/api/v1/billing-accounts/{acct.public_id}"
+    pay(customer.client, acct, invoice)
+    refused = customer.client.delete(f"{base}/payment-methods/{first['id']}")
+    assert refused.status_code == 409 and refused.json()["code"] == "default_card_required"
+    second = bind(customer.client, acct, "pm_card_mastercard").json()
+    assert second["default"] is False
+    made = customer.client.post(f"{base}/payment-methods/{second['id']}/default")
+    assert made.status_code == 200 and made.json()["default"] is True
+    assert customer.client.delete(f"{base}/payment-methods/{first['id']}").status_code == 204
+    assert [c["id"] for c in customer.client.get(f"{base}/payment-methods").json()] == [second["id"]]
+
+
+@pytest.mark.django_db
+def test_binding_is_rate_limited_per_account(customer: Customer, acct: BillingAccount) -> None:
+    with override_settings(PAYMENTS_BINDING_RATE_ACCOUNT="3/hour"):
+        codes = [
+            customer.client.post(f"/api/v1/billing-accounts/{acct.public_id}/payment-methods/setup").status_code
+            for _ in range(5)
+        ]
+    assert codes == [201, 201, 201, 429, 429]
+
+
+_ = (Invoice, wait_for)
