@@ -35,7 +35,7 @@ QUEUES = {
     "rollup": "the usage rollup: short, every minute, never behind anything else",
     "invoicing": "period closes and their shards",
     "documents": "invoice and credit-note PDFs (many, slow, can wait)",
-    "payments": "charges and refunds (tasks arrive with the payments app)",
+    "payments": "charges, refunds, webhook processing, reconciliation, dunning, payment-driven account transitions",
     "default": "anything else: maintenance, health checks",
 }
 
@@ -56,6 +56,16 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "invoicing.close_last_period": ("invoicing", 3600, 3660),
     "billing_site.worker_health": ("default", 10, 20),
     "billing_site.outbox_drain": ("default", 120, 150),
+    # one invoice's charge: a gateway call (Stripe's timeout 30 s) and two short transactions
+    "payments.charge_invoice": ("payments", 120, 150),
+    "payments.reconcile": ("payments", 240, 270),
+    "payments.account_activate": ("payments", 30, 60),
+    "payments.account_suspend": ("payments", 30, 60),
+    "payments.account_reactivate": ("payments", 30, 60),
+    "payments.process_webhook_event": ("payments", 120, 150),
+    "payments.process_stale_webhook_events": ("payments", 240, 270),
+    "payments.refund_execute": ("payments", 120, 150),
+    "payments.refunds_reconcile": ("payments", 240, 270),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
@@ -107,6 +117,23 @@ app.conf.beat_schedule = {
         "task": "billing_site.outbox_drain",
         "schedule": 15.0,
         "options": {"expires": 14},
+    },
+    # Payments whose answer was lost, or whose worker died mid-call: ask the gateway.
+    "payments-reconcile": {
+        "task": "payments.reconcile",
+        "schedule": crontab(),
+        "options": {"expires": 55},
+    },
+    "payments-refunds-reconcile": {
+        "task": "payments.refunds_reconcile",
+        "schedule": crontab(minute="*/5"),
+        "options": {"expires": 290},
+    },
+    # Webhook events stored but not processed (their task lost): processed again.
+    "payments-stale-webhook-events": {
+        "task": "payments.process_stale_webhook_events",
+        "schedule": crontab(minute="*/5"),
+        "options": {"expires": 290},
     },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",

@@ -328,7 +328,9 @@ def _apply(payment: Payment, result: ChargeResult | GatewayError, *, actor: Acto
                 payment.completed_at = timezone.now()
                 _transition(payment, "cancel", actor=actor, reason="authentication abandoned")
             else:
-                _declined(payment, result.decline_code or "card_declined", result.retryable, result.decline_message, actor)
+                _declined(
+                    payment, result.decline_code or "card_declined", result.retryable, result.decline_message, actor
+                )
         else:  # processing at the gateway: ask again later
             payment.save()
         return
@@ -340,9 +342,8 @@ def _apply(payment: Payment, result: ChargeResult | GatewayError, *, actor: Acto
         # Certainly not charged (the gateway refused or was never reached): failed, retryable.
         code = "gateway_unavailable" if not isinstance(result, InvalidRequest) else result.code
         _declined(payment, code, True, str(result), actor, customer_fault=False)
-    elif isinstance(result, OutcomeUnknown | GatewayError):
-        if payment.status == PaymentStatus.PROCESSING:
-            _transition(payment, "lose_track", actor=actor, reason=str(result)[:300])
+    elif isinstance(result, OutcomeUnknown | GatewayError) and payment.status == PaymentStatus.PROCESSING:
+        _transition(payment, "lose_track", actor=actor, reason=str(result)[:300])
 
 
 def _succeeded(payment: Payment, *, actor: Actor) -> None:
@@ -490,9 +491,8 @@ def payment_reconcile(*, payment_id: int, stale_before: dt.datetime | None = Non
             account_id=payment.account_id, payment_id=payment.id, operation="reconcile", outcome="not_found"
         )
         sent_at = payment.sent_at or payment.created_at
-        if stale_before is None or sent_at >= stale_before:
-            if payment.status == PaymentStatus.UNKNOWN and stale_before is not None:
-                return "still_unknown"  # too recent to be sure the request is not in flight
+        if stale_before is not None and sent_at >= stale_before and payment.status == PaymentStatus.UNKNOWN:
+            return "still_unknown"  # too recent to be sure the request is not in flight
         with transaction.atomic(durable=True):
             locked = Payment.objects.select_for_update().get(id=payment.id)
             if locked.status in (PaymentStatus.UNKNOWN, PaymentStatus.PROCESSING):

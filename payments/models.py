@@ -257,7 +257,9 @@ class Payment(FSMModelMixin, models.Model):
     def lose_track(self) -> None:
         """The answer was lost: the reconciler asks the gateway."""
 
-    @transition(field=status, source=[PaymentStatus.REQUIRES_ACTION, PaymentStatus.UNKNOWN], target=PaymentStatus.CANCELED)
+    @transition(
+        field=status, source=[PaymentStatus.REQUIRES_ACTION, PaymentStatus.UNKNOWN], target=PaymentStatus.CANCELED
+    )
     def cancel(self) -> None:
         """An abandoned authentication, replaced by a new attempt; or an intent never created."""
 

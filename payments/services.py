@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from accounts import selectors as account_selectors
@@ -161,7 +161,9 @@ def binding_complete(
                 raise ApplicationError(
                     "test_mode_only", "test_payment_method is accepted in test mode only.", field="test_payment_method"
                 )
-            intent = gateway.setup_intent_confirm_test(intent_id=setup_intent_id, test_payment_method=test_payment_method)
+            intent = gateway.setup_intent_confirm_test(
+                intent_id=setup_intent_id, test_payment_method=test_payment_method
+            )
         else:
             intent = gateway.setup_intent_retrieve(setup_intent_id)
     except PaymentDeclined as exc:
@@ -172,7 +174,9 @@ def binding_complete(
             "payments.binding_declined",
             extra={"account_id": ids.encode("acc", account_id), "setup_intent": setup_intent_id, "code": exc.code},
         )
-        raise ApplicationError("card_declined", "The card was declined.", status=402, field="test_payment_method") from exc
+        raise ApplicationError(
+            "card_declined", "The card was declined.", status=402, field="test_payment_method"
+        ) from exc
     except GatewayError as exc:
         if getattr(exc, "code", "") in ("payment_method_unknown", "resource_missing"):
             raise ApplicationError("invalid", str(exc), field="test_payment_method") from exc
@@ -204,8 +208,20 @@ def _binding_record(*, attempt: BindingAttempt, gateway_name: str, info: object,
             ON CONFLICT (gateway, gateway_payment_method_id) DO NOTHING
             RETURNING id
             """,
-            [ids.new_id(), account_id, gateway_name, info.id, setup_intent_id, card.brand, card.last4[-4:],
-             card.exp_month, card.exp_year, card.fingerprint, card.country[:2], card.funding[:16]],
+            [
+                ids.new_id(),
+                account_id,
+                gateway_name,
+                info.id,
+                setup_intent_id,
+                card.brand,
+                card.last4[-4:],
+                card.exp_month,
+                card.exp_year,
+                card.fingerprint,
+                card.country[:2],
+                card.funding[:16],
+            ],
         )
         created = cursor.fetchone() is not None
     method = PaymentMethod.objects.select_for_update().get(gateway=gateway_name, gateway_payment_method_id=info.id)
@@ -331,7 +347,9 @@ def account_activate(*, account_id: int, reason: str) -> bool:
 
 def account_suspend(*, account_id: int, reason: str) -> bool:
     try:
-        account_services.billing_account_transition(account_id=account_id, transition="suspend", actor=SYSTEM, reason=reason)
+        account_services.billing_account_transition(
+            account_id=account_id, transition="suspend", actor=SYSTEM, reason=reason
+        )
     except (Conflict, NotFound):
         return False
     return True
@@ -342,7 +360,9 @@ def account_reactivate(*, account_id: int, reason: str) -> bool:
     meanwhile keeps it suspended)."""
     from payments.models import DunningCase, DunningCaseStatus
 
-    if DunningCase.objects.filter(account_id=account_id, status=DunningCaseStatus.OPEN, suspended_account=True).exists():
+    if DunningCase.objects.filter(
+        account_id=account_id, status=DunningCaseStatus.OPEN, suspended_account=True
+    ).exists():
         return False
     try:
         account_services.billing_account_transition(

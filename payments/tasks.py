@@ -3,8 +3,6 @@ Each takes ids, calls a service, and is idempotent: the outbox delivers at least
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import shared_task
 
 

@@ -127,7 +127,12 @@ def deliver(ids: list[int] | None = None, *, limit: int = 500) -> int:
             log.log(
                 logging.ERROR if message.attempts + 1 >= MAX_ATTEMPTS_LOGGED_AS_ERROR else logging.WARNING,
                 "outbox.failed",
-                extra={"outbox_id": message.id, "kind": message.kind, "target": message.name, "error": type(exc).__name__},
+                extra={
+                    "outbox_id": message.id,
+                    "kind": message.kind,
+                    "target": message.name,
+                    "error": type(exc).__name__,
+                },
             )
             continue
         OutboxMessage.objects.filter(id=message.id).update(
@@ -136,7 +141,12 @@ def deliver(ids: list[int] | None = None, *, limit: int = 500) -> int:
         sent += 1
         log.info(
             "outbox.delivered",
-            extra={"outbox_id": message.id, "kind": message.kind, "target": message.name, "account_id": message.account_id},
+            extra={
+                "outbox_id": message.id,
+                "kind": message.kind,
+                "target": message.name,
+                "account_id": message.account_id,
+            },
         )
     return sent
 

@@ -168,7 +168,9 @@ class Gateway(Protocol):
         """A customer at the gateway for one billing account; returns its id."""
         ...
 
-    def setup_intent_create(self, *, customer_id: str, metadata: dict[str, str], idempotency_key: str) -> SetupIntentInfo:
+    def setup_intent_create(
+        self, *, customer_id: str, metadata: dict[str, str], idempotency_key: str
+    ) -> SetupIntentInfo:
         """A SetupIntent for an off-session card (``usage=off_session``)."""
         ...
 

@@ -137,7 +137,9 @@ class SandboxGateway:
 
     # --- storage
 
-    def _put(self, prefix: str, kind: str, data: dict[str, Any], *, customer_id: str = "", key: str | None = None) -> dict[str, Any]:
+    def _put(
+        self, prefix: str, kind: str, data: dict[str, Any], *, customer_id: str = "", key: str | None = None
+    ) -> dict[str, Any]:
         """Store a new object; with an idempotency key seen before, return the first one."""
         object_id = f"{prefix}_sbx{secrets.token_hex(8)}"
         data = {**data, "id": object_id, "created": int(timezone.now().timestamp())}
@@ -171,7 +173,9 @@ class SandboxGateway:
             raise OutcomeUnknown("sandbox: answer lost (simulated)")
         return str(data["id"])
 
-    def setup_intent_create(self, *, customer_id: str, metadata: dict[str, str], idempotency_key: str) -> SetupIntentInfo:
+    def setup_intent_create(
+        self, *, customer_id: str, metadata: dict[str, str], idempotency_key: str
+    ) -> SetupIntentInfo:
         self._call("setup_intent", "")
         data = self._put(
             "seti",
@@ -293,7 +297,10 @@ class SandboxGateway:
         result = self._charge_result(intent)
         if result.status == ChargeStatus.FAILED:
             raise PaymentDeclined(
-                result.decline_code, retryable=result.retryable, message=result.decline_message, intent_id=result.intent_id
+                result.decline_code,
+                retryable=result.retryable,
+                message=result.decline_message,
+                intent_id=result.intent_id,
             )
         return result
 
@@ -394,7 +401,9 @@ class SandboxGateway:
             amount_refunded_minor=intent["amount_refunded"],
             client_secret=intent["client_secret"],
             next_action_url=(
-                f"https://sandbox.invalid/3ds/{intent['id']}" if intent["status"] == ChargeStatus.REQUIRES_ACTION else ""
+                f"https://sandbox.invalid/3ds/{intent['id']}"
+                if intent["status"] == ChargeStatus.REQUIRES_ACTION
+                else ""
             ),
             decline_code=code,
             decline_message=DECLINE_MESSAGES.get(code, "Your card was declined.") if code else "",

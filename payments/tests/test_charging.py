@@ -19,9 +19,12 @@ from django.test import override_settings
 
 from accounts.models import AccountState, BillingAccount
 from billing_site.outbox.models import OutboxMessage
-from conftest import Customer, ROOT, database_url, in_threads, wait_for
+from conftest import ROOT, Customer, database_url, in_threads, wait_for
 from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
+
+# The price catalog (rated usage needs its SKUs).
+from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import charging, gateways
 from payments.models import (
     BindingAttempt,
@@ -33,9 +36,6 @@ from payments.models import (
     SandboxObject,
 )
 from payments.tests.helpers import NOW, bind, issue_invoice, pay
-
-# The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -140,7 +140,10 @@ def test_a_card_declined_at_binding_is_refused_with_402_and_nothing_bound(
 
 @pytest.mark.django_db
 def test_someone_elses_setup_intent_is_404(
-    customer: Customer, acct: BillingAccount, make_customer: Callable[..., Customer], make_account: Callable[..., BillingAccount]
+    customer: Customer,
+    acct: BillingAccount,
+    make_customer: Callable[..., Customer],
+    make_account: Callable[..., BillingAccount],
 ) -> None:
     other = make_customer()
     theirs = make_account(other.user, currency="EUR", country="NL")
@@ -175,7 +178,9 @@ def test_paying_an_invoice_charges_it_once_and_marks_it_paid(customer: Customer,
 
 
 @pytest.mark.django_db
-def test_a_retryable_decline_fails_the_payment_opens_dunning_and_emails(customer: Customer, acct: BillingAccount) -> None:
+def test_a_retryable_decline_fails_the_payment_opens_dunning_and_emails(
+    customer: Customer, acct: BillingAccount
+) -> None:
     invoice = issue_invoice(acct)
     bind(customer.client, acct, "pm_card_chargeCustomerFail")
     body = pay(customer.client, acct, invoice).json()
@@ -284,7 +289,10 @@ def test_an_unreachable_gateway_fails_the_payment_as_retryable_without_blaming_t
 
 @pytest.mark.django_db(transaction=True)
 def test_twenty_concurrent_pay_requests_charge_once(
-    customer: Customer, acct: BillingAccount, _clean_metering_tables: None, no_worker: None  # noqa: F811
+    customer: Customer,
+    acct: BillingAccount,
+    _clean_metering_tables: None,  # noqa: F811
+    no_worker: None,
 ) -> None:
     invoice = issue_invoice(acct)
     bind(customer.client, acct)
@@ -306,20 +314,28 @@ def test_twenty_concurrent_pay_requests_charge_once(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_killed_mid_charge_does_not_charge_twice_after_restart(
-    customer: Customer, acct: BillingAccount, _clean_metering_tables: None, no_worker: None  # noqa: F811
+    customer: Customer,
+    acct: BillingAccount,
+    _clean_metering_tables: None,  # noqa: F811
+    no_worker: None,
 ) -> None:
     invoice = issue_invoice(acct)
     bind(customer.client, acct)
     start = charging.payment_create(invoice_id=invoice.id, trigger="operator")
     payment = start.payment
     # A child process sends it with a slow gateway and is killed while the call is out.
-    env = {**os.environ, "DATABASE_URL": database_url(), "SANDBOX_LATENCY_MS": "20000", "DJANGO_SETTINGS_MODULE": "billing_site.settings.test"}
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "SANDBOX_LATENCY_MS": "20000",
+        "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
+    }
     code = (  # on the test's clock, as conftest's manage_py does
         f"import time_machine; time_machine.travel({dt.datetime.now(dt.UTC).isoformat()!r}, tick=False).start(); "
         "import django; django.setup(); from payments import charging; "
         f"charging.payment_execute(payment_id={payment.id})"
     )
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)  # noqa: S603
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
     try:
         assert wait_for(lambda: Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING, 60)
         child.send_signal(signal.SIGKILL)

@@ -16,14 +16,13 @@ from accounts.models import BillingAccount
 from conftest import Customer
 from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
+from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import charging, gateways
 from payments.gateways.base import ChargeStatus
 from payments.models import Payment, PaymentProfile, PaymentStatus
 from payments.tests.helpers import NOW, bind, issue_invoice, pay
 from payments.tests.stripe_flows import on_stripe
 from payments.tests.stripe_harness import FaultyStripe
-
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
