@@ -45,6 +45,7 @@ from billing_site.outbox import services as outbox
 from invoicing import selectors as invoicing_selectors
 from invoicing import services as invoicing_services
 from payments import dunning
+from payments.declines import customer_message
 from payments.gateways import gateway as gateway_named
 from payments.gateways.base import (
     ChargeRequest,
@@ -71,25 +72,6 @@ from payments.models import (
 log = logging.getLogger(__name__)
 
 SYSTEM = Actor.system("payments")
-
-# Customer-readable words for decline codes (the code itself is in the API too).
-DECLINE_MESSAGES = {
-    "card_declined": "Your card was declined.",
-    "insufficient_funds": "Your card has insufficient funds.",
-    "expired_card": "Your card has expired.",
-    "authentication_required": "Your bank asks you to authenticate this payment.",
-    "no_payment_method": "No card is bound to this billing account.",
-    "gateway_unavailable": "The payment could not be sent; it will be retried.",
-    "not_sent": "The payment was never sent; it will be retried.",
-}
-
-
-def customer_message(code: str, gateway_message: str = "") -> str:
-    """What we tell the customer about a decline: never why a card is flagged lost or stolen."""
-    if code in {"lost_card", "stolen_card", "pickup_card", "fraudulent", "merchant_blacklist"}:
-        return "Your card was declined. Please use another card or contact your bank."
-    return DECLINE_MESSAGES.get(code) or gateway_message or "Your card was declined."
-
 
 @dataclass(frozen=True, slots=True)
 class PaymentStart:

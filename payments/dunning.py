@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from billing_site.common import ids, money
 from billing_site.outbox import services as outbox
+from payments.declines import customer_message
 from payments.models import DunningCase, DunningCaseStatus, DunningPolicy
 
 if TYPE_CHECKING:
@@ -80,8 +81,6 @@ def case_record_failure(
 
 
 def _context(invoice: PayableInvoice, *, name: str, code: str = "", payment: Payment | None = None) -> dict[str, Any]:
-    from payments.charging import customer_message
-
     return {
         "account_name": name,
         "account_id": ids.encode("acc", invoice.account_id),

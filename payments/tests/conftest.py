@@ -50,3 +50,16 @@ def fault_proxy(localstripe: LocalStripe) -> Iterator[FaultyStripe]:
     with FaultProxy(localstripe.url, stall_seconds=FAULT_PROXY_TIMEOUT_SECONDS * 3) as proxy:
         gateway = localstripe_gateway(proxy.url, timeout=FAULT_PROXY_TIMEOUT_SECONDS)
         yield FaultyStripe(proxy=proxy, gateway=gateway, localstripe=localstripe)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_tax_rates(request: pytest.FixtureRequest) -> None:
+    """Tests that commit are cleaned by a flush, which empties the VAT rates the invoicing
+    migration seeded: seed them again (as the invoicing tests do)."""
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None or not marker.kwargs.get("transaction"):
+        return
+    request.getfixturevalue("transactional_db")
+    from invoicing.taxes import seed_rates
+
+    seed_rates()

@@ -51,18 +51,6 @@ def _fresh_gateways() -> Iterator[None]:
     gateways.reset()
 
 
-@pytest.fixture(autouse=True)
-def _seeded_tax_rates(request: pytest.FixtureRequest) -> None:
-    """Committing tests are cleaned by a flush that empties the VAT rates the migration seeded."""
-    marker = request.node.get_closest_marker("django_db")
-    if marker is None or not marker.kwargs.get("transaction"):
-        return
-    request.getfixturevalue("transactional_db")
-    from invoicing.taxes import seed_rates
-
-    seed_rates()
-
-
 @pytest.fixture
 def no_worker() -> Iterator[None]:
     """Tasks are queued (to the in-memory broker) and nothing runs them, as with no worker up:
