@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("accounts", "metering", "invoicing", "billing_site")
+PACKAGES = ("accounts", "metering", "invoicing", "payments", "billing_site")
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
@@ -53,6 +53,9 @@ def test_the_contracts_hold(tree: Path) -> None:
         ("billing_site/common/leak.py", "from accounts import selectors\n", "shared helpers import no app"),
         # services would import the tasks that import services: a cycle inside invoicing
         ("invoicing/services.py", "\nfrom invoicing import tasks  # noqa\n", "No import cycle"),
+        ("invoicing/leak.py", "from payments import selectors\n", "invoicing knows nothing of payments"),
+        ("accounts/leak.py", "from payments.models import Payment\n", "payments' internals are its own"),
+        ("payments/services.py", "\nimport stripe  # noqa\n", "the stripe SDK is imported in exactly one module"),
     ],
 )
 def test_a_new_leak_breaks_a_contract(tree: Path, module: str, code: str, contract: str) -> None:
