@@ -39,7 +39,6 @@ import math
 import multiprocessing as mp
 import os
 import socket
-import sys
 import time
 from collections import Counter
 from typing import Any
@@ -524,4 +523,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

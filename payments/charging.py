@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 SYSTEM = Actor.system("payments")
 
+
 @dataclass(frozen=True, slots=True)
 class PaymentStart:
     payment: Payment

@@ -53,8 +53,16 @@ def case_record_failure(
             ON CONFLICT (invoice_id) DO UPDATE SET last_decline_code = EXCLUDED.last_decline_code,
                                                    retryable = EXCLUDED.retryable
             """,
-            [invoice.account_id, invoice.invoice_id, invoice.currency, now, invoice.due_at or now, decline_code[:64],
-             retryable, now],
+            [
+                invoice.account_id,
+                invoice.invoice_id,
+                invoice.currency,
+                now,
+                invoice.due_at or now,
+                decline_code[:64],
+                retryable,
+                now,
+            ],
         )
     case = DunningCase.objects.get(invoice_id=invoice.invoice_id)
     log.info(
@@ -159,9 +167,7 @@ def policy_for(*, account_id: int) -> DunningPolicy:
 
     profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
     currency, kind = (profile.currency, profile.kind) if profile else ("", "")
-    candidates = DunningPolicy.objects.filter(
-        is_active=True, currency__in=[currency, ""], account_kind__in=[kind, ""]
-    )
+    candidates = DunningPolicy.objects.filter(is_active=True, currency__in=[currency, ""], account_kind__in=[kind, ""])
     best = sorted(candidates, key=lambda p: (p.currency == "", p.account_kind == ""))
     if best:
         return best[0]
