@@ -66,6 +66,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "payments.process_stale_webhook_events": ("payments", 240, 270),
     "payments.refund_execute": ("payments", 120, 150),
     "payments.refunds_reconcile": ("payments", 240, 270),
+    "payments.run_dunning": ("payments", 1800, 1860),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
@@ -134,6 +135,13 @@ app.conf.beat_schedule = {
         "task": "payments.process_stale_webhook_events",
         "schedule": crontab(minute="*/5"),
         "options": {"expires": 290},
+    },
+    # Debt: retries, warnings, suspensions and write-offs the dunning policy says are due
+    # (each step claimed once per case: a second run the same day does nothing).
+    "payments-run-dunning": {
+        "task": "payments.run_dunning",
+        "schedule": crontab(hour=6, minute=0),
+        "options": {"expires": 6 * 3600},
     },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",

@@ -358,10 +358,11 @@ def account_suspend(*, account_id: int, reason: str) -> bool:
 def account_reactivate(*, account_id: int, reason: str) -> bool:
     """Reactivate a suspended account whose debt is settled (re-checked here: a case opened
     meanwhile keeps it suspended)."""
-    from payments.models import DunningCase, DunningCaseStatus
+    from payments.dunning import SUSPENDING_STATUSES
+    from payments.models import DunningCase
 
     if DunningCase.objects.filter(
-        account_id=account_id, status=DunningCaseStatus.OPEN, suspended_account=True
+        account_id=account_id, status__in=SUSPENDING_STATUSES, suspended_account=True
     ).exists():
         return False
     try:

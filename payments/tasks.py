@@ -68,3 +68,10 @@ def refunds_reconcile() -> dict[str, int]:
     from payments import refunds
 
     return refunds.refunds_reconcile()
+
+
+@shared_task(name="payments.run_dunning")
+def run_dunning() -> dict[str, int]:
+    from payments import dunning
+
+    return dunning.dunning_run()
