@@ -98,7 +98,7 @@ def case_record_failure(
                 "payments/email/payment_failed",
                 to=email,
                 account_id=invoice.account_id,
-                context=_context(invoice, name=name, code=decline_code, payment=payment),
+                context={**_context(invoice, name=name, code=decline_code, payment=payment), "will_retry": retryable},
                 dedupe_key=f"email:payment_failed:{payment.public_id}" if payment else None,
             )
     return case

@@ -19,6 +19,8 @@ from django.core.management import call_command
 
 from billing_site import database
 from conftest import client_with_key
+from invoicing import ledger
+from payments.models import Payment
 
 NOW = dt.datetime(2026, 11, 3, 12, 30, tzinfo=dt.UTC)
 SITE = "http://127.0.0.1:8000"
@@ -33,15 +35,38 @@ def run(command: str) -> str:
 @pytest.mark.django_db(transaction=True)  # the rollup takes only committed events
 def test_the_demo_prints_the_login_both_keys_and_working_curl_lines_together_at_the_end() -> None:
     with time_machine.travel(NOW, tick=False):
-        loading = {name: run(name) for name in ("load_demo_data", "load_demo_usage", "load_demo_invoices")}
+        loading = {
+            name: run(name)
+            for name in ("load_demo_data", "load_demo_usage", "load_demo_invoices", "load_demo_payments")
+        }
         access = run("demo_access")
 
         for name, out in loading.items():  # nothing to copy from the middle of the output
             assert "bku_" not in out and "bks_" not in out and "curl -H" not in out, name
         invoices = loading["load_demo_invoices"]
         assert "minor units" not in invoices
-        assert re.search(r"Period close 2026-10: .* issued 3 invoices \(\d+\.\d\d EUR, \d+\.\d\d GBP\)", invoices)
+        assert re.search(
+            r"Period close 2026-10: .* issued 4 invoices \(\d+\.\d\d EUR, \d+\.\d\d GBP, \d+\.\d\d USD\)", invoices
+        )
         assert re.search(r"INV-2026-\d{6} Acme Cloud BV: total \d+\.\d\d EUR, domestic, PDF stored", invoices)
+
+        # One paid, one declined and in dunning, one suspended for its unpaid invoice.
+        payments = loading["load_demo_payments"]
+        assert re.search(
+            r"Acme Cloud BV \(acc_\w+\): visa •••• 4242; last charge paid \d+\.\d\d EUR; nothing owed", payments
+        )
+        assert re.search(
+            r"Globex GmbH .* last charge failed \(card_declined\); INV-\S+ owes .*dunning: retrying; account active",
+            payments,
+        )
+        assert re.search(
+            r"Hooli Inc .* last charge failed \(lost_card\); INV-\S+ owes .*dunning: suspended; account suspended",
+            payments,
+        )
+        again = run("load_demo_payments")  # idempotent: nothing bound or charged twice
+        assert "0 retried, 0 suspended" in again
+        assert Payment.objects.filter(status="succeeded").count() == 1
+        assert ledger.check() == []
 
         assert f"{SITE}/admin/  login operator@demo.test / demo-operator-2026" in access
         (key,) = set(re.findall(r"bku_[A-Za-z0-9_-]+", access))

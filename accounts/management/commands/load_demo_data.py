@@ -94,6 +94,22 @@ ACCOUNTS: list[tuple[str, dict[str, Any], str, list[tuple[str, str, str]], list[
     (
         "dave@demo.test",
         {
+            "name": "Hooli Inc",
+            "email": "ap@hooli.test",
+            "kind": "business",
+            "country": "US",
+            "address_line1": "1 Hacker Way",
+            "address_city": "Palo Alto",
+            "address_postal_code": "94301",
+            "address_region": "CA",
+        },
+        "USD",
+        [("activate", "operator", "Card verified")],
+        [],
+    ),
+    (
+        "dave@demo.test",
+        {
             "name": "Tanaka KK",
             "email": "keiri@tanaka.test",
             "kind": "business",
@@ -107,6 +123,10 @@ ACCOUNTS: list[tuple[str, dict[str, Any], str, list[tuple[str, str, str]], list[
         [],
     ),
 ]
+
+
+# Invoices due on receipt (operators set payment terms): the demo's account suspended for debt.
+PAYMENT_TERMS_DAYS = {"Hooli Inc": 0}
 
 
 class Command(BaseCommand):
@@ -137,6 +157,10 @@ class Command(BaseCommand):
                 continue
             owner = users[owner_email]
             account = services.billing_account_create(owner_id=owner.id, profile=profile, currency=currency)
+            if profile["name"] in PAYMENT_TERMS_DAYS:
+                BillingAccount.objects.filter(id=account.id).update(
+                    payment_terms_days=PAYMENT_TERMS_DAYS[profile["name"]]
+                )
             for member_email, role in members:
                 services.member_add(account_id=account.id, email=member_email, role=role)
             for transition, who, reason in transitions:

@@ -25,7 +25,7 @@ from accounts.authentication import Scope
 from metering import rollup, selectors
 
 CATALOG = Path(__file__).resolve().parents[2] / "fixtures" / "catalog.json"
-DEMO_ACCOUNTS = ("Acme Cloud BV", "Globex GmbH", "Initech Ltd")
+DEMO_ACCOUNTS = ("Acme Cloud BV", "Globex GmbH", "Initech Ltd", "Hooli Inc")
 DAYS = 30
 
 
