@@ -419,3 +419,34 @@ def test_binding_is_rate_limited_per_account(customer: Customer, acct: BillingAc
 
 
 _ = (Invoice, wait_for)
+
+
+@pytest.mark.django_db
+def test_a_charge_racing_a_credit_note_keeps_the_excess_as_customer_credit(
+    customer: Customer, acct: BillingAccount, no_worker: None
+) -> None:
+    from invoicing import selectors as invoicing_selectors
+    from invoicing import services as invoicing_services
+    from payments.tests.helpers import FINANCE
+
+    invoice = issue_invoice(acct, "100")  # 121.00 EUR
+    bind(customer.client, acct)
+    start = charging.payment_create(invoice_id=invoice.id, trigger="customer")
+    assert start.payment.amount_minor == 12100  # the intent row, committed before the call
+    # Meanwhile finance credits 20.00 net (24.20 gross) on the invoice.
+    invoicing_services.credit_note_issue(
+        invoice_id=invoice.id,
+        lines=[invoicing_services.CreditNoteLineIn(description="Goodwill", amount_minor=2000)],
+        reason="outage",
+        actor=FINANCE,
+    )
+    payment = charging.payment_execute(payment_id=start.payment.id)  # the card is charged 121.00
+    assert payment.status == PaymentStatus.SUCCEEDED
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID
+    assert invoice.amount_paid_minor == 12100 - 2420  # what was still owed
+    received = InvoicePayment.objects.get(invoice=invoice)
+    assert (received.received_minor, received.amount_minor) == (12100, 9680)
+    # The 24.20 paid beyond it is the customer's credit, spendable on the next invoice.
+    assert invoicing_selectors.balance(account_id=acct.id)["EUR"]["credits_available"] == 2420
+    assert ledger.check() == []
