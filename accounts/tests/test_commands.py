@@ -43,7 +43,7 @@ def test_demo_data_covers_every_state_with_history_and_is_rerunnable() -> None:
     call_command("load_demo_data", "--force", stdout=StringIO())
     states = set(BillingAccount.objects.values_list("state", flat=True))
     assert states == {AccountState.PENDING, AccountState.ACTIVE, AccountState.BLOCKED, AccountState.CLOSED}
-    assert BillingAccount.objects.count() == 5
+    assert BillingAccount.objects.count() == 6
     assert BillingAccountTransition.objects.filter(transition="suspend").exists()
     operator = User.objects.get(email="operator@demo.test")
     assert operator.is_staff and operator.check_password("demo-operator-2026")
