@@ -13,7 +13,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle, UserRateThrottle
 from rest_framework.views import APIView
 
-from accounts import selectors, services
+from accounts import selectors, services, signals
 from accounts.authentication import caller_of
 from accounts.models import ApiKey, BillingAccount, BillingAccountTransition, Membership, User
 from accounts.serializers import (
@@ -30,7 +30,7 @@ from accounts.serializers import (
 )
 from billing_site.common.actors import Actor
 from billing_site.common.errors import error_responses
-from billing_site.common.views import StrictQueryMixin
+from billing_site.common.views import StrictQueryMixin, client_ip
 
 
 class IsUserKey(permissions.BasePermission):
@@ -89,6 +89,7 @@ class SignupView(StrictQueryMixin, APIView):
         user, issued = services.user_signup(
             email=data.validated_data["email"], password=data.validated_data["password"]
         )
+        signals.user_signed_up.send(sender=SignupView, user_id=user.id, client_ip=client_ip(request))
         body = {"id": user.public_id, "email": user.email, "api_key": issued.raw}
         return Response(body, status=status.HTTP_201_CREATED)
 
@@ -155,7 +156,13 @@ class BillingAccountListCreateView(StrictQueryMixin, generics.ListCreateAPIView[
         data.is_valid(raise_exception=True)
         profile = dict(data.validated_data)
         currency = profile.pop("currency")
-        account = services.billing_account_create(owner_id=_user(request).id, profile=profile, currency=currency)
+        owner = _user(request)
+        account = services.billing_account_create(owner_id=owner.id, profile=profile, currency=currency)
+        # Committed: the signup checkpoint (antifraud) assesses it before it can be activated.
+        signals.billing_account_opened.send(
+            sender=BillingAccountListCreateView, account_id=account.id, user_id=owner.id, client_ip=client_ip(request)
+        )
+        account.refresh_from_db(fields=["state"])  # a block is applied through the outbox
         return Response(BillingAccountSerializer(account).data, status=status.HTTP_201_CREATED)
 
 

@@ -36,6 +36,7 @@ QUEUES = {
     "invoicing": "period closes and their shards",
     "documents": "invoice and credit-note PDFs (many, slow, can wait)",
     "payments": "charges, refunds, webhook processing, reconciliation, dunning, payment-driven account transitions",
+    "antifraud": "risk decisions reaching accounts (blocks), usage assessments",
     "default": "anything else: maintenance, health checks",
 }
 
@@ -67,6 +68,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "payments.refund_execute": ("payments", 120, 150),
     "payments.refunds_reconcile": ("payments", 240, 270),
     "payments.run_dunning": ("payments", 1800, 1860),
+    "antifraud.account_block": ("antifraud", 30, 60),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]

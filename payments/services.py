@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from accounts import selectors as account_selectors
 from accounts import services as account_services
+from antifraud import services as antifraud_services
 from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
@@ -170,6 +171,10 @@ def binding_complete(
         BindingAttempt.objects.filter(id=attempt.id).update(
             status=BindingStatus.FAILED, failure_code=exc.code[:64], updated_at=timezone.now()
         )
+        # Card testing is counted (and assessed) by antifraud.
+        antifraud_services.binding_failure_record(
+            account_id=account_id, user_id=attempt.user_id, ip=attempt.client_ip, code=exc.code
+        )
         log.info(
             "payments.binding_declined",
             extra={"account_id": ids.encode("acc", account_id), "setup_intent": setup_intent_id, "code": exc.code},
@@ -244,22 +249,34 @@ def _binding_record(*, attempt: BindingAttempt, gateway_name: str, info: object,
                 "default": method.is_default,
             },
         )
-    if first_binding:
-        decision = binding_decision(account_id=account_id, payment_method=method)
-        if decision == "allow":
-            outbox.enqueue_task(
-                "payments.account_activate",
-                account_id=account_id,
-                reason="first card bound",
-                dedupe_key=f"activate-on-binding:{account_id}",
-            )
+    decision = binding_decision(attempt=attempt, payment_method=method) if created or first_binding else ""
+    if first_binding and decision == "allow":
+        outbox.enqueue_task(
+            "payments.account_activate",
+            account_id=account_id,
+            reason="first card bound",
+            dedupe_key=f"activate-on-binding:{account_id}",
+        )
     return method
 
 
-def binding_decision(*, account_id: int, payment_method: PaymentMethod) -> str:
-    """Whether a bound card activates a pending account: the single decision point antifraud
-    fills in (its card-binding checkpoint). Today: always ``allow``."""
-    return "allow"
+def binding_decision(*, attempt: BindingAttempt, payment_method: PaymentMethod) -> str:
+    """Whether a bound card activates a pending account: the single decision point, antifraud's
+    card-binding checkpoint (in the binding's transaction; a block it decides reaches the
+    account through the outbox). ``allow``, ``review`` (stays pending) or ``block``."""
+    outcome = antifraud_services.card_binding_assess(
+        account_id=attempt.account_id,
+        user_id=attempt.user_id,
+        ip=attempt.client_ip,
+        card=antifraud_services.Card(
+            fingerprint=payment_method.fingerprint,
+            brand=payment_method.brand,
+            last4=payment_method.last4,
+            country=payment_method.issuer_country,
+            funding=payment_method.funding,
+        ),
+    )
+    return outcome.decision
 
 
 def _make_default(method: PaymentMethod) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("accounts", "metering", "invoicing", "payments", "billing_site")
+PACKAGES = ("accounts", "metering", "invoicing", "payments", "antifraud", "billing_site")
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 

@@ -32,3 +32,11 @@ class StrictQueryMixin:
             raise exceptions.ValidationError(
                 {name: [ErrorDetail("Given more than once.", code="repeated")] for name in repeated}
             )
+
+
+def client_ip(request: Request) -> str | None:
+    """The client's IP address as the throttles see it: the socket's peer, or the address the
+    last of ``NUM_PROXIES`` trusted proxies put in ``X-Forwarded-For`` (never a client's own)."""
+    from rest_framework.throttling import BaseThrottle
+
+    return BaseThrottle().get_ident(request) or None

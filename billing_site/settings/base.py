@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "invoicing",
     "billing_site.outbox",
     "payments",
+    "antifraud",
 ]
 
 MIDDLEWARE = [

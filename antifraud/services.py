@@ -1,0 +1,286 @@
+"""Antifraud's checkpoints: each records what it saw, runs the enabled rules, stores a
+``RiskAssessment`` (score, decision, fired rules with evidence, rules version) and moves the
+account's standing with the fraud team (``AccountRisk``). A block reaches the account through
+the accounts service, queued through the outbox in the assessment's transaction.
+
+Evaluation reads the database only (antifraud's own tables and the accounts app's selectors):
+no network call in the request path."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts import selectors as account_selectors
+from accounts import services as account_services
+from antifraud import rules
+from antifraud.models import (
+    AccountRisk,
+    AccountSignal,
+    BindingFailure,
+    CardSeen,
+    Checkpoint,
+    Decision,
+    RiskAssessment,
+    RiskRule,
+    RiskSettings,
+    RiskStatus,
+    RulesVersion,
+    SignupEvent,
+    SignupKind,
+)
+from billing_site.common import ids
+from billing_site.common.actors import Actor
+from billing_site.common.errors import Conflict, NotFound
+from billing_site.outbox import services as outbox
+
+log = logging.getLogger(__name__)
+
+SYSTEM = Actor.system("antifraud")
+
+Card = rules.Card
+
+
+# --- Rules as data
+
+
+def _settings() -> RiskSettings:
+    found = RiskSettings.objects.filter(id=1).first()
+    return found if found is not None else RiskSettings(id=1)
+
+
+def _enabled_rules() -> list[tuple[str, int, dict[str, Any]]]:
+    return [(r.code, r.weight, r.params) for r in RiskRule.objects.filter(enabled=True).order_by("code")]
+
+
+def rules_snapshot() -> dict[str, Any]:
+    settings = _settings()
+    return {
+        "review_score": settings.review_score,
+        "block_score": settings.block_score,
+        "rules": {
+            r.code: {"enabled": r.enabled, "weight": r.weight, "params": r.params}
+            for r in RiskRule.objects.order_by("code")
+        },
+    }
+
+
+@transaction.atomic
+def rules_changed(*, actor: Actor) -> int:
+    """A rule or a band changed: the next version, with what it now means. Returns it."""
+    settings = RiskSettings.objects.select_for_update().filter(id=1).first() or RiskSettings.objects.create(id=1)
+    settings.version += 1
+    settings.save(update_fields=["version", "updated_at"])
+    RulesVersion.objects.create(version=settings.version, snapshot=rules_snapshot(), created_by=actor.name)
+    log.info("antifraud.rules_changed", extra={"version": settings.version, "actor": actor.name})
+    return settings.version
+
+
+# --- Signals the checkpoints keep
+
+
+def _client_ip(ip: str | None) -> str | None:
+    if not ip:
+        return None
+    try:
+        rules.ip_prefix(ip)
+    except ValueError:
+        return None
+    return ip
+
+
+def user_signup_record(*, user_id: int, ip: str | None) -> None:
+    """A user signed up from ``ip`` (signup velocity counts users too)."""
+    ip = _client_ip(ip)
+    if ip is None:
+        return
+    SignupEvent.objects.bulk_create(
+        [SignupEvent(kind=SignupKind.USER, subject_id=user_id, ip=ip, ip_prefix=rules.ip_prefix(ip))],
+        ignore_conflicts=True,
+    )
+
+
+def binding_failure_record(*, account_id: int, user_id: int | None, ip: str | None, code: str) -> RiskAssessment:
+    """A card binding was declined: counted for card testing, and the account assessed again
+    (many failures in a short time review or block it)."""
+    BindingFailure.objects.create(account_id=account_id, user_id=user_id, ip=_client_ip(ip), code=code[:64])
+    with transaction.atomic():
+        return _assess(Checkpoint.CARD_BINDING, _subject(account_id, user_id=user_id, ip=ip))
+
+
+# --- Checkpoints
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: str  # allow | review | block
+    assessment: RiskAssessment
+
+
+def _subject(account_id: int, *, user_id: int | None, ip: str | None, card: rules.Card | None = None) -> rules.Subject:
+    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+    if profile is None:
+        raise NotFound("No such billing account.")
+    signal = AccountSignal.objects.filter(account_id=account_id).first()
+    return rules.Subject(
+        account_id=account_id,
+        email=profile.email,
+        country=profile.country,
+        tax_id=profile.tax_id,
+        created_at=signal.created_at if signal else timezone.now(),
+        user_id=user_id,
+        ip=_client_ip(ip),
+        signup_ip=signal.ip if signal else None,
+        card=card,
+        now=timezone.now(),
+    )
+
+
+def _standings(account_ids: set[int]) -> dict[int, str]:
+    return {a: s.state for a, s in account_selectors.billing_account_standings(account_ids).items()}
+
+
+def _decide(fired: list[rules.Fired], settings: RiskSettings) -> tuple[int, str]:
+    score = sum(f.weight for f in fired)
+    decision = Decision.ALLOW
+    if score >= settings.block_score:
+        decision = Decision.BLOCK
+    elif score >= settings.review_score:
+        decision = Decision.REVIEW
+    insisted = {f.insists for f in fired}
+    if Decision.BLOCK in insisted:
+        decision = Decision.BLOCK
+    elif Decision.REVIEW in insisted and decision == Decision.ALLOW:
+        decision = Decision.REVIEW
+    return score, decision.value
+
+
+def _assess(checkpoint: str, subject: rules.Subject) -> RiskAssessment:
+    """Evaluate, store, and move the account's standing (in the caller's transaction)."""
+    settings = _settings()
+    fired = rules.evaluate(subject, _enabled_rules(), _standings)
+    score, decision = _decide(fired, settings)
+    assessment = RiskAssessment.objects.create(
+        account_id=subject.account_id,
+        checkpoint=checkpoint,
+        score=score,
+        decision=decision,
+        fired=[f.as_json() for f in fired],
+        rules_version=settings.version,
+        created_at=subject.now,
+    )
+    risk, _ = AccountRisk.objects.select_for_update().get_or_create(account_id=subject.account_id)
+    if decision == Decision.BLOCK and risk.status != RiskStatus.BLOCKED:
+        risk.status = RiskStatus.BLOCKED
+        outbox.enqueue_task(
+            "antifraud.account_block",
+            account_id=subject.account_id,
+            assessment_id=assessment.id,
+            dedupe_key=f"antifraud:block:{assessment.id}",
+        )
+    elif decision == Decision.REVIEW and risk.status in (RiskStatus.CLEAR, RiskStatus.APPROVED):
+        risk.status = RiskStatus.REVIEW
+        risk.flagged_at = subject.now
+    risk.score = score
+    risk.last_assessment = assessment
+    risk.save()
+    log.info(
+        "antifraud.assessed",
+        extra={
+            "account_id": ids.encode("acc", subject.account_id),
+            "assessment_id": assessment.id,
+            "checkpoint": checkpoint,
+            "score": score,
+            "decision": decision,
+            "rules": [f.rule for f in fired],
+            "rules_version": settings.version,
+            "standing": risk.status,
+        },
+    )
+    return assessment
+
+
+def signup_assess(*, account_id: int, user_id: int | None, ip: str | None) -> Outcome:
+    """Checkpoint 1, a billing account opened: keep its identity signals, assess it. Before
+    the account can be activated: a review keeps it pending, a block blocks it."""
+    ip = _client_ip(ip)
+    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+    if profile is None:
+        raise NotFound("No such billing account.")
+    email, domain = rules.normalise_email(profile.email)
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                AccountSignal.objects.create(
+                    account_id=account_id,
+                    user_id=user_id,
+                    ip=ip,
+                    ip_country=rules.ip_country(ip),
+                    email_normalised=email,
+                    email_domain=domain,
+                    tax_id=profile.tax_id,
+                    country=profile.country,
+                )
+        except IntegrityError:
+            pass  # assessed before: the signals stand as first seen
+        if ip is not None:
+            SignupEvent.objects.bulk_create(
+                [SignupEvent(kind=SignupKind.ACCOUNT, subject_id=account_id, ip=ip, ip_prefix=rules.ip_prefix(ip))],
+                ignore_conflicts=True,
+            )
+        assessment = _assess(Checkpoint.SIGNUP, _subject(account_id, user_id=user_id, ip=ip))
+    return Outcome(decision=assessment.decision, assessment=assessment)
+
+
+def card_binding_assess(*, account_id: int, user_id: int | None, ip: str | None, card: rules.Card) -> Outcome:
+    """Checkpoint 2, a card bound (in the binding's transaction): keep the card's fingerprint,
+    assess the account with it. The decision says whether the card may activate a pending
+    account: ``allow`` only when this assessment allows and no review is open on the account."""
+    CardSeen.objects.bulk_create(
+        [
+            CardSeen(
+                account_id=account_id,
+                fingerprint=card.fingerprint,
+                brand=card.brand,
+                last4=card.last4,
+                country=card.country,
+                funding=card.funding,
+            )
+        ],
+        ignore_conflicts=True,
+    )
+    assessment = _assess(Checkpoint.CARD_BINDING, _subject(account_id, user_id=user_id, ip=ip, card=card))
+    standing = AccountRisk.objects.get(account_id=account_id).status
+    decision = assessment.decision
+    if decision == Decision.ALLOW and standing == RiskStatus.REVIEW:
+        decision = Decision.REVIEW.value
+    elif standing == RiskStatus.BLOCKED:
+        decision = Decision.BLOCK.value
+    return Outcome(decision=decision, assessment=assessment)
+
+
+def account_standing(*, account_id: int) -> str:
+    found = AccountRisk.objects.filter(account_id=account_id).values_list("status", flat=True).first()
+    return found or RiskStatus.CLEAR.value
+
+
+# --- Decisions reaching the account (outbox tasks)
+
+
+def account_block(*, account_id: int, assessment_id: int) -> bool:
+    """Block the account for a risk assessment (idempotent: an account already blocked, or
+    closed, is left alone)."""
+    assessment = RiskAssessment.objects.filter(id=assessment_id).first()
+    rules_fired = ", ".join(f["rule"] for f in assessment.fired) if assessment else ""
+    reason = f"risk assessment {assessment_id} ({assessment.checkpoint if assessment else '?'}): {rules_fired}"
+    try:
+        account_services.billing_account_transition(
+            account_id=account_id, transition="block", actor=SYSTEM, reason=reason[:500]
+        )
+    except (Conflict, NotFound):
+        return False
+    return True

@@ -1,0 +1,13 @@
+"""Thin Celery tasks of the antifraud app (queue ``antifraud``; limits in billing_site/celery.py).
+Each takes ids, calls a service, and is idempotent: the outbox delivers at least once."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+
+@shared_task(name="antifraud.account_block")
+def account_block(*, account_id: int, assessment_id: int) -> bool:
+    from antifraud import services
+
+    return services.account_block(account_id=account_id, assessment_id=assessment_id)

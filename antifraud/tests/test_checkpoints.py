@@ -1,0 +1,150 @@
+"""The signup and card-binding checkpoints end to end, through the API: each decision reaching
+the account (allow activates, review keeps it pending, block blocks), a blocked account's card
+blocking a new account (the sandbox's stable test-card fingerprints), rules versions, and no
+network call during evaluation."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from accounts import services as account_services
+from accounts.models import AccountState, BillingAccount
+from antifraud import services
+from antifraud.models import AccountRisk, RiskAssessment, RiskRule, RiskStatus, RulesVersion
+from billing_site.common import ids
+from billing_site.common.actors import Actor
+from billing_site.outbox import services as outbox
+from conftest import Customer
+from payments import gateways
+
+NL_IP, US_IP = "145.14.1.1", "8.8.8.8"
+ACCOUNT = {
+    "name": "Acme Cloud BV",
+    "email": "billing@acme.test",
+    "kind": "business",
+    "country": "NL",
+    "currency": "EUR",
+    "address": {"line1": "Herengracht 1", "city": "Amsterdam", "postal_code": "1015 BA"},
+}
+ANALYST = Actor.system("tests")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gateways() -> Iterator[None]:
+    gateways.reset()
+    yield
+    gateways.reset()
+
+
+def open_account(customer: Customer, ip: str, **profile: Any) -> BillingAccount:
+    response = customer.client.post("/api/v1/billing-accounts", {**ACCOUNT, **profile}, format="json", REMOTE_ADDR=ip)
+    assert response.status_code == 201, response.content
+    return BillingAccount.objects.get(id=ids.decode("acc", response.json()["id"]))
+
+
+def bind(customer: Customer, account: BillingAccount, card: str, ip: str = NL_IP) -> Any:
+    base = f"/api/v1/billing-accounts/{account.public_id}/payment-methods"
+    setup = customer.client.post(f"{base}/setup", REMOTE_ADDR=ip)
+    assert setup.status_code == 201, setup.content
+    response = customer.client.post(
+        base,
+        {"setup_intent_id": setup.json()["setup_intent_id"], "test_payment_method": card},
+        format="json",
+        REMOTE_ADDR=ip,
+    )
+    while outbox.drain():  # what the outbox's periodic task does: activations, blocks
+        pass
+    account.refresh_from_db()
+    return response
+
+
+def latest(account: BillingAccount, checkpoint: str) -> RiskAssessment:
+    return RiskAssessment.objects.filter(account_id=account.id, checkpoint=checkpoint).order_by("-id").first()  # type: ignore[return-value]
+
+
+@pytest.mark.django_db
+def test_an_honest_account_is_allowed_at_signup_and_activated_by_its_card(customer: Customer) -> None:
+    account = open_account(customer, NL_IP)
+    signup = latest(account, "signup")
+    assert (signup.decision, signup.score, signup.fired) == ("allow", 0, [])
+    assert signup.rules_version == 1
+    assert account.state == AccountState.PENDING
+    assert bind(customer, account, "pm_card_visa").status_code == 201
+    assert latest(account, "card_binding").decision == "allow"
+    assert account.state == AccountState.ACTIVE
+
+
+@pytest.mark.django_db
+def test_a_risky_signup_is_reviewed_and_its_card_does_not_activate_it(customer: Customer) -> None:
+    # A throwaway address (40) from an IP in another country than the billing one (20): 60.
+    account = open_account(customer, US_IP, email="x@mailinator.com")
+    signup = latest(account, "signup")
+    assert signup.decision == "review" and signup.score == 60
+    assert {f["rule"] for f in signup.fired} == {"disposable_email", "country_mismatch"}
+    evidence = {f["rule"]: f["evidence"] for f in signup.fired}
+    assert evidence["disposable_email"]["domain"] == "mailinator.com"
+    assert evidence["country_mismatch"]["countries"] == {"billing": "NL", "ip": "US"}
+    assert AccountRisk.objects.get(account_id=account.id).status == RiskStatus.REVIEW
+    assert bind(customer, account, "pm_card_visa").status_code == 201
+    assert account.state == AccountState.PENDING  # stays pending until an analyst decides
+    assert services.account_standing(account_id=account.id) == "review"
+
+
+@pytest.mark.django_db
+def test_a_blocked_accounts_card_blocks_a_new_account(
+    customer: Customer, make_customer: Callable[..., Customer]
+) -> None:
+    fraudster = open_account(customer, NL_IP, name="First Shell BV")
+    bind(customer, fraudster, "pm_card_mastercard")
+    assert fraudster.state == AccountState.ACTIVE
+    account_services.billing_account_transition(
+        account_id=fraudster.id,
+        transition="block",
+        actor=Actor.operator(customer.user.id, "fraud@example.test"),
+        reason="chargebacks",
+    )
+    other = make_customer()
+    second = open_account(other, "203.0.113.50", name="Second Shell BV", email="ap@second.test")
+    assert bind(other, second, "pm_card_mastercard").status_code == 201  # the same card: same fingerprint
+    assessment = latest(second, "card_binding")
+    assert assessment.decision == "block"
+    reuse = next(f for f in assessment.fired if f["rule"] == "card_reuse")
+    assert reuse["evidence"]["blocked_accounts"] == [fraudster.public_id]
+    assert reuse["insists"] == "block"
+    assert second.state == AccountState.BLOCKED
+    transition = second.transitions.order_by("-id").first()
+    assert transition is not None and transition.actor_name == "antifraud"
+    assert f"risk assessment {assessment.id}" in transition.reason
+
+
+@pytest.mark.django_db
+def test_a_rule_switched_off_does_not_fire_and_the_assessment_names_the_new_version(customer: Customer) -> None:
+    RiskRule.objects.filter(code="disposable_email").update(enabled=False)
+    version = services.rules_changed(actor=ANALYST)
+    assert version == 2
+    assert RulesVersion.objects.get(version=2).snapshot["rules"]["disposable_email"]["enabled"] is False
+    account = open_account(customer, NL_IP, email="x@mailinator.com")
+    signup = latest(account, "signup")
+    assert (signup.decision, signup.rules_version, signup.fired) == ("allow", 2, [])
+
+
+@pytest.mark.django_db
+def test_evaluation_opens_no_network_connection(customer: Customer, monkeypatch: pytest.MonkeyPatch) -> None:
+    account = open_account(customer, NL_IP)  # the database connection is open already
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"a network call during evaluation: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    outcome = services.signup_assess(account_id=account.id, user_id=customer.user.id, ip=US_IP)
+    assert outcome.decision == "allow"
+    card = services.Card(fingerprint="fp_1", brand="visa", last4="4242", country="US", funding="prepaid")
+    outcome = services.card_binding_assess(account_id=account.id, user_id=customer.user.id, ip=US_IP, card=card)
+    assert {f["rule"] for f in outcome.assessment.fired} == {"country_mismatch", "prepaid_card"}
