@@ -37,6 +37,7 @@ from django.db.models import Max, Q
 from django.utils import timezone
 from django_fsm import can_proceed
 
+from accounts import selectors as account_selectors
 from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
@@ -151,6 +152,10 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
         return PaymentStart(payment=active, created=False)
     if invoice.outstanding_minor <= 0 or invoice.status != "issued":
         raise Conflict("nothing_due", f"Nothing is due on invoice {invoice.number}.")
+    standing = account_selectors.billing_account_standings({invoice.account_id}).get(invoice.account_id)
+    if standing is not None and standing.state == "blocked":
+        # Blocked (fraud): its cards are not charged again until the fraud team decides.
+        raise Conflict("account_blocked", "This billing account cannot be charged; contact support.")
     method = default_payment_method(invoice.account_id)
     if method is None:
         if trigger == PaymentTrigger.CUSTOMER:

@@ -222,6 +222,7 @@ class RunReport:
     suspended: int = 0
     written_off: int = 0
     paused_skipped: int = 0
+    blocked_skipped: int = 0
     reactivations: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -340,6 +341,9 @@ def dunning_run(*, now: dt.datetime | None = None) -> dict[str, int]:
             "account_id", flat=True
         )
     )
+    # Blocked accounts are the fraud team's: no retries, no suspension, no write-off meanwhile.
+    standings = account_selectors.billing_account_standings(set(account_ids))
+    blocked = {a for a, standing in standings.items() if standing.state == "blocked"}
     profiles = account_selectors.billing_profiles(account_ids=account_ids)
     policies = list(DunningPolicy.objects.filter(is_active=True))
     busy = set(
@@ -352,6 +356,9 @@ def dunning_run(*, now: dt.datetime | None = None) -> dict[str, int]:
     for case in cases:
         if case.account_id in paused:
             report.paused_skipped += 1
+            continue
+        if case.account_id in blocked:
+            report.blocked_skipped += 1
             continue
         profile = profiles.get(case.account_id)
         policy = _policy_pick(

@@ -268,3 +268,28 @@ def test_two_runs_at_once_do_each_step_once(
     assert DunningAction.objects.filter(case=case).count() == 2
     assert DunningCase.objects.get(id=case.id).retries_done == 3
     assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_a_blocked_account_is_neither_charged_nor_chased(
+    customer: Customer, acct: BillingAccount, clock: time_machine.Traveller
+) -> None:
+    from accounts import services as account_services
+    from billing_site.common.actors import Actor
+
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct, "pm_card_chargeCustomerFail")
+    settle()
+    attempts = len(charges(invoice))
+    account_services.billing_account_transition(
+        account_id=acct.id, transition="block", actor=Actor.operator(customer.user.id, "fraud@x.test"), reason="fraud"
+    )
+    response = customer.client.post(f"/api/v1/billing-accounts/{acct.public_id}/invoices/{invoice.public_id}/pay")
+    assert response.status_code == 409 and response.json()["code"] == "account_blocked"
+    case = DunningCase.objects.get(invoice_id=invoice.id)
+    report = day(clock, case.first_failure_at + dt.timedelta(days=1, hours=1))
+    assert report["blocked_skipped"] == 1 and report["retried"] == 0
+    assert invoice.due_at is not None
+    report = day(clock, invoice.due_at + dt.timedelta(days=61))
+    assert report["suspended"] == 0 and report["written_off"] == 0
+    assert len(charges(invoice)) == attempts
