@@ -30,6 +30,7 @@ class RuleCode(models.TextChoices):
     COUNTRY_MISMATCH = "country_mismatch", "Card, billing and IP country disagree"
     PREPAID_CARD = "prepaid_card", "Prepaid card on a new account"
     LINKED_ACCOUNTS = "linked_accounts", "Linked to a blocked account"
+    PAYMENT_TROUBLE = "payment_trouble", "Repeated declines and disputes"
 
 
 class RiskRule(models.Model):
@@ -193,6 +194,32 @@ class BindingFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.code} on {self.account_id}"
+
+
+class OutcomeKind(models.TextChoices):
+    DECLINE = "decline", "Charge declined"
+    DISPUTE = "dispute", "Dispute opened"
+    REFUND = "refund", "Refund"
+
+
+class PaymentOutcome(models.Model):
+    """A payment outcome payments reported (checkpoint 3): what repeated declines and disputes
+    count."""
+
+    account_id = models.BigIntegerField()
+    kind = models.CharField(max_length=8, choices=OutcomeKind.choices)
+    reference = models.CharField(max_length=32, help_text="The payment, dispute or refund id")
+    code = models.CharField(max_length=64, blank=True, default="")
+    amount_minor = models.BigIntegerField(default=0)
+    currency = models.CharField(max_length=3, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "kind", "created_at"], name="antifraud_outcome_account")]
+        constraints = [models.UniqueConstraint(fields=["kind", "reference"], name="antifraud_outcome_once")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.reference}"
 
 
 class RiskAssessment(models.Model):

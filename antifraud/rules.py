@@ -17,7 +17,7 @@ from typing import Any
 import iptocc
 from disposable_email_domains import allowlist as DISPOSABLE_ALLOWLIST
 from disposable_email_domains import blocklist as DISPOSABLE_BLOCKLIST
-from django.db.models import Q
+from django.db.models import Count, Q
 
 from antifraud.models import (
     AccountSignal,
@@ -26,6 +26,8 @@ from antifraud.models import (
     Decision,
     DomainVerdict,
     EmailDomain,
+    OutcomeKind,
+    PaymentOutcome,
     RuleCode,
     SignupEvent,
 )
@@ -294,6 +296,31 @@ def linked_accounts(subject: Subject, params: dict[str, Any], standings: Standin
     }
 
 
+def payment_trouble(subject: Subject, params: dict[str, Any], standings: Standings) -> dict[str, Any] | None:
+    """Declines and disputes on the account within the window: fires at either threshold; a
+    dispute (a chargeback: the card's owner says it was not them) asks for a review."""
+    since = subject.now - dt.timedelta(days=float(params.get("window_days", 30)))
+    counts = dict.fromkeys((OutcomeKind.DECLINE.value, OutcomeKind.DISPUTE.value), 0)
+    for kind, count in (
+        PaymentOutcome.objects.filter(account_id=subject.account_id, created_at__gte=since, kind__in=list(counts))
+        .values_list("kind")
+        .annotate(Count("id"))
+    ):
+        counts[kind] = count
+    max_declines, max_disputes = int(params.get("max_declines", 3)), int(params.get("max_disputes", 1))
+    if counts["decline"] < max_declines and counts["dispute"] < max_disputes:
+        return None
+    evidence: dict[str, Any] = {
+        "declines": counts["decline"],
+        "disputes": counts["dispute"],
+        "window_days": params.get("window_days", 30),
+        "thresholds": {"declines": max_declines, "disputes": max_disputes},
+    }
+    if counts["dispute"] >= max_disputes:
+        evidence["insists"] = Decision.REVIEW.value
+    return evidence
+
+
 RULES: dict[str, Callable[[Subject, dict[str, Any], Standings], dict[str, Any] | None]] = {
     RuleCode.DISPOSABLE_EMAIL: disposable_email,
     RuleCode.SIGNUP_VELOCITY: signup_velocity,
@@ -302,6 +329,7 @@ RULES: dict[str, Callable[[Subject, dict[str, Any], Standings], dict[str, Any] |
     RuleCode.COUNTRY_MISMATCH: country_mismatch,
     RuleCode.PREPAID_CARD: prepaid_card,
     RuleCode.LINKED_ACCOUNTS: linked_accounts,
+    RuleCode.PAYMENT_TROUBLE: payment_trouble,
 }
 
 

@@ -25,6 +25,8 @@ from antifraud.models import (
     CardSeen,
     Checkpoint,
     Decision,
+    OutcomeKind,
+    PaymentOutcome,
     RiskAssessment,
     RiskRule,
     RiskSettings,
@@ -261,6 +263,28 @@ def card_binding_assess(*, account_id: int, user_id: int | None, ip: str | None,
     elif standing == RiskStatus.BLOCKED:
         decision = Decision.BLOCK.value
     return Outcome(decision=decision, assessment=assessment)
+
+
+def payment_outcome_record(
+    *, account_id: int, kind: str, reference: str, code: str = "", amount_minor: int = 0, currency: str = ""
+) -> RiskAssessment | None:
+    """Checkpoint 3, a payment outcome (a decline, a dispute opened, a refund), in the caller's
+    transaction: kept once per reference, and the account assessed again. None: recorded before."""
+    if kind not in OutcomeKind.values:
+        raise ValueError(f"unknown payment outcome {kind!r}")
+    try:
+        with transaction.atomic():  # a savepoint: the unique (kind, reference) decides
+            PaymentOutcome.objects.create(
+                account_id=account_id,
+                kind=kind,
+                reference=reference[:32],
+                code=code[:64],
+                amount_minor=amount_minor,
+                currency=currency,
+            )
+    except IntegrityError:
+        return None
+    return _assess(Checkpoint.PAYMENT, _subject(account_id, user_id=None, ip=None))
 
 
 def account_standing(*, account_id: int) -> str:

@@ -38,6 +38,7 @@ from django.utils import timezone
 from django_fsm import can_proceed
 
 from accounts import selectors as account_selectors
+from antifraud import services as antifraud_services
 from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
@@ -396,6 +397,15 @@ def _declined(
     if invoice is not None:
         dunning.case_record_failure(
             invoice=invoice, decline_code=code, retryable=retryable, payment=payment, notify=customer_fault
+        )
+    if customer_fault:  # the card's decline, not our gateway's trouble: antifraud's checkpoint 3
+        antifraud_services.payment_outcome_record(
+            account_id=payment.account_id,
+            kind="decline",
+            reference=payment.public_id,
+            code=code,
+            amount_minor=payment.amount_minor,
+            currency=payment.currency,
         )
 
 

@@ -50,6 +50,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
 
+from antifraud import services as antifraud_services
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
@@ -303,6 +304,14 @@ def _succeeded(payment: Payment, refund: Refund, *, gateway_refund_id: str = "")
     )
     refund.credit_note_id = recorded.credit_note_id
     refund.save()
+    antifraud_services.payment_outcome_record(
+        account_id=refund.account_id,
+        kind="refund",
+        reference=refund.public_id,
+        code=refund.reason[:64],
+        amount_minor=refund.amount_minor,
+        currency=refund.currency,
+    )
     _refund_log(
         "refund.succeeded",
         refund,
@@ -571,7 +580,15 @@ def dispute_opened(
         stage="opened",
         memo=f"Dispute {dispute.public_id} ({dispute.reason}) on {payment.public_id}",
     )
-    # The fraud team's flag: this warning, and the row antifraud reads (selectors.disputes_for_accounts).
+    # The fraud team's flag: antifraud's checkpoint 3 (a dispute asks for a review), and this warning.
+    antifraud_services.payment_outcome_record(
+        account_id=dispute.account_id,
+        kind="dispute",
+        reference=dispute.public_id,
+        code=dispute.reason,
+        amount_minor=amount_minor,
+        currency=currency,
+    )
     _dispute_log("dispute.opened", dispute, level=logging.WARNING)
     return dispute
 

@@ -10,6 +10,7 @@ DEFAULTS: dict[str, tuple[int, dict[str, Any]]] = {
     "country_mismatch": (20, {}),
     "disposable_email": (40, {}),
     "linked_accounts": (35, {}),
+    "payment_trouble": (30, {"window_days": 30, "max_declines": 3, "max_disputes": 1}),
     "prepaid_card": (15, {"new_account_days": 30}),
     "signup_velocity": (30, {"window_hours": 24, "max_per_ip": 3, "max_per_prefix": 10}),
 }

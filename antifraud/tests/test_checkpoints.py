@@ -19,6 +19,7 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.outbox import services as outbox
 from conftest import Customer
+from metering.tests.conftest import catalog  # noqa: F401
 from payments import gateways
 
 NL_IP, US_IP = "145.14.1.1", "8.8.8.8"
@@ -148,3 +149,44 @@ def test_evaluation_opens_no_network_connection(customer: Customer, monkeypatch:
     card = services.Card(fingerprint="fp_1", brand="visa", last4="4242", country="US", funding="prepaid")
     outcome = services.card_binding_assess(account_id=account.id, user_id=customer.user.id, ip=US_IP, card=card)
     assert {f["rule"] for f in outcome.assessment.fired} == {"country_mismatch", "prepaid_card"}
+
+
+@pytest.mark.django_db
+def test_declines_and_a_dispute_reach_the_payment_checkpoint_and_the_review_queue(
+    customer: Customer,
+    catalog: None,  # noqa: F811
+) -> None:
+    import time_machine
+
+    from payments import refunds
+    from payments.models import Payment, PaymentStatus
+    from payments.tests.helpers import NOW, issue_invoice, pay
+
+    with time_machine.travel(NOW, tick=False):
+        account = open_account(customer, NL_IP)
+        bind(customer, account, "pm_card_chargeCustomerFail")
+        invoice = issue_invoice(account)
+        for _ in range(3):  # three declined pay calls
+            assert pay(customer.client, account, invoice).json()["status"] == "failed"
+        assessment = latest(account, "payment")
+        assert assessment is not None
+        trouble = next(f for f in assessment.fired if f["rule"] == "payment_trouble")
+        assert trouble["evidence"]["declines"] == 3
+        assert assessment.decision == "allow"  # 30 alone stays under the review band
+
+        card = bind(customer, account, "pm_card_visa").json()
+        customer.client.post(f"/api/v1/billing-accounts/{account.public_id}/payment-methods/{card['id']}/default")
+        while outbox.drain():
+            pass
+        paid = Payment.objects.get(invoice_id=invoice.id, status=PaymentStatus.SUCCEEDED)
+        refunds.dispute_opened(
+            gateway="sandbox",
+            gateway_dispute_id="dp_test_1",
+            gateway_intent_or_charge_id=paid.gateway_intent_id,
+            amount_minor=paid.amount_minor,
+            currency=paid.currency,
+            reason="fraudulent",
+        )
+        flagged = latest(account, "payment")
+        assert flagged.decision == "review"
+        assert AccountRisk.objects.get(account_id=account.id).status == RiskStatus.REVIEW

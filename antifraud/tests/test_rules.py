@@ -182,3 +182,23 @@ def test_links_to_a_blocked_account_by_email_ip_tax_id_or_card() -> None:
     _cards("fp_visa", 9)
     fired = rules.linked_accounts(subject(card=CARD), {}, states({9: "blocked"}))
     assert fired is not None and fired["linked_blocked_accounts"][0]["shared"] == ["card visa •••• 4242"]
+
+
+@pytest.mark.django_db
+def test_repeated_declines_and_any_dispute() -> None:
+    from antifraud.models import PaymentOutcome
+
+    params = {"window_days": 30, "max_declines": 3, "max_disputes": 1}
+    for i in range(2):
+        PaymentOutcome.objects.create(account_id=1000, kind="decline", reference=f"pay_{i}", created_at=NOW)
+    PaymentOutcome.objects.create(
+        account_id=1000, kind="decline", reference="pay_old", created_at=NOW - dt.timedelta(days=31)
+    )
+    PaymentOutcome.objects.create(account_id=1001, kind="decline", reference="pay_other", created_at=NOW)
+    assert rules.payment_trouble(subject(), params, ACTIVE) is None
+    PaymentOutcome.objects.create(account_id=1000, kind="decline", reference="pay_3", created_at=NOW)
+    fired = rules.payment_trouble(subject(), params, ACTIVE)
+    assert fired is not None and (fired["declines"], fired["disputes"]) == (3, 0) and "insists" not in fired
+    PaymentOutcome.objects.create(account_id=1000, kind="dispute", reference="dsp_1", created_at=NOW)
+    fired = rules.payment_trouble(subject(), params, ACTIVE)
+    assert fired is not None and fired["disputes"] == 1 and fired["insists"] == "review"
