@@ -263,7 +263,37 @@ class AccountRisk(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        verbose_name = "account risk"
         indexes = [models.Index(fields=["status", "score"], name="antifraud_risk_queue")]
+        permissions = [("review_account", "Can approve, block or question accounts in review")]
 
     def __str__(self) -> str:
         return f"{self.account_id}: {self.status}"
+
+
+class ReviewAction(models.TextChoices):
+    APPROVE = "approve", "Approve"
+    BLOCK = "block", "Block"
+    REQUEST_INFO = "request_info", "Request more information"
+
+
+class ReviewDecision(models.Model):
+    """An analyst's decision on an account in review: the audit of the review queue."""
+
+    account_id = models.BigIntegerField()
+    action = models.CharField(max_length=16, choices=ReviewAction.choices)
+    reason = models.TextField()
+    assessment = models.ForeignKey(RiskAssessment, null=True, blank=True, on_delete=models.SET_NULL)
+    analyst_user_id = models.BigIntegerField(null=True, blank=True)
+    analyst_name = models.CharField(max_length=254)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["account_id", "created_at"], name="antifraud_review_account"),
+            models.Index(fields=["created_at"], name="antifraud_review_day"),
+        ]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.action} by {self.analyst_name}"

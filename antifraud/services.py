@@ -27,6 +27,8 @@ from antifraud.models import (
     Decision,
     OutcomeKind,
     PaymentOutcome,
+    ReviewAction,
+    ReviewDecision,
     RiskAssessment,
     RiskRule,
     RiskSettings,
@@ -37,7 +39,7 @@ from antifraud.models import (
 )
 from billing_site.common import ids
 from billing_site.common.actors import Actor
-from billing_site.common.errors import Conflict, NotFound
+from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.outbox import services as outbox
 
 log = logging.getLogger(__name__)
@@ -292,6 +294,79 @@ def account_standing(*, account_id: int) -> str:
     return found or RiskStatus.CLEAR.value
 
 
+# --- The review queue: an analyst's decisions (audited)
+
+
+def _review_record(account_id: int, action: str, *, actor: Actor, reason: str) -> AccountRisk:
+    reason = reason.strip()
+    if not reason:
+        raise ApplicationError("reason_required", "A reason is required.", field="reason")
+    risk, _ = AccountRisk.objects.select_for_update().get_or_create(account_id=account_id)
+    ReviewDecision.objects.create(
+        account_id=account_id,
+        action=action,
+        reason=reason,
+        assessment=risk.last_assessment,
+        analyst_user_id=actor.user_id,
+        analyst_name=actor.name,
+    )
+    log.info(
+        "antifraud.review",
+        extra={"account_id": ids.encode("acc", account_id), "action": action, "analyst": actor.name},
+    )
+    return risk
+
+
+@transaction.atomic(durable=True)
+def review_approve(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
+    """The analyst finds the account fine: out of review, and a pending account with a card
+    bound is activated (through the outbox). Later assessments may raise it again."""
+    risk = _review_record(account_id, ReviewAction.APPROVE, actor=actor, reason=reason)
+    risk.status = RiskStatus.APPROVED
+    risk.save(update_fields=["status", "updated_at"])
+    standing = account_selectors.billing_account_standings({account_id}).get(account_id)
+    if standing is not None and standing.state == "pending" and CardSeen.objects.filter(account_id=account_id).exists():
+        outbox.enqueue_task(
+            "antifraud.account_transition",
+            account_id=account_id,
+            transition="activate",
+            reason=f"approved by {actor.name}: {reason.strip()}"[:500],
+        )
+    return risk
+
+
+@transaction.atomic(durable=True)
+def review_block(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
+    """The analyst blocks the account (through the accounts service, via the outbox)."""
+    risk = _review_record(account_id, ReviewAction.BLOCK, actor=actor, reason=reason)
+    risk.status = RiskStatus.BLOCKED
+    risk.save(update_fields=["status", "updated_at"])
+    outbox.enqueue_task(
+        "antifraud.account_transition",
+        account_id=account_id,
+        transition="block",
+        reason=f"blocked by {actor.name}: {reason.strip()}"[:500],
+    )
+    return risk
+
+
+@transaction.atomic(durable=True)
+def review_request_info(*, account_id: int, actor: Actor, message: str) -> AccountRisk:
+    """Ask the customer for more information (an email to the account's address); the account
+    stays in review."""
+    risk = _review_record(account_id, ReviewAction.REQUEST_INFO, actor=actor, reason=message)
+    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+    if profile is None or not profile.email:
+        raise ApplicationError("no_email", "The account has no email address to write to.")
+    outbox.enqueue_email(
+        "antifraud/email/request_info",
+        to=profile.email,
+        account_id=account_id,
+        context={"account_name": profile.name, "account_id": profile.public_id, "message": message.strip()},
+    )
+    return risk
+
+
 # --- Decisions reaching the account (outbox tasks)
 
 
@@ -304,6 +379,20 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
     try:
         account_services.billing_account_transition(
             account_id=account_id, transition="block", actor=SYSTEM, reason=reason[:500]
+        )
+    except (Conflict, NotFound):
+        return False
+    return True
+
+
+def account_transition(*, account_id: int, transition: str, reason: str) -> bool:
+    """An analyst's decision reaching the account (idempotent: a transition no longer allowed
+    from the account's state is left alone)."""
+    if transition not in ("activate", "block"):
+        raise ValueError(f"antifraud does not {transition} accounts")
+    try:
+        account_services.billing_account_transition(
+            account_id=account_id, transition=transition, actor=SYSTEM, reason=reason
         )
     except (Conflict, NotFound):
         return False

@@ -11,3 +11,10 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
     from antifraud import services
 
     return services.account_block(account_id=account_id, assessment_id=assessment_id)
+
+
+@shared_task(name="antifraud.account_transition")
+def account_transition(*, account_id: int, transition: str, reason: str) -> bool:
+    from antifraud import services
+
+    return services.account_transition(account_id=account_id, transition=transition, reason=reason)

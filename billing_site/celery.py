@@ -69,6 +69,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "payments.refunds_reconcile": ("payments", 240, 270),
     "payments.run_dunning": ("payments", 1800, 1860),
     "antifraud.account_block": ("antifraud", 30, 60),
+    "antifraud.account_transition": ("antifraud", 30, 60),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]

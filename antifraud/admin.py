@@ -1,0 +1,297 @@
+"""The fraud team's admin: the review queue (riskiest and newest first; one page per account
+with everything needed to decide, and the decisions: approve, block, request information),
+the dashboard, the rules and score bands (every change a new rules version), analysts' email
+domain verdicts, and the assessments. Every write goes through ``antifraud.services``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from accounts import selectors as account_selectors
+from antifraud import selectors, services
+from antifraud.models import (
+    AccountRisk,
+    EmailDomain,
+    ReviewAction,
+    ReviewDecision,
+    RiskAssessment,
+    RiskRule,
+    RiskSettings,
+    RiskStatus,
+    RulesVersion,
+)
+from billing_site.common import ids
+from billing_site.common.actors import Actor
+from billing_site.common.errors import ApplicationError
+
+
+def _operator(request: HttpRequest) -> Actor:
+    return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
+
+
+def _rules_fired(assessment: RiskAssessment | None) -> str:
+    if assessment is None:
+        return ""
+    return ", ".join(f"{f['rule']} (+{f['weight']})" for f in assessment.fired) or "none"
+
+
+class DecisionForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+        help_text="Kept in the audit; for 'request information' it is the text emailed to the customer.",
+    )
+
+
+@admin.register(AccountRisk)
+class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
+    """The review queue: accounts in review by default (the status filter shows the others)."""
+
+    list_display = ("account", "name", "status", "score", "flagged_at", "in_queue_for", "rules")
+    list_filter = ("status",)
+    ordering = ("-score", "-flagged_at", "-account_id")
+    search_fields = ("account_id",)
+    list_select_related = ("last_assessment",)
+    change_form_template = "admin/antifraud/accountrisk/review.html"
+    change_list_template = "admin/antifraud/accountrisk/change_list.html"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # decisions go through the review actions, never by editing the row
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[AccountRisk]:
+        return super().get_queryset(request).annotate(name=account_selectors.billing_account_name_subquery())
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[AccountRisk], search_term: str) -> Any:
+        term = search_term.strip()
+        if term.startswith("acc_"):
+            try:
+                account_id = ids.decode("acc", term)
+            except ValueError:
+                account_id = None
+            return (queryset.filter(account_id=account_id) if account_id else queryset.none()), False
+        return super().get_search_results(request, queryset, search_term)
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> Any:
+        if not request.GET:  # the queue itself unless the analyst filters otherwise
+            return HttpResponseRedirect(f"{request.path}?status__exact={RiskStatus.REVIEW}")
+        extra = {**(extra_context or {}), "dashboard_url": reverse("admin:antifraud_accountrisk_dashboard")}
+        return super().changelist_view(request, extra)
+
+    @admin.display(description="account", ordering="account_id")
+    def account(self, obj: AccountRisk) -> str:
+        return ids.encode("acc", obj.account_id)
+
+    @admin.display(description="name")
+    def name(self, obj: AccountRisk) -> str:
+        return getattr(obj, "name", "") or ""
+
+    @admin.display(description="in queue for")
+    def in_queue_for(self, obj: AccountRisk) -> str:
+        if obj.status != RiskStatus.REVIEW or obj.flagged_at is None:
+            return ""
+        hours = (timezone.now() - obj.flagged_at).total_seconds() / 3600
+        return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.0f} h"
+
+    @admin.display(description="rules fired (last assessment)")
+    def rules(self, obj: AccountRisk) -> str:
+        return _rules_fired(obj.last_assessment)
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None) -> Any:
+        risk = self.get_object(request, object_id)
+        extra = {**(extra_context or {})}
+        if risk is not None:
+            extra["case"] = selectors.review_case(account_id=risk.account_id)
+            extra["may_decide"] = request.user.has_perm("antifraud.review_account")
+            extra["actions"] = [(a.value, a.label) for a in ReviewAction]
+            extra["form"] = DecisionForm()
+        return super().change_view(request, object_id, form_url, extra)
+
+    def get_urls(self) -> list[URLPattern]:
+        custom = [
+            path(
+                "<int:object_id>/decide/<str:action>/",
+                self.admin_site.admin_view(self.decide_view),
+                name="antifraud_accountrisk_decide",
+            ),
+            path("dashboard/", self.admin_site.admin_view(self.dashboard_view), name="antifraud_accountrisk_dashboard"),
+        ]
+        return custom + super().get_urls()
+
+    def decide_view(self, request: HttpRequest, object_id: int, action: str) -> HttpResponse:
+        if request.method != "POST" or not request.user.has_perm("antifraud.review_account"):
+            raise PermissionDenied
+        risk = get_object_or_404(AccountRisk, pk=object_id)
+        change_url = reverse("admin:antifraud_accountrisk_change", args=[risk.pk])
+        form = DecisionForm(request.POST)
+        if not form.is_valid():
+            messages.error(request, "A reason is required.")
+            return HttpResponseRedirect(change_url)
+        reason = form.cleaned_data["reason"]
+        actor = _operator(request)
+        account = ids.encode("acc", risk.account_id)
+        try:
+            if action == ReviewAction.APPROVE:
+                services.review_approve(account_id=risk.account_id, actor=actor, reason=reason)
+                messages.success(request, f"{account} approved.")
+            elif action == ReviewAction.BLOCK:
+                services.review_block(account_id=risk.account_id, actor=actor, reason=reason)
+                messages.success(request, f"{account} blocked.")
+            elif action == ReviewAction.REQUEST_INFO:
+                services.review_request_info(account_id=risk.account_id, actor=actor, message=reason)
+                messages.success(request, f"{account}: the customer was asked for more information.")
+            else:
+                raise PermissionDenied
+        except ApplicationError as exc:
+            messages.error(request, exc.message)
+        return HttpResponseRedirect(change_url)
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Fraud review: dashboard",
+            "board": selectors.dashboard(),
+            "queue_url": reverse("admin:antifraud_accountrisk_changelist"),
+        }
+        return TemplateResponse(request, "admin/antifraud/accountrisk/dashboard.html", context)
+
+
+class RulesChangeMixin:
+    """A rule or the bands saved: a new rules version, in the same transaction."""
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        with transaction.atomic():
+            obj.save()
+            version = services.rules_changed(actor=_operator(request))
+        messages.info(request, f"Rules version {version} is in force.")
+
+
+@admin.register(RiskRule)
+class RiskRuleAdmin(RulesChangeMixin, admin.ModelAdmin[RiskRule]):
+    list_display = ("code", "enabled", "weight", "params", "updated_at")
+    list_filter = ("enabled",)
+    readonly_fields = ("code",)
+    fields = ("code", "enabled", "weight", "params")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # the rules are code; their switches and thresholds are data
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(RiskSettings)
+class RiskSettingsAdmin(RulesChangeMixin, admin.ModelAdmin[RiskSettings]):
+    list_display = ("__str__", "review_score", "block_score", "version", "updated_at")
+    fields = ("review_score", "block_score", "version")
+    readonly_fields = ("version",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(RulesVersion)
+class RulesVersionAdmin(admin.ModelAdmin[RulesVersion]):
+    list_display = ("version", "created_by", "created_at")
+    readonly_fields = ("version", "snapshot", "created_by", "created_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(EmailDomain)
+class EmailDomainAdmin(admin.ModelAdmin[EmailDomain]):
+    list_display = ("domain", "verdict", "reason", "created_by", "created_at")
+    list_filter = ("verdict",)
+    search_fields = ("domain",)
+    fields = ("domain", "verdict", "reason")
+
+    def save_model(self, request: HttpRequest, obj: EmailDomain, form: Any, change: bool) -> None:
+        obj.domain = obj.domain.strip().lower()
+        if not change:
+            obj.created_by = str(request.user)
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(RiskAssessment)
+class RiskAssessmentAdmin(admin.ModelAdmin[RiskAssessment]):
+    list_display = ("id", "account", "checkpoint", "decision", "score", "rules", "rules_version", "created_at")
+    list_filter = ("checkpoint", "decision", "rules_version")
+    date_hierarchy = "created_at"
+    readonly_fields = ("account_id", "checkpoint", "score", "decision", "evidence", "rules_version", "created_at")
+    exclude = ("fired",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="account", ordering="account_id")
+    def account(self, obj: RiskAssessment) -> str:
+        return ids.encode("acc", obj.account_id)
+
+    @admin.display(description="rules fired")
+    def rules(self, obj: RiskAssessment) -> str:
+        return _rules_fired(obj)
+
+    @admin.display(description="evidence")
+    def evidence(self, obj: RiskAssessment) -> str:
+        return format_html(
+            "<ul>{}</ul>",
+            format_html(
+                "".join("<li><b>{}</b> (+{}): {}</li>" for _ in obj.fired),
+                *[v for f in obj.fired for v in (f["rule"], f["weight"], f["evidence"])],
+            ),
+        )
+
+
+@admin.register(ReviewDecision)
+class ReviewDecisionAdmin(admin.ModelAdmin[ReviewDecision]):
+    list_display = ("created_at", "account", "action", "analyst_name", "reason")
+    list_filter = ("action",)
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="account", ordering="account_id")
+    def account(self, obj: ReviewDecision) -> str:
+        return ids.encode("acc", obj.account_id)

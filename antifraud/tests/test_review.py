@@ -1,0 +1,113 @@
+"""The fraud team's review queue in the admin: the queue, one account's page with everything
+needed to decide, the decisions (approve, block, request information) and their audit rows,
+the dashboard; roles; and what customers never see."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from django.core import mail
+from django.test import Client
+
+from accounts import services as account_services
+from accounts.models import AccountState, BillingAccount
+from antifraud.models import AccountRisk, ReviewDecision, RiskStatus
+from antifraud.tests.test_checkpoints import NL_IP, US_IP, bind, open_account
+from billing_site.outbox import services as outbox
+from conftest import Customer
+from payments import gateways
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gateways() -> Iterator[None]:
+    gateways.reset()
+    yield
+    gateways.reset()
+
+
+def staff(group: str) -> Client:
+    user = account_services.operator_create(email=f"{group}@ops.test", password="x-correct-horse-9", groups=[group])
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
+def flagged(customer: Customer) -> BillingAccount:
+    """A throwaway address from an IP abroad, with a card: in review, still pending."""
+    account = open_account(customer, US_IP, email="x@mailinator.com")
+    bind(customer, account, "pm_card_visa")
+    assert account.state == AccountState.PENDING
+    return account
+
+
+def decide(client: Client, account: BillingAccount, action: str, reason: str) -> int:
+    response = client.post(f"/admin/antifraud/accountrisk/{account.id}/decide/{action}/", {"reason": reason})
+    while outbox.drain():
+        pass
+    account.refresh_from_db()
+    return response.status_code
+
+
+@pytest.mark.django_db
+def test_the_queue_and_an_accounts_page_show_what_is_needed_to_decide(
+    flagged: BillingAccount, make_customer: Callable[..., Customer]
+) -> None:
+    honest = open_account(make_customer(), NL_IP, name="Honest BV", email="ap@honest.test")
+    fraud = staff("fraud")
+    queue = fraud.get("/admin/antifraud/accountrisk/", follow=True)
+    assert queue.status_code == 200
+    page = queue.content.decode()
+    assert flagged.public_id in page and honest.public_id not in page  # only accounts in review
+    assert "disposable_email (+40)" in page
+
+    review = fraud.get(f"/admin/antifraud/accountrisk/{flagged.id}/change/").content.decode()
+    for seen in ("mailinator.com", "country_mismatch", "visa •••• 4242", "Approve", "Request more information"):
+        assert seen in review, seen
+
+    board = fraud.get("/admin/antifraud/accountrisk/dashboard/").content.decode()
+    assert "1 account in review" in board
+
+
+@pytest.mark.django_db
+def test_approve_activates_the_pending_account_and_is_audited(flagged: BillingAccount) -> None:
+    assert decide(staff("fraud"), flagged, "approve", "Called the customer; a real company") == 302
+    assert flagged.state == AccountState.ACTIVE
+    assert AccountRisk.objects.get(account_id=flagged.id).status == RiskStatus.APPROVED
+    decision = ReviewDecision.objects.get(account_id=flagged.id)
+    assert (decision.action, decision.analyst_name) == ("approve", "fraud@ops.test")
+    assert decision.assessment is not None
+
+
+@pytest.mark.django_db
+def test_block_blocks_and_the_customer_sees_a_neutral_reason(customer: Customer, flagged: BillingAccount) -> None:
+    assert decide(staff("fraud"), flagged, "block", "Stolen card, confirmed with the issuer") == 302
+    assert flagged.state == AccountState.BLOCKED
+    history = customer.client.get(f"/api/v1/billing-accounts/{flagged.public_id}/history").json()["results"]
+    blocked = next(entry for entry in history if entry["transition"] == "block")
+    assert blocked["reason"] == "Account under review. Contact support."
+    body = customer.client.get(f"/api/v1/billing-accounts/{flagged.public_id}").content.decode()
+    for secret in ("score", "risk", "disposable", "Stolen"):  # its own email it may see
+        assert secret not in body
+
+
+@pytest.mark.django_db
+def test_request_information_emails_the_customer_and_keeps_the_account_in_review(flagged: BillingAccount) -> None:
+    mail.outbox.clear()
+    assert decide(staff("fraud"), flagged, "request_info", "Please send us your company registration.") == 302
+    assert [m.to for m in mail.outbox] == [["x@mailinator.com"]]
+    assert "company registration" in mail.outbox[0].body
+    assert AccountRisk.objects.get(account_id=flagged.id).status == RiskStatus.REVIEW
+    assert flagged.state == AccountState.PENDING
+
+
+@pytest.mark.django_db
+def test_only_the_fraud_team_decides_and_a_reason_is_required(flagged: BillingAccount) -> None:
+    support = staff("support")
+    assert support.get(f"/admin/antifraud/accountrisk/{flagged.id}/change/").status_code == 200
+    assert decide(support, flagged, "approve", "looks fine") == 403
+    assert staff("finance").get("/admin/antifraud/accountrisk/", follow=True).status_code == 403
+    fraud = staff("fraud")
+    assert decide(fraud, flagged, "block", "  ") == 302  # refused with a message
+    assert flagged.state == AccountState.PENDING and not ReviewDecision.objects.exists()
