@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from decimal import Decimal
 
 from django.db.models import OuterRef, QuerySet, Subquery
 
@@ -165,3 +166,13 @@ def billing_account_ids_open(*, opened_before: object, account_ids: list[int] | 
     if account_ids is not None:
         rows = rows.filter(id__in=account_ids)
     return list(rows.order_by("id").values_list("id", flat=True))
+
+
+def credit_limits(*, account_ids: list[int]) -> dict[int, tuple[Decimal, str]]:
+    """Each account's credit limit and currency (0: none set), one query."""
+    return {
+        account_id: (limit, currency)
+        for account_id, limit, currency in BillingAccount.objects.filter(id__in=account_ids).values_list(
+            "id", "credit_limit", "currency"
+        )
+    }

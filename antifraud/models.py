@@ -31,6 +31,7 @@ class RuleCode(models.TextChoices):
     PREPAID_CARD = "prepaid_card", "Prepaid card on a new account"
     LINKED_ACCOUNTS = "linked_accounts", "Linked to a blocked account"
     PAYMENT_TROUBLE = "payment_trouble", "Repeated declines and disputes"
+    SPEND_VELOCITY = "spend_velocity", "Spend velocity of a new account"
 
 
 class RiskRule(models.Model):
@@ -149,6 +150,7 @@ class AccountSignal(models.Model):
             models.Index(fields=["email_normalised"], name="antifraud_signal_email"),
             models.Index(fields=["ip"], name="antifraud_signal_ip"),
             models.Index(fields=["tax_id"], name="antifraud_signal_tax_id"),
+            models.Index(fields=["created_at"], name="antifraud_signal_created"),
         ]
 
     def __str__(self) -> str:

@@ -12,6 +12,7 @@ import datetime as dt
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import iptocc
@@ -90,6 +91,18 @@ class Card:
 
 
 @dataclass(frozen=True, slots=True)
+class Spend:
+    """A new account's rated usage, as the usage checkpoint read it (amounts in its currency)."""
+
+    currency: str
+    first_day_amount: Decimal  # in the 24 hours after signup
+    first_day_gpu_hours: Decimal
+    since_signup_amount: Decimal
+    typical_amount: Decimal  # the median of new accounts' spend since signup, same currency
+    credit_limit: Decimal  # 0: none set
+
+
+@dataclass(frozen=True, slots=True)
 class Subject:
     """What a checkpoint knows of the account it assesses."""
 
@@ -102,6 +115,7 @@ class Subject:
     ip: str | None = None  # the client IP of this request
     signup_ip: str | None = None
     card: Card | None = None
+    spend: Spend | None = None
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
@@ -321,6 +335,43 @@ def payment_trouble(subject: Subject, params: dict[str, Any], standings: Standin
     return evidence
 
 
+def spend_velocity(subject: Subject, params: dict[str, Any], standings: Standings) -> dict[str, Any] | None:
+    """A new account spending far faster than it should: more than ``first_day_max`` (per
+    currency) or ``first_day_gpu_hours_max`` GPU-hours in its first 24 hours, more than
+    ``limit_multiple`` times its credit limit, or more than ``typical_multiple`` times the
+    typical new account's spend since signup."""
+    spend = subject.spend
+    if spend is None:
+        return None
+    why = []
+    first_day_max = (params.get("first_day_max") or {}).get(spend.currency)
+    if first_day_max is not None and spend.first_day_amount > Decimal(str(first_day_max)):
+        why.append(f"first 24 h spend {spend.first_day_amount:.2f} > {first_day_max} {spend.currency}")
+    gpu_max = params.get("first_day_gpu_hours_max")
+    if gpu_max is not None and spend.first_day_gpu_hours > Decimal(str(gpu_max)):
+        why.append(f"{spend.first_day_gpu_hours:.1f} GPU-hours in the first 24 h > {gpu_max}")
+    limit_multiple = Decimal(str(params.get("limit_multiple", 2)))
+    if spend.credit_limit > 0 and spend.since_signup_amount > limit_multiple * spend.credit_limit:
+        why.append(
+            f"spend {spend.since_signup_amount:.2f} > {limit_multiple} x the credit limit {spend.credit_limit:.2f}"
+        )
+    typical_multiple = Decimal(str(params.get("typical_multiple", 10)))
+    if spend.typical_amount > 0 and spend.since_signup_amount > typical_multiple * spend.typical_amount:
+        why.append(
+            f"spend {spend.since_signup_amount:.2f} > {typical_multiple} x a typical new account's "
+            f"{spend.typical_amount:.2f}"
+        )
+    if not why:
+        return None
+    return {
+        "currency": spend.currency,
+        "first_day_amount": str(spend.first_day_amount.quantize(Decimal("0.01"))),
+        "first_day_gpu_hours": str(spend.first_day_gpu_hours.quantize(Decimal("0.1"))),
+        "since_signup_amount": str(spend.since_signup_amount.quantize(Decimal("0.01"))),
+        "why": why,
+    }
+
+
 RULES: dict[str, Callable[[Subject, dict[str, Any], Standings], dict[str, Any] | None]] = {
     RuleCode.DISPOSABLE_EMAIL: disposable_email,
     RuleCode.SIGNUP_VELOCITY: signup_velocity,
@@ -330,6 +381,7 @@ RULES: dict[str, Callable[[Subject, dict[str, Any], Standings], dict[str, Any] |
     RuleCode.PREPAID_CARD: prepaid_card,
     RuleCode.LINKED_ACCOUNTS: linked_accounts,
     RuleCode.PAYMENT_TROUBLE: payment_trouble,
+    RuleCode.SPEND_VELOCITY: spend_velocity,
 }
 
 

@@ -8,8 +8,11 @@ no network call in the request path."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import statistics
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -33,6 +36,7 @@ from antifraud.models import (
     RiskRule,
     RiskSettings,
     RiskStatus,
+    RuleCode,
     RulesVersion,
     SignupEvent,
     SignupKind,
@@ -125,7 +129,14 @@ class Outcome:
     assessment: RiskAssessment
 
 
-def _subject(account_id: int, *, user_id: int | None, ip: str | None, card: rules.Card | None = None) -> rules.Subject:
+def _subject(
+    account_id: int,
+    *,
+    user_id: int | None,
+    ip: str | None,
+    card: rules.Card | None = None,
+    spend: rules.Spend | None = None,
+) -> rules.Subject:
     profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
     if profile is None:
         raise NotFound("No such billing account.")
@@ -140,6 +151,7 @@ def _subject(account_id: int, *, user_id: int | None, ip: str | None, card: rule
         ip=_client_ip(ip),
         signup_ip=signal.ip if signal else None,
         card=card,
+        spend=spend,
         now=timezone.now(),
     )
 
@@ -287,6 +299,81 @@ def payment_outcome_record(
     except IntegrityError:
         return None
     return _assess(Checkpoint.PAYMENT, _subject(account_id, user_id=None, ip=None))
+
+
+def usage_sweep(*, now: dt.datetime | None = None) -> dict[str, int]:
+    """Checkpoint 4, from the rated rollups (a beat task in the ``antifraud`` queue): every
+    account opened within the spend-velocity rule's ``new_account_days`` is measured in two
+    set-based reads of the hourly rollup (its first 24 hours, and since signup), against its
+    credit limit and the typical new account of its currency; those the rule would flag are
+    assessed, each at most once a day."""
+    from metering import selectors as metering_selectors
+
+    now = now or timezone.now()
+    rule = RiskRule.objects.filter(code=RuleCode.SPEND_VELOCITY, enabled=True).first()
+    if rule is None:
+        log.info("antifraud.usage_sweep", extra={"accounts": 0, "assessed": 0, "rule": "disabled"})
+        return {"accounts": 0, "assessed": 0}
+    params = rule.params
+    since = now - dt.timedelta(days=float(params.get("new_account_days", 7)))
+    opened = dict(AccountSignal.objects.filter(created_at__gte=since).values_list("account_id", "created_at"))
+    windows = [
+        metering_selectors.AmountWindow(
+            key=account_id, account_id=account_id, sku_prefix="", start=at, end=min(at + dt.timedelta(hours=24), now)
+        )
+        for account_id, at in opened.items()
+    ]
+    first_day = metering_selectors.hourly_spend(windows)
+    total = metering_selectors.hourly_spend(
+        [
+            metering_selectors.AmountWindow(key=w.key, account_id=w.account_id, sku_prefix="", start=w.start, end=now)
+            for w in windows
+        ]
+    )
+    gpu_prefix = str(params.get("gpu_sku_prefix", "compute.gpu."))
+    first_amount: dict[int, Decimal] = {}
+    gpu_hours: dict[int, Decimal] = {}
+    for (account_id, sku), (quantity, amount) in first_day.items():
+        first_amount[account_id] = first_amount.get(account_id, Decimal(0)) + amount
+        if sku.startswith(gpu_prefix):
+            gpu_hours[account_id] = gpu_hours.get(account_id, Decimal(0)) + quantity
+    spent: dict[int, Decimal] = {}
+    for (account_id, _sku), (_quantity, amount) in total.items():
+        spent[account_id] = spent.get(account_id, Decimal(0)) + amount
+    limits = account_selectors.credit_limits(account_ids=list(spent))
+    by_currency: dict[str, list[Decimal]] = {}
+    for account_id, amount in spent.items():
+        if account_id in limits and amount > 0:
+            by_currency.setdefault(limits[account_id][1], []).append(amount)
+    typical = {currency: statistics.median(amounts) for currency, amounts in by_currency.items()}
+    recent = set(
+        RiskAssessment.objects.filter(
+            checkpoint=Checkpoint.USAGE, created_at__gte=now - dt.timedelta(hours=24), account_id__in=list(spent)
+        ).values_list("account_id", flat=True)
+    )
+    assessed = 0
+    for account_id, amount in sorted(spent.items()):
+        if account_id in recent or account_id not in limits:
+            continue
+        limit, currency = limits[account_id]
+        spend = rules.Spend(
+            currency=currency,
+            first_day_amount=first_amount.get(account_id, Decimal(0)),
+            first_day_gpu_hours=gpu_hours.get(account_id, Decimal(0)),
+            since_signup_amount=amount,
+            typical_amount=typical.get(currency, Decimal(0)),
+            credit_limit=limit,
+        )
+        probe = rules.Subject(
+            account_id=account_id, email="", country="", tax_id="", created_at=opened[account_id], spend=spend, now=now
+        )
+        if rules.spend_velocity(probe, params, _standings) is None:
+            continue
+        with transaction.atomic():
+            _assess(Checkpoint.USAGE, _subject(account_id, user_id=None, ip=None, spend=spend))
+        assessed += 1
+    log.info("antifraud.usage_sweep", extra={"accounts": len(spent), "assessed": assessed})
+    return {"accounts": len(spent), "assessed": assessed}
 
 
 def account_standing(*, account_id: int) -> str:

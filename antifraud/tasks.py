@@ -18,3 +18,10 @@ def account_transition(*, account_id: int, transition: str, reason: str) -> bool
     from antifraud import services
 
     return services.account_transition(account_id=account_id, transition=transition, reason=reason)
+
+
+@shared_task(name="antifraud.usage_sweep")
+def usage_sweep() -> dict[str, int]:
+    from antifraud import services
+
+    return services.usage_sweep()

@@ -70,6 +70,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "payments.run_dunning": ("payments", 1800, 1860),
     "antifraud.account_block": ("antifraud", 30, 60),
     "antifraud.account_transition": ("antifraud", 30, 60),
+    "antifraud.usage_sweep": ("antifraud", 600, 660),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
@@ -145,6 +146,12 @@ app.conf.beat_schedule = {
         "task": "payments.run_dunning",
         "schedule": crontab(hour=6, minute=0),
         "options": {"expires": 6 * 3600},
+    },
+    # Spend velocity of new accounts, from the rated rollups (checkpoint 4 of antifraud).
+    "antifraud-usage-sweep": {
+        "task": "antifraud.usage_sweep",
+        "schedule": crontab(minute="*/15"),
+        "options": {"expires": 14 * 60},
     },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",

@@ -72,7 +72,7 @@ def test_an_honest_account_is_allowed_at_signup_and_activated_by_its_card(custom
     account = open_account(customer, NL_IP)
     signup = latest(account, "signup")
     assert (signup.decision, signup.score, signup.fired) == ("allow", 0, [])
-    assert signup.rules_version == 1
+    assert signup.rules_version == 2
     assert account.state == AccountState.PENDING
     assert bind(customer, account, "pm_card_visa").status_code == 201
     assert latest(account, "card_binding").decision == "allow"
@@ -126,11 +126,11 @@ def test_a_blocked_accounts_card_blocks_a_new_account(
 def test_a_rule_switched_off_does_not_fire_and_the_assessment_names_the_new_version(customer: Customer) -> None:
     RiskRule.objects.filter(code="disposable_email").update(enabled=False)
     version = services.rules_changed(actor=ANALYST)
-    assert version == 2
-    assert RulesVersion.objects.get(version=2).snapshot["rules"]["disposable_email"]["enabled"] is False
+    assert version == 3
+    assert RulesVersion.objects.get(version=3).snapshot["rules"]["disposable_email"]["enabled"] is False
     account = open_account(customer, NL_IP, email="x@mailinator.com")
     signup = latest(account, "signup")
-    assert (signup.decision, signup.rules_version, signup.fired) == ("allow", 2, [])
+    assert (signup.decision, signup.rules_version, signup.fired) == ("allow", 3, [])
 
 
 @pytest.mark.django_db
