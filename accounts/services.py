@@ -31,6 +31,7 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.logs import mask_email
+from billing_site.outbox import services as outbox
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def billing_account_transition(
     else:
         method()
     account.save(update_fields=["state", "updated_at"])
-    BillingAccountTransition.objects.create(
+    entry = BillingAccountTransition.objects.create(
         account=account,
         transition=transition,
         from_state=from_state,
@@ -254,6 +255,10 @@ def billing_account_transition(
         actor_name=actor.name,
         reason=reason,
     )
+    if transition == "block":
+        # Antifraud reviews the accounts linked to a blocked one (by task name, through the
+        # outbox: accounts imports no other app, and the block's commit carries the message).
+        outbox.enqueue_task("antifraud.account_blocked", account_id=account.id, dedupe_key=f"blocked:{entry.id}")
     log.info(
         "account.transition",
         extra={

@@ -14,6 +14,7 @@ class Checkpoint(models.TextChoices):
     CARD_BINDING = "card_binding", "Card binding"
     PAYMENT = "payment", "Payment outcome"
     USAGE = "usage", "Usage"
+    LINKED = "linked", "A linked account was blocked"
 
 
 class Decision(models.TextChoices):

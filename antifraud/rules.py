@@ -291,13 +291,19 @@ def linked_accounts(subject: Subject, params: dict[str, Any], standings: Standin
                 shared.append(f"IP {ip}")
             if subject.tax_id and their_tax == subject.tax_id:
                 shared.append(f"tax id {subject.tax_id}")
+    # The card being bound, and the cards bound before.
+    cards = {
+        c.fingerprint: f"card {c.brand} •••• {c.last4}" for c in CardSeen.objects.filter(account_id=subject.account_id)
+    }
     if subject.card is not None and subject.card.fingerprint:
-        for account_id in (
-            CardSeen.objects.filter(fingerprint=subject.card.fingerprint)
+        cards[subject.card.fingerprint] = f"card {subject.card.brand} •••• {subject.card.last4}".strip()
+    if cards:
+        for account_id, fingerprint in (
+            CardSeen.objects.filter(fingerprint__in=list(cards))
             .exclude(account_id=subject.account_id)
-            .values_list("account_id", flat=True)[:1000]
+            .values_list("account_id", "fingerprint")[:1000]
         ):
-            links.setdefault(account_id, []).append(f"card {subject.card.brand} •••• {subject.card.last4}".strip())
+            links.setdefault(account_id, []).append(cards[fingerprint])
     if not links:
         return None
     states = standings(set(links))

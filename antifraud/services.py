@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts import selectors as account_selectors
@@ -455,6 +456,38 @@ def review_request_info(*, account_id: int, actor: Actor, message: str) -> Accou
 
 
 # --- Decisions reaching the account (outbox tasks)
+
+
+def linked_accounts_reassess(*, account_id: int) -> int:
+    """``account_id`` was blocked: every account sharing its normalised email, signup IP, tax id
+    or a card is assessed again (the linked-accounts rule raises each for review, with the
+    link shown). Returns how many were assessed."""
+    signal = AccountSignal.objects.filter(account_id=account_id).first()
+    match = Q(pk__in=[])
+    if signal is not None:
+        if signal.email_normalised:
+            match |= Q(email_normalised=signal.email_normalised)
+        if signal.ip:
+            match |= Q(ip=signal.ip)
+        if signal.tax_id:
+            match |= Q(tax_id=signal.tax_id)
+    linked = set(
+        AccountSignal.objects.filter(match).exclude(account_id=account_id).values_list("account_id", flat=True)
+    )
+    fingerprints = CardSeen.objects.filter(account_id=account_id).values_list("fingerprint", flat=True)
+    linked |= set(
+        CardSeen.objects.filter(fingerprint__in=fingerprints)
+        .exclude(account_id=account_id)
+        .values_list("account_id", flat=True)
+    )
+    states = _standings(linked)
+    assessed = 0
+    for other in sorted(a for a in linked if states.get(a) not in (None, "blocked", "closed")):
+        with transaction.atomic():
+            _assess(Checkpoint.LINKED, _subject(other, user_id=None, ip=None))
+        assessed += 1
+    log.info("antifraud.linked_reassessed", extra={"account_id": ids.encode("acc", account_id), "assessed": assessed})
+    return assessed
 
 
 def account_block(*, account_id: int, assessment_id: int) -> bool:

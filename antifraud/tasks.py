@@ -25,3 +25,12 @@ def usage_sweep() -> dict[str, int]:
     from antifraud import services
 
     return services.usage_sweep()
+
+
+@shared_task(name="antifraud.account_blocked")
+def account_blocked(*, account_id: int) -> int:
+    """Queued by the accounts service (through the outbox) whenever an account is blocked, by
+    antifraud or by an operator: the accounts linked to it are assessed again."""
+    from antifraud import services
+
+    return services.linked_accounts_reassess(account_id=account_id)

@@ -190,3 +190,30 @@ def test_declines_and_a_dispute_reach_the_payment_checkpoint_and_the_review_queu
         flagged = latest(account, "payment")
         assert flagged.decision == "review"
         assert AccountRisk.objects.get(account_id=account.id).status == RiskStatus.REVIEW
+
+
+@pytest.mark.django_db
+def test_blocking_an_account_raises_the_accounts_linked_to_it_for_review(
+    customer: Customer, make_customer: Callable[..., Customer]
+) -> None:
+    first = open_account(customer, "203.0.113.20", name="Ring One BV")
+    bind(customer, first, "pm_card_amex")
+    other = make_customer()
+    second = open_account(other, "198.51.100.99", name="Ring Two BV", email="ap@ring2.test")
+    bind(other, second, "pm_card_amex")  # the same card: linked
+    unrelated = open_account(make_customer(), "192.0.2.44", name="Unrelated BV", email="ap@unrelated.test")
+    assert second.state == AccountState.ACTIVE
+    account_services.billing_account_transition(
+        account_id=first.id,
+        transition="block",
+        actor=Actor.operator(customer.user.id, "fraud@example.test"),
+        reason="stolen card",
+    )
+    while outbox.drain():
+        pass
+    linked = latest(second, "linked")
+    assert linked is not None and linked.decision == "review"
+    (link,) = next(f for f in linked.fired if f["rule"] == "linked_accounts")["evidence"]["linked_blocked_accounts"]
+    assert link["account"] == first.public_id and link["shared"][0].startswith("card amex •••• ")
+    assert AccountRisk.objects.get(account_id=second.id).status == RiskStatus.REVIEW
+    assert latest(unrelated, "linked") is None
