@@ -14,7 +14,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 ## make demo: install, get a database (embedded PostgreSQL unless DATABASE_URL), migrate, load
-## the demo data (accounts, usage, invoices, cards and payments), print the logins, keys and
+## the demo data (accounts, usage, invoices, cards, payments, a fraud ring), print the logins, keys and
 ## curl examples, serve on http://127.0.0.1:8000.
 ## However it ends (Ctrl-C, a failed step), the embedded PostgreSQL is stopped with it.
 demo: $(STAMP)
@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python manage.py load_demo_usage; \
 	$(BIN)/python manage.py load_demo_invoices; \
 	$(BIN)/python manage.py load_demo_payments; \
+	$(BIN)/python manage.py load_demo_fraud; \
 	$(BIN)/python manage.py demo_access; \
 	$(BIN)/python manage.py runserver 127.0.0.1:8000
 

@@ -37,7 +37,13 @@ def test_the_demo_prints_the_login_both_keys_and_working_curl_lines_together_at_
     with time_machine.travel(NOW, tick=False):
         loading = {
             name: run(name)
-            for name in ("load_demo_data", "load_demo_usage", "load_demo_invoices", "load_demo_payments")
+            for name in (
+                "load_demo_data",
+                "load_demo_usage",
+                "load_demo_invoices",
+                "load_demo_payments",
+                "load_demo_fraud",
+            )
         }
         access = run("demo_access")
 
@@ -67,6 +73,12 @@ def test_the_demo_prints_the_login_both_keys_and_working_curl_lines_together_at_
         assert "0 retried, 0 suspended" in again
         assert Payment.objects.filter(status="succeeded").count() == 1
         assert ledger.check() == []
+
+        # The fraud ring is caught and queued for review; the honest newcomers are let in.
+        fraud = loading["load_demo_fraud"]
+        assert re.search(r"Hashpower Three BV \(acc_\w+\): account blocked, blocked with the fraud team", fraud)
+        assert re.search(r"Hashpower One BV \(acc_\w+\): account active, review with the fraud team", fraud)
+        assert re.search(r"Northwind Traders BV \(acc_\w+\): account active, clear with the fraud team", fraud)
 
         assert f"{SITE}/admin/  login operator@demo.test / demo-operator-2026" in access
         (key,) = set(re.findall(r"bku_[A-Za-z0-9_-]+", access))
