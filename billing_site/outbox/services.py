@@ -20,6 +20,7 @@ import importlib
 import json
 import logging
 from collections.abc import Iterable
+from email.utils import parseaddr
 from typing import Any
 
 from django.conf import settings
@@ -100,10 +101,12 @@ def enqueue_email(
     return message.id
 
 
-def _lease(ids: list[int] | None, limit: int) -> list[OutboxMessage]:
+def _lease(ids: list[int] | None, limit: int, *, after_id: int = 0) -> list[OutboxMessage]:
     now = timezone.now()
     with transaction.atomic():
-        queryset = OutboxMessage.objects.select_for_update(skip_locked=True).filter(delivered_at__isnull=True)
+        queryset = OutboxMessage.objects.select_for_update(skip_locked=True).filter(
+            delivered_at__isnull=True, id__gt=after_id
+        )
         queryset = queryset.filter(id__in=ids) if ids is not None else queryset
         queryset = queryset.exclude(leased_until__gt=now).order_by("id")[:limit]
         messages = list(queryset)
@@ -116,8 +119,12 @@ def deliver(ids: list[int] | None = None, *, limit: int = 500) -> int:
     """Deliver these messages (or up to ``limit`` pending ones); returns how many were sent.
     Never inside a transaction: sending is a network call."""
     forbid_transaction("Delivering the outbox")
+    return _deliver_leased(_lease(ids, limit))
+
+
+def _deliver_leased(leased: list[OutboxMessage]) -> int:
     sent = 0
-    for message in _lease(ids, limit):
+    for message in leased:
         try:
             _send(message)
         except Exception as exc:  # kept for the next drain; logged with its id
@@ -152,13 +159,18 @@ def deliver(ids: list[int] | None = None, *, limit: int = 500) -> int:
 
 
 def drain(*, batch: int = 500, max_batches: int = 100) -> int:
-    """Deliver everything pending, batch by batch (the periodic task)."""
+    """Deliver everything pending, batch by batch in id order (the periodic task). Each
+    message is tried at most once per drain: one that fails is left to the next drain, and
+    the drain goes on past it, so failing messages never hold up those behind them."""
+    forbid_transaction("Delivering the outbox")
     total = 0
+    after_id = 0
     for _ in range(max_batches):
-        sent = deliver(limit=batch)
-        total += sent
-        if sent < batch:
+        leased = _lease(None, batch, after_id=after_id)
+        total += _deliver_leased(leased)
+        if len(leased) < batch:
             break
+        after_id = leased[-1].id
     return total
 
 
@@ -179,7 +191,13 @@ def _send(message: OutboxMessage) -> None:
         body=body,
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[to],
-        headers={"Message-ID": f"<outbox-{message.id}@{settings.DEFAULT_FROM_EMAIL.rpartition('@')[2] or 'billing'}>"},
+        headers={"Message-ID": f"<outbox-{message.id}@{_message_id_domain()}>"},
     )
     email.send(fail_silently=False)
     log.info("email.sent", extra={"outbox_id": message.id, "template": message.name, "to": mask_email(to)})
+
+
+def _message_id_domain() -> str:
+    """The domain of the sender's address; ``DEFAULT_FROM_EMAIL`` may carry a display name
+    (``Billing <billing@example.com>``), whose closing bracket is not part of it."""
+    return parseaddr(settings.DEFAULT_FROM_EMAIL)[1].rpartition("@")[2] or "billing"
