@@ -259,3 +259,25 @@ def celery_worker(redis_url: str) -> Iterator[object]:
             yield worker
     finally:
         reconfigure(**saved)
+
+
+@pytest.fixture(autouse=True)
+def _antifraud_rules_fresh(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Antifraud keeps the rules in force in a per-process cache (seconds); a test's rules are
+    its database's, which each test rolls back. Tests that commit are cleaned by a flush,
+    which empties the rules the migrations seeded: they are seeded again, by those migrations'
+    own functions."""
+    from antifraud import services as antifraud_services
+
+    antifraud_services.rules_cache_clear()
+    marker = request.node.get_closest_marker("django_db")
+    if marker is not None and marker.kwargs.get("transaction"):
+        import importlib
+
+        from django.apps import apps
+
+        request.getfixturevalue("transactional_db")
+        for migration in ("0002_default_rules", "0004_spend_velocity"):
+            importlib.import_module(f"antifraud.migrations.{migration}").seed(apps, None)
+    yield
+    antifraud_services.rules_cache_clear()

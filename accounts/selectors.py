@@ -11,6 +11,7 @@ from django.db.models import OuterRef, QuerySet, Subquery
 
 from accounts.authentication import Caller
 from accounts.models import ApiKey, BillingAccount, BillingAccountTransition, MemberRole, Membership, Scope
+from billing_site.common import ids
 from billing_site.common.errors import Forbidden, NotFound
 
 
@@ -129,24 +130,37 @@ class BillingProfile:
 
 
 def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
-    """Billing profiles of these accounts, one query."""
+    """Billing profiles of these accounts, one query (plain rows, no model instances: antifraud
+    reads one at every checkpoint)."""
     profiles: dict[int, BillingProfile] = {}
-    for account in BillingAccount.objects.filter(id__in=account_ids):
-        city_line = " ".join(p for p in (account.address_postal_code, account.address_city) if p)
-        address = [
-            line for line in (account.address_line1, account.address_line2, city_line, account.address_region) if line
-        ]
-        profiles[account.id] = BillingProfile(
-            account_id=account.id,
-            public_id=account.public_id,
-            name=account.name,
-            email=account.email,
-            kind=account.kind,
-            country=str(account.country),
-            currency=account.currency,
-            tax_id=account.tax_id,
-            address=address,
-            payment_terms_days=account.payment_terms_days,
+    rows = BillingAccount.objects.filter(id__in=account_ids).values_list(
+        "id",
+        "name",
+        "email",
+        "kind",
+        "country",
+        "currency",
+        "tax_id",
+        "address_line1",
+        "address_line2",
+        "address_postal_code",
+        "address_city",
+        "address_region",
+        "payment_terms_days",
+    )
+    for account_id, name, email, kind, country, currency, tax_id, line1, line2, postal, city, region, terms in rows:
+        city_line = " ".join(p for p in (postal, city) if p)
+        profiles[account_id] = BillingProfile(
+            account_id=account_id,
+            public_id=ids.encode("acc", account_id),
+            name=name,
+            email=email,
+            kind=kind,
+            country=str(country),
+            currency=currency,
+            tax_id=tax_id,
+            address=[line for line in (line1, line2, city_line, region) if line],
+            payment_terms_days=terms,
         )
     return profiles
 

@@ -255,10 +255,13 @@ def billing_account_transition(
         actor_name=actor.name,
         reason=reason,
     )
-    if transition == "block":
-        # Antifraud reviews the accounts linked to a blocked one (by task name, through the
-        # outbox: accounts imports no other app, and the block's commit carries the message).
-        outbox.enqueue_task("antifraud.account_blocked", account_id=account.id, dedupe_key=f"blocked:{entry.id}")
+    if transition in ("block", "unblock"):
+        # Antifraud keeps its own record of blocks and reviews the accounts linked to a blocked
+        # one (by task name, through the outbox: accounts imports no other app, and the
+        # transition's commit carries the message).
+        outbox.enqueue_task(
+            f"antifraud.account_{transition}ed", account_id=account.id, dedupe_key=f"{transition}:{entry.id}"
+        )
     log.info(
         "account.transition",
         extra={

@@ -139,6 +139,7 @@ class AccountSignal(models.Model):
     account_id = models.BigIntegerField(primary_key=True)
     user_id = models.BigIntegerField(null=True, blank=True)
     ip = models.GenericIPAddressField(null=True, blank=True)
+    ip_prefix = models.CharField(max_length=64, blank=True, default="", help_text="The IP's /24 or /64")
     ip_country = models.CharField(max_length=2, blank=True, default="")
     email_normalised = models.CharField(max_length=254, blank=True, default="")
     email_domain = models.CharField(max_length=253, blank=True, default="")

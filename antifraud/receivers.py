@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.db.backends.signals import connection_created
 from django.dispatch import receiver
 
 from accounts.signals import billing_account_opened, user_signed_up
-from antifraud import services
+from antifraud import rules, services
 from billing_site.common import ids
 
 log = logging.getLogger(__name__)
@@ -32,3 +33,8 @@ def _billing_account_opened(
         services.signup_assess(account_id=account_id, user_id=user_id, ip=client_ip)
     except Exception:
         log.exception("antifraud.signup_assessment_failed", extra={"account_id": ids.encode("acc", account_id)})
+
+
+@receiver(connection_created, dispatch_uid="antifraud.generic_plans")
+def _connection_created(sender: Any, *, connection: Any, **kwargs: Any) -> None:
+    rules.generic_plans(connection)

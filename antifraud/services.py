@@ -9,8 +9,10 @@ no network call in the request path."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import statistics
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -62,8 +64,21 @@ def _settings() -> RiskSettings:
     return found if found is not None else RiskSettings(id=1)
 
 
-def _enabled_rules() -> list[tuple[str, int, dict[str, Any]]]:
-    return [(r.code, r.weight, r.params) for r in RiskRule.objects.filter(enabled=True).order_by("code")]
+# The rules in force, read at most every RULES_TTL seconds per process (and at once after a
+# change made in this process): evaluation does not pay two queries for what rarely changes.
+RULES_TTL = 10.0
+_rules_cache: list[Any] = []  # [loaded at (monotonic), settings, [(code, weight, params)]]
+
+
+def _rules_config() -> tuple[RiskSettings, list[tuple[str, int, dict[str, Any]]]]:
+    if not _rules_cache or time.monotonic() - _rules_cache[0] > RULES_TTL:
+        enabled = [(r.code, r.weight, r.params) for r in RiskRule.objects.filter(enabled=True).order_by("code")]
+        _rules_cache[:] = [time.monotonic(), _settings(), enabled]
+    return _rules_cache[1], _rules_cache[2]
+
+
+def rules_cache_clear() -> None:
+    _rules_cache.clear()
 
 
 def rules_snapshot() -> dict[str, Any]:
@@ -85,6 +100,8 @@ def rules_changed(*, actor: Actor) -> int:
     settings.version += 1
     settings.save(update_fields=["version", "updated_at"])
     RulesVersion.objects.create(version=settings.version, snapshot=rules_snapshot(), created_by=actor.name)
+    transaction.on_commit(rules_cache_clear)
+    rules_cache_clear()
     log.info("antifraud.rules_changed", extra={"version": settings.version, "actor": actor.name})
     return settings.version
 
@@ -113,7 +130,7 @@ def user_signup_record(*, user_id: int, ip: str | None) -> None:
     )
 
 
-def binding_failure_record(*, account_id: int, user_id: int | None, ip: str | None, code: str) -> RiskAssessment:
+def binding_failure_record(*, account_id: int, user_id: int | None, ip: str | None, code: str) -> Outcome:
     """A card binding was declined: counted for card testing, and the account assessed again
     (many failures in a short time review or block it)."""
     BindingFailure.objects.create(account_id=account_id, user_id=user_id, ip=_client_ip(ip), code=code[:64])
@@ -122,12 +139,6 @@ def binding_failure_record(*, account_id: int, user_id: int | None, ip: str | No
 
 
 # --- Checkpoints
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    decision: str  # allow | review | block
-    assessment: RiskAssessment
 
 
 def _subject(
@@ -141,16 +152,13 @@ def _subject(
     profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
     if profile is None:
         raise NotFound("No such billing account.")
-    signal = AccountSignal.objects.filter(account_id=account_id).first()
     return rules.Subject(
         account_id=account_id,
         email=profile.email,
         country=profile.country,
         tax_id=profile.tax_id,
-        created_at=signal.created_at if signal else timezone.now(),
         user_id=user_id,
         ip=_client_ip(ip),
-        signup_ip=signal.ip if signal else None,
         card=card,
         spend=spend,
         now=timezone.now(),
@@ -176,12 +184,44 @@ def _decide(fired: list[rules.Fired], settings: RiskSettings) -> tuple[int, str]
     return score, decision.value
 
 
-def _assess(checkpoint: str, subject: rules.Subject) -> RiskAssessment:
-    """Evaluate, store, and move the account's standing (in the caller's transaction)."""
-    settings = _settings()
-    fired = rules.evaluate(subject, _enabled_rules(), _standings)
+_RECORD_SQL = """
+WITH assessment AS (
+    INSERT INTO antifraud_riskassessment (account_id, checkpoint, score, decision, fired, rules_version, created_at)
+    VALUES (%(account)s, %(checkpoint)s, %(score)s, %(decision)s, %(fired)s, %(version)s, %(now)s)
+    RETURNING id
+)
+INSERT INTO antifraud_accountrisk AS r (account_id, status, score, last_assessment_id, flagged_at, updated_at)
+SELECT %(account)s::bigint, %(status)s::varchar, %(score)s::integer, assessment.id,
+       CASE WHEN %(status)s::varchar = 'review' THEN %(now)s::timestamptz END, %(now)s::timestamptz
+FROM assessment
+ON CONFLICT (account_id) DO UPDATE SET
+    status = CASE WHEN EXCLUDED.status = 'blocked' THEN 'blocked'
+                  WHEN EXCLUDED.status = 'review' AND r.status IN ('clear', 'approved') THEN 'review'
+                  ELSE r.status END,
+    flagged_at = CASE WHEN EXCLUDED.status = 'review' AND r.status IN ('clear', 'approved') THEN %(now)s
+                      ELSE r.flagged_at END,
+    score = EXCLUDED.score,
+    last_assessment_id = EXCLUDED.last_assessment_id,
+    updated_at = EXCLUDED.updated_at
+RETURNING last_assessment_id, status
+"""
+_STATUS_OF = {Decision.ALLOW: RiskStatus.CLEAR, Decision.REVIEW: RiskStatus.REVIEW, Decision.BLOCK: RiskStatus.BLOCKED}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    decision: str  # allow | review | block
+    assessment: RiskAssessment
+    standing: str = RiskStatus.CLEAR.value  # the account's standing after it
+
+
+def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
+    """Evaluate (one read), store the assessment and move the account's standing (one write),
+    in the caller's transaction; a block is queued for the account through the outbox."""
+    settings, enabled = _rules_config()
+    fired = rules.evaluate(subject, enabled)
     score, decision = _decide(fired, settings)
-    assessment = RiskAssessment.objects.create(
+    assessment = RiskAssessment(
         account_id=subject.account_id,
         checkpoint=checkpoint,
         score=score,
@@ -190,21 +230,26 @@ def _assess(checkpoint: str, subject: rules.Subject) -> RiskAssessment:
         rules_version=settings.version,
         created_at=subject.now,
     )
-    risk, _ = AccountRisk.objects.select_for_update().get_or_create(account_id=subject.account_id)
-    if decision == Decision.BLOCK and risk.status != RiskStatus.BLOCKED:
-        risk.status = RiskStatus.BLOCKED
+    assessment.id, standing = rules.prepared_one(
+        _RECORD_SQL,
+        {
+            "account": subject.account_id,
+            "checkpoint": checkpoint,
+            "score": score,
+            "decision": decision,
+            "fired": json.dumps(assessment.fired),
+            "version": settings.version,
+            "now": subject.now,
+            "status": _STATUS_OF[Decision(decision)].value,
+        },
+    )
+    if decision == Decision.BLOCK:  # idempotent: an account blocked already is left alone
         outbox.enqueue_task(
             "antifraud.account_block",
             account_id=subject.account_id,
             assessment_id=assessment.id,
             dedupe_key=f"antifraud:block:{assessment.id}",
         )
-    elif decision == Decision.REVIEW and risk.status in (RiskStatus.CLEAR, RiskStatus.APPROVED):
-        risk.status = RiskStatus.REVIEW
-        risk.flagged_at = subject.now
-    risk.score = score
-    risk.last_assessment = assessment
-    risk.save()
     log.info(
         "antifraud.assessed",
         extra={
@@ -215,74 +260,83 @@ def _assess(checkpoint: str, subject: rules.Subject) -> RiskAssessment:
             "decision": decision,
             "rules": [f.rule for f in fired],
             "rules_version": settings.version,
-            "standing": risk.status,
+            "standing": standing,
         },
     )
-    return assessment
+    return Outcome(decision=decision, assessment=assessment, standing=standing)
+
+
+_SIGNAL_SQL = """
+WITH signal AS (
+    INSERT INTO antifraud_accountsignal (account_id, user_id, ip, ip_prefix, ip_country, email_normalised,
+                                         email_domain, tax_id, country, created_at)
+    VALUES (%(account)s, %(user)s, %(ip)s, %(prefix)s, %(country_of_ip)s, %(email)s, %(domain)s, %(tax_id)s,
+            %(country)s, %(now)s)
+    ON CONFLICT (account_id) DO NOTHING
+)
+INSERT INTO antifraud_signupevent (kind, subject_id, ip, ip_prefix, created_at)
+SELECT 'account', %(account)s, %(ip)s, %(prefix)s, %(now)s WHERE %(ip)s::inet IS NOT NULL
+ON CONFLICT (kind, subject_id) DO NOTHING
+"""
 
 
 def signup_assess(*, account_id: int, user_id: int | None, ip: str | None) -> Outcome:
-    """Checkpoint 1, a billing account opened: keep its identity signals, assess it. Before
-    the account can be activated: a review keeps it pending, a block blocks it."""
-    ip = _client_ip(ip)
-    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
-    if profile is None:
-        raise NotFound("No such billing account.")
-    email, domain = rules.normalise_email(profile.email)
+    """Checkpoint 1, a billing account opened: keep its identity signals (as first seen),
+    assess it. Before the account can be activated: a review keeps it pending, a block blocks
+    it."""
+    subject = _subject(account_id, user_id=user_id, ip=ip)
+    email, domain = rules.normalise_email(subject.email)
     with transaction.atomic():
-        try:
-            with transaction.atomic():
-                AccountSignal.objects.create(
-                    account_id=account_id,
-                    user_id=user_id,
-                    ip=ip,
-                    ip_country=rules.ip_country(ip),
-                    email_normalised=email,
-                    email_domain=domain,
-                    tax_id=profile.tax_id,
-                    country=profile.country,
-                )
-        except IntegrityError:
-            pass  # assessed before: the signals stand as first seen
-        if ip is not None:
-            SignupEvent.objects.bulk_create(
-                [SignupEvent(kind=SignupKind.ACCOUNT, subject_id=account_id, ip=ip, ip_prefix=rules.ip_prefix(ip))],
-                ignore_conflicts=True,
-            )
-        assessment = _assess(Checkpoint.SIGNUP, _subject(account_id, user_id=user_id, ip=ip))
-    return Outcome(decision=assessment.decision, assessment=assessment)
+        rules.prepared_one(
+            _SIGNAL_SQL,
+            {
+                "account": account_id,
+                "user": user_id,
+                "ip": subject.ip,
+                "prefix": rules.ip_prefix(subject.ip) if subject.ip else "",
+                "country_of_ip": rules.ip_country(subject.ip),
+                "email": email,
+                "domain": domain,
+                "tax_id": subject.tax_id,
+                "country": subject.country,
+                "now": subject.now,
+            },
+        )
+        return _assess(Checkpoint.SIGNUP, subject)
 
 
 def card_binding_assess(*, account_id: int, user_id: int | None, ip: str | None, card: rules.Card) -> Outcome:
     """Checkpoint 2, a card bound (in the binding's transaction): keep the card's fingerprint,
     assess the account with it. The decision says whether the card may activate a pending
     account: ``allow`` only when this assessment allows and no review is open on the account."""
-    CardSeen.objects.bulk_create(
-        [
-            CardSeen(
-                account_id=account_id,
-                fingerprint=card.fingerprint,
-                brand=card.brand,
-                last4=card.last4,
-                country=card.country,
-                funding=card.funding,
-            )
-        ],
-        ignore_conflicts=True,
+    rules.prepared_one(
+        """
+        INSERT INTO antifraud_cardseen (account_id, fingerprint, brand, last4, country, funding, first_seen_at)
+        VALUES (%(account)s, %(fp)s, %(brand)s, %(last4)s, %(country)s, %(funding)s, %(now)s)
+        ON CONFLICT (account_id, fingerprint) DO NOTHING
+        """,
+        {
+            "account": account_id,
+            "fp": card.fingerprint,
+            "brand": card.brand,
+            "last4": card.last4,
+            "country": card.country,
+            "funding": card.funding,
+            "now": timezone.now(),
+        },
     )
-    assessment = _assess(Checkpoint.CARD_BINDING, _subject(account_id, user_id=user_id, ip=ip, card=card))
-    standing = AccountRisk.objects.get(account_id=account_id).status
-    decision = assessment.decision
-    if decision == Decision.ALLOW and standing == RiskStatus.REVIEW:
+    outcome = _assess(Checkpoint.CARD_BINDING, _subject(account_id, user_id=user_id, ip=ip, card=card))
+    decision = outcome.decision
+    if decision == Decision.ALLOW and outcome.standing == RiskStatus.REVIEW:
         decision = Decision.REVIEW.value
-    elif standing == RiskStatus.BLOCKED:
+    elif outcome.standing == RiskStatus.BLOCKED:
         decision = Decision.BLOCK.value
-    return Outcome(decision=decision, assessment=assessment)
+    return Outcome(decision=decision, assessment=outcome.assessment, standing=outcome.standing)
 
 
 def payment_outcome_record(
     *, account_id: int, kind: str, reference: str, code: str = "", amount_minor: int = 0, currency: str = ""
-) -> RiskAssessment | None:
+) -> Outcome | None:
     """Checkpoint 3, a payment outcome (a decline, a dispute opened, a refund), in the caller's
     transaction: kept once per reference, and the account assessed again. None: recorded before."""
     if kind not in OutcomeKind.values:
@@ -365,10 +419,8 @@ def usage_sweep(*, now: dt.datetime | None = None) -> dict[str, int]:
             typical_amount=typical.get(currency, Decimal(0)),
             credit_limit=limit,
         )
-        probe = rules.Subject(
-            account_id=account_id, email="", country="", tax_id="", created_at=opened[account_id], spend=spend, now=now
-        )
-        if rules.spend_velocity(probe, params, _standings) is None:
+        probe = rules.Subject(account_id=account_id, email="", country="", tax_id="", spend=spend, now=now)
+        if rules.spend_velocity(probe, rules.Facts(), params) is None:
             continue
         with transaction.atomic():
             _assess(Checkpoint.USAGE, _subject(account_id, user_id=None, ip=None, spend=spend))
@@ -456,6 +508,21 @@ def review_request_info(*, account_id: int, actor: Actor, message: str) -> Accou
 
 
 # --- Decisions reaching the account (outbox tasks)
+
+
+def account_blocked(*, account_id: int) -> int:
+    """The accounts service blocked ``account_id`` (antifraud's decision or an operator's):
+    antifraud records it (its rules read blocks from ``AccountRisk``) and assesses the accounts
+    linked to it again. Returns how many were."""
+    AccountRisk.objects.update_or_create(account_id=account_id, defaults={"status": RiskStatus.BLOCKED})
+    return linked_accounts_reassess(account_id=account_id)
+
+
+def account_unblocked(*, account_id: int) -> None:
+    """An operator unblocked the account: it is cleared (later assessments may flag it again)."""
+    AccountRisk.objects.filter(account_id=account_id, status=RiskStatus.BLOCKED).update(
+        status=RiskStatus.APPROVED, updated_at=timezone.now()
+    )
 
 
 def linked_accounts_reassess(*, account_id: int) -> int:

@@ -33,4 +33,11 @@ def account_blocked(*, account_id: int) -> int:
     antifraud or by an operator: the accounts linked to it are assessed again."""
     from antifraud import services
 
-    return services.linked_accounts_reassess(account_id=account_id)
+    return services.account_blocked(account_id=account_id)
+
+
+@shared_task(name="antifraud.account_unblocked")
+def account_unblocked(*, account_id: int) -> None:
+    from antifraud import services
+
+    services.account_unblocked(account_id=account_id)

@@ -72,6 +72,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "antifraud.account_transition": ("antifraud", 30, 60),
     "antifraud.usage_sweep": ("antifraud", 600, 660),
     "antifraud.account_blocked": ("antifraud", 120, 150),
+    "antifraud.account_unblocked": ("antifraud", 30, 60),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]

@@ -35,7 +35,9 @@ def test_every_task_has_a_named_queue_and_soft_and_hard_time_limits() -> None:
 
 def test_a_worker_started_without_queues_serves_all_of_them() -> None:
     assert (
-        set(app.amqp.queues.consume_from) == set(QUEUES) == {"rollup", "invoicing", "documents", "payments", "default"}
+        set(app.amqp.queues.consume_from)
+        == set(QUEUES)
+        == {"rollup", "invoicing", "documents", "payments", "antifraud", "default"}
     )
 
 

@@ -97,18 +97,18 @@ class Command(BaseCommand):
         signup = client.post("/api/v1/users", {"email": email, "password": PASSWORD}, content_type="application/json")
         if signup.status_code != 201:
             raise CommandError(f"signup of {email}: {signup.status_code} {signup.content[:300]!r}")
-        auth = {"HTTP_AUTHORIZATION": f"Bearer {signup.json()['api_key']}"}
+        auth = {"Authorization": f"Bearer {signup.json()['api_key']}"}
         body = {"kind": "business", "country": "NL", "currency": "EUR", "address": ADDRESS, **profile}
-        created = client.post("/api/v1/billing-accounts", body, content_type="application/json", **auth)
+        created = client.post("/api/v1/billing-accounts", body, content_type="application/json", headers=auth)
         if created.status_code != 201:
             raise CommandError(f"account {profile['name']}: {created.status_code} {created.content[:300]!r}")
         base = f"/api/v1/billing-accounts/{created.json()['id']}/payment-methods"
-        setup = client.post(f"{base}/setup", **auth)
+        setup = client.post(f"{base}/setup", headers=auth)
         if setup.status_code != 201:  # a blocked account cannot bind: the rules stopped it at signup
             return
         client.post(
             base,
             {"setup_intent_id": setup.json()["setup_intent_id"], "test_payment_method": card},
             content_type="application/json",
-            **auth,
+            headers=auth,
         )
