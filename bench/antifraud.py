@@ -68,11 +68,13 @@ def setup_django(url: str, *, log_file: str) -> None:
 def prepare(*, accounts: int, fingerprints: int, days: int) -> None:
     """Fill the tables up to the sizes asked for (set-based; what exists is kept)."""
     from django.core.management import call_command
-    from django.db import connection
+    from django.db import connection, transaction
 
     call_command("migrate", verbosity=0)
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM accounts_billingaccount WHERE id >= %s", [FIRST_ID])
+    with transaction.atomic(), connection.cursor() as cursor:  # all or nothing: a killed run leaves no half
+        cursor.execute(
+            "SELECT count(*) FROM accounts_billingaccount WHERE id >= %s AND id < %s", [FIRST_ID, FIRST_ID + 10**9]
+        )
         have = cursor.fetchone()[0]
         if have >= accounts:
             print(f"tables: {have:,} bench accounts already there")
@@ -156,6 +158,7 @@ def prepare(*, accounts: int, fingerprints: int, days: int) -> None:
             """,
             params,
         )
+    with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
     print(f"tables: {accounts - have:,} bench accounts written in {time.perf_counter() - started:.0f} s")
 
