@@ -281,3 +281,14 @@ def _antifraud_rules_fresh(request: pytest.FixtureRequest) -> Iterator[None]:
             importlib.import_module(f"antifraud.migrations.{migration}").seed(apps, None)
     yield
     antifraud_services.rules_cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_payment_gateways() -> Iterator[None]:
+    """Gateways are cached per process with the settings they were built from: each test
+    builds its own (a test that overrides SANDBOX_* settings gets them)."""
+    from payments import gateways
+
+    gateways.reset()
+    yield
+    gateways.reset()

@@ -34,6 +34,7 @@ from antifraud.models import (
 )
 from billing_site.common import ids
 from billing_site.common.actors import Actor
+from billing_site.common.admin import RecordAdminMixin
 from billing_site.common.errors import ApplicationError
 
 
@@ -213,18 +214,9 @@ class RiskSettingsAdmin(RulesChangeMixin, admin.ModelAdmin[RiskSettings]):
 
 
 @admin.register(RulesVersion)
-class RulesVersionAdmin(admin.ModelAdmin[RulesVersion]):
+class RulesVersionAdmin(RecordAdminMixin, admin.ModelAdmin[RulesVersion]):
     list_display = ("version", "created_by", "created_at")
     readonly_fields = ("version", "snapshot", "created_by", "created_at")
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(EmailDomain)
@@ -242,21 +234,12 @@ class EmailDomainAdmin(admin.ModelAdmin[EmailDomain]):
 
 
 @admin.register(RiskAssessment)
-class RiskAssessmentAdmin(admin.ModelAdmin[RiskAssessment]):
+class RiskAssessmentAdmin(RecordAdminMixin, admin.ModelAdmin[RiskAssessment]):
     list_display = ("id", "account", "checkpoint", "decision", "score", "rules", "rules_version", "created_at")
     list_filter = ("checkpoint", "decision", "rules_version")
     date_hierarchy = "created_at"
     readonly_fields = ("account_id", "checkpoint", "score", "decision", "evidence", "rules_version", "created_at")
     exclude = ("fired",)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="account", ordering="account_id")
     def account(self, obj: RiskAssessment) -> str:
@@ -278,19 +261,10 @@ class RiskAssessmentAdmin(admin.ModelAdmin[RiskAssessment]):
 
 
 @admin.register(ReviewDecision)
-class ReviewDecisionAdmin(admin.ModelAdmin[ReviewDecision]):
+class ReviewDecisionAdmin(RecordAdminMixin, admin.ModelAdmin[ReviewDecision]):
     list_display = ("created_at", "account", "action", "analyst_name", "reason")
     list_filter = ("action",)
     date_hierarchy = "created_at"
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="account", ordering="account_id")
     def account(self, obj: ReviewDecision) -> str:

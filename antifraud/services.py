@@ -563,13 +563,7 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
     assessment = RiskAssessment.objects.filter(id=assessment_id).first()
     rules_fired = ", ".join(f["rule"] for f in assessment.fired) if assessment else ""
     reason = f"risk assessment {assessment_id} ({assessment.checkpoint if assessment else '?'}): {rules_fired}"
-    try:
-        account_services.billing_account_transition(
-            account_id=account_id, transition="block", actor=SYSTEM, reason=reason[:500]
-        )
-    except (Conflict, NotFound):
-        return False
-    return True
+    return account_transition(account_id=account_id, transition="block", reason=reason[:500])
 
 
 def account_transition(*, account_id: int, transition: str, reason: str) -> bool:

@@ -9,7 +9,6 @@ class PaymentsConfig(AppConfig):
         "support": ("view_payment", "view_paymentmethod", "view_refund", "view_dunningcase", "view_dispute"),
         "finance": (
             "view_payment",
-            "view_paymentattempt",
             "view_paymentmethod",
             "view_refund",
             "issue_refund",

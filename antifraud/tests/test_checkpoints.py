@@ -6,7 +6,7 @@ network call during evaluation."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,7 +20,6 @@ from billing_site.common.actors import Actor
 from billing_site.outbox import services as outbox
 from conftest import Customer
 from metering.tests.conftest import catalog  # noqa: F401
-from payments import gateways
 
 NL_IP, US_IP = "145.14.1.1", "8.8.8.8"
 ACCOUNT = {
@@ -32,13 +31,6 @@ ACCOUNT = {
     "address": {"line1": "Herengracht 1", "city": "Amsterdam", "postal_code": "1015 BA"},
 }
 ANALYST = Actor.system("tests")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gateways() -> Iterator[None]:
-    gateways.reset()
-    yield
-    gateways.reset()
 
 
 def open_account(customer: Customer, ip: str, **profile: Any) -> BillingAccount:

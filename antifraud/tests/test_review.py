@@ -4,7 +4,7 @@ the dashboard; roles; and what customers never see."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from django.core import mail
@@ -16,14 +16,6 @@ from antifraud.models import AccountRisk, ReviewDecision, RiskStatus
 from antifraud.tests.test_checkpoints import NL_IP, US_IP, bind, open_account
 from billing_site.outbox import services as outbox
 from conftest import Customer
-from payments import gateways
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gateways() -> Iterator[None]:
-    gateways.reset()
-    yield
-    gateways.reset()
 
 
 def staff(group: str) -> Client:

@@ -38,6 +38,20 @@ class ReadOnlyInlineMixin:
         return False
 
 
+class RecordAdminMixin:
+    """A ModelAdmin over records (audits, assessments, events): listed and viewed, never added,
+    changed or deleted from the admin."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 class WriteThroughServiceMixin:
     """For a ModelAdmin whose ``save_model`` calls a service: the service's write is its own
     durable transaction, so the change view must not wrap it in Django's."""

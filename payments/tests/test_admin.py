@@ -26,7 +26,7 @@ from invoicing.models import CreditNote, Invoice
 
 # The price catalog (rated usage needs its SKUs).
 from metering.tests.conftest import catalog  # noqa: F401
-from payments import charging, dunning, gateways, refunds
+from payments import charging, dunning, refunds
 from payments.models import (
     DunningAction,
     DunningCase,
@@ -49,13 +49,6 @@ pytestmark = pytest.mark.django_db
 def clock() -> Iterator[time_machine.Traveller]:
     with time_machine.travel(NOW, tick=False) as traveller:
         yield traveller
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gateways() -> Iterator[None]:
-    gateways.reset()
-    yield
-    gateways.reset()
 
 
 def operator(group: str | None, email: str | None = None) -> Client:

@@ -43,13 +43,6 @@ def clock() -> Iterator[time_machine.Traveller]:
         yield traveller
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gateways() -> Iterator[None]:
-    gateways.reset()
-    yield
-    gateways.reset()
-
-
 def card_without_charge(account: BillingAccount, card: str) -> None:
     """A default card for ``account``, made as a binding makes it (the customer and the card at
     the sandbox through the gateway, our row as the binding writes it) but without the binding

@@ -44,13 +44,6 @@ def clock() -> Iterator[time_machine.Traveller]:
         yield traveller
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gateways() -> Iterator[None]:
-    gateways.reset()
-    yield
-    gateways.reset()
-
-
 @pytest.fixture
 def no_worker() -> Iterator[None]:
     """Tasks are queued (to the in-memory broker) and nothing runs them, as with no worker up:

@@ -22,7 +22,7 @@ from invoicing.models import Invoice, InvoiceStatus, LedgerEntry, LedgerSource
 
 # The price catalog (rated usage needs its SKUs).
 from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
-from payments import dunning, gateways, services
+from payments import dunning, services
 from payments.models import (
     DunningAction,
     DunningCase,
@@ -40,13 +40,6 @@ from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice
 def clock() -> Iterator[time_machine.Traveller]:
     with time_machine.travel(NOW, tick=False) as traveller:
         yield traveller
-
-
-@pytest.fixture(autouse=True)
-def _fresh_gateways() -> Iterator[None]:
-    gateways.reset()
-    yield
-    gateways.reset()
 
 
 @pytest.fixture

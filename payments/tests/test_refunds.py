@@ -42,13 +42,6 @@ def clock() -> Iterator[time_machine.Traveller]:
         yield traveller
 
 
-@pytest.fixture(autouse=True)
-def _fresh_gateways() -> Iterator[None]:
-    gateways.reset()
-    yield
-    gateways.reset()
-
-
 @pytest.fixture
 def stripe(localstripe: LocalStripe, stripe_gateway: object) -> Iterator[LocalStripe]:
     with on_stripe(localstripe.url):
