@@ -277,7 +277,7 @@ def _antifraud_rules_fresh(request: pytest.FixtureRequest) -> Iterator[None]:
         from django.apps import apps
 
         request.getfixturevalue("transactional_db")
-        for migration in ("0002_default_rules", "0004_spend_velocity"):
+        for migration in ("0002_default_rules", "0004_spend_velocity", "0007_credit_limit_policies"):
             importlib.import_module(f"antifraud.migrations.{migration}").seed(apps, None)
     yield
     antifraud_services.rules_cache_clear()

@@ -181,9 +181,15 @@ def billing_account_create(*, owner_id: int, profile: dict[str, Any], currency: 
 
 @transaction.atomic(durable=True)
 def billing_account_update(
-    *, account_id: int, changes: dict[str, Any], credit_limit: Decimal | None = None
+    *,
+    account_id: int,
+    changes: dict[str, Any],
+    credit_limit: Decimal | None = None,
+    credit_limit_was: Decimal | None = None,
 ) -> BillingAccount:
-    """Update profile fields (and, for operators, the credit limit). Never the state."""
+    """Update profile fields (and, for operators and antifraud's policy, the credit limit).
+    Never the state. With ``credit_limit_was`` the limit changes only if it still is that
+    (checked under the row lock: a policy never overwrites a limit an analyst set meanwhile)."""
     unknown = set(changes) - set(PROFILE_FIELDS)
     if unknown:
         raise ApplicationError("invalid", f"Not profile fields: {', '.join(sorted(unknown))}.")
@@ -202,6 +208,8 @@ def billing_account_update(
         except ValueError as exc:
             raise ApplicationError("invalid_tax_id", str(exc), field="tax_id") from exc
     fields = [*changes, "updated_at"]
+    if credit_limit is not None and credit_limit_was is not None and account.credit_limit != credit_limit_was:
+        credit_limit = None  # changed meanwhile: left as it is
     if credit_limit is not None:
         if credit_limit < 0:
             raise ApplicationError("invalid", "A credit limit cannot be negative.", field="credit_limit")

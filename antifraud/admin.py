@@ -23,6 +23,7 @@ from accounts import selectors as account_selectors
 from antifraud import selectors, services
 from antifraud.models import (
     AccountRisk,
+    CreditLimitPolicy,
     EmailDomain,
     ReviewAction,
     ReviewDecision,
@@ -269,3 +270,24 @@ class ReviewDecisionAdmin(RecordAdminMixin, admin.ModelAdmin[ReviewDecision]):
     @admin.display(description="account", ordering="account_id")
     def account(self, obj: ReviewDecision) -> str:
         return ids.encode("acc", obj.account_id)
+
+
+@admin.register(CreditLimitPolicy)
+class CreditLimitPolicyAdmin(admin.ModelAdmin[CreditLimitPolicy]):
+    """New accounts' credit limits and how they grow (amounts in the policy's currency)."""
+
+    list_display = (
+        "name",
+        "currency",
+        "account_kind",
+        "country",
+        "initial_limit",
+        "raise_after_on_time_payments",
+        "raise_percent",
+        "max_limit",
+        "is_active",
+    )
+    list_filter = ("currency", "is_active")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # switched off, never deleted: accounts' limits came from it

@@ -23,7 +23,11 @@ class AntifraudConfig(AppConfig):
             "add_emaildomain",
             "change_emaildomain",
             "delete_emaildomain",
+            "view_creditlimitpolicy",
+            "add_creditlimitpolicy",
+            "change_creditlimitpolicy",
         ),
+        "finance": ("view_creditlimitpolicy", "add_creditlimitpolicy", "change_creditlimitpolicy"),
     }
 
     def ready(self) -> None:

@@ -264,6 +264,9 @@ class AccountRisk(models.Model):
     score = models.PositiveIntegerField(default=0)
     last_assessment = models.ForeignKey(RiskAssessment, null=True, blank=True, on_delete=models.SET_NULL)
     flagged_at = models.DateTimeField(null=True, blank=True)
+    limit_raised_at_count = models.PositiveIntegerField(
+        default=0, db_default=0, help_text="The count of on-time payments at which the credit limit was last raised"
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -301,3 +304,40 @@ class ReviewDecision(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} by {self.analyst_name}"
+
+
+class CreditLimitPolicy(models.Model):
+    """New accounts' credit limit, and how it grows, as data: the most specific active policy
+    for the account's currency applies (its kind and country, its country, its kind, else any).
+    Amounts in the currency."""
+
+    name = models.CharField(max_length=100)
+    currency = models.CharField(max_length=3)
+    account_kind = models.CharField(max_length=16, blank=True, default="", help_text="Empty: any kind")
+    country = models.CharField(max_length=2, blank=True, default="", help_text="Empty: any country")
+    initial_limit = models.DecimalField(max_digits=18, decimal_places=4)
+    raise_after_on_time_payments = models.PositiveSmallIntegerField(
+        default=3, help_text="Raise the limit after every this many invoices paid on time (0: never)"
+    )
+    raise_percent = models.DecimalField(max_digits=6, decimal_places=2, default=50)
+    max_limit = models.DecimalField(max_digits=18, decimal_places=4)
+    is_active = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "credit limit policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["currency", "account_kind", "country"],
+                condition=models.Q(is_active=True),
+                name="antifraud_credit_policy_scope",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(max_limit__gte=models.F("initial_limit"), initial_limit__gt=0),
+                name="antifraud_credit_policy_amounts",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        scope = " ".join(filter(None, [self.currency, self.account_kind, self.country]))
+        return f"{self.name} ({scope})"

@@ -14,7 +14,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -30,6 +30,7 @@ from antifraud.models import (
     BindingFailure,
     CardSeen,
     Checkpoint,
+    CreditLimitPolicy,
     Decision,
     OutcomeKind,
     PaymentOutcome,
@@ -44,7 +45,7 @@ from antifraud.models import (
     SignupEvent,
     SignupKind,
 )
-from billing_site.common import ids
+from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.outbox import services as outbox
@@ -302,7 +303,11 @@ def signup_assess(*, account_id: int, user_id: int | None, ip: str | None) -> Ou
                 "now": subject.now,
             },
         )
-        return _assess(Checkpoint.SIGNUP, subject)
+        outcome = _assess(Checkpoint.SIGNUP, subject)
+        outbox.enqueue_task(
+            "antifraud.credit_limit_initial", account_id=account_id, dedupe_key=f"credit-limit:{account_id}"
+        )
+        return outcome
 
 
 def card_binding_assess(*, account_id: int, user_id: int | None, ip: str | None, card: rules.Card) -> Outcome:
@@ -427,6 +432,95 @@ def usage_sweep(*, now: dt.datetime | None = None) -> dict[str, int]:
         assessed += 1
     log.info("antifraud.usage_sweep", extra={"accounts": len(spent), "assessed": assessed})
     return {"accounts": len(spent), "assessed": assessed}
+
+
+# --- Credit limits
+
+
+def credit_policy_for(*, currency: str, kind: str, country: str) -> CreditLimitPolicy | None:
+    """The most specific active policy of the currency: kind and country, country, kind, any."""
+    candidates = CreditLimitPolicy.objects.filter(
+        is_active=True, currency=currency, account_kind__in=[kind, ""], country__in=[country, ""]
+    )
+    ranked = sorted(candidates, key=lambda p: (p.country == "", p.account_kind == ""))
+    return ranked[0] if ranked else None
+
+
+def credit_limit_initial(*, account_id: int) -> Decimal | None:
+    """A new account's credit limit from its policy, unless one is set already (an analyst's
+    is never overwritten: the limit changes only if it still is 0). Returns the limit set."""
+    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+    if profile is None:
+        return None
+    policy = credit_policy_for(currency=profile.currency, kind=profile.kind, country=profile.country)
+    if policy is None:
+        return None
+    account = account_services.billing_account_update(
+        account_id=account_id, changes={}, credit_limit=policy.initial_limit, credit_limit_was=Decimal(0)
+    )
+    log.info(
+        "antifraud.credit_limit",
+        extra={
+            "account_id": ids.encode("acc", account_id),
+            "policy": policy.name,
+            "limit": str(account.credit_limit),
+            "currency": profile.currency,
+            "reason": "initial",
+        },
+    )
+    return account.credit_limit
+
+
+def credit_limits_review(*, now: dt.datetime | None = None) -> dict[str, int]:
+    """Daily: every ``raise_after_on_time_payments`` invoices an account paid by their due date
+    raise its limit by ``raise_percent``, up to ``max_limit``. The on-time counts of all accounts
+    come from invoicing in one statement; only accounts due a raise are touched, each raise
+    marked before it is made (a crash in between loses a raise, never doubles one)."""
+    from invoicing import selectors as invoicing_selectors
+
+    counts = invoicing_selectors.invoices_paid_on_time()
+    if not counts:
+        return {"accounts": 0, "raised": 0}
+    marks = dict(
+        AccountRisk.objects.filter(account_id__in=list(counts)).values_list("account_id", "limit_raised_at_count")
+    )
+    profiles = account_selectors.billing_profiles(account_ids=[a for a, n in counts.items() if n > marks.get(a, 0)])
+    limits = account_selectors.credit_limits(account_ids=list(profiles))
+    raised = 0
+    for account_id, profile in sorted(profiles.items()):
+        policy = credit_policy_for(currency=profile.currency, kind=profile.kind, country=profile.country)
+        every = policy.raise_after_on_time_payments if policy else 0
+        on_time = counts[account_id]
+        due = on_time - on_time % every if every else 0
+        if policy is None or not due or due <= marks.get(account_id, 0):
+            continue
+        current = limits[account_id][0]
+        target = min(policy.max_limit, current * (1 + policy.raise_percent / 100))
+        target = target.quantize(Decimal(1).scaleb(-money.exponent(profile.currency)), rounding=ROUND_DOWN)
+        if target <= current:
+            continue
+        with transaction.atomic(durable=True):
+            AccountRisk.objects.get_or_create(account_id=account_id)
+            if not AccountRisk.objects.filter(account_id=account_id, limit_raised_at_count__lt=due).update(
+                limit_raised_at_count=due
+            ):
+                continue  # a run at the same moment raised it
+        account_services.billing_account_update(
+            account_id=account_id, changes={}, credit_limit=target, credit_limit_was=current
+        )
+        raised += 1
+        log.info(
+            "antifraud.credit_limit",
+            extra={
+                "account_id": ids.encode("acc", account_id),
+                "policy": policy.name,
+                "limit": str(target),
+                "currency": profile.currency,
+                "reason": f"{due} invoices paid on time",
+            },
+        )
+    log.info("antifraud.credit_limits_review", extra={"accounts": len(counts), "raised": raised})
+    return {"accounts": len(counts), "raised": raised}
 
 
 def account_standing(*, account_id: int) -> str:

@@ -41,3 +41,17 @@ def account_unblocked(*, account_id: int) -> None:
     from antifraud import services
 
     services.account_unblocked(account_id=account_id)
+
+
+@shared_task(name="antifraud.credit_limit_initial")
+def credit_limit_initial(*, account_id: int) -> str:
+    from antifraud import services
+
+    return str(services.credit_limit_initial(account_id=account_id))
+
+
+@shared_task(name="antifraud.credit_limits_review")
+def credit_limits_review() -> dict[str, int]:
+    from antifraud import services
+
+    return services.credit_limits_review()

@@ -73,6 +73,8 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "antifraud.usage_sweep": ("antifraud", 600, 660),
     "antifraud.account_blocked": ("antifraud", 120, 150),
     "antifraud.account_unblocked": ("antifraud", 30, 60),
+    "antifraud.credit_limit_initial": ("antifraud", 30, 60),
+    "antifraud.credit_limits_review": ("antifraud", 600, 660),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]
@@ -154,6 +156,12 @@ app.conf.beat_schedule = {
         "task": "antifraud.usage_sweep",
         "schedule": crontab(minute="*/15"),
         "options": {"expires": 14 * 60},
+    },
+    # Credit limits raised after invoices paid on time (antifraud's policy).
+    "antifraud-credit-limits-review": {
+        "task": "antifraud.credit_limits_review",
+        "schedule": crontab(hour=5, minute=30),
+        "options": {"expires": 6 * 3600},
     },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",

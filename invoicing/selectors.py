@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from django.db.models import F, Q, QuerySet, Sum, Value
+from django.db.models import Count, F, Q, QuerySet, Sum, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
@@ -211,3 +211,11 @@ def invoice_numbers(ids: Iterable[int]) -> dict[int, str]:
     return dict(
         Invoice.objects.filter(id__in=list(ids), number__isnull=False).values_list("id", "number")  # type: ignore[arg-type]
     )
+
+
+def invoices_paid_on_time(*, account_ids: Iterable[int] | None = None) -> dict[int, int]:
+    """Per account, how many of its invoices were paid by their due date (one statement)."""
+    queryset = Invoice.objects.filter(status=InvoiceStatus.PAID, paid_at__isnull=False, paid_at__lte=F("due_at"))
+    if account_ids is not None:
+        queryset = queryset.filter(account_id__in=list(account_ids))
+    return dict(queryset.values_list("account_id").annotate(n=Count("id")).values_list("account_id", "n"))

@@ -1,0 +1,95 @@
+"""Credit limits as data: a new account gets its policy's limit (never over an analyst's), and
+limits grow after invoices paid on time, once per step, up to the policy's maximum."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+
+from accounts import services as account_services
+from accounts.models import BillingAccount
+from antifraud import services
+from antifraud.models import CreditLimitPolicy
+from antifraud.tests.test_checkpoints import NL_IP, open_account
+from billing_site.outbox import services as outbox
+from conftest import Customer
+from invoicing.models import Invoice
+
+NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
+
+
+def paid_invoices(account: BillingAccount, *, on_time: int, late: int = 0) -> None:
+    """Invoices of past months, paid by their due date or after it."""
+    rows = []
+    for i in range(on_time + late):
+        start = dt.date(2025, 1 + i % 12, 1).replace(year=2025 - i // 12)
+        issued = dt.datetime.combine(start, dt.time(), tzinfo=dt.UTC) + dt.timedelta(days=32)
+        due = issued + dt.timedelta(days=14)
+        rows.append(
+            Invoice(
+                account_id=account.id,
+                period_start=start,
+                period_end=start + dt.timedelta(days=31),
+                status="paid",
+                currency="EUR",
+                number=f"T-{account.id}-{i}",
+                issued_at=issued,
+                due_at=due,
+                paid_at=due - dt.timedelta(days=1) if i < on_time else due + dt.timedelta(days=3),
+            )
+        )
+    Invoice.objects.bulk_create(rows)
+
+
+@pytest.mark.django_db
+def test_a_new_account_gets_its_policys_limit_but_never_over_an_analysts(customer: Customer) -> None:
+    account = open_account(customer, NL_IP)
+    while outbox.drain():
+        pass
+    account.refresh_from_db()
+    assert account.credit_limit == Decimal("500")
+    account_services.billing_account_update(account_id=account.id, changes={}, credit_limit=Decimal("2000"))
+    assert services.credit_limit_initial(account_id=account.id) == Decimal("2000")  # left as it was
+    account.refresh_from_db()
+    assert account.credit_limit == Decimal("2000")
+
+
+@pytest.mark.django_db
+def test_a_more_specific_policy_wins() -> None:
+    CreditLimitPolicy.objects.create(
+        name="German businesses",
+        currency="EUR",
+        account_kind="business",
+        country="DE",
+        initial_limit=Decimal("5000"),
+        max_limit=Decimal("100000"),
+    )
+    assert services.credit_policy_for(currency="EUR", kind="business", country="DE").name == "German businesses"
+    assert services.credit_policy_for(currency="EUR", kind="business", country="NL").name == "New accounts (EUR)"
+    assert services.credit_policy_for(currency="CHF", kind="business", country="CH") is None
+
+
+@pytest.mark.django_db
+def test_limits_rise_after_every_three_invoices_paid_on_time_once_each_up_to_the_maximum(customer: Customer) -> None:
+    account = open_account(customer, NL_IP)
+    while outbox.drain():
+        pass
+    paid_invoices(account, on_time=2, late=2)
+    assert services.credit_limits_review() == {"accounts": 1, "raised": 0}  # two on time: not yet
+    Invoice.objects.filter(account_id=account.id).delete()
+    paid_invoices(account, on_time=3, late=1)
+    assert services.credit_limits_review()["raised"] == 1
+    account.refresh_from_db()
+    assert account.credit_limit == Decimal("750")
+    assert services.credit_limits_review()["raised"] == 0  # the same count raises once
+    account.refresh_from_db()
+    assert account.credit_limit == Decimal("750")
+    # Near the maximum: capped.
+    CreditLimitPolicy.objects.filter(currency="EUR").update(max_limit=Decimal("800"))
+    Invoice.objects.filter(account_id=account.id).delete()
+    paid_invoices(account, on_time=6)
+    assert services.credit_limits_review()["raised"] == 1
+    account.refresh_from_db()
+    assert account.credit_limit == Decimal("800")
