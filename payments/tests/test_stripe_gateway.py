@@ -567,13 +567,32 @@ def test_no_limit_when_per_second_is_zero_or_less() -> None:
 
 
 def test_a_frozen_clock_cannot_hang_the_limiter() -> None:
-    limiter = CallRateLimiter("frozen", 2, frozen_clock_after=0.3)
+    limiter = CallRateLimiter("frozen", 4)
     with time_machine.travel(dt.datetime(2026, 11, 3, 9, 0, 0, 500_000, tzinfo=dt.UTC), tick=False):
         started = time.monotonic()
-        for _ in range(4):  # two fit in the frozen second, two wait for a second that never comes
+        for _ in range(5):  # spaced a quarter of a second apart, on a clock time-machine does not stop
             limiter.acquire()
         waited = time.monotonic() - started
-    assert 0.5 <= waited < 2
+    assert 0.9 <= waited < 2
+
+
+def test_calls_are_spaced_so_that_no_second_anywhere_holds_more_than_the_limit() -> None:
+    limiter = CallRateLimiter("spaced", 20)
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def call(_: int) -> None:
+        limiter.acquire()
+        with lock:
+            stamps.append(time.monotonic())
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(call, range(50)))
+    stamps.sort()
+    # Any window of one second, wherever it starts (as the gateway sees them a latency later).
+    busiest = max(sum(1 for t in stamps if start <= t < start + 1) for start in stamps)
+    assert busiest <= 20, busiest
+    assert stamps[-1] - stamps[0] >= 49 / 20  # and at most the limit's pace (97 % of it)
 
 
 def test_limiter_for_reads_the_setting(settings: Any) -> None:
@@ -611,4 +630,4 @@ def test_a_limiter_whose_redis_is_down_limits_locally() -> None:
     limiter = CallRateLimiter("no-redis", 100, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     for _ in range(5):
         limiter.acquire()
-    assert limiter._count == 5  # counted in the in-process window
+    assert limiter.calls_local == 5  # spaced by the in-process schedule
