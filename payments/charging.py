@@ -379,7 +379,7 @@ def _succeeded(payment: Payment, *, actor: Actor) -> None:
         },
     )
     if applied.invoice_paid or applied.applied_minor:
-        dunning.invoice_settled(account_id=payment.account_id, invoice_id=payment.invoice_id)
+        dunning.invoice_settled(account_id=payment.account_id, invoice_id=payment.invoice_id, paid=applied.invoice_paid)
 
 
 def _declined(

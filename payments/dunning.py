@@ -136,23 +136,36 @@ def notify_authentication_required(*, payment: Payment) -> None:
     )
 
 
-def invoice_settled(*, account_id: int, invoice_id: int) -> None:
+def invoice_settled(*, account_id: int, invoice_id: int, paid: bool | None = None) -> int:
     """Money arrived on ``invoice_id``: its case is resolved once nothing is outstanding, and a
     suspended account whose debt is settled is reactivated (an account transition, through the
-    outbox: within seconds of the commit, or at the next drain)."""
-    from invoicing import selectors as invoicing_selectors
+    outbox: within seconds of the commit, or at the next drain). ``paid``: the caller knows
+    whether the invoice is paid now (None: read it). On the charge run's hot path an invoice
+    paid with no case open costs one statement that finds nothing. Returns the cases resolved."""
+    if paid is None:
+        from invoicing import selectors as invoicing_selectors
 
-    invoice = invoicing_selectors.payable_invoice(invoice_id=invoice_id)
-    if invoice is not None and invoice.outstanding_minor > 0:
-        return
-    DunningCase.objects.filter(invoice_id=invoice_id, status=DunningCaseStatus.OPEN).update(
+        invoice = invoicing_selectors.payable_invoice(invoice_id=invoice_id)
+        paid = invoice is None or invoice.outstanding_minor <= 0
+    if not paid:
+        return 0
+    resolved = list(
+        DunningCase.objects.filter(invoice_id=invoice_id, status=DunningCaseStatus.OPEN)
+        .select_for_update()
+        .values_list("id", "suspended_account")
+    )
+    if not resolved:
+        return 0
+    DunningCase.objects.filter(id__in=[case_id for case_id, _ in resolved]).update(
         status=DunningCaseStatus.RESOLVED, closed_at=timezone.now()
     )
+    if not any(suspended for _, suspended in resolved):
+        return len(resolved)
     from accounts import selectors as account_selectors
 
     standing = account_selectors.billing_account_standings({account_id}).get(account_id)
     if standing is None or standing.state != "suspended":
-        return
+        return len(resolved)
     still_owed = DunningCase.objects.filter(
         account_id=account_id, status__in=SUSPENDING_STATUSES, suspended_account=True
     ).exists()
@@ -162,6 +175,7 @@ def invoice_settled(*, account_id: int, invoice_id: int) -> None:
             account_id=account_id,
             reason=f"debt settled (invoice {ids.encode('inv', invoice_id)})",
         )
+    return len(resolved)
 
 
 # --- Policy
@@ -322,11 +336,12 @@ def dunning_run(*, now: dt.datetime | None = None) -> dict[str, int]:
                 else DunningCaseStatus.RESOLVED
             )
             with transaction.atomic():
-                done = DunningCase.objects.filter(id=case.id, status=DunningCaseStatus.OPEN).update(
-                    status=status, closed_at=now
-                )
-                if done and status == DunningCaseStatus.RESOLVED:
-                    invoice_settled(account_id=case.account_id, invoice_id=case.invoice_id)
+                if status == DunningCaseStatus.RESOLVED:  # resolved, and its suspension lifted if it was the last
+                    done = invoice_settled(account_id=case.account_id, invoice_id=case.invoice_id, paid=True)
+                else:
+                    done = DunningCase.objects.filter(id=case.id, status=DunningCaseStatus.OPEN).update(
+                        status=status, closed_at=now
+                    )
             if done:
                 report.resolved += 1
                 _action_log("dunning.case_closed", case, status=status)
