@@ -63,10 +63,11 @@ beat: $(STAMP)
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache staticfiles
 
-## make bench: ingestion W1-W3, rollup W4 and the costs API, freshness W5, invoicing, the payments charge run (docs/benchmarks.md)
+## make bench: ingestion W1-W3, rollup W4 and the costs API, freshness W5, invoicing, the payments charge run, antifraud evaluation (docs/benchmarks.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest $(BENCH_INGEST_ARGS)
 	$(BIN)/python -m bench.rollup $(BENCH_ROLLUP_ARGS)
 	$(BIN)/python -m bench.freshness $(BENCH_FRESHNESS_ARGS)
 	$(BIN)/python -m bench.invoicing $(BENCH_INVOICING_ARGS)
 	$(BIN)/python -m bench.payments $(BENCH_PAYMENTS_ARGS)
+	$(BIN)/python -m bench.antifraud $(BENCH_ANTIFRAUD_ARGS)
