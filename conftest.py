@@ -292,3 +292,16 @@ def _fresh_payment_gateways() -> Iterator[None]:
     gateways.reset()
     yield
     gateways.reset()
+
+
+@pytest.fixture(autouse=True)
+def _celery_join_guard_reset() -> Iterator[None]:
+    """Celery keeps "a join here would block" in one global, not per thread: eager tasks run in
+    threads at once (concurrent drains, charge runs) restore each other's saved values and can
+    leave it set, after which any later test's ``result.get()`` is refused as if inside a task.
+    Each test starts and ends with it cleared, as outside any worker."""
+    from celery._state import _set_task_join_will_block
+
+    _set_task_join_will_block(False)
+    yield
+    _set_task_join_will_block(False)

@@ -214,14 +214,13 @@ def test_a_process_killed_right_after_commit_loses_nothing_and_the_drain_deliver
     assert receiver.deliveries() == []
     assert mail.outbox == []
 
-    # (an earlier test in this process may have run a worker, which marks joins as blocking)
-    assert outbox_drain.delay().get(disable_sync_subtasks=False) == 2  # the periodic task, as beat sends it
+    assert outbox_drain.delay().get() == 2  # the periodic task, as beat sends it
     assert receiver.deliveries() == [(f"outbox-{task.id}", {"order_id": 77})]
     assert [sent.to for sent in mail.outbox] == [["ap@crash.test"]]
     assert message_ids()[0].startswith(f"<outbox-{email.id}@")
     assert pending() == []
 
-    assert outbox_drain.delay().get(disable_sync_subtasks=False) == 0  # nothing twice
+    assert outbox_drain.delay().get() == 0  # nothing twice
     assert len(receiver.deliveries()) == 1
     assert len(mail.outbox) == 1
 
