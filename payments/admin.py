@@ -30,7 +30,7 @@ from django.utils.html import format_html
 from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
-from billing_site.common.admin import AmountField, ReadOnlyInlineMixin
+from billing_site.common.admin import AmountField, ReadOnlyInlineMixin, RecordAdminMixin
 from billing_site.common.errors import ApplicationError
 from payments import refunds, services, webhooks
 from payments.models import (
@@ -102,19 +102,6 @@ def _masked(value: Any) -> Any:
     if isinstance(value, list):
         return [_masked(v) for v in value]
     return value
-
-
-class ReadOnlyAdminMixin:
-    """Rows that services own: listed and shown, never added, changed or deleted here."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class PublicIdSearchMixin:
@@ -204,7 +191,7 @@ class RefundForm(forms.Form):
 
 
 @admin.register(Payment)
-class PaymentAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[Payment]):
+class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
     public_id_columns = (("pay", "id"), ("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "public_id",
@@ -356,7 +343,7 @@ class PaymentAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[Pay
 
 
 @admin.register(Refund)
-class RefundAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[Refund]):
+class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
     public_id_columns = (
         ("ref", "id"),
         ("pay", "payment_id"),
@@ -429,7 +416,7 @@ class RefundAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[Refu
 
 
 @admin.register(Dispute)
-class DisputeAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[Dispute]):
+class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
     public_id_columns = (("dsp", "id"), ("pay", "payment_id"), ("acc", "account_id"))
     list_display = ("public_id", "payment_shown", "account", "amount", "reason", "status", "opened_at", "closed_at")
     list_filter = ("status", "reason", "gateway", "currency", ("opened_at", admin.DateFieldListFilter))
@@ -654,9 +641,7 @@ def _dunning_paused_subquery() -> Subquery:
 
 
 @admin.register(DunningCase)
-class DunningCaseAdmin(
-    DunningPauseActionsMixin, PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[DunningCase]
-):
+class DunningCaseAdmin(DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]):
     public_id_columns = (("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "invoice",
@@ -715,7 +700,7 @@ class DunningCaseAdmin(
 
 @admin.register(PaymentProfile)
 class PaymentProfileAdmin(
-    DunningPauseActionsMixin, PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[PaymentProfile]
+    DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentProfile]
 ):
     """An account's gateway, its customer there, its dunning switch and its cards."""
 
@@ -784,7 +769,7 @@ class PaymentMethodStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(PaymentMethod)
-class PaymentMethodAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[PaymentMethod]):
+class PaymentMethodAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentMethod]):
     """Cards as the gateway describes them. The fingerprint ties one card across accounts: the
     fraud team's tool, shown to nobody else."""
 
@@ -836,7 +821,7 @@ class PaymentMethodAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdm
 
 
 @admin.register(BindingAttempt)
-class BindingAttemptAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[BindingAttempt]):
+class BindingAttemptAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[BindingAttempt]):
     public_id_columns = (("acc", "account_id"),)
     list_display = ("setup_intent_id", "account", "status", "failure_code", "card", "client_ip", "created_at")
     list_filter = ("status", "gateway", ("created_at", admin.DateFieldListFilter))
@@ -874,7 +859,7 @@ class BindingAttemptAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAd
 
 
 @admin.register(WebhookEvent)
-class WebhookEventAdmin(PublicIdSearchMixin, ReadOnlyAdminMixin, admin.ModelAdmin[WebhookEvent]):
+class WebhookEventAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[WebhookEvent]):
     public_id_columns = (("acc", "account_id"),)
     list_display = (
         "event_id",

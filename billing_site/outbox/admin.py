@@ -16,7 +16,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from billing_site.common import ids
-from billing_site.common.admin import key_values
+from billing_site.common.admin import RecordAdminMixin, key_values
 from billing_site.common.logs import mask_email
 from billing_site.outbox import services
 from billing_site.outbox.models import OutboxKind, OutboxMessage
@@ -72,7 +72,7 @@ class AttemptsFilter(admin.SimpleListFilter):
 
 
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin[OutboxMessage]):
+class OutboxMessageAdmin(RecordAdminMixin, admin.ModelAdmin[OutboxMessage]):
     list_display = ("id", "kind", "name", "account", "state", "attempts", "error_shown", "created_at", "delivered_at")
     list_filter = (
         DeliveryStateFilter,
@@ -103,15 +103,6 @@ class OutboxMessageAdmin(admin.ModelAdmin[OutboxMessage]):
         "delivered_at",
     )
     readonly_fields = fields
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[OutboxMessage], search_term: str) -> Any:
         term = search_term.strip()
