@@ -27,9 +27,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import time
+
+from bench import local_database_url
 
 BENCH_DB = "billing_fraudbench"
 FIRST_ID = 7_000_000_000_000  # bench accounts' ids: far from anything else in the database
@@ -37,16 +38,7 @@ TARGET_MS, FLOOR_MS = 5.0, 20.0
 
 
 def database_url() -> str:
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
-        pass
-    import psycopg
-
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)).fetchone():
-            conn.execute(f"CREATE DATABASE {BENCH_DB}")
-    return f"postgres://postgres@127.0.0.1:5432/{BENCH_DB}"
+    return local_database_url(BENCH_DB)
 
 
 def setup_django(url: str, *, log_file: str) -> None:

@@ -40,10 +40,11 @@ import datetime as dt
 import math
 import multiprocessing as mp
 import os
-import socket
 import time
 from collections import Counter
 from typing import Any
+
+from bench import local_database_url
 
 BENCH_DB = "billing_paybench"
 PERIOD = "2026-10"
@@ -57,16 +58,7 @@ PROFILES = [  # country, kind, currency, tax id
 
 
 def database_url() -> str:
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
-        pass
-    import psycopg
-
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BENCH_DB,)).fetchone():
-            conn.execute(f"CREATE DATABASE {BENCH_DB}")
-    return f"postgres://postgres@127.0.0.1:5432/{BENCH_DB}"
+    return local_database_url(BENCH_DB)
 
 
 def setup_django(url: str, *, env: dict[str, str], log_file: str) -> None:
