@@ -213,6 +213,11 @@ def invoice_numbers(ids: Iterable[int]) -> dict[int, str]:
     )
 
 
+def invoice_statuses(ids: Iterable[int]) -> dict[int, str]:
+    """Invoice id → status (``InvoiceStatus`` value), one query."""
+    return dict(Invoice.objects.filter(id__in=list(ids)).values_list("id", "status"))
+
+
 def invoices_paid_on_time(*, account_ids: Iterable[int] | None = None) -> dict[int, int]:
     """Per account, how many of its invoices were paid by their due date (one statement)."""
     queryset = Invoice.objects.filter(status=InvoiceStatus.PAID, paid_at__isnull=False, paid_at__lte=F("due_at"))

@@ -324,11 +324,7 @@ def dunning_run(*, now: dt.datetime | None = None) -> dict[str, int]:
     # 2. Settled meanwhile.
     settled = [c for c in cases if c.invoice_id not in invoices]
     if settled:
-        states = {
-            i.invoice_id: i.status
-            for i in (invoicing_selectors.payable_invoice(invoice_id=c.invoice_id) for c in settled)
-            if i is not None
-        }
+        states = invoicing_selectors.invoice_statuses(c.invoice_id for c in settled)
         for case in settled:
             status = (
                 DunningCaseStatus.WRITTEN_OFF
