@@ -217,3 +217,21 @@ class InactiveAccountUsage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account_id} {self.account_state}: {self.events} events"
+
+
+class MonthlySpend(models.Model):
+    """Rated amount per account and calendar month (UTC), in the account's currency at full
+    precision: the sum of the month's hourly amounts. The rollup moves it by each run's
+    differences in the run's own transaction (one statement per shard), so the credit check
+    after a rollup reads one row per account and month instead of the daily rows."""
+
+    pk = models.CompositePrimaryKey("account_id", "month")
+    account_id = models.BigIntegerField()
+    month = models.DateField()
+    amount = models.DecimalField(max_digits=38, decimal_places=12)
+
+    class Meta:
+        verbose_name_plural = "monthly spend"
+
+    def __str__(self) -> str:
+        return f"{self.account_id} {self.month:%Y-%m}: {self.amount}"

@@ -22,7 +22,8 @@ the accounts. One run of one shard is one transaction:
    re-walk the month's running total (``cum_quantity``) from the first changed hour, so a
    tier boundary crossed inside an hour splits that hour's amount. Then each changed row is
    written once, and ``dailyusage`` (what day and month cost breakdowns read) moves by the
-   rows' differences (a day that lost a row is re-added from its hours);
+   rows' differences (a day that lost a row is re-added from its hours), and so does each
+   account's month in ``monthlyspend`` (what the credit check after a rollup reads);
 7. the horizon and watermark are stored. A crash anywhere rolls all of it back.
 
 Amounts keep 12 decimal places: rounding happens on invoices, not here.
@@ -695,6 +696,7 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
     )
     written: int = cur.rowcount  # type: ignore[attr-defined]
     _move_days(cur, hourly_p=hourly_p, daily_p=daily_p)
+    _move_months(cur)
     return written
 
 
@@ -742,6 +744,23 @@ def _move_days(cur: object, *, hourly_p: str, daily_p: str) -> None:
                          AND h.sku = x.sku AND h.labels = x.labels
         WHERE x.recount
         GROUP BY h.account_id, x.day, h.sku, h.resource_id, h.labels
+        """
+    )
+
+
+def _move_months(cur: object) -> None:
+    """Add each written row's amount difference to its account's month (``MonthlySpend``).
+    Shards hold disjoint accounts, so concurrent shard runs never touch the same row."""
+    cur.execute(  # type: ignore[attr-defined]
+        """
+        INSERT INTO metering_monthlyspend AS m (account_id, month, amount)
+        SELECT account_id, (date_trunc('month', hour, 'UTC') AT TIME ZONE 'UTC')::date,
+               sum(coalesce(CASE WHEN kept THEN amount END, 0) - coalesce(old_amount, 0))
+        FROM rollup_write
+        GROUP BY 1, 2
+        HAVING sum(coalesce(CASE WHEN kept THEN amount END, 0) - coalesce(old_amount, 0)) <> 0
+        ORDER BY 1, 2
+        ON CONFLICT (account_id, month) DO UPDATE SET amount = m.amount + EXCLUDED.amount
         """
     )
 

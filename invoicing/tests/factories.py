@@ -22,8 +22,8 @@ def rated(
     resource_id: str = "",
     labels: dict[str, str] | None = None,
 ) -> None:
-    """One day of rated usage in the daily rollup, as the usage rollup leaves it (adds to an
-    existing row of the same key)."""
+    """One day of rated usage in the daily rollup and the month's spend, as the usage rollup
+    leaves them (adds to an existing row of the same key)."""
     moment = dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -35,6 +35,13 @@ def rated(
                 amount = metering_dailyusage.amount + EXCLUDED.amount
             """,
             [account_id, moment, sku, resource_id, json.dumps(labels or {}), Decimal(quantity), Decimal(amount)],
+        )
+        cursor.execute(
+            """
+            INSERT INTO metering_monthlyspend AS m (account_id, month, amount) VALUES (%s, %s, %s)
+            ON CONFLICT (account_id, month) DO UPDATE SET amount = m.amount + EXCLUDED.amount
+            """,
+            [account_id, moment.date().replace(day=1), Decimal(amount)],
         )
 
 

@@ -56,5 +56,5 @@ def _clean_metering_tables(request: pytest.FixtureRequest) -> None:
     with connection.cursor() as cursor:
         cursor.execute(
             "TRUNCATE metering_usageevent, metering_resourceevent, metering_resourcestate, metering_hourlyusage, "
-            "metering_dailyusage"
+            "metering_dailyusage, metering_monthlyspend"
         )

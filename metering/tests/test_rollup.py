@@ -27,7 +27,7 @@ from rest_framework.test import APIClient
 from accounts.models import BillingAccount
 from conftest import Customer, backend_alive, backend_waiting, database_url, in_threads, wait_for
 from metering import rollup
-from metering.models import HourlyUsage, ResourceState
+from metering.models import HourlyUsage, MonthlySpend, ResourceState
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -147,6 +147,19 @@ def daily(account: BillingAccount) -> dict[tuple[str, str, str, str], tuple[Deci
             (day.strftime("%m-%d"), sku, resource, json.dumps(json.loads(labels), sort_keys=True)): (quantity, amount)
             for day, sku, resource, labels, quantity, amount in cursor.fetchall()
         }
+
+
+def months_of(rows: list[HourlyUsage]) -> dict[str, Decimal]:
+    """The account's monthly spend as its hourly amounts add up (months with no amount left out)."""
+    out: dict[str, Decimal] = {}
+    for r in rows:
+        if r.amount is not None:
+            out[r.hour.strftime("%Y-%m")] = out.get(r.hour.strftime("%Y-%m"), Decimal(0)) + r.amount
+    return {month: amount for month, amount in out.items() if amount}
+
+
+def monthly(account: BillingAccount) -> dict[str, Decimal]:
+    return {f"{s.month:%Y-%m}": s.amount for s in MonthlySpend.objects.filter(account_id=account.id) if s.amount}
 
 
 def resource_state(account: BillingAccount) -> dict[str, tuple[Any, ...]]:
@@ -303,6 +316,7 @@ def test_days_follow_hours_that_a_late_event_removes_or_relabels(account: Billin
         "11-02 10": Decimal(1),
     }
     assert daily(account) == days_of(hourly_rows(account))
+    assert monthly(account) == months_of(hourly_rows(account))
     assert {k[:2] for k in daily(account)} == {("11-02", "compute.vcpu"), ("11-02", "network.egress")}
     state = ResourceState.objects.get(account_id=account.id, resource_id="vm-1")
     assert (state.running, state.events, state.start_while_running, state.stop_while_stopped) == (False, 3, 0, 0)
@@ -360,6 +374,7 @@ def test_the_same_hourly_totals_whatever_the_arrival_order(
     # The days follow their hours, and the data-quality counters count the whole timeline
     # however it arrived (a late event changes what the events after it were).
     assert daily(shuffled) == daily(in_order) == days_of(hourly_rows(shuffled))
+    assert monthly(shuffled) == monthly(in_order) == months_of(hourly_rows(shuffled))
     assert resource_state(shuffled) == resource_state(in_order)
 
 
@@ -498,6 +513,8 @@ def test_graduated_tiers_crossing_a_boundary_inside_an_hour(account: BillingAcco
     post([used(account, "e", at("2026-11-02 10:20:00"), "1")])
     roll(account)
     assert amounts(account, "network.egress")["11-02 10"] == Decimal("0.07")
+    # Repriced hours moved the month's spend by their differences.
+    assert monthly(account) == months_of(hourly_rows(account))
 
 
 def test_each_month_walks_its_own_tiers_when_one_run_touches_two(account: BillingAccount, post: Callable) -> None:
@@ -516,6 +533,8 @@ def test_each_month_walks_its_own_tiers_when_one_run_touches_two(account: Billin
     post([used(account, "c", at("2026-11-01 02:30:00"), "40")])
     roll(account)
     assert amounts(account, "network.egress")["11-01 02"] == Decimal("0.9")
+    # The month's spend (what the credit check reads) moved with it, and only November's.
+    assert monthly(account) == months_of(hourly_rows(account)) == {"2026-11": Decimal("0.9")}
 
 
 def test_usage_without_a_price_in_the_currency_has_no_amount(
