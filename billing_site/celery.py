@@ -36,7 +36,7 @@ QUEUES = {
     "invoicing": "period closes and their shards",
     "documents": "invoice and credit-note PDFs (many, slow, can wait)",
     "payments": "charges, refunds, webhook processing, reconciliation, dunning, payment-driven account transitions",
-    "antifraud": "risk decisions reaching accounts (blocks), usage assessments",
+    "antifraud": "risk decisions reaching accounts (blocks), usage assessments, the credit check after rollups",
     "default": "anything else: maintenance, health checks",
 }
 
@@ -75,6 +75,8 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "antifraud.account_unblocked": ("antifraud", 30, 60),
     "antifraud.credit_limit_initial": ("antifraud", 30, 60),
     "antifraud.credit_limits_review": ("antifraud", 600, 660),
+    # the credit check after each rollup drain: one set-based read, then threshold invoices
+    "invoicing.threshold_billing": ("antifraud", 300, 330),
 }
 
 app.conf.task_queues = [Queue(name, routing_key=name) for name in QUEUES]

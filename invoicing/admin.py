@@ -227,9 +227,19 @@ ACTIONS = {
 
 @admin.register(Invoice)
 class InvoiceAdmin(admin.ModelAdmin[Invoice]):
-    list_display = ("number", "public_id", "account", "period_start", "status", "total", "outstanding", "due_at")
+    list_display = (
+        "number",
+        "public_id",
+        "account",
+        "period_start",
+        "kind",
+        "status",
+        "total",
+        "outstanding",
+        "due_at",
+    )
     list_display_links = ("number", "public_id")
-    list_filter = ("status", PeriodFilter, "currency", OverdueFilter, "tax_treatment")
+    list_filter = ("status", "kind", PeriodFilter, "currency", OverdueFilter, "tax_treatment")
     search_fields = ("number",)
     ordering = ("-created_at",)
     inlines = (InvoiceLineInline, InvoiceTransitionInline)
@@ -239,6 +249,7 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
         "number",
         "status",
         "account",
+        "kind",
         "period_start",
         "period_end",
         "currency",

@@ -40,8 +40,8 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.copy import BulkTable
 from billing_site.outbox import services as outbox
-from invoicing import ledger, numbering
-from invoicing.models import CreditGrant, Invoice, InvoiceStatus
+from invoicing import ledger, numbering, selectors
+from invoicing.models import CreditGrant, Invoice, InvoiceKind, InvoiceStatus
 from invoicing.periods import Period
 from invoicing.planning import PlannedInvoice, plan, seller_snapshot
 
@@ -86,7 +86,7 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor) -> Chun
     existing = {
         account_id: (invoice_id, status)
         for account_id, invoice_id, status in Invoice.objects.filter(
-            account_id__in=account_ids, period_start=period.start
+            account_id__in=account_ids, period_start=period.start, kind=InvoiceKind.PERIOD
         ).values_list("account_id", "id", "status")
     }
     drafts = {a: invoice_id for a, (invoice_id, status) in existing.items() if status == InvoiceStatus.DRAFT}
@@ -98,6 +98,66 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor) -> Chun
     if not plans:
         return result
     ordered = [plans[a] for a in sorted(plans)]
+    _issue(
+        period,
+        ordered,
+        drafts=drafts,
+        kind=InvoiceKind.PERIOD,
+        reason="period close",
+        actor=actor,
+        now=now,
+        result=result,
+    )
+    return result
+
+
+@transaction.atomic(durable=True)
+def threshold_chunk(*, account_ids: list[int], actor: Actor) -> ChunkResult:
+    """Issue threshold invoices, in one durable transaction, to those of these accounts that
+    are still over their credit limit once their billing locks are held (a period close may
+    have billed their usage meanwhile) and have no threshold invoice still owing: the usage
+    rated so far this month (and earlier months' usage not billed yet), the tax point today,
+    due at once and charged after the commit. The month's own invoice, later, bills only
+    what is rated after this one (planning subtracts what invoices billed)."""
+    now = timezone.now()
+    period = Period.containing(now)
+    result = ChunkResult()
+    lock_accounts(account_ids)
+    over = {e.account_id: e for e in selectors.credit_exposures(as_of=now, account_ids=account_ids)}
+    todo = sorted(a for a, e in over.items() if not e.threshold_open and e.unbilled > 0)
+    result.already_issued = len(account_ids) - len(todo)
+    plans = plan(period=period, account_ids=todo, tax_point=now.date())
+    result.unbillable = plans.unbillable
+    # Only usage to bill: discounts alone, or less than a minor unit, are left to the month's invoice.
+    ordered = [plans[a] for a in sorted(plans) if plans[a].total_minor > 0 and plans[a].billed]
+    result.nothing_to_bill = len(todo) - len(ordered) - len(plans.unbillable)
+    if ordered:
+        _issue(
+            period,
+            ordered,
+            drafts={},
+            kind=InvoiceKind.THRESHOLD,
+            reason="credit limit reached",
+            actor=actor,
+            now=now,
+            result=result,
+        )
+    return result
+
+
+def _issue(
+    period: Period,
+    ordered: list[PlannedInvoice],
+    *,
+    drafts: dict[int, int],
+    kind: InvoiceKind,
+    reason: str,
+    actor: Actor,
+    now: dt.datetime,
+    result: ChunkResult,
+) -> None:
+    """Write planned invoices as issued (a draft of the period in place), with their lines,
+    billed usage, credits, audit rows, numbers, ledger entries and charges."""
     # A draft is issued in place (it keeps its id); the others get new ids now, so that the
     # rows pointing at them go in first (their foreign keys are checked at commit) and the
     # series' number lock is taken as late as possible and held only to the commit.
@@ -108,11 +168,11 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor) -> Chun
         with connection.cursor() as cursor:
             cursor.execute("DELETE FROM invoicing_invoiceline WHERE invoice_id = ANY(%s)", [issued_drafts])
     _write_lines(ordered, invoice_ids)
-    _write_audit(ordered, invoice_ids, applied, actor=actor, now=now)
+    _write_audit(ordered, invoice_ids, applied, actor=actor, now=now, reason=reason)
     invoice_numbers = numbering.take(settings.INVOICING_INVOICE_SERIES, now.year, len(ordered))
     # Issued now, under the series lock: numbers and issue times rise together across workers.
     now = timezone.now()
-    _write_invoices(period, ordered, invoice_ids, invoice_numbers, applied, now=now)
+    _write_invoices(period, ordered, invoice_ids, invoice_numbers, applied, now=now, kind=kind)
     ledger.post_invoices_issued(
         [
             ledger.IssuedInvoice(
@@ -134,7 +194,6 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor) -> Chun
     result.issued = [invoice_ids[p.account_id] for p in ordered]
     for p in ordered:
         result.totals_minor[p.currency] = result.totals_minor.get(p.currency, 0) + p.total_minor
-    return result
 
 
 CHARGE_TASK = "payments.charge_invoice"
@@ -208,6 +267,7 @@ class _InvoiceRow(NamedTuple):
     account_id: int
     period_start: dt.date
     period_end: dt.date
+    kind: str
     status: str
     currency: str
     number: str
@@ -241,6 +301,7 @@ _INVOICES = BulkTable(
         "account_id": "bigint",
         "period_start": "date",
         "period_end": "date",
+        "kind": "text",
         "status": "text",
         "currency": "text",
         "number": "text",
@@ -276,6 +337,7 @@ _ISSUED_OVER_DRAFT = [
         "account_id",
         "period_start",
         "period_end",
+        "kind",
         "amount_paid_minor",
         "amount_credited_minor",
         "written_off_minor",
@@ -293,19 +355,25 @@ def _write_invoices(
     applied: dict[int, list[tuple[int, int]]],
     *,
     now: dt.datetime,
+    kind: InvoiceKind,
 ) -> None:
-    """Insert the invoices as issued (a draft of the period is issued in place)."""
+    """Insert the invoices as issued (a draft of the period is issued in place). A threshold
+    invoice covers the month up to its issue day and is due at once: it is charged now."""
     seller = json.dumps(seller_snapshot())
+    threshold = kind == InvoiceKind.THRESHOLD
+    period_end = min(period.end, now.date() + dt.timedelta(days=1)) if threshold else period.end
     rows = []
     for p, number in zip(plans, numbers, strict=True):
         credits = sum(amount for _, amount in applied.get(p.account_id, []))
         settled = p.total_minor - credits <= 0
+        terms = 0 if threshold else p.profile.payment_terms_days
         rows.append(
             _InvoiceRow(
                 id=invoice_ids[p.account_id],
                 account_id=p.account_id,
                 period_start=period.start,
-                period_end=period.end,
+                period_end=period_end,
+                kind=str(kind),
                 status=str(InvoiceStatus.PAID if settled else InvoiceStatus.ISSUED),
                 currency=p.currency,
                 number=number,
@@ -321,12 +389,12 @@ def _write_invoices(
                 amount_credited_minor=0,
                 written_off_minor=0,
                 amount_refunded_minor=0,
-                payment_terms_days=p.profile.payment_terms_days,
+                payment_terms_days=terms,
                 buyer=json.dumps(p.profile.snapshot()),
                 seller=seller,
                 created_at=now,
                 issued_at=now,
-                due_at=now + dt.timedelta(days=p.profile.payment_terms_days),
+                due_at=now + dt.timedelta(days=terms),
                 paid_at=now if settled else None,
                 updated_at=now,
             )
@@ -337,7 +405,8 @@ def _write_invoices(
             f"""
             INSERT INTO {_INVOICES.name} ({_INVOICES.column_list})
             SELECT {_INVOICES.column_list} FROM {source}
-            ON CONFLICT (account_id, period_start) DO UPDATE SET {_INVOICES.excluded(_ISSUED_OVER_DRAFT)}
+            ON CONFLICT (account_id, period_start) WHERE kind = 'period'
+                DO UPDATE SET {_INVOICES.excluded(_ISSUED_OVER_DRAFT)}
                 WHERE {_INVOICES.name}.status = 'draft'
             RETURNING account_id, id
             """,  # noqa: S608 (names and types are ours; values are parameters)
@@ -567,6 +636,7 @@ def _write_audit(
     *,
     actor: Actor,
     now: dt.datetime,
+    reason: str,
 ) -> None:
     _CREDITS.copy(
         _CreditRow(grant_id, invoice_ids[account_id], account_id, amount, now)
@@ -583,7 +653,7 @@ def _write_audit(
             to_state=InvoiceStatus.ISSUED,
             actor_kind=actor.kind,
             actor_name=actor.name,
-            reason="period close",
+            reason=reason,
             created_at=now,
         )
         transitions.append(issued)

@@ -25,6 +25,11 @@ class InvoiceStatus(models.TextChoices):
     VOID = "void", "Void"
 
 
+class InvoiceKind(models.TextChoices):
+    PERIOD = "period", "Monthly invoice"
+    THRESHOLD = "threshold", "Threshold invoice (credit limit reached)"
+
+
 class TaxTreatment(models.TextChoices):
     DOMESTIC = "domestic", "Domestic VAT"
     OSS = "oss", "EU VAT of the customer's country (OSS)"
@@ -140,6 +145,11 @@ class Invoice(FSMModelMixin, models.Model):
     """One invoice per account and calendar month (``period_start`` first day, ``period_end``
     the first day of the next month, exclusive). Money in integer minor units of ``currency``.
 
+    Besides the month's own (``kind`` period, unique per account and month), an account whose
+    unbilled usage and unpaid invoices pass its credit limit gets threshold invoices during
+    the month: the usage rated so far, from ``period_start`` to ``period_end`` (the day after
+    the issue), numbered in the same series; the month's invoice then bills only the rest.
+
     A draft has no number and may be recomputed; issuing freezes it: number, amounts, lines,
     tax decision and a snapshot of both parties. ``status`` moves only through transitions."""
 
@@ -147,6 +157,9 @@ class Invoice(FSMModelMixin, models.Model):
     account_id = models.BigIntegerField()
     period_start = models.DateField()
     period_end = models.DateField()
+    kind = models.CharField(
+        max_length=16, choices=InvoiceKind.choices, default=InvoiceKind.PERIOD, db_default=InvoiceKind.PERIOD
+    )
     status = FSMField(default=InvoiceStatus.DRAFT, choices=InvoiceStatus.choices, protected=True)
     currency = models.CharField(max_length=3)
     number = models.CharField(max_length=32, null=True, blank=True, unique=True)
@@ -176,7 +189,11 @@ class Invoice(FSMModelMixin, models.Model):
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["account_id", "period_start"], name="invoicing_invoice_account_period"),
+            models.UniqueConstraint(
+                fields=["account_id", "period_start"],
+                condition=Q(kind="period"),
+                name="invoicing_invoice_account_period",
+            ),
             models.CheckConstraint(
                 condition=Q(status=InvoiceStatus.DRAFT, number__isnull=True)
                 | (~Q(status=InvoiceStatus.DRAFT) & Q(number__isnull=False, issued_at__isnull=False)),

@@ -95,14 +95,24 @@ class Plans(dict[int, PlannedInvoice]):
         self.unbillable: dict[int, str] = {}
 
 
-def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | None = None) -> Plans:
+def plan(
+    *,
+    period: Period,
+    account_ids: list[int],
+    rates: taxes.RateTable | None = None,
+    tax_point: dt.date | None = None,
+) -> Plans:
     """What each account's invoice for ``period`` would say now. Reads only; accounts with
     nothing to bill are left out, accounts whose amounts cannot be represented on a document
     are left out and listed in ``unbillable``.
 
     An invoice bills, per SKU, its own month's rated usage and every earlier month's (from
     the look-back start) minus what issued invoices billed of it; months after the period
-    are not read, so closing months in any order bills each usage month exactly once."""
+    are not read, so closing months in any order bills each usage month exactly once.
+
+    The tax point is the period's last day, or ``tax_point`` (a threshold invoice: its issue
+    day). A threshold invoice is this same plan made during the month: what is rated so far;
+    the month's invoice, planned later, bills what was rated after it."""
     rates = rates or taxes.RateTable()
     profiles = account_selectors.billing_profiles(account_ids=account_ids)
     first_month = lookback_start(period)
@@ -141,7 +151,7 @@ def plan(*, period: Period, account_ids: list[int], rates: taxes.RateTable | Non
         if now_q != was_q or now_a != was_a or minor:
             deltas[key[0]].append(Delta(key[1], key[2], now_q - was_q, now_a - was_a, minor, first=key not in billed))
 
-    tax_point = period.end - dt.timedelta(days=1)
+    tax_point = tax_point or period.end - dt.timedelta(days=1)
     plans = Plans()
     for account_id in account_ids:
         profile = profiles.get(account_id)

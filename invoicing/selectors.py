@@ -6,21 +6,26 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 
+from django.db import connection, transaction
 from django.db.models import Count, F, Q, QuerySet, Sum, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from billing_site.common import money
 from invoicing.models import (
     CreditGrant,
     CreditNote,
     Invoice,
+    InvoiceKind,
     InvoicePayment,
     InvoiceRefund,
     InvoiceStatus,
     LedgerEntry,
     LedgerSource,
 )
+from invoicing.periods import Period, lookback_start
 
 CUSTOMER_VISIBLE = (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE, InvoiceStatus.VOID)
 
@@ -100,6 +105,7 @@ class PayableInvoice:
     number: str
     currency: str
     status: str  # InvoiceStatus value: issued, paid, uncollectible, void
+    kind: str  # InvoiceKind value: period, or threshold (an early invoice at the credit limit)
     total_minor: int
     amount_due_minor: int  # the total less credits applied
     outstanding_minor: int  # still owed (never below 0)
@@ -120,6 +126,7 @@ _PAYABLE_FIELDS = (
     "number",
     "currency",
     "status",
+    "kind",
     "total_minor",
     "due",
     "outstanding",
@@ -138,6 +145,7 @@ def _payable(queryset: QuerySet[Invoice]) -> list[PayableInvoice]:
             number=number or "",
             currency=currency,
             status=status,
+            kind=kind,
             total_minor=total,
             amount_due_minor=due,
             outstanding_minor=outstanding,
@@ -145,7 +153,7 @@ def _payable(queryset: QuerySet[Invoice]) -> list[PayableInvoice]:
             issued_at=issued_at,
             paid=status == InvoiceStatus.PAID,
         )
-        for invoice_id, account_id, number, currency, status, total, due, outstanding, due_at, issued_at in rows
+        for invoice_id, account_id, number, currency, status, kind, total, due, outstanding, due_at, issued_at in rows
     ]
 
 
@@ -224,3 +232,104 @@ def invoices_paid_on_time(*, account_ids: Iterable[int] | None = None) -> dict[i
     if account_ids is not None:
         queryset = queryset.filter(account_id__in=list(account_ids))
     return dict(queryset.values_list("account_id").annotate(n=Count("id")).values_list("account_id", "n"))
+
+
+# --- Credit limits: what an account owes and will owe, against its limit
+
+
+@dataclass(frozen=True, slots=True)
+class CreditExposure:
+    """An active account's exposure against its credit limit, in its currency: rated usage
+    not invoiced yet (full precision, before discounts and tax) plus what its issued invoices
+    still owe."""
+
+    account_id: int
+    currency: str
+    credit_limit: Decimal
+    unbilled: Decimal
+    unpaid: Decimal
+    threshold_open: bool  # a threshold invoice still owes money: its charge is under way or failed
+
+    @property
+    def exposure(self) -> Decimal:
+        return self.unbilled + self.unpaid
+
+
+def credit_exposures(
+    *, as_of: dt.datetime | None = None, account_ids: Iterable[int] | None = None, over_limit_only: bool = True
+) -> list[CreditExposure]:
+    """Active accounts with a credit limit (0: none set) whose unbilled usage plus unpaid
+    invoices exceed it (``over_limit_only``), one set-based statement over every such
+    account: each account's monthly spend (``metering_monthlyspend``, one row per account and
+    month, moved by the rollup) from the look-back start less what invoices billed of those
+    months (``BilledUsage``), in one hash aggregate, and the outstanding amounts of its issued
+    invoices. It reads the accounts' limits and the metering totals by table, not through
+    their apps' selectors: one statement over 100,000 accounts (~1.3 s, ``make bench``)
+    instead of three reads joined in Python."""
+    now = as_of or timezone.now()
+    period = Period.containing(now)
+    codes = money.exponents()
+    chosen = sorted(set(account_ids)) if account_ids is not None else None
+    only = "AND account_id = ANY(%(ids)s)" if chosen is not None else ""
+    with transaction.atomic(), connection.cursor() as cursor:
+        if chosen is None:
+            # Every account: hash aggregates and hash joins over whole tables, in memory. A
+            # stale estimate (limits just set in bulk, say) must not turn them into nested
+            # loops over 100,000 accounts; JIT costs more than it saves here.
+            cursor.execute("SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'; SET LOCAL jit = off")
+        cursor.execute(
+            f"""
+            WITH unbilled AS (
+                SELECT account_id, sum(amount) AS amount FROM (
+                    SELECT account_id, amount FROM metering_monthlyspend
+                    WHERE month >= %(first)s AND month <= %(month)s {only}
+                    UNION ALL
+                    SELECT account_id, -rated_amount FROM invoicing_billedusage
+                    WHERE usage_month >= %(first)s AND usage_month <= %(month)s {only}
+                ) u
+                GROUP BY 1
+            ), owed AS (
+                SELECT account_id, kind,
+                       greatest(greatest(total_minor - credits_applied_minor, 0) - amount_paid_minor
+                                - amount_credited_minor - written_off_minor + amount_refunded_minor, 0) AS minor
+                FROM invoicing_invoice WHERE status = 'issued' {only}
+            ), unpaid AS (
+                SELECT account_id, sum(minor) AS minor, bool_or(kind = %(threshold)s AND minor > 0) AS threshold_open
+                FROM owed GROUP BY 1
+            ), places AS (
+                SELECT * FROM unnest(%(codes)s::text[], %(places)s::int[]) AS p(currency, places)
+            ), exposure AS (
+                SELECT a.id, a.currency, a.credit_limit, coalesce(u.amount, 0) AS unbilled,
+                       coalesce(p.minor, 0) / (10::numeric ^ coalesce(x.places, 2)) AS unpaid,
+                       coalesce(p.threshold_open, false) AS threshold_open
+                FROM accounts_billingaccount a
+                LEFT JOIN unbilled u ON u.account_id = a.id
+                LEFT JOIN unpaid p ON p.account_id = a.id
+                LEFT JOIN places x ON x.currency = a.currency
+                WHERE a.state = 'active' AND a.credit_limit > 0 {only.replace("account_id", "a.id")}
+            )
+            SELECT id, currency, credit_limit, unbilled, unpaid, threshold_open FROM exposure
+            {"WHERE unbilled + unpaid > credit_limit" if over_limit_only else ""}
+            ORDER BY id
+            """,  # noqa: S608 (the optional clauses are ours; values are parameters)
+            {
+                "ids": chosen,
+                "first": lookback_start(period),
+                "month": period.start,
+                "threshold": InvoiceKind.THRESHOLD.value,
+                "codes": list(codes),
+                "places": list(codes.values()),
+            },
+        )
+        rows = cursor.fetchall()
+    return [
+        CreditExposure(
+            account_id=account_id,
+            currency=currency,
+            credit_limit=limit,
+            unbilled=unbilled,
+            unpaid=money.from_minor(money.to_minor(unpaid, currency), currency),
+            threshold_open=threshold_open,
+        )
+        for account_id, currency, limit, unbilled, unpaid, threshold_open in rows
+    ]

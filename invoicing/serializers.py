@@ -10,7 +10,7 @@ from rest_framework import serializers
 
 from billing_site.common import ids, money
 from invoicing.line_display import detail_view, quantity_text, unit_price_text
-from invoicing.models import CreditNote, Invoice, InvoiceLine, InvoiceStatus
+from invoicing.models import CreditNote, Invoice, InvoiceKind, InvoiceLine, InvoiceStatus
 
 
 class MoneyField(serializers.Field):
@@ -97,8 +97,15 @@ class InvoiceSerializer(serializers.Serializer):
     id = serializers.SerializerMethodField()
     number = serializers.CharField()
     status = serializers.ChoiceField(choices=InvoiceStatus.choices)
+    kind = serializers.ChoiceField(
+        choices=InvoiceKind.choices,
+        help_text="`period`: the month's invoice; `threshold`: an early invoice of the usage so far, "
+        "issued when the account reached its credit limit and due at once",
+    )
     period_start = serializers.DateField()
-    period_end = serializers.DateField(help_text="Exclusive: the first day after the period")
+    period_end = serializers.DateField(
+        help_text="Exclusive: the first day after the period (a threshold invoice's: the day after its issue)"
+    )
     currency = serializers.CharField()
     seller = SellerSerializer(read_only=True)
     lines = serializers.SerializerMethodField()

@@ -51,3 +51,12 @@ def close_period(*, period: str, operator_id: int, operator_email: str) -> str:
 
     actor = Actor.operator(operator_id, operator_email)
     return services.period_close(period=Period.parse(period), actor=actor, fan_out=True).summary()
+
+
+@shared_task(name="invoicing.threshold_billing")
+def threshold_billing() -> str:
+    """After each rollup drain (queued by metering's task by name): the credit check, and a
+    threshold invoice for every account over its credit limit with usage not billed yet."""
+    from invoicing import services
+
+    return services.threshold_billing_run().summary()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from django.conf import settings
 
 from billing_site.common.logs import ms_since
+from billing_site.common.on_commit import queue_task
 from metering import services
 
 log = logging.getLogger(__name__)
@@ -39,4 +41,6 @@ def rollup_usage(seconds: float = 50.0, pause: float = 2.0) -> str:
         time.sleep(pause)
     report.held = rollup.check_horizon()  # once per run, not per pass: one warning a minute
     log.info("rollup.drain", extra={"passes": passes, "events": events, "duration_ms": ms_since(started)})
+    for name in settings.METERING_AFTER_ROLLUP_TASKS:  # the credit check reads the new totals
+        queue_task(name)
     return f"{passes} passes, {events} events; last: {report.summary()}"

@@ -312,6 +312,17 @@ def _apply(payment: Payment, result: ChargeResult | GatewayError, *, actor: Acto
                 payment.decline_message = customer_message("authentication_required")
                 _transition(payment, "require_action", actor=actor)
                 dunning.notify_authentication_required(payment=payment)
+                invoice = invoicing_selectors.payable_invoice(invoice_id=payment.invoice_id)
+                if invoice is not None and invoice.kind == "threshold":
+                    # Not paid now: the credit limit is reached, so the account stops until
+                    # the customer authenticates (the payment then reactivates it).
+                    dunning.case_record_failure(
+                        invoice=invoice,
+                        decline_code="authentication_required",
+                        retryable=True,
+                        payment=payment,
+                        notify=False,
+                    )
         elif result.status in (ChargeStatus.FAILED, ChargeStatus.CANCELED):
             if result.status == ChargeStatus.CANCELED and payment.status == PaymentStatus.REQUIRES_ACTION:
                 payment.completed_at = timezone.now()
@@ -396,7 +407,12 @@ def _declined(
     invoice = invoicing_selectors.payable_invoice(invoice_id=payment.invoice_id)
     if invoice is not None:
         dunning.case_record_failure(
-            invoice=invoice, decline_code=code, retryable=retryable, payment=payment, notify=customer_fault
+            invoice=invoice,
+            decline_code=code,
+            retryable=retryable,
+            payment=payment,
+            notify=customer_fault,
+            customer_fault=customer_fault,
         )
     if customer_fault:  # the card's decline, not our gateway's trouble: antifraud's checkpoint 3
         antifraud_services.payment_outcome_record(

@@ -56,9 +56,15 @@ def case_record_failure(
     retryable: bool,
     payment: Payment | None,
     notify: bool = True,
+    customer_fault: bool = True,
 ) -> DunningCase:
     """A charge of ``invoice`` failed: open its dunning case (once: ``invoice_id`` is unique)
-    or note the latest decline; email the customer (through the outbox) when it was a decline."""
+    or note the latest decline; email the customer (through the outbox) when it was a decline.
+
+    A threshold invoice (issued early because the account reached its credit limit) that
+    fails for the customer's reason (a decline, no card, an authentication not done)
+    suspends the account at once, not after the policy's days: the exposure stays bounded by
+    the limit. A failure that is our gateway's (``customer_fault`` false) does not."""
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(
@@ -81,6 +87,7 @@ def case_record_failure(
             ],
         )
     case = DunningCase.objects.get(invoice_id=invoice.invoice_id)
+    suspend_now = invoice.kind == "threshold" and customer_fault and not case.suspended_account
     log.info(
         "dunning.failure",
         extra={
@@ -101,6 +108,17 @@ def case_record_failure(
                 context={**_context(invoice, name=name, code=decline_code, payment=payment), "will_retry": retryable},
                 dedupe_key=f"email:payment_failed:{payment.public_id}" if payment else None,
             )
+    if suspend_now:
+        email, name = _account_email(invoice.account_id)
+        _suspend(
+            case,
+            invoice,
+            reason=f"threshold invoice {invoice.number} (credit limit reached) not paid: {decline_code}",
+            now=now,
+            email=email,
+            name=name,
+        )
+        case.suspended_account = True
     return case
 
 
@@ -380,7 +398,8 @@ def dunning_run(*, now: dt.datetime | None = None) -> dict[str, int]:
         email, name = (profile.email, profile.name) if profile else ("", "")
 
         if now >= plan.suspension_at and not case.suspended_account:
-            if _suspend(case, invoice, policy, now=now, email=email, name=name):
+            reason = f"invoice {invoice.number} unpaid {policy.suspend_after_days} days after its due date"
+            if _suspend(case, invoice, reason=reason, now=now, email=email, name=name):
                 report.suspended += 1
         elif (
             policy.warn_days_before_suspension
@@ -443,9 +462,8 @@ def _warn(
 
 
 def _suspend(
-    case: DunningCase, invoice: PayableInvoice, policy: DunningPolicy, *, now: dt.datetime, email: str, name: str
+    case: DunningCase, invoice: PayableInvoice, *, reason: str, now: dt.datetime, email: str, name: str
 ) -> bool:
-    reason = f"invoice {invoice.number} unpaid {policy.suspend_after_days} days after its due date"
     with transaction.atomic():
         if not _claim(case, "suspend", reason, now):
             return False

@@ -36,6 +36,12 @@ def exponent(currency: str) -> int:
     return int(value or 0)
 
 
+@cache
+def exponents() -> dict[str, int]:
+    """Every ISO 4217 currency's exponent, for SQL that turns minor units into amounts."""
+    return {c.code: int(c.exponent or 0) for c in iso4217.Currency}
+
+
 def to_minor(amount: Decimal, currency: str) -> int:
     """``amount`` (major units, any precision) rounded half-up to an integer of minor units."""
     scale = Decimal(10) ** exponent(currency)

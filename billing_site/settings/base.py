@@ -237,6 +237,9 @@ METERING_MAX_EVENT_AGE_DAYS = int(os.environ.get("METERING_MAX_EVENT_AGE_DAYS", 
 # A transaction open this long (seconds) with committed events waiting behind it is reported
 # as holding the rollup back (rollup_usage's output and a warning log; metering/rollup.py).
 METERING_HORIZON_HOLD_SECONDS = float(os.environ.get("METERING_HORIZON_HOLD_SECONDS", "30"))
+# Tasks queued by name after every rollup drain (a minute's worth of rollups): the credit
+# check that issues threshold invoices. Metering names them; it imports none of them.
+METERING_AFTER_ROLLUP_TASKS = ("invoicing.threshold_billing",)
 
 # --- Invoicing
 # The seller, as printed on invoices; its country decides domestic VAT vs OSS/reverse charge.

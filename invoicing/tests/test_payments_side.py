@@ -517,6 +517,7 @@ def test_payable_selectors_return_values_in_one_query(
         number=invoice.number,
         currency="EUR",
         status="issued",
+        kind="period",
         total_minor=12100,
         amount_due_minor=12100,
         outstanding_minor=12100,
