@@ -267,6 +267,13 @@ class AccountRisk(models.Model):
     limit_raised_at_count = models.PositiveIntegerField(
         default=0, db_default=0, help_text="The count of on-time payments at which the credit limit was last raised"
     )
+    # An active account raised for review spends under a cap until an analyst decides: its
+    # credit limit lowered to ``spending_cap`` (threshold billing then bounds it), the limit
+    # it had kept here and given back on approval.
+    spending_cap = models.DecimalField(max_digits=18, decimal_places=4, null=True, blank=True)
+    capped_from = models.DecimalField(
+        max_digits=18, decimal_places=4, null=True, blank=True, help_text="The credit limit before the review cap"
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -66,6 +66,8 @@ class ReviewCase:
     spend_total: Decimal = Decimal(0)
     spend_by_sku: dict[str, Decimal] = field(default_factory=dict)
     decisions: list[ReviewDecision] = field(default_factory=list)
+    spending_cap: Decimal | None = None  # an active account in review: its limit lowered to this
+    capped_from: Decimal | None = None  # the limit given back on approval
 
 
 def review_case(*, account_id: int, now: dt.datetime | None = None) -> ReviewCase | None:
@@ -129,6 +131,8 @@ def review_case(*, account_id: int, now: dt.datetime | None = None) -> ReviewCas
         state=states[account_id].state if account_id in states else "",
         standing=risk.status if risk else RiskStatus.CLEAR,
         score=risk.score if risk else 0,
+        spending_cap=risk.spending_cap if risk else None,
+        capped_from=risk.capped_from if risk else None,
         assessments=list(RiskAssessment.objects.filter(account_id=account_id).order_by("-created_at", "-id")[:20]),
         linked=[
             LinkedAccount(

@@ -251,6 +251,11 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
             assessment_id=assessment.id,
             dedupe_key=f"antifraud:block:{assessment.id}",
         )
+    elif decision == Decision.REVIEW and checkpoint != Checkpoint.SIGNUP:
+        # An active account in review spends under a cap (a pending one stays pending).
+        outbox.enqueue_task(
+            "antifraud.spending_cap", account_id=subject.account_id, dedupe_key=f"antifraud:cap:{assessment.id}"
+        )
     log.info(
         "antifraud.assessed",
         extra={
@@ -471,6 +476,63 @@ def credit_limit_initial(*, account_id: int) -> Decimal | None:
     return account.credit_limit
 
 
+def spending_cap(*, account_id: int) -> Decimal | None:
+    """An active account raised for review: its credit limit lowered to the new-account limit
+    of its policy (the cap), the limit it had kept to give back on approval. Threshold billing
+    then charges it early, or suspends it, once its exposure passes the cap. Idempotent: a
+    capped account, one out of review, a pending or blocked one, or one whose limit is
+    already under the cap is left as it is. Returns the cap set."""
+    standing = account_selectors.billing_account_standings({account_id}).get(account_id)
+    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+    if standing is None or standing.state != "active" or profile is None:
+        return None
+    policy = credit_policy_for(currency=profile.currency, kind=profile.kind, country=profile.country)
+    if policy is None:
+        log.warning("antifraud.spending_cap_skipped", extra={"account_id": ids.encode("acc", account_id)})
+        return None
+    current = account_selectors.credit_limits(account_ids=[account_id])[account_id][0]
+    cap = policy.initial_limit
+    if 0 < current <= cap:
+        return None
+    with transaction.atomic(durable=True):
+        if not AccountRisk.objects.filter(
+            account_id=account_id, status=RiskStatus.REVIEW, spending_cap__isnull=True
+        ).update(spending_cap=cap, capped_from=current):
+            return None
+    account = account_services.billing_account_update(
+        account_id=account_id, changes={}, credit_limit=cap, credit_limit_was=current
+    )
+    log.info(
+        "antifraud.spending_cap",
+        extra={
+            "account_id": ids.encode("acc", account_id),
+            "cap": str(cap),
+            "limit_before": str(current),
+            "limit": str(account.credit_limit),
+            "currency": profile.currency,
+        },
+    )
+    return cap
+
+
+def spending_cap_lift(*, account_id: int) -> Decimal | None:
+    """Approved: the limit the account had before its review cap comes back, unless someone
+    changed the limit meanwhile (then theirs stays). Returns the limit given back."""
+    risk = AccountRisk.objects.filter(account_id=account_id).first()
+    if risk is None or risk.spending_cap is None or risk.capped_from is None:
+        return None
+    cap, before = risk.spending_cap, risk.capped_from
+    account_services.billing_account_update(
+        account_id=account_id, changes={}, credit_limit=before, credit_limit_was=cap
+    )
+    AccountRisk.objects.filter(account_id=account_id, spending_cap=cap).update(spending_cap=None, capped_from=None)
+    log.info(
+        "antifraud.spending_cap_lifted",
+        extra={"account_id": ids.encode("acc", account_id), "cap": str(cap), "limit": str(before)},
+    )
+    return before
+
+
 def credit_limits_review(*, now: dt.datetime | None = None) -> dict[str, int]:
     """Daily: every ``raise_after_on_time_payments`` invoices an account paid by their due date
     raise its limit by ``raise_percent``, up to ``max_limit``. The on-time counts of all accounts
@@ -484,7 +546,14 @@ def credit_limits_review(*, now: dt.datetime | None = None) -> dict[str, int]:
     marks = dict(
         AccountRisk.objects.filter(account_id__in=list(counts)).values_list("account_id", "limit_raised_at_count")
     )
-    profiles = account_selectors.billing_profiles(account_ids=[a for a, n in counts.items() if n > marks.get(a, 0)])
+    capped = set(
+        AccountRisk.objects.filter(account_id__in=list(counts), spending_cap__isnull=False).values_list(
+            "account_id", flat=True
+        )
+    )  # under a review cap: not raised until an analyst decides
+    profiles = account_selectors.billing_profiles(
+        account_ids=[a for a, n in counts.items() if n > marks.get(a, 0) and a not in capped]
+    )
     limits = account_selectors.credit_limits(account_ids=list(profiles))
     raised = 0
     for account_id, profile in sorted(profiles.items()):
@@ -553,11 +622,14 @@ def _review_record(account_id: int, action: str, *, actor: Actor, reason: str) -
 
 @transaction.atomic(durable=True)
 def review_approve(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
-    """The analyst finds the account fine: out of review, and a pending account with a card
-    bound is activated (through the outbox). Later assessments may raise it again."""
+    """The analyst finds the account fine: out of review, a spending cap lifted (through the
+    outbox), and a pending account with a card bound is activated (through the outbox).
+    Later assessments may raise it again."""
     risk = _review_record(account_id, ReviewAction.APPROVE, actor=actor, reason=reason)
     risk.status = RiskStatus.APPROVED
     risk.save(update_fields=["status", "updated_at"])
+    if risk.spending_cap is not None:
+        outbox.enqueue_task("antifraud.spending_cap_lift", account_id=account_id)
     standing = account_selectors.billing_account_standings({account_id}).get(account_id)
     if standing is not None and standing.state == "pending" and CardSeen.objects.filter(account_id=account_id).exists():
         outbox.enqueue_task(

@@ -75,6 +75,8 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "antifraud.account_unblocked": ("antifraud", 30, 60),
     "antifraud.credit_limit_initial": ("antifraud", 30, 60),
     "antifraud.credit_limits_review": ("antifraud", 600, 660),
+    "antifraud.spending_cap": ("antifraud", 30, 60),
+    "antifraud.spending_cap_lift": ("antifraud", 30, 60),
     # the credit check after each rollup drain: one set-based read, then threshold invoices
     "invoicing.threshold_billing": ("antifraud", 300, 330),
 }

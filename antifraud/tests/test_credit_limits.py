@@ -4,18 +4,24 @@ limits grow after invoices paid on time, once per step, up to the policy's maxim
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
+from django.utils import timezone
 
 from accounts import services as account_services
 from accounts.models import BillingAccount
 from antifraud import services
-from antifraud.models import CreditLimitPolicy
+from antifraud.models import AccountRisk, CreditLimitPolicy
 from antifraud.tests.test_checkpoints import NL_IP, open_account
+from antifraud.tests.test_review import decide, staff
 from billing_site.outbox import services as outbox
 from conftest import Customer
 from invoicing.models import Invoice
+
+# The price catalog (rated usage needs its SKUs).
+from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
 
@@ -93,3 +99,61 @@ def test_limits_rise_after_every_three_invoices_paid_on_time_once_each_up_to_the
     assert services.credit_limits_review()["raised"] == 1
     account.refresh_from_db()
     assert account.credit_limit == Decimal("800")
+
+
+@pytest.mark.django_db
+def test_an_active_account_in_review_spends_under_a_cap_until_approved(
+    customer: Customer,
+    make_account: Callable[..., BillingAccount],
+    catalog: None,  # noqa: F811
+) -> None:
+    from invoicing import services as invoicing_services
+    from invoicing.models import InvoiceKind
+    from invoicing.tests.factories import rated
+
+    account = make_account(customer.user, state="active", credit_limit=Decimal("2000"))
+    rated(account.id, timezone.now().date().replace(day=1).isoformat(), "gpu.a100", "10", "600.00")
+    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 600 of 2,000
+    # A dispute raises it for review: it stays active, its limit down to the new-account limit.
+    outcome = services.payment_outcome_record(
+        account_id=account.id, kind="dispute", reference="pay_d1", code="fraudulent", amount_minor=10000, currency="EUR"
+    )
+    assert outcome is not None and outcome.decision == "review"
+    drain()
+    account.refresh_from_db()
+    risk = AccountRisk.objects.get(account_id=account.id)
+    assert (account.state, account.credit_limit) == ("active", Decimal("500"))
+    assert (risk.status, risk.spending_cap, risk.capped_from) == ("review", Decimal("500"), Decimal("2000"))
+    # Past the cap: the usage so far is invoiced and charged early (threshold billing).
+    report = invoicing_services.threshold_billing_run(render_pdfs=False)
+    assert report.over_limit == 1 and len(report.issued) == 1
+    assert Invoice.objects.get(id=report.issued[0]).kind == InvoiceKind.THRESHOLD
+    # No raise while capped; a second review leaves the cap as it is.
+    paid_invoices(account, on_time=3)
+    assert services.credit_limits_review()["raised"] == 0
+    assert services.spending_cap(account_id=account.id) is None
+    # The analyst sees the cap on the account's page, and approves: the limit it had comes back.
+    fraud = staff("fraud")
+    page = fraud.get(f"/admin/antifraud/accountrisk/{account.id}/change/").content.decode()
+    assert "Spending under a review cap: credit limit 500.0000 EUR (it was 2000.0000" in page
+    assert decide(fraud, account, "approve", "known customer") == 302
+    risk.refresh_from_db()
+    assert account.credit_limit == Decimal("2000")
+    assert (risk.status, risk.spending_cap, risk.capped_from) == ("approved", None, None)
+
+
+@pytest.mark.django_db
+def test_a_pending_account_in_review_gets_no_cap(
+    customer: Customer, make_account: Callable[..., BillingAccount]
+) -> None:
+    account = make_account(customer.user, credit_limit=Decimal("2000"))  # pending
+    services.payment_outcome_record(account_id=account.id, kind="dispute", reference="pay_d2", code="fraudulent")
+    drain()
+    account.refresh_from_db()
+    assert account.credit_limit == Decimal("2000")
+    assert AccountRisk.objects.get(account_id=account.id).spending_cap is None
+
+
+def drain() -> None:
+    while outbox.drain():
+        pass
