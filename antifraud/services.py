@@ -309,8 +309,13 @@ def signup_assess(*, account_id: int, user_id: int | None, ip: str | None) -> Ou
             },
         )
         outcome = _assess(Checkpoint.SIGNUP, subject)
+        # Delivered by the outbox's drain (every 15 s), not after this commit: the signup request
+        # does not wait for it, and a pending account spends nothing meanwhile.
         outbox.enqueue_task(
-            "antifraud.credit_limit_initial", account_id=account_id, dedupe_key=f"credit-limit:{account_id}"
+            "antifraud.credit_limit_initial",
+            account_id=account_id,
+            dedupe_key=f"credit-limit:{account_id}",
+            prompt=False,
         )
         return outcome
 

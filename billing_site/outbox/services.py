@@ -41,10 +41,16 @@ MAX_ATTEMPTS_LOGGED_AS_ERROR = 5
 
 
 def enqueue_tasks(
-    name: str, kwargs_list: Iterable[dict[str, Any]], *, dedupe_keys: Iterable[str | None] | None = None
+    name: str,
+    kwargs_list: Iterable[dict[str, Any]],
+    *,
+    dedupe_keys: Iterable[str | None] | None = None,
+    prompt: bool = True,
 ) -> list[int]:
     """Queue ``name`` once per kwargs (ids only) in the caller's transaction; set-based. A row
-    whose dedupe key was written before is skipped. Returns the new rows' ids."""
+    whose dedupe key was written before is skipped. Returns the new rows' ids. ``prompt``:
+    delivered right after the commit (else by the next drain, within seconds: for work that
+    can wait and must not lengthen a request, such as a new account's credit limit)."""
     require_transaction("The outbox")
     kwargs_rows = list(kwargs_list)
     keys = list(dedupe_keys) if dedupe_keys is not None else [None] * len(kwargs_rows)
@@ -63,14 +69,14 @@ def enqueue_tasks(
             [OutboxKind.TASK, name, [json.dumps(k, sort_keys=True) for k in kwargs_rows], keys],
         )
         ids = [row[0] for row in cursor.fetchall()]
-    if ids:
+    if ids and prompt:
         on_commit(deliver, ids)
     return ids
 
 
-def enqueue_task(name: str, /, *, dedupe_key: str | None = None, **kwargs: Any) -> int | None:
+def enqueue_task(name: str, /, *, dedupe_key: str | None = None, prompt: bool = True, **kwargs: Any) -> int | None:
     """Queue the task ``name`` with ``kwargs`` in the caller's transaction (None: deduped)."""
-    ids = enqueue_tasks(name, [kwargs], dedupe_keys=[dedupe_key])
+    ids = enqueue_tasks(name, [kwargs], dedupe_keys=[dedupe_key], prompt=prompt)
     return ids[0] if ids else None
 
 
