@@ -111,6 +111,11 @@ class BillingAccountForm(forms.ModelForm[BillingAccount]):
                 data["tax_id"] = validation.normalize_tax_id(country, data["tax_id"])
             except ValueError as exc:
                 self.add_error("tax_id", str(exc))
+        if data.get("phone"):
+            try:
+                data["phone"] = validation.normalize_phone(country, data["phone"])
+            except ValueError as exc:
+                self.add_error("phone", str(exc))
         return data
 
 
@@ -128,10 +133,10 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
     change_form_template = "admin/accounts/billingaccount/change_form.html"
     list_display = ("public_id", "name", "email", "kind", "country", "currency", "state", "created_at")
     list_filter = ("state", "kind", CountryInUseFilter)
-    search_fields = ("name", "email", "tax_id")
+    search_fields = ("name", "email", "tax_id", "phone")
     readonly_fields = ("public_id", "state", "currency", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("public_id", "state", "name", "email", "kind", "currency", "credit_limit")}),
+        (None, {"fields": ("public_id", "state", "name", "email", "phone", "kind", "currency", "credit_limit")}),
         ("Tax and address", {"fields": ("country", "tax_id", *ADDRESS_FIELDS)}),
         ("Times", {"fields": ("created_at", "updated_at")}),
     )

@@ -116,6 +116,7 @@ class BillingProfile:
     tax_id: str
     address: list[str]
     payment_terms_days: int
+    phone: str = ""  # E.164; not on invoices
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -147,8 +148,24 @@ def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
         "address_city",
         "address_region",
         "payment_terms_days",
+        "phone",
     )
-    for account_id, name, email, kind, country, currency, tax_id, line1, line2, postal, city, region, terms in rows:
+    for (
+        account_id,
+        name,
+        email,
+        kind,
+        country,
+        currency,
+        tax_id,
+        line1,
+        line2,
+        postal,
+        city,
+        region,
+        terms,
+        phone,
+    ) in rows:
         city_line = " ".join(p for p in (postal, city) if p)
         profiles[account_id] = BillingProfile(
             account_id=account_id,
@@ -161,6 +178,7 @@ def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
             tax_id=tax_id,
             address=[line for line in (line1, line2, city_line, region) if line],
             payment_terms_days=terms,
+            phone=phone,
         )
     return profiles
 

@@ -105,6 +105,13 @@ class BillingAccountSerializer(StrictSerializer):
     tax_id = serializers.CharField(
         max_length=32, required=False, allow_blank=True, help_text="EU VAT numbers are checked, checksum included."
     )
+    phone = serializers.CharField(
+        max_length=32,
+        required=False,
+        allow_blank=True,
+        help_text="A contact number, international (`+31 20 123 4567`) or in the account's country's own form; "
+        "stored as E.164.",
+    )
     address = AddressSerializer(source="*")
     state = serializers.ChoiceField(choices=AccountState.choices, read_only=True)
     credit_limit = AccountAmountField(
@@ -122,6 +129,12 @@ class BillingAccountSerializer(StrictSerializer):
                 attrs["tax_id"] = validation.normalize_tax_id(country, tax_id)
             except ValueError as exc:
                 raise serializers.ValidationError({"tax_id": [str(exc)]}, code="invalid_tax_id") from exc
+        phone = attrs.get("phone", instance.phone if instance else "")
+        if ("phone" in attrs or "country" in attrs) and phone:
+            try:
+                attrs["phone"] = validation.normalize_phone(country, phone)
+            except ValueError as exc:
+                raise serializers.ValidationError({"phone": [str(exc)]}, code="invalid_phone") from exc
         return attrs
 
 

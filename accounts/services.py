@@ -45,6 +45,7 @@ PROFILE_FIELDS = (
     "kind",
     "country",
     "tax_id",
+    "phone",
     "address_line1",
     "address_line2",
     "address_city",

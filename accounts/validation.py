@@ -1,9 +1,11 @@
-"""Profile rules shared by the API and the admin: the tax id (country and currency are closed lists)."""
+"""Profile rules shared by the API and the admin: the tax id and the phone number (country and
+currency are closed lists)."""
 
 from __future__ import annotations
 
 import re
 
+import phonenumbers
 import stdnum
 from stdnum.eu import vat as eu_vat
 from stdnum.exceptions import ValidationError as StdnumError
@@ -46,3 +48,18 @@ def normalize_tax_id(country: str, value: str) -> str:
     if not _GENERIC_TAX_ID.match(compact):
         raise ValueError(f"'{value}' is not a valid tax id: use 2-32 letters and digits.")
     return compact
+
+
+def normalize_phone(country: str, value: str) -> str:
+    """``value`` as E.164 (``+31201234567``): international form, or national form read in the
+    account's ``country``; refused unless libphonenumber (phonenumberslite) finds it valid."""
+    raw = value.strip()
+    if not raw:
+        return ""
+    try:
+        number = phonenumbers.parse(raw, country or None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"'{value}' is not a phone number: give it as +<country code> <number>.") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError(f"'{value}' is not a valid phone number.")
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))

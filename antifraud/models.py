@@ -134,7 +134,7 @@ class SignupEvent(models.Model):
 
 class AccountSignal(models.Model):
     """An account's identity as antifraud links accounts by: normalised email, signup IP and
-    its country, tax id."""
+    its country, tax id, phone (E.164)."""
 
     account_id = models.BigIntegerField(primary_key=True)
     user_id = models.BigIntegerField(null=True, blank=True)
@@ -144,6 +144,7 @@ class AccountSignal(models.Model):
     email_normalised = models.CharField(max_length=254, blank=True, default="")
     email_domain = models.CharField(max_length=253, blank=True, default="")
     tax_id = models.CharField(max_length=32, blank=True, default="")
+    phone = models.CharField(max_length=20, blank=True, default="", db_default="")
     country = models.CharField(max_length=2, blank=True, default="")
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -152,6 +153,7 @@ class AccountSignal(models.Model):
             models.Index(fields=["email_normalised"], name="antifraud_signal_email"),
             models.Index(fields=["ip"], name="antifraud_signal_ip"),
             models.Index(fields=["tax_id"], name="antifraud_signal_tax_id"),
+            models.Index(fields=["phone"], name="antifraud_signal_phone", condition=~models.Q(phone="")),
             models.Index(fields=["created_at"], name="antifraud_signal_created"),
         ]
 

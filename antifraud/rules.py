@@ -106,6 +106,7 @@ class Subject:
     country: str  # the billing country
     tax_id: str
     user_id: int | None = None
+    phone: str = ""  # E.164
     ip: str | None = None  # the client IP of this request
     card: Card | None = None
     spend: Spend | None = None
@@ -177,6 +178,9 @@ WITH sig AS (
     (SELECT s.account_id, 'tax id ' || s.tax_id FROM antifraud_accountsignal s
      WHERE %(tax_id)s <> '' AND s.tax_id = %(tax_id)s AND s.account_id <> %(account)s LIMIT %(cap)s)
     UNION ALL
+    (SELECT s.account_id, 'phone ' || s.phone FROM antifraud_accountsignal s
+     WHERE %(phone)s <> '' AND s.phone = %(phone)s AND s.account_id <> %(account)s LIMIT %(cap)s)
+    UNION ALL
     (SELECT c.account_id, 'card ' || m.brand || ' •••• ' || m.last4 FROM antifraud_cardseen c
      JOIN mycards m ON m.fingerprint = c.fingerprint WHERE c.account_id <> %(account)s LIMIT %(cap)s)
 ), card_accounts AS (
@@ -230,6 +234,7 @@ def gather(subject: Subject, rules: dict[str, dict[str, Any]]) -> Facts:
             "prefix": ip_prefix(subject.ip) if subject.ip else None,
             "email": email,
             "tax_id": subject.tax_id,
+            "phone": subject.phone,
             "fp": card.fingerprint if card else "",
             "brand": card.brand if card else "",
             "last4": card.last4 if card else "",

@@ -91,6 +91,8 @@ def review_case(*, account_id: int, now: dt.datetime | None = None) -> ReviewCas
             match |= Q(ip=signal.ip)
         if signal.tax_id:
             match |= Q(tax_id=signal.tax_id)
+        if signal.phone:
+            match |= Q(phone=signal.phone)
         if match:
             for other in AccountSignal.objects.filter(match).exclude(account_id=account_id)[:200]:
                 shared = links.setdefault(other.account_id, [])
@@ -100,6 +102,8 @@ def review_case(*, account_id: int, now: dt.datetime | None = None) -> ReviewCas
                     shared.append(f"IP {signal.ip}")
                 if signal.tax_id and other.tax_id == signal.tax_id:
                     shared.append(f"tax id {signal.tax_id}")
+                if signal.phone and other.phone == signal.phone:
+                    shared.append(f"phone {signal.phone}")
     fingerprints = {c.fingerprint: c for c in cards}
     sharing = dict(
         CardSeen.objects.filter(fingerprint__in=list(fingerprints))

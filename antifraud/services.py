@@ -158,6 +158,7 @@ def _subject(
         email=profile.email,
         country=profile.country,
         tax_id=profile.tax_id,
+        phone=profile.phone,
         user_id=user_id,
         ip=_client_ip(ip),
         card=card,
@@ -275,8 +276,8 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
 _SIGNAL_SQL = """
 WITH signal AS (
     INSERT INTO antifraud_accountsignal (account_id, user_id, ip, ip_prefix, ip_country, email_normalised,
-                                         email_domain, tax_id, country, created_at)
-    VALUES (%(account)s, %(user)s, %(ip)s, %(prefix)s, %(country_of_ip)s, %(email)s, %(domain)s, %(tax_id)s,
+                                         email_domain, tax_id, phone, country, created_at)
+    VALUES (%(account)s, %(user)s, %(ip)s, %(prefix)s, %(country_of_ip)s, %(email)s, %(domain)s, %(tax_id)s, %(phone)s,
             %(country)s, %(now)s)
     ON CONFLICT (account_id) DO NOTHING
 )
@@ -304,6 +305,7 @@ def signup_assess(*, account_id: int, user_id: int | None, ip: str | None) -> Ou
                 "email": email,
                 "domain": domain,
                 "tax_id": subject.tax_id,
+                "phone": subject.phone,
                 "country": subject.country,
                 "now": subject.now,
             },
@@ -697,8 +699,8 @@ def account_unblocked(*, account_id: int) -> None:
 
 
 def linked_accounts_reassess(*, account_id: int) -> int:
-    """``account_id`` was blocked: every account sharing its normalised email, signup IP, tax id
-    or a card is assessed again (the linked-accounts rule raises each for review, with the
+    """``account_id`` was blocked: every account sharing its normalised email, signup IP, tax id,
+    phone or a card is assessed again (the linked-accounts rule raises each for review, with the
     link shown). Returns how many were assessed."""
     signal = AccountSignal.objects.filter(account_id=account_id).first()
     match = Q(pk__in=[])
@@ -709,6 +711,8 @@ def linked_accounts_reassess(*, account_id: int) -> int:
             match |= Q(ip=signal.ip)
         if signal.tax_id:
             match |= Q(tax_id=signal.tax_id)
+        if signal.phone:
+            match |= Q(phone=signal.phone)
     linked = set(
         AccountSignal.objects.filter(match).exclude(account_id=account_id).values_list("account_id", flat=True)
     )

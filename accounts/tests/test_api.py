@@ -170,6 +170,9 @@ def test_create_billing_account(customer: Customer) -> None:
         ({"currency": "eur"}, "currency", "unsupported_currency"),
         ({"tax_id": "NL004495446B01"}, "tax_id", "invalid_tax_id"),  # bad checksum
         ({"tax_id": "DE136695976"}, "tax_id", "invalid_tax_id"),  # valid, but not Dutch
+        ({"phone": "12"}, "phone", "invalid_phone"),
+        ({"phone": "call me"}, "phone", "invalid_phone"),
+        ({"phone": "+31 20 123"}, "phone", "invalid_phone"),  # too short for a Dutch number
         ({"kind": "company"}, "kind", "invalid_choice"),
         ({"address": {"line1": "x"}}, "address.city", "required"),
         ({"email": "nope"}, "email", "invalid"),
@@ -498,6 +501,19 @@ def test_signup_throttle_ignores_client_sent_forwarded_for(monkeypatch: pytest.M
     ]
     assert statuses == [201, 201, 429, 429]
     cache.clear()
+
+
+def test_a_phone_number_is_stored_in_e164_read_in_the_accounts_country(customer: Customer) -> None:
+    response = customer.client.post(
+        "/api/v1/billing-accounts", {**VALID_ACCOUNT, "phone": "020 123 4567"}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    assert response.json()["phone"] == "+31201234567"
+    changed = customer.client.patch(
+        f"/api/v1/billing-accounts/{response.json()['id']}", {"phone": "+1 (650) 253-0000"}, format="json"
+    )
+    assert changed.status_code == 200, changed.content
+    assert changed.json()["phone"] == "+16502530000"
 
 
 def test_tax_id_and_country_are_rechecked_together_in_the_service(customer: Customer, make_account: Callable) -> None:

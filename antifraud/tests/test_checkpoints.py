@@ -211,3 +211,23 @@ def test_blocking_an_account_raises_the_accounts_linked_to_it_for_review(
     assert link["account"] == first.public_id and link["shared"][0].startswith("card amex •••• ")
     assert AccountRisk.objects.get(account_id=second.id).status == RiskStatus.REVIEW
     assert latest(unrelated, "linked") is None
+
+
+@pytest.mark.django_db
+def test_a_new_account_with_a_blocked_accounts_phone_is_raised_for_review(
+    customer: Customer, make_customer: Callable[..., Customer]
+) -> None:
+    first = open_account(customer, "203.0.113.20", name="Ring One BV", phone="+31 20 123 4567")
+    account_services.billing_account_transition(
+        account_id=first.id, transition="block", actor=ANALYST, reason="stolen card"
+    )
+    while outbox.drain():
+        pass
+    other = make_customer()
+    second = open_account(other, "198.51.100.99", name="Ring Two BV", email="ap@ring2.test", phone="020-1234567")
+    signup = latest(second, "signup")
+    assert signup.decision == "review"
+    (link,) = next(f for f in signup.fired if f["rule"] == "linked_accounts")["evidence"]["linked_blocked_accounts"]
+    assert link == {"account": first.public_id, "shared": ["phone +31201234567"]}
+    bind(other, second, "pm_card_visa")
+    assert second.state == AccountState.PENDING  # in review: the card does not activate it

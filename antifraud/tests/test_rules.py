@@ -177,18 +177,23 @@ def test_prepaid_cards_on_new_accounts_only() -> None:
 
 
 @pytest.mark.django_db
-def test_links_to_a_blocked_account_by_email_ip_tax_id_or_card() -> None:
+def test_links_to_a_blocked_account_by_email_ip_tax_id_phone_or_card() -> None:
     AccountSignal.objects.create(account_id=7, email_normalised="firstlast@gmail.com", ip="203.0.113.9", tax_id="")
     AccountSignal.objects.create(account_id=8, email_normalised="other@example.nl", ip=None, tax_id="NL004495445B01")
-    me = subject(email="First.Last+2@gmail.com", tax_id="NL004495445B01")
+    AccountSignal.objects.create(account_id=6, email_normalised="third@example.nl", phone="+31201234567")
+    me = subject(email="First.Last+2@gmail.com", tax_id="NL004495445B01", phone="+31201234567")
     assert fire("linked_accounts", me, {}) is None  # linked, but to accounts in good standing
-    blocked(7, 8)
+    blocked(6, 7, 8)
     fired = fire("linked_accounts", me, {})
     assert fired is not None and fired["insists"] == "review"
     assert fired["linked_blocked_accounts"] == [
+        {"account": ids.encode("acc", 6), "shared": ["phone +31201234567"]},
         {"account": ids.encode("acc", 7), "shared": ["email firstlast@gmail.com"]},
         {"account": ids.encode("acc", 8), "shared": ["tax id NL004495445B01"]},
     ]
+    # Another number: no link by phone.
+    fired = fire("linked_accounts", subject(email="x@example.nl", phone="+31201234568"), {})
+    assert fired is None
     _cards("fp_visa", 9)
     blocked(9)
     fired = fire("linked_accounts", subject(card=CARD), {})
