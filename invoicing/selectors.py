@@ -214,6 +214,15 @@ def invoice_paid_amount(invoice_id: int) -> InvoicePaidAmount | None:
     )
 
 
+def threshold_invoices(*, account_id: int) -> list[PayableInvoice]:
+    """The account's threshold invoices (issued early at its credit limit), oldest first."""
+    return _payable(
+        Invoice.objects.filter(account_id=account_id, kind=InvoiceKind.THRESHOLD)
+        .exclude(status=InvoiceStatus.DRAFT)
+        .order_by("issued_at", "id")
+    )
+
+
 def invoice_numbers(ids: Iterable[int]) -> dict[int, str]:
     """Invoice id → number, for display (drafts have none and are left out)."""
     return dict(

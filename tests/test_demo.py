@@ -71,7 +71,8 @@ def test_the_demo_prints_the_login_both_keys_and_working_curl_lines_together_at_
         )
         again = run("load_demo_payments")  # idempotent: nothing bound or charged twice
         assert "0 retried, 0 suspended" in again
-        assert Payment.objects.filter(status="succeeded").count() == 1
+        # Acme's charge, and Northwind's threshold invoice (load_demo_fraud, below): nothing twice.
+        assert Payment.objects.filter(status="succeeded").count() == 2
         assert ledger.check() == []
 
         # The fraud ring is caught and queued for review; the honest newcomers are let in.
@@ -79,6 +80,13 @@ def test_the_demo_prints_the_login_both_keys_and_working_curl_lines_together_at_
         assert re.search(r"Hashpower Three BV \(acc_\w+\): account blocked, blocked with the fraud team", fraud)
         assert re.search(r"Hashpower One BV \(acc_\w+\): account active, review with the fraud team", fraud)
         assert re.search(r"Northwind Traders BV \(acc_\w+\): account active, clear with the fraud team", fraud)
+        # Its GPU box passes the credit limit: an early invoice, charged to its card at once.
+        assert re.search(
+            r"Threshold billing: Northwind Traders BV \(acc_\w+\) passed its credit limit of 500\.00 EUR: "
+            r"threshold invoice \S+ of 665\.02 EUR, paid; account active",  # 240 GPU-hours at 2.29, VAT 21 %
+            fraud,
+        ), fraud
+        assert run("load_demo_fraud").count("Threshold billing:") == 1  # idempotent: one threshold invoice
 
         assert f"{SITE}/admin/  login operator@demo.test / demo-operator-2026" in access
         (key,) = set(re.findall(r"bku_[A-Za-z0-9_-]+", access))

@@ -8,10 +8,17 @@ card (``pm_card_mastercard``: one fingerprint), the third with a throwaway addre
 two look clean on their own and are activated; the third is blocked (card reuse, disposable
 email, signup velocity), which raises the first two for review as linked accounts; the fourth
 is blocked at its card. The honest newcomers bind their own cards and are activated.
+
+Then threshold billing: Northwind's new account (credit limit 500 EUR from its policy) ran an
+8-GPU box for the last 30 hours (240 GPU-hours at 2.29 EUR: 549.60 EUR), sent through the
+usage endpoint and rolled up; the credit check finds it past its limit and issues a threshold
+invoice (665.02 EUR with Dutch VAT), charged to its card at once.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from typing import Any
 
 from django.conf import settings
@@ -19,8 +26,14 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.test import Client
 
 from accounts import selectors as account_selectors
+from accounts import services as account_services
+from accounts.authentication import Scope
 from antifraud.models import AccountRisk, RiskAssessment
+from billing_site.common import money
 from billing_site.outbox import services as outbox
+from invoicing import selectors as invoicing_selectors
+from invoicing import services as invoicing_services
+from metering import services as metering_services
 
 PASSWORD = "demo-password-2026"  # noqa: S105  (demo users on 127.0.0.1)
 RING_IP = "198.51.100.23"
@@ -90,6 +103,51 @@ class Command(BaseCommand):
                 f"  {account.name} ({account.public_id}): account {account.state}, "
                 f"{risk.status if risk else 'clear'} with the fraud team"
                 f"{f'; last assessment {last.checkpoint}: {last.decision} ({last.score}) {rules}' if last else ''}"
+            )
+        self._threshold_billing()
+
+    def _threshold_billing(self) -> None:
+        """Northwind passes its credit limit: usage through the endpoint, the rollup, the
+        credit check as beat runs it after a rollup, the charge the outbox delivers."""
+        account = account_selectors.billing_accounts_named(names=["Northwind Traders BV"]).first()
+        if account is None or account.state != "active":
+            return
+        if not invoicing_selectors.threshold_invoices(account_id=account.id):
+            key = account_services.service_key_create(
+                name="demo-threshold", scopes=[Scope.USAGE_WRITE], created_by_id=None
+            )
+            until = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+            since = until - dt.timedelta(hours=30)
+            box = {"account_id": account.public_id, "type": "resource", "resource_id": "gpu-box-1"}
+            events = [
+                {
+                    **box,
+                    "id": "gpu-box-start",
+                    "time": since.isoformat(),
+                    "action": "start",
+                    "spec": {"compute.gpu.a100": "8"},
+                    "labels": {"project": "training"},
+                },
+                {**box, "id": "gpu-box-stop", "time": until.isoformat(), "action": "stop"},
+            ]
+            client = Client(HTTP_AUTHORIZATION=f"Bearer {key.raw}", SERVER_NAME="127.0.0.1")
+            response = client.post(
+                "/api/v1/usage/events", json.dumps({"events": events}), content_type="application/json"
+            )
+            account_services.api_key_revoke(key_id=key.key.id, user_id=None)
+            if response.status_code != 200:
+                raise CommandError(f"usage for the threshold demo: {response.status_code} {response.content[:300]!r}")
+            metering_services.rollup_catch_up()
+            invoicing_services.threshold_billing_run(render_pdfs=False)
+            while outbox.drain():  # the charge
+                pass
+        account.refresh_from_db()
+        for invoice in invoicing_selectors.threshold_invoices(account_id=account.id):
+            self.stdout.write(
+                f"Threshold billing: {account.name} ({account.public_id}) passed its credit limit of "
+                f"{money.format_amount(account.credit_limit, account.currency)} {account.currency}: threshold "
+                f"invoice {invoice.number} of {money.format_minor(invoice.total_minor, invoice.currency)} "
+                f"{invoice.currency}, {invoice.status}; account {account.state}"
             )
 
     def _sign_up_and_bind(self, email: str, profile: dict[str, Any], ip: str, card: str) -> None:
