@@ -110,7 +110,7 @@ class BillingAccountSerializer(StrictSerializer):
         required=False,
         allow_blank=True,
         help_text="A contact number, international (`+31 20 123 4567`) or in the account's country's own form; "
-        "stored as E.164.",
+        "stored as E.164 (`invalid_phone` when libphonenumber finds it invalid).",
     )
     address = AddressSerializer(source="*")
     state = serializers.ChoiceField(choices=AccountState.choices, read_only=True)

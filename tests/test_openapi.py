@@ -157,6 +157,7 @@ def _supply_what_the_schema_cannot_say(case: schemathesis.Case, caller: dict[str
     - a member to add must have signed up (``unknown_user``);
     - VAT numbers carry a checksum (``invalid_tax_id``) and belong to the account's country
       (a PATCH of the country alone re-validates the stored one);
+    - a phone number must be one libphonenumber finds valid (``invalid_phone``);
     - a password must not be common or close to the email (Django's validators; the schema
       states the length and "not only digits");
     - a cost range: ``end`` after ``start``, at most the granularity's span, years 2000-9998.
@@ -185,6 +186,11 @@ def _supply_what_the_schema_cannot_say(case: schemathesis.Case, caller: dict[str
             validation.normalize_tax_id(str(country), body["tax_id"])
         except ValueError:
             body["tax_id"] = ""
+    if isinstance(body.get("phone"), str) and body["phone"]:
+        try:
+            validation.normalize_phone(str(body.get("country") or caller["country"]), body["phone"])
+        except ValueError:
+            body["phone"] = ""
     if case.path == "/api/v1/users" and isinstance(body.get("password"), str):
         try:
             password_validation.validate_password(
