@@ -106,16 +106,12 @@ class BillingAccountForm(forms.ModelForm[BillingAccount]):
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
         country = str(data.get("country") or "")
-        if data.get("tax_id") and country:
-            try:
-                data["tax_id"] = validation.normalize_tax_id(country, data["tax_id"])
-            except ValueError as exc:
-                self.add_error("tax_id", str(exc))
-        if data.get("phone"):
-            try:
-                data["phone"] = validation.normalize_phone(country, data["phone"])
-            except ValueError as exc:
-                self.add_error("phone", str(exc))
+        for name, normalize in (("tax_id", validation.normalize_tax_id), ("phone", validation.normalize_phone)):
+            if data.get(name) and country:
+                try:
+                    data[name] = normalize(country, data[name])
+                except ValueError as exc:
+                    self.add_error(name, str(exc))
         return data
 
 

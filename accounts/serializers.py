@@ -123,18 +123,17 @@ class BillingAccountSerializer(StrictSerializer):
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         instance: BillingAccount | None = self.instance
         country = attrs.get("country", instance.country.code if instance else "")
-        tax_id = attrs.get("tax_id", instance.tax_id if instance else "")
-        if ("tax_id" in attrs or "country" in attrs) and tax_id:
-            try:
-                attrs["tax_id"] = validation.normalize_tax_id(country, tax_id)
-            except ValueError as exc:
-                raise serializers.ValidationError({"tax_id": [str(exc)]}, code="invalid_tax_id") from exc
-        phone = attrs.get("phone", instance.phone if instance else "")
-        if ("phone" in attrs or "country" in attrs) and phone:
-            try:
-                attrs["phone"] = validation.normalize_phone(country, phone)
-            except ValueError as exc:
-                raise serializers.ValidationError({"phone": [str(exc)]}, code="invalid_phone") from exc
+        # Checked against the country (the one sent, else the stored one) when either changes.
+        for name, normalize, code in (
+            ("tax_id", validation.normalize_tax_id, "invalid_tax_id"),
+            ("phone", validation.normalize_phone, "invalid_phone"),
+        ):
+            value = attrs.get(name, getattr(instance, name) if instance else "")
+            if (name in attrs or "country" in attrs) and value:
+                try:
+                    attrs[name] = normalize(country, value)
+                except ValueError as exc:
+                    raise serializers.ValidationError({name: [str(exc)]}, code=code) from exc
         return attrs
 
 

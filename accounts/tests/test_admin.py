@@ -244,3 +244,25 @@ def test_view_site_leads_to_the_api_docs() -> None:
     page = support.get("/admin/").content.decode()
     assert '<a href="/api/docs/">View site</a>' in page
     assert support.get("/api/docs/").status_code == 200
+
+
+def test_a_phone_number_in_the_admin_is_checked_and_stored_in_e164(customer: object, make_account: Callable) -> None:
+    account = make_account(customer.user)  # type: ignore[attr-defined]
+    _, support = operator(["support"])
+    form = support.get(change_url(account)).context["adminform"].form
+    data = {k: ("" if v is None else v) for k, v in form.initial.items() if k in form.fields}
+    data.update(
+        {
+            "country": "NL",
+            "transitions-TOTAL_FORMS": "0",
+            "transitions-INITIAL_FORMS": "0",
+            "memberships-TOTAL_FORMS": "0",
+            "memberships-INITIAL_FORMS": "0",
+        }
+    )
+    refused = support.post(change_url(account), {**data, "phone": "12"})
+    assert refused.status_code == 200 and "is not a valid phone number" in refused.content.decode()
+    saved = support.post(change_url(account), {**data, "phone": "020 123 4567"})
+    assert saved.status_code == 302, saved.content[:2000]
+    account.refresh_from_db()
+    assert account.phone == "+31201234567"
