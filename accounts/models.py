@@ -98,7 +98,9 @@ class BillingAccount(FSMModelMixin, models.Model):
     country = CountryField()
     currency = models.CharField(max_length=3, help_text="ISO 4217; fixed once the account exists.")
     tax_id = models.CharField(max_length=32, blank=True, default="", help_text="Compact form, e.g. NL004495445B01.")
-    phone = models.CharField(max_length=20, blank=True, default="", help_text="E.164, e.g. +31201234567.")
+    phone = models.CharField(
+        max_length=20, blank=True, default="", db_default="", help_text="E.164, e.g. +31201234567."
+    )
     address_line1 = models.CharField(max_length=200)
     address_line2 = models.CharField(max_length=200, blank=True, default="")
     address_city = models.CharField(max_length=100)
