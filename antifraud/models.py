@@ -152,7 +152,7 @@ class AccountSignal(models.Model):
         indexes = [
             models.Index(fields=["email_normalised"], name="antifraud_signal_email"),
             models.Index(fields=["ip"], name="antifraud_signal_ip"),
-            models.Index(fields=["tax_id"], name="antifraud_signal_tax_id"),
+            models.Index(fields=["tax_id"], name="antifraud_signal_tax_id_set", condition=~models.Q(tax_id="")),
             models.Index(fields=["phone"], name="antifraud_signal_phone", condition=~models.Q(phone="")),
             models.Index(fields=["created_at"], name="antifraud_signal_created"),
         ]

@@ -3,11 +3,13 @@
     make bench                                   # with the other benchmarks
     .venv/bin/python -m bench.antifraud --accounts 1000000 --samples 2000
 
-The tables first hold ``--accounts`` (1,000,000) billing accounts with their identity signals
-and signup events over ``--days`` (30) days, ``--fingerprints`` (1,000,000) card fingerprints
-bound to them, one assessment per account over those days and some failed bindings: written
-set-based in the database (``generate_series``), kept between runs (a run adds only what is
-missing). Then, in this process, on new accounts:
+The tables first hold ``--accounts`` (1,000,000) billing accounts (two in three with a tax id,
+one in two with a phone) with their identity signals and signup events over ``--days`` (30)
+days, ``--fingerprints`` (1,000,000) card fingerprints bound to them, one assessment per account
+over those days and some failed bindings: written set-based in the database
+(``generate_series``), kept between runs (a run adds only what is missing). Then, in this
+process, on new business accounts (each with a tax id, three in four with a phone: the
+linked-account look-ups by both run):
 
 S   the signup checkpoint (``services.signup_assess``: signals kept, every rule evaluated, the
     assessment and the account's standing written), ``--samples`` times;
@@ -87,12 +89,15 @@ def prepare(*, accounts: int, fingerprints: int, days: int) -> None:
             """
             INSERT INTO accounts_billingaccount (id, name, email, kind, country, currency, tax_id, address_line1,
                 address_line2, address_city, address_postal_code, address_region, state, credit_limit, created_at,
-                updated_at, payment_terms_days)
+                updated_at, payment_terms_days, phone)
             SELECT %(first)s + g, 'Bench ' || g, 'ops' || g || '@bench' || (g %% 5000) || '.test',
                    CASE WHEN g %% 3 = 0 THEN 'individual' ELSE 'business' END,
-                   (ARRAY['NL','DE','FR','US','GB'])[1 + g %% 5], 'EUR', '', 'Street 1', '', 'City', '1000', '',
+                   (ARRAY['NL','DE','FR','US','GB'])[1 + g %% 5], 'EUR',
+                   CASE WHEN g %% 3 = 0 THEN '' ELSE 'NL' || lpad(g::text, 9, '0') || 'B01' END,
+                   'Street 1', '', 'City', '1000', '',
                    CASE WHEN g %% 100 = 0 THEN 'blocked' ELSE 'active' END, 0,
-                   now() - make_interval(secs => (g %% (%(days)s * 86400))), now(), 14
+                   now() - make_interval(secs => (g %% (%(days)s * 86400))), now(), 14,
+                   CASE WHEN g %% 2 = 0 THEN '+316' || lpad(g::text, 8, '0') ELSE '' END
             FROM generate_series(%(from)s, %(to)s) AS g
             """,
             params,
@@ -100,11 +105,13 @@ def prepare(*, accounts: int, fingerprints: int, days: int) -> None:
         cursor.execute(
             """
             INSERT INTO antifraud_accountsignal (account_id, user_id, ip, ip_prefix, ip_country, email_normalised,
-                email_domain, tax_id, country, created_at)
+                email_domain, tax_id, phone, country, created_at)
             SELECT %(first)s + g, NULL,
                    ('10.' || (g / 65536) %% 256 || '.' || (g / 256) %% 256 || '.' || g %% 256)::inet,
                    '10.' || (g / 65536) %% 256 || '.' || (g / 256) %% 256 || '.0/24', '',
-                   'ops' || g || '@bench' || (g %% 5000) || '.test', 'bench' || (g %% 5000) || '.test', '',
+                   'ops' || g || '@bench' || (g %% 5000) || '.test', 'bench' || (g %% 5000) || '.test',
+                   CASE WHEN g %% 3 = 0 THEN '' ELSE 'NL' || lpad(g::text, 9, '0') || 'B01' END,
+                   CASE WHEN g %% 2 = 0 THEN '+316' || lpad(g::text, 8, '0') ELSE '' END,
                    (ARRAY['NL','DE','FR','US','GB'])[1 + g %% 5],
                    now() - make_interval(secs => (g %% (%(days)s * 86400)))
             FROM generate_series(%(from)s, %(to)s) AS g
@@ -175,6 +182,9 @@ def _new_account(n: int) -> int:
             "email": f"sample{n}-{random.randrange(10**9)}@sample.test",
             "kind": "business",
             "country": "NL",
+            # A business has a VAT id, and most give a phone: the look-ups by tax id and phone run.
+            "tax_id": f"NL{random.randrange(10**9):09d}B{n % 100:02d}",
+            "phone": f"+3120{random.randrange(10**7):07d}" if n % 4 else "",
         },
         currency="EUR",
     )

@@ -218,3 +218,35 @@ def test_repeated_declines_and_any_dispute() -> None:
     PaymentOutcome.objects.create(account_id=1000, kind="dispute", reference="dsp_1", created_at=NOW)
     fired = fire("payment_trouble", subject(), params)
     assert fired is not None and fired["disputes"] == 1 and fired["insists"] == "review"
+
+
+@pytest.mark.django_db
+def test_every_look_up_of_the_facts_statement_has_an_index_under_its_generic_plan() -> None:
+    """The facts statement is prepared once per connection and planned for any parameters: each
+    of its look-ups must have an index to probe whatever the values (a phone look-up that missed
+    its partial index scanned every account's signals: 175 ms on 1,000,000 accounts). With
+    sequential scans priced out, any left in the plan is a look-up without an index."""
+    import re
+
+    from django.db import connection
+
+    every_rule = {code: {} for code in rules.RULES}
+    me = subject(user_id=5, ip=NL_IP, tax_id="NL004495445B01", phone="+31201234567", card=CARD)
+    sql, params = rules.facts_statement(me, every_rule)
+    names: list[str] = []
+
+    def positional(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    prepared = re.sub(r"%\((\w+)\)s", positional, sql).replace("%%", "%")
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("PREPARE facts_plan AS " + prepared.replace("%", "%%"))
+        values = [params[name] for name in names]
+        cursor.execute(f"EXPLAIN EXECUTE facts_plan({', '.join(['%s'] * len(values))})", values)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        cursor.execute("DEALLOCATE facts_plan")
+    assert "Seq Scan" not in plan, plan
