@@ -187,7 +187,12 @@ def _decide(fired: list[rules.Fired], settings: RiskSettings) -> tuple[int, str]
 
 
 _RECORD_SQL = """
-WITH assessment AS (
+WITH card AS (  -- the card being bound, if any: kept once per account (the facts read it from the subject)
+    INSERT INTO antifraud_cardseen (account_id, fingerprint, brand, last4, country, funding, first_seen_at)
+    SELECT %(account)s, %(fp)s, %(brand)s, %(last4)s, %(card_country)s, %(funding)s, %(now)s
+    WHERE %(fp)s::varchar <> ''
+    ON CONFLICT (account_id, fingerprint) DO NOTHING
+), assessment AS (
     INSERT INTO antifraud_riskassessment (account_id, checkpoint, score, decision, fired, rules_version, created_at)
     VALUES (%(account)s, %(checkpoint)s, %(score)s, %(decision)s, %(fired)s, %(version)s, %(now)s)
     RETURNING id
@@ -218,8 +223,9 @@ class Outcome:
 
 
 def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
-    """Evaluate (one read), store the assessment and move the account's standing (one write),
-    in the caller's transaction; a block is queued for the account through the outbox."""
+    """Evaluate (one read), store the assessment, move the account's standing and keep the card
+    being bound (one write), in the caller's transaction; a block is queued for the account
+    through the outbox."""
     settings, enabled = _rules_config()
     fired = rules.evaluate(subject, enabled)
     score, decision = _decide(fired, settings)
@@ -243,6 +249,11 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
             "version": settings.version,
             "now": subject.now,
             "status": _STATUS_OF[Decision(decision)].value,
+            "fp": card.fingerprint if (card := subject.card) else "",
+            "brand": card.brand if card else "",
+            "last4": card.last4 if card else "",
+            "card_country": card.country if card else "",
+            "funding": card.funding if card else "",
         },
     )
     if decision == Decision.BLOCK:  # idempotent: an account blocked already is left alone
@@ -323,25 +334,10 @@ def signup_assess(*, account_id: int, user_id: int | None, ip: str | None) -> Ou
 
 
 def card_binding_assess(*, account_id: int, user_id: int | None, ip: str | None, card: rules.Card) -> Outcome:
-    """Checkpoint 2, a card bound (in the binding's transaction): keep the card's fingerprint,
-    assess the account with it. The decision says whether the card may activate a pending
-    account: ``allow`` only when this assessment allows and no review is open on the account."""
-    rules.prepared_one(
-        """
-        INSERT INTO antifraud_cardseen (account_id, fingerprint, brand, last4, country, funding, first_seen_at)
-        VALUES (%(account)s, %(fp)s, %(brand)s, %(last4)s, %(country)s, %(funding)s, %(now)s)
-        ON CONFLICT (account_id, fingerprint) DO NOTHING
-        """,
-        {
-            "account": account_id,
-            "fp": card.fingerprint,
-            "brand": card.brand,
-            "last4": card.last4,
-            "country": card.country,
-            "funding": card.funding,
-            "now": timezone.now(),
-        },
-    )
+    """Checkpoint 2, a card bound (in the binding's transaction): assess the account with the
+    card, and keep its fingerprint (with the assessment). The decision says whether the card may
+    activate a pending account: ``allow`` only when this assessment allows and no review is open
+    on the account."""
     outcome = _assess(Checkpoint.CARD_BINDING, _subject(account_id, user_id=user_id, ip=ip, card=card))
     decision = outcome.decision
     if decision == Decision.ALLOW and outcome.standing == RiskStatus.REVIEW:
