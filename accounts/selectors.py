@@ -7,6 +7,7 @@ import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal
 
+from django.db import connection
 from django.db.models import OuterRef, QuerySet, Subquery
 
 from accounts.authentication import Caller
@@ -85,8 +86,6 @@ def billing_account_standings(account_ids: set[int]) -> dict[int, IngestStanding
     without a closure record (imported data) counts as closed since its row last changed."""
     if not account_ids:
         return {}
-    from django.db import connection
-
     with connection.cursor() as cursor:
         cursor.execute(
             """
@@ -131,25 +130,19 @@ class BillingProfile:
 
 
 def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
-    """Billing profiles of these accounts, one query (plain rows, no model instances: antifraud
-    reads one at every checkpoint)."""
+    """Billing profiles of these accounts, one query (plain rows in plain SQL: antifraud reads
+    one at every checkpoint, where building the ORM's query cost twice its run)."""
     profiles: dict[int, BillingProfile] = {}
-    rows = BillingAccount.objects.filter(id__in=account_ids).values_list(
-        "id",
-        "name",
-        "email",
-        "kind",
-        "country",
-        "currency",
-        "tax_id",
-        "address_line1",
-        "address_line2",
-        "address_postal_code",
-        "address_city",
-        "address_region",
-        "payment_terms_days",
-        "phone",
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT id, name, email, kind, country, currency, tax_id, address_line1, address_line2,
+                   address_postal_code, address_city, address_region, payment_terms_days, phone
+            FROM accounts_billingaccount WHERE id = ANY(%s)
+            """,
+            [list(account_ids)],
+        )
+        rows = cursor.fetchall()
     for (
         account_id,
         name,
