@@ -98,6 +98,7 @@ class OutboxMessageAdmin(RecordAdminMixin, admin.ModelAdmin[OutboxMessage]):
         "dedupe_key",
         "attempts",
         "last_error",
+        "next_attempt_at",
         "created_at",
         "leased_until",
         "delivered_at",

@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 
 LEASE = dt.timedelta(seconds=60)
 MAX_ATTEMPTS_LOGGED_AS_ERROR = 5
+# A message that failed is tried again by the drain after a backoff that doubles with each
+# attempt, from one drain interval up to an hour: a broker down for a day costs ~30 tries a
+# message, not 5,760. Never given up: a side effect owed is delivered when its cause is mended
+# (or at once by the admin's "deliver now").
+RETRY_FIRST = dt.timedelta(seconds=15)
+RETRY_MAX = dt.timedelta(hours=1)
+
+
+def retry_delay(attempts: int) -> dt.timedelta:
+    """How long the drain leaves a message that has failed ``attempts`` times."""
+    return min(RETRY_FIRST * 2 ** min(max(attempts - 1, 0), 20), RETRY_MAX)
 
 
 def enqueue_tasks(
@@ -108,12 +119,16 @@ def enqueue_email(
 
 
 def _lease(ids: list[int] | None, limit: int, *, after_id: int = 0) -> list[OutboxMessage]:
+    """Lease these messages (asked for by id: backing off or not), or up to ``limit`` pending
+    ones whose backoff is over."""
     now = timezone.now()
     with transaction.atomic():
         queryset = OutboxMessage.objects.select_for_update(skip_locked=True).filter(
             delivered_at__isnull=True, id__gt=after_id
         )
-        queryset = queryset.filter(id__in=ids) if ids is not None else queryset
+        # Asked for by id (prompt delivery, "deliver now"): no waiting. The drain: what is
+        # backing off after a failure waits for its time.
+        queryset = queryset.filter(id__in=ids) if ids is not None else queryset.exclude(next_attempt_at__gt=now)
         queryset = queryset.exclude(leased_until__gt=now).order_by("id")[:limit]
         messages = list(queryset)
         if messages:
@@ -122,8 +137,9 @@ def _lease(ids: list[int] | None, limit: int, *, after_id: int = 0) -> list[Outb
 
 
 def deliver(ids: list[int] | None = None, *, limit: int = 500) -> int:
-    """Deliver these messages (or up to ``limit`` pending ones); returns how many were sent.
-    Never inside a transaction: sending is a network call."""
+    """Deliver these messages, even those backing off after a failure (or up to ``limit``
+    pending ones that are not); returns how many were sent. Never inside a transaction:
+    sending is a network call."""
     forbid_transaction("Delivering the outbox")
     return _deliver_leased(_lease(ids, limit))
 
@@ -133,23 +149,34 @@ def _deliver_leased(leased: list[OutboxMessage]) -> int:
     for message in leased:
         try:
             _send(message)
-        except Exception as exc:  # kept for the next drain; logged with its id
+        except Exception as exc:  # kept for a later drain, after its backoff; logged with its id
+            attempts = message.attempts + 1
+            delay = retry_delay(attempts)
             OutboxMessage.objects.filter(id=message.id).update(
-                attempts=message.attempts + 1, last_error=f"{type(exc).__name__}: {exc}"[:2000], leased_until=None
+                attempts=attempts,
+                last_error=f"{type(exc).__name__}: {exc}"[:2000],
+                leased_until=None,
+                next_attempt_at=timezone.now() + delay,
             )
             log.log(
-                logging.ERROR if message.attempts + 1 >= MAX_ATTEMPTS_LOGGED_AS_ERROR else logging.WARNING,
+                logging.ERROR if attempts >= MAX_ATTEMPTS_LOGGED_AS_ERROR else logging.WARNING,
                 "outbox.failed",
                 extra={
                     "outbox_id": message.id,
                     "kind": message.kind,
                     "target": message.name,
                     "error": type(exc).__name__,
+                    "attempts": attempts,
+                    "retry_in_s": int(delay.total_seconds()),
                 },
             )
             continue
         OutboxMessage.objects.filter(id=message.id).update(
-            delivered_at=timezone.now(), attempts=message.attempts + 1, leased_until=None, last_error=""
+            delivered_at=timezone.now(),
+            attempts=message.attempts + 1,
+            leased_until=None,
+            last_error="",
+            next_attempt_at=None,
         )
         sent += 1
         log.info(
@@ -166,8 +193,9 @@ def _deliver_leased(leased: list[OutboxMessage]) -> int:
 
 def drain(*, batch: int = 500, max_batches: int = 100) -> int:
     """Deliver everything pending, batch by batch in id order (the periodic task). Each
-    message is tried at most once per drain: one that fails is left to the next drain, and
-    the drain goes on past it, so failing messages never hold up those behind them."""
+    message is tried at most once per drain: one that fails is left to a later drain (after
+    its backoff), and the drain goes on past it, so failing messages never hold up those
+    behind them."""
     forbid_transaction("Delivering the outbox")
     total = 0
     after_id = 0

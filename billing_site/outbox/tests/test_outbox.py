@@ -28,9 +28,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import time_machine
 from django.core import mail
 from django.db import connection, connections, transaction
 from django.test import override_settings
+from django.utils import timezone
 
 from billing_site.outbox import services as outbox
 from billing_site.outbox.models import OutboxKind, OutboxMessage
@@ -313,19 +315,46 @@ def test_a_failing_delivery_is_kept_with_its_error_retried_and_blocks_nothing(re
     assert LATE in kept[late].last_error
     assert kept[broken].attempts == 1
     assert kept[broken].last_error == "TemplateDoesNotExist: outbox_tests/no_such_template_subject.txt"
-    assert all(message.leased_until is None for message in kept.values())  # free for the next drain
+    assert all(message.leased_until is None for message in kept.values())  # nobody is delivering them
+    start = timezone.now()
+    assert all(start < message.next_attempt_at <= start + dt.timedelta(seconds=15) for message in kept.values())
 
-    assert outbox.drain() == 0  # the next drain tries them again
+    assert outbox.drain() == 0  # backing off: the next drain leaves them
+    assert {message.id: message.attempts for message in pending()} == {late: 1, broken: 1}
+    with time_machine.travel(start + dt.timedelta(seconds=16)):
+        assert outbox.drain() == 0  # 15 s later they are tried again, and fail again
+    assert {message.id: message.attempts for message in pending()} == {late: 2, broken: 2}
+    with time_machine.travel(start + dt.timedelta(seconds=40)):
+        assert outbox.drain() == 0  # the second wait is 30 s
     assert {message.id: message.attempts for message in pending()} == {late: 2, broken: 2}
 
     receiver.register(LATE)  # the release that brings the task reaches the worker
-    assert outbox.drain() == 1
+    with time_machine.travel(start + dt.timedelta(seconds=47)):
+        assert outbox.drain() == 1
     delivered = OutboxMessage.objects.get(id=late)
     assert delivered.delivered_at is not None
     assert (delivered.attempts, delivered.last_error, delivered.leased_until) == (3, "", None)
+    assert delivered.next_attempt_at is None
     assert receiver.deliveries()[-1] == (f"outbox-{late}", {"n": 2})
     assert [(message.id, message.attempts) for message in pending()] == [(broken, 3)]
     assert len(receiver.deliveries()) == 3
+
+
+def test_the_backoff_doubles_from_one_drain_interval_up_to_an_hour() -> None:
+    waits = [outbox.retry_delay(attempts).total_seconds() for attempts in (1, 2, 3, 4, 8, 9, 50, 10**6)]
+    assert waits == [15, 30, 60, 120, 1920, 3600, 3600, 3600]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_delivering_by_id_does_not_wait_for_the_backoff(receiver: Receiver) -> None:
+    """The admin's "deliver now" (by id): an operator who mended the cause need not wait."""
+    with committed_without_delivery():
+        late = outbox.enqueue_task(LATE, n=1)
+    assert outbox.drain() == 0
+    receiver.register(LATE)
+    assert outbox.drain() == 0  # backing off
+    assert late is not None and outbox.deliver([late]) == 1
+    assert receiver.deliveries() == [(f"outbox-{late}", {"n": 1})]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -354,7 +383,8 @@ def test_failing_messages_filling_a_whole_batch_do_not_stop_the_drain(receiver: 
     assert outbox.drain(batch=2) == 3
     assert [task_id for task_id, _ in receiver.deliveries()] == [f"outbox-{message_id}" for message_id in good]
     assert [(message.id, message.attempts) for message in pending()] == [(message_id, 1) for message_id in failing]
-    assert outbox.drain(batch=2) == 0
+    with time_machine.travel(timezone.now() + dt.timedelta(seconds=16)):
+        assert outbox.drain(batch=2) == 0
     assert [message.attempts for message in pending()] == [2] * 5
 
 
