@@ -694,10 +694,16 @@ def account_unblocked(*, account_id: int) -> None:
     )
 
 
+# A block re-assesses at most this many linked accounts, the newest first (a ring is recent;
+# an IP behind a carrier's NAT may be shared by tens of thousands of old accounts, and one task
+# assessing them all would outrun its time limit and be retried forever).
+REASSESS_CAP = 1000
+
+
 def linked_accounts_reassess(*, account_id: int) -> int:
-    """``account_id`` was blocked: every account sharing its normalised email, signup IP, tax id,
-    phone or a card is assessed again (the linked-accounts rule raises each for review, with the
-    link shown). Returns how many were assessed."""
+    """``account_id`` was blocked: the accounts sharing its normalised email, signup IP, tax id,
+    phone or a card are assessed again, the newest ``REASSESS_CAP`` of them (the linked-accounts
+    rule raises each for review, with the link shown). Returns how many were assessed."""
     signal = AccountSignal.objects.filter(account_id=account_id).first()
     match = Q(pk__in=[])
     if signal is not None:
@@ -709,22 +715,36 @@ def linked_accounts_reassess(*, account_id: int) -> int:
             match |= Q(tax_id=signal.tax_id)
         if signal.phone:
             match |= Q(phone=signal.phone)
-    linked = set(
-        AccountSignal.objects.filter(match).exclude(account_id=account_id).values_list("account_id", flat=True)
-    )
+    read = 2 * REASSESS_CAP  # the newest from each source, with room for blocked and closed ones
+    seen: dict[int, dt.datetime] = {}  # each linked account, when it was last seen sharing
     fingerprints = CardSeen.objects.filter(account_id=account_id).values_list("fingerprint", flat=True)
-    linked |= set(
-        CardSeen.objects.filter(fingerprint__in=fingerprints)
+    for other, at in [
+        *AccountSignal.objects.filter(match)
         .exclude(account_id=account_id)
-        .values_list("account_id", flat=True)
+        .order_by("-created_at")
+        .values_list("account_id", "created_at")[:read],
+        *CardSeen.objects.filter(fingerprint__in=fingerprints)
+        .exclude(account_id=account_id)
+        .order_by("-first_seen_at")
+        .values_list("account_id", "first_seen_at")[:read],
+    ]:
+        seen[other] = max(at, seen.get(other, at))
+    states = _standings(set(seen))
+    eligible = sorted(
+        (a for a in seen if states.get(a) not in (None, "blocked", "closed")), key=lambda a: seen[a], reverse=True
     )
-    states = _standings(linked)
-    assessed = 0
-    for other in sorted(a for a in linked if states.get(a) not in (None, "blocked", "closed")):
+    for other in eligible[:REASSESS_CAP]:
         with transaction.atomic():
             _assess(Checkpoint.LINKED, _subject(other, user_id=None, ip=None))
-        assessed += 1
-    log.info("antifraud.linked_reassessed", extra={"account_id": ids.encode("acc", account_id), "assessed": assessed})
+    assessed = min(len(eligible), REASSESS_CAP)
+    log.info(
+        "antifraud.linked_reassessed",
+        extra={
+            "account_id": ids.encode("acc", account_id),
+            "assessed": assessed,
+            "left_out": len(eligible) - assessed,  # at least: only the newest were read
+        },
+    )
     return assessed
 
 

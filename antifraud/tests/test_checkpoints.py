@@ -231,3 +231,28 @@ def test_a_new_account_with_a_blocked_accounts_phone_is_raised_for_review(
     assert link == {"account": first.public_id, "shared": ["phone +31201234567"]}
     bind(other, second, "pm_card_visa")
     assert second.state == AccountState.PENDING  # in review: the card does not activate it
+
+
+@pytest.mark.django_db
+def test_a_block_reassesses_the_newest_linked_accounts_up_to_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IP behind a carrier's NAT can be shared by tens of thousands of accounts: a block
+    re-assesses the newest of them, up to the cap, and says how many it left out."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from accounts.tests.factories import BillingAccountFactory
+    from antifraud.models import AccountSignal
+
+    monkeypatch.setattr(services, "REASSESS_CAP", 2)
+    blocked, *sharing = (BillingAccountFactory(state=AccountState.ACTIVE) for _ in range(5))
+    closed = BillingAccountFactory(state=AccountState.CLOSED)
+    start = timezone.now() - dt.timedelta(days=30)
+    for day, account in enumerate([blocked, *sharing, closed]):  # signed up a day apart, in this order
+        AccountSignal.objects.create(account_id=account.id, ip="100.64.0.1", created_at=start + dt.timedelta(days=day))
+    AccountRisk.objects.create(account_id=blocked.id, status=RiskStatus.BLOCKED)
+
+    assert services.linked_accounts_reassess(account_id=blocked.id) == 2
+    reassessed = set(RiskAssessment.objects.filter(checkpoint="linked").values_list("account_id", flat=True))
+    assert reassessed == {sharing[-1].id, sharing[-2].id}  # the newest open ones (the closed one is newer)
+    assert RiskAssessment.objects.get(account_id=sharing[-1].id, checkpoint="linked").decision == "review"
