@@ -106,6 +106,15 @@ def in_threads(count: int, work: Callable[[int], Any], timeout: float = 120) -> 
     return results
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def database_url() -> str:
     """The test database as a ``DATABASE_URL`` for a child process."""
     from urllib.parse import quote
@@ -205,33 +214,28 @@ def _listening(host: str, port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A real Redis: TEST_REDIS_URL, else 127.0.0.1:6379, else a redis-server started here
-    on a free port; skipped (saying why) when there is none and it cannot be started."""
+    """A real Redis of this test process's own: TEST_REDIS_URL if set, else a ``redis-server``
+    started here on a free port (so two runs, or two xdist workers, never share queues or keys
+    on a shared server), else database 15 of 127.0.0.1:6379; skipped (saying why) when there is
+    none."""
     url = os.environ.get("TEST_REDIS_URL")
     if url:
         yield url
         return
-    if _listening("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379/15"
-        return
     server = shutil.which("redis-server")
     if server is None:
-        pytest.skip("needs Redis: nothing on 127.0.0.1:6379 and redis-server is not installed")
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        if _listening("127.0.0.1", 6379):
+            yield "redis://127.0.0.1:6379/15"
+            return
+        pytest.skip("needs Redis: redis-server is not installed and nothing listens on 127.0.0.1:6379")
+    port = free_port()
     process = subprocess.Popen(  # noqa: S603
         [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
     try:
-        for _ in range(100):
-            if _listening("127.0.0.1", port):
-                break
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/15"
+        wait_for(lambda: _listening("127.0.0.1", port), seconds=10)
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -305,3 +309,78 @@ def _celery_join_guard_reset() -> Iterator[None]:
     _set_task_join_will_block(False)
     yield
     _set_task_join_will_block(False)
+
+
+# --- The clock: one fixture. A module (or test) that wants it frozen says where, with
+# ``pytestmark = pytest.mark.clock(NOW)`` (``tick=True`` to let it run on from there); the
+# fixture is then the ``time_machine`` traveller (``clock.shift(...)``, ``clock.move_to(...)``).
+
+
+@pytest.fixture(autouse=True)
+def clock(request: pytest.FixtureRequest) -> Iterator[time_machine.Traveller | None]:
+    marker = request.node.get_closest_marker("clock")
+    if marker is None:
+        yield None
+        return
+    with time_machine.travel(marker.args[0], tick=marker.kwargs.get("tick", False)) as traveller:
+        yield traveller
+
+
+# --- Metering: the price catalog, a producer's key, and empty hand-made tables after a commit.
+
+CATALOG = ROOT / "metering" / "fixtures" / "catalog.json"
+
+
+@pytest.fixture
+def catalog(db: None) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from metering import selectors
+
+    call_command("load_catalog", str(CATALOG), stdout=StringIO())
+    selectors.sku_cache_clear()
+
+
+@pytest.fixture
+def producer(db: None) -> APIClient:
+    from accounts.models import Scope
+
+    key = services.service_key_create(name="producer", scopes=[Scope.USAGE_WRITE], created_by_id=None)
+    return client_with_key(key.raw)
+
+
+@pytest.fixture
+def usage_account(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
+    return make_account(customer.user, currency="USD")
+
+
+@pytest.fixture
+def send(producer: APIClient) -> Callable[..., Any]:
+    def send_events(events: list[dict[str, Any]], client: APIClient | None = None) -> Any:
+        return (client or producer).post("/api/v1/usage/events", {"events": events}, format="json")
+
+    return send_events
+
+
+@pytest.fixture(autouse=True)
+def _reseed_after_flush(request: pytest.FixtureRequest) -> None:
+    """Tests that commit (``transaction=True``) are cleaned by Django's flush, which leaves the
+    hand-made metering tables alone and empties the VAT rates migration 0002 seeded (the
+    ledger's append-only trigger does not stop its TRUNCATE): empty the one, seed the other, so
+    each such test starts as a new database would."""
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None or not marker.kwargs.get("transaction"):
+        return
+    request.getfixturevalue("transactional_db")
+    from django.db import connection
+
+    from invoicing.taxes import seed_rates
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "TRUNCATE metering_usageevent, metering_resourceevent, metering_resourcestate, metering_hourlyusage, "
+            "metering_dailyusage, metering_monthlyspend"
+        )
+    seed_rates()

@@ -26,8 +26,8 @@ def test_a_fanned_out_period_close_is_billed_by_the_workers(
     from conftest import wait_for
     from invoicing import ledger, services
     from invoicing.models import Invoice
-    from invoicing.tests.conftest import FINANCE, NOW, OCTOBER
     from invoicing.tests.factories import rated
+    from invoicing.tests.support import FINANCE, NOW, OCTOBER
 
     accounts = [make_account(customer.user, currency="EUR") for _ in range(3)]  # type: ignore[attr-defined,operator]
     for account in accounts:

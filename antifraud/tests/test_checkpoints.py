@@ -19,7 +19,6 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.outbox import services as outbox
 from conftest import Customer
-from metering.tests.conftest import catalog  # noqa: F401
 
 NL_IP, US_IP = "145.14.1.1", "8.8.8.8"
 ACCOUNT = {
@@ -148,7 +147,7 @@ def test_evaluation_opens_no_network_connection(customer: Customer, monkeypatch:
 @pytest.mark.django_db
 def test_declines_and_a_dispute_reach_the_payment_checkpoint_and_the_review_queue(
     customer: Customer,
-    catalog: None,  # noqa: F811
+    catalog: None,
 ) -> None:
     import time_machine
 

@@ -21,7 +21,6 @@ from conftest import Customer
 from invoicing.models import Invoice
 
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
 
@@ -105,7 +104,7 @@ def test_limits_rise_after_every_three_invoices_paid_on_time_once_each_up_to_the
 def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     customer: Customer,
     make_account: Callable[..., BillingAccount],
-    catalog: None,  # noqa: F811
+    catalog: None,
 ) -> None:
     from invoicing import services as invoicing_services
     from invoicing.models import InvoiceKind

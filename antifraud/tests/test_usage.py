@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -21,10 +21,7 @@ from conftest import Customer
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
 
 
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
+pytestmark = pytest.mark.clock(NOW)
 
 
 def hourly(account: BillingAccount, hours: range, sku: str, quantity: str, amount: str) -> None:

@@ -20,3 +20,10 @@ REST_FRAMEWORK = {
     **REST_FRAMEWORK,  # noqa: F405
     "DEFAULT_THROTTLE_RATES": {"signup": "100000/hour", "member_add": "100000/hour"},
 }
+
+# Each test run has a database of its own on a shared server: two checkouts, a benchmark and a
+# test run side by side never drop each other's database. The run's id is taken once, in the
+# process that loads the settings first (pytest's controller), and inherited by its xdist
+# workers, which pytest-django then suffixes with their worker id (``_gw0`` …).
+TEST_RUN_ID = os.environ.setdefault("BILLING_TEST_RUN", f"{os.getpid()}")
+DATABASES["default"]["TEST"] = {"NAME": f"test_billing_{TEST_RUN_ID}"}  # noqa: F405

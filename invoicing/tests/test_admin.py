@@ -18,8 +18,10 @@ from billing_site.common.actors import Actor
 from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry, TaxRate
-from invoicing.tests.conftest import NOW, OCTOBER
 from invoicing.tests.factories import rated
+from invoicing.tests.support import NOW, OCTOBER
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 def operator(group: str) -> Client:

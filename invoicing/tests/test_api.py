@@ -14,8 +14,10 @@ from billing_site.common import ids
 from conftest import Customer, client_with_key
 from invoicing import services
 from invoicing.models import Invoice, RenderedDocument
-from invoicing.tests.conftest import FINANCE, OCTOBER
 from invoicing.tests.factories import rated
+from invoicing.tests.support import FINANCE, NOW, OCTOBER
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from invoicing import ledger, services
 from invoicing.line_display import detail_view
 from invoicing.models import BilledUsage, CreditApplication, Invoice, InvoiceStatus, InvoiceTransition, LineKind
 from invoicing.periods import Period
-from invoicing.tests.conftest import FINANCE, NOVEMBER, NOW, OCTOBER
 from invoicing.tests.factories import ContractDiscountFactory, rated
+from invoicing.tests.support import FINANCE, NOVEMBER, NOW, OCTOBER
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 def close(period: Period = OCTOBER, **kwargs: object) -> services.CloseReport:

@@ -12,6 +12,9 @@ from accounts.models import BillingAccount
 from conftest import Customer
 from invoicing.models import Invoice
 from invoicing.tests.factories import rated
+from invoicing.tests.support import NOW
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture

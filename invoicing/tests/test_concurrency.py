@@ -16,10 +16,10 @@ from accounts.models import BillingAccount
 from conftest import Customer, backend_alive, backend_waiting, database_url, in_threads, manage_py, wait_for
 from invoicing import ledger, numbering, services
 from invoicing.models import Invoice
-from invoicing.tests.conftest import FINANCE, NOW, OCTOBER
 from invoicing.tests.factories import rated
+from invoicing.tests.support import FINANCE, NOW, OCTOBER
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.clock(NOW)]
 
 NUMBERS = [f"INV-{NOW.year}-{n:06d}" for n in range(1, 7)]  # numbered in the year they are issued
 

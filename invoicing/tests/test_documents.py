@@ -36,6 +36,9 @@ FINANCE = Actor.system("tests")
 # --- The seller
 
 
+pytestmark = pytest.mark.clock(NOW)
+
+
 @pytest.fixture
 def billed(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> Invoice:
     with time_machine.travel(NOW, tick=False):

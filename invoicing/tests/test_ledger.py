@@ -21,8 +21,8 @@ from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import Invoice, InvoiceStatus, LedgerEntry, LedgerLine
 from invoicing.periods import Period
-from invoicing.tests.conftest import FINANCE, NOW
 from invoicing.tests.factories import rated
+from invoicing.tests.support import FINANCE, NOW
 
 PERIODS = [Period(dt.date(2026, 8, 1)), Period(dt.date(2026, 9, 1)), Period(dt.date(2026, 10, 1))]
 INVOICING_TABLES = (
@@ -33,6 +33,9 @@ INVOICING_TABLES = (
     "invoicing_invoiceline, invoicing_rendereddocument, invoicing_invoice, invoicing_creditgrant, "
     "invoicing_documentsequence, metering_dailyusage"
 )
+
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture

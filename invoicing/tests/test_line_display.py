@@ -21,10 +21,12 @@ from invoicing import pdf
 from invoicing.line_display import detail_view, quantity_text
 from invoicing.models import Invoice
 from invoicing.tests.readers import api_invoice, laid_out, operator
-from metering.tests.conftest import producer  # noqa: F401  (usage sent through the endpoint)
 from metering.tests.test_rollup import at, lifecycle
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
+
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +67,7 @@ def test_detail_rows_show_rounded_quantities_and_split_the_line_exactly() -> Non
 @pytest.mark.django_db(transaction=True)
 def test_a_resource_running_all_of_october_shows_744_times_its_units_everywhere(
     catalog: None,
-    producer: APIClient,  # noqa: F811
+    producer: APIClient,
     customer: Customer,
     make_account: Callable[..., BillingAccount],
 ) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
-import time_machine
 from django.db.models import Sum
 
 from accounts.models import BillingAccount
@@ -28,10 +27,7 @@ DECEMBER = Period(dt.date(2026, 12, 1))
 FINANCE = Actor.system("tests")
 
 
-@pytest.fixture
-def clock() -> object:
-    with time_machine.travel(dt.datetime(2026, 12, 2, 9, 0, tzinfo=dt.UTC), tick=False) as traveller:
-        yield traveller
+pytestmark = pytest.mark.clock(dt.datetime(2026, 12, 2, 9, 0, tzinfo=dt.UTC))
 
 
 def close(period: Period, **kwargs: object) -> services.CloseReport:

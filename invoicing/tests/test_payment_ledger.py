@@ -36,8 +36,8 @@ from invoicing.models import (
     LedgerLine,
 )
 from invoicing.periods import Period
-from invoicing.tests.conftest import FINANCE
 from invoicing.tests.factories import rated
+from invoicing.tests.support import FINANCE, NOW
 
 # May to October 2026: each account's invoices are issued month after month.
 MONTHS = [Period(dt.date(2026, month, 1)) for month in range(5, 11)]
@@ -56,6 +56,9 @@ STATES = settings(
     suppress_health_check=[HealthCheck.too_slow],
     derandomize=bool(os.environ.get("CI")),
 )
+
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 def rows() -> tuple[int, ...]:

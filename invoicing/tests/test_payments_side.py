@@ -31,10 +31,13 @@ from invoicing.models import (
     LedgerEntry,
     LedgerLine,
 )
-from invoicing.tests.conftest import FINANCE, NOVEMBER, NOW, OCTOBER
 from invoicing.tests.factories import rated
+from invoicing.tests.support import FINANCE, NOVEMBER, NOW, OCTOBER
 
 PROFILE = settings(max_examples=200, deadline=None, derandomize=bool(os.environ.get("CI")))
+
+
+pytestmark = pytest.mark.clock(NOW)
 
 
 def issue(account: BillingAccount, amount: str = "100", *, day: str = "2026-10-02") -> Invoice:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from payments.tests.stripe_flows import on_stripe
 from payments.tests.stripe_harness import (
     FAULT_PROXY_TIMEOUT_SECONDS,
     FaultProxy,
@@ -52,14 +53,8 @@ def fault_proxy(localstripe: LocalStripe) -> Iterator[FaultyStripe]:
         yield FaultyStripe(proxy=proxy, gateway=gateway, localstripe=localstripe)
 
 
-@pytest.fixture(autouse=True)
-def _seeded_tax_rates(request: pytest.FixtureRequest) -> None:
-    """Tests that commit are cleaned by a flush, which empties the VAT rates the invoicing
-    migration seeded: seed them again (as the invoicing tests do)."""
-    marker = request.node.get_closest_marker("django_db")
-    if marker is None or not marker.kwargs.get("transaction"):
-        return
-    request.getfixturevalue("transactional_db")
-    from invoicing.taxes import seed_rates
-
-    seed_rates()
+@pytest.fixture
+def stripe(localstripe: LocalStripe, stripe_gateway: object) -> Iterator[LocalStripe]:
+    """The ``stripe`` gateway on localstripe (wiped), the default for new accounts."""
+    with on_stripe(localstripe.url):
+        yield localstripe

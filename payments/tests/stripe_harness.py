@@ -39,6 +39,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from conftest import free_port
+
 if TYPE_CHECKING:
     from payments.gateways.stripe import StripeGateway
     from payments.ratelimit import CallRateLimiter
@@ -48,13 +50,6 @@ FAULT_PROXY_TIMEOUT_SECONDS = 1.5  # the client timeout of the gateway behind th
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length", "host", "upgrade"}
 )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def sign_stripe_payload(payload: bytes, secret: str, timestamp: int) -> str:

@@ -8,7 +8,7 @@ is shown."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -25,7 +25,6 @@ from invoicing import ledger
 from invoicing.models import CreditNote, Invoice
 
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import catalog  # noqa: F401
 from payments import charging, dunning, refunds
 from payments.models import (
     DunningAction,
@@ -42,13 +41,7 @@ from payments.models import (
 )
 from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice
 
-pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
+pytestmark = [pytest.mark.django_db, pytest.mark.clock(NOW)]
 
 
 def operator(group: str | None, email: str | None = None) -> Client:
@@ -74,7 +67,7 @@ class Book:
 
 @pytest.fixture
 def book(
-    catalog: None,  # noqa: F811
+    catalog: None,
     customer: Customer,
     make_account: Callable[..., BillingAccount],
 ) -> Book:

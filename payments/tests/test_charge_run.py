@@ -14,10 +14,9 @@ import datetime as dt
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
-import time_machine
 from django.db import connections
 from django.test import override_settings
 
@@ -28,19 +27,12 @@ from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
 
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import charge_run, charging, gateways, services
 from payments.gateways.base import OutcomeUnknown
 from payments.models import DunningCase, Payment, PaymentMethod, PaymentStatus, PaymentTransition, SandboxObject
 from payments.tests.helpers import NOW, issue_invoice
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.clock(NOW)]
 
 
 def card_without_charge(account: BillingAccount, card: str) -> None:
@@ -72,8 +64,7 @@ def card_without_charge(account: BillingAccount, card: str) -> None:
 
 @pytest.fixture
 def invoices_with_cards(
-    catalog: None,  # noqa: F811
-    _clean_metering_tables: None,  # noqa: F811
+    catalog: None,
     customer: Customer,
     make_account: Callable[..., BillingAccount],
 ) -> Callable[..., list[Invoice]]:

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-import time_machine
 from django.core import mail
 from django.db import connections
 from django.test import override_settings
@@ -24,7 +23,6 @@ from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
 
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import charging, gateways
 from payments.models import (
     BindingAttempt,
@@ -37,11 +35,7 @@ from payments.models import (
 )
 from payments.tests.helpers import NOW, bind, issue_invoice, pay
 
-
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture
@@ -59,7 +53,7 @@ def no_worker() -> Iterator[None]:
 
 
 @pytest.fixture
-def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:  # noqa: F811
+def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
     return make_account(customer.user, currency="EUR", country="NL")
 
 
@@ -272,7 +266,6 @@ def test_an_unreachable_gateway_fails_the_payment_as_retryable_without_blaming_t
 def test_twenty_concurrent_pay_requests_charge_once(
     customer: Customer,
     acct: BillingAccount,
-    _clean_metering_tables: None,  # noqa: F811
     no_worker: None,
 ) -> None:
     invoice = issue_invoice(acct)
@@ -297,7 +290,6 @@ def test_twenty_concurrent_pay_requests_charge_once(
 def test_a_worker_killed_mid_charge_does_not_charge_twice_after_restart(
     customer: Customer,
     acct: BillingAccount,
-    _clean_metering_tables: None,  # noqa: F811
     no_worker: None,
 ) -> None:
     invoice = issue_invoice(acct)

@@ -6,11 +6,10 @@ flag, and replays that change nothing. Every test ends with the ledger check cle
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import time_machine
 
 from accounts.models import BillingAccount
 from billing_site.common import ids
@@ -20,32 +19,22 @@ from invoicing import ledger
 from invoicing.models import LedgerEntry, LedgerSource
 
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import catalog  # noqa: F401
 from payments import charging, refunds, selectors, webhooks
 from payments.models import Dispute, DisputeStatus, Payment, PaymentStatus, WebhookEvent, WebhookStatus
 from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice
-from payments.tests.stripe_flows import on_stripe, post_event, stripe_event
+from payments.tests.stripe_flows import post_event, stripe_event
 from payments.tests.stripe_harness import LocalStripe
 
 DISPUTE_SOURCES = [LedgerSource.DISPUTE_OPENED, LedgerSource.DISPUTE_WON, LedgerSource.DISPUTE_LOST]
 
 
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
-
-
-@pytest.fixture
-def stripe(localstripe: LocalStripe, stripe_gateway: object) -> Iterator[LocalStripe]:
-    with on_stripe(localstripe.url):
-        yield localstripe
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture
 def paid_payment(
     stripe: LocalStripe,
-    catalog: None,  # noqa: F811
+    catalog: None,
     make_customer: Callable[..., Customer],
     make_account: Callable[..., BillingAccount],
 ) -> Callable[[], Payment]:

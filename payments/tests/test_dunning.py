@@ -6,7 +6,7 @@ does), tasks running inline as a worker would run them."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import time_machine
@@ -21,7 +21,6 @@ from invoicing import ledger
 from invoicing.models import Invoice, InvoiceStatus, LedgerEntry, LedgerSource
 
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import dunning, services
 from payments.models import (
     DunningAction,
@@ -35,15 +34,11 @@ from payments.models import (
 )
 from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice
 
-
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture
-def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:  # noqa: F811
+def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
     return make_account(customer.user, currency="EUR", country="NL", email="ops@debtor.test")
 
 

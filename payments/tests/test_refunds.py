@@ -7,7 +7,7 @@ ledger check clean."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,35 +22,23 @@ from invoicing import ledger
 from invoicing.models import CreditNote, Invoice, InvoiceStatus, LedgerEntry, LedgerSource
 
 # The VAT rates again after a committing test's flush (autouse).
-from invoicing.tests.conftest import _seeded_tax_rates  # noqa: F401
-
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import charging, gateways, refunds, webhooks
 from payments.gateways.base import RefundRequest
 from payments.models import Payment, PaymentStatus, Refund, RefundStatus, SandboxObject, WebhookEvent, WebhookStatus
 from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice
-from payments.tests.stripe_flows import ls_charge, on_stripe, post_event, stripe_event
+from payments.tests.stripe_flows import ls_charge, post_event, stripe_event
 from payments.tests.stripe_harness import LocalStripe
 
 Payer = tuple[Customer, BillingAccount]
 
 
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
-
-
-@pytest.fixture
-def stripe(localstripe: LocalStripe, stripe_gateway: object) -> Iterator[LocalStripe]:
-    with on_stripe(localstripe.url):
-        yield localstripe
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture
 def payer(
-    catalog: None,  # noqa: F811
+    catalog: None,
     customer: Customer,
     make_account: Callable[..., BillingAccount],
 ) -> Payer:
@@ -153,7 +141,6 @@ def test_a_refund_asks_for_a_reason_a_positive_amount_and_a_succeeded_payment(
 @pytest.mark.django_db(transaction=True)
 def test_refunds_asked_for_at_once_never_exceed_what_was_paid(
     payer: Payer,
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     customer, account = payer
     assert bind(customer.client, account).status_code == 201

@@ -10,13 +10,11 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 
 import pytest
-import time_machine
 
 from accounts.models import BillingAccount
 from conftest import Customer
 from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import charging, gateways
 from payments.gateways.base import ChargeStatus
 from payments.models import Payment, PaymentProfile, PaymentStatus
@@ -24,17 +22,11 @@ from payments.tests.helpers import NOW, bind, issue_invoice, pay
 from payments.tests.stripe_flows import on_stripe
 from payments.tests.stripe_harness import FaultyStripe
 
-
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    # Ticking: localstripe stamps its objects with its own clock, and the reconciler lists the
-    # customer's intents created since our payment was.
-    with time_machine.travel(NOW, tick=True) as traveller:
-        yield traveller
+pytestmark = pytest.mark.clock(NOW, tick=True)
 
 
 @pytest.fixture
-def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:  # noqa: F811
+def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
     return make_account(customer.user, currency="EUR", country="NL")
 
 

@@ -7,7 +7,7 @@ spend); the credit check is the task the rollup queues; tasks run inline as a wo
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 
 import pytest
@@ -25,7 +25,6 @@ from invoicing.periods import Period
 from invoicing.tests.factories import rated
 
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments.models import DunningCase, Payment, PaymentStatus
 from payments.tests.helpers import bind
 
@@ -34,10 +33,7 @@ NOVEMBER = Period(dt.date(2026, 11, 1))
 FINANCE = Actor.system("tests")
 
 
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
+pytestmark = pytest.mark.clock(NOW)
 
 
 def settle() -> None:
@@ -53,7 +49,7 @@ def check() -> invoicing_services.ThresholdReport:
 
 
 @pytest.fixture
-def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:  # noqa: F811
+def acct(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
     account = make_account(
         customer.user, currency="EUR", country="NL", email="ops@limited.test", credit_limit=Decimal("100.0000")
     )
@@ -194,7 +190,7 @@ def test_an_account_waiting_on_its_early_charge_gets_no_second_one(
 def test_no_limit_set_or_an_account_not_active_is_not_checked(
     customer: Customer,
     make_account: Callable[..., BillingAccount],
-    catalog: None,  # noqa: F811
+    catalog: None,
 ) -> None:
     unlimited = make_account(customer.user, state=AccountState.ACTIVE)  # credit limit 0: none set
     pending = make_account(customer.user, credit_limit=Decimal(10))

@@ -27,10 +27,7 @@ from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus, LedgerEntry, LedgerSource
 
 # The VAT rates again after a committing test's flush (autouse).
-from invoicing.tests.conftest import _seeded_tax_rates  # noqa: F401
-
 # The price catalog (rated usage needs its SKUs).
-from metering.tests.conftest import _clean_metering_tables, catalog  # noqa: F401
 from payments import charging, gateways, refunds, services, webhooks
 from payments.gateways.base import RefundRequest
 from payments.models import (
@@ -64,17 +61,7 @@ from payments.tests.stripe_harness import FaultProxy, LocalStripe
 Payer = tuple[Customer, BillingAccount]
 
 
-@pytest.fixture(autouse=True)
-def clock() -> Iterator[time_machine.Traveller]:
-    with time_machine.travel(NOW, tick=False) as traveller:
-        yield traveller
-
-
-@pytest.fixture
-def stripe(localstripe: LocalStripe, stripe_gateway: object) -> Iterator[LocalStripe]:
-    """The ``stripe`` gateway on localstripe (wiped), the default for new accounts."""
-    with on_stripe(localstripe.url):
-        yield localstripe
+pytestmark = pytest.mark.clock(NOW)
 
 
 @pytest.fixture
@@ -86,7 +73,7 @@ def proxy(localstripe: LocalStripe, stripe_gateway: object) -> Iterator[FaultPro
 
 @pytest.fixture
 def make_payer(
-    catalog: None,  # noqa: F811
+    catalog: None,
     make_customer: Callable[..., Customer],
     make_account: Callable[..., BillingAccount],
 ) -> Callable[[], Payer]:
@@ -285,7 +272,6 @@ def test_a_webhook_arriving_before_the_charge_call_returned_settles_the_payment_
     proxy: FaultProxy,
     localstripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     customer, account = make_payer()
     assert bind(customer.client, account).status_code == 201
@@ -331,7 +317,6 @@ def test_localstripes_own_signed_webhook_reaches_the_endpoint_and_settles_a_lost
     localstripe: LocalStripe,
     make_payer: Callable[[], Payer],
     clock: time_machine.Traveller,
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     customer, account = payer = make_payer()
     assert bind(customer.client, account).status_code == 201
@@ -366,7 +351,6 @@ def test_localstripes_own_signed_webhook_reaches_the_endpoint_and_settles_a_lost
 def test_setup_intent_succeeded_and_the_api_converge_on_one_card_in_any_order(
     stripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     def binding(shuffled: bool) -> tuple[Any, ...]:
         customer, account = make_payer()
@@ -411,7 +395,6 @@ def test_payment_intent_succeeded_in_any_order_settles_a_lost_charge_once(
     proxy: FaultProxy,
     localstripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     def run(shuffled: bool) -> tuple[Any, ...]:
         customer, account = payer = make_payer()
@@ -436,7 +419,6 @@ def test_payment_intent_payment_failed_in_any_order_fails_a_lost_charge_once(
     proxy: FaultProxy,
     localstripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     def run(shuffled: bool) -> tuple[Any, ...]:
         customer, account = payer = make_payer()
@@ -485,7 +467,6 @@ def test_payment_intent_requires_action_then_succeeded_in_any_order_ends_succeed
     proxy: FaultProxy,
     localstripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     def run(shuffled: bool) -> tuple[Any, ...]:
         customer, account = payer = make_payer()
@@ -520,7 +501,6 @@ def test_payment_intent_requires_action_then_succeeded_in_any_order_ends_succeed
 def test_charge_refunded_in_any_order_records_dashboard_refunds_once_and_ours_not_twice(
     stripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     def run(shuffled: bool) -> tuple[Any, ...]:
         invoice, payment = paid_invoice(make_payer())
@@ -571,7 +551,6 @@ def test_charge_refunded_in_any_order_records_dashboard_refunds_once_and_ours_no
 def test_charge_dispute_created_and_closed_in_any_order_post_each_stage_once(
     stripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     def run(shuffled: bool, n: int) -> tuple[Any, ...]:
         _, payment = paid_invoice(make_payer())
@@ -611,7 +590,6 @@ def test_charge_dispute_created_and_closed_in_any_order_post_each_stage_once(
 def test_payment_method_detached_in_any_order_removes_the_card_once(
     stripe: LocalStripe,
     make_payer: Callable[[], Payer],
-    _clean_metering_tables: None,  # noqa: F811
 ) -> None:
     def run(shuffled: bool) -> tuple[Any, ...]:
         customer, account = make_payer()

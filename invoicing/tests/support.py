@@ -1,0 +1,15 @@
+"""The invoicing tests' moment and periods: every invoicing test runs frozen at ``NOW``, two days
+into November 2026, so October is the last closed month whatever the real date (a test moves the
+clock on with the ``clock`` fixture or its own ``time_machine.travel``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from billing_site.common.actors import Actor
+from invoicing.periods import Period
+
+NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
+OCTOBER = Period(dt.date(2026, 10, 1))
+NOVEMBER = Period(dt.date(2026, 11, 1))
+FINANCE = Actor.system("tests")
