@@ -1,0 +1,136 @@
+"""One way to move any state machine of ours: under the row lock, the state re-checked, the
+audit row written in the same transaction, one log line.
+
+Every stateful model (accounts, invoices, payments, refunds, disputes, dunning cases …) is a
+django-fsm model with ``protected=True`` and says how its audit row looks, by implementing
+``audit_record``::
+
+    class Refund(FSMModelMixin, models.Model):
+        TRANSITION_LOG = "refund.transition"       # the log event
+        status = FSMField(..., protected=True)
+
+        def audit_record(self, *, transition, from_state, actor, reason) -> RefundTransition:
+            return RefundTransition(refund=self, from_state=from_state, to_state=self.status, ...)
+
+        def log_fields(self) -> dict[str, object]:   # ids for the log line (no personal data)
+            return {"refund_id": self.public_id}
+
+A service then calls ``transition_locked(Refund, refund_id, "succeed", actor=..., reason=...)``
+(locks the row itself) or ``transition(refund, "succeed", ...)`` on a row it already locked with
+``select_for_update()``. A transition that is not allowed from the state found under the lock
+(say, the loser of two concurrent ones) is a 409 ``invalid_transition``; nothing is written.
+Side effects (tasks, emails, ledger postings) stay with the service, around the transition.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, TypeVar, cast
+
+from django.db import connection, models
+from django_fsm import can_proceed
+
+from billing_site.common.actors import Actor, ActorKind
+from billing_site.common.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+REASON_MAX = 1000
+
+
+class StateMachine(Protocol):
+    """What a model offers to be moved by ``transition``."""
+
+    TRANSITION_LOG: str
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> models.Model: ...
+
+    def log_fields(self) -> dict[str, object]: ...
+
+    def save(self, *args: Any, **kwargs: Any) -> None: ...
+
+
+M = TypeVar("M", bound=models.Model)
+
+
+def state_field_name(obj: models.Model) -> str:
+    """The name of the model's one FSM field."""
+    from django_fsm import FSMFieldMixin
+
+    for field in obj._meta.concrete_fields:
+        if isinstance(field, FSMFieldMixin):
+            return str(field.name)
+    raise TypeError(f"{type(obj).__name__} has no FSM field")
+
+
+def actor_log_fields(actor: Actor) -> dict[str, object]:
+    """Who, for a log line: a component by name; a person by kind and id, never by email."""
+    if actor.kind == ActorKind.SYSTEM:
+        return {"actor_kind": actor.kind.value, "actor": actor.name}
+    return {"actor_kind": actor.kind.value, "actor_user_id": actor.user_id}
+
+
+def transition(
+    obj: M,
+    name: str,
+    *,
+    actor: Actor,
+    reason: str = "",
+    args: Sequence[object] = (),
+    update_fields: Iterable[str] = (),
+) -> str:
+    """Apply the FSM transition ``name`` to ``obj`` (locked by the caller, inside its
+    transaction), save the state (and ``update_fields``), write the audit row and log one
+    line. Returns the state it came from."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("a transition runs inside the transaction that locked its row")
+    machine = cast(StateMachine, obj)
+    state_field = state_field_name(obj)
+    before = str(getattr(obj, state_field))
+    method = getattr(obj, name)
+    if not can_proceed(method):
+        label = obj._meta.verbose_name
+        raise Conflict("invalid_transition", f"Cannot {name.replace('_', ' ')} a {label} that is {before}.")
+    method(*args)
+    fields = [state_field, *update_fields]
+    if any(f.name == "updated_at" for f in obj._meta.concrete_fields):
+        fields.append("updated_at")
+    obj.save(update_fields=sorted(set(fields)))
+    reason = reason.strip()[:REASON_MAX]
+    machine.audit_record(transition=name, from_state=before, actor=actor, reason=reason).save()
+    log.info(
+        machine.TRANSITION_LOG,
+        extra={
+            **machine.log_fields(),
+            "transition": name,
+            "from": before,
+            "to": str(getattr(obj, state_field)),
+            **actor_log_fields(actor),
+        },
+    )
+    return before
+
+
+def locked(model: type[M], pk: object, *, message: str | None = None) -> M:
+    """``model``'s row ``pk`` under ``SELECT … FOR UPDATE``; 404 when there is none."""
+    obj = model._default_manager.select_for_update().filter(pk=pk).first()
+    if obj is None:
+        raise NotFound(message or f"No such {model._meta.verbose_name}.")
+    return obj
+
+
+def transition_locked(
+    model: type[M],
+    pk: object,
+    name: str,
+    *,
+    actor: Actor,
+    reason: str = "",
+    args: Sequence[object] = (),
+    update_fields: Iterable[str] = (),
+) -> M:
+    """Lock ``model``'s row ``pk`` and ``transition`` it; the row, in its new state."""
+    obj = locked(model, pk)
+    transition(obj, name, actor=actor, reason=reason, args=args, update_fields=update_fields)
+    return obj
