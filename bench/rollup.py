@@ -30,6 +30,8 @@ def generate_events(total: int, accounts: int, run: str, window_start: dt.dateti
     requests (usage), 15 % VM lifecycle (start / resize / stop) on 5 VMs per account."""
     from django.db import connection, transaction
 
+    from metering import horizon
+
     started = time.perf_counter()
     with connection.cursor() as cur:
         cur.execute("DROP TABLE IF EXISTS bench_accounts")
@@ -43,6 +45,7 @@ def generate_events(total: int, accounts: int, run: str, window_start: dt.dateti
     for lo in range(0, total, chunk):
         hi = min(total, lo + chunk) - 1
         with transaction.atomic(), connection.cursor() as cur:
+            horizon.writer_lock()  # an event writer like ingestion (metering.horizon)
             cur.execute(
                 """
                 INSERT INTO metering_usageevent

@@ -17,8 +17,10 @@ One request is one batch of up to 10,000 events:
 4. only when fewer rows went in than were staged does a second set-based query compare
    the staged events with the stored ones: same content → duplicate, else → conflict.
 
-The transaction commits before the response is written: a 200 means every accepted event
-is durable. No per-event ORM saves, serializers or queries.
+The transaction takes the event writers' lock (shared) as its first statement, which is
+what lets the rollup know when every event below its horizon has been committed
+(``metering.horizon``). The transaction commits before the response is written: a 200 means
+every accepted event is durable. No per-event ORM saves, serializers or queries.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from accounts import selectors as account_selectors
 from billing_site.common import ids
 from billing_site.common.copy import BulkTable
 from billing_site.common.logs import ms_since
-from metering import selectors
+from metering import horizon, selectors
 from metering.models import IngestBatch
 
 log = logging.getLogger(__name__)
@@ -402,6 +404,7 @@ def _store(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str]
     accounts are counted by account and state in the same transaction."""
     count = len(rows)
     with transaction.atomic(durable=True), connection.cursor() as cursor:
+        horizon.writer_lock()  # first, before anything gives this transaction a txid
         cursor.execute(_STAGING)
         _STAGED.copy(rows)
         counted: list[tuple[int, str, int]] = []

@@ -4,9 +4,15 @@ A shard is one hash partition (remainder) of every metering table, i.e. a fixed 
 the accounts. One run of one shard is one transaction:
 
 1. claim the shard's progress row (``FOR UPDATE SKIP LOCKED``: a second worker skips it);
-2. take the new events: ``horizon_old <= txid < pg_snapshot_xmin(now)``. Every transaction
-   below the snapshot's xmin has finished, so an event can be neither skipped (still in
-   flight) nor taken twice (the horizon moves in this same transaction);
+2. take the new events: ``horizon_old <= txid < horizon``. The horizon comes from
+   ``metering.horizon.take_horizon``: every writer of events holds a shared advisory lock
+   from before its txid exists until it ends, and the rollup reads
+   ``pg_snapshot_xmax(pg_current_snapshot())`` while holding that lock exclusively for a
+   moment, so every event below it was committed or aborted before this transaction's
+   statements began, and is visible to them (READ COMMITTED). An event can be neither
+   skipped (still in flight: at or above the horizon, taken by a later run) nor taken twice
+   (the horizon moves in this same transaction, and never back). One horizon serves every
+   shard of a run; the argument in full is in ``metering/horizon.py``;
 3. usage events: summed per (account, hour, SKU, resource, labels), a quantity to add;
 4. lifecycle events: appended to each resource's timeline; each touched resource is replayed
    in event-time order (ties by event id) from its last start or stop before the hour of the
@@ -28,13 +34,15 @@ the accounts. One run of one shard is one transaction:
 
 Amounts keep 12 decimal places: rounding happens on invoices, not here.
 
-Operational caveat: the snapshot xmin is cluster-wide, so a long-running transaction that
-has written (holds a txid) in any database of the same PostgreSQL server holds the horizon
-back and the rollup waits (events are delayed, never lost or doubled). Keep
-``idle_in_transaction_session_timeout`` and statement timeouts on, and long reports on a
-replica. ``horizon_hold`` finds such a transaction once it has been open for
-``METERING_HORIZON_HOLD_SECONDS`` with committed events waiting behind it; every run
-(``rollup_usage``, the task) then names it (pid, database, state, age) and logs a warning.
+Only writers of events can hold the rollup back: a transaction open in another database of
+the server, or one in this database that writes no events, changes nothing. A writer that
+hangs with the lock taken (an ingest request stuck mid-transaction, a session that took the
+lock and went idle) stops new events from being taken, never loses or doubles one: the run
+does not wait longer than ``METERING_HORIZON_LOCK_TIMEOUT_SECONDS`` (and does not queue at
+all behind a writer already older than that, so ingestion never waits behind it), and once
+the writer has been open ``METERING_HORIZON_HOLD_SECONDS`` with committed events waiting,
+``horizon_hold`` names it (pid, database, state, age) in every run's report
+(``rollup_usage``, the task) and a warning.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from billing_site.common.logs import ms_since
+from metering.horizon import EVENT_WRITERS_LOCK, take_horizon
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +102,19 @@ class ShardReport:
 
 @dataclass(frozen=True)
 class HorizonHold:
-    """The transaction that keeps committed events from the rollup: the oldest one of the
-    server that holds a txid (our own excepted), with what ``pg_stat_activity`` says of it."""
+    """A writer of events that keeps the rollup from taking new events: the oldest transaction
+    holding the event writers' lock (``metering.horizon``), with what ``pg_stat_activity``
+    says of it."""
 
-    horizon: int  # its txid: no shard can take events at or past it
-    waiting_events: int  # committed since it began, waiting (counted up to WAITING_COUNT_LIMIT)
-    pid: int | None = None  # None: not visible to this role (or a prepared transaction)
+    horizon: int  # where the rollup stands: the lowest shard horizon
+    waiting_events: int  # committed and not yet rolled up (counted up to WAITING_COUNT_LIMIT)
+    pid: int | None = None  # None: a prepared transaction
     datname: str | None = None
     usename: str | None = None
     application_name: str | None = None
     state: str | None = None
     age_seconds: float | None = None  # since its transaction began
     backend_xid: str | None = None
-    backend_xmin: str | None = None
 
     def fields(self) -> dict[str, object]:
         return {
@@ -116,25 +125,20 @@ class HorizonHold:
             "state": self.state,
             "xact_age_s": None if self.age_seconds is None else round(self.age_seconds, 1),
             "backend_xid": self.backend_xid,
-            "backend_xmin": self.backend_xmin,
             "horizon": self.horizon,
             "waiting_events": self.waiting_events,
         }
 
     def describe(self) -> str:
         waiting = f"{self.waiting_events}{'+' if self.waiting_events >= WAITING_COUNT_LIMIT else ''}"
-        head = f"held back: {waiting} committed events wait behind transaction {self.horizon}"
+        head = f"held back: {waiting} committed events wait behind a writer of events holding the writers' lock"
         if self.pid is None:
-            return (
-                f"{head}, whose backend this role cannot see (grant it pg_read_all_stats, or look for a "
-                "prepared transaction in pg_prepared_xacts); the rollup catches up once it ends"
-            )
+            return f"{head}, a prepared transaction (see pg_prepared_xacts); the rollup catches up once it ends"
         age = "unknown" if self.age_seconds is None else f"{self.age_seconds:.1f} s"
-        xmin = f", backend_xmin {self.backend_xmin}" if self.backend_xmin else ""
         return (
-            f"{head} of pid {self.pid} (database {self.datname}, user {self.usename}, "
+            f"{head}: pid {self.pid} (database {self.datname}, user {self.usename}, "
             f"application {self.application_name or '-'}, {self.state or 'state unknown'}, open for {age}, "
-            f"backend_xid {self.backend_xid}{xmin}); the rollup catches up once it ends "
+            f"backend_xid {self.backend_xid or '-'}); the rollup catches up once it ends "
             f"(SELECT pg_terminate_backend({self.pid}) ends it)"
         )
 
@@ -144,42 +148,42 @@ WAITING_COUNT_LIMIT = 1_000_000
 
 
 def horizon_hold(*, min_age_seconds: float | None = None) -> HorizonHold | None:
-    """The transaction holding the rollup back, if one has been open for ``min_age_seconds``
-    (default ``METERING_HORIZON_HOLD_SECONDS``) with committed events waiting behind it.
-
-    The horizon is the oldest txid still running on the server (``pg_current_snapshot``'s
-    in-progress list, which leaves our own out). Ingestion keeps short transactions in flight
-    all the time, which is why a holder is reported only once it is old enough."""
+    """The writer of events holding the rollup back, if one has held the event writers' lock
+    for ``min_age_seconds`` (default ``METERING_HORIZON_HOLD_SECONDS``) with committed events
+    waiting to be rolled up. Transactions that write no events hold nothing back, whatever
+    their database (``metering.horizon``); ingestion keeps short writers in flight all the
+    time, which is why a writer is reported only once it is old enough."""
     threshold = settings.METERING_HORIZON_HOLD_SECONDS if min_age_seconds is None else min_age_seconds
     with connection.cursor() as cur:
-        cur.execute("SELECT min(x::text::bigint) FROM pg_snapshot_xip(pg_current_snapshot()) AS x")
-        (horizon,) = cur.fetchone()
-        if horizon is None:
-            return None
-        # pg_stat_activity shows 32-bit xids; the snapshot's are 64-bit (epoch-extended).
         cur.execute(
-            "SELECT pid, datname, usename, application_name, state, backend_xid::text, backend_xmin::text, "
-            "extract(epoch FROM clock_timestamp() - xact_start)::float8 "
-            "FROM pg_stat_activity WHERE backend_xid::text::bigint = %s AND pid <> pg_backend_pid() LIMIT 1",
-            [horizon % 2**32],
+            "SELECT a.pid, a.datname, a.usename, a.application_name, a.state, a.backend_xid::text, "
+            "extract(epoch FROM clock_timestamp() - a.xact_start)::float8 "
+            "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = %s AND l.objid::bigint = %s "
+            "AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.pid IS DISTINCT FROM pg_backend_pid() "
+            "ORDER BY a.xact_start NULLS FIRST LIMIT 1",
+            [EVENT_WRITERS_LOCK >> 32, EVENT_WRITERS_LOCK & 0xFFFFFFFF],
         )
-        backend = cur.fetchone()
-        age = backend[7] if backend else None
+        writer = cur.fetchone()
+        if writer is None:
+            return None
+        age = writer[6]
         if age is not None and age < threshold:
             return None
+        cur.execute("SELECT coalesce(min(txid_horizon), 0) FROM metering_rollupshard")
+        (standing,) = cur.fetchone()
         cur.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM metering_usageevent WHERE txid > %s "
+            "SELECT count(*) FROM (SELECT 1 FROM metering_usageevent WHERE txid >= %s "
             "AND txid <> coalesce(pg_current_xact_id_if_assigned()::text::bigint, 0) LIMIT %s) AS w",
-            [horizon, WAITING_COUNT_LIMIT],
+            [standing, WAITING_COUNT_LIMIT],
         )
         (waiting,) = cur.fetchone()
     if not waiting:
         return None
-    if backend is None:
-        return HorizonHold(horizon=horizon, waiting_events=waiting)
-    pid, datname, usename, application_name, state, backend_xid, backend_xmin, age = backend
+    pid, datname, usename, application_name, state, backend_xid, age = writer
     return HorizonHold(
-        horizon=horizon,
+        horizon=standing,
         waiting_events=waiting,
         pid=pid,
         datname=datname,
@@ -188,7 +192,6 @@ def horizon_hold(*, min_age_seconds: float | None = None) -> HorizonHold | None:
         state=state,
         age_seconds=age,
         backend_xid=backend_xid,
-        backend_xmin=backend_xmin,
     )
 
 
@@ -204,7 +207,8 @@ def check_horizon() -> HorizonHold | None:
 class RollupReport:
     shards: list[ShardReport] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)  # claimed by another worker
-    held: HorizonHold | None = None  # a transaction keeps committed events from this run
+    horizon: int | None = None  # None: the writers' lock was busy, no new events were taken
+    held: HorizonHold | None = None  # a writer of events keeps committed events from this run
 
     @property
     def events(self) -> int:
@@ -224,6 +228,8 @@ class RollupReport:
             text += f"; watermark {watermark.isoformat()}"
         if self.skipped:
             text += f"; shards {self.skipped} busy in another worker"
+        if self.horizon is None:
+            text += "; no new events taken (a writer of events held the event writers' lock)"
         if self.held:
             text += f"\n{self.held.describe()}"
         return text
@@ -238,9 +244,12 @@ def rollup(*, now: dt.datetime | None = None, shards: list[int] | None = None, c
     ``check_held``, say whether a transaction holds events back (``check_horizon``)."""
     report = RollupReport()
     started = time.monotonic()
+    # One horizon for the whole run: the writers' lock is taken once, not once per shard.
+    report.horizon = take_horizon()
     for shard in shards if shards is not None else range(SHARDS):
         shard_started = time.monotonic()
-        result = rollup_shard(shard=shard, now=now)
+        taken = NO_NEW_EVENTS if report.horizon is None else report.horizon
+        result = rollup_shard(shard=shard, now=now, horizon=taken)
         if result is None:
             report.skipped.append(shard)
             log.debug("rollup.shard_busy", extra={"shard": shard})
@@ -271,6 +280,7 @@ def rollup(*, now: dt.datetime | None = None, shards: list[int] | None = None, c
             "shards": len(report.shards),
             "events": report.events,
             "skipped": report.skipped,
+            "horizon": report.horizon,
             "duration_ms": ms_since(started),
         },
     )
@@ -283,8 +293,14 @@ def _p(table: str, shard: int) -> str:
     return f"{table}_p{shard:02d}"
 
 
+NO_NEW_EVENTS = 0  # a horizon below every shard's: the run takes no events (the lock was busy)
+
+
 @transaction.atomic(durable=True)
-def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport | None:
+def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | None = None) -> ShardReport | None:
+    """One shard's run (see the module docstring). ``horizon``: from ``take_horizon`` before
+    this transaction began (``rollup`` takes one per run); None takes one now, inside this
+    transaction, after the claim. A horizon below the shard's stored one takes no events."""
     if not 0 <= shard < SHARDS:
         raise ValueError(f"shard {shard} is not in 0..{SHARDS - 1}")
     events_p, hourly_p = _p("metering_usageevent", shard), _p("metering_hourlyusage", shard)
@@ -303,9 +319,14 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None) -> ShardReport |
         if claimed is None:
             return None
         horizon_old, watermark_old = claimed
+        if horizon is None:
+            horizon = take_horizon()
+        # Never back: a run whose horizon was read before another worker's run of this shard
+        # committed takes nothing rather than events again.
+        horizon_new = max(horizon or NO_NEW_EVENTS, horizon_old)
         cur.execute(SESSION_SETTINGS)
-        cur.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, now()")
-        horizon_new, db_now = cur.fetchone()
+        cur.execute("SELECT now()")
+        (db_now,) = cur.fetchone()
         watermark = hour_floor(now or db_now)
         if watermark_old is not None and watermark < watermark_old:
             watermark = watermark_old  # the watermark never moves back

@@ -91,8 +91,8 @@ def ingest_batches_prune() -> int:
 def rollup_catch_up(*, patience_seconds: float = 300.0) -> None:
     """Roll usage up until every event committed before this call is in the rollups: passes
     over every shard until each shard's horizon has passed the transactions of that moment
-    (a shard busy in a beat worker, or a long transaction elsewhere on the server holding
-    the horizon back, is waited for). What a period close runs first."""
+    (a shard busy in a beat worker, or a stuck writer of events holding the event writers'
+    lock, is waited for). What a period close runs first."""
     import time
 
     from billing_site.common.errors import ApplicationError
@@ -107,7 +107,7 @@ def rollup_catch_up(*, patience_seconds: float = 300.0) -> None:
         if time.monotonic() > deadline:
             raise ApplicationError(
                 "rollup_behind",
-                "The usage rollup could not catch up (a shard stayed busy or a long transaction holds the "
-                "horizon back); try again.",
+                "The usage rollup could not catch up (a shard stayed busy or a writer of events held the "
+                "event writers' lock); try again.",
             )
         time.sleep(0.5)

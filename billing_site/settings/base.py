@@ -234,9 +234,13 @@ LOGGING = {
 # --- Metering
 # Events older than this many days are refused (`too_old`).
 METERING_MAX_EVENT_AGE_DAYS = int(os.environ.get("METERING_MAX_EVENT_AGE_DAYS", "35"))
-# A transaction open this long (seconds) with committed events waiting behind it is reported
-# as holding the rollup back (rollup_usage's output and a warning log; metering/rollup.py).
+# A writer of events (a transaction holding the event writers' lock) open this long (seconds)
+# with committed events waiting is reported as holding the rollup back (rollup_usage's output
+# and a warning log; metering/rollup.py, metering/horizon.py).
 METERING_HORIZON_HOLD_SECONDS = float(os.environ.get("METERING_HORIZON_HOLD_SECONDS", "30"))
+# How long a rollup run waits for the event writers in flight before it reads its horizon;
+# ingest requests that arrive meanwhile wait behind it, so this bounds the pause it can cause.
+METERING_HORIZON_LOCK_TIMEOUT_SECONDS = float(os.environ.get("METERING_HORIZON_LOCK_TIMEOUT_SECONDS", "1"))
 # Tasks queued by name after every rollup drain (a minute's worth of rollups): the credit
 # check that issues threshold invoices. Metering names them; it imports none of them.
 METERING_AFTER_ROLLUP_TASKS = ("invoicing.threshold_billing",)
