@@ -10,17 +10,16 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from accounts import selectors as account_selectors
-from antifraud import selectors, services
+from antifraud import rule_params, selectors, services
 from antifraud.models import (
     AccountRisk,
     CreditLimitPolicy,
@@ -177,22 +176,38 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         return TemplateResponse(request, "admin/antifraud/accountrisk/dashboard.html", context)
 
 
-class RulesChangeMixin:
-    """A rule or the bands saved: a new rules version, in the same transaction."""
+class RiskRuleForm(forms.ModelForm[RiskRule]):
+    """A rule's switch, weight and parameters; the parameters checked against the rule's schema
+    (the error names each bad parameter) before anything is saved."""
 
-    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
-        with transaction.atomic():
-            obj.save()
-            version = services.rules_changed(actor=_operator(request))
-        messages.info(request, f"Rules version {version} is in force.")
+    class Meta:
+        model = RiskRule
+        fields = ("enabled", "weight", "params")
+
+    def clean_params(self) -> Any:
+        params = self.cleaned_data.get("params")
+        try:
+            services.rule_params_check(code=self.instance.code, params=params)
+        except ApplicationError as exc:
+            raise forms.ValidationError(
+                [
+                    e["message"] if e["field"] == "params" else f"{e['field'].removeprefix('params.')}: {e['message']}"
+                    for e in exc.errors
+                ]
+            ) from exc
+        return params
 
 
 @admin.register(RiskRule)
-class RiskRuleAdmin(RulesChangeMixin, admin.ModelAdmin[RiskRule]):
+class RiskRuleAdmin(admin.ModelAdmin[RiskRule]):
+    """Rules are code; their switches, weights and thresholds are data, written through
+    ``services.risk_rule_update`` (schema-checked, a new rules version as the audit row)."""
+
+    form = RiskRuleForm
     list_display = ("code", "enabled", "weight", "params", "updated_at")
     list_filter = ("enabled",)
-    readonly_fields = ("code",)
-    fields = ("code", "enabled", "weight", "params")
+    readonly_fields = ("code", "parameters")
+    fields = ("code", "enabled", "weight", "params", "parameters")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # the rules are code; their switches and thresholds are data
@@ -200,9 +215,29 @@ class RiskRuleAdmin(RulesChangeMixin, admin.ModelAdmin[RiskRule]):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    @admin.display(description="parameters it reads")
+    def parameters(self, obj: RiskRule) -> str:
+        schema = rule_params.RULE_PARAMS.get(obj.code, {})
+        if not schema:
+            return "none"
+        return format_html_join(
+            "", "<div><code>{}</code> ({}): {}</div>", ((n, p.kind.value, p.help) for n, p in schema.items())
+        )
+
+    def save_model(self, request: HttpRequest, obj: RiskRule, form: Any, change: bool) -> None:
+        version = services.risk_rule_update(
+            code=obj.code,
+            actor=_operator(request),
+            enabled=form.cleaned_data["enabled"],
+            weight=form.cleaned_data["weight"],
+            params=form.cleaned_data["params"],
+        )
+        obj.refresh_from_db()
+        messages.info(request, f"Rules version {version} is in force.")
+
 
 @admin.register(RiskSettings)
-class RiskSettingsAdmin(RulesChangeMixin, admin.ModelAdmin[RiskSettings]):
+class RiskSettingsAdmin(admin.ModelAdmin[RiskSettings]):
     list_display = ("__str__", "review_score", "block_score", "version", "updated_at")
     fields = ("review_score", "block_score", "version")
     readonly_fields = ("version",)
@@ -212,6 +247,15 @@ class RiskSettingsAdmin(RulesChangeMixin, admin.ModelAdmin[RiskSettings]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def save_model(self, request: HttpRequest, obj: RiskSettings, form: Any, change: bool) -> None:
+        version = services.risk_settings_update(
+            actor=_operator(request),
+            review_score=form.cleaned_data["review_score"],
+            block_score=form.cleaned_data["block_score"],
+        )
+        obj.refresh_from_db()
+        messages.info(request, f"Rules version {version} is in force.")
 
 
 @admin.register(RulesVersion)

@@ -75,11 +75,14 @@ class RiskSettings(models.Model):
 
 class RulesVersion(models.Model):
     """What the rules and bands were under each version: an assessment names its version, and
-    this says what that meant."""
+    this says what that meant. Also the audit of rule changes: who made the version, and what
+    changed from the one before (``changes``: what → [before, after])."""
 
     version = models.PositiveIntegerField(unique=True)
     snapshot = models.JSONField()
+    changes = models.JSONField(default=dict, blank=True, db_default={}, help_text="what → [before, after]")
     created_by = models.CharField(max_length=150, blank=True, default="")
+    created_by_user_id = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -237,6 +240,9 @@ class RiskAssessment(models.Model):
     score = models.PositiveIntegerField()
     decision = models.CharField(max_length=8, choices=Decision.choices)
     fired = models.JSONField(default=list, help_text="[{rule, weight, evidence}]")
+    skipped = models.JSONField(
+        default=list, db_default=[], help_text="[{rule, error}]: rules that could not be evaluated, left out"
+    )
     rules_version = models.PositiveIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
 

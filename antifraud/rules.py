@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -28,6 +29,8 @@ from django.db import connection
 
 from antifraud.models import Decision, DomainVerdict, RuleCode
 from billing_site.common import ids
+
+log = logging.getLogger(__name__)
 
 # Providers that deliver ``first.last+tag@`` to ``firstlast@``: dots and +tags are removed for
 # the dot-blind ones, +tags for the rest.
@@ -140,6 +143,18 @@ class Fired:
 
     def as_json(self) -> dict[str, Any]:
         return {"rule": self.rule, "weight": self.weight, "evidence": self.evidence, "insists": self.insists}
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A rule that could not be evaluated (its parameters invalid, or it raised): left out of
+    the score, recorded on the assessment, logged as an error."""
+
+    rule: str
+    error: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "error": self.error}
 
 
 def _acc(account_id: int) -> str:
@@ -517,13 +532,24 @@ RULES: dict[str, Callable[[Subject, Facts, dict[str, Any]], dict[str, Any] | Non
 }
 
 
-def evaluate(subject: Subject, rules: list[tuple[str, int, dict[str, Any]]]) -> list[Fired]:
-    """Run the enabled ``rules`` (code, weight, params) on ``subject``: the ones that fired."""
+def evaluate(subject: Subject, rules: list[tuple[str, int, dict[str, Any]]]) -> tuple[list[Fired], list[Skipped]]:
+    """Run the enabled ``rules`` (code, weight, params; their params checked against their
+    schema already) on ``subject``: the ones that fired, and the ones skipped because they
+    raised (logged with the traceback). One broken rule never stops a checkpoint: the others
+    still decide."""
     facts = gather(subject, {code: params for code, _, params in rules})
-    fired = []
+    fired, skipped = [], []
     for code, weight, params in rules:
-        evidence = RULES[code](subject, facts, params)
+        try:
+            evidence = RULES[code](subject, facts, params)
+        except Exception as exc:  # a rule's bug or a threshold it cannot read: skip it, say so
+            log.exception(
+                "antifraud.rule_failed",
+                extra={"rule": code, "account_id": _acc(subject.account_id), "error": type(exc).__name__},
+            )
+            skipped.append(Skipped(rule=code, error=f"{type(exc).__name__}: {exc}"[:300]))
+            continue
         if evidence is not None:
             insists = evidence.pop("insists", "")
             fired.append(Fired(rule=code, weight=weight, evidence=evidence, insists=insists))
-    return fired
+    return fired, skipped
