@@ -13,6 +13,7 @@ from django.test import Client
 from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount
 from antifraud.models import AccountRisk, ReviewDecision, RiskStatus
+from antifraud.tests.pages import press
 from antifraud.tests.test_checkpoints import NL_IP, US_IP, bind, open_account
 from billing_site.outbox import services as outbox
 from conftest import Customer
@@ -103,3 +104,31 @@ def test_only_the_fraud_team_decides_and_a_reason_is_required(flagged: BillingAc
     fraud = staff("fraud")
     assert decide(fraud, flagged, "block", "  ") == 302  # refused with a message
     assert flagged.state == AccountState.PENDING and not ReviewDecision.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("button", "standing", "state"),
+    [
+        ("Approve", RiskStatus.APPROVED, AccountState.ACTIVE),
+        ("Block", RiskStatus.BLOCKED, AccountState.BLOCKED),
+        ("Request more information", RiskStatus.REVIEW, AccountState.PENDING),
+    ],
+)
+def test_each_decision_works_from_the_rendered_page(
+    flagged: BillingAccount, button: str, standing: str, state: str
+) -> None:
+    """What the analyst's browser does: the page's own forms, as html.parser reads them, the
+    reason typed into the form of the button pressed (issue 19: Approve's form sat inside the
+    admin's change form, so the browser posted it to the read-only change view: a blank 403)."""
+    fraud = staff("fraud")
+    url = f"/admin/antifraud/accountrisk/{flagged.id}/change/"
+    response = press(fraud, url, button, reason="Checked with the customer by phone")
+    assert response.status_code == 302 and response["Location"] == url
+    while outbox.drain():
+        pass
+    flagged.refresh_from_db()
+    assert AccountRisk.objects.get(account_id=flagged.id).status == standing
+    assert flagged.state == state
+    decision = ReviewDecision.objects.get(account_id=flagged.id)
+    assert decision.reason == "Checked with the customer by phone"
