@@ -48,6 +48,13 @@ def _rules_fired(assessment: RiskAssessment | None) -> str:
     return ", ".join(f"{f['rule']} (+{f['weight']})" for f in assessment.fired) or "none"
 
 
+def _action_label(action: ReviewAction, case: selectors.ReviewCase | None) -> str:
+    """What the button says: it does what it says (approving a blocked account unblocks it)."""
+    if action == ReviewAction.APPROVE and case is not None and case.state == "blocked":
+        return "Approve and unblock"
+    return str(action.label)
+
+
 class DecisionForm(forms.Form):
     reason = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
@@ -120,7 +127,7 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         if risk is not None:
             extra["case"] = selectors.review_case(account_id=risk.account_id)
             extra["may_decide"] = request.user.has_perm("antifraud.review_account")
-            extra["actions"] = [(a.value, a.label) for a in ReviewAction]
+            extra["actions"] = [(a.value, _action_label(a, extra["case"])) for a in ReviewAction]
             extra["form"] = DecisionForm()
         return super().change_view(request, object_id, form_url, extra)
 
@@ -149,8 +156,9 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         account = ids.encode("acc", risk.account_id)
         try:
             if action == ReviewAction.APPROVE:
+                unblocking = services.unblock_target(account_id=risk.account_id) is not None
                 services.review_approve(account_id=risk.account_id, actor=actor, reason=reason)
-                messages.success(request, f"{account} approved.")
+                messages.success(request, f"{account} approved{' and unblocked' if unblocking else ''}.")
             elif action == ReviewAction.BLOCK:
                 services.review_block(account_id=risk.account_id, actor=actor, reason=reason)
                 messages.success(request, f"{account} blocked.")

@@ -719,23 +719,62 @@ def _review_record(account_id: int, action: str, *, actor: Actor, reason: str) -
     return risk
 
 
+def unblock_target(*, account_id: int) -> str | None:
+    """Where approving this account takes it, if it is blocked: back to the state it had before
+    its block (``active``; ``pending``, or ``active`` when a card is bound, as approving a pending
+    account activates it). None: it is not blocked. An account blocked while suspended for an
+    unpaid balance cannot go back there by an unblock (only to active or pending), so approving
+    it is refused (409 ``blocked_while_suspended``): its debt is finance's to settle first."""
+    standing = account_selectors.billing_account_standings({account_id}).get(account_id)
+    if standing is None or standing.state != "blocked":
+        return None
+    block = (
+        account_selectors.billing_account_history(account_id=account_id)
+        .filter(to_state="blocked")
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    before = block.from_state if block is not None else "pending"
+    if before == "suspended":
+        raise Conflict(
+            "blocked_while_suspended",
+            "The account was suspended for an unpaid balance when it was blocked; approving it cannot unblock it "
+            "to active. Unblock it from the billing account's page once its debt is settled.",
+        )
+    if before == "active" or CardSeen.objects.filter(account_id=account_id).exists():
+        return "active"
+    return "pending"
+
+
 @transaction.atomic(durable=True)
 def review_approve(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
     """The analyst finds the account fine: out of review, a spending cap lifted (through the
-    outbox), and a pending account with a card bound is activated (through the outbox).
-    Later assessments may raise it again."""
+    outbox); a pending account with a card bound is activated, and a blocked one is unblocked
+    (``unblock_target``), both by the analyst, through the outbox. Later assessments may raise
+    it again."""
+    target = unblock_target(account_id=account_id)  # refuses before anything is written
     risk = _review_record(account_id, ReviewAction.APPROVE, actor=actor, reason=reason)
     risk.status = RiskStatus.APPROVED
     risk.save(update_fields=["status", "updated_at"])
     if risk.spending_cap is not None:
         outbox.enqueue_task("antifraud.spending_cap_lift", account_id=account_id)
     standing = account_selectors.billing_account_standings({account_id}).get(account_id)
-    if standing is not None and standing.state == "pending" and CardSeen.objects.filter(account_id=account_id).exists():
+    transition = ""
+    if target is not None:
+        transition = "unblock"
+    elif (
+        standing is not None and standing.state == "pending" and CardSeen.objects.filter(account_id=account_id).exists()
+    ):
+        transition = "activate"
+    if transition:
         outbox.enqueue_task(
             "antifraud.account_transition",
             account_id=account_id,
-            transition="activate",
-            reason=f"approved by {actor.name}: {reason.strip()}"[:500],
+            transition=transition,
+            to_state=target,
+            reason=f"approved by an analyst: {reason.strip()}"[:500],
+            actor_user_id=actor.user_id,
+            actor_name=actor.name,
         )
     return risk
 
@@ -750,7 +789,9 @@ def review_block(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
         "antifraud.account_transition",
         account_id=account_id,
         transition="block",
-        reason=f"blocked by {actor.name}: {reason.strip()}"[:500],
+        reason=f"blocked by an analyst: {reason.strip()}"[:500],
+        actor_user_id=actor.user_id,
+        actor_name=actor.name,
     )
     return risk
 
@@ -853,14 +894,24 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
     return account_transition(account_id=account_id, transition="block", reason=reason[:500])
 
 
-def account_transition(*, account_id: int, transition: str, reason: str) -> bool:
-    """An analyst's decision reaching the account (idempotent: a transition no longer allowed
-    from the account's state is left alone)."""
-    if transition not in ("activate", "block"):
+def account_transition(
+    *,
+    account_id: int,
+    transition: str,
+    reason: str,
+    to_state: str | None = None,
+    actor_user_id: int | None = None,
+    actor_name: str = "",
+) -> bool:
+    """An analyst's decision reaching the account, as that analyst (an operator) when queued
+    with ``actor_user_id``, else as antifraud (idempotent: a transition no longer allowed from
+    the account's state is left alone)."""
+    if transition not in ("activate", "block", "unblock"):
         raise ValueError(f"antifraud does not {transition} accounts")
+    actor = Actor.operator(actor_user_id, actor_name) if actor_user_id is not None else SYSTEM
     try:
         account_services.billing_account_transition(
-            account_id=account_id, transition=transition, actor=SYSTEM, reason=reason
+            account_id=account_id, transition=transition, actor=actor, reason=reason, to_state=to_state
         )
     except (Conflict, NotFound):
         return False

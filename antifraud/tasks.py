@@ -14,10 +14,27 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
 
 
 @shared_task(name="antifraud.account_transition")
-def account_transition(*, account_id: int, transition: str, reason: str) -> bool:
+def account_transition(
+    *,
+    account_id: int,
+    transition: str,
+    reason: str,
+    to_state: str | None = None,
+    actor_user_id: int | None = None,
+    actor_name: str = "",
+) -> bool:
+    """An analyst's approval or block reaching the account (``to_state`` for an unblock; the
+    analyst as the actor when named, messages queued before they were are antifraud's)."""
     from antifraud import services
 
-    return services.account_transition(account_id=account_id, transition=transition, reason=reason)
+    return services.account_transition(
+        account_id=account_id,
+        transition=transition,
+        reason=reason,
+        to_state=to_state,
+        actor_user_id=actor_user_id,
+        actor_name=actor_name,
+    )
 
 
 @shared_task(name="antifraud.usage_sweep")

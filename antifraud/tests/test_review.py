@@ -14,7 +14,7 @@ from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount
 from antifraud.models import AccountRisk, ReviewDecision, RiskStatus
 from antifraud.tests.pages import press
-from antifraud.tests.test_checkpoints import NL_IP, US_IP, bind, open_account
+from antifraud.tests.test_checkpoints import ANALYST, NL_IP, US_IP, bind, open_account
 from billing_site.outbox import services as outbox
 from conftest import Customer
 
@@ -132,3 +132,56 @@ def test_each_decision_works_from_the_rendered_page(
     assert flagged.state == state
     decision = ReviewDecision.objects.get(account_id=flagged.id)
     assert decision.reason == "Checked with the customer by phone"
+
+
+@pytest.mark.django_db
+def test_approving_a_blocked_account_unblocks_it_and_the_button_says_so(flagged: BillingAccount) -> None:
+    """Issue 19: Approve on a blocked account said "approved" and left it blocked. The button
+    says what it does, and does it: the account returns to where it was before the block (a
+    pending account with a card bound is activated, as an approval of a pending one is)."""
+    fraud = staff("fraud")
+    url = f"/admin/antifraud/accountrisk/{flagged.id}/change/"
+    press(fraud, url, "Block", reason="Looks like the ring from last week")
+    while outbox.drain():
+        pass
+    flagged.refresh_from_db()
+    assert flagged.state == AccountState.BLOCKED
+    page = fraud.get(url).content.decode()
+    assert 'value="Approve and unblock"' in page and 'value="Approve"' not in page
+    response = press(fraud, url, "Approve and unblock", reason="Not the ring: a real company, called them")
+    assert response.status_code == 302
+    while outbox.drain():
+        pass
+    flagged.refresh_from_db()
+    assert flagged.state == AccountState.ACTIVE
+    assert AccountRisk.objects.get(account_id=flagged.id).status == RiskStatus.APPROVED
+    unblock = flagged.transitions.order_by("-id").first()
+    assert unblock is not None and (unblock.transition, unblock.actor_kind) == ("unblock", "operator")
+    assert unblock.actor_user_id == ReviewDecision.objects.filter(action="approve").get().analyst_user_id
+    messages = [str(m) for m in fraud.get(url).context["messages"]]
+    assert any("approved and unblocked" in m for m in messages), messages
+
+
+@pytest.mark.django_db
+def test_an_account_blocked_while_suspended_for_debt_is_not_unblocked_by_an_approval(
+    flagged: BillingAccount,
+) -> None:
+    """Unblocking can only return to active or pending: an account suspended for an unpaid
+    balance before its block is refused with a reason, not silently made active."""
+    actor = ANALYST
+    account_services.billing_account_transition(account_id=flagged.id, transition="activate", actor=actor)
+    account_services.billing_account_transition(account_id=flagged.id, transition="suspend", actor=actor, reason="d")
+    account_services.billing_account_transition(account_id=flagged.id, transition="block", actor=actor, reason="b")
+    while outbox.drain():
+        pass
+    fraud = staff("fraud")
+    url = f"/admin/antifraud/accountrisk/{flagged.id}/change/"
+    press(fraud, url, "Approve and unblock", reason="fine")
+    while outbox.drain():
+        pass
+    flagged.refresh_from_db()
+    assert flagged.state == AccountState.BLOCKED
+    assert AccountRisk.objects.get(account_id=flagged.id).status == RiskStatus.BLOCKED
+    assert not ReviewDecision.objects.filter(action="approve").exists()
+    messages = [str(m) for m in fraud.get(url).context["messages"]]
+    assert any("suspended" in m for m in messages), messages
