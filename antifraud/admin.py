@@ -125,7 +125,11 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         risk = self.get_object(request, object_id)
         extra = {**(extra_context or {})}
         if risk is not None:
-            extra["case"] = selectors.review_case(account_id=risk.account_id)
+            case = extra["case"] = selectors.review_case(account_id=risk.account_id)
+            if case is not None and case.spending_cap is not None:
+                policy = services.credit_policy_for(currency=case.currency, kind=case.kind, country=case.country)
+                extra["cap_held_at_spend"] = policy is not None and case.spending_cap > policy.initial_limit
+                extra["cap_policy_limit"] = policy.initial_limit if policy is not None else None
             extra["may_decide"] = request.user.has_perm("antifraud.review_account")
             extra["actions"] = [(a.value, _action_label(a, extra["case"])) for a in ReviewAction]
             extra["form"] = DecisionForm()

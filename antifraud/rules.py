@@ -113,6 +113,9 @@ class Subject:
     ip: str | None = None  # the client IP of this request
     card: Card | None = None
     spend: Spend | None = None
+    # The other accounts of this account's owner: one customer's own accounts sharing a card
+    # are not card reuse (read at the card-binding checkpoint only).
+    same_owner: frozenset[int] = frozenset()
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
@@ -384,13 +387,14 @@ def signup_velocity(subject: Subject, facts: Facts, params: dict[str, Any]) -> d
 
 
 def card_reuse(subject: Subject, facts: Facts, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The same card on more than ``max_accounts`` billing accounts (this one included); on a
-    blocked account, whatever the count: block."""
+    """The same card on more than ``max_accounts`` billing accounts (this one included), not
+    counting the other accounts of this account's owner (one customer's own accounts share
+    its card); on a blocked account, whatever the count and whoever owns it: block."""
     card = subject.card
     if card is None or not card.fingerprint or not facts.card_accounts:
         return None
-    others = facts.card_accounts
-    blocked = sorted(a for a in others if a in facts.blocked)
+    blocked = sorted(a for a in facts.card_accounts if a in facts.blocked)
+    others = [a for a in facts.card_accounts if a not in subject.same_owner]
     limit = int(params.get("max_accounts", 2))
     if not blocked and len(others) + 1 <= limit:
         return None
@@ -401,6 +405,9 @@ def card_reuse(subject: Subject, facts: Facts, params: dict[str, Any]) -> dict[s
         "max_accounts": limit,
         "shared_with": [_acc(a) for a in others[:20]],
     }
+    own = len(facts.card_accounts) - len(others)
+    if own:
+        evidence["same_owner_accounts_not_counted"] = own
     if blocked:
         evidence["blocked_accounts"] = [_acc(a) for a in blocked[:20]]
         evidence["insists"] = Decision.BLOCK.value

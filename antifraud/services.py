@@ -14,7 +14,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal
+from decimal import ROUND_CEILING, ROUND_DOWN, Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -248,6 +248,7 @@ def _subject(
         ip=_client_ip(ip),
         card=card,
         spend=spend,
+        same_owner=account_selectors.billing_account_ids_same_owner(account_id=account_id) if card else frozenset(),
         now=timezone.now(),
     )
 
@@ -575,12 +576,30 @@ def credit_limit_initial(*, account_id: int) -> Decimal | None:
     return account.credit_limit
 
 
+def _exposure(account_id: int, currency: str) -> Decimal | None:
+    """What an active account has already spent against its credit limit, as threshold billing
+    counts it (usage not invoiced yet plus what its issued invoices still owe), rounded up to
+    the currency's minor unit. None when it cannot be read (invoicing reads only accounts with
+    a limit set)."""
+    from invoicing import selectors as invoicing_selectors
+
+    found = invoicing_selectors.credit_exposures(account_ids=[account_id], over_limit_only=False)
+    if not found:
+        return None
+    return found[0].exposure.quantize(Decimal(1).scaleb(-money.exponent(currency)), rounding=ROUND_CEILING)
+
+
 def spending_cap(*, account_id: int) -> Decimal | None:
     """An active account raised for review: its credit limit lowered to the new-account limit
     of its policy (the cap), the limit it had kept to give back on approval. Threshold billing
     then charges it early, or suspends it, once its exposure passes the cap. Idempotent: a
     capped account, one out of review, a pending or blocked one, or one whose limit is
-    already under the cap is left as it is. Returns the cap set."""
+    already under the cap is left as it is. Returns the cap set.
+
+    A cap is never set below what the account has already spent (its exposure): that would
+    invoice and charge everything at once, and suspend the account if the charge failed, for a
+    review that has decided nothing yet. The cap is then held at the spend (no further credit
+    until an analyst decides), which the log line (``held_at_spend``) and the review page say."""
     standing = account_selectors.billing_account_standings({account_id}).get(account_id)
     profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
     if standing is None or standing.state != "active" or profile is None:
@@ -590,9 +609,10 @@ def spending_cap(*, account_id: int) -> Decimal | None:
         log.warning("antifraud.spending_cap_skipped", extra={"account_id": ids.encode("acc", account_id)})
         return None
     current = account_selectors.credit_limits(account_ids=[account_id])[account_id][0]
-    cap = policy.initial_limit
+    spent = _exposure(account_id, profile.currency) if current > 0 else None
+    cap = max(policy.initial_limit, spent or Decimal(0))
     if 0 < current <= cap:
-        return None
+        return None  # nothing to lower: under the cap, or already spent its whole limit
     with transaction.atomic(durable=True):
         if not AccountRisk.objects.filter(
             account_id=account_id, status=RiskStatus.REVIEW, spending_cap__isnull=True
@@ -601,11 +621,22 @@ def spending_cap(*, account_id: int) -> Decimal | None:
     account = account_services.billing_account_update(
         account_id=account_id, changes={}, credit_limit=cap, credit_limit_was=current
     )
+    if current == 0:  # no limit before: what it spent can be read only now that it has one
+        spent = _exposure(account_id, profile.currency)
+        if spent is not None and spent > cap:
+            account = account_services.billing_account_update(
+                account_id=account_id, changes={}, credit_limit=spent, credit_limit_was=cap
+            )
+            AccountRisk.objects.filter(account_id=account_id, spending_cap=cap).update(spending_cap=spent)
+            cap = spent
     log.info(
         "antifraud.spending_cap",
         extra={
             "account_id": ids.encode("acc", account_id),
             "cap": str(cap),
+            "policy_cap": str(policy.initial_limit),
+            "spent": str(spent) if spent is not None else None,
+            "held_at_spend": cap > policy.initial_limit,
             "limit_before": str(current),
             "limit": str(account.credit_limit),
             "currency": profile.currency,

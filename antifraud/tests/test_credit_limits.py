@@ -111,8 +111,9 @@ def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     from invoicing.tests.factories import rated
 
     account = make_account(customer.user, state="active", credit_limit=Decimal("2000"))
-    rated(account.id, timezone.now().date().replace(day=1).isoformat(), "gpu.a100", "10", "600.00")
-    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 600 of 2,000
+    month = timezone.now().date().replace(day=1).isoformat()
+    rated(account.id, month, "gpu.a100", "10", "400.00")
+    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 400 of 2,000
     # A dispute raises it for review: it stays active, its limit down to the new-account limit.
     outcome = services.payment_outcome_record(
         account_id=account.id, kind="dispute", reference="pay_d1", code="fraudulent", amount_minor=10000, currency="EUR"
@@ -124,6 +125,8 @@ def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     assert (account.state, account.credit_limit) == ("active", Decimal("500"))
     assert (risk.status, risk.spending_cap, risk.capped_from) == ("review", Decimal("500"), Decimal("2000"))
     # Past the cap: the usage so far is invoiced and charged early (threshold billing).
+    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 400 of 500
+    rated(account.id, month, "gpu.a100", "10", "200.00")
     report = invoicing_services.threshold_billing_run(render_pdfs=False)
     assert report.over_limit == 1 and len(report.issued) == 1
     assert Invoice.objects.get(id=report.issued[0]).kind == InvoiceKind.THRESHOLD
@@ -151,6 +154,36 @@ def test_a_pending_account_in_review_gets_no_cap(
     account.refresh_from_db()
     assert account.credit_limit == Decimal("2000")
     assert AccountRisk.objects.get(account_id=account.id).spending_cap is None
+
+
+@pytest.mark.django_db
+def test_a_review_cap_is_never_set_below_what_the_account_has_already_spent(
+    customer: Customer, make_account: Callable[..., BillingAccount], catalog: None
+) -> None:
+    """Issue 19: Globex was put in review and its limit cut to 500 EUR while it had already
+    spent 550.51 EUR. The cap is held at what it spent (rounded up to the cent): no further
+    credit until an analyst decides, nothing invoiced at once for a cap it never had, and the
+    analyst is told."""
+    from invoicing import services as invoicing_services
+    from invoicing.tests.factories import rated
+
+    account = make_account(customer.user, state="active", credit_limit=Decimal("2000"))
+    month = timezone.now().date().replace(day=1).isoformat()
+    rated(account.id, month, "gpu.a100", "10", "550.514518531333")
+    outcome = services.payment_outcome_record(
+        account_id=account.id, kind="dispute", reference="pay_d3", code="fraudulent", amount_minor=100, currency="EUR"
+    )
+    assert outcome is not None and outcome.decision == "review"
+    drain()
+    account.refresh_from_db()
+    risk = AccountRisk.objects.get(account_id=account.id)
+    assert account.credit_limit == Decimal("550.52")
+    assert (risk.spending_cap, risk.capped_from) == (Decimal("550.52"), Decimal("2000"))
+    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0
+    page = staff("fraud").get(f"/admin/antifraud/accountrisk/{account.id}/change/").content.decode()
+    assert "Held at what the account had already spent" in page
+    rated(account.id, month, "gpu.a100", "1", "1.00")  # any more usage: invoiced and charged early
+    assert len(invoicing_services.threshold_billing_run(render_pdfs=False).issued) == 1
 
 
 def drain() -> None:
