@@ -745,7 +745,7 @@ def _review_record(account_id: int, action: str, *, actor: Actor, reason: str) -
     )
     log.info(
         "antifraud.review",
-        extra={"account_id": ids.encode("acc", account_id), "action": action, "analyst": actor.name},
+        extra={"account_id": ids.encode("acc", account_id), "action": action, **actor_log_fields(actor)},
     )
     return risk
 

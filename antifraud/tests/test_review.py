@@ -4,6 +4,8 @@ the dashboard; roles; and what customers never see."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -12,7 +14,7 @@ from django.test import Client
 
 from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount
-from antifraud.models import AccountRisk, ReviewDecision, RiskStatus
+from antifraud.models import AccountRisk, ReviewDecision, RiskRule, RiskStatus
 from antifraud.tests.pages import press
 from antifraud.tests.test_checkpoints import ANALYST, NL_IP, US_IP, bind, open_account
 from billing_site.outbox import services as outbox
@@ -185,3 +187,27 @@ def test_an_account_blocked_while_suspended_for_debt_is_not_unblocked_by_an_appr
     assert not ReviewDecision.objects.filter(action="approve").exists()
     messages = [str(m) for m in fraud.get(url).context["messages"]]
     assert any("suspended" in m for m in messages), messages
+
+
+@pytest.mark.django_db
+def test_the_analyst_is_logged_by_user_id_never_by_email(
+    flagged: BillingAccount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19: ``"analyst": "fraud@…"`` on ``antifraud.review``. Staff are logged as customers
+    are: by id, no email address in any field of any line."""
+    from billing_site.common.logs import JsonFormatter
+
+    fraud = staff("fraud")
+    with caplog.at_level(logging.INFO):
+        press(fraud, f"/admin/antifraud/accountrisk/{flagged.id}/change/", "Approve", reason="fine")
+        while outbox.drain():
+            pass
+        rule = RiskRule.objects.get(code="card_reuse")
+        press(fraud, f"/admin/antifraud/riskrule/{rule.pk}/change/", "Save", weight="45")
+    lines = {r.getMessage(): JsonFormatter().format(r) for r in caplog.records if r.name.startswith("antifraud")}
+    review = json.loads(lines["antifraud.review"])
+    analyst = ReviewDecision.objects.get().analyst_user_id
+    assert (review["actor_kind"], review["actor_user_id"]) == ("operator", analyst)
+    assert "antifraud.rules_changed" in lines
+    for line in lines.values():
+        assert "ops.test" not in line and "@" not in line, line
