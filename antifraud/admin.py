@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from accounts import selectors as account_selectors
-from antifraud import rule_params, selectors, services
+from antifraud import display, rule_params, selectors, services
 from antifraud.models import (
     AccountRisk,
     CreditLimitPolicy,
@@ -114,8 +114,7 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
     def in_queue_for(self, obj: AccountRisk) -> str:
         if obj.status != RiskStatus.REVIEW or obj.flagged_at is None:
             return ""
-        hours = (timezone.now() - obj.flagged_at).total_seconds() / 3600
-        return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.0f} h"
+        return display.wait(timezone.now() - obj.flagged_at)
 
     @admin.display(description="rules fired (last assessment)")
     def rules(self, obj: AccountRisk) -> str:
@@ -130,6 +129,9 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
                 policy = services.credit_policy_for(currency=case.currency, kind=case.kind, country=case.country)
                 extra["cap_held_at_spend"] = policy is not None and case.spending_cap > policy.initial_limit
                 extra["cap_policy_limit"] = policy.initial_limit if policy is not None else None
+            if case is not None:  # the page is the account's: its public id and name, not our key
+                extra["title"] = f"Review: {case.name} ({case.account})"
+                extra["subtitle"] = None
             extra["may_decide"] = request.user.has_perm("antifraud.review_account")
             extra["actions"] = [(a.value, _action_label(a, extra["case"])) for a in ReviewAction]
             extra["form"] = DecisionForm()
@@ -308,13 +310,23 @@ class RiskAssessmentAdmin(RecordAdminMixin, admin.ModelAdmin[RiskAssessment]):
 
     @admin.display(description="evidence")
     def evidence(self, obj: RiskAssessment) -> str:
-        return format_html(
-            "<ul>{}</ul>",
-            format_html(
-                "".join("<li><b>{}</b> (+{}): {}</li>" for _ in obj.fired),
-                *[v for f in obj.fired for v in (f["rule"], f["weight"], f["evidence"])],
+        fired = format_html_join(
+            "",
+            "<li><b>{}</b> (+{}){}<ul>{}</ul></li>",
+            (
+                (
+                    f["rule"],
+                    f["weight"],
+                    f", insists on {f['insists']}" if f.get("insists") else "",
+                    format_html_join("", "<li>{}: {}</li>", display.evidence_rows(f["evidence"])),
+                )
+                for f in obj.fired
             ),
         )
+        skipped = format_html_join(
+            "", "<li><b>{}</b> skipped (not evaluated): {}</li>", ((s["rule"], s["error"]) for s in obj.skipped)
+        )
+        return format_html("<ul>{}{}</ul>", fired, skipped) if obj.fired or obj.skipped else "none"
 
 
 @admin.register(ReviewDecision)

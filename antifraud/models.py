@@ -8,6 +8,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from billing_site.common import ids
+
 
 class Checkpoint(models.TextChoices):
     SIGNUP = "signup", "Signup / account creation"
@@ -254,7 +256,7 @@ class RiskAssessment(models.Model):
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"{self.checkpoint}: {self.decision} ({self.score})"
+        return f"{ids.encode('acc', self.account_id)} {self.get_checkpoint_display()}: {self.decision} ({self.score})"
 
 
 class RiskStatus(models.TextChoices):
@@ -290,7 +292,7 @@ class AccountRisk(models.Model):
         permissions = [("review_account", "Can approve, block or question accounts in review")]
 
     def __str__(self) -> str:
-        return f"{self.account_id}: {self.status}"
+        return f"{ids.encode('acc', self.account_id)}: {self.get_status_display()}"
 
 
 class ReviewAction(models.TextChoices):

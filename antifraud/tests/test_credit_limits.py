@@ -137,7 +137,7 @@ def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     # The analyst sees the cap on the account's page, and approves: the limit it had comes back.
     fraud = staff("fraud")
     page = fraud.get(f"/admin/antifraud/accountrisk/{account.id}/change/").content.decode()
-    assert "Spending under a review cap: credit limit 500.0000 EUR (it was 2000.0000" in page
+    assert "Spending under a review cap: credit limit 500.00 EUR (it was 2000.00 EUR" in page
     assert decide(fraud, account, "approve", "known customer") == 302
     risk.refresh_from_db()
     assert account.credit_limit == Decimal("2000")

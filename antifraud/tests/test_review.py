@@ -211,3 +211,44 @@ def test_the_analyst_is_logged_by_user_id_never_by_email(
     assert "antifraud.rules_changed" in lines
     for line in lines.values():
         assert "ops.test" not in line and "@" not in line, line
+
+
+@pytest.mark.django_db
+def test_the_pages_show_money_as_money_evidence_as_rows_and_waits_in_words(
+    flagged: BillingAccount, catalog: None
+) -> None:
+    """Issue 19: evidence shown as Python dicts, ``43352 EUR``, ``550.514518531333 EUR``,
+    ``0:13:13.029383``, pages titled by an internal integer."""
+    import datetime as dt
+    import re
+
+    from django.utils import timezone
+
+    from antifraud.models import AccountSignal, PaymentOutcome, RiskAssessment
+    from invoicing.tests.factories import rated
+
+    PaymentOutcome.objects.create(
+        account_id=flagged.id, kind="decline", reference="pay_1", code="declined", amount_minor=43352, currency="EUR"
+    )
+    AccountSignal.objects.filter(account_id=flagged.id).update(created_at=timezone.now() - dt.timedelta(days=2))
+    rated(flagged.id, timezone.now().date().isoformat(), "gpu.a100", "10", "550.514518531333")
+    AccountRisk.objects.filter(account_id=flagged.id).update(
+        flagged_at=timezone.now() - dt.timedelta(minutes=13, seconds=13, microseconds=29383)
+    )
+    fraud = staff("fraud")
+    page = fraud.get(f"/admin/antifraud/accountrisk/{flagged.id}/change/").content.decode()
+    assert "433.52 EUR" in page and "43352" not in page
+    assert "550.51 EUR" in page and "550.5145" not in page
+    assert "{&#x27;" not in page and "{'" not in page  # no dict's repr
+    assert "<li>Domain: mailinator.com</li>" in page
+    assert "<li>Countries: IP: US, billing: NL</li>" in page
+    title = re.search(r"<title>(.*?)</title>", page, re.S)
+    assert title is not None and f"Acme Cloud BV ({flagged.public_id})" in title.group(1)
+    assert str(flagged.id) not in title.group(1)
+    board = fraud.get("/admin/antifraud/accountrisk/dashboard/").content.decode()
+    assert "the oldest has waited 13 min" in board and "0:13:13" not in board
+    assessment = RiskAssessment.objects.filter(account_id=flagged.id).first()
+    assert assessment is not None
+    record = fraud.get(f"/admin/antifraud/riskassessment/{assessment.id}/change/").content.decode()
+    assert "{&#x27;" not in record and "<li>Domain: mailinator.com</li>" in record
+    assert flagged.public_id in re.search(r"<title>(.*?)</title>", record, re.S).group(1)  # type: ignore[union-attr]
