@@ -19,7 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from accounts import selectors as account_selectors
-from antifraud import display, rule_params, selectors, services
+from antifraud import credit_limits, display, rule_params, selectors, services
 from antifraud.models import (
     AccountRisk,
     CreditLimitPolicy,
@@ -126,7 +126,7 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         if risk is not None:
             case = extra["case"] = selectors.review_case(account_id=risk.account_id)
             if case is not None and case.spending_cap is not None:
-                policy = services.credit_policy_for(currency=case.currency, kind=case.kind, country=case.country)
+                policy = credit_limits.credit_policy_for(currency=case.currency, kind=case.kind, country=case.country)
                 extra["cap_held_at_spend"] = policy is not None and case.spending_cap > policy.initial_limit
                 extra["cap_policy_limit"] = policy.initial_limit if policy is not None else None
             if case is not None:  # the page is the account's: its public id and name, not our key

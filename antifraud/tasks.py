@@ -62,29 +62,29 @@ def account_unblocked(*, account_id: int) -> None:
 
 @shared_task(name="antifraud.credit_limit_initial")
 def credit_limit_initial(*, account_id: int) -> str:
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return str(services.credit_limit_initial(account_id=account_id))
+    return str(credit_limits.credit_limit_initial(account_id=account_id))
 
 
 @shared_task(name="antifraud.spending_cap")
 def spending_cap(*, account_id: int) -> str:
     """An active account raised for review: its limit lowered to the cap (through the outbox)."""
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return str(services.spending_cap(account_id=account_id))
+    return str(credit_limits.spending_cap(account_id=account_id))
 
 
 @shared_task(name="antifraud.spending_cap_lift")
 def spending_cap_lift(*, account_id: int) -> str:
     """Approved: the limit before the cap given back (through the outbox)."""
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return str(services.spending_cap_lift(account_id=account_id))
+    return str(credit_limits.spending_cap_lift(account_id=account_id))
 
 
 @shared_task(name="antifraud.credit_limits_review")
 def credit_limits_review() -> dict[str, int]:
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return services.credit_limits_review()
+    return credit_limits.credit_limits_review()

@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from accounts import services as account_services
 from accounts.models import BillingAccount
-from antifraud import services
+from antifraud import credit_limits, services
 from antifraud.models import AccountRisk, CreditLimitPolicy
 from antifraud.tests.test_checkpoints import NL_IP, open_account
 from antifraud.tests.test_review import decide, staff
@@ -56,7 +56,7 @@ def test_a_new_account_gets_its_policys_limit_but_never_over_an_analysts(custome
     account.refresh_from_db()
     assert account.credit_limit == Decimal("500")
     account_services.billing_account_update(account_id=account.id, changes={}, credit_limit=Decimal("2000"))
-    assert services.credit_limit_initial(account_id=account.id) == Decimal("2000")  # left as it was
+    assert credit_limits.credit_limit_initial(account_id=account.id) == Decimal("2000")  # left as it was
     account.refresh_from_db()
     assert account.credit_limit == Decimal("2000")
 
@@ -71,9 +71,9 @@ def test_a_more_specific_policy_wins() -> None:
         initial_limit=Decimal("5000"),
         max_limit=Decimal("100000"),
     )
-    assert services.credit_policy_for(currency="EUR", kind="business", country="DE").name == "German businesses"
-    assert services.credit_policy_for(currency="EUR", kind="business", country="NL").name == "New accounts (EUR)"
-    assert services.credit_policy_for(currency="CHF", kind="business", country="CH") is None
+    assert credit_limits.credit_policy_for(currency="EUR", kind="business", country="DE").name == "German businesses"
+    assert credit_limits.credit_policy_for(currency="EUR", kind="business", country="NL").name == "New accounts (EUR)"
+    assert credit_limits.credit_policy_for(currency="CHF", kind="business", country="CH") is None
 
 
 @pytest.mark.django_db
@@ -82,20 +82,20 @@ def test_limits_rise_after_every_three_invoices_paid_on_time_once_each_up_to_the
     while outbox.drain():
         pass
     paid_invoices(account, on_time=2, late=2)
-    assert services.credit_limits_review() == {"accounts": 1, "raised": 0}  # two on time: not yet
+    assert credit_limits.credit_limits_review() == {"accounts": 1, "raised": 0}  # two on time: not yet
     Invoice.objects.filter(account_id=account.id).delete()
     paid_invoices(account, on_time=3, late=1)
-    assert services.credit_limits_review()["raised"] == 1
+    assert credit_limits.credit_limits_review()["raised"] == 1
     account.refresh_from_db()
     assert account.credit_limit == Decimal("750")
-    assert services.credit_limits_review()["raised"] == 0  # the same count raises once
+    assert credit_limits.credit_limits_review()["raised"] == 0  # the same count raises once
     account.refresh_from_db()
     assert account.credit_limit == Decimal("750")
     # Near the maximum: capped.
     CreditLimitPolicy.objects.filter(currency="EUR").update(max_limit=Decimal("800"))
     Invoice.objects.filter(account_id=account.id).delete()
     paid_invoices(account, on_time=6)
-    assert services.credit_limits_review()["raised"] == 1
+    assert credit_limits.credit_limits_review()["raised"] == 1
     account.refresh_from_db()
     assert account.credit_limit == Decimal("800")
 
@@ -132,8 +132,8 @@ def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     assert Invoice.objects.get(id=report.issued[0]).kind == InvoiceKind.THRESHOLD
     # No raise while capped; a second review leaves the cap as it is.
     paid_invoices(account, on_time=3)
-    assert services.credit_limits_review()["raised"] == 0
-    assert services.spending_cap(account_id=account.id) is None
+    assert credit_limits.credit_limits_review()["raised"] == 0
+    assert credit_limits.spending_cap(account_id=account.id) is None
     # The analyst sees the cap on the account's page, and approves: the limit it had comes back.
     fraud = staff("fraud")
     page = fraud.get(f"/admin/antifraud/accountrisk/{account.id}/change/").content.decode()
