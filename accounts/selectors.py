@@ -176,6 +176,22 @@ def billing_profiles(*, account_ids: list[int]) -> dict[int, BillingProfile]:
     return profiles
 
 
+def billing_account_ids_same_owner(*, account_id: int) -> frozenset[int]:
+    """The other accounts whose owner (the membership with role owner) owns this one too: one
+    customer's own accounts (antifraud does not count them as strangers sharing a card). One
+    indexed query."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT theirs.account_id FROM accounts_membership mine
+            JOIN accounts_membership theirs ON theirs.user_id = mine.user_id AND theirs.role = %s
+            WHERE mine.account_id = %s AND mine.role = %s AND theirs.account_id <> %s
+            """,
+            [MemberRole.OWNER, account_id, MemberRole.OWNER, account_id],
+        )
+        return frozenset(row[0] for row in cursor.fetchall())
+
+
 def billing_account_name_subquery(*, account_id_field: str = "account_id") -> Subquery:
     """Each row's billing account name, to annotate another app's rows with (``account_id_field``
     names their account column): a list of invoices or grants names its customers in the

@@ -10,17 +10,16 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from accounts import selectors as account_selectors
-from antifraud import selectors, services
+from antifraud import credit_limits, display, rule_params, selectors, services
 from antifraud.models import (
     AccountRisk,
     CreditLimitPolicy,
@@ -47,6 +46,13 @@ def _rules_fired(assessment: RiskAssessment | None) -> str:
     if assessment is None:
         return ""
     return ", ".join(f"{f['rule']} (+{f['weight']})" for f in assessment.fired) or "none"
+
+
+def _action_label(action: ReviewAction, case: selectors.ReviewCase | None) -> str:
+    """What the button says: it does what it says (approving a blocked account unblocks it)."""
+    if action == ReviewAction.APPROVE and case is not None and case.state == "blocked":
+        return "Approve and unblock"
+    return str(action.label)
 
 
 class DecisionForm(forms.Form):
@@ -108,8 +114,7 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
     def in_queue_for(self, obj: AccountRisk) -> str:
         if obj.status != RiskStatus.REVIEW or obj.flagged_at is None:
             return ""
-        hours = (timezone.now() - obj.flagged_at).total_seconds() / 3600
-        return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.0f} h"
+        return display.wait(timezone.now() - obj.flagged_at)
 
     @admin.display(description="rules fired (last assessment)")
     def rules(self, obj: AccountRisk) -> str:
@@ -119,9 +124,16 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         risk = self.get_object(request, object_id)
         extra = {**(extra_context or {})}
         if risk is not None:
-            extra["case"] = selectors.review_case(account_id=risk.account_id)
+            case = extra["case"] = selectors.review_case(account_id=risk.account_id)
+            if case is not None and case.spending_cap is not None:
+                policy = credit_limits.credit_policy_for(currency=case.currency, kind=case.kind, country=case.country)
+                extra["cap_held_at_spend"] = policy is not None and case.spending_cap > policy.initial_limit
+                extra["cap_policy_limit"] = policy.initial_limit if policy is not None else None
+            if case is not None:  # the page is the account's: its public id and name, not our key
+                extra["title"] = f"Review: {case.name} ({case.account})"
+                extra["subtitle"] = None
             extra["may_decide"] = request.user.has_perm("antifraud.review_account")
-            extra["actions"] = [(a.value, a.label) for a in ReviewAction]
+            extra["actions"] = [(a.value, _action_label(a, extra["case"])) for a in ReviewAction]
             extra["form"] = DecisionForm()
         return super().change_view(request, object_id, form_url, extra)
 
@@ -150,8 +162,9 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         account = ids.encode("acc", risk.account_id)
         try:
             if action == ReviewAction.APPROVE:
+                unblocking = services.unblock_target(account_id=risk.account_id) is not None
                 services.review_approve(account_id=risk.account_id, actor=actor, reason=reason)
-                messages.success(request, f"{account} approved.")
+                messages.success(request, f"{account} approved{' and unblocked' if unblocking else ''}.")
             elif action == ReviewAction.BLOCK:
                 services.review_block(account_id=risk.account_id, actor=actor, reason=reason)
                 messages.success(request, f"{account} blocked.")
@@ -177,22 +190,38 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         return TemplateResponse(request, "admin/antifraud/accountrisk/dashboard.html", context)
 
 
-class RulesChangeMixin:
-    """A rule or the bands saved: a new rules version, in the same transaction."""
+class RiskRuleForm(forms.ModelForm[RiskRule]):
+    """A rule's switch, weight and parameters; the parameters checked against the rule's schema
+    (the error names each bad parameter) before anything is saved."""
 
-    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
-        with transaction.atomic():
-            obj.save()
-            version = services.rules_changed(actor=_operator(request))
-        messages.info(request, f"Rules version {version} is in force.")
+    class Meta:
+        model = RiskRule
+        fields = ("enabled", "weight", "params")
+
+    def clean_params(self) -> Any:
+        params = self.cleaned_data.get("params")
+        try:
+            services.rule_params_check(code=self.instance.code, params=params)
+        except ApplicationError as exc:
+            raise forms.ValidationError(
+                [
+                    e["message"] if e["field"] == "params" else f"{e['field'].removeprefix('params.')}: {e['message']}"
+                    for e in exc.errors
+                ]
+            ) from exc
+        return params
 
 
 @admin.register(RiskRule)
-class RiskRuleAdmin(RulesChangeMixin, admin.ModelAdmin[RiskRule]):
+class RiskRuleAdmin(admin.ModelAdmin[RiskRule]):
+    """Rules are code; their switches, weights and thresholds are data, written through
+    ``services.risk_rule_update`` (schema-checked, a new rules version as the audit row)."""
+
+    form = RiskRuleForm
     list_display = ("code", "enabled", "weight", "params", "updated_at")
     list_filter = ("enabled",)
-    readonly_fields = ("code",)
-    fields = ("code", "enabled", "weight", "params")
+    readonly_fields = ("code", "parameters")
+    fields = ("code", "enabled", "weight", "params", "parameters")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # the rules are code; their switches and thresholds are data
@@ -200,9 +229,29 @@ class RiskRuleAdmin(RulesChangeMixin, admin.ModelAdmin[RiskRule]):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    @admin.display(description="parameters it reads")
+    def parameters(self, obj: RiskRule) -> str:
+        schema = rule_params.RULE_PARAMS.get(obj.code, {})
+        if not schema:
+            return "none"
+        return format_html_join(
+            "", "<div><code>{}</code> ({}): {}</div>", ((n, p.kind.value, p.help) for n, p in schema.items())
+        )
+
+    def save_model(self, request: HttpRequest, obj: RiskRule, form: Any, change: bool) -> None:
+        version = services.risk_rule_update(
+            code=obj.code,
+            actor=_operator(request),
+            enabled=form.cleaned_data["enabled"],
+            weight=form.cleaned_data["weight"],
+            params=form.cleaned_data["params"],
+        )
+        obj.refresh_from_db()
+        messages.info(request, f"Rules version {version} is in force.")
+
 
 @admin.register(RiskSettings)
-class RiskSettingsAdmin(RulesChangeMixin, admin.ModelAdmin[RiskSettings]):
+class RiskSettingsAdmin(admin.ModelAdmin[RiskSettings]):
     list_display = ("__str__", "review_score", "block_score", "version", "updated_at")
     fields = ("review_score", "block_score", "version")
     readonly_fields = ("version",)
@@ -212,6 +261,15 @@ class RiskSettingsAdmin(RulesChangeMixin, admin.ModelAdmin[RiskSettings]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def save_model(self, request: HttpRequest, obj: RiskSettings, form: Any, change: bool) -> None:
+        version = services.risk_settings_update(
+            actor=_operator(request),
+            review_score=form.cleaned_data["review_score"],
+            block_score=form.cleaned_data["block_score"],
+        )
+        obj.refresh_from_db()
+        messages.info(request, f"Rules version {version} is in force.")
 
 
 @admin.register(RulesVersion)
@@ -252,13 +310,23 @@ class RiskAssessmentAdmin(RecordAdminMixin, admin.ModelAdmin[RiskAssessment]):
 
     @admin.display(description="evidence")
     def evidence(self, obj: RiskAssessment) -> str:
-        return format_html(
-            "<ul>{}</ul>",
-            format_html(
-                "".join("<li><b>{}</b> (+{}): {}</li>" for _ in obj.fired),
-                *[v for f in obj.fired for v in (f["rule"], f["weight"], f["evidence"])],
+        fired = format_html_join(
+            "",
+            "<li><b>{}</b> (+{}){}<ul>{}</ul></li>",
+            (
+                (
+                    f["rule"],
+                    f["weight"],
+                    f", insists on {f['insists']}" if f.get("insists") else "",
+                    format_html_join("", "<li>{}: {}</li>", display.evidence_rows(f["evidence"])),
+                )
+                for f in obj.fired
             ),
         )
+        skipped = format_html_join(
+            "", "<li><b>{}</b> skipped (not evaluated): {}</li>", ((s["rule"], s["error"]) for s in obj.skipped)
+        )
+        return format_html("<ul>{}{}</ul>", fired, skipped) if obj.fired or obj.skipped else "none"
 
 
 @admin.register(ReviewDecision)

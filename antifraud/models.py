@@ -8,6 +8,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from billing_site.common import ids
+
 
 class Checkpoint(models.TextChoices):
     SIGNUP = "signup", "Signup / account creation"
@@ -75,11 +77,14 @@ class RiskSettings(models.Model):
 
 class RulesVersion(models.Model):
     """What the rules and bands were under each version: an assessment names its version, and
-    this says what that meant."""
+    this says what that meant. Also the audit of rule changes: who made the version, and what
+    changed from the one before (``changes``: what → [before, after])."""
 
     version = models.PositiveIntegerField(unique=True)
     snapshot = models.JSONField()
+    changes = models.JSONField(default=dict, blank=True, db_default={}, help_text="what → [before, after]")
     created_by = models.CharField(max_length=150, blank=True, default="")
+    created_by_user_id = models.BigIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -237,6 +242,9 @@ class RiskAssessment(models.Model):
     score = models.PositiveIntegerField()
     decision = models.CharField(max_length=8, choices=Decision.choices)
     fired = models.JSONField(default=list, help_text="[{rule, weight, evidence}]")
+    skipped = models.JSONField(
+        default=list, db_default=[], help_text="[{rule, error}]: rules that could not be evaluated, left out"
+    )
     rules_version = models.PositiveIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -248,7 +256,7 @@ class RiskAssessment(models.Model):
         ordering = ["-created_at", "-id"]
 
     def __str__(self) -> str:
-        return f"{self.checkpoint}: {self.decision} ({self.score})"
+        return f"{ids.encode('acc', self.account_id)} {self.get_checkpoint_display()}: {self.decision} ({self.score})"
 
 
 class RiskStatus(models.TextChoices):
@@ -284,7 +292,7 @@ class AccountRisk(models.Model):
         permissions = [("review_account", "Can approve, block or question accounts in review")]
 
     def __str__(self) -> str:
-        return f"{self.account_id}: {self.status}"
+        return f"{ids.encode('acc', self.account_id)}: {self.get_status_display()}"
 
 
 class ReviewAction(models.TextChoices):

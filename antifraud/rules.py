@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -28,6 +29,8 @@ from django.db import connection
 
 from antifraud.models import Decision, DomainVerdict, RuleCode
 from billing_site.common import ids
+
+log = logging.getLogger(__name__)
 
 # Providers that deliver ``first.last+tag@`` to ``firstlast@``: dots and +tags are removed for
 # the dot-blind ones, +tags for the rest.
@@ -110,6 +113,9 @@ class Subject:
     ip: str | None = None  # the client IP of this request
     card: Card | None = None
     spend: Spend | None = None
+    # The other accounts of this account's owner: one customer's own accounts sharing a card
+    # are not card reuse (read at the card-binding checkpoint only).
+    same_owner: frozenset[int] = frozenset()
     now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
 
@@ -140,6 +146,18 @@ class Fired:
 
     def as_json(self) -> dict[str, Any]:
         return {"rule": self.rule, "weight": self.weight, "evidence": self.evidence, "insists": self.insists}
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A rule that could not be evaluated (its parameters invalid, or it raised): left out of
+    the score, recorded on the assessment, logged as an error."""
+
+    rule: str
+    error: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "error": self.error}
 
 
 def _acc(account_id: int) -> str:
@@ -369,13 +387,14 @@ def signup_velocity(subject: Subject, facts: Facts, params: dict[str, Any]) -> d
 
 
 def card_reuse(subject: Subject, facts: Facts, params: dict[str, Any]) -> dict[str, Any] | None:
-    """The same card on more than ``max_accounts`` billing accounts (this one included); on a
-    blocked account, whatever the count: block."""
+    """The same card on more than ``max_accounts`` billing accounts (this one included), not
+    counting the other accounts of this account's owner (one customer's own accounts share
+    its card); on a blocked account, whatever the count and whoever owns it: block."""
     card = subject.card
     if card is None or not card.fingerprint or not facts.card_accounts:
         return None
-    others = facts.card_accounts
-    blocked = sorted(a for a in others if a in facts.blocked)
+    blocked = sorted(a for a in facts.card_accounts if a in facts.blocked)
+    others = [a for a in facts.card_accounts if a not in subject.same_owner]
     limit = int(params.get("max_accounts", 2))
     if not blocked and len(others) + 1 <= limit:
         return None
@@ -386,6 +405,9 @@ def card_reuse(subject: Subject, facts: Facts, params: dict[str, Any]) -> dict[s
         "max_accounts": limit,
         "shared_with": [_acc(a) for a in others[:20]],
     }
+    own = len(facts.card_accounts) - len(others)
+    if own:
+        evidence["same_owner_accounts_not_counted"] = own
     if blocked:
         evidence["blocked_accounts"] = [_acc(a) for a in blocked[:20]]
         evidence["insists"] = Decision.BLOCK.value
@@ -517,13 +539,24 @@ RULES: dict[str, Callable[[Subject, Facts, dict[str, Any]], dict[str, Any] | Non
 }
 
 
-def evaluate(subject: Subject, rules: list[tuple[str, int, dict[str, Any]]]) -> list[Fired]:
-    """Run the enabled ``rules`` (code, weight, params) on ``subject``: the ones that fired."""
+def evaluate(subject: Subject, rules: list[tuple[str, int, dict[str, Any]]]) -> tuple[list[Fired], list[Skipped]]:
+    """Run the enabled ``rules`` (code, weight, params; their params checked against their
+    schema already) on ``subject``: the ones that fired, and the ones skipped because they
+    raised (logged with the traceback). One broken rule never stops a checkpoint: the others
+    still decide."""
     facts = gather(subject, {code: params for code, _, params in rules})
-    fired = []
+    fired, skipped = [], []
     for code, weight, params in rules:
-        evidence = RULES[code](subject, facts, params)
+        try:
+            evidence = RULES[code](subject, facts, params)
+        except Exception as exc:  # a rule's bug or a threshold it cannot read: skip it, say so
+            log.exception(
+                "antifraud.rule_failed",
+                extra={"rule": code, "account_id": _acc(subject.account_id), "error": type(exc).__name__},
+            )
+            skipped.append(Skipped(rule=code, error=f"{type(exc).__name__}: {exc}"[:300]))
+            continue
         if evidence is not None:
             insists = evidence.pop("insists", "")
             fired.append(Fired(rule=code, weight=weight, evidence=evidence, insists=insists))
-    return fired
+    return fired, skipped

@@ -57,6 +57,7 @@ class ReviewCase:
     country: str
     currency: str
     state: str
+    kind: str
     standing: str
     score: int
     assessments: list[RiskAssessment] = field(default_factory=list)
@@ -132,6 +133,7 @@ def review_case(*, account_id: int, now: dt.datetime | None = None) -> ReviewCas
         email=profile.email,
         country=profile.country,
         currency=profile.currency,
+        kind=profile.kind,
         state=states[account_id].state if account_id in states else "",
         standing=risk.status if risk else RiskStatus.CLEAR,
         score=risk.score if risk else 0,

@@ -14,7 +14,7 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from decimal import ROUND_DOWN, Decimal
+from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
@@ -23,14 +23,13 @@ from django.utils import timezone
 
 from accounts import selectors as account_selectors
 from accounts import services as account_services
-from antifraud import rules
+from antifraud import rule_params, rules
 from antifraud.models import (
     AccountRisk,
     AccountSignal,
     BindingFailure,
     CardSeen,
     Checkpoint,
-    CreditLimitPolicy,
     Decision,
     OutcomeKind,
     PaymentOutcome,
@@ -45,9 +44,10 @@ from antifraud.models import (
     SignupEvent,
     SignupKind,
 )
-from billing_site.common import ids, money
+from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
+from billing_site.common.transitions import actor_log_fields
 from billing_site.outbox import services as outbox
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,27 @@ def _settings() -> RiskSettings:
 
 # The rules in force, read at most every RULES_TTL seconds per process (and at once after a
 # change made in this process): evaluation does not pay two queries for what rarely changes.
+# A rule whose stored parameters fail its schema (written past the service, by SQL or an older
+# release) is not evaluated: it is skipped, recorded on every assessment and logged as an error.
 RULES_TTL = 10.0
-_rules_cache: list[Any] = []  # [loaded at (monotonic), settings, [(code, weight, params)]]
+# [loaded at (monotonic), settings, [(code, weight, params)], [Skipped]]
+_rules_cache: list[Any] = []
 
 
-def _rules_config() -> tuple[RiskSettings, list[tuple[str, int, dict[str, Any]]]]:
+def _rules_config() -> tuple[RiskSettings, list[tuple[str, int, dict[str, Any]]], list[rules.Skipped]]:
     if not _rules_cache or time.monotonic() - _rules_cache[0] > RULES_TTL:
-        enabled = [(r.code, r.weight, r.params) for r in RiskRule.objects.filter(enabled=True).order_by("code")]
-        _rules_cache[:] = [time.monotonic(), _settings(), enabled]
-    return _rules_cache[1], _rules_cache[2]
+        enabled, invalid = [], []
+        for rule in RiskRule.objects.filter(enabled=True).order_by("code"):
+            errors = rule_params.params_errors(rule.code, rule.params)
+            if errors:
+                invalid.append(
+                    rules.Skipped(rule=rule.code, error=f"invalid parameters: {rule_params.describe(errors)}")
+                )
+                log.error("antifraud.rule_invalid", extra={"rule": rule.code, "params": sorted(errors)})
+            else:
+                enabled.append((rule.code, rule.weight, rule.params))
+        _rules_cache[:] = [time.monotonic(), _settings(), enabled, invalid]
+    return _rules_cache[1], _rules_cache[2], _rules_cache[3]
 
 
 def rules_cache_clear() -> None:
@@ -95,16 +107,88 @@ def rules_snapshot() -> dict[str, Any]:
 
 
 @transaction.atomic
-def rules_changed(*, actor: Actor) -> int:
-    """A rule or a band changed: the next version, with what it now means. Returns it."""
+def rules_changed(*, actor: Actor, changes: dict[str, Any] | None = None) -> int:
+    """A rule or a band changed: the next version, with what it now means and what changed
+    (the audit row: who, when, what → [before, after]). Returns it."""
     settings = RiskSettings.objects.select_for_update().filter(id=1).first() or RiskSettings.objects.create(id=1)
     settings.version += 1
     settings.save(update_fields=["version", "updated_at"])
-    RulesVersion.objects.create(version=settings.version, snapshot=rules_snapshot(), created_by=actor.name)
+    RulesVersion.objects.create(
+        version=settings.version,
+        snapshot=rules_snapshot(),
+        changes=changes or {},
+        created_by=actor.name,
+        created_by_user_id=actor.user_id,
+    )
     transaction.on_commit(rules_cache_clear)
     rules_cache_clear()
-    log.info("antifraud.rules_changed", extra={"version": settings.version, "actor": actor.name})
+    log.info(
+        "antifraud.rules_changed",
+        extra={"version": settings.version, "changed": sorted(changes or {}), **actor_log_fields(actor)},
+    )
     return settings.version
+
+
+def rule_params_check(*, code: str, params: Any) -> None:
+    """Refuse ``params`` that the rule ``code`` cannot read: 400 ``invalid_params`` naming each
+    bad parameter (``params.<name>``)."""
+    errors = rule_params.params_errors(code, params)
+    if errors:
+        raise ApplicationError(
+            "invalid_params",
+            f"Invalid parameters for {code}: {rule_params.describe(errors)}.",
+            errors=[
+                {"field": "params" if name == "params" else f"params.{name}", "code": "invalid_params", "message": m}
+                for name, m in errors.items()
+            ],
+        )
+
+
+@transaction.atomic
+def risk_rule_update(
+    *, code: str, actor: Actor, enabled: bool | None = None, weight: int | None = None, params: Any = None
+) -> int:
+    """Change a rule's switch, weight or parameters (``None``: left as it is), the parameters
+    checked against the rule's schema; a new rules version is the audit row. Returns the
+    version in force (unchanged when nothing changed). Runs in the caller's transaction when
+    there is one (the admin's change form has one)."""
+    rule = RiskRule.objects.select_for_update().filter(code=code).first()
+    if rule is None:
+        raise NotFound(f"No rule {code!r}.")
+    if params is not None:
+        rule_params_check(code=code, params=params)
+    if weight is not None and not 0 <= weight <= 1000:
+        raise ApplicationError("invalid", "A weight is between 0 and 1000.", field="weight")
+    changes: dict[str, Any] = {}
+    for name, value in (("enabled", enabled), ("weight", weight), ("params", params)):
+        if value is not None and getattr(rule, name) != value:
+            changes[f"{code}.{name}"] = [getattr(rule, name), value]
+            setattr(rule, name, value)
+    if not changes:
+        return _settings().version
+    rule.save(update_fields=["enabled", "weight", "params", "updated_at"])
+    return rules_changed(actor=actor, changes=changes)
+
+
+@transaction.atomic
+def risk_settings_update(*, actor: Actor, review_score: int, block_score: int) -> int:
+    """Change the score bands (review from, block from; block above review); a new rules
+    version is the audit row. Returns the version in force."""
+    if not 0 < review_score < block_score:
+        raise ApplicationError(
+            "invalid_bands", "The block score must be above the review score, and both above 0.", field="block_score"
+        )
+    settings = RiskSettings.objects.select_for_update().filter(id=1).first() or RiskSettings.objects.create(id=1)
+    changes = {
+        name: [getattr(settings, name), value]
+        for name, value in (("review_score", review_score), ("block_score", block_score))
+        if getattr(settings, name) != value
+    }
+    if not changes:
+        return settings.version
+    settings.review_score, settings.block_score = review_score, block_score
+    settings.save(update_fields=["review_score", "block_score", "updated_at"])
+    return rules_changed(actor=actor, changes=changes)
 
 
 # --- Signals the checkpoints keep
@@ -163,6 +247,7 @@ def _subject(
         ip=_client_ip(ip),
         card=card,
         spend=spend,
+        same_owner=account_selectors.billing_account_ids_same_owner(account_id=account_id) if card else frozenset(),
         now=timezone.now(),
     )
 
@@ -193,8 +278,9 @@ WITH card AS (  -- the card being bound, if any: kept once per account (the fact
     WHERE %(fp)s::varchar <> ''
     ON CONFLICT (account_id, fingerprint) DO NOTHING
 ), assessment AS (
-    INSERT INTO antifraud_riskassessment (account_id, checkpoint, score, decision, fired, rules_version, created_at)
-    VALUES (%(account)s, %(checkpoint)s, %(score)s, %(decision)s, %(fired)s, %(version)s, %(now)s)
+    INSERT INTO antifraud_riskassessment (account_id, checkpoint, score, decision, fired, skipped, rules_version,
+                                          created_at)
+    VALUES (%(account)s, %(checkpoint)s, %(score)s, %(decision)s, %(fired)s, %(skipped)s, %(version)s, %(now)s)
     RETURNING id
 )
 INSERT INTO antifraud_accountrisk AS r (account_id, status, score, last_assessment_id, flagged_at, updated_at)
@@ -226,8 +312,9 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
     """Evaluate (one read), store the assessment, move the account's standing and keep the card
     being bound (one write), in the caller's transaction; a block is queued for the account
     through the outbox."""
-    settings, enabled = _rules_config()
-    fired = rules.evaluate(subject, enabled)
+    settings, enabled, invalid = _rules_config()
+    fired, failed = rules.evaluate(subject, enabled)
+    skipped = invalid + failed
     score, decision = _decide(fired, settings)
     assessment = RiskAssessment(
         account_id=subject.account_id,
@@ -235,6 +322,7 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
         score=score,
         decision=decision,
         fired=[f.as_json() for f in fired],
+        skipped=[s.as_json() for s in skipped],
         rules_version=settings.version,
         created_at=subject.now,
     )
@@ -246,6 +334,7 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
             "score": score,
             "decision": decision,
             "fired": json.dumps(assessment.fired),
+            "skipped": json.dumps(assessment.skipped),
             "version": settings.version,
             "now": subject.now,
             "status": _STATUS_OF[Decision(decision)].value,
@@ -277,6 +366,7 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
             "score": score,
             "decision": decision,
             "rules": [f.rule for f in fired],
+            "skipped": [s.rule for s in skipped],
             "rules_version": settings.version,
             "standing": standing,
         },
@@ -383,6 +473,12 @@ def usage_sweep(*, now: dt.datetime | None = None) -> dict[str, int]:
         log.info("antifraud.usage_sweep", extra={"accounts": 0, "assessed": 0, "rule": "disabled"})
         return {"accounts": 0, "assessed": 0}
     params = rule.params
+    errors = rule_params.params_errors(rule.code, params)
+    if errors:  # written past the service: the sweep cannot read its thresholds; someone must look
+        log.error(
+            "antifraud.usage_sweep", extra={"accounts": 0, "assessed": 0, "rule": "invalid", "params": sorted(errors)}
+        )
+        return {"accounts": 0, "assessed": 0}
     since = now - dt.timedelta(days=float(params.get("new_account_days", 7)))
     opened = dict(AccountSignal.objects.filter(created_at__gte=since).values_list("account_id", "created_at"))
     windows = [
@@ -442,159 +538,6 @@ def usage_sweep(*, now: dt.datetime | None = None) -> dict[str, int]:
     return {"accounts": len(spent), "assessed": assessed}
 
 
-# --- Credit limits
-
-
-def credit_policy_for(*, currency: str, kind: str, country: str) -> CreditLimitPolicy | None:
-    """The most specific active policy of the currency: kind and country, country, kind, any."""
-    candidates = CreditLimitPolicy.objects.filter(
-        is_active=True, currency=currency, account_kind__in=[kind, ""], country__in=[country, ""]
-    )
-    ranked = sorted(candidates, key=lambda p: (p.country == "", p.account_kind == ""))
-    return ranked[0] if ranked else None
-
-
-def credit_limit_initial(*, account_id: int) -> Decimal | None:
-    """A new account's credit limit from its policy, unless one is set already (an analyst's
-    is never overwritten: the limit changes only if it still is 0). Returns the limit set."""
-    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
-    if profile is None:
-        return None
-    policy = credit_policy_for(currency=profile.currency, kind=profile.kind, country=profile.country)
-    if policy is None:
-        return None
-    account = account_services.billing_account_update(
-        account_id=account_id, changes={}, credit_limit=policy.initial_limit, credit_limit_was=Decimal(0)
-    )
-    log.info(
-        "antifraud.credit_limit",
-        extra={
-            "account_id": ids.encode("acc", account_id),
-            "policy": policy.name,
-            "limit": str(account.credit_limit),
-            "currency": profile.currency,
-            "reason": "initial",
-        },
-    )
-    return account.credit_limit
-
-
-def spending_cap(*, account_id: int) -> Decimal | None:
-    """An active account raised for review: its credit limit lowered to the new-account limit
-    of its policy (the cap), the limit it had kept to give back on approval. Threshold billing
-    then charges it early, or suspends it, once its exposure passes the cap. Idempotent: a
-    capped account, one out of review, a pending or blocked one, or one whose limit is
-    already under the cap is left as it is. Returns the cap set."""
-    standing = account_selectors.billing_account_standings({account_id}).get(account_id)
-    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
-    if standing is None or standing.state != "active" or profile is None:
-        return None
-    policy = credit_policy_for(currency=profile.currency, kind=profile.kind, country=profile.country)
-    if policy is None:
-        log.warning("antifraud.spending_cap_skipped", extra={"account_id": ids.encode("acc", account_id)})
-        return None
-    current = account_selectors.credit_limits(account_ids=[account_id])[account_id][0]
-    cap = policy.initial_limit
-    if 0 < current <= cap:
-        return None
-    with transaction.atomic(durable=True):
-        if not AccountRisk.objects.filter(
-            account_id=account_id, status=RiskStatus.REVIEW, spending_cap__isnull=True
-        ).update(spending_cap=cap, capped_from=current):
-            return None
-    account = account_services.billing_account_update(
-        account_id=account_id, changes={}, credit_limit=cap, credit_limit_was=current
-    )
-    log.info(
-        "antifraud.spending_cap",
-        extra={
-            "account_id": ids.encode("acc", account_id),
-            "cap": str(cap),
-            "limit_before": str(current),
-            "limit": str(account.credit_limit),
-            "currency": profile.currency,
-        },
-    )
-    return cap
-
-
-def spending_cap_lift(*, account_id: int) -> Decimal | None:
-    """Approved: the limit the account had before its review cap comes back, unless someone
-    changed the limit meanwhile (then theirs stays). Returns the limit given back."""
-    risk = AccountRisk.objects.filter(account_id=account_id).first()
-    if risk is None or risk.spending_cap is None or risk.capped_from is None:
-        return None
-    cap, before = risk.spending_cap, risk.capped_from
-    account_services.billing_account_update(
-        account_id=account_id, changes={}, credit_limit=before, credit_limit_was=cap
-    )
-    AccountRisk.objects.filter(account_id=account_id, spending_cap=cap).update(spending_cap=None, capped_from=None)
-    log.info(
-        "antifraud.spending_cap_lifted",
-        extra={"account_id": ids.encode("acc", account_id), "cap": str(cap), "limit": str(before)},
-    )
-    return before
-
-
-def credit_limits_review(*, now: dt.datetime | None = None) -> dict[str, int]:
-    """Daily: every ``raise_after_on_time_payments`` invoices an account paid by their due date
-    raise its limit by ``raise_percent``, up to ``max_limit``. The on-time counts of all accounts
-    come from invoicing in one statement; only accounts due a raise are touched, each raise
-    marked before it is made (a crash in between loses a raise, never doubles one)."""
-    from invoicing import selectors as invoicing_selectors
-
-    counts = invoicing_selectors.invoices_paid_on_time()
-    if not counts:
-        return {"accounts": 0, "raised": 0}
-    marks = dict(
-        AccountRisk.objects.filter(account_id__in=list(counts)).values_list("account_id", "limit_raised_at_count")
-    )
-    capped = set(
-        AccountRisk.objects.filter(account_id__in=list(counts), spending_cap__isnull=False).values_list(
-            "account_id", flat=True
-        )
-    )  # under a review cap: not raised until an analyst decides
-    profiles = account_selectors.billing_profiles(
-        account_ids=[a for a, n in counts.items() if n > marks.get(a, 0) and a not in capped]
-    )
-    limits = account_selectors.credit_limits(account_ids=list(profiles))
-    raised = 0
-    for account_id, profile in sorted(profiles.items()):
-        policy = credit_policy_for(currency=profile.currency, kind=profile.kind, country=profile.country)
-        every = policy.raise_after_on_time_payments if policy else 0
-        on_time = counts[account_id]
-        due = on_time - on_time % every if every else 0
-        if policy is None or not due or due <= marks.get(account_id, 0):
-            continue
-        current = limits[account_id][0]
-        target = min(policy.max_limit, current * (1 + policy.raise_percent / 100))
-        target = target.quantize(Decimal(1).scaleb(-money.exponent(profile.currency)), rounding=ROUND_DOWN)
-        if target <= current:
-            continue
-        with transaction.atomic(durable=True):
-            AccountRisk.objects.get_or_create(account_id=account_id)
-            if not AccountRisk.objects.filter(account_id=account_id, limit_raised_at_count__lt=due).update(
-                limit_raised_at_count=due
-            ):
-                continue  # a run at the same moment raised it
-        account_services.billing_account_update(
-            account_id=account_id, changes={}, credit_limit=target, credit_limit_was=current
-        )
-        raised += 1
-        log.info(
-            "antifraud.credit_limit",
-            extra={
-                "account_id": ids.encode("acc", account_id),
-                "policy": policy.name,
-                "limit": str(target),
-                "currency": profile.currency,
-                "reason": f"{due} invoices paid on time",
-            },
-        )
-    log.info("antifraud.credit_limits_review", extra={"accounts": len(counts), "raised": raised})
-    return {"accounts": len(counts), "raised": raised}
-
-
 def account_standing(*, account_id: int) -> str:
     found = AccountRisk.objects.filter(account_id=account_id).values_list("status", flat=True).first()
     return found or RiskStatus.CLEAR.value
@@ -618,28 +561,67 @@ def _review_record(account_id: int, action: str, *, actor: Actor, reason: str) -
     )
     log.info(
         "antifraud.review",
-        extra={"account_id": ids.encode("acc", account_id), "action": action, "analyst": actor.name},
+        extra={"account_id": ids.encode("acc", account_id), "action": action, **actor_log_fields(actor)},
     )
     return risk
+
+
+def unblock_target(*, account_id: int) -> str | None:
+    """Where approving this account takes it, if it is blocked: back to the state it had before
+    its block (``active``; ``pending``, or ``active`` when a card is bound, as approving a pending
+    account activates it). None: it is not blocked. An account blocked while suspended for an
+    unpaid balance cannot go back there by an unblock (only to active or pending), so approving
+    it is refused (409 ``blocked_while_suspended``): its debt is finance's to settle first."""
+    standing = account_selectors.billing_account_standings({account_id}).get(account_id)
+    if standing is None or standing.state != "blocked":
+        return None
+    block = (
+        account_selectors.billing_account_history(account_id=account_id)
+        .filter(to_state="blocked")
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    before = block.from_state if block is not None else "pending"
+    if before == "suspended":
+        raise Conflict(
+            "blocked_while_suspended",
+            "The account was suspended for an unpaid balance when it was blocked; approving it cannot unblock it "
+            "to active. Unblock it from the billing account's page once its debt is settled.",
+        )
+    if before == "active" or CardSeen.objects.filter(account_id=account_id).exists():
+        return "active"
+    return "pending"
 
 
 @transaction.atomic(durable=True)
 def review_approve(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
     """The analyst finds the account fine: out of review, a spending cap lifted (through the
-    outbox), and a pending account with a card bound is activated (through the outbox).
-    Later assessments may raise it again."""
+    outbox); a pending account with a card bound is activated, and a blocked one is unblocked
+    (``unblock_target``), both by the analyst, through the outbox. Later assessments may raise
+    it again."""
+    target = unblock_target(account_id=account_id)  # refuses before anything is written
     risk = _review_record(account_id, ReviewAction.APPROVE, actor=actor, reason=reason)
     risk.status = RiskStatus.APPROVED
     risk.save(update_fields=["status", "updated_at"])
     if risk.spending_cap is not None:
         outbox.enqueue_task("antifraud.spending_cap_lift", account_id=account_id)
     standing = account_selectors.billing_account_standings({account_id}).get(account_id)
-    if standing is not None and standing.state == "pending" and CardSeen.objects.filter(account_id=account_id).exists():
+    transition = ""
+    if target is not None:
+        transition = "unblock"
+    elif (
+        standing is not None and standing.state == "pending" and CardSeen.objects.filter(account_id=account_id).exists()
+    ):
+        transition = "activate"
+    if transition:
         outbox.enqueue_task(
             "antifraud.account_transition",
             account_id=account_id,
-            transition="activate",
-            reason=f"approved by {actor.name}: {reason.strip()}"[:500],
+            transition=transition,
+            to_state=target,
+            reason=f"approved by an analyst: {reason.strip()}"[:500],
+            actor_user_id=actor.user_id,
+            actor_name=actor.name,
         )
     return risk
 
@@ -654,7 +636,9 @@ def review_block(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
         "antifraud.account_transition",
         account_id=account_id,
         transition="block",
-        reason=f"blocked by {actor.name}: {reason.strip()}"[:500],
+        reason=f"blocked by an analyst: {reason.strip()}"[:500],
+        actor_user_id=actor.user_id,
+        actor_name=actor.name,
     )
     return risk
 
@@ -757,14 +741,24 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
     return account_transition(account_id=account_id, transition="block", reason=reason[:500])
 
 
-def account_transition(*, account_id: int, transition: str, reason: str) -> bool:
-    """An analyst's decision reaching the account (idempotent: a transition no longer allowed
-    from the account's state is left alone)."""
-    if transition not in ("activate", "block"):
+def account_transition(
+    *,
+    account_id: int,
+    transition: str,
+    reason: str,
+    to_state: str | None = None,
+    actor_user_id: int | None = None,
+    actor_name: str = "",
+) -> bool:
+    """An analyst's decision reaching the account, as that analyst (an operator) when queued
+    with ``actor_user_id``, else as antifraud (idempotent: a transition no longer allowed from
+    the account's state is left alone)."""
+    if transition not in ("activate", "block", "unblock"):
         raise ValueError(f"antifraud does not {transition} accounts")
+    actor = Actor.operator(actor_user_id, actor_name) if actor_user_id is not None else SYSTEM
     try:
         account_services.billing_account_transition(
-            account_id=account_id, transition=transition, actor=SYSTEM, reason=reason
+            account_id=account_id, transition=transition, actor=actor, reason=reason, to_state=to_state
         )
     except (Conflict, NotFound):
         return False

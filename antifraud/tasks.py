@@ -14,10 +14,27 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
 
 
 @shared_task(name="antifraud.account_transition")
-def account_transition(*, account_id: int, transition: str, reason: str) -> bool:
+def account_transition(
+    *,
+    account_id: int,
+    transition: str,
+    reason: str,
+    to_state: str | None = None,
+    actor_user_id: int | None = None,
+    actor_name: str = "",
+) -> bool:
+    """An analyst's approval or block reaching the account (``to_state`` for an unblock; the
+    analyst as the actor when named, messages queued before they were are antifraud's)."""
     from antifraud import services
 
-    return services.account_transition(account_id=account_id, transition=transition, reason=reason)
+    return services.account_transition(
+        account_id=account_id,
+        transition=transition,
+        reason=reason,
+        to_state=to_state,
+        actor_user_id=actor_user_id,
+        actor_name=actor_name,
+    )
 
 
 @shared_task(name="antifraud.usage_sweep")
@@ -45,29 +62,29 @@ def account_unblocked(*, account_id: int) -> None:
 
 @shared_task(name="antifraud.credit_limit_initial")
 def credit_limit_initial(*, account_id: int) -> str:
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return str(services.credit_limit_initial(account_id=account_id))
+    return str(credit_limits.credit_limit_initial(account_id=account_id))
 
 
 @shared_task(name="antifraud.spending_cap")
 def spending_cap(*, account_id: int) -> str:
     """An active account raised for review: its limit lowered to the cap (through the outbox)."""
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return str(services.spending_cap(account_id=account_id))
+    return str(credit_limits.spending_cap(account_id=account_id))
 
 
 @shared_task(name="antifraud.spending_cap_lift")
 def spending_cap_lift(*, account_id: int) -> str:
     """Approved: the limit before the cap given back (through the outbox)."""
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return str(services.spending_cap_lift(account_id=account_id))
+    return str(credit_limits.spending_cap_lift(account_id=account_id))
 
 
 @shared_task(name="antifraud.credit_limits_review")
 def credit_limits_review() -> dict[str, int]:
-    from antifraud import services
+    from antifraud import credit_limits
 
-    return services.credit_limits_review()
+    return credit_limits.credit_limits_review()

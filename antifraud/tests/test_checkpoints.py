@@ -255,3 +255,31 @@ def test_a_block_reassesses_the_newest_linked_accounts_up_to_its_cap(monkeypatch
     reassessed = set(RiskAssessment.objects.filter(checkpoint="linked").values_list("account_id", flat=True))
     assert reassessed == {sharing[-1].id, sharing[-2].id}  # the newest open ones (the closed one is newer)
     assert RiskAssessment.objects.get(account_id=sharing[-1].id, checkpoint="linked").decision == "review"
+
+
+@pytest.mark.django_db
+def test_one_owners_accounts_sharing_a_card_are_not_card_reuse(
+    customer: Customer, make_customer: Callable[..., Customer]
+) -> None:
+    """Issue 19: Alice owns Acme and Globex; the standard test card, already on a stranger's
+    account, bound on Globex fired card_reuse (three accounts: the stranger's, Acme, Globex),
+    put Globex in review and cut its limit. Her own accounts are not strangers sharing a card:
+    only the stranger's counts. A second stranger's account with it still is card reuse."""
+    stranger = make_customer()
+    first = open_account(stranger, "203.0.113.50", name="Other BV", email="ap@other.test")
+    assert bind(stranger, first, "pm_card_visa").status_code == 201
+    acme = open_account(customer, NL_IP, name="Acme Cloud BV")
+    globex = open_account(customer, NL_IP, name="Globex BV", email="ap@globex.test")
+    assert bind(customer, acme, "pm_card_visa").status_code == 201
+    assert bind(customer, globex, "pm_card_visa").status_code == 201
+    binding = latest(globex, "card_binding")
+    assert "card_reuse" not in {f["rule"] for f in binding.fired}, binding.fired
+    assert binding.decision == "allow" and globex.state == AccountState.ACTIVE
+    assert AccountRisk.objects.get(account_id=globex.id).status == RiskStatus.CLEAR
+
+    third = make_customer()
+    other = open_account(third, "198.51.100.7", name="Third BV", email="ap@third.test")
+    bind(third, other, "pm_card_visa")
+    reuse = next(f for f in latest(other, "card_binding").fired if f["rule"] == "card_reuse")
+    assert reuse["evidence"]["accounts"] == 4
+    assert sorted(reuse["evidence"]["shared_with"]) == sorted([first.public_id, acme.public_id, globex.public_id])

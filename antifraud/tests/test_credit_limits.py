@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from accounts import services as account_services
 from accounts.models import BillingAccount
-from antifraud import services
+from antifraud import credit_limits, services
 from antifraud.models import AccountRisk, CreditLimitPolicy
 from antifraud.tests.test_checkpoints import NL_IP, open_account
 from antifraud.tests.test_review import decide, staff
@@ -56,7 +56,7 @@ def test_a_new_account_gets_its_policys_limit_but_never_over_an_analysts(custome
     account.refresh_from_db()
     assert account.credit_limit == Decimal("500")
     account_services.billing_account_update(account_id=account.id, changes={}, credit_limit=Decimal("2000"))
-    assert services.credit_limit_initial(account_id=account.id) == Decimal("2000")  # left as it was
+    assert credit_limits.credit_limit_initial(account_id=account.id) == Decimal("2000")  # left as it was
     account.refresh_from_db()
     assert account.credit_limit == Decimal("2000")
 
@@ -71,9 +71,9 @@ def test_a_more_specific_policy_wins() -> None:
         initial_limit=Decimal("5000"),
         max_limit=Decimal("100000"),
     )
-    assert services.credit_policy_for(currency="EUR", kind="business", country="DE").name == "German businesses"
-    assert services.credit_policy_for(currency="EUR", kind="business", country="NL").name == "New accounts (EUR)"
-    assert services.credit_policy_for(currency="CHF", kind="business", country="CH") is None
+    assert credit_limits.credit_policy_for(currency="EUR", kind="business", country="DE").name == "German businesses"
+    assert credit_limits.credit_policy_for(currency="EUR", kind="business", country="NL").name == "New accounts (EUR)"
+    assert credit_limits.credit_policy_for(currency="CHF", kind="business", country="CH") is None
 
 
 @pytest.mark.django_db
@@ -82,20 +82,20 @@ def test_limits_rise_after_every_three_invoices_paid_on_time_once_each_up_to_the
     while outbox.drain():
         pass
     paid_invoices(account, on_time=2, late=2)
-    assert services.credit_limits_review() == {"accounts": 1, "raised": 0}  # two on time: not yet
+    assert credit_limits.credit_limits_review() == {"accounts": 1, "raised": 0}  # two on time: not yet
     Invoice.objects.filter(account_id=account.id).delete()
     paid_invoices(account, on_time=3, late=1)
-    assert services.credit_limits_review()["raised"] == 1
+    assert credit_limits.credit_limits_review()["raised"] == 1
     account.refresh_from_db()
     assert account.credit_limit == Decimal("750")
-    assert services.credit_limits_review()["raised"] == 0  # the same count raises once
+    assert credit_limits.credit_limits_review()["raised"] == 0  # the same count raises once
     account.refresh_from_db()
     assert account.credit_limit == Decimal("750")
     # Near the maximum: capped.
     CreditLimitPolicy.objects.filter(currency="EUR").update(max_limit=Decimal("800"))
     Invoice.objects.filter(account_id=account.id).delete()
     paid_invoices(account, on_time=6)
-    assert services.credit_limits_review()["raised"] == 1
+    assert credit_limits.credit_limits_review()["raised"] == 1
     account.refresh_from_db()
     assert account.credit_limit == Decimal("800")
 
@@ -111,8 +111,9 @@ def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     from invoicing.tests.factories import rated
 
     account = make_account(customer.user, state="active", credit_limit=Decimal("2000"))
-    rated(account.id, timezone.now().date().replace(day=1).isoformat(), "gpu.a100", "10", "600.00")
-    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 600 of 2,000
+    month = timezone.now().date().replace(day=1).isoformat()
+    rated(account.id, month, "gpu.a100", "10", "400.00")
+    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 400 of 2,000
     # A dispute raises it for review: it stays active, its limit down to the new-account limit.
     outcome = services.payment_outcome_record(
         account_id=account.id, kind="dispute", reference="pay_d1", code="fraudulent", amount_minor=10000, currency="EUR"
@@ -124,17 +125,19 @@ def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     assert (account.state, account.credit_limit) == ("active", Decimal("500"))
     assert (risk.status, risk.spending_cap, risk.capped_from) == ("review", Decimal("500"), Decimal("2000"))
     # Past the cap: the usage so far is invoiced and charged early (threshold billing).
+    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 400 of 500
+    rated(account.id, month, "gpu.a100", "10", "200.00")
     report = invoicing_services.threshold_billing_run(render_pdfs=False)
     assert report.over_limit == 1 and len(report.issued) == 1
     assert Invoice.objects.get(id=report.issued[0]).kind == InvoiceKind.THRESHOLD
     # No raise while capped; a second review leaves the cap as it is.
     paid_invoices(account, on_time=3)
-    assert services.credit_limits_review()["raised"] == 0
-    assert services.spending_cap(account_id=account.id) is None
+    assert credit_limits.credit_limits_review()["raised"] == 0
+    assert credit_limits.spending_cap(account_id=account.id) is None
     # The analyst sees the cap on the account's page, and approves: the limit it had comes back.
     fraud = staff("fraud")
     page = fraud.get(f"/admin/antifraud/accountrisk/{account.id}/change/").content.decode()
-    assert "Spending under a review cap: credit limit 500.0000 EUR (it was 2000.0000" in page
+    assert "Spending under a review cap: credit limit 500.00 EUR (it was 2000.00 EUR" in page
     assert decide(fraud, account, "approve", "known customer") == 302
     risk.refresh_from_db()
     assert account.credit_limit == Decimal("2000")
@@ -151,6 +154,36 @@ def test_a_pending_account_in_review_gets_no_cap(
     account.refresh_from_db()
     assert account.credit_limit == Decimal("2000")
     assert AccountRisk.objects.get(account_id=account.id).spending_cap is None
+
+
+@pytest.mark.django_db
+def test_a_review_cap_is_never_set_below_what_the_account_has_already_spent(
+    customer: Customer, make_account: Callable[..., BillingAccount], catalog: None
+) -> None:
+    """Issue 19: Globex was put in review and its limit cut to 500 EUR while it had already
+    spent 550.51 EUR. The cap is held at what it spent (rounded up to the cent): no further
+    credit until an analyst decides, nothing invoiced at once for a cap it never had, and the
+    analyst is told."""
+    from invoicing import services as invoicing_services
+    from invoicing.tests.factories import rated
+
+    account = make_account(customer.user, state="active", credit_limit=Decimal("2000"))
+    month = timezone.now().date().replace(day=1).isoformat()
+    rated(account.id, month, "gpu.a100", "10", "550.514518531333")
+    outcome = services.payment_outcome_record(
+        account_id=account.id, kind="dispute", reference="pay_d3", code="fraudulent", amount_minor=100, currency="EUR"
+    )
+    assert outcome is not None and outcome.decision == "review"
+    drain()
+    account.refresh_from_db()
+    risk = AccountRisk.objects.get(account_id=account.id)
+    assert account.credit_limit == Decimal("550.52")
+    assert (risk.spending_cap, risk.capped_from) == (Decimal("550.52"), Decimal("2000"))
+    assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0
+    page = staff("fraud").get(f"/admin/antifraud/accountrisk/{account.id}/change/").content.decode()
+    assert "Held at what the account had already spent" in page
+    rated(account.id, month, "gpu.a100", "1", "1.00")  # any more usage: invoiced and charged early
+    assert len(invoicing_services.threshold_billing_run(render_pdfs=False).issued) == 1
 
 
 def drain() -> None:
