@@ -14,7 +14,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 
-from accounts import services, validation
+from accounts import debts, services, validation
 from accounts.models import (
     AccountState,
     ApiKey,
@@ -55,6 +55,10 @@ TRANSITION_DONE = {
     "block": "blocked",
     "unblock": "unblocked",
 }
+
+
+# Transitions whose page shows what the account owes.
+DEBT_SHOWN = frozenset({"close", "reactivate"})
 
 
 def _operator(request: HttpRequest) -> Actor:
@@ -217,6 +221,8 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
         if name not in TRANSITION_PERMISSIONS or not request.user.has_perm(TRANSITION_PERMISSIONS[name]):
             raise PermissionDenied
         form = TransitionForm(request.POST or None)
+        # What the account owes, shown before anyone presses the button (the service decides).
+        owed = debts.billing_account_debt(account_id=account.id) if name in DEBT_SHOWN else {}
         change_url = reverse("admin:accounts_billingaccount_change", args=[account.pk])
         if request.method == "POST" and form.is_valid():
             try:
@@ -245,6 +251,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
             "form": form,
             "change_url": change_url,
             "needs_reason": name in services.REASON_REQUIRED,
+            "owed": debts.debt_display(owed),
         }
         return TemplateResponse(request, "admin/accounts/billingaccount/transition.html", context)
 

@@ -191,7 +191,11 @@ class BillingAccountDetailView(StrictQueryMixin, APIView):
 class BillingAccountCloseView(StrictQueryMixin, APIView):
     @extend_schema(
         summary="Close a billing account",
-        description="Owner only. Terminal. Not possible while the account is blocked.",
+        description=(
+            "Owner only. Terminal. Not possible while the account is blocked, nor while it owes money: "
+            "409 `outstanding_balance`, with what is owed per currency (`errors[].currency`, `errors[].amount` "
+            "as a money string), until the debt is paid, credited or written off."
+        ),
         request=TransitionRequestSerializer,
         responses={200: BillingAccountSerializer, **error_responses(400, 401, 403, 404, 409, 415)},
     )

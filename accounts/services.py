@@ -15,7 +15,7 @@ from django.db.models import Q
 from django.utils import timezone
 from django_fsm import can_proceed
 
-from accounts import keys, validation
+from accounts import debts, keys, validation
 from accounts.models import (
     AccountState,
     ApiKey,
@@ -27,7 +27,7 @@ from accounts.models import (
     User,
     normalize_email,
 )
-from billing_site.common import ids
+from billing_site.common import ids, money
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.logs import mask_email
@@ -242,6 +242,12 @@ def billing_account_transition(
     account = BillingAccount.objects.select_for_update().filter(id=account_id).first()
     if account is None:
         raise NotFound("No such billing account.")
+    if transition == "close":
+        owed = debts.billing_account_debt(account_id=account.id)
+        if owed:
+            raise outstanding_balance(
+                owed, f"{account.name} cannot be closed while it owes money: pay, credit or write off the debt first."
+            )
     method = getattr(account, transition)
     from_state = account.state
     if not can_proceed(method):
@@ -282,6 +288,26 @@ def billing_account_transition(
         },
     )
     return account
+
+
+def outstanding_balance(owed: dict[str, int], advice: str) -> ApplicationError:
+    """409 ``outstanding_balance``: what is owed, per currency, as money strings (in the
+    message and one entry of ``errors`` per currency, with ``currency`` and ``amount``)."""
+    return ApplicationError(
+        "outstanding_balance",
+        f"{debts.debt_display(owed)} outstanding. {advice}",
+        status=409,
+        errors=[
+            {
+                "field": f"outstanding.{currency}",
+                "code": "outstanding_balance",
+                "message": f"{money.format_minor(minor, currency)} {currency} outstanding.",
+                "currency": currency,
+                "amount": money.format_minor(minor, currency),
+            }
+            for currency, minor in owed.items()
+        ],
+    )
 
 
 def _actor_fields(actor: Actor) -> dict[str, str | None]:

@@ -196,6 +196,12 @@ BILLING_CURRENCIES = env_list("BILLING_CURRENCIES", "USD,EUR,GBP,JPY")
 # An API key's last-used time is written at most this often per key (seconds).
 API_KEY_TOUCH_INTERVAL_SECONDS = int(os.environ.get("API_KEY_TOUCH_INTERVAL_SECONDS", "60"))
 
+# --- Accounts
+# What an account owes, asked before it is closed or reactivated by staff: dotted paths of
+# callables ``reader(account_id=...) -> {currency: minor units owed}`` that other apps provide
+# through their selectors (accounts imports no other app; it names them here).
+ACCOUNTS_DEBT_READERS = ("invoicing.selectors.account_outstanding",)
+
 # --- Logging: structured lines to stdout (billing_site/common/logs.py): `text` reads well in
 # a terminal, `json` is one object per line for a log pipeline. Celery keeps this configuration
 # (billing_site/celery.py), so workers log the same way.

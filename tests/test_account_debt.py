@@ -1,0 +1,157 @@
+"""An account's lifecycle against what it owes (issue 19): closing an account that owes money
+is refused with what is owed until the debt is paid, credited or written off; staff reactivate
+a debt-suspended account only with an explicit override and a reason, the customer reads what
+really happened, and dunning agrees with the account. The debt is invoicing's
+(``invoicing.selectors.account_outstanding``), read by accounts through
+``ACCOUNTS_DEBT_READERS``; the dunning case is payments'."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from html.parser import HTMLParser
+
+import pytest
+from django.test import Client
+
+from accounts import services as account_services
+from accounts.models import AccountState, BillingAccount, BillingAccountTransition, User
+from billing_site.common.actors import Actor
+from billing_site.outbox import services as outbox
+from conftest import Customer
+from invoicing import services as invoicing_services
+from invoicing.models import Invoice
+from payments.tests.helpers import NOW, issue_invoice
+
+pytestmark = [pytest.mark.clock(NOW), pytest.mark.django_db]
+
+FINANCE = Actor.system("tests")
+
+
+def settle() -> None:
+    """Deliver what the outbox holds (what the drain does every 15 s)."""
+    while outbox.drain():
+        pass
+
+
+def operator(groups: list[str]) -> tuple[User, Client]:
+    user = account_services.operator_create(
+        email=f"{'-'.join(groups)}@ops.test", password="pw-long-enough", groups=groups
+    )
+    client = Client()
+    client.force_login(user)
+    return user, client
+
+
+def transition_url(account: BillingAccount, name: str) -> str:
+    return f"/admin/accounts/billingaccount/{account.pk}/transition/{name}/"
+
+
+class FormFields(HTMLParser):
+    """The named inputs of a rendered page's forms, as a browser would post them (text and
+    textarea values as rendered, checkboxes only when checked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fields: dict[str, str] = {}
+        self.names: set[str] = set()
+        self._textarea: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "input" and a.get("name"):
+            self.names.add(a["name"])
+            if a.get("type") in ("checkbox", "radio") and "checked" not in a:
+                return
+            if a.get("type") != "submit":
+                self.fields[a["name"]] = a.get("value", "on" if a.get("type") == "checkbox" else "")
+        elif tag == "textarea" and a.get("name"):
+            self.names.add(a["name"])
+            self._textarea = a["name"]
+            self.fields[a["name"]] = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._textarea:
+            self.fields[self._textarea] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "textarea":
+            self._textarea = None
+
+
+def form_of(html: bytes) -> FormFields:
+    parser = FormFields()
+    parser.feed(html.decode())
+    return parser
+
+
+# --- 1. Closing an account that owes money
+
+
+@pytest.fixture
+def nl_account(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
+    return make_account(customer.user, currency="EUR", country="NL", state=AccountState.ACTIVE)
+
+
+def test_closing_through_the_api_is_refused_with_what_is_owed_until_it_is_paid(
+    customer: Customer, nl_account: BillingAccount
+) -> None:
+    invoice = issue_invoice(nl_account, "83")  # 83.00 + 21 % VAT = 100.43 EUR
+    url = f"/api/v1/billing-accounts/{nl_account.public_id}/close"
+
+    refused = customer.client.post(url, {"reason": "moving on"}, format="json")
+
+    assert refused.status_code == 409, refused.content
+    body = refused.json()
+    assert body["code"] == "outstanding_balance"
+    assert "100.43 EUR" in body["detail"]
+    assert [(e["field"], e["currency"], e["amount"]) for e in body["errors"]] == [("outstanding.EUR", "EUR", "100.43")]
+    nl_account.refresh_from_db()
+    assert nl_account.state == AccountState.ACTIVE
+    assert not BillingAccountTransition.objects.filter(account=nl_account, transition="close").exists()
+
+    invoicing_services.invoice_record_payment(
+        invoice_id=invoice.id, amount_minor=10043, currency="EUR", reference="bank transfer 7"
+    )
+    closed = customer.client.post(url, {"reason": "moving on"}, format="json")
+    assert closed.status_code == 200, closed.content
+    assert closed.json()["state"] == AccountState.CLOSED
+
+
+def test_a_debt_credited_or_written_off_no_longer_stands_in_the_way_of_closing(
+    customer: Customer, catalog: None, make_account: Callable[..., BillingAccount]
+) -> None:
+    credited = make_account(customer.user, currency="EUR", country="NL", state=AccountState.ACTIVE)
+    written_off = make_account(customer.user, currency="EUR", country="NL", state=AccountState.ACTIVE)
+    invoicing_services.invoice_void(invoice_id=issue_invoice(credited, "83").id, reason="goodwill", actor=FINANCE)
+    invoicing_services.invoice_write_off(
+        invoice_id=issue_invoice(written_off, "83").id, actor=FINANCE, reason="uncollectible"
+    )
+    for account in (credited, written_off):
+        response = customer.client.post(
+            f"/api/v1/billing-accounts/{account.public_id}/close", {"reason": "done"}, format="json"
+        )
+        assert response.status_code == 200, response.content
+
+
+@pytest.fixture
+def hooli(catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]) -> BillingAccount:
+    """A US business account owing 728.94 USD (no VAT on an export)."""
+    account = make_account(customer.user, name="Hooli", currency="USD", country="US", state=AccountState.ACTIVE)
+    invoice = issue_invoice(account, "728.94")
+    assert (invoice.currency, invoice.amount_outstanding_minor) == ("USD", 72894)
+    return account
+
+
+def test_closing_from_the_admin_shows_the_debt_and_is_refused(hooli: BillingAccount) -> None:
+    _, support = operator(["support"])
+
+    page = support.get(transition_url(hooli, "close"))
+    assert page.status_code == 200
+    assert b"728.94 USD" in page.content  # the debt, before anyone presses the button
+
+    response = support.post(transition_url(hooli, "close"), {**form_of(page.content).fields, "reason": "asked to"})
+    assert response.status_code == 200
+    assert b"728.94 USD" in response.content and b"outstanding" in response.content
+    hooli.refresh_from_db()
+    assert hooli.state == AccountState.ACTIVE
+    assert Invoice.objects.get(account_id=hooli.id).amount_outstanding_minor == 72894
