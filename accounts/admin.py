@@ -124,6 +124,11 @@ class TransitionForm(forms.Form):
     to_state = forms.ChoiceField(
         choices=[(AccountState.ACTIVE, "active"), (AccountState.PENDING, "pending")], required=False
     )
+    override_debt = forms.BooleanField(
+        required=False,
+        label="Reactivate although the debt remains",
+        help_text="The debt stays owed and is still chased; the reason goes into the account's history.",
+    )
 
 
 @admin.register(BillingAccount)
@@ -232,6 +237,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
                     actor=_operator(request),
                     reason=form.cleaned_data["reason"],
                     to_state=form.cleaned_data["to_state"] or None,
+                    override_debt=bool(owed) and form.cleaned_data["override_debt"],
                 )
             except ApplicationError as exc:
                 form.add_error(None, exc.message)

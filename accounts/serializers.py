@@ -182,6 +182,8 @@ class HistoryEntrySerializer(serializers.Serializer):
         # reason would tell a fraudster what tripped it), so customers get a public one.
         if entry.actor_kind == "user":
             return str(entry.reason)
+        if entry.transition == "reactivate" and entry.actor_kind == "operator":
+            return "Reactivated by support."  # nothing was settled: staff decided
         return PUBLIC_REASONS.get(entry.transition, "")
 
 

@@ -8,6 +8,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
@@ -224,11 +225,23 @@ def billing_account_update(
 
 @transaction.atomic(durable=True)
 def billing_account_transition(
-    *, account_id: int, transition: str, actor: Actor, reason: str = "", to_state: str | None = None
+    *,
+    account_id: int,
+    transition: str,
+    actor: Actor,
+    reason: str = "",
+    to_state: str | None = None,
+    override_debt: bool = False,
 ) -> BillingAccount:
     """Move an account through its lifecycle, under a row lock with the state re-checked,
     writing the audit row in the same transaction. A transition that is not allowed from
-    the state found under the lock (e.g. the loser of two concurrent ones) → 409."""
+    the state found under the lock (e.g. the loser of two concurrent ones) → 409.
+
+    What the account owes (``debts``) is asked under the lock: an account that owes money is
+    never closed (409 ``outstanding_balance``), and staff reactivate one only with
+    ``override_debt`` and a reason (the audit row says it was an override and how much was
+    owed). A staff reactivation is announced to ``ACCOUNTS_REACTIVATED_BY_STAFF_TASKS``
+    (payments' dunning notes it on the cases that had suspended the account)."""
     if transition not in TRANSITIONS:
         raise ApplicationError("invalid", f"Unknown transition '{transition}'.", field="transition")
     reason = reason.strip()
@@ -248,6 +261,20 @@ def billing_account_transition(
             raise outstanding_balance(
                 owed, f"{account.name} cannot be closed while it owes money: pay, credit or write off the debt first."
             )
+    staff_reactivation = transition == "reactivate" and actor.kind == ActorKind.OPERATOR
+    if staff_reactivation and account.state == AccountState.SUSPENDED:
+        owed = debts.billing_account_debt(account_id=account.id)
+        if owed and not override_debt:
+            raise outstanding_balance(
+                owed,
+                f"{account.name} still owes money: reactivating it anyway needs an explicit override with a reason.",
+            )
+        if owed:
+            if not reason:
+                raise ApplicationError(
+                    "reason_required", "A reason is required to reactivate an account that owes money.", field="reason"
+                )
+            reason = f"{reason} (override: {debts.debt_display(owed)} still owed)"
     method = getattr(account, transition)
     from_state = account.state
     if not can_proceed(method):
@@ -270,6 +297,9 @@ def billing_account_transition(
         actor_name=actor.name,
         reason=reason,
     )
+    if staff_reactivation:
+        for task in settings.ACCOUNTS_REACTIVATED_BY_STAFF_TASKS:  # by name: accounts imports no other app
+            outbox.enqueue_task(task, account_id=account.id, reason=reason, dedupe_key=f"{task}:{entry.id}")
     if transition in ("block", "unblock"):
         # Antifraud keeps its own record of blocks and reviews the accounts linked to a blocked
         # one (by task name, through the outbox: accounts imports no other app, and the

@@ -201,6 +201,10 @@ API_KEY_TOUCH_INTERVAL_SECONDS = int(os.environ.get("API_KEY_TOUCH_INTERVAL_SECO
 # callables ``reader(account_id=...) -> {currency: minor units owed}`` that other apps provide
 # through their selectors (accounts imports no other app; it names them here).
 ACCOUNTS_DEBT_READERS = ("invoicing.selectors.account_outstanding",)
+# Tasks queued by name (through the outbox) when staff reactivate a suspended account, with
+# ``account_id`` and ``reason``: payments' dunning notes it on the cases that had suspended it,
+# so that dunning and the account agree.
+ACCOUNTS_REACTIVATED_BY_STAFF_TASKS = ("payments.account_reactivated_by_staff",)
 
 # --- Logging: structured lines to stdout (billing_site/common/logs.py): `text` reads well in
 # a terminal, `json` is one object per line for a log pipeline. Celery keeps this configuration
