@@ -88,7 +88,7 @@ class MembershipInline(ReadOnlyInlineMixin, admin.TabularInline[Membership, Bill
 class TransitionInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountTransition, BillingAccount]):
     model = BillingAccountTransition
     verbose_name_plural = "History"
-    fields = ("created_at", "transition", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+    fields = ("created_at", "transition", "from_state", "to_state", "cause", "actor_kind", "actor_name", "reason")
 
 
 class BillingAccountForm(forms.ModelForm[BillingAccount]):
@@ -136,12 +136,12 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
     id_prefix = "acc"
     form = BillingAccountForm
     change_form_template = "admin/accounts/billingaccount/change_form.html"
-    list_display = ("public_id", "name", "email", "kind", "country", "currency", "state", "created_at")
+    list_display = ("public_id", "name", "email", "kind", "country", "currency", "state_listed", "created_at")
     list_filter = ("state", "kind", CountryInUseFilter)
     search_fields = ("name", "email", "tax_id", "phone")
-    readonly_fields = ("public_id", "state", "currency", "created_at", "updated_at")
+    readonly_fields = ("public_id", "state_shown", "currency", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("public_id", "state", "name", "email", "phone", "kind", "currency", "credit_limit")}),
+        (None, {"fields": ("public_id", "state_shown", "name", "email", "phone", "kind", "currency", "credit_limit")}),
         ("Tax and address", {"fields": ("country", "tax_id", *ADDRESS_FIELDS)}),
         ("Times", {"fields": ("created_at", "updated_at")}),
     )
@@ -152,6 +152,17 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
     @admin.display(description="ID")
     def public_id(self, obj: BillingAccount) -> str:
         return obj.public_id
+
+    @admin.display(description="State", ordering="state")
+    def state_listed(self, obj: BillingAccount) -> str:
+        """With why, from the cause recorded with the last transition: "Suspended (unpaid debt)"."""
+        return obj.state_shown()
+
+    @admin.display(description="State")
+    def state_shown(self, obj: BillingAccount) -> str:
+        """With why, and a staff decision's reason: "Suspended (by staff: leaked credential)"."""
+        last = BillingAccountTransition.objects.filter(account=obj).order_by("-created_at", "-id").first()
+        return obj.state_shown(reason=last.reason if last is not None and last.cause == obj.state_cause else "")
 
     @admin.display(description="Credit limit")
     def credit_limit_shown(self, obj: BillingAccount) -> str:
@@ -164,7 +175,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
         if obj is not None and obj.state == AccountState.CLOSED:
             return (
                 "public_id",
-                "state",
+                "state_shown",
                 "currency",
                 "credit_limit",
                 "credit_limit_shown",

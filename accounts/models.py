@@ -22,9 +22,21 @@ from billing_site.common import ids
 class AccountState(models.TextChoices):
     PENDING = "pending", "Pending"
     ACTIVE = "active", "Active"
-    SUSPENDED = "suspended", "Suspended (unpaid debt)"
+    SUSPENDED = "suspended", "Suspended"  # why: ``BillingAccount.state_cause``
     BLOCKED = "blocked", "Blocked"
     CLOSED = "closed", "Closed"
+
+
+class TransitionCause(models.TextChoices):
+    """Why an account moved, recorded with the transition: what staff and customers read of a
+    state comes from it (never from the state alone: a suspension is not always a debt)."""
+
+    DEBT = "debt", "unpaid debt"
+    DEBT_SETTLED = "debt_settled", "debt settled"
+    FRAUD = "fraud", "fraud review"
+    STAFF = "staff", "by staff"
+    CUSTOMER = "customer", "by the customer"
+    SYSTEM = "system", "automatic"  # e.g. activated when the first card was bound
 
 
 class AccountKind(models.TextChoices):
@@ -107,6 +119,10 @@ class BillingAccount(FSMModelMixin, models.Model):
     address_postal_code = models.CharField(max_length=32)
     address_region = models.CharField(max_length=100, blank=True, default="")
     state = FSMField(default=AccountState.PENDING, choices=AccountState.choices, protected=True, db_index=True)
+    # Why the account is in its state: the cause of its last transition ("" before any).
+    state_cause = models.CharField(
+        max_length=16, choices=TransitionCause.choices, blank=True, default="", db_default=""
+    )
     # Decimal with 4 places, in the account's currency. Set by operators only.
     credit_limit = models.DecimalField(max_digits=18, decimal_places=4, default=0)
     payment_terms_days = models.PositiveSmallIntegerField(
@@ -134,6 +150,17 @@ class BillingAccount(FSMModelMixin, models.Model):
     @property
     def public_id(self) -> str:
         return ids.encode("acc", self.id)
+
+    def state_shown(self, *, reason: str = "") -> str:
+        """The state as staff read it, with why: "Suspended (unpaid debt)", "Suspended (by
+        staff: leaked credential)" (``reason``: the transition's, for a staff decision)."""
+        label = str(self.get_state_display())
+        if self.state not in (AccountState.SUSPENDED, AccountState.BLOCKED) or not self.state_cause:
+            return label
+        cause = str(TransitionCause(self.state_cause).label)
+        if self.state_cause == TransitionCause.STAFF and reason:
+            cause = f"{cause}: {reason}"
+        return f"{label} ({cause})"
 
     # --- Lifecycle. Transitions change the state only; services do the rest.
 
@@ -208,6 +235,7 @@ class BillingAccountTransition(models.Model):
     actor_user = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     actor_name = models.CharField(max_length=254, help_text="Email of the user or operator, or the system component.")
     reason = models.TextField(blank=True, default="")
+    cause = models.CharField(max_length=16, choices=TransitionCause.choices, blank=True, default="", db_default="")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

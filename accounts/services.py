@@ -25,6 +25,7 @@ from accounts.models import (
     MemberRole,
     Membership,
     Scope,
+    TransitionCause,
     User,
     normalize_email,
 )
@@ -39,6 +40,17 @@ log = logging.getLogger(__name__)
 TRANSITIONS = ("activate", "suspend", "reactivate", "block", "unblock", "close")
 REASON_REQUIRED = frozenset({"suspend", "block", "unblock", "close"})
 OPERATOR_ONLY = frozenset({"unblock"})
+# Why a transition happened when its caller does not say: a person's is theirs (the customer's,
+# staff's); our components' always mean the same (payments suspends for an unpaid debt and
+# reactivates when it is settled, antifraud blocks for fraud). Callers may pass ``cause``.
+SYSTEM_CAUSES = {
+    "activate": TransitionCause.SYSTEM,
+    "suspend": TransitionCause.DEBT,
+    "reactivate": TransitionCause.DEBT_SETTLED,
+    "block": TransitionCause.FRAUD,
+    "unblock": TransitionCause.FRAUD,
+    "close": TransitionCause.SYSTEM,
+}
 
 PROFILE_FIELDS = (
     "name",
@@ -232,6 +244,7 @@ def billing_account_transition(
     reason: str = "",
     to_state: str | None = None,
     override_debt: bool = False,
+    cause: str = "",
 ) -> BillingAccount:
     """Move an account through its lifecycle, under a row lock with the state re-checked,
     writing the audit row in the same transaction. A transition that is not allowed from
@@ -241,7 +254,11 @@ def billing_account_transition(
     never closed (409 ``outstanding_balance``), and staff reactivate one only with
     ``override_debt`` and a reason (the audit row says it was an override and how much was
     owed). A staff reactivation is announced to ``ACCOUNTS_REACTIVATED_BY_STAFF_TASKS``
-    (payments' dunning notes it on the cases that had suspended the account)."""
+    (payments' dunning notes it on the cases that had suspended the account).
+
+    ``cause`` (a ``TransitionCause``; by default the actor's, see ``SYSTEM_CAUSES``) is kept
+    on the audit row and the account (``state_cause``): the admin's state label and what the
+    customer reads come from it. Settling a debt lifts only a suspension for debt."""
     if transition not in TRANSITIONS:
         raise ApplicationError("invalid", f"Unknown transition '{transition}'.", field="transition")
     reason = reason.strip()
@@ -251,6 +268,7 @@ def billing_account_transition(
         raise ApplicationError("operator_only", f"Only an operator can {transition} an account.", status=403)
     if transition == "unblock" and to_state not in (AccountState.ACTIVE, AccountState.PENDING):
         raise ApplicationError("invalid", "Unblock to 'active' or 'pending'.", field="to_state")
+    cause = _cause_of(transition, actor, cause)
 
     account = BillingAccount.objects.select_for_update().filter(id=account_id).first()
     if account is None:
@@ -261,6 +279,16 @@ def billing_account_transition(
             raise outstanding_balance(
                 owed, f"{account.name} cannot be closed while it owes money: pay, credit or write off the debt first."
             )
+    if (
+        cause == TransitionCause.DEBT_SETTLED
+        and account.state == AccountState.SUSPENDED
+        and account.state_cause not in ("", TransitionCause.DEBT)
+    ):
+        raise Conflict(
+            "invalid_transition",
+            f"{account.name} is suspended {TransitionCause(account.state_cause).label}, not for a debt: "
+            "settling a debt does not reactivate it.",
+        )
     staff_reactivation = transition == "reactivate" and actor.kind == ActorKind.OPERATOR
     if staff_reactivation and account.state == AccountState.SUSPENDED:
         owed = debts.billing_account_debt(account_id=account.id)
@@ -286,7 +314,8 @@ def billing_account_transition(
         method(to_state)
     else:
         method()
-    account.save(update_fields=["state", "updated_at"])
+    account.state_cause = cause
+    account.save(update_fields=["state", "state_cause", "updated_at"])
     entry = BillingAccountTransition.objects.create(
         account=account,
         transition=transition,
@@ -296,6 +325,7 @@ def billing_account_transition(
         actor_user_id=actor.user_id,
         actor_name=actor.name,
         reason=reason,
+        cause=cause,
     )
     if staff_reactivation:
         for task in settings.ACCOUNTS_REACTIVATED_BY_STAFF_TASKS:  # by name: accounts imports no other app
@@ -314,10 +344,25 @@ def billing_account_transition(
             "transition": transition,
             "from": from_state,
             "to": account.state,
+            "cause": cause,
             **_actor_fields(actor),
         },
     )
     return account
+
+
+def _cause_of(transition: str, actor: Actor, cause: str) -> str:
+    if cause:
+        if cause not in TransitionCause.values:
+            raise ApplicationError(
+                "invalid", f"Unknown cause '{cause}'; known: {', '.join(TransitionCause.values)}.", field="cause"
+            )
+        return cause
+    if actor.kind == ActorKind.USER:
+        return TransitionCause.CUSTOMER
+    if actor.kind == ActorKind.OPERATOR:
+        return TransitionCause.STAFF
+    return SYSTEM_CAUSES[transition]
 
 
 def outstanding_balance(owed: dict[str, int], advice: str) -> ApplicationError:
