@@ -17,6 +17,7 @@ from django_countries.fields import CountryField
 from django_fsm import RETURN_VALUE, FSMField, FSMModelMixin, transition
 
 from billing_site.common import ids
+from billing_site.common.actors import Actor
 
 
 class AccountState(models.TextChoices):
@@ -101,7 +102,10 @@ class User(AbstractBaseUser, PermissionsMixin):
 
 class BillingAccount(FSMModelMixin, models.Model):
     """Who pays. ``state`` moves only through the transitions below (``protected=True``),
-    driven by ``accounts.services.billing_account_transition`` which locks and audits."""
+    driven by ``accounts.services.billing_account_transition`` through the one transition
+    helper (``billing_site.common.transitions``: locked, re-checked, audited, logged)."""
+
+    TRANSITION_LOG = "account.transition"
 
     id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
     name = models.CharField(max_length=200)
@@ -161,6 +165,24 @@ class BillingAccount(FSMModelMixin, models.Model):
         if self.state_cause == TransitionCause.STAFF and reason:
             cause = f"{cause}: {reason}"
         return f"{label} ({cause})"
+
+    # --- For the transition helper: the audit row and the log line's ids (no personal data).
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> BillingAccountTransition:
+        return BillingAccountTransition(
+            account=self,
+            transition=transition,
+            from_state=from_state,
+            to_state=self.state,
+            actor_kind=actor.kind.value,
+            actor_user_id=actor.user_id,
+            actor_name=actor.name,
+            reason=reason,
+            cause=self.state_cause,  # set by the service with the transition
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {"account_id": self.public_id, "cause": self.state_cause}
 
     # --- Lifecycle. Transitions change the state only; services do the rest.
 

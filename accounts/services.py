@@ -14,7 +14,6 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
-from django_fsm import can_proceed
 
 from accounts import debts, keys, validation
 from accounts.models import (
@@ -29,7 +28,7 @@ from accounts.models import (
     User,
     normalize_email,
 )
-from billing_site.common import ids, money
+from billing_site.common import ids, money, transitions
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.logs import mask_email
@@ -270,9 +269,7 @@ def billing_account_transition(
         raise ApplicationError("invalid", "Unblock to 'active' or 'pending'.", field="to_state")
     cause = _cause_of(transition, actor, cause)
 
-    account = BillingAccount.objects.select_for_update().filter(id=account_id).first()
-    if account is None:
-        raise NotFound("No such billing account.")
+    account = transitions.locked(BillingAccount, account_id, message="No such billing account.")
     if transition == "close":
         owed = debts.billing_account_debt(account_id=account.id)
         if owed:
@@ -303,51 +300,29 @@ def billing_account_transition(
                     "reason_required", "A reason is required to reactivate an account that owes money.", field="reason"
                 )
             reason = f"{reason} (override: {debts.debt_display(owed)} still owed)"
-    method = getattr(account, transition)
-    from_state = account.state
-    if not can_proceed(method):
-        raise Conflict(
-            "invalid_transition",
-            f"Cannot {transition} a billing account that is {from_state}.",
-        )
-    if transition == "unblock":
-        method(to_state)
-    else:
-        method()
+
+    # The state, the cause with it, the audit row (``BillingAccount.audit_record``), one log line.
     account.state_cause = cause
-    account.save(update_fields=["state", "state_cause", "updated_at"])
-    entry = BillingAccountTransition.objects.create(
-        account=account,
-        transition=transition,
-        from_state=from_state,
-        to_state=account.state,
-        actor_kind=actor.kind.value,
-        actor_user_id=actor.user_id,
-        actor_name=actor.name,
+    transitions.transition(
+        account,
+        transition,
+        actor=actor,
         reason=reason,
-        cause=cause,
+        args=(to_state,) if transition == "unblock" else (),
+        update_fields=["state_cause"],
     )
+    # The side effects the transition owes, in its transaction (the outbox delivers after commit).
+    entry_id = BillingAccountTransition.objects.filter(account=account).latest("id").id  # ours: the row is locked
     if staff_reactivation:
         for task in settings.ACCOUNTS_REACTIVATED_BY_STAFF_TASKS:  # by name: accounts imports no other app
-            outbox.enqueue_task(task, account_id=account.id, reason=reason, dedupe_key=f"{task}:{entry.id}")
+            outbox.enqueue_task(task, account_id=account.id, reason=reason, dedupe_key=f"{task}:{entry_id}")
     if transition in ("block", "unblock"):
         # Antifraud keeps its own record of blocks and reviews the accounts linked to a blocked
         # one (by task name, through the outbox: accounts imports no other app, and the
         # transition's commit carries the message).
         outbox.enqueue_task(
-            f"antifraud.account_{transition}ed", account_id=account.id, dedupe_key=f"{transition}:{entry.id}"
+            f"antifraud.account_{transition}ed", account_id=account.id, dedupe_key=f"{transition}:{entry_id}"
         )
-    log.info(
-        "account.transition",
-        extra={
-            "account_id": account.public_id,
-            "transition": transition,
-            "from": from_state,
-            "to": account.state,
-            "cause": cause,
-            **_actor_fields(actor),
-        },
-    )
     return account
 
 
@@ -383,14 +358,6 @@ def outstanding_balance(owed: dict[str, int], advice: str) -> ApplicationError:
             for currency, minor in owed.items()
         ],
     )
-
-
-def _actor_fields(actor: Actor) -> dict[str, str | None]:
-    """Who, for a log line: users and operators by public id (their name is an email)."""
-    if actor.kind == ActorKind.SYSTEM:
-        return {"actor_kind": actor.kind.value, "actor": actor.name}
-    user_id = ids.encode("usr", actor.user_id) if actor.user_id is not None else None
-    return {"actor_kind": actor.kind.value, "actor": user_id}
 
 
 # --- Members
