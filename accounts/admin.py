@@ -19,6 +19,7 @@ from accounts.models import (
     AccountState,
     ApiKey,
     BillingAccount,
+    BillingAccountProfileChange,
     BillingAccountTransition,
     Membership,
     Scope,
@@ -57,6 +58,9 @@ TRANSITION_DONE = {
 }
 
 
+# Who may change the fields that decide an invoice's tax and where it goes (finance).
+TAX_PROFILE_PERMISSION = "accounts.change_tax_profile_billingaccount"
+
 # Transitions whose page shows what the account owes.
 DEBT_SHOWN = frozenset({"close", "reactivate"})
 
@@ -91,6 +95,17 @@ class TransitionInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountTr
     fields = ("created_at", "transition", "from_state", "to_state", "cause", "actor_kind", "actor_name", "reason")
 
 
+class ProfileChangeInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountProfileChange, BillingAccount]):
+    model = BillingAccountProfileChange
+    verbose_name_plural = "Profile changes"
+    fields = ("created_at", "actor_kind", "actor_name", "changes_shown")
+    readonly_fields = fields
+
+    @admin.display(description="Changes")
+    def changes_shown(self, obj: BillingAccountProfileChange) -> str:
+        return "; ".join(f"{field}: {c['before'] or '—'} → {c['after'] or '—'}" for field, c in obj.changes.items())
+
+
 class BillingAccountForm(forms.ModelForm[BillingAccount]):
     credit_limit = AmountField(label="Credit limit", allow_zero=True, help_text="In the account's currency")
 
@@ -109,7 +124,8 @@ class BillingAccountForm(forms.ModelForm[BillingAccount]):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        country = str(data.get("country") or "")
+        # The country sent, else the stored one (read-only for staff who may not change it).
+        country = str(data.get("country") or (self.instance.country if "country" not in self.fields else "") or "")
         for name, normalize in (("tax_id", validation.normalize_tax_id), ("phone", validation.normalize_phone)):
             if data.get(name) and country:
                 try:
@@ -145,7 +161,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
         ("Tax and address", {"fields": ("country", "tax_id", *ADDRESS_FIELDS)}),
         ("Times", {"fields": ("created_at", "updated_at")}),
     )
-    inlines = (MembershipInline, TransitionInline)
+    inlines = (MembershipInline, TransitionInline, ProfileChangeInline)
     list_per_page = 50
     show_full_result_count = False  # counting a large table on every page is slow
 
@@ -183,9 +199,13 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
                 "created_at",
                 "updated_at",
             )
+        readonly: tuple[str, ...] = self.readonly_fields
         if not request.user.has_perm("accounts.set_credit_limit_billingaccount"):
-            return (*self.readonly_fields, "credit_limit", "credit_limit_shown")
-        return self.readonly_fields
+            readonly = (*readonly, "credit_limit", "credit_limit_shown")
+        if not request.user.has_perm(TAX_PROFILE_PERMISSION):
+            # Not in the form at all: whatever is posted for them is never read.
+            readonly = (*readonly, *services.TAX_PROFILE_FIELDS)
+        return readonly
 
     def get_fieldsets(self, request: HttpRequest, obj: BillingAccount | None = None) -> Any:
         """A read-only credit limit is shown with the currency's places ("0.00 EUR")."""
@@ -208,8 +228,12 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
 
     def save_model(self, request: HttpRequest, obj: BillingAccount, form: Any, change: bool) -> None:
         changes = {f: form.cleaned_data[f] for f in form.changed_data if f in services.PROFILE_FIELDS}
+        if set(changes) & set(services.TAX_PROFILE_FIELDS) and not request.user.has_perm(TAX_PROFILE_PERMISSION):
+            raise PermissionDenied  # never reached through the form (the fields are read-only)
         credit_limit = form.cleaned_data["credit_limit"] if "credit_limit" in form.changed_data else None
-        services.billing_account_update(account_id=obj.id, changes=changes, credit_limit=credit_limit)
+        services.billing_account_update(
+            account_id=obj.id, changes=changes, credit_limit=credit_limit, actor=_operator(request)
+        )
 
     def available_transitions(self, request: HttpRequest, account: BillingAccount) -> list[str]:
         names = [t.name for t in account.get_available_state_transitions()]  # type: ignore[attr-defined]

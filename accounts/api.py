@@ -184,7 +184,9 @@ class BillingAccountDetailView(StrictQueryMixin, APIView):
         )
         data = BillingAccountUpdateSerializer(account, data=request.data, partial=True)
         data.is_valid(raise_exception=True)
-        account = services.billing_account_update(account_id=account.id, changes=dict(data.validated_data))
+        account = services.billing_account_update(
+            account_id=account.id, changes=dict(data.validated_data), actor=_actor(request)
+        )
         return Response(BillingAccountSerializer(account).data)
 
 

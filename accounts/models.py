@@ -140,6 +140,10 @@ class BillingAccount(FSMModelMixin, models.Model):
             ("transition_billingaccount", "Can activate, suspend, reactivate and close billing accounts"),
             ("block_billingaccount", "Can block and unblock billing accounts"),
             ("set_credit_limit_billingaccount", "Can set billing accounts' credit limits"),
+            (
+                "change_tax_profile_billingaccount",
+                "Can change billing accounts' tax and invoicing details (kind, country, tax id, address, email)",
+            ),
         ]
         constraints = [
             models.CheckConstraint(
@@ -266,6 +270,28 @@ class BillingAccountTransition(models.Model):
 
     def __str__(self) -> str:
         return f"{ids.encode('acc', self.account_id)}: {self.transition} ({self.from_state} → {self.to_state})"
+
+
+class BillingAccountProfileChange(models.Model):
+    """Append-only audit of every change of an account's profile (and credit limit): who, when,
+    and each changed field before and after, written in the change's transaction."""
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.PROTECT, related_name="profile_changes")
+    actor_kind = models.CharField(
+        max_length=16, choices=[("user", "User"), ("operator", "Operator"), ("system", "System")]
+    )
+    actor_user = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_name = models.CharField(max_length=254, help_text="Email of the user or operator, or the system component.")
+    # {field: {"before": value, "after": value}}, values as stored (country codes, decimals as strings).
+    changes = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account", "created_at"], name="accounts_bapc_account_time")]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{ids.encode('acc', self.account_id)}: {', '.join(self.changes)}"
 
 
 class ApiKey(models.Model):

@@ -20,6 +20,7 @@ from accounts.models import (
     AccountState,
     ApiKey,
     BillingAccount,
+    BillingAccountProfileChange,
     BillingAccountTransition,
     MemberRole,
     Membership,
@@ -192,6 +193,22 @@ def billing_account_create(*, owner_id: int, profile: dict[str, Any], currency: 
     return account
 
 
+# The fields that decide an invoice's tax and where it goes: in the admin, finance's only
+# (``accounts.change_tax_profile_billingaccount``); customers keep changing their own.
+TAX_PROFILE_FIELDS = (
+    "kind",
+    "country",
+    "tax_id",
+    "email",
+    "address_line1",
+    "address_line2",
+    "address_city",
+    "address_postal_code",
+    "address_region",
+)
+UPDATE_ACTOR = Actor.system("accounts")  # a caller that does not say who it acts for
+
+
 @transaction.atomic(durable=True)
 def billing_account_update(
     *,
@@ -199,10 +216,14 @@ def billing_account_update(
     changes: dict[str, Any],
     credit_limit: Decimal | None = None,
     credit_limit_was: Decimal | None = None,
+    actor: Actor | None = None,
 ) -> BillingAccount:
     """Update profile fields (and, for operators and antifraud's policy, the credit limit).
     Never the state. With ``credit_limit_was`` the limit changes only if it still is that
-    (checked under the row lock: a policy never overwrites a limit an analyst set meanwhile)."""
+    (checked under the row lock: a policy never overwrites a limit an analyst set meanwhile).
+    What changed is audited (``BillingAccountProfileChange``: each field before and after,
+    and ``actor``) in the same transaction; who may change which field is the caller's check
+    (the admin: ``TAX_PROFILE_FIELDS`` are finance's)."""
     unknown = set(changes) - set(PROFILE_FIELDS)
     if unknown:
         raise ApplicationError("invalid", f"Not profile fields: {', '.join(sorted(unknown))}.")
@@ -211,6 +232,7 @@ def billing_account_update(
         raise NotFound("No such billing account.")
     if account.state == AccountState.CLOSED:
         raise Conflict("account_closed", "A closed billing account cannot be changed.")
+    before = {field: _audited(getattr(account, field)) for field in (*PROFILE_FIELDS, "credit_limit")}
     for field, value in changes.items():
         setattr(account, field, value)
     if account.tax_id and ("tax_id" in changes or "country" in changes):
@@ -229,9 +251,32 @@ def billing_account_update(
         account.credit_limit = credit_limit
         fields.append("credit_limit")
     account.save(update_fields=fields)
+    after = {field: _audited(getattr(account, field)) for field in before}
+    changed = {f: {"before": before[f], "after": after[f]} for f in before if before[f] != after[f]}
+    if changed:
+        actor = actor or UPDATE_ACTOR
+        BillingAccountProfileChange.objects.create(
+            account=account,
+            actor_kind=actor.kind.value,
+            actor_user_id=actor.user_id,
+            actor_name=actor.name,
+            changes=changed,
+        )
     # Which fields changed, not their values (they hold emails, addresses, tax ids).
-    log.info("account.update", extra={"account_id": account.public_id, "fields": sorted(set(fields) - {"updated_at"})})
+    log.info(
+        "account.update",
+        extra={
+            "account_id": account.public_id,
+            "fields": sorted(changed),
+            **transitions.actor_log_fields(actor or UPDATE_ACTOR),
+        },
+    )
     return account
+
+
+def _audited(value: Any) -> str:
+    """A field's value as the audit keeps it: country codes, decimals and text as strings."""
+    return str(value) if value is not None else ""
 
 
 @transaction.atomic(durable=True)
@@ -410,16 +455,20 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
         "transition_billingaccount",
         "view_membership",
         "view_billingaccounttransition",
+        "view_billingaccountprofilechange",
         "view_apikey",
         "change_apikey",
         "view_user",
     ),
-    # Finance sets credit limits; runs period closes, grants credit, writes off, credits invoices.
+    # Finance sets credit limits and the tax profile (kind, country, tax id, address, billing
+    # email); runs period closes, grants credit, writes off, credits invoices.
     "finance": (
         "view_billingaccount",
         "change_billingaccount",
         "set_credit_limit_billingaccount",
+        "change_tax_profile_billingaccount",
         "view_billingaccounttransition",
+        "view_billingaccountprofilechange",
         "view_membership",
     ),
     # Fraud blocks and unblocks; reviews and rules arrive with antifraud.
