@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from django.test import Client
 
 from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount, BillingAccountTransition, User
+from accounts.tests.pages import form_of
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError
 from billing_site.outbox import services as outbox
@@ -50,44 +50,6 @@ def operator(groups: list[str]) -> tuple[User, Client]:
 
 def transition_url(account: BillingAccount, name: str) -> str:
     return f"/admin/accounts/billingaccount/{account.pk}/transition/{name}/"
-
-
-class FormFields(HTMLParser):
-    """The named inputs of a rendered page's forms, as a browser would post them (text and
-    textarea values as rendered, checkboxes only when checked)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fields: dict[str, str] = {}
-        self.names: set[str] = set()
-        self._textarea: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        if tag == "input" and a.get("name"):
-            self.names.add(a["name"])
-            if a.get("type") in ("checkbox", "radio") and "checked" not in a:
-                return
-            if a.get("type") != "submit":
-                self.fields[a["name"]] = a.get("value", "on" if a.get("type") == "checkbox" else "")
-        elif tag == "textarea" and a.get("name"):
-            self.names.add(a["name"])
-            self._textarea = a["name"]
-            self.fields[a["name"]] = ""
-
-    def handle_data(self, data: str) -> None:
-        if self._textarea:
-            self.fields[self._textarea] += data
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "textarea":
-            self._textarea = None
-
-
-def form_of(html: bytes) -> FormFields:
-    parser = FormFields()
-    parser.feed(html.decode())
-    return parser
 
 
 # --- 1. Closing an account that owes money
