@@ -14,11 +14,12 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 
-from accounts import services, validation
+from accounts import debts, services, validation
 from accounts.models import (
     AccountState,
     ApiKey,
     BillingAccount,
+    BillingAccountProfileChange,
     BillingAccountTransition,
     Membership,
     Scope,
@@ -57,6 +58,13 @@ TRANSITION_DONE = {
 }
 
 
+# Who may change the fields that decide an invoice's tax and where it goes (finance).
+TAX_PROFILE_PERMISSION = "accounts.change_tax_profile_billingaccount"
+
+# Transitions whose page shows what the account owes.
+DEBT_SHOWN = frozenset({"close", "reactivate"})
+
+
 def _operator(request: HttpRequest) -> Actor:
     return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
 
@@ -84,7 +92,18 @@ class MembershipInline(ReadOnlyInlineMixin, admin.TabularInline[Membership, Bill
 class TransitionInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountTransition, BillingAccount]):
     model = BillingAccountTransition
     verbose_name_plural = "History"
-    fields = ("created_at", "transition", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+    fields = ("created_at", "transition", "from_state", "to_state", "cause", "actor_kind", "actor_name", "reason")
+
+
+class ProfileChangeInline(ReadOnlyInlineMixin, admin.TabularInline[BillingAccountProfileChange, BillingAccount]):
+    model = BillingAccountProfileChange
+    verbose_name_plural = "Profile changes"
+    fields = ("created_at", "actor_kind", "actor_name", "changes_shown")
+    readonly_fields = fields
+
+    @admin.display(description="Changes")
+    def changes_shown(self, obj: BillingAccountProfileChange) -> str:
+        return "; ".join(f"{field}: {c['before'] or '—'} → {c['after'] or '—'}" for field, c in obj.changes.items())
 
 
 class BillingAccountForm(forms.ModelForm[BillingAccount]):
@@ -105,7 +124,8 @@ class BillingAccountForm(forms.ModelForm[BillingAccount]):
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}
-        country = str(data.get("country") or "")
+        # The country sent, else the stored one (read-only for staff who may not change it).
+        country = str(data.get("country") or (self.instance.country if "country" not in self.fields else "") or "")
         for name, normalize in (("tax_id", validation.normalize_tax_id), ("phone", validation.normalize_phone)):
             if data.get(name) and country:
                 try:
@@ -120,6 +140,11 @@ class TransitionForm(forms.Form):
     to_state = forms.ChoiceField(
         choices=[(AccountState.ACTIVE, "active"), (AccountState.PENDING, "pending")], required=False
     )
+    override_debt = forms.BooleanField(
+        required=False,
+        label="Reactivate although the debt remains",
+        help_text="The debt stays owed and is still chased; the reason goes into the account's history.",
+    )
 
 
 @admin.register(BillingAccount)
@@ -127,22 +152,33 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
     id_prefix = "acc"
     form = BillingAccountForm
     change_form_template = "admin/accounts/billingaccount/change_form.html"
-    list_display = ("public_id", "name", "email", "kind", "country", "currency", "state", "created_at")
+    list_display = ("public_id", "name", "email", "kind", "country", "currency", "state_listed", "created_at")
     list_filter = ("state", "kind", CountryInUseFilter)
     search_fields = ("name", "email", "tax_id", "phone")
-    readonly_fields = ("public_id", "state", "currency", "created_at", "updated_at")
+    readonly_fields = ("public_id", "state_shown", "currency", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("public_id", "state", "name", "email", "phone", "kind", "currency", "credit_limit")}),
+        (None, {"fields": ("public_id", "state_shown", "name", "email", "phone", "kind", "currency", "credit_limit")}),
         ("Tax and address", {"fields": ("country", "tax_id", *ADDRESS_FIELDS)}),
         ("Times", {"fields": ("created_at", "updated_at")}),
     )
-    inlines = (MembershipInline, TransitionInline)
+    inlines = (MembershipInline, TransitionInline, ProfileChangeInline)
     list_per_page = 50
     show_full_result_count = False  # counting a large table on every page is slow
 
     @admin.display(description="ID")
     def public_id(self, obj: BillingAccount) -> str:
         return obj.public_id
+
+    @admin.display(description="State", ordering="state")
+    def state_listed(self, obj: BillingAccount) -> str:
+        """With why, from the cause recorded with the last transition: "Suspended (unpaid debt)"."""
+        return obj.state_shown()
+
+    @admin.display(description="State")
+    def state_shown(self, obj: BillingAccount) -> str:
+        """With why, and a staff decision's reason: "Suspended (by staff: leaked credential)"."""
+        last = BillingAccountTransition.objects.filter(account=obj).order_by("-created_at", "-id").first()
+        return obj.state_shown(reason=last.reason if last is not None and last.cause == obj.state_cause else "")
 
     @admin.display(description="Credit limit")
     def credit_limit_shown(self, obj: BillingAccount) -> str:
@@ -155,7 +191,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
         if obj is not None and obj.state == AccountState.CLOSED:
             return (
                 "public_id",
-                "state",
+                "state_shown",
                 "currency",
                 "credit_limit",
                 "credit_limit_shown",
@@ -163,9 +199,13 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
                 "created_at",
                 "updated_at",
             )
+        readonly: tuple[str, ...] = self.readonly_fields
         if not request.user.has_perm("accounts.set_credit_limit_billingaccount"):
-            return (*self.readonly_fields, "credit_limit", "credit_limit_shown")
-        return self.readonly_fields
+            readonly = (*readonly, "credit_limit", "credit_limit_shown")
+        if not request.user.has_perm(TAX_PROFILE_PERMISSION):
+            # Not in the form at all: whatever is posted for them is never read.
+            readonly = (*readonly, *services.TAX_PROFILE_FIELDS)
+        return readonly
 
     def get_fieldsets(self, request: HttpRequest, obj: BillingAccount | None = None) -> Any:
         """A read-only credit limit is shown with the currency's places ("0.00 EUR")."""
@@ -188,8 +228,12 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
 
     def save_model(self, request: HttpRequest, obj: BillingAccount, form: Any, change: bool) -> None:
         changes = {f: form.cleaned_data[f] for f in form.changed_data if f in services.PROFILE_FIELDS}
+        if set(changes) & set(services.TAX_PROFILE_FIELDS) and not request.user.has_perm(TAX_PROFILE_PERMISSION):
+            raise PermissionDenied  # never reached through the form (the fields are read-only)
         credit_limit = form.cleaned_data["credit_limit"] if "credit_limit" in form.changed_data else None
-        services.billing_account_update(account_id=obj.id, changes=changes, credit_limit=credit_limit)
+        services.billing_account_update(
+            account_id=obj.id, changes=changes, credit_limit=credit_limit, actor=_operator(request)
+        )
 
     def available_transitions(self, request: HttpRequest, account: BillingAccount) -> list[str]:
         names = [t.name for t in account.get_available_state_transitions()]  # type: ignore[attr-defined]
@@ -217,6 +261,8 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
         if name not in TRANSITION_PERMISSIONS or not request.user.has_perm(TRANSITION_PERMISSIONS[name]):
             raise PermissionDenied
         form = TransitionForm(request.POST or None)
+        # What the account owes, shown before anyone presses the button (the service decides).
+        owed = debts.billing_account_debt(account_id=account.id) if name in DEBT_SHOWN else {}
         change_url = reverse("admin:accounts_billingaccount_change", args=[account.pk])
         if request.method == "POST" and form.is_valid():
             try:
@@ -226,6 +272,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
                     actor=_operator(request),
                     reason=form.cleaned_data["reason"],
                     to_state=form.cleaned_data["to_state"] or None,
+                    override_debt=bool(owed) and form.cleaned_data["override_debt"],
                 )
             except ApplicationError as exc:
                 form.add_error(None, exc.message)
@@ -245,6 +292,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
             "form": form,
             "change_url": change_url,
             "needs_reason": name in services.REASON_REQUIRED,
+            "owed": debts.debt_display(owed),
         }
         return TemplateResponse(request, "admin/accounts/billingaccount/transition.html", context)
 

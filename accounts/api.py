@@ -184,14 +184,20 @@ class BillingAccountDetailView(StrictQueryMixin, APIView):
         )
         data = BillingAccountUpdateSerializer(account, data=request.data, partial=True)
         data.is_valid(raise_exception=True)
-        account = services.billing_account_update(account_id=account.id, changes=dict(data.validated_data))
+        account = services.billing_account_update(
+            account_id=account.id, changes=dict(data.validated_data), actor=_actor(request)
+        )
         return Response(BillingAccountSerializer(account).data)
 
 
 class BillingAccountCloseView(StrictQueryMixin, APIView):
     @extend_schema(
         summary="Close a billing account",
-        description="Owner only. Terminal. Not possible while the account is blocked.",
+        description=(
+            "Owner only. Terminal. Not possible while the account is blocked, nor while it owes money: "
+            "409 `outstanding_balance`, with what is owed per currency (`errors[].currency`, `errors[].amount` "
+            "as a money string), until the debt is paid, credited or written off."
+        ),
         request=TransitionRequestSerializer,
         responses={200: BillingAccountSerializer, **error_responses(400, 401, 403, 404, 409, 415)},
     )

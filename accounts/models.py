@@ -17,14 +17,27 @@ from django_countries.fields import CountryField
 from django_fsm import RETURN_VALUE, FSMField, FSMModelMixin, transition
 
 from billing_site.common import ids
+from billing_site.common.actors import Actor
 
 
 class AccountState(models.TextChoices):
     PENDING = "pending", "Pending"
     ACTIVE = "active", "Active"
-    SUSPENDED = "suspended", "Suspended (unpaid debt)"
+    SUSPENDED = "suspended", "Suspended"  # why: ``BillingAccount.state_cause``
     BLOCKED = "blocked", "Blocked"
     CLOSED = "closed", "Closed"
+
+
+class TransitionCause(models.TextChoices):
+    """Why an account moved, recorded with the transition: what staff and customers read of a
+    state comes from it (never from the state alone: a suspension is not always a debt)."""
+
+    DEBT = "debt", "unpaid debt"
+    DEBT_SETTLED = "debt_settled", "debt settled"
+    FRAUD = "fraud", "fraud review"
+    STAFF = "staff", "by staff"
+    CUSTOMER = "customer", "by the customer"
+    SYSTEM = "system", "automatic"  # e.g. activated when the first card was bound
 
 
 class AccountKind(models.TextChoices):
@@ -89,7 +102,10 @@ class User(AbstractBaseUser, PermissionsMixin):
 
 class BillingAccount(FSMModelMixin, models.Model):
     """Who pays. ``state`` moves only through the transitions below (``protected=True``),
-    driven by ``accounts.services.billing_account_transition`` which locks and audits."""
+    driven by ``accounts.services.billing_account_transition`` through the one transition
+    helper (``billing_site.common.transitions``: locked, re-checked, audited, logged)."""
+
+    TRANSITION_LOG = "account.transition"
 
     id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
     name = models.CharField(max_length=200)
@@ -107,6 +123,10 @@ class BillingAccount(FSMModelMixin, models.Model):
     address_postal_code = models.CharField(max_length=32)
     address_region = models.CharField(max_length=100, blank=True, default="")
     state = FSMField(default=AccountState.PENDING, choices=AccountState.choices, protected=True, db_index=True)
+    # Why the account is in its state: the cause of its last transition ("" before any).
+    state_cause = models.CharField(
+        max_length=16, choices=TransitionCause.choices, blank=True, default="", db_default=""
+    )
     # Decimal with 4 places, in the account's currency. Set by operators only.
     credit_limit = models.DecimalField(max_digits=18, decimal_places=4, default=0)
     payment_terms_days = models.PositiveSmallIntegerField(
@@ -120,6 +140,10 @@ class BillingAccount(FSMModelMixin, models.Model):
             ("transition_billingaccount", "Can activate, suspend, reactivate and close billing accounts"),
             ("block_billingaccount", "Can block and unblock billing accounts"),
             ("set_credit_limit_billingaccount", "Can set billing accounts' credit limits"),
+            (
+                "change_tax_profile_billingaccount",
+                "Can change billing accounts' tax and invoicing details (kind, country, tax id, address, email)",
+            ),
         ]
         constraints = [
             models.CheckConstraint(
@@ -134,6 +158,35 @@ class BillingAccount(FSMModelMixin, models.Model):
     @property
     def public_id(self) -> str:
         return ids.encode("acc", self.id)
+
+    def state_shown(self, *, reason: str = "") -> str:
+        """The state as staff read it, with why: "Suspended (unpaid debt)", "Suspended (by
+        staff: leaked credential)" (``reason``: the transition's, for a staff decision)."""
+        label = str(self.get_state_display())
+        if self.state not in (AccountState.SUSPENDED, AccountState.BLOCKED) or not self.state_cause:
+            return label
+        cause = str(TransitionCause(self.state_cause).label)
+        if self.state_cause == TransitionCause.STAFF and reason:
+            cause = f"{cause}: {reason}"
+        return f"{label} ({cause})"
+
+    # --- For the transition helper: the audit row and the log line's ids (no personal data).
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> BillingAccountTransition:
+        return BillingAccountTransition(
+            account=self,
+            transition=transition,
+            from_state=from_state,
+            to_state=self.state,
+            actor_kind=actor.kind.value,
+            actor_user_id=actor.user_id,
+            actor_name=actor.name,
+            reason=reason,
+            cause=self.state_cause,  # set by the service with the transition
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {"account_id": self.public_id, "cause": self.state_cause}
 
     # --- Lifecycle. Transitions change the state only; services do the rest.
 
@@ -208,6 +261,7 @@ class BillingAccountTransition(models.Model):
     actor_user = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     actor_name = models.CharField(max_length=254, help_text="Email of the user or operator, or the system component.")
     reason = models.TextField(blank=True, default="")
+    cause = models.CharField(max_length=16, choices=TransitionCause.choices, blank=True, default="", db_default="")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -216,6 +270,28 @@ class BillingAccountTransition(models.Model):
 
     def __str__(self) -> str:
         return f"{ids.encode('acc', self.account_id)}: {self.transition} ({self.from_state} → {self.to_state})"
+
+
+class BillingAccountProfileChange(models.Model):
+    """Append-only audit of every change of an account's profile (and credit limit): who, when,
+    and each changed field before and after, written in the change's transaction."""
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.PROTECT, related_name="profile_changes")
+    actor_kind = models.CharField(
+        max_length=16, choices=[("user", "User"), ("operator", "Operator"), ("system", "System")]
+    )
+    actor_user = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor_name = models.CharField(max_length=254, help_text="Email of the user or operator, or the system component.")
+    # {field: {"before": value, "after": value}}, values as stored (country codes, decimals as strings).
+    changes = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account", "created_at"], name="accounts_bapc_account_time")]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{ids.encode('acc', self.account_id)}: {', '.join(self.changes)}"
 
 
 class ApiKey(models.Model):

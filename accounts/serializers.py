@@ -152,14 +152,25 @@ class ActorSerializer(serializers.Serializer):
     name = serializers.CharField()
 
 
+# What customers read of our transitions, by (transition, cause); a transition with a cause
+# not listed reads as its ("", cause) entry. Never staff's or a fraud rule's own words (those
+# are internal, and would tell a fraudster what tripped), but always why it really happened.
 PUBLIC_REASONS = {
-    "activate": "Account activated.",
-    "suspend": "Suspended for an unpaid balance.",
-    "reactivate": "Balance settled; reactivated.",
-    "block": "Account under review. Contact support.",
-    "unblock": "Review completed.",
-    "close": "Account closed.",
+    ("activate", ""): "Account activated.",
+    ("suspend", "debt"): "Suspended for an unpaid balance.",
+    ("suspend", "fraud"): "Account under review. Contact support.",
+    ("suspend", ""): "Suspended by support. Contact support for details.",
+    ("reactivate", "debt_settled"): "Balance settled; reactivated.",
+    ("reactivate", ""): "Reactivated by support.",
+    ("block", ""): "Account under review. Contact support.",
+    ("unblock", ""): "Review completed.",
+    ("close", ""): "Account closed.",
+    ("close", "staff"): "Account closed by support.",
 }
+
+
+def public_reason(transition: str, cause: str) -> str:
+    return PUBLIC_REASONS.get((transition, cause)) or PUBLIC_REASONS.get((transition, ""), "")
 
 
 class HistoryEntrySerializer(serializers.Serializer):
@@ -182,7 +193,7 @@ class HistoryEntrySerializer(serializers.Serializer):
         # reason would tell a fraudster what tripped it), so customers get a public one.
         if entry.actor_kind == "user":
             return str(entry.reason)
-        return PUBLIC_REASONS.get(entry.transition, "")
+        return public_reason(entry.transition, entry.cause)
 
 
 class MemberSerializer(serializers.Serializer):

@@ -8,26 +8,28 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
-from django_fsm import can_proceed
 
-from accounts import keys, validation
+from accounts import debts, keys, validation
 from accounts.models import (
     AccountState,
     ApiKey,
     BillingAccount,
+    BillingAccountProfileChange,
     BillingAccountTransition,
     MemberRole,
     Membership,
     Scope,
+    TransitionCause,
     User,
     normalize_email,
 )
-from billing_site.common import ids
+from billing_site.common import ids, money, transitions
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.logs import mask_email
@@ -38,6 +40,17 @@ log = logging.getLogger(__name__)
 TRANSITIONS = ("activate", "suspend", "reactivate", "block", "unblock", "close")
 REASON_REQUIRED = frozenset({"suspend", "block", "unblock", "close"})
 OPERATOR_ONLY = frozenset({"unblock"})
+# Why a transition happened when its caller does not say: a person's is theirs (the customer's,
+# staff's); our components' always mean the same (payments suspends for an unpaid debt and
+# reactivates when it is settled, antifraud blocks for fraud). Callers may pass ``cause``.
+SYSTEM_CAUSES = {
+    "activate": TransitionCause.SYSTEM,
+    "suspend": TransitionCause.DEBT,
+    "reactivate": TransitionCause.DEBT_SETTLED,
+    "block": TransitionCause.FRAUD,
+    "unblock": TransitionCause.FRAUD,
+    "close": TransitionCause.SYSTEM,
+}
 
 PROFILE_FIELDS = (
     "name",
@@ -180,6 +193,22 @@ def billing_account_create(*, owner_id: int, profile: dict[str, Any], currency: 
     return account
 
 
+# The fields that decide an invoice's tax and where it goes: in the admin, finance's only
+# (``accounts.change_tax_profile_billingaccount``); customers keep changing their own.
+TAX_PROFILE_FIELDS = (
+    "kind",
+    "country",
+    "tax_id",
+    "email",
+    "address_line1",
+    "address_line2",
+    "address_city",
+    "address_postal_code",
+    "address_region",
+)
+UPDATE_ACTOR = Actor.system("accounts")  # a caller that does not say who it acts for
+
+
 @transaction.atomic(durable=True)
 def billing_account_update(
     *,
@@ -187,10 +216,14 @@ def billing_account_update(
     changes: dict[str, Any],
     credit_limit: Decimal | None = None,
     credit_limit_was: Decimal | None = None,
+    actor: Actor | None = None,
 ) -> BillingAccount:
     """Update profile fields (and, for operators and antifraud's policy, the credit limit).
     Never the state. With ``credit_limit_was`` the limit changes only if it still is that
-    (checked under the row lock: a policy never overwrites a limit an analyst set meanwhile)."""
+    (checked under the row lock: a policy never overwrites a limit an analyst set meanwhile).
+    What changed is audited (``BillingAccountProfileChange``: each field before and after,
+    and ``actor``) in the same transaction; who may change which field is the caller's check
+    (the admin: ``TAX_PROFILE_FIELDS`` are finance's)."""
     unknown = set(changes) - set(PROFILE_FIELDS)
     if unknown:
         raise ApplicationError("invalid", f"Not profile fields: {', '.join(sorted(unknown))}.")
@@ -199,6 +232,7 @@ def billing_account_update(
         raise NotFound("No such billing account.")
     if account.state == AccountState.CLOSED:
         raise Conflict("account_closed", "A closed billing account cannot be changed.")
+    before = {field: _audited(getattr(account, field)) for field in (*PROFILE_FIELDS, "credit_limit")}
     for field, value in changes.items():
         setattr(account, field, value)
     if account.tax_id and ("tax_id" in changes or "country" in changes):
@@ -217,18 +251,58 @@ def billing_account_update(
         account.credit_limit = credit_limit
         fields.append("credit_limit")
     account.save(update_fields=fields)
+    after = {field: _audited(getattr(account, field)) for field in before}
+    changed = {f: {"before": before[f], "after": after[f]} for f in before if before[f] != after[f]}
+    if changed:
+        actor = actor or UPDATE_ACTOR
+        BillingAccountProfileChange.objects.create(
+            account=account,
+            actor_kind=actor.kind.value,
+            actor_user_id=actor.user_id,
+            actor_name=actor.name,
+            changes=changed,
+        )
     # Which fields changed, not their values (they hold emails, addresses, tax ids).
-    log.info("account.update", extra={"account_id": account.public_id, "fields": sorted(set(fields) - {"updated_at"})})
+    log.info(
+        "account.update",
+        extra={
+            "account_id": account.public_id,
+            "fields": sorted(changed),
+            **transitions.actor_log_fields(actor or UPDATE_ACTOR),
+        },
+    )
     return account
+
+
+def _audited(value: Any) -> str:
+    """A field's value as the audit keeps it: country codes, decimals and text as strings."""
+    return str(value) if value is not None else ""
 
 
 @transaction.atomic(durable=True)
 def billing_account_transition(
-    *, account_id: int, transition: str, actor: Actor, reason: str = "", to_state: str | None = None
+    *,
+    account_id: int,
+    transition: str,
+    actor: Actor,
+    reason: str = "",
+    to_state: str | None = None,
+    override_debt: bool = False,
+    cause: str = "",
 ) -> BillingAccount:
     """Move an account through its lifecycle, under a row lock with the state re-checked,
     writing the audit row in the same transaction. A transition that is not allowed from
-    the state found under the lock (e.g. the loser of two concurrent ones) → 409."""
+    the state found under the lock (e.g. the loser of two concurrent ones) → 409.
+
+    What the account owes (``debts``) is asked under the lock: an account that owes money is
+    never closed (409 ``outstanding_balance``), and staff reactivate one only with
+    ``override_debt`` and a reason (the audit row says it was an override and how much was
+    owed). A staff reactivation is announced to ``ACCOUNTS_REACTIVATED_BY_STAFF_TASKS``
+    (payments' dunning notes it on the cases that had suspended the account).
+
+    ``cause`` (a ``TransitionCause``; by default the actor's, see ``SYSTEM_CAUSES``) is kept
+    on the audit row and the account (``state_cause``): the admin's state label and what the
+    customer reads come from it. Settling a debt lifts only a suspension for debt."""
     if transition not in TRANSITIONS:
         raise ApplicationError("invalid", f"Unknown transition '{transition}'.", field="transition")
     reason = reason.strip()
@@ -238,58 +312,97 @@ def billing_account_transition(
         raise ApplicationError("operator_only", f"Only an operator can {transition} an account.", status=403)
     if transition == "unblock" and to_state not in (AccountState.ACTIVE, AccountState.PENDING):
         raise ApplicationError("invalid", "Unblock to 'active' or 'pending'.", field="to_state")
+    cause = _cause_of(transition, actor, cause)
 
-    account = BillingAccount.objects.select_for_update().filter(id=account_id).first()
-    if account is None:
-        raise NotFound("No such billing account.")
-    method = getattr(account, transition)
-    from_state = account.state
-    if not can_proceed(method):
+    account = transitions.locked(BillingAccount, account_id, message="No such billing account.")
+    if transition == "close":
+        owed = debts.billing_account_debt(account_id=account.id)
+        if owed:
+            raise outstanding_balance(
+                owed, f"{account.name} cannot be closed while it owes money: pay, credit or write off the debt first."
+            )
+    if (
+        cause == TransitionCause.DEBT_SETTLED
+        and account.state == AccountState.SUSPENDED
+        and account.state_cause not in ("", TransitionCause.DEBT)
+    ):
         raise Conflict(
             "invalid_transition",
-            f"Cannot {transition} a billing account that is {from_state}.",
+            f"{account.name} is suspended {TransitionCause(account.state_cause).label}, not for a debt: "
+            "settling a debt does not reactivate it.",
         )
-    if transition == "unblock":
-        method(to_state)
-    else:
-        method()
-    account.save(update_fields=["state", "updated_at"])
-    entry = BillingAccountTransition.objects.create(
-        account=account,
-        transition=transition,
-        from_state=from_state,
-        to_state=account.state,
-        actor_kind=actor.kind.value,
-        actor_user_id=actor.user_id,
-        actor_name=actor.name,
+    staff_reactivation = transition == "reactivate" and actor.kind == ActorKind.OPERATOR
+    if staff_reactivation and account.state == AccountState.SUSPENDED:
+        owed = debts.billing_account_debt(account_id=account.id)
+        if owed and not override_debt:
+            raise outstanding_balance(
+                owed,
+                f"{account.name} still owes money: reactivating it anyway needs an explicit override with a reason.",
+            )
+        if owed:
+            if not reason:
+                raise ApplicationError(
+                    "reason_required", "A reason is required to reactivate an account that owes money.", field="reason"
+                )
+            reason = f"{reason} (override: {debts.debt_display(owed)} still owed)"
+
+    # The state, the cause with it, the audit row (``BillingAccount.audit_record``), one log line.
+    account.state_cause = cause
+    transitions.transition(
+        account,
+        transition,
+        actor=actor,
         reason=reason,
+        args=(to_state,) if transition == "unblock" else (),
+        update_fields=["state_cause"],
     )
+    # The side effects the transition owes, in its transaction (the outbox delivers after commit).
+    entry_id = BillingAccountTransition.objects.filter(account=account).latest("id").id  # ours: the row is locked
+    if staff_reactivation:
+        for task in settings.ACCOUNTS_REACTIVATED_BY_STAFF_TASKS:  # by name: accounts imports no other app
+            outbox.enqueue_task(task, account_id=account.id, reason=reason, dedupe_key=f"{task}:{entry_id}")
     if transition in ("block", "unblock"):
         # Antifraud keeps its own record of blocks and reviews the accounts linked to a blocked
         # one (by task name, through the outbox: accounts imports no other app, and the
         # transition's commit carries the message).
         outbox.enqueue_task(
-            f"antifraud.account_{transition}ed", account_id=account.id, dedupe_key=f"{transition}:{entry.id}"
+            f"antifraud.account_{transition}ed", account_id=account.id, dedupe_key=f"{transition}:{entry_id}"
         )
-    log.info(
-        "account.transition",
-        extra={
-            "account_id": account.public_id,
-            "transition": transition,
-            "from": from_state,
-            "to": account.state,
-            **_actor_fields(actor),
-        },
-    )
     return account
 
 
-def _actor_fields(actor: Actor) -> dict[str, str | None]:
-    """Who, for a log line: users and operators by public id (their name is an email)."""
-    if actor.kind == ActorKind.SYSTEM:
-        return {"actor_kind": actor.kind.value, "actor": actor.name}
-    user_id = ids.encode("usr", actor.user_id) if actor.user_id is not None else None
-    return {"actor_kind": actor.kind.value, "actor": user_id}
+def _cause_of(transition: str, actor: Actor, cause: str) -> str:
+    if cause:
+        if cause not in TransitionCause.values:
+            raise ApplicationError(
+                "invalid", f"Unknown cause '{cause}'; known: {', '.join(TransitionCause.values)}.", field="cause"
+            )
+        return cause
+    if actor.kind == ActorKind.USER:
+        return TransitionCause.CUSTOMER
+    if actor.kind == ActorKind.OPERATOR:
+        return TransitionCause.STAFF
+    return SYSTEM_CAUSES[transition]
+
+
+def outstanding_balance(owed: dict[str, int], advice: str) -> ApplicationError:
+    """409 ``outstanding_balance``: what is owed, per currency, as money strings (in the
+    message and one entry of ``errors`` per currency, with ``currency`` and ``amount``)."""
+    return ApplicationError(
+        "outstanding_balance",
+        f"{debts.debt_display(owed)} outstanding. {advice}",
+        status=409,
+        errors=[
+            {
+                "field": f"outstanding.{currency}",
+                "code": "outstanding_balance",
+                "message": f"{money.format_minor(minor, currency)} {currency} outstanding.",
+                "currency": currency,
+                "amount": money.format_minor(minor, currency),
+            }
+            for currency, minor in owed.items()
+        ],
+    )
 
 
 # --- Members
@@ -342,16 +455,20 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
         "transition_billingaccount",
         "view_membership",
         "view_billingaccounttransition",
+        "view_billingaccountprofilechange",
         "view_apikey",
         "change_apikey",
         "view_user",
     ),
-    # Finance sets credit limits; runs period closes, grants credit, writes off, credits invoices.
+    # Finance sets credit limits and the tax profile (kind, country, tax id, address, billing
+    # email); runs period closes, grants credit, writes off, credits invoices.
     "finance": (
         "view_billingaccount",
         "change_billingaccount",
         "set_credit_limit_billingaccount",
+        "change_tax_profile_billingaccount",
         "view_billingaccounttransition",
+        "view_billingaccountprofilechange",
         "view_membership",
     ),
     # Fraud blocks and unblocks; reviews and rules arrive with antifraud.

@@ -63,6 +63,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "payments.account_activate": ("payments", 30, 60),
     "payments.account_suspend": ("payments", 30, 60),
     "payments.account_reactivate": ("payments", 30, 60),
+    "payments.account_reactivated_by_staff": ("payments", 30, 60),
     "payments.process_webhook_event": ("payments", 120, 150),
     "payments.process_stale_webhook_events": ("payments", 240, 270),
     "payments.refund_execute": ("payments", 120, 150),

@@ -70,6 +70,21 @@ def balance(*, account_id: int) -> dict[str, dict[str, int]]:
     return dict(result)
 
 
+def account_outstanding(*, account_id: int) -> dict[str, int]:
+    """What the account still owes, per currency, in minor units: the outstanding amount of
+    its issued invoices (paid, credited, written-off and voided ones owe nothing). Only
+    currencies with something owed. The accounts app reads it as a "debt reader" (setting
+    ``ACCOUNTS_DEBT_READERS``) before closing or reactivating an account."""
+    rows = (
+        Invoice.objects.filter(account_id=account_id, status=InvoiceStatus.ISSUED)
+        .annotate(owed=_OUTSTANDING)
+        .values("currency")
+        .annotate(total=Sum("owed"))
+        .values_list("currency", "total")
+    )
+    return {currency: int(total) for currency, total in sorted(rows) if total and total > 0}
+
+
 def ledger_entries_for_invoice(*, invoice_id: int) -> QuerySet[LedgerEntry]:
     """Entries whose source is the invoice or a document about it (its credit notes,
     payments, refunds, and the overpayment grants its payments and settlements wrote)."""

@@ -196,6 +196,26 @@ def invoice_settled(*, account_id: int, invoice_id: int, paid: bool | None = Non
     return len(resolved)
 
 
+@transaction.atomic(durable=True)
+def cases_account_reactivated_by_staff(*, account_id: int, reason: str) -> int:
+    """Staff reactivated the account (an override while debt remains): the cases that had
+    suspended it say so (a ``reactivated_by_staff`` action with the reason) and no longer
+    count as suspending it, so ``dunning_state`` agrees with the active account. The debt is
+    still chased (retries, the write-off); the case's suspension was claimed once, so the run
+    does not suspend the account again for the same invoice. Idempotent."""
+    now = timezone.now()
+    cases = list(
+        DunningCase.objects.select_for_update().filter(
+            account_id=account_id, status__in=SUSPENDING_STATUSES, suspended_account=True
+        )
+    )
+    for case in cases:
+        _claim(case, "reactivated_by_staff", f"account reactivated by staff: {reason}", now)
+        _action_log("dunning.reactivated_by_staff", case)
+    DunningCase.objects.filter(id__in=[case.id for case in cases]).update(suspended_account=False)
+    return len(cases)
+
+
 # --- Policy
 
 

@@ -41,6 +41,14 @@ def account_reactivate(*, account_id: int, reason: str) -> bool:
     return services.account_reactivate(account_id=account_id, reason=reason)
 
 
+@shared_task(name="payments.account_reactivated_by_staff")
+def account_reactivated_by_staff(*, account_id: int, reason: str) -> int:
+    """Staff reactivated a suspended account (queued by accounts, ``ACCOUNTS_REACTIVATED_BY_STAFF_TASKS``)."""
+    from payments import dunning
+
+    return dunning.cases_account_reactivated_by_staff(account_id=account_id, reason=reason)
+
+
 @shared_task(name="payments.process_webhook_event")
 def process_webhook_event(*, event_id: int) -> str:
     """``event_id``: our WebhookEvent row's id (queued by the webhook view through the outbox)."""

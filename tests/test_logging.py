@@ -137,18 +137,20 @@ def test_an_account_transition_is_one_line_with_the_account_and_both_states(
     caplog: pytest.LogCaptureFixture, account: BillingAccount
 ) -> None:
     staff = services.operator_create(email="ops.person@example.test", password="an-operator-passphrase", groups=[])
-    caplog.set_level(logging.INFO, logger="accounts")
+    caplog.set_level(logging.INFO, logger="billing_site.common.transitions")
     operator = Actor.operator(staff.id, staff.email)
     services.billing_account_transition(account_id=account.id, transition="activate", actor=operator)
     line = only(caplog, "account.transition")
-    assert line.name == "accounts.services" and line.levelno == logging.INFO
+    # Logged by the one transition helper every state machine uses.
+    assert line.name == "billing_site.common.transitions" and line.levelno == logging.INFO
     assert fields_of(line) == {
         "account_id": account.public_id,
+        "cause": "staff",
         "transition": "activate",
         "from": "pending",
         "to": "active",
         "actor_kind": "operator",
-        "actor": staff.public_id,  # the operator's public id, never their email
+        "actor_user_id": staff.id,  # the operator's id, never their email
     }
     assert "ops.person" not in TextFormatter().format(line)
 

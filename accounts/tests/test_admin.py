@@ -104,6 +104,8 @@ def test_finance_edits_the_credit_limit_through_the_service(customer: object, ma
             "transitions-INITIAL_FORMS": "0",
             "memberships-TOTAL_FORMS": "0",
             "memberships-INITIAL_FORMS": "0",
+            "profile_changes-TOTAL_FORMS": "0",
+            "profile_changes-INITIAL_FORMS": "0",
         }
     )
     response = finance.post(change_url(account), data)
@@ -198,6 +200,8 @@ def _credit_limit_post(client: Client, account: BillingAccount, value: str) -> A
             "transitions-INITIAL_FORMS": "0",
             "memberships-TOTAL_FORMS": "0",
             "memberships-INITIAL_FORMS": "0",
+            "profile_changes-TOTAL_FORMS": "0",
+            "profile_changes-INITIAL_FORMS": "0",
         }
     )
     return client.post(change_url(account), data)
@@ -258,6 +262,8 @@ def test_a_phone_number_in_the_admin_is_checked_and_stored_in_e164(customer: obj
             "transitions-INITIAL_FORMS": "0",
             "memberships-TOTAL_FORMS": "0",
             "memberships-INITIAL_FORMS": "0",
+            "profile_changes-TOTAL_FORMS": "0",
+            "profile_changes-INITIAL_FORMS": "0",
         }
     )
     refused = support.post(change_url(account), {**data, "phone": "12"})

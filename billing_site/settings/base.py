@@ -3,6 +3,7 @@ the README lists them all. ``test.py`` and ``production.py`` build on this modul
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 
@@ -47,6 +48,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's assets, served from here: /api/docs/ works offline
     "django_countries",
+    "axes",  # staff sign-in: failed passwords throttled and locked out (settings below)
     "accounts",
     "metering",
     "invoicing",
@@ -66,6 +68,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a locked-out sign-in into its 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "billing_site.urls"
@@ -97,6 +101,8 @@ DATABASES = {
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_USER_MODEL = "accounts.User"
+# django-axes first: a locked-out login is refused before its password is even checked.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -195,6 +201,39 @@ SPECTACULAR_SETTINGS = {
 BILLING_CURRENCIES = env_list("BILLING_CURRENCIES", "USD,EUR,GBP,JPY")
 # An API key's last-used time is written at most this often per key (seconds).
 API_KEY_TOUCH_INTERVAL_SECONDS = int(os.environ.get("API_KEY_TOUCH_INTERVAL_SECONDS", "60"))
+
+# --- Staff sign-in and admin sessions (only staff sign in with a password; the API uses keys).
+# After ADMIN_LOGIN_FAILURE_LIMIT failed passwords for one login (from anywhere) or from one IP
+# (for any login), sign-in is refused, the right password included, for
+# ADMIN_LOGIN_LOCKOUT_MINUTES after the last attempt (django-axes; `manage.py axes_reset_username`
+# unlocks earlier). The client IP is the throttles' (NUM_PROXIES).
+ADMIN_LOGIN_FAILURE_LIMIT = int(os.environ.get("ADMIN_LOGIN_FAILURE_LIMIT", "5"))
+ADMIN_LOGIN_LOCKOUT_MINUTES = int(os.environ.get("ADMIN_LOGIN_LOCKOUT_MINUTES", "15"))
+AXES_FAILURE_LIMIT = ADMIN_LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = dt.timedelta(minutes=ADMIN_LOGIN_LOCKOUT_MINUTES)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_USERNAME_FORM_FIELD = "username"  # the admin's login form (the user model's is "email")
+AXES_USERNAME_CALLABLE = "accounts.logins.username"
+AXES_CLIENT_IP_CALLABLE = "billing_site.common.views.client_ip"
+AXES_CLIENT_STR_CALLABLE = "accounts.logins.client_str"  # staff emails masked in its log lines
+AXES_LOCKOUT_CALLABLE = "accounts.logins.lockout_response"
+# An admin session ends after ADMIN_SESSION_IDLE_MINUTES without a request (each request moves
+# the expiry on), and when the browser closes (no persistent cookie).
+ADMIN_SESSION_IDLE_MINUTES = int(os.environ.get("ADMIN_SESSION_IDLE_MINUTES", "30"))
+SESSION_COOKIE_AGE = ADMIN_SESSION_IDLE_MINUTES * 60
+SESSION_SAVE_EVERY_REQUEST = True
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+
+# --- Accounts
+# What an account owes, asked before it is closed or reactivated by staff: dotted paths of
+# callables ``reader(account_id=...) -> {currency: minor units owed}`` that other apps provide
+# through their selectors (accounts imports no other app; it names them here).
+ACCOUNTS_DEBT_READERS = ("invoicing.selectors.account_outstanding",)
+# Tasks queued by name (through the outbox) when staff reactivate a suspended account, with
+# ``account_id`` and ``reason``: payments' dunning notes it on the cases that had suspended it,
+# so that dunning and the account agree.
+ACCOUNTS_REACTIVATED_BY_STAFF_TASKS = ("payments.account_reactivated_by_staff",)
 
 # --- Logging: structured lines to stdout (billing_site/common/logs.py): `text` reads well in
 # a terminal, `json` is one object per line for a log pipeline. Celery keeps this configuration
