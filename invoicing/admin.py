@@ -655,11 +655,89 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
             setattr(obj, field.attname, getattr(grant, field.attname))
 
 
+def _service_error_on_form(form: forms.BaseForm, exc: ApplicationError) -> None:
+    """A service's refusal shown on the form: on the field it names, if the form shows it."""
+    field = exc.errors[0]["field"] if exc.errors else None
+    form.add_error(field if field in form.fields else None, exc.message)
+
+
+class TaxRateForm(forms.ModelForm[TaxRate]):
+    close_previous = forms.BooleanField(
+        required=False,
+        label="Close the rate in force",
+        help_text="End the open-ended rate of this country on this rate's first day (it is replaced).",
+    )
+
+    class Meta:
+        model = TaxRate
+        fields = ("country", "rate", "valid_from", "valid_until", "note")
+
+    def clean(self) -> dict[str, Any]:
+        """The service's rules, so that a refusal (naming the rate in the way) comes back on the form."""
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            if self.instance.pk is None:
+                services.tax_rate_check(
+                    country=str(data["country"]),
+                    rate=data["rate"],
+                    valid_from=data["valid_from"],
+                    valid_until=data.get("valid_until"),
+                    close_previous=bool(data.get("close_previous")),
+                )
+            else:
+                services.tax_rate_update_check(rate_id=self.instance.pk, valid_until=data.get("valid_until"))
+        except ApplicationError as exc:
+            _service_error_on_form(self, exc)
+        return data
+
+
 @admin.register(TaxRate)
-class TaxRateAdmin(admin.ModelAdmin[TaxRate]):
+class TaxRateAdmin(WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
+    """Rates are written by ``services.tax_rate_create`` / ``tax_rate_update`` (audited); once
+    written, only a rate's end and note change."""
+
     list_display = ("country", "rate", "valid_from", "valid_until", "note")
     list_filter = (CountryInUseFilter,)
     ordering = ("country", "-valid_from")
+    form = TaxRateForm
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ("country", "rate", "valid_from", "valid_until", "close_previous", "note")
+        return ("country", "rate", "valid_from", "valid_until", "note")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ("country", "rate", "valid_from") if obj is not None else ()
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: TaxRate, form: Any, change: bool) -> None:
+        data = form.cleaned_data
+        try:
+            if change:
+                saved = services.tax_rate_update(
+                    rate_id=obj.pk,
+                    valid_until=data.get("valid_until"),
+                    note=data.get("note") or "",
+                    actor=_operator(request),
+                )
+            else:
+                saved = services.tax_rate_create(
+                    country=str(data["country"]),
+                    rate=data["rate"],
+                    valid_from=data["valid_from"],
+                    valid_until=data.get("valid_until"),
+                    note=data.get("note") or "",
+                    close_previous=bool(data.get("close_previous")),
+                    actor=_operator(request),
+                )
+        except ApplicationError as exc:  # a rate or an invoice written since the form was checked
+            raise PermissionDenied(exc.message) from exc
+        for field in TaxRate._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(saved, field.attname))
 
 
 class ContractDiscountForm(forms.ModelForm[ContractDiscount]):

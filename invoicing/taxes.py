@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import connection
 from stdnum.eu import vat as eu_vat
 
 from billing_site.common.countries import EU_COUNTRIES
 from billing_site.common.errors import ApplicationError
-from invoicing.models import TaxRate, TaxTreatment
+from invoicing.models import TaxRate, TaxRateKind, TaxTreatment
 
 NOTES = {
     TaxTreatment.DOMESTIC: "",
@@ -89,7 +90,7 @@ class RateTable:
 
     def __init__(self) -> None:
         self._rates: dict[str, list[tuple[dt.date, dt.date | None, Decimal]]] = {}
-        for rate in TaxRate.objects.all():
+        for rate in TaxRate.objects.filter(kind=TaxRateKind.STANDARD):
             self._rates.setdefault(str(rate.country), []).append((rate.valid_from, rate.valid_until, rate.rate))
 
     def rate(self, country: str, on: dt.date) -> Decimal:
@@ -99,6 +100,19 @@ class RateTable:
         raise ApplicationError(
             "tax_rate_missing", f"No standard VAT rate for {country} on {on}: add it in the admin (Tax rates)."
         )
+
+
+RATES_LOCK = "invoicing.tax_rates"
+
+
+def lock_rates(*, shared: bool) -> None:
+    """Hold the rates still for this transaction: issuing takes it shared before it reads the
+    rates (chunks issue side by side), a change of a rate exclusively before it checks which
+    issued invoices it would touch. So no invoice is issued with a rate that a change
+    committing meanwhile makes wrong."""
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {function}(hashtextextended(%s, 0))", [RATES_LOCK])
 
 
 def has_valid_vat_number(buyer: Buyer) -> bool:

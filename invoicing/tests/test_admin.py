@@ -9,9 +9,7 @@ from collections.abc import Callable
 import pytest
 import time_machine
 from django.db import transaction
-from django.test import Client
 
-from accounts import services as account_services
 from accounts.models import BillingAccount
 from billing_site.common import ids
 from billing_site.common.actors import Actor
@@ -19,16 +17,9 @@ from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry, TaxRate
 from invoicing.tests.factories import rated
-from invoicing.tests.support import NOW, OCTOBER
+from invoicing.tests.support import NOW, OCTOBER, operator
 
 pytestmark = pytest.mark.clock(NOW)
-
-
-def operator(group: str) -> Client:
-    user = account_services.operator_create(email=f"{group}@ops.test", password="pw-long-enough", groups=[group])
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture
