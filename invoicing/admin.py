@@ -741,39 +741,108 @@ class TaxRateAdmin(WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
 
 
 class ContractDiscountForm(forms.ModelForm[ContractDiscount]):
+    """A new discount: checked by the service's rules, so that a refusal comes back on the form."""
+
     account = AccountIdField(help_text="acc_…")
 
     class Meta:
         model = ContractDiscount
         fields = ("sku_prefix", "percent", "valid_from", "valid_until", "reason")
 
-    def save(self, commit: bool = True) -> ContractDiscount:
-        self.instance.account_id = self.cleaned_data["account"]
-        return super().save(commit)
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            services.contract_discount_check(
+                account_id=data["account"],
+                sku_prefix=(data.get("sku_prefix") or "").strip(),
+                percent=data["percent"],
+                valid_from=data["valid_from"],
+                valid_until=data.get("valid_until"),
+            )
+        except ApplicationError as exc:
+            _service_error_on_form(self, exc)
+        return data
+
+
+class ContractDiscountChangeForm(forms.ModelForm[ContractDiscount]):
+    """A discount written: only its end and reason move."""
+
+    class Meta:
+        model = ContractDiscount
+        fields = ("valid_until", "reason")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        d = self.instance
+        try:
+            services.contract_discount_check(
+                account_id=d.account_id,
+                sku_prefix=d.sku_prefix,
+                percent=d.percent,
+                valid_from=d.valid_from,
+                valid_until=data.get("valid_until"),
+                discount_id=d.pk,
+            )
+        except ApplicationError as exc:
+            _service_error_on_form(self, exc)
+        return data
 
 
 @admin.register(ContractDiscount)
-class ContractDiscountAdmin(admin.ModelAdmin[ContractDiscount]):
+class ContractDiscountAdmin(WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]):
+    """Written by ``services.contract_discount_create`` / ``_update`` (checked under the
+    account's billing lock, audited as ``TermsChange``), never by a plain save."""
+
     list_display = ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason", "created_by")
-    form = ContractDiscountForm
-    fields = ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ContractDiscount]:
         return _with_account_names(super().get_queryset(request))
 
     @admin.display(description="customer", ordering="account_name")
     def account(self, discount: ContractDiscount) -> str:
-        return _account_link(discount)
+        return _account_link(discount) if discount.pk else "-"
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ("account", "sku_prefix", "percent", "valid_from") if obj is not None else ()
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
-        form = super().get_form(request, obj, change=change, **kwargs)
-        if obj is not None:
-            form.base_fields["account"].initial = ids.encode("acc", obj.account_id)
-        return form
+        kwargs["form"] = ContractDiscountChangeForm if obj is not None else ContractDiscountForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
     def save_model(self, request: HttpRequest, obj: ContractDiscount, form: Any, change: bool) -> None:
-        obj.created_by = obj.created_by or str(request.user)
-        super().save_model(request, obj, form, change)
+        data = form.cleaned_data
+        try:
+            if change:
+                saved = services.contract_discount_update(
+                    discount_id=obj.pk,
+                    valid_until=data.get("valid_until"),
+                    reason=data["reason"],
+                    actor=_operator(request),
+                )
+            else:
+                saved = services.contract_discount_create(
+                    account_id=data["account"],
+                    sku_prefix=data.get("sku_prefix") or "",
+                    percent=data["percent"],
+                    valid_from=data["valid_from"],
+                    valid_until=data.get("valid_until"),
+                    reason=data["reason"],
+                    actor=_operator(request),
+                )
+        except ApplicationError as exc:  # a discount or an invoice written since the form was checked
+            raise PermissionDenied(exc.message) from exc
+        for field in ContractDiscount._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(saved, field.attname))
 
 
 class LedgerLineInline(ReadOnlyInlineMixin, admin.TabularInline[LedgerLine, LedgerEntry]):

@@ -36,7 +36,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from billing_site.common import ids
+from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.copy import BulkTable
 from billing_site.outbox import services as outbox
@@ -125,7 +125,7 @@ def threshold_chunk(*, account_ids: list[int], actor: Actor) -> ChunkResult:
     result = ChunkResult()
     lock_accounts(account_ids)
     over = {e.account_id: e for e in selectors.credit_exposures(as_of=now, account_ids=account_ids)}
-    todo = sorted(a for a, e in over.items() if not e.threshold_open and e.unbilled > 0)
+    todo = sorted(a for a, e in over.items() if not e.threshold_open and money.to_minor(e.unbilled, e.currency) > 0)
     result.already_issued = len(account_ids) - len(todo)
     taxes.lock_rates(shared=True)
     plans = plan(period=period, account_ids=todo, tax_point=now.date())

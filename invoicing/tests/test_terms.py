@@ -11,9 +11,11 @@ from decimal import Decimal
 import pytest
 from django.db import IntegrityError, transaction
 
+from accounts.models import BillingAccount
 from billing_site.common.errors import ApplicationError
-from invoicing import services
-from invoicing.models import Invoice, TaxRate, TermsChange
+from conftest import Customer
+from invoicing import selectors, services
+from invoicing.models import ContractDiscount, Invoice, TaxRate, TermsChange
 from invoicing.periods import Period
 from invoicing.tests.factories import rated
 from invoicing.tests.support import FINANCE, NOVEMBER, NOW, OCTOBER, operator
@@ -93,3 +95,113 @@ def test_a_rate_never_starts_under_an_issued_invoice(acct: Callable) -> None:
         country="NL", rate=Decimal("22.00"), valid_from=NOVEMBER.start, close_previous=True, actor=FINANCE
     )
     assert nl_rate().valid_until == NOVEMBER.start
+
+
+# --- Contract discounts
+
+
+def discount(account: BillingAccount, percent: str, prefix: str = "", **dates: dt.date) -> ContractDiscount:
+    return services.contract_discount_create(
+        account_id=account.id,
+        sku_prefix=prefix,
+        percent=Decimal(percent),
+        valid_from=dates.get("valid_from", NOVEMBER.start),
+        valid_until=dates.get("valid_until"),
+        reason="commitment",
+        actor=FINANCE,
+    )
+
+
+def refused(code: str, account: BillingAccount, percent: str, prefix: str = "", **dates: dt.date) -> str:
+    with pytest.raises(ApplicationError) as error:
+        discount(account, percent, prefix, **dates)
+    assert (error.value.code, error.value.status) == (code, 409)
+    return error.value.message
+
+
+def test_discounts_never_stack_past_100_percent_on_any_sku_on_any_day(acct: Callable) -> None:
+    account = acct(currency="EUR", country="NL")
+    discount(account, "50", valid_until=dt.date(2027, 1, 1))
+    discount(account, "10", valid_from=dt.date(2026, 12, 1))
+    # 50 + 10 + 50 from December: refused, naming the discounts in the way and the day.
+    message = refused("discount_over_100", account, "50", valid_from=dt.date(2026, 11, 15))
+    assert "every SKU would be discounted 110% on 2026-12-01" in message and "10% on every SKU" in message
+    # A family under an all-SKU discount: 60 % on compute on top of 50 % is 110 % for compute.
+    assert "compute. would be discounted 120% on 2026-12-01" in refused("discount_over_100", account, "60", "compute.")
+    discount(account, "40", "compute.")  # 50 + 10 + 40 = 100: the most
+    discount(account, "40", "storage.")  # another family: 100 for storage, compute unchanged
+    # An all-SKU discount on top of the families: both families would pass 100.
+    assert "would be discounted 101%" in refused("discount_over_100", account, "1")
+    # Days apart do not add up: after the 50 % ends, another may start.
+    discount(account, "5", "compute.vcpu", valid_from=dt.date(2027, 1, 1), valid_until=dt.date(2027, 2, 1))
+    assert ContractDiscount.objects.filter(account_id=account.id).count() == 5
+    assert TermsChange.objects.filter(subject="contract_discount", account_id=account.id, action="create").count() == 5
+
+
+def test_a_discount_is_never_backdated_into_an_invoiced_period(acct: Callable) -> None:
+    account = acct(currency="EUR", country="NL")
+    rated(account.id, "2026-10-02", "compute.vcpu", "100", "100")
+    close()
+    number = Invoice.objects.get(account_id=account.id).number
+    message = refused("discount_backdated", account, "10", valid_from=dt.date(2025, 1, 1))
+    assert "invoiced up to 2026-10-31" in message and number in message
+    ending = discount(account, "10")  # from November: fine
+    with pytest.raises(ApplicationError) as error:
+        services.contract_discount_update(
+            discount_id=ending.id, valid_until=dt.date(2026, 10, 20), reason="x", actor=FINANCE
+        )
+    assert error.value.code == "invalid"  # ends before it starts
+
+
+def test_finance_writes_discounts_through_the_service_from_the_admin(acct: Callable) -> None:
+    account = acct(currency="EUR", country="NL")
+    finance = operator("finance")
+    form = {
+        "account": account.public_id,
+        "sku_prefix": "",
+        "percent": "50",
+        "valid_from": "2026-11-01",
+        "valid_until": "",
+        "reason": "2027 commitment",
+    }
+    assert finance.post("/admin/invoicing/contractdiscount/add/", form).status_code == 302
+    page = finance.post("/admin/invoicing/contractdiscount/add/", {**form, "percent": "60", "sku_prefix": "compute."})
+    assert page.status_code == 200 and "would be discounted 110%" in page.content.decode()
+    page = finance.post("/admin/invoicing/contractdiscount/add/", {**form, "valid_from": "2025-01-01", "percent": "51"})
+    assert page.status_code == 200 and "every SKU would be discounted 101% on 2026-11-01" in page.content.decode()
+    [written] = ContractDiscount.objects.filter(account_id=account.id)
+    assert written.created_by == "finance@ops.test"
+    change = TermsChange.objects.get(subject="contract_discount", subject_id=written.id)
+    assert (change.action, change.actor_name, change.after["percent"]) == ("create", "finance@ops.test", "50.00")
+    # Changing it: only its end and reason; the percentage cannot be edited into a stack.
+    response = finance.post(
+        f"/admin/invoicing/contractdiscount/{written.pk}/change/",
+        {"percent": "100", "valid_until": "2027-01-01", "reason": "ends with the year"},
+    )
+    assert response.status_code == 302
+    written.refresh_from_db()
+    assert (written.percent, written.valid_until) == (Decimal("50.00"), dt.date(2027, 1, 1))
+    assert TermsChange.objects.filter(subject_id=written.id, action="update").count() == 1
+
+
+def test_the_credit_check_owes_what_the_threshold_invoice_bills_after_discounts(
+    catalog: None, customer: Customer, make_account: Callable[..., BillingAccount]
+) -> None:
+    free = make_account(customer.user, state="active", currency="EUR", country="NL", credit_limit=Decimal("100"))
+    half = make_account(customer.user, state="active", currency="EUR", country="NL", credit_limit=Decimal("100"))
+    discount(free, "100", "compute.")
+    discount(half, "50", "compute.")
+    for account in (free, half):
+        rated(account.id, "2026-11-02", "compute.vcpu", "1000", "150")
+    # 150 of compute at 100 % off owes nothing; at 50 % off, 75: neither is over its limit of 100.
+    for _ in range(2):  # and stays so, run after run: nothing planned again and again
+        report = services.threshold_billing_run(render_pdfs=False)
+        assert (report.over_limit, report.issued, report.nothing_to_bill) == (0, [], 0)
+    owed = {e.account_id: e.unbilled for e in selectors.credit_exposures(over_limit_only=False)}
+    assert (owed[free.id], owed[half.id]) == (Decimal(0), Decimal(75))
+    # 100 more compute: the half-off account owes 125 > 100 and is invoiced exactly that.
+    rated(half.id, "2026-11-03", "compute.vcpu", "1000", "100")
+    report = services.threshold_billing_run(render_pdfs=False)
+    assert (report.over_limit, len(report.issued), report.nothing_to_bill) == (1, 1, 0)
+    early = Invoice.objects.get(id=report.issued[0])
+    assert (early.subtotal_minor, early.tax_minor, early.total_minor) == (12500, 2625, 15125)
