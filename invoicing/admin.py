@@ -50,6 +50,12 @@ def _operator(request: HttpRequest) -> Actor:
     return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
 
 
+def _service_error_on_form(form: forms.BaseForm, exc: ApplicationError) -> None:
+    """A service's refusal shown on the form: on the field it names, if the form shows it."""
+    field = exc.errors[0]["field"] if exc.errors else None
+    form.add_error(field if field in form.fields else None, exc.message)
+
+
 class AccountIdField(forms.CharField):
     """A billing account named by its public id (``acc_…``); ``profile`` is the account's
     billing profile once cleaned (its currency, name)."""
@@ -592,6 +598,17 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
         expires_at = data.get("expires_at")
         if expires_at is not None and expires_at <= timezone.now():
             self.add_error("expires_at", "The expiry must be in the future.")
+        if not self.errors:
+            try:
+                services.credit_grant_check(
+                    account_id=data["account"],
+                    kind=data["kind"],
+                    amount=data["amount"],
+                    currency=data["currency"],
+                    expires_at=expires_at,
+                )
+            except ApplicationError as exc:
+                _service_error_on_form(self, exc)
         return data
 
 
@@ -611,6 +628,11 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         return self.get_fields(request, obj) if obj is not None else ()
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        # A grant once written is only shown: every field read-only, nothing for the add form's rules.
+        kwargs["form"] = forms.ModelForm if obj is not None else CreditGrantForm
+        return super().get_form(request, obj, change=change, **kwargs)
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -653,12 +675,6 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
         # The admin's "… was added" message names ``obj``: give it what the service wrote.
         for field in CreditGrant._meta.concrete_fields:
             setattr(obj, field.attname, getattr(grant, field.attname))
-
-
-def _service_error_on_form(form: forms.BaseForm, exc: ApplicationError) -> None:
-    """A service's refusal shown on the form: on the field it names, if the form shows it."""
-    field = exc.errors[0]["field"] if exc.errors else None
-    form.add_error(field if field in form.fields else None, exc.message)
 
 
 class TaxRateForm(forms.ModelForm[TaxRate]):

@@ -1211,6 +1211,34 @@ def _reverse_credits(invoice: Invoice, *, note: CreditNote) -> None:
 # --- Credits
 
 
+def credit_grant_check(
+    *, account_id: int, kind: str, amount: Decimal, currency: str, expires_at: dt.datetime | None = None
+) -> int:
+    """Why finance may not grant this credit, if it may not (``ApplicationError`` naming the
+    field); else the amount in minor units. Reads only."""
+    if kind not in GRANTABLE_CREDIT_KINDS:
+        raise ApplicationError("invalid", f"kind must be one of {', '.join(GRANTABLE_CREDIT_KINDS)}.", field="kind")
+    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
+    if profile is None:
+        raise NotFound("No such billing account.")
+    standing = account_selectors.billing_account_standings({account_id}).get(account_id)
+    if standing is not None and standing.state == "closed":
+        raise Conflict("account_closed", "The account is closed: no credit is granted to it.", field="account")
+    account_currency = profile.currency  # the account's currency decides
+    if currency != account_currency:
+        raise ApplicationError("currency_mismatch", f"The account is billed in {account_currency}.", field="currency")
+    amount_minor = money.to_minor(amount, currency)
+    if amount_minor <= 0 or not money.fits_minor(amount, currency):
+        raise ApplicationError(
+            "invalid_amount",
+            f"A positive amount with at most {money.exponent(currency)} decimal places is required.",
+            field="amount",
+        )
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ApplicationError("invalid", "The expiry must be in the future.", field="expires_at")
+    return amount_minor
+
+
 @transaction.atomic(durable=True)
 def credit_grant_create(
     *,
@@ -1222,27 +1250,14 @@ def credit_grant_create(
     actor: Actor,
     expires_at: dt.datetime | None = None,
 ) -> CreditGrant:
-    """Grant credit in ``currency`` (the account's). Promotional credit is an expense;
-    prepaid credit was paid through the gateway. (Overpayment credit is written by the
-    services that receive the money, never granted by hand.)"""
-    if kind not in GRANTABLE_CREDIT_KINDS:
-        raise ApplicationError("invalid", f"kind must be one of {', '.join(GRANTABLE_CREDIT_KINDS)}.", field="kind")
-    profile = account_selectors.billing_profiles(account_ids=[account_id]).get(account_id)
-    if profile is None:
-        raise NotFound("No such billing account.")
-    account_currency = profile.currency  # the account's currency decides
-    if currency != account_currency:
-        raise ApplicationError("currency_mismatch", f"The account is billed in {account_currency}.", field="currency")
-    amount_minor = money.to_minor(amount, currency)
-    if amount_minor <= 0 or not money.fits_minor(amount, currency):
-        raise ApplicationError(
-            "invalid_amount",
-            f"A positive amount with at most {money.exponent(currency)} decimal places is required.",
-            field="amount",
-        )
+    """Grant credit in ``currency`` (the account's) to an account that is not closed.
+    Promotional credit is an expense; prepaid credit was paid through the gateway.
+    (Overpayment credit is written by the services that receive the money, never granted by
+    hand: money received for a closed account is still kept.)"""
+    amount_minor = credit_grant_check(
+        account_id=account_id, kind=kind, amount=amount, currency=currency, expires_at=expires_at
+    )
     now = timezone.now()
-    if expires_at is not None and expires_at <= now:
-        raise ApplicationError("invalid", "The expiry must be in the future.", field="expires_at")
     reason = _require_reason(reason)
     try:
         return _credit_grant_write(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from decimal import Decimal
 
 import pytest
 import time_machine
@@ -13,6 +14,7 @@ from django.db import transaction
 from accounts.models import BillingAccount
 from billing_site.common import ids
 from billing_site.common.actors import Actor
+from billing_site.common.errors import ApplicationError
 from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry, TaxRate
@@ -288,3 +290,47 @@ def test_the_credit_note_form_of_a_partly_paid_invoice_says_where_the_excess_goe
         services.payment_apply(invoice_id=invoice.id, amount_minor=100, currency="EUR", reference="pay_part")
     form = operator("finance").get(f"/admin/invoicing/invoice/{invoice.pk}/action/credit_note/").content.decode()
     assert "beyond the outstanding amount is kept as customer credit" in form and "settle" not in form
+
+
+def test_a_credit_grant_page_opens_for_finance_and_support(invoice: Invoice) -> None:
+    grant = services.credit_grant_create(
+        account_id=invoice.account_id,
+        kind="promotional",
+        amount=Decimal("25"),
+        currency="EUR",
+        reason="launch",
+        actor=Actor.system("tests"),
+    )
+    for group in ("finance", "support"):
+        page = operator(group).get(f"/admin/invoicing/creditgrant/{grant.pk}/change/")
+        assert page.status_code == 200, group
+        text = page.content.decode()
+        assert "25.00 EUR" in text and "Promotional" in text and "launch" in text and "Admin Test BV" in text
+
+
+def test_no_credit_is_granted_to_a_closed_account(invoice: Invoice) -> None:
+    from accounts.models import BillingAccount
+
+    BillingAccount.objects.filter(id=invoice.account_id).update(state="closed")
+    with pytest.raises(ApplicationError) as refused:
+        services.credit_grant_create(
+            account_id=invoice.account_id,
+            kind="promotional",
+            amount=Decimal("25"),
+            currency="EUR",
+            reason="goodwill",
+            actor=Actor.system("tests"),
+        )
+    assert (refused.value.code, refused.value.status) == ("account_closed", 409)
+    page = operator("finance").post(
+        "/admin/invoicing/creditgrant/add/",
+        {
+            "account": ids.encode("acc", invoice.account_id),
+            "kind": "promotional",
+            "amount": "25",
+            "currency": "EUR",
+            "reason": "goodwill",
+        },
+    )
+    assert page.status_code == 200 and "The account is closed" in page.content.decode()
+    assert not CreditGrant.objects.exists() and not LedgerEntry.objects.filter(source_type="credit_grant").exists()
