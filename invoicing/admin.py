@@ -386,11 +386,8 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
 
     @staticmethod
     def _allowed(invoice: Invoice, name: str) -> bool:
-        if name == "credit_note":
-            return invoice.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID)
-        if name == "void":
-            return invoice.status == InvoiceStatus.ISSUED and invoice.amount_paid_minor == 0
-        return invoice.status == InvoiceStatus.ISSUED
+        """What the invoice allows (its rules, which the services enforce)."""
+        return {"void": invoice.can_void, "write_off": invoice.can_write_off, "credit_note": invoice.can_credit}[name]()
 
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view

@@ -16,7 +16,7 @@ from django.db import models
 from django.db.models import Func, Q
 from django.utils import timezone
 from django_countries.fields import CountryField
-from django_fsm import FSMField, FSMModelMixin, transition
+from django_fsm import FSMField, FSMModelMixin, can_proceed, transition
 
 from billing_site.common import ids, money
 
@@ -205,6 +205,10 @@ class DocumentSequence(models.Model):
         return f"{self.series}-{self.year}: {self.last_number}"
 
 
+def _nothing_paid(invoice: Invoice) -> bool:
+    return invoice.amount_paid_minor == 0
+
+
 class Invoice(FSMModelMixin, models.Model):
     """One invoice per account and calendar month (``period_start`` first day, ``period_end``
     the first day of the next month, exclusive). Money in integer minor units of ``currency``.
@@ -338,9 +342,26 @@ class Invoice(FSMModelMixin, models.Model):
     def write_off(self) -> None:
         """Finance gives up on the outstanding amount."""
 
-    @transition(field=status, source=InvoiceStatus.ISSUED, target=InvoiceStatus.VOID)
+    @transition(field=status, source=InvoiceStatus.ISSUED, target=InvoiceStatus.VOID, conditions=[_nothing_paid])
     def void(self) -> None:
-        """Cancelled together with a credit note for the whole amount."""
+        """Cancelled together with a credit note for the whole amount; only while nothing was
+        paid on it (money received is given back with credit notes and refunds instead)."""
+
+    # --- What may be done with it: the services enforce these, the admin offers what they allow.
+
+    def can_void(self) -> bool:
+        return can_proceed(self.void)
+
+    def can_write_off(self) -> bool:
+        return can_proceed(self.write_off)
+
+    def can_credit(self) -> bool:
+        """A credit note needs an issued or paid invoice."""
+        return self.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID)
+
+    def can_refund(self) -> bool:
+        """Money paid on it may go back (with a credit note) once issued, paid or written off."""
+        return self.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE)
 
 
 class InvoiceTransition(models.Model):

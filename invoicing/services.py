@@ -687,7 +687,7 @@ def refund_record(
                 f"At most {refundable} (minor units) of what was paid on {invoice.number} is left to refund.",
                 field="amount_minor",
             )
-        if invoice.status not in (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE):
+        if not invoice.can_refund():
             raise Conflict("invalid_transition", f"The invoice is {invoice.status}; it takes no refunds.")
         net, tax, rest = _gross_split(invoice, amount_minor)
         note = _credit_note_write(
@@ -927,6 +927,10 @@ def invoice_write_off(*, invoice_id: int, actor: Actor, reason: str) -> Invoice:
     """Finance gives up on what is outstanding: ``uncollectible``, posted to bad debt."""
     reason = _require_reason(reason)
     invoice = _locked_invoice(invoice_id)
+    if not invoice.can_write_off():
+        raise Conflict(
+            "invalid_transition", f"Only an issued invoice can be written off; this one is {invoice.status}."
+        )
     outstanding = invoice.amount_outstanding_minor
     invoice.written_off_minor = outstanding
     _transition(invoice, "write_off", actor=actor, reason=reason)
@@ -1004,10 +1008,10 @@ def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
     reason = _require_reason(reason)
     with transaction.atomic(durable=True):
         invoice = _locked_invoice(invoice_id)
-        if invoice.status != InvoiceStatus.ISSUED:
+        if not invoice.can_void():
+            if invoice.status == InvoiceStatus.ISSUED:
+                raise Conflict("invoice_paid", "Payments were received on this invoice: refund them with credit notes.")
             raise Conflict("invalid_transition", f"Only an issued invoice can be voided; this one is {invoice.status}.")
-        if invoice.amount_paid_minor:
-            raise Conflict("invoice_paid", "Payments were received on this invoice: refund them with credit notes.")
         lines = [
             CreditNoteLineIn(
                 description=f"Cancellation of invoice {invoice.number}",
@@ -1031,7 +1035,7 @@ def _credited(invoice: Invoice) -> tuple[int, int]:
 
 
 def _require_creditable(invoice: Invoice) -> None:
-    if invoice.status not in (InvoiceStatus.ISSUED, InvoiceStatus.PAID):
+    if not invoice.can_credit():
         raise Conflict(
             "invalid_transition", f"Credit notes need an issued or paid invoice; this one is {invoice.status}."
         )

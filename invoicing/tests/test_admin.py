@@ -334,3 +334,31 @@ def test_no_credit_is_granted_to_a_closed_account(invoice: Invoice) -> None:
     )
     assert page.status_code == 200 and "The account is closed" in page.content.decode()
     assert not CreditGrant.objects.exists() and not LedgerEntry.objects.filter(source_type="credit_grant").exists()
+
+
+def test_the_invoice_page_offers_what_the_invoice_allows(invoice: Invoice) -> None:
+    """The rules live on the invoice (``can_void`` …), the services enforce them, the page asks them."""
+    finance = operator("finance")
+
+    def offered() -> set[str]:
+        page = finance.get(f"/admin/invoicing/invoice/{invoice.pk}/change/").content.decode()
+        return {name for name in ("void", "write_off", "credit_note") if f"/action/{name}/" in page}
+
+    def allowed() -> set[str]:
+        fresh = Invoice.objects.get(pk=invoice.pk)
+        rules = {"void": fresh.can_void(), "write_off": fresh.can_write_off(), "credit_note": fresh.can_credit()}
+        return {name for name, ok in rules.items() if ok}
+
+    assert offered() == allowed() == {"void", "write_off", "credit_note"}
+    with transaction.atomic():
+        services.payment_apply(invoice_id=invoice.id, amount_minor=100, currency="EUR", reference="pay_part")
+    assert offered() == allowed() == {"write_off", "credit_note"}  # something paid: no void
+    with pytest.raises(ApplicationError) as refused:
+        services.invoice_void(invoice_id=invoice.id, reason="duplicate", actor=Actor.system("tests"))
+    assert refused.value.code == "invoice_paid"
+    with transaction.atomic():
+        services.payment_apply(invoice_id=invoice.id, amount_minor=12000, currency="EUR", reference="pay_rest")
+    assert offered() == allowed() == {"credit_note"}  # paid
+    with pytest.raises(ApplicationError) as refused:
+        services.invoice_write_off(invoice_id=invoice.id, reason="gone", actor=Actor.system("tests"))
+    assert refused.value.code == "invalid_transition"
