@@ -205,8 +205,8 @@ class DocumentSequence(models.Model):
         return f"{self.series}-{self.year}: {self.last_number}"
 
 
-def _nothing_paid(invoice: Invoice) -> bool:
-    return invoice.amount_paid_minor == 0
+def _nothing_paid(invoice: models.Model) -> bool:
+    return isinstance(invoice, Invoice) and invoice.amount_paid_minor == 0
 
 
 class Invoice(FSMModelMixin, models.Model):
