@@ -19,6 +19,7 @@ from django_countries.fields import CountryField
 from django_fsm import FSMField, FSMModelMixin, can_proceed, transition
 
 from billing_site.common import ids, money
+from billing_site.common.actors import Actor
 
 
 class InvoiceStatus(models.TextChoices):
@@ -328,7 +329,7 @@ class Invoice(FSMModelMixin, models.Model):
         """What the customer still owes on this invoice (never below zero)."""
         return max(0, self.balance_minor)
 
-    # --- Lifecycle: state only. ``invoicing.services`` locks, audits and posts the ledger.
+    # --- Lifecycle: state only. ``invoicing.services`` locks and posts the ledger around them.
 
     @transition(field=status, source=InvoiceStatus.DRAFT, target=InvoiceStatus.ISSUED)
     def issue(self) -> None:
@@ -346,6 +347,29 @@ class Invoice(FSMModelMixin, models.Model):
     def void(self) -> None:
         """Cancelled together with a credit note for the whole amount; only while nothing was
         paid on it (money received is given back with credit notes and refunds instead)."""
+
+    # --- Moved by ``billing_site.common.transitions`` (locked, re-checked, audited, logged).
+
+    TRANSITION_LOG = "invoicing.invoice_transition"
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> InvoiceTransition:
+        return InvoiceTransition(
+            invoice=self,
+            account_id=self.account_id,
+            from_state=from_state,
+            to_state=self.status,
+            actor_kind=actor.kind,
+            actor_name=actor.name,
+            reason=reason,
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "invoice_id": self.public_id,
+            "account_id": ids.encode("acc", self.account_id),
+            "number": self.number,
+            "kind": self.kind,
+        }
 
     # --- What may be done with it: the services enforce these, the admin offers what they allow.
 

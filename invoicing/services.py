@@ -23,10 +23,9 @@ from django.conf import settings
 from django.db import DataError, IntegrityError, connection, models, transaction
 from django.db.models import Sum
 from django.utils import timezone
-from django_fsm import can_proceed
 
 from accounts import selectors as account_selectors
-from billing_site.common import ids, money
+from billing_site.common import ids, money, transitions
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.on_commit import queue_task
@@ -46,7 +45,6 @@ from invoicing.models import (
     InvoicePayment,
     InvoiceRefund,
     InvoiceStatus,
-    InvoiceTransition,
     LedgerLine,
     LedgerSource,
     RefundMethod,
@@ -416,29 +414,8 @@ def invoice_issue(*, invoice_id: int, actor: Actor) -> Invoice:
 # --- One invoice's later life
 
 
-def _transition(invoice: Invoice, name: str, *, actor: Actor, reason: str) -> None:
-    before = invoice.status
-    method = getattr(invoice, name)
-    if not can_proceed(method):
-        raise Conflict("invalid_transition", f"Cannot {name.replace('_', ' ')} an invoice that is {before}.")
-    method()
-    invoice.save()
-    InvoiceTransition.objects.create(
-        invoice=invoice,
-        account_id=invoice.account_id,
-        from_state=before,
-        to_state=invoice.status,
-        actor_kind=actor.kind,
-        actor_name=actor.name,
-        reason=reason,
-    )
-
-
 def _locked_invoice(invoice_id: int) -> Invoice:
-    invoice = Invoice.objects.select_for_update().filter(id=invoice_id).first()
-    if invoice is None:
-        raise NotFound("No such invoice.")
-    return invoice
+    return transitions.locked(Invoice, invoice_id, message="No such invoice.")
 
 
 def _require_reason(reason: str) -> str:
@@ -459,7 +436,7 @@ def _save_settled(invoice: Invoice, *, actor: Actor, reason: str, now: dt.dateti
     """Save ``invoice``'s running amounts; an issued invoice left owing nothing is ``paid``."""
     if invoice.status == InvoiceStatus.ISSUED and invoice.amount_outstanding_minor == 0:
         invoice.paid_at = now
-        _transition(invoice, "mark_paid", actor=actor, reason=reason)
+        transitions.transition(invoice, "mark_paid", actor=actor, reason=reason, update_fields=[*fields, "paid_at"])
     else:
         invoice.save(update_fields=[*fields, "updated_at"])
 
@@ -933,7 +910,7 @@ def invoice_write_off(*, invoice_id: int, actor: Actor, reason: str) -> Invoice:
         )
     outstanding = invoice.amount_outstanding_minor
     invoice.written_off_minor = outstanding
-    _transition(invoice, "write_off", actor=actor, reason=reason)
+    transitions.transition(invoice, "write_off", actor=actor, reason=reason, update_fields=["written_off_minor"])
     ledger.post(
         [
             ledger.Entry(
@@ -1023,7 +1000,13 @@ def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
             invoice, lines=lines, tax=tax, reason=reason, actor=actor, rest=True, now=timezone.now()
         )
         _reverse_credits(invoice, note=note)
-        _transition(invoice, "void", actor=actor, reason=f"{reason} (credit note {note.number})")  # saves it
+        transitions.transition(
+            invoice,
+            "void",
+            actor=actor,
+            reason=f"{reason} (credit note {note.number})",
+            update_fields=["amount_credited_minor"],
+        )
     queue_task("invoicing.render_documents", kind="credit_note", source_ids=[note.id])
     return note
 

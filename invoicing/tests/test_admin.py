@@ -362,3 +362,31 @@ def test_the_invoice_page_offers_what_the_invoice_allows(invoice: Invoice) -> No
     with pytest.raises(ApplicationError) as refused:
         services.invoice_write_off(invoice_id=invoice.id, reason="gone", actor=Actor.system("tests"))
     assert refused.value.code == "invalid_transition"
+
+
+def test_an_invoice_moves_through_the_one_transition_helper(invoice: Invoice, caplog: pytest.LogCaptureFixture) -> None:
+    """Voided from the admin: locked, audited with who and why, one log line with ids and no email."""
+    caplog.set_level("INFO")
+    finance = operator("finance")
+    assert (
+        finance.post(f"/admin/invoicing/invoice/{invoice.pk}/action/void/", {"reason": "duplicate"}).status_code == 302
+    )
+    audit = invoice.transitions.first()
+    assert audit is not None
+    assert (audit.from_state, audit.to_state, audit.actor_kind, audit.actor_name) == (
+        "issued",
+        "void",
+        "operator",
+        "finance@ops.test",
+    )
+    assert audit.reason.startswith("duplicate (credit note CN-")
+    [line] = [r for r in caplog.records if r.getMessage() == "invoicing.invoice_transition"]
+    fields = vars(line)
+    assert (fields["invoice_id"], fields["from"], fields["to"], fields["transition"]) == (
+        invoice.public_id,
+        "issued",
+        "void",
+        "void",
+    )
+    assert fields["actor_kind"] == "operator" and fields["actor_user_id"]
+    assert "finance@" not in str(fields)
