@@ -50,6 +50,12 @@ def _operator(request: HttpRequest) -> Actor:
     return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
 
 
+def _service_error_on_form(form: forms.BaseForm, exc: ApplicationError) -> None:
+    """A service's refusal shown on the form: on the field it names, if the form shows it."""
+    field = exc.errors[0]["field"] if exc.errors else None
+    form.add_error(field if field in form.fields else None, exc.message)
+
+
 class AccountIdField(forms.CharField):
     """A billing account named by its public id (``acc_…``); ``profile`` is the account's
     billing profile once cleaned (its currency, name)."""
@@ -380,11 +386,8 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
 
     @staticmethod
     def _allowed(invoice: Invoice, name: str) -> bool:
-        if name == "credit_note":
-            return invoice.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID)
-        if name == "void":
-            return invoice.status == InvoiceStatus.ISSUED and invoice.amount_paid_minor == 0
-        return invoice.status == InvoiceStatus.ISSUED
+        """What the invoice allows (its rules, which the services enforce)."""
+        return {"void": invoice.can_void, "write_off": invoice.can_write_off, "credit_note": invoice.can_credit}[name]()
 
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view
@@ -592,6 +595,17 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
         expires_at = data.get("expires_at")
         if expires_at is not None and expires_at <= timezone.now():
             self.add_error("expires_at", "The expiry must be in the future.")
+        if not self.errors:
+            try:
+                services.credit_grant_check(
+                    account_id=data["account"],
+                    kind=data["kind"],
+                    amount=data["amount"],
+                    currency=data["currency"],
+                    expires_at=expires_at,
+                )
+            except ApplicationError as exc:
+                _service_error_on_form(self, exc)
         return data
 
 
@@ -611,6 +625,11 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         return self.get_fields(request, obj) if obj is not None else ()
+
+    def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
+        # A grant once written is only shown: every field read-only, nothing for the add form's rules.
+        kwargs["form"] = forms.ModelForm if obj is not None else CreditGrantForm
+        return super().get_form(request, obj, change=change, **kwargs)
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -655,47 +674,188 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
             setattr(obj, field.attname, getattr(grant, field.attname))
 
 
+class TaxRateForm(forms.ModelForm[TaxRate]):
+    close_previous = forms.BooleanField(
+        required=False,
+        label="Close the rate in force",
+        help_text="End the open-ended rate of this country on this rate's first day (it is replaced).",
+    )
+
+    class Meta:
+        model = TaxRate
+        fields = ("country", "rate", "valid_from", "valid_until", "note")
+
+    def clean(self) -> dict[str, Any]:
+        """The service's rules, so that a refusal (naming the rate in the way) comes back on the form."""
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            if self.instance.pk is None:
+                services.tax_rate_check(
+                    country=str(data["country"]),
+                    rate=data["rate"],
+                    valid_from=data["valid_from"],
+                    valid_until=data.get("valid_until"),
+                    close_previous=bool(data.get("close_previous")),
+                )
+            else:
+                services.tax_rate_update_check(rate_id=self.instance.pk, valid_until=data.get("valid_until"))
+        except ApplicationError as exc:
+            _service_error_on_form(self, exc)
+        return data
+
+
 @admin.register(TaxRate)
-class TaxRateAdmin(admin.ModelAdmin[TaxRate]):
+class TaxRateAdmin(WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
+    """Rates are written by ``services.tax_rate_create`` / ``tax_rate_update`` (audited); once
+    written, only a rate's end and note change."""
+
     list_display = ("country", "rate", "valid_from", "valid_until", "note")
     list_filter = (CountryInUseFilter,)
     ordering = ("country", "-valid_from")
+    form = TaxRateForm
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None:
+            return ("country", "rate", "valid_from", "valid_until", "close_previous", "note")
+        return ("country", "rate", "valid_from", "valid_until", "note")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ("country", "rate", "valid_from") if obj is not None else ()
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: TaxRate, form: Any, change: bool) -> None:
+        data = form.cleaned_data
+        try:
+            if change:
+                saved = services.tax_rate_update(
+                    rate_id=obj.pk,
+                    valid_until=data.get("valid_until"),
+                    note=data.get("note") or "",
+                    actor=_operator(request),
+                )
+            else:
+                saved = services.tax_rate_create(
+                    country=str(data["country"]),
+                    rate=data["rate"],
+                    valid_from=data["valid_from"],
+                    valid_until=data.get("valid_until"),
+                    note=data.get("note") or "",
+                    close_previous=bool(data.get("close_previous")),
+                    actor=_operator(request),
+                )
+        except ApplicationError as exc:  # a rate or an invoice written since the form was checked
+            raise PermissionDenied(exc.message) from exc
+        for field in TaxRate._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(saved, field.attname))
 
 
 class ContractDiscountForm(forms.ModelForm[ContractDiscount]):
+    """A new discount: checked by the service's rules, so that a refusal comes back on the form."""
+
     account = AccountIdField(help_text="acc_…")
 
     class Meta:
         model = ContractDiscount
         fields = ("sku_prefix", "percent", "valid_from", "valid_until", "reason")
 
-    def save(self, commit: bool = True) -> ContractDiscount:
-        self.instance.account_id = self.cleaned_data["account"]
-        return super().save(commit)
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            services.contract_discount_check(
+                account_id=data["account"],
+                sku_prefix=(data.get("sku_prefix") or "").strip(),
+                percent=data["percent"],
+                valid_from=data["valid_from"],
+                valid_until=data.get("valid_until"),
+            )
+        except ApplicationError as exc:
+            _service_error_on_form(self, exc)
+        return data
+
+
+class ContractDiscountChangeForm(forms.ModelForm[ContractDiscount]):
+    """A discount written: only its end and reason move."""
+
+    class Meta:
+        model = ContractDiscount
+        fields = ("valid_until", "reason")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        d = self.instance
+        try:
+            services.contract_discount_check(
+                account_id=d.account_id,
+                sku_prefix=d.sku_prefix,
+                percent=d.percent,
+                valid_from=d.valid_from,
+                valid_until=data.get("valid_until"),
+                discount_id=d.pk,
+            )
+        except ApplicationError as exc:
+            _service_error_on_form(self, exc)
+        return data
 
 
 @admin.register(ContractDiscount)
-class ContractDiscountAdmin(admin.ModelAdmin[ContractDiscount]):
+class ContractDiscountAdmin(WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]):
+    """Written by ``services.contract_discount_create`` / ``_update`` (checked under the
+    account's billing lock, audited as ``TermsChange``), never by a plain save."""
+
     list_display = ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason", "created_by")
-    form = ContractDiscountForm
-    fields = ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ContractDiscount]:
         return _with_account_names(super().get_queryset(request))
 
     @admin.display(description="customer", ordering="account_name")
     def account(self, discount: ContractDiscount) -> str:
-        return _account_link(discount)
+        return _account_link(discount) if discount.pk else "-"
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ("account", "sku_prefix", "percent", "valid_from", "valid_until", "reason")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return ("account", "sku_prefix", "percent", "valid_from") if obj is not None else ()
 
     def get_form(self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any) -> Any:
-        form = super().get_form(request, obj, change=change, **kwargs)
-        if obj is not None:
-            form.base_fields["account"].initial = ids.encode("acc", obj.account_id)
-        return form
+        kwargs["form"] = ContractDiscountChangeForm if obj is not None else ContractDiscountForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
     def save_model(self, request: HttpRequest, obj: ContractDiscount, form: Any, change: bool) -> None:
-        obj.created_by = obj.created_by or str(request.user)
-        super().save_model(request, obj, form, change)
+        data = form.cleaned_data
+        try:
+            if change:
+                saved = services.contract_discount_update(
+                    discount_id=obj.pk,
+                    valid_until=data.get("valid_until"),
+                    reason=data["reason"],
+                    actor=_operator(request),
+                )
+            else:
+                saved = services.contract_discount_create(
+                    account_id=data["account"],
+                    sku_prefix=data.get("sku_prefix") or "",
+                    percent=data["percent"],
+                    valid_from=data["valid_from"],
+                    valid_until=data.get("valid_until"),
+                    reason=data["reason"],
+                    actor=_operator(request),
+                )
+        except ApplicationError as exc:  # a discount or an invoice written since the form was checked
+            raise PermissionDenied(exc.message) from exc
+        for field in ContractDiscount._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(saved, field.attname))
 
 
 class LedgerLineInline(ReadOnlyInlineMixin, admin.TabularInline[LedgerLine, LedgerEntry]):

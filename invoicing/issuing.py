@@ -36,11 +36,11 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from billing_site.common import ids
+from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.copy import BulkTable
 from billing_site.outbox import services as outbox
-from invoicing import ledger, numbering, selectors
+from invoicing import ledger, numbering, selectors, taxes
 from invoicing.models import CreditGrant, Invoice, InvoiceKind, InvoiceStatus
 from invoicing.periods import Period
 from invoicing.planning import PlannedInvoice, plan, seller_snapshot
@@ -92,6 +92,7 @@ def close_chunk(*, period: Period, account_ids: list[int], actor: Actor) -> Chun
     drafts = {a: invoice_id for a, (invoice_id, status) in existing.items() if status == InvoiceStatus.DRAFT}
     todo = [a for a in account_ids if a not in existing or a in drafts]
     result.already_issued = len(account_ids) - len(todo)
+    taxes.lock_rates(shared=True)  # no rate changes under the invoices being issued
     plans = plan(period=period, account_ids=todo)
     result.unbillable = plans.unbillable
     result.nothing_to_bill = len(todo) - len(plans) - len(plans.unbillable)
@@ -124,8 +125,9 @@ def threshold_chunk(*, account_ids: list[int], actor: Actor) -> ChunkResult:
     result = ChunkResult()
     lock_accounts(account_ids)
     over = {e.account_id: e for e in selectors.credit_exposures(as_of=now, account_ids=account_ids)}
-    todo = sorted(a for a, e in over.items() if not e.threshold_open and e.unbilled > 0)
+    todo = sorted(a for a, e in over.items() if not e.threshold_open and money.to_minor(e.unbilled, e.currency) > 0)
     result.already_issued = len(account_ids) - len(todo)
+    taxes.lock_rates(shared=True)
     plans = plan(period=period, account_ids=todo, tax_point=now.date())
     result.unbillable = plans.unbillable
     # Only usage to bill: discounts alone, or less than a minor unit, are left to the month's invoice.

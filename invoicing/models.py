@@ -8,13 +8,18 @@ behind a line keep full precision (``Decimal`` with 12 places). Every table carr
 
 from __future__ import annotations
 
+import datetime as dt
+
+from django.contrib.postgres.constraints import ExclusionConstraint
+from django.contrib.postgres.fields import DateRangeField, RangeOperators
 from django.db import models
-from django.db.models import Q
+from django.db.models import Func, Q
 from django.utils import timezone
 from django_countries.fields import CountryField
-from django_fsm import FSMField, FSMModelMixin, transition
+from django_fsm import FSMField, FSMModelMixin, can_proceed, transition
 
 from billing_site.common import ids, money
+from billing_site.common.actors import Actor
 
 
 class InvoiceStatus(models.TextChoices):
@@ -37,19 +42,49 @@ class TaxTreatment(models.TextChoices):
     OUTSIDE_EU = "outside_eu", "Outside the scope of EU VAT"
 
 
+class DateRange(Func):
+    """PostgreSQL's ``daterange(lower, upper, '[)')``: a validity from ``lower`` (inclusive) to
+    ``upper`` (exclusive; NULL: open-ended)."""
+
+    function = "daterange"
+    output_field = DateRangeField()
+
+    def __init__(self, lower: str, upper: str) -> None:
+        super().__init__(models.F(lower), models.F(upper), models.Value("[)"))
+
+
+class TaxRateKind(models.TextChoices):
+    STANDARD = "standard", "Standard rate"
+
+
 class TaxRate(models.Model):
-    """A member state's standard VAT rate from ``valid_from`` (inclusive) until ``valid_until``
-    (exclusive; empty: until further notice). Finance edits these in the admin."""
+    """A member state's VAT rate of a kind (the standard rate) from ``valid_from`` (inclusive)
+    until ``valid_until`` (exclusive; empty: until further notice). Rates of one country and
+    kind never overlap (an exclusion constraint): on any day exactly one is in force, or none.
+    Finance writes them through ``invoicing.services`` (the admin calls it): a new rate closes
+    the open-ended one before it only when told to, every change is audited (``TermsChange``),
+    and no change may alter the rate of a day an issued invoice was taxed on."""
 
     country = CountryField()
+    kind = models.CharField(
+        max_length=16, choices=TaxRateKind.choices, default=TaxRateKind.STANDARD, db_default=TaxRateKind.STANDARD
+    )
     rate = models.DecimalField(max_digits=5, decimal_places=2, help_text="Percent, e.g. 21.00")
     valid_from = models.DateField()
-    valid_until = models.DateField(null=True, blank=True)
+    valid_until = models.DateField(null=True, blank=True, help_text="Exclusive; empty: until further notice")
     note = models.CharField(max_length=200, blank=True, default="")
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["country", "valid_from"], name="invoicing_taxrate_unique"),
+            ExclusionConstraint(
+                name="invoicing_taxrate_no_overlap",
+                expressions=[
+                    ("country", RangeOperators.EQUAL),
+                    ("kind", RangeOperators.EQUAL),
+                    (DateRange("valid_from", "valid_until"), RangeOperators.OVERLAPS),
+                ],
+                violation_error_message="Another rate of this country and kind is in force in this period.",
+            ),
             models.CheckConstraint(condition=Q(rate__gte=0, rate__lt=100), name="invoicing_taxrate_range"),
             models.CheckConstraint(
                 condition=Q(valid_until__isnull=True) | Q(valid_until__gt=models.F("valid_from")),
@@ -59,7 +94,37 @@ class TaxRate(models.Model):
         ordering = ["country", "-valid_from"]
 
     def __str__(self) -> str:
-        return f"{self.country} {self.rate}% from {self.valid_from}"
+        until = f" until {self.valid_until}" if self.valid_until else ""
+        return f"{self.country} {self.rate}% from {self.valid_from}{until}"
+
+
+class TermsSubject(models.TextChoices):
+    TAX_RATE = "tax_rate", "Tax rate"
+    CONTRACT_DISCOUNT = "contract_discount", "Contract discount"
+
+
+class TermsChange(models.Model):
+    """Append-only audit of finance's changes to the terms invoices are planned with (tax
+    rates, contract discounts): what, who, when, why, and the row before and after. Written
+    by the services in the change's transaction."""
+
+    subject = models.CharField(max_length=32, choices=TermsSubject.choices)
+    subject_id = models.BigIntegerField()
+    account_id = models.BigIntegerField(null=True, blank=True)  # a contract discount's account
+    action = models.CharField(max_length=16)  # create | update | close | delete
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    actor_kind = models.CharField(max_length=16)
+    actor_name = models.CharField(max_length=254)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["subject", "subject_id", "created_at"], name="invoicing_terms_subject")]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.subject} {self.subject_id}: {self.action}"
 
 
 class ContractDiscount(models.Model):
@@ -141,6 +206,10 @@ class DocumentSequence(models.Model):
         return f"{self.series}-{self.year}: {self.last_number}"
 
 
+def _nothing_paid(invoice: models.Model) -> bool:
+    return isinstance(invoice, Invoice) and invoice.amount_paid_minor == 0
+
+
 class Invoice(FSMModelMixin, models.Model):
     """One invoice per account and calendar month (``period_start`` first day, ``period_end``
     the first day of the next month, exclusive). Money in integer minor units of ``currency``.
@@ -213,6 +282,8 @@ class Invoice(FSMModelMixin, models.Model):
             models.Index(fields=["account_id", "-created_at"], name="invoicing_invoice_account"),
             models.Index(fields=["status", "due_at"], name="invoicing_invoice_status_due"),
             models.Index(fields=["period_start", "status"], name="invoicing_invoice_period"),
+            # Which issued invoices a change of a country's VAT rate would touch.
+            models.Index(fields=["tax_country", "period_end"], name="invoicing_invoice_tax_point"),
         ]
         permissions = [
             ("close_period", "Can run a period close (billing run)"),
@@ -226,6 +297,12 @@ class Invoice(FSMModelMixin, models.Model):
     @property
     def public_id(self) -> str:
         return ids.encode("inv", self.id)
+
+    @property
+    def tax_point(self) -> dt.date:
+        """The day whose VAT rate the invoice charges: the period's last day (a threshold
+        invoice's period ends the day after its issue, so: its issue day)."""
+        return self.period_end - dt.timedelta(days=1)
 
     @property
     def amount_due_minor(self) -> int:
@@ -252,7 +329,7 @@ class Invoice(FSMModelMixin, models.Model):
         """What the customer still owes on this invoice (never below zero)."""
         return max(0, self.balance_minor)
 
-    # --- Lifecycle: state only. ``invoicing.services`` locks, audits and posts the ledger.
+    # --- Lifecycle: state only. ``invoicing.services`` locks and posts the ledger around them.
 
     @transition(field=status, source=InvoiceStatus.DRAFT, target=InvoiceStatus.ISSUED)
     def issue(self) -> None:
@@ -266,9 +343,49 @@ class Invoice(FSMModelMixin, models.Model):
     def write_off(self) -> None:
         """Finance gives up on the outstanding amount."""
 
-    @transition(field=status, source=InvoiceStatus.ISSUED, target=InvoiceStatus.VOID)
+    @transition(field=status, source=InvoiceStatus.ISSUED, target=InvoiceStatus.VOID, conditions=[_nothing_paid])
     def void(self) -> None:
-        """Cancelled together with a credit note for the whole amount."""
+        """Cancelled together with a credit note for the whole amount; only while nothing was
+        paid on it (money received is given back with credit notes and refunds instead)."""
+
+    # --- Moved by ``billing_site.common.transitions`` (locked, re-checked, audited, logged).
+
+    TRANSITION_LOG = "invoicing.invoice_transition"
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> InvoiceTransition:
+        return InvoiceTransition(
+            invoice=self,
+            account_id=self.account_id,
+            from_state=from_state,
+            to_state=self.status,
+            actor_kind=actor.kind,
+            actor_name=actor.name,
+            reason=reason,
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "invoice_id": self.public_id,
+            "account_id": ids.encode("acc", self.account_id),
+            "number": self.number,
+            "kind": self.kind,
+        }
+
+    # --- What may be done with it: the services enforce these, the admin offers what they allow.
+
+    def can_void(self) -> bool:
+        return can_proceed(self.void)
+
+    def can_write_off(self) -> bool:
+        return can_proceed(self.write_off)
+
+    def can_credit(self) -> bool:
+        """A credit note needs an issued or paid invoice."""
+        return self.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID)
+
+    def can_refund(self) -> bool:
+        """Money paid on it may go back (with a credit note) once issued, paid or written off."""
+        return self.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE)
 
 
 class InvoiceTransition(models.Model):

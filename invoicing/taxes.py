@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import connection
 from stdnum.eu import vat as eu_vat
 
+from billing_site.common import money
 from billing_site.common.countries import EU_COUNTRIES
 from billing_site.common.errors import ApplicationError
-from invoicing.models import TaxRate, TaxTreatment
+from invoicing.models import TaxRate, TaxRateKind, TaxTreatment
 
 NOTES = {
     TaxTreatment.DOMESTIC: "",
@@ -89,7 +91,7 @@ class RateTable:
 
     def __init__(self) -> None:
         self._rates: dict[str, list[tuple[dt.date, dt.date | None, Decimal]]] = {}
-        for rate in TaxRate.objects.all():
+        for rate in TaxRate.objects.filter(kind=TaxRateKind.STANDARD):
             self._rates.setdefault(str(rate.country), []).append((rate.valid_from, rate.valid_until, rate.rate))
 
     def rate(self, country: str, on: dt.date) -> Decimal:
@@ -99,6 +101,19 @@ class RateTable:
         raise ApplicationError(
             "tax_rate_missing", f"No standard VAT rate for {country} on {on}: add it in the admin (Tax rates)."
         )
+
+
+RATES_LOCK = "invoicing.tax_rates"
+
+
+def lock_rates(*, shared: bool) -> None:
+    """Hold the rates still for this transaction: issuing takes it shared before it reads the
+    rates (chunks issue side by side), a change of a rate exclusively before it checks which
+    issued invoices it would touch. So no invoice is issued with a rate that a change
+    committing meanwhile makes wrong."""
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {function}(hashtextextended(%s, 0))", [RATES_LOCK])
 
 
 def has_valid_vat_number(buyer: Buyer) -> bool:
@@ -123,6 +138,47 @@ def decide(buyer: Buyer, *, tax_point: dt.date, rates: RateTable, seller_country
         treatment, charged = TaxTreatment.OSS, country
     rate = rates.rate(charged, tax_point) if charged else Decimal("0.00")
     return TaxDecision(treatment=treatment, country=charged, rate=rate, note=NOTES[treatment])
+
+
+def gross_split(
+    gross: int, *, rate: Decimal, invoice_net: int, invoice_tax: int, credited_net: int, credited_tax: int
+) -> tuple[int, int]:
+    """Split ``gross`` (tax included, minor units; at most what is left to credit) into the
+    net and tax of a credit note on an invoice of ``invoice_net`` + ``invoice_tax`` taxed at
+    ``rate`` percent, of which ``credited_net`` and ``credited_tax`` are already credited:
+    net + tax == gross exactly.
+
+    Rounding: crediting all that is left takes exactly the rest of the net and of the tax.
+    Otherwise the tax follows the cumulative rule of credit notes by lines (``rule_tax``: the
+    rate on all the net credited so far, rounded half-up once, less the tax already credited,
+    within what is left of the invoice's tax): the net is the smallest whose net plus
+    rule-tax reaches ``gross``, and the tax is ``gross`` less that net. So the tax is the
+    rule's, or one minor unit less where the rounded tax steps up inside ``gross`` (never
+    more): the VAT credited in parts never exceeds the rule on the net credited so far,
+    hence never what the invoice charged, and the next credit note, being cumulative, makes
+    that unit up."""
+    net_left, tax_left = invoice_net - credited_net, invoice_tax - credited_tax
+    if gross >= net_left + tax_left:
+        return net_left, tax_left
+    lo, hi = 0, min(gross, net_left)
+    while lo < hi:  # net + rule-tax rises strictly with the net: bisect
+        mid = (lo + hi) // 2
+        tax = rule_tax(credited_net + mid, rate=rate, credited_tax=credited_tax, invoice_tax=invoice_tax)
+        if mid + tax >= gross:
+            hi = mid
+        else:
+            lo = mid + 1
+    # Within what is left of both (so the net never exceeds the invoice's either).
+    tax = min(max(gross - lo, gross - net_left, 0), tax_left)
+    return gross - tax, tax
+
+
+def rule_tax(cumulative_net: int, *, rate: Decimal, credited_tax: int, invoice_tax: int) -> int:
+    """The tax of a credit note that brings the net credited on an invoice to
+    ``cumulative_net``: the rate on it, rounded half-up once, less the tax already credited,
+    kept within what is left of the invoice's tax."""
+    cumulative = money.percent_of_minor(cumulative_net, rate)
+    return min(max(cumulative - credited_tax, 0), invoice_tax - credited_tax)
 
 
 def seed_rates(model: type[TaxRate] = TaxRate) -> int:

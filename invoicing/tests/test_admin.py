@@ -5,30 +5,23 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from decimal import Decimal
 
 import pytest
 import time_machine
 from django.db import transaction
-from django.test import Client
 
-from accounts import services as account_services
 from accounts.models import BillingAccount
 from billing_site.common import ids
 from billing_site.common.actors import Actor
+from billing_site.common.errors import ApplicationError
 from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry, TaxRate
 from invoicing.tests.factories import rated
-from invoicing.tests.support import NOW, OCTOBER
+from invoicing.tests.support import NOW, OCTOBER, operator
 
 pytestmark = pytest.mark.clock(NOW)
-
-
-def operator(group: str) -> Client:
-    user = account_services.operator_create(email=f"{group}@ops.test", password="pw-long-enough", groups=[group])
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 @pytest.fixture
@@ -297,3 +290,103 @@ def test_the_credit_note_form_of_a_partly_paid_invoice_says_where_the_excess_goe
         services.payment_apply(invoice_id=invoice.id, amount_minor=100, currency="EUR", reference="pay_part")
     form = operator("finance").get(f"/admin/invoicing/invoice/{invoice.pk}/action/credit_note/").content.decode()
     assert "beyond the outstanding amount is kept as customer credit" in form and "settle" not in form
+
+
+def test_a_credit_grant_page_opens_for_finance_and_support(invoice: Invoice) -> None:
+    grant = services.credit_grant_create(
+        account_id=invoice.account_id,
+        kind="promotional",
+        amount=Decimal("25"),
+        currency="EUR",
+        reason="launch",
+        actor=Actor.system("tests"),
+    )
+    for group in ("finance", "support"):
+        page = operator(group).get(f"/admin/invoicing/creditgrant/{grant.pk}/change/")
+        assert page.status_code == 200, group
+        text = page.content.decode()
+        assert "25.00 EUR" in text and "Promotional" in text and "launch" in text and "Admin Test BV" in text
+
+
+def test_no_credit_is_granted_to_a_closed_account(invoice: Invoice) -> None:
+    from accounts.models import BillingAccount
+
+    BillingAccount.objects.filter(id=invoice.account_id).update(state="closed")
+    with pytest.raises(ApplicationError) as refused:
+        services.credit_grant_create(
+            account_id=invoice.account_id,
+            kind="promotional",
+            amount=Decimal("25"),
+            currency="EUR",
+            reason="goodwill",
+            actor=Actor.system("tests"),
+        )
+    assert (refused.value.code, refused.value.status) == ("account_closed", 409)
+    page = operator("finance").post(
+        "/admin/invoicing/creditgrant/add/",
+        {
+            "account": ids.encode("acc", invoice.account_id),
+            "kind": "promotional",
+            "amount": "25",
+            "currency": "EUR",
+            "reason": "goodwill",
+        },
+    )
+    assert page.status_code == 200 and "The account is closed" in page.content.decode()
+    assert not CreditGrant.objects.exists() and not LedgerEntry.objects.filter(source_type="credit_grant").exists()
+
+
+def test_the_invoice_page_offers_what_the_invoice_allows(invoice: Invoice) -> None:
+    """The rules live on the invoice (``can_void`` …), the services enforce them, the page asks them."""
+    finance = operator("finance")
+
+    def offered() -> set[str]:
+        page = finance.get(f"/admin/invoicing/invoice/{invoice.pk}/change/").content.decode()
+        return {name for name in ("void", "write_off", "credit_note") if f"/action/{name}/" in page}
+
+    def allowed() -> set[str]:
+        fresh = Invoice.objects.get(pk=invoice.pk)
+        rules = {"void": fresh.can_void(), "write_off": fresh.can_write_off(), "credit_note": fresh.can_credit()}
+        return {name for name, ok in rules.items() if ok}
+
+    assert offered() == allowed() == {"void", "write_off", "credit_note"}
+    with transaction.atomic():
+        services.payment_apply(invoice_id=invoice.id, amount_minor=100, currency="EUR", reference="pay_part")
+    assert offered() == allowed() == {"write_off", "credit_note"}  # something paid: no void
+    with pytest.raises(ApplicationError) as refused:
+        services.invoice_void(invoice_id=invoice.id, reason="duplicate", actor=Actor.system("tests"))
+    assert refused.value.code == "invoice_paid"
+    with transaction.atomic():
+        services.payment_apply(invoice_id=invoice.id, amount_minor=12000, currency="EUR", reference="pay_rest")
+    assert offered() == allowed() == {"credit_note"}  # paid
+    with pytest.raises(ApplicationError) as refused:
+        services.invoice_write_off(invoice_id=invoice.id, reason="gone", actor=Actor.system("tests"))
+    assert refused.value.code == "invalid_transition"
+
+
+def test_an_invoice_moves_through_the_one_transition_helper(invoice: Invoice, caplog: pytest.LogCaptureFixture) -> None:
+    """Voided from the admin: locked, audited with who and why, one log line with ids and no email."""
+    caplog.set_level("INFO")
+    finance = operator("finance")
+    assert (
+        finance.post(f"/admin/invoicing/invoice/{invoice.pk}/action/void/", {"reason": "duplicate"}).status_code == 302
+    )
+    audit = invoice.transitions.first()
+    assert audit is not None
+    assert (audit.from_state, audit.to_state, audit.actor_kind, audit.actor_name) == (
+        "issued",
+        "void",
+        "operator",
+        "finance@ops.test",
+    )
+    assert audit.reason.startswith("duplicate (credit note CN-")
+    [line] = [r for r in caplog.records if r.getMessage() == "invoicing.invoice_transition"]
+    fields = vars(line)
+    assert (fields["invoice_id"], fields["from"], fields["to"], fields["transition"]) == (
+        invoice.public_id,
+        "issued",
+        "void",
+        "void",
+    )
+    assert fields["actor_kind"] == "operator" and fields["actor_user_id"]
+    assert "finance@" not in str(fields)

@@ -44,13 +44,13 @@ class Command(BaseCommand):
                 expires_at=timezone.now() + dt.timedelta(days=90),
             )
         if globex is not None and not ContractDiscount.objects.filter(account_id=globex.id).exists():
-            ContractDiscount.objects.create(
+            services.contract_discount_create(
                 account_id=globex.id,
                 sku_prefix="compute.",
                 percent=Decimal("15"),
                 valid_from=dt.date(2026, 1, 1),
                 reason="Enterprise agreement 2026",
-                created_by="demo",
+                actor=DEMO,
             )
         period = Period.containing(timezone.now()).previous
         report = services.period_close(period=period, actor=DEMO)

@@ -1,0 +1,226 @@
+"""An issued invoice's life: paid (money received, applied inside the payments app's
+transaction: ``payment_apply``; the same in its own: ``invoice_record_payment``), written off,
+or voided with a credit note. State changes go through ``billing_site.common.transitions``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.utils import timezone
+
+from billing_site.common import ids, transitions
+from billing_site.common.actors import Actor
+from billing_site.common.errors import ApplicationError, Conflict
+from billing_site.common.on_commit import queue_task
+from billing_site.common.transactions import require_transaction
+from invoicing import ledger
+from invoicing.credit_grants import credit_grant_write
+from invoicing.credit_notes import CreditNoteLineIn, credit_note_write, credited, lines_tax, reverse_credits
+from invoicing.models import (
+    CreditKind,
+    CreditNote,
+    Invoice,
+    InvoicePayment,
+    InvoiceStatus,
+    LedgerSource,
+)
+from invoicing.writing import insert_once, locked_invoice, require_reason, require_reference, save_settled
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentApplied:
+    """What ``payment_apply`` did with a payment (the same for a replay of its reference)."""
+
+    invoice_id: int
+    account_id: int
+    applied_minor: int  # to the invoice, at most what was outstanding
+    credited_minor: int  # the rest, kept as customer credit (a grant of kind ``overpayment``)
+    invoice_paid: bool  # the invoice is paid (nothing outstanding) once the payment was recorded
+    invoice_number: str
+
+
+def payment_apply(
+    *, invoice_id: int, amount_minor: int, currency: str, reference: str, received_at: dt.datetime | None = None
+) -> PaymentApplied:
+    """Money received for ``invoice_id`` (``reference``: the payment's id). Runs inside the
+    caller's transaction: the payments app records its payment's outcome and applies the
+    money in one commit. Under the invoice's row lock, at most what is outstanding on an
+    ``issued`` invoice is applied (ledger: gateway clearing debit, receivable credit; fully
+    paid → ``paid``, audited); the excess, or all of it when the invoice takes no payments any
+    more (paid by a racing payment, voided, written off), is kept as customer credit (ledger:
+    gateway clearing debit, customer credit credit). Money received is never lost and never
+    refused for the invoice's state.
+
+    The unique ``reference`` decides: the same reference again returns the first result and
+    writes nothing; the same reference with other details is a ``payment_conflict``."""
+    require_transaction("A payment applied to an invoice")
+    if amount_minor <= 0:
+        raise ApplicationError("invalid_amount", "A payment is a positive amount (minor units).", field="amount_minor")
+    reference = require_reference(reference)
+    now = received_at or timezone.now()
+    invoice = locked_invoice(invoice_id)
+    if currency != invoice.currency:
+        raise ApplicationError("currency_mismatch", f"The invoice is in {invoice.currency}.", field="currency")
+    outstanding = invoice.amount_outstanding_minor if invoice.status == InvoiceStatus.ISSUED else 0
+    applied = min(amount_minor, outstanding)
+    excess = amount_minor - applied
+    payment = InvoicePayment(
+        invoice=invoice,
+        account_id=invoice.account_id,
+        amount_minor=applied,
+        received_minor=amount_minor,
+        currency=currency,
+        reference=reference,
+        credit_grant_id=ids.new_id() if excess else None,  # written below (the foreign key is checked at commit)
+        invoice_paid=invoice.status == InvoiceStatus.PAID or (applied > 0 and applied == outstanding),
+        received_at=now,
+    )
+    if not insert_once(payment):
+        first = InvoicePayment.objects.select_related("invoice").get(reference=reference)
+        if (first.invoice_id, first.received_minor, first.currency) != (invoice_id, amount_minor, currency):
+            raise Conflict("payment_conflict", f"Payment {reference} was recorded with other details.")
+        return _payment_applied(first)
+    if applied:
+        ledger.post(
+            [
+                ledger.Entry(
+                    LedgerSource.PAYMENT,
+                    payment.id,
+                    invoice.account_id,
+                    currency,
+                    f"Payment {reference} for {invoice.number}",
+                    [
+                        ledger.Posting(ledger.GATEWAY_CLEARING, applied),
+                        ledger.Posting(ledger.RECEIVABLE, -applied, invoice.account_id),
+                    ],
+                )
+            ],
+            posted_at=now,
+        )
+        invoice.amount_paid_minor += applied
+        save_settled(
+            invoice,
+            actor=Actor.system("payments"),
+            reason=f"payment {reference}",
+            now=now,
+            fields=["amount_paid_minor"],
+        )
+    if excess:
+        assert payment.credit_grant_id is not None
+        why = "more than was outstanding on" if applied else f"received while {invoice.status}:"
+        credit_grant_write(
+            grant_id=payment.credit_grant_id,
+            account_id=invoice.account_id,
+            kind=CreditKind.OVERPAYMENT,
+            currency=currency,
+            amount_minor=excess,
+            reason=f"Payment {reference}, {why} invoice {invoice.number or invoice.public_id}",
+            granted_by="payments",
+            debit=ledger.GATEWAY_CLEARING,
+            memo=f"Overpayment kept as credit: payment {reference} for {invoice.number or invoice.public_id}",
+            now=now,
+        )
+    log.info(
+        "invoicing.payment_applied",
+        extra={
+            "invoice_id": invoice.public_id,
+            "account_id": ids.encode("acc", invoice.account_id),
+            "applied_minor": applied,
+            "credited_minor": excess,
+            "invoice_paid": payment.invoice_paid,
+        },
+    )
+    return _payment_applied(payment)
+
+
+def _payment_applied(payment: InvoicePayment) -> PaymentApplied:
+    return PaymentApplied(
+        invoice_id=payment.invoice_id,
+        account_id=payment.account_id,
+        applied_minor=payment.amount_minor,
+        credited_minor=payment.received_minor - payment.amount_minor,
+        invoice_paid=payment.invoice_paid,
+        invoice_number=payment.invoice.number or "",
+    )
+
+
+@transaction.atomic(durable=True)
+def invoice_record_payment(
+    *, invoice_id: int, amount_minor: int, currency: str, reference: str, received_at: dt.datetime | None = None
+) -> PaymentApplied:
+    """``payment_apply`` in a durable transaction of its own (finance's tools, tests)."""
+    return payment_apply(
+        invoice_id=invoice_id,
+        amount_minor=amount_minor,
+        currency=currency,
+        reference=reference,
+        received_at=received_at,
+    )
+
+
+@transaction.atomic(durable=True)
+def invoice_write_off(*, invoice_id: int, actor: Actor, reason: str) -> Invoice:
+    """Finance gives up on what is outstanding: ``uncollectible``, posted to bad debt."""
+    reason = require_reason(reason)
+    invoice = locked_invoice(invoice_id)
+    if not invoice.can_write_off():
+        raise Conflict(
+            "invalid_transition", f"Only an issued invoice can be written off; this one is {invoice.status}."
+        )
+    outstanding = invoice.amount_outstanding_minor
+    invoice.written_off_minor = outstanding
+    transitions.transition(invoice, "write_off", actor=actor, reason=reason, update_fields=["written_off_minor"])
+    ledger.post(
+        [
+            ledger.Entry(
+                LedgerSource.WRITE_OFF,
+                invoice.id,
+                invoice.account_id,
+                invoice.currency,
+                f"Write-off of {invoice.number}: {reason}",
+                [
+                    ledger.Posting(ledger.BAD_DEBT, outstanding),
+                    ledger.Posting(ledger.RECEIVABLE, -outstanding, invoice.account_id),
+                ],
+            )
+        ],
+        posted_at=timezone.now(),
+    )
+    return invoice
+
+
+def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
+    """Void an issued, unpaid invoice: a credit note for the whole amount not yet credited,
+    credit spent on it given back to its grants, status ``void``."""
+    reason = require_reason(reason)
+    with transaction.atomic(durable=True):
+        invoice = locked_invoice(invoice_id)
+        if not invoice.can_void():
+            if invoice.status == InvoiceStatus.ISSUED:
+                raise Conflict("invoice_paid", "Payments were received on this invoice: refund them with credit notes.")
+            raise Conflict("invalid_transition", f"Only an issued invoice can be voided; this one is {invoice.status}.")
+        lines = [
+            CreditNoteLineIn(
+                description=f"Cancellation of invoice {invoice.number}",
+                amount_minor=invoice.subtotal_minor - credited(invoice)[0],
+            )
+        ]
+        tax, _ = lines_tax(invoice, lines)
+        note = credit_note_write(
+            invoice, lines=lines, tax=tax, reason=reason, actor=actor, rest=True, now=timezone.now()
+        )
+        reverse_credits(invoice, note=note)
+        transitions.transition(
+            invoice,
+            "void",
+            actor=actor,
+            reason=f"{reason} (credit note {note.number})",
+            update_fields=["amount_credited_minor"],
+        )
+    queue_task("invoicing.render_documents", kind="credit_note", source_ids=[note.id])
+    return note
