@@ -211,6 +211,15 @@ class Payment(FSMModelMixin, models.Model):
                 condition=Q(amount_refunded_minor__gte=0, amount_refunded_minor__lte=models.F("amount_minor")),
                 name="payments_payment_refunds_within_amount",
             ),
+            # Refunded plus withdrawn by open and lost disputes never exceeds what was captured.
+            # Added NOT VALID (migration 0003): rows from before the rule are found by ledger_check.
+            models.CheckConstraint(
+                condition=Q(
+                    amount_disputed_minor__gte=0,
+                    amount_minor__gte=models.F("amount_refunded_minor") + models.F("amount_disputed_minor"),
+                ),
+                name="payments_payment_within_captured",
+            ),
         ]
         indexes = [
             models.Index(fields=["account_id", "-created_at"], name="payments_payment_account"),

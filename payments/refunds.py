@@ -503,13 +503,41 @@ def _foreign_refund(payment: Payment, gateway_refund_id: str, amount_minor: int,
 # --- Disputes
 
 
-def _payment_for(gateway: str, intent_or_charge_id: str) -> Payment | None:
-    return (
-        Payment.objects.filter(gateway=gateway)
-        .filter(Q(gateway_intent_id=intent_or_charge_id) | Q(gateway_charge_id=intent_or_charge_id))
-        .order_by("-created_at")
-        .first()
+def _payment_for(gateway: str, *, charge_id: str, intent_id: str) -> Payment | None:
+    """Our payment that a dispute's ``charge`` and ``payment_intent`` name, or None when neither
+    is ours. When both are given they must name the same payment: a 409
+    ``charge_intent_mismatch`` otherwise (never attached to whichever matched first)."""
+    by_intent = Payment.objects.filter(gateway=gateway, gateway_intent_id=intent_id).first() if intent_id else None
+    by_charge = (
+        Payment.objects.filter(gateway=gateway, gateway_charge_id=charge_id).order_by("-created_at").first()
+        if charge_id
+        else None
     )
+    found = by_intent or by_charge
+    if found is None:
+        return None
+    mismatch = (
+        (by_intent is not None and by_charge is not None and by_intent.id != by_charge.id)
+        or (charge_id and found.gateway_charge_id and found.gateway_charge_id != charge_id)
+        or (intent_id and found.gateway_intent_id and found.gateway_intent_id != intent_id)
+    )
+    if mismatch:
+        raise Conflict(
+            "charge_intent_mismatch",
+            f"The dispute names charge {charge_id or '-'} and intent {intent_id or '-'}, "
+            f"which are not one payment of ours ({found.public_id} is charge {found.gateway_charge_id or '-'}, "
+            f"intent {found.gateway_intent_id or '-'}).",
+        )
+    return found
+
+
+def disputable_minor(payment: Payment) -> int:
+    """What a new dispute may still withdraw from ``payment`` (under its row lock): what was
+    captured, less what was refunded or may still be (refunds in flight), less what open and
+    lost disputes withdrew. Nothing when the payment did not capture."""
+    if payment.status != PaymentStatus.SUCCEEDED:
+        return 0
+    return refundable_minor(payment)
 
 
 def _dispute_log(event: str, dispute: Dispute, *, level: int = logging.INFO) -> None:
@@ -535,27 +563,48 @@ def dispute_opened(
     *,
     gateway: str,
     gateway_dispute_id: str,
-    gateway_intent_or_charge_id: str,
+    charge_id: str = "",
+    intent_id: str = "",
     amount_minor: int,
     currency: str,
     reason: str,
 ) -> Dispute | None:
     """A chargeback opened on one of our payments: the Dispute row (once per gateway dispute
     id: a replay returns it unchanged), the ledger entry withdrawing its funds, the payment's
-    disputed amount, and the fraud team's flag. None: no payment of ours carries that intent
-    or charge (the caller notes it)."""
+    disputed amount, and the fraud team's flag. None: no payment of ours carries that charge
+    or intent (the caller notes it).
+
+    Refused (409, nothing written) when ``charge_id`` and ``intent_id`` name different
+    payments (``charge_intent_mismatch``), and when it would take more than the payment has
+    left (``dispute_exceeds_payment``): per payment, what was refunded (or is being) plus what
+    open and lost disputes withdrew never exceeds what was captured. The payment's row lock
+    serialises two disputes of one payment, and the ``payments_payment_within_captured`` check
+    backs the running totals."""
     existing = Dispute.objects.filter(gateway=gateway, gateway_dispute_id=gateway_dispute_id).first()
     if existing is not None:
         return existing
-    found = _payment_for(gateway, gateway_intent_or_charge_id)
+    found = _payment_for(gateway, charge_id=charge_id, intent_id=intent_id)
     if found is None:
         return None
     payment = Payment.objects.select_for_update().get(id=found.id)
+    existing = Dispute.objects.filter(gateway=gateway, gateway_dispute_id=gateway_dispute_id).first()
+    if existing is not None:  # its twin recorded it while we waited for the lock
+        return existing
     currency = currency.upper()
     if currency != payment.currency:
         raise ApplicationError("invalid", f"Dispute in {currency} on a payment in {payment.currency}.")
-    if not 0 < amount_minor <= payment.amount_minor:
-        raise ApplicationError("invalid", f"Dispute of {amount_minor} on a payment of {payment.amount_minor}.")
+    if amount_minor <= 0:
+        raise ApplicationError("invalid", f"Dispute of {amount_minor} on {payment.public_id}.")
+    left = disputable_minor(payment)
+    if amount_minor > left:
+        raise Conflict(
+            "dispute_exceeds_payment",
+            f"Dispute {gateway_dispute_id} of {money.display(amount_minor, currency)} on {payment.public_id}: "
+            f"only {money.display(max(left, 0), currency)} of the "
+            f"{money.display(payment.amount_minor, currency)} captured is left "
+            f"(refunded {money.display(payment.amount_refunded_minor, currency)}, "
+            f"disputed {money.display(payment.amount_disputed_minor, currency)}).",
+        )
     dispute = Dispute(
         account_id=payment.account_id,
         payment=payment,

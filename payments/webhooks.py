@@ -378,11 +378,11 @@ def _listed_refunds(charge: dict[str, Any]) -> list[refunds.GatewayRefund] | Non
 
 
 def _dispute_open(event: WebhookEvent, dispute: dict[str, Any]) -> Any:
-    target = _id_of(dispute.get("payment_intent")) or _id_of(dispute.get("charge"))
     return refunds.dispute_opened(
         gateway=event.gateway,
         gateway_dispute_id=str(dispute["id"]),
-        gateway_intent_or_charge_id=target,
+        charge_id=_id_of(dispute.get("charge")),
+        intent_id=_id_of(dispute.get("payment_intent")),
         amount_minor=int(dispute.get("amount") or 0),
         currency=str(dispute.get("currency") or ""),
         reason=str(dispute.get("reason") or ""),

@@ -175,7 +175,7 @@ def test_declines_and_a_dispute_reach_the_payment_checkpoint_and_the_review_queu
         refunds.dispute_opened(
             gateway="sandbox",
             gateway_dispute_id="dp_test_1",
-            gateway_intent_or_charge_id=paid.gateway_intent_id,
+            intent_id=paid.gateway_intent_id or "",
             amount_minor=paid.amount_minor,
             currency=paid.currency,
             reason="fraudulent",

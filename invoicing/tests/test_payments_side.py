@@ -488,14 +488,29 @@ def test_a_dispute_posts_each_stage_once(nl: BillingAccount, close: str, lands_i
 
 
 def test_a_dispute_closed_before_its_opening_is_known_posts_the_opening_first(nl: BillingAccount) -> None:
+    pay(issue(nl), 12100, "pay_1")  # a dispute withdraws money received (ledger_check holds it to that)
     assert dispute("lost", account_id=nl.id, amount=500)
-    assert sorted(LedgerEntry.objects.values_list("source_type", flat=True)) == ["dispute_lost", "dispute_opened"]
+    assert sorted(
+        LedgerEntry.objects.filter(source_type__startswith="dispute").values_list("source_type", flat=True)
+    ) == ["dispute_lost", "dispute_opened"]
     assert not dispute("opened", account_id=nl.id, amount=500)
-    assert (balance("disputes", nl.id), balance("chargeback_loss"), balance("gateway_clearing")) == (0, 500, -500)
+    assert (balance("disputes", nl.id), balance("chargeback_loss"), balance("gateway_clearing")) == (0, 500, 11600)
     with pytest.raises(ApplicationError) as caught:
         dispute("reopened", account_id=nl.id)
     assert field_of(caught.value) == "stage"
     assert ledger.check() == []
+
+
+def test_ledger_check_finds_an_account_given_back_more_through_the_gateway_than_it_paid(nl: BillingAccount) -> None:
+    """From the ledger alone: refunds and disputes of an account within what it paid."""
+    pay(issue(nl), 12100, "pay_1")
+    assert dispute("opened", account_id=nl.id, amount=12100)
+    assert ledger.check() == []
+    assert dispute("opened", dispute_id=78, account_id=nl.id, amount=1)
+    assert ledger.check() == [
+        f"account {nl.id} EUR: gateway clearing gave back 12101 (refunds and disputes), more than the 12100 "
+        "received through it"
+    ]
 
 
 # --- Selectors

@@ -109,7 +109,7 @@ def test_every_list_and_page_renders_for_finance(book: Book, clock: time_machine
     dispute = refunds.dispute_opened(
         gateway=book.paid.gateway,
         gateway_dispute_id="dp_admin_1",
-        gateway_intent_or_charge_id=book.paid.gateway_intent_id or "",
+        intent_id=book.paid.gateway_intent_id or "",
         amount_minor=5000,
         currency="EUR",
         reason="fraudulent",
