@@ -36,8 +36,10 @@ from payments import refunds, services, webhooks
 from payments.models import (
     BindingAttempt,
     Dispute,
+    DisputeTransition,
     DunningAction,
     DunningCase,
+    DunningCaseTransition,
     DunningPolicy,
     GatewayCall,
     Payment,
@@ -47,6 +49,7 @@ from payments.models import (
     PaymentTransition,
     Refund,
     RefundStatus,
+    RefundTransition,
     WebhookEvent,
 )
 
@@ -179,7 +182,17 @@ class RefundInline(PaymentPartInline, admin.TabularInline[Refund, Payment]):
 class RefundForm(forms.Form):
     amount = AmountField(label="Amount")
     reason = forms.CharField(
-        max_length=300, widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), help_text="Kept with the refund"
+        label="Reason (the customer's)",
+        max_length=300,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Printed on the credit note and shown to the customer in the API",
+    )
+    internal_note = forms.CharField(
+        label="Internal note (staff only)",
+        max_length=1000,
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Ticket numbers, what was agreed: shown here only, never to the customer",
     )
 
     def __init__(self, *args: Any, payment: Payment, **kwargs: Any) -> None:
@@ -306,6 +319,7 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
                     payment_id=payment.id,
                     amount_minor=amount_minor,
                     reason=form.cleaned_data["reason"],
+                    internal_note=form.cleaned_data["internal_note"],
                     actor=_operator(request),
                 )
             except ApplicationError as exc:
@@ -342,6 +356,18 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
             )
 
 
+HISTORY_FIELDS = ("created_at", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+
+
+class RefundTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[RefundTransition, Refund]):
+    model = RefundTransition
+    verbose_name_plural = "History"
+    fields = HISTORY_FIELDS
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.view_refund")
+
+
 @admin.register(Refund)
 class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
     public_id_columns = (
@@ -366,6 +392,7 @@ class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund
     search_help_text = "A ref_, pay_, inv_ or acc_ id, the gateway's refund id (re_…), or words of the reason"
     ordering = ("-created_at",)
     show_full_result_count = False
+    inlines = (RefundTransitionInline,)
     fields = (
         "public_id",
         "status",
@@ -374,6 +401,7 @@ class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund
         "account",
         "amount",
         "reason",
+        "internal_note",
         "requested_by",
         "gateway_refund_id",
         "idempotency_key",
@@ -415,6 +443,15 @@ class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund
         return format_html('<a href="{}">{}</a>', url, ids.encode("crn", refund.credit_note_id))
 
 
+class DisputeTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[DisputeTransition, Dispute]):
+    model = DisputeTransition
+    verbose_name_plural = "History"
+    fields = HISTORY_FIELDS
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.view_dispute")
+
+
 @admin.register(Dispute)
 class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
     public_id_columns = (("dsp", "id"), ("pay", "payment_id"), ("acc", "account_id"))
@@ -423,6 +460,7 @@ class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispu
     search_fields = ("=gateway_dispute_id",)
     search_help_text = "A dsp_, pay_ or acc_ id, or the gateway's dispute id (dp_…)"
     ordering = ("-opened_at",)
+    inlines = (DisputeTransitionInline,)
     fields = (
         "public_id",
         "status",
@@ -636,6 +674,15 @@ class DunningActionInline(ReadOnlyInlineMixin, admin.TabularInline[DunningAction
         return request.user.has_perm("payments.view_dunningcase")
 
 
+class DunningCaseTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[DunningCaseTransition, DunningCase]):
+    model = DunningCaseTransition
+    verbose_name_plural = "History"
+    fields = HISTORY_FIELDS
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.view_dunningcase")
+
+
 def _dunning_paused_subquery() -> Subquery:
     return Subquery(PaymentProfile.objects.filter(account_id=OuterRef("account_id")).values("dunning_paused")[:1])
 
@@ -663,7 +710,7 @@ class DunningCaseAdmin(DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdmi
     search_help_text = "An inv_ or acc_ id, or a decline code"
     ordering = ("-opened_at",)
     show_full_result_count = False
-    inlines = (DunningActionInline,)
+    inlines = (DunningActionInline, DunningCaseTransitionInline)
     actions = ("pause_dunning", "resume_dunning")
     fields = (
         "invoice",

@@ -53,7 +53,7 @@ from billing_site.common import ids
 from billing_site.common.errors import ApplicationError, NotFound
 from billing_site.common.transactions import forbid_transaction
 from billing_site.outbox import services as outbox
-from payments import charging, refunds, services
+from payments import charging, disputes, refunds, services
 from payments.gateways import gateway as gateway_named
 from payments.gateways.base import ChargeStatus, GatewayError, InvalidRequest
 from payments.models import Payment, WebhookEvent, WebhookStatus
@@ -378,7 +378,7 @@ def _listed_refunds(charge: dict[str, Any]) -> list[refunds.GatewayRefund] | Non
 
 
 def _dispute_open(event: WebhookEvent, dispute: dict[str, Any]) -> Any:
-    return refunds.dispute_opened(
+    return disputes.dispute_opened(
         gateway=event.gateway,
         gateway_dispute_id=str(dispute["id"]),
         charge_id=_id_of(dispute.get("charge")),
@@ -411,7 +411,7 @@ def _dispute_closed(event: WebhookEvent) -> Outcome:
     opened = _dispute_open(event, dispute)
     if opened is None:
         return Outcome(WebhookStatus.IGNORED, note=f"no payment of ours for dispute {dispute['id']}")
-    closed = refunds.dispute_closed(gateway=event.gateway, gateway_dispute_id=str(dispute["id"]), status=status)
+    closed = disputes.dispute_closed(gateway=event.gateway, gateway_dispute_id=str(dispute["id"]), status=status)
     assert closed is not None
     return Outcome(WebhookStatus.PROCESSED, account_id=closed.account_id)
 

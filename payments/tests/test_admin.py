@@ -25,7 +25,7 @@ from invoicing import ledger
 from invoicing.models import CreditNote, Invoice
 
 # The price catalog (rated usage needs its SKUs).
-from payments import charging, dunning, refunds
+from payments import charging, disputes, dunning, refunds
 from payments.models import (
     DunningAction,
     DunningCase,
@@ -106,7 +106,7 @@ def failed_webhook_event(event_id: str = "evt_admin_1") -> WebhookEvent:
 
 def test_every_list_and_page_renders_for_finance(book: Book, clock: time_machine.Traveller) -> None:
     refund = refunds.refund_issue(payment_id=book.paid.id, amount_minor=2100, reason="Outage credit", actor=FINANCE)
-    dispute = refunds.dispute_opened(
+    dispute = disputes.dispute_opened(
         gateway=book.paid.gateway,
         gateway_dispute_id="dp_admin_1",
         intent_id=book.paid.gateway_intent_id or "",
@@ -404,3 +404,63 @@ def test_the_outbox_is_delivered_now_from_the_list(book: Book) -> None:
     delivered = finance.get("/admin/outbox/outboxmessage/", {"state": "delivered"}).content.decode()
     assert f"/admin/outbox/outboxmessage/{pending.pk}/change/" in delivered
     assert finance.get("/admin/outbox/outboxmessage/", {"q": book.debtor.public_id}).status_code == 200
+
+
+def rendered_form_fields(html: str) -> dict[str, str]:
+    """The named inputs, textareas and selects of a page's last form, as a browser posts them."""
+    from html.parser import HTMLParser
+
+    class Form(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fields: dict[str, str] = {}
+            self._textarea: str | None = None
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            named = dict(attrs)
+            if tag == "form":
+                self.fields = {}
+            elif tag == "input" and named.get("name") and named.get("type") not in ("submit", "checkbox"):
+                self.fields[str(named["name"])] = named.get("value") or ""
+            elif tag in ("textarea", "select") and named.get("name"):
+                self._textarea = str(named["name"])
+                self.fields[self._textarea] = ""
+
+        def handle_data(self, data: str) -> None:
+            if self._textarea:
+                self.fields[self._textarea] += data.strip()
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag in ("textarea", "select"):
+                self._textarea = None
+
+    parser = Form()
+    parser.feed(html)
+    return parser.fields
+
+
+def test_a_refund_of_100_eur_splits_its_vat_by_the_rule_and_keeps_finance_s_note_off_the_customer_s_papers(
+    book: Book, customer: Customer
+) -> None:
+    """Issue 19: 100.00 of a 121.00 invoice at 21 % is credited as 82.64 + 17.36 (the VAT
+    fraction of the gross, rounded half-up; 82.65 + 17.35 had less VAT than 21 % of its net);
+    the internal note finance types stays in the admin."""
+    from invoicing.pdf import credit_note_html
+
+    finance = operator("finance")
+    url = f"/admin/payments/payment/{book.paid.pk}/refund/"
+    fields = rendered_form_fields(finance.get(url).content.decode())
+    assert {"amount", "reason", "internal_note"} <= fields.keys()
+    fields.update(amount="100.00", reason="Service credit", internal_note="ticket #4712, customer angry on the phone")
+    assert finance.post(url, fields).status_code == 302
+    refund = Refund.objects.get()
+    assert (refund.reason, refund.internal_note) == ("Service credit", "ticket #4712, customer angry on the phone")
+    note = CreditNote.objects.get(id=refund.credit_note_id)
+    assert (note.subtotal_minor, note.tax_minor, note.total_minor) == (8264, 1736, 10000)
+    document = credit_note_html(note)
+    assert "Service credit" in document and "4712" not in document
+    listed = customer.client.get(f"/api/v1/billing-accounts/{book.paid_account.public_id}/refunds")
+    assert listed.status_code == 200
+    assert listed.json()["results"][0]["reason"] == "Service credit" and "4712" not in listed.content.decode()
+    # Finance sees it on the refund's page.
+    assert "ticket #4712" in finance.get(f"/admin/payments/refund/{refund.pk}/change/").content.decode()

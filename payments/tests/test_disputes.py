@@ -19,7 +19,7 @@ from invoicing import ledger
 from invoicing.models import LedgerEntry, LedgerSource
 
 # The price catalog (rated usage needs its SKUs).
-from payments import charging, refunds, selectors, webhooks
+from payments import charging, disputes, refunds, selectors, webhooks
 from payments.models import Dispute, DisputeStatus, Payment, PaymentStatus, WebhookEvent, WebhookStatus
 from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice
 from payments.tests.stripe_flows import post_event, stripe_event
@@ -94,7 +94,7 @@ def test_a_dispute_opened_then_won_posts_the_withdrawal_and_its_reversal_once(
 ) -> None:
     payment = paid_payment()
     opened = dispute_object(payment, "dp_won")
-    with caplog.at_level(logging.WARNING, logger="payments.refunds"):
+    with caplog.at_level(logging.WARNING, logger="payments.disputes"):
         event = deliver("charge.dispute.created", opened)
     assert (event.status, event.account_id) == (WebhookStatus.PROCESSED, payment.account_id)
     dispute = Dispute.objects.get(gateway_dispute_id="dp_won")
@@ -189,7 +189,7 @@ def test_a_dispute_on_a_charge_we_do_not_know_is_ignored_and_the_functions_are_i
     assert not Dispute.objects.exists()
     # Called directly (by charge id), twice: one row, one entry.
     for _ in range(2):
-        dispute = refunds.dispute_opened(
+        dispute = disputes.dispute_opened(
             gateway="stripe",
             gateway_dispute_id="dp_direct",
             charge_id=payment.gateway_charge_id,
@@ -199,11 +199,11 @@ def test_a_dispute_on_a_charge_we_do_not_know_is_ignored_and_the_functions_are_i
         )
     assert dispute is not None and Dispute.objects.count() == 1
     for _ in range(2):
-        refunds.dispute_closed(gateway="stripe", gateway_dispute_id="dp_direct", status="won")
+        disputes.dispute_closed(gateway="stripe", gateway_dispute_id="dp_direct", status="won")
     dispute.refresh_from_db()
     assert dispute.status == DisputeStatus.WON
     assert stages(dispute) == [(LedgerSource.DISPUTE_OPENED, 1000), (LedgerSource.DISPUTE_WON, -1000)]
-    assert refunds.dispute_closed(gateway="stripe", gateway_dispute_id="dp_unknown", status="lost") is None
+    assert disputes.dispute_closed(gateway="stripe", gateway_dispute_id="dp_unknown", status="lost") is None
     assert ledger.check() == []
 
 
@@ -302,7 +302,7 @@ def test_two_disputes_of_one_charge_at_once_leave_one(paid_10043: Payment) -> No
 
 
 def disputes_open(payment: Payment, dispute_id: str) -> Dispute | None:
-    return refunds.dispute_opened(
+    return disputes.dispute_opened(
         gateway="stripe",
         gateway_dispute_id=dispute_id,
         charge_id=payment.gateway_charge_id,
@@ -354,3 +354,22 @@ def test_ledger_check_reports_a_payment_disputed_beyond_what_was_captured(paid_1
     assert any(f"account {payment.account_id} EUR" in p and "gateway clearing" in p for p in problems), (
         problems
     )  # from the ledger alone: more given back than received
+
+
+@pytest.mark.django_db
+def test_a_dispute_is_a_state_machine_audited_at_each_step(paid_payment: Callable[[], Payment]) -> None:
+    payment = paid_payment()
+    deliver("charge.dispute.created", dispute_object(payment, "dp_fsm", amount=1000))
+    dispute = Dispute.objects.get(gateway_dispute_id="dp_fsm")
+    with pytest.raises(AttributeError):  # protected: only a transition moves it
+        dispute.status = DisputeStatus.WON
+    deliver("charge.dispute.closed", dispute_object(payment, "dp_fsm", amount=1000, status="lost"))
+    history = [(t.from_state, t.to_state, t.actor_kind, t.actor_name) for t in dispute.transitions.all()]
+    assert history == [
+        ("", "open", "system", "payments.gateway"),
+        ("open", "lost", "system", "payments.gateway"),
+    ]
+    # A contradicting close is no transition: the loss stands, nothing more is audited.
+    deliver("charge.dispute.closed", dispute_object(payment, "dp_fsm", amount=1000, status="won"))
+    assert dispute.transitions.count() == 2
+    assert ledger.check() == []
