@@ -30,7 +30,7 @@ from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.on_commit import queue_task
 from billing_site.common.transactions import require_transaction
-from invoicing import issuing, ledger, numbering, planning, selectors
+from invoicing import issuing, ledger, numbering, planning, selectors, taxes
 from invoicing.models import (
     GRANTABLE_CREDIT_KINDS,
     CreditApplication,
@@ -734,8 +734,9 @@ def _refund_recorded(refund: InvoiceRefund, note: CreditNote) -> RefundRecorded:
 
 
 def _gross_split(invoice: Invoice, gross: int) -> tuple[int, int, bool]:
-    """Net and tax of a credit note for ``gross`` on ``invoice`` (``gross_split``), and
-    whether it credits all that is left of the invoice."""
+    """Net and tax of a credit note for ``gross`` on ``invoice`` (``taxes.split_gross``: the
+    invoice's rate, the VAT fraction of the gross rounded half-up once), and whether it
+    credits all that is left of the invoice."""
     credited_net, credited_tax = _credited(invoice)
     left = invoice.total_minor - credited_net - credited_tax
     if gross > left:
@@ -744,48 +745,13 @@ def _gross_split(invoice: Invoice, gross: int) -> tuple[int, int, bool]:
             f"At most {left} (minor units) is left to credit on {invoice.number}.",
             field="amount_minor",
         )
-    net, tax = gross_split(
+    net, tax = taxes.split_gross(
         gross,
         rate=invoice.tax_rate,
-        invoice_net=invoice.subtotal_minor,
-        invoice_tax=invoice.tax_minor,
-        credited_net=credited_net,
-        credited_tax=credited_tax,
+        net_left=invoice.subtotal_minor - credited_net,
+        tax_left=invoice.tax_minor - credited_tax,
     )
     return net, tax, gross == left
-
-
-def gross_split(
-    gross: int, *, rate: Decimal, invoice_net: int, invoice_tax: int, credited_net: int, credited_tax: int
-) -> tuple[int, int]:
-    """Split ``gross`` (tax included, minor units; at most what is left to credit) into the
-    net and tax of a credit note on an invoice of ``invoice_net`` + ``invoice_tax`` taxed at
-    ``rate`` percent, of which ``credited_net`` and ``credited_tax`` are already credited:
-    net + tax == gross exactly.
-
-    Rounding: crediting all that is left takes exactly the rest of the net and of the tax.
-    Otherwise the tax follows the cumulative rule of credit notes by lines (``rule_tax``: the
-    rate on all the net credited so far, rounded half-up once, less the tax already credited,
-    within what is left of the invoice's tax): the net is the smallest whose net plus
-    rule-tax reaches ``gross``, and the tax is ``gross`` less that net. So the tax is the
-    rule's, or one minor unit less where the rounded tax steps up inside ``gross`` (never
-    more): the VAT credited in parts never exceeds the rule on the net credited so far,
-    hence never what the invoice charged, and the next credit note, being cumulative, makes
-    that unit up."""
-    net_left, tax_left = invoice_net - credited_net, invoice_tax - credited_tax
-    if gross >= net_left + tax_left:
-        return net_left, tax_left
-    lo, hi = 0, min(gross, net_left)
-    while lo < hi:  # net + rule-tax rises strictly with the net: bisect
-        mid = (lo + hi) // 2
-        tax = rule_tax(credited_net + mid, rate=rate, credited_tax=credited_tax, invoice_tax=invoice_tax)
-        if mid + tax >= gross:
-            hi = mid
-        else:
-            lo = mid + 1
-    # Within what is left of both (so the net never exceeds the invoice's either).
-    tax = min(max(gross - lo, gross - net_left, 0), tax_left)
-    return gross - tax, tax
 
 
 def rule_tax(cumulative_net: int, *, rate: Decimal, credited_tax: int, invoice_tax: int) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
 from stdnum.eu import vat as eu_vat
@@ -140,3 +140,25 @@ def seed_rates(model: type[TaxRate] = TaxRate) -> int:
         )
         added += created
     return added
+
+
+def split_gross(gross: int, *, rate: Decimal, net_left: int, tax_left: int) -> tuple[int, int]:
+    """Net and VAT of ``gross`` (VAT included, minor units) taxed at ``rate`` percent, on a
+    document of which ``net_left`` and ``tax_left`` are still to credit (a refund's credit
+    note): ``net + vat == gross`` exactly.
+
+    Rounding, the invoice's rule read backwards: the VAT is the VAT fraction of the gross,
+    ``gross * rate / (100 + rate)``, rounded half-up once to the minor unit; the net is the
+    rest. Whenever some net ``n`` has ``n + round(n * rate) == gross`` (the invoice's own rule,
+    VAT = rate * net rounded half-up), this is that split, so the VAT is exactly
+    ``round(net * rate)`` — 21 % of 100.43 gross is 83.00 + 17.43. Where no net does (the
+    rounded VAT steps by a unit there: 100.00 at 21 % has 82.64 + 17.35 = 99.99 and
+    82.65 + 17.36 = 100.01), the VAT is the fraction of the gross rounded, 17.36 on 82.64,
+    one unit from ``round(net * rate)`` and never more. Kept within what is left of the net
+    and of the VAT; crediting all that is left takes exactly the rest of both, so the parts
+    of an invoice credited in pieces sum to its net and its VAT."""
+    if gross >= net_left + tax_left:
+        return net_left, tax_left
+    vat = int((Decimal(gross) * rate / (100 + rate)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    vat = min(max(vat, gross - net_left, 0), tax_left)
+    return gross - vat, vat
