@@ -526,23 +526,8 @@ class DunningPolicyForm(forms.ModelForm[DunningPolicy]):
                 ) from None
         return currency
 
-    def clean_retry_days(self) -> list[int]:
-        days = list(self.cleaned_data.get("retry_days") or [])
-        if any(day < 1 for day in days):
-            raise forms.ValidationError("Retries are 1 day or more after the first failure.")
-        if days != sorted(set(days)):
-            raise forms.ValidationError("List the days in increasing order, each once (e.g. 1,3,5).")
-        return days
-
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}
-        suspend, write_off = data.get("suspend_after_days"), data.get("write_off_after_days")
-        if suspend is not None and write_off is not None and write_off <= suspend:
-            self.add_error("write_off_after_days", "The write-off comes after the suspension.")
-        warn = data.get("warn_days_before_suspension")
-        if warn is not None and suspend is not None and warn > suspend:
-            self.add_error("warn_days_before_suspension", "The warning cannot come before the due date.")
-        return data
+    # The ladder's rules are the model's (DunningPolicy.ladder_errors, run by the form's model
+    # validation): each error is shown on the field it names.
 
 
 @admin.register(DunningPolicy)
@@ -582,17 +567,7 @@ class DunningPolicyAdmin(admin.ModelAdmin[DunningPolicy]):
         return ", ".join(str(d) for d in policy.retry_days) or "none"
 
     def save_model(self, request: HttpRequest, obj: DunningPolicy, form: Any, change: bool) -> None:
-        super().save_model(request, obj, form, change)
-        log.info(
-            "dunning_policy.changed" if change else "dunning_policy.created",
-            extra={
-                "policy_id": obj.pk,
-                "currency": obj.currency or None,
-                "account_kind": obj.account_kind or None,
-                "fields": sorted(form.changed_data),
-                "actor": str(request.user),
-            },
-        )
+        services.dunning_policy_save(policy=obj, changed=list(form.changed_data), actor=_operator(request))
 
 
 class DunningPauseForm(forms.Form):

@@ -616,11 +616,49 @@ class DunningPolicy(models.Model):
                 condition=Q(write_off_after_days__gt=models.F("suspend_after_days")),
                 name="payments_dunning_write_off_after_suspension",
             ),
+            models.CheckConstraint(
+                condition=Q(warn_days_before_suspension__lte=models.F("suspend_after_days")),
+                name="payments_dunning_warning_after_due_date",
+            ),
         ]
 
     def __str__(self) -> str:
         scope = " ".join(filter(None, [self.currency, self.account_kind])) or "default"
         return f"{self.name} ({scope})"
+
+    def ladder_errors(self) -> dict[str, str]:
+        """What is wrong with the ladder, by field (empty: nothing). The one statement of its
+        rules: the admin's form and ``payments.services.dunning_policy_save`` ask it.
+
+        - retries are days 1 or more after the first failure, increasing, each once, and all
+          before the suspension (``suspend_after_days``; a failure is at the latest on the due
+          date the suspension counts from, so every retry also comes before it);
+        - the warning comes before the suspension and not before the due date
+          (``warn_days_before_suspension`` at most ``suspend_after_days``);
+        - the write-off comes after the suspension."""
+        errors: dict[str, str] = {}
+        days = list(self.retry_days or [])
+        suspend, write_off, warn = self.suspend_after_days, self.write_off_after_days, self.warn_days_before_suspension
+        if any(day < 1 for day in days):
+            errors["retry_days"] = "Retries are 1 day or more after the first failure."
+        elif days != sorted(set(days)):
+            errors["retry_days"] = "List the days in increasing order, each once (e.g. 1,3,5)."
+        elif days and suspend is not None and days[-1] >= suspend:
+            errors["retry_days"] = (
+                f"Every retry comes before the suspension (day {suspend} after the due date); day {days[-1]} does not."
+            )
+        if suspend is not None and write_off is not None and write_off <= suspend:
+            errors["write_off_after_days"] = "The write-off comes after the suspension."
+        if warn is not None and suspend is not None and warn > suspend:
+            errors["warn_days_before_suspension"] = "The warning cannot come before the due date."
+        return errors
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        errors = self.ladder_errors()
+        if errors:
+            raise ValidationError(errors)
 
 
 class DunningCaseStatus(models.TextChoices):

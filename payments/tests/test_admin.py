@@ -415,24 +415,34 @@ def rendered_form_fields(html: str) -> dict[str, str]:
             super().__init__()
             self.fields: dict[str, str] = {}
             self._textarea: str | None = None
+            self._select: str | None = None
 
         def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
             named = dict(attrs)
+            name = str(named.get("name") or "")
             if tag == "form":
                 self.fields = {}
-            elif tag == "input" and named.get("name") and named.get("type") not in ("submit", "checkbox"):
-                self.fields[str(named["name"])] = named.get("value") or ""
-            elif tag in ("textarea", "select") and named.get("name"):
-                self._textarea = str(named["name"])
-                self.fields[self._textarea] = ""
+            elif tag == "input" and name and named.get("type") not in ("submit", "checkbox"):
+                self.fields[name] = named.get("value") or ""
+            elif tag == "input" and name and "checked" in named:
+                self.fields[name] = named.get("value") or "on"
+            elif tag == "textarea" and name:
+                self._textarea = name
+                self.fields[name] = ""
+            elif tag == "select" and name:
+                self._select = name
+            elif tag == "option" and self._select and (self._select not in self.fields or "selected" in named):
+                self.fields[self._select] = named.get("value") or ""
 
         def handle_data(self, data: str) -> None:
             if self._textarea:
                 self.fields[self._textarea] += data.strip()
 
         def handle_endtag(self, tag: str) -> None:
-            if tag in ("textarea", "select"):
+            if tag == "textarea":
                 self._textarea = None
+            elif tag == "select":
+                self._select = None
 
     parser = Form()
     parser.feed(html)
@@ -455,6 +465,7 @@ def test_a_refund_of_100_eur_splits_its_vat_by_the_rule_and_keeps_finance_s_note
     assert finance.post(url, fields).status_code == 302
     refund = Refund.objects.get()
     assert (refund.reason, refund.internal_note) == ("Service credit", "ticket #4712, customer angry on the phone")
+    assert refund.credit_note_id is not None
     note = CreditNote.objects.get(id=refund.credit_note_id)
     assert (note.subtotal_minor, note.tax_minor, note.total_minor) == (8264, 1736, 10000)
     document = credit_note_html(note)
@@ -464,3 +475,38 @@ def test_a_refund_of_100_eur_splits_its_vat_by_the_rule_and_keeps_finance_s_note
     assert listed.json()["results"][0]["reason"] == "Service credit" and "4712" not in listed.content.decode()
     # Finance sees it on the refund's page.
     assert "ticket #4712" in finance.get(f"/admin/payments/refund/{refund.pk}/change/").content.decode()
+
+
+def test_a_dunning_ladder_out_of_order_is_refused_on_the_field_that_is_wrong(book: Book) -> None:
+    """Issue 19: retries on days 1-1000 were accepted with the write-off at day 60."""
+    finance = operator("finance")
+    policy = DunningPolicy.objects.get(currency="", account_kind="")
+    url = f"/admin/payments/dunningpolicy/{policy.pk}/change/"
+    fields = rendered_form_fields(finance.get(url).content.decode())
+    assert (fields["retry_days"], fields["is_active"]) == ("1,3,5", "on")
+    for bad, field, error in (
+        ({"retry_days": ",".join(str(d) for d in range(1, 1001))}, "retry_days", "before the suspension"),
+        ({"retry_days": "1,3,7"}, "retry_days", "day 7 does not"),
+        ({"warn_days_before_suspension": "8"}, "warn_days_before_suspension", "before the due date"),
+        ({"write_off_after_days": "7"}, "write_off_after_days", "after the suspension"),
+    ):
+        response = finance.post(url, {**fields, **bad})
+        assert response.status_code == 200, bad
+        errors = response.context["adminform"].form.errors
+        assert list(errors) == [field] and error in " ".join(errors[field]), (bad, errors)
+    policy.refresh_from_db()
+    assert (policy.retry_days, policy.suspend_after_days, policy.write_off_after_days) == ([1, 3, 5], 7, 60)
+    # The same rule in the service, whoever calls it.
+    from billing_site.common.errors import ApplicationError
+    from payments import services
+
+    policy.retry_days = list(range(1, 1001))
+    with pytest.raises(ApplicationError) as refused:
+        services.dunning_policy_save(policy=policy, changed=["retry_days"], actor=FINANCE)
+    assert (refused.value.code, refused.value.errors[0]["field"]) == ("invalid_policy", "retry_days")
+    policy.refresh_from_db()
+    assert policy.retry_days == [1, 3, 5]
+    # A good ladder saves.
+    assert finance.post(url, {**fields, "retry_days": "1,2,4,6"}).status_code == 302
+    policy.refresh_from_db()
+    assert policy.retry_days == [1, 2, 4, 6]
