@@ -32,6 +32,7 @@ from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import AmountField, ReadOnlyInlineMixin, RecordAdminMixin
 from billing_site.common.errors import ApplicationError
+from billing_site.common.transitions import actor_log_fields
 from payments import refunds, services, webhooks
 from payments.models import (
     BindingAttempt,
@@ -954,7 +955,7 @@ class WebhookEventAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[
                 failed.append(pk)
         log.info(
             "webhook.rerun_by_operator",
-            extra={"events": len(pks), "outcomes": dict(outcomes), "actor": str(request.user)},
+            extra={"events": len(pks), "outcomes": dict(outcomes), **actor_log_fields(_operator(request))},
         )
         summary = ", ".join(f"{status} {count}" for status, count in sorted(outcomes.items()))
         if failed:

@@ -8,6 +8,7 @@ is shown."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -510,3 +511,41 @@ def test_a_dunning_ladder_out_of_order_is_refused_on_the_field_that_is_wrong(boo
     assert finance.post(url, {**fields, "retry_days": "1,2,4,6"}).status_code == 302
     policy.refresh_from_db()
     assert policy.retry_days == [1, 2, 4, 6]
+
+
+def test_what_finance_does_is_logged_by_user_id_never_by_email(book: Book, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 19: refund.created named its operator by email. Every payments log line about a
+    staff member's action names them by kind and id."""
+    finance = operator("finance", "finance.lead@ops.test")
+    user_id = account_services_user_id("finance.lead@ops.test")
+    case = DunningCase.objects.get(invoice_id=book.declined.invoice_id)
+    policy = DunningPolicy.objects.get(currency="", account_kind="")
+    with caplog.at_level(logging.INFO):
+        refund_url = f"/admin/payments/payment/{book.paid.pk}/refund/"
+        assert finance.post(refund_url, {"amount": "1.00", "reason": "Outage credit"}).status_code == 302
+        finance.post(
+            "/admin/payments/dunningcase/",
+            {helpers.ACTION_CHECKBOX_NAME: [case.pk], "action": "pause_dunning", "apply": "yes", "reason": "call"},
+        )
+        event = failed_webhook_event()
+        finance.post(
+            "/admin/payments/webhookevent/",
+            {"action": "rerun", helpers.ACTION_CHECKBOX_NAME: [event.pk], "index": 0},
+        )
+        fields = rendered_form_fields(
+            finance.get(f"/admin/payments/dunningpolicy/{policy.pk}/change/").content.decode()
+        )
+        assert finance.post(f"/admin/payments/dunningpolicy/{policy.pk}/change/", fields).status_code == 302
+    lines = [r for r in caplog.records if r.name.startswith(("payments", "invoicing", "billing_site"))]
+    events = {r.getMessage() for r in lines}
+    assert {"refund.created", "dunning.paused", "webhook.rerun_by_operator", "dunning_policy.changed"} <= events
+    for record in lines:
+        assert "finance.lead@" not in repr(record.__dict__), (record.getMessage(), record.__dict__)
+    created = next(r for r in lines if r.getMessage() == "refund.created")
+    assert (created.__dict__["actor_kind"], created.__dict__["actor_user_id"]) == ("operator", user_id)
+
+
+def account_services_user_id(email: str) -> int:
+    from django.contrib.auth import get_user_model
+
+    return int(get_user_model().objects.get(email=email).pk)
