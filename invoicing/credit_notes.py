@@ -1,6 +1,6 @@
 """Credit notes: by lines (finance), for a refunded gross (the payments app's refunds, inside
 its transaction: ``refund_record``), or for all that is left (a void); taxed by the invoice's
-rule (``taxes.rule_tax`` / ``taxes.gross_split``), posted to the ledger, and what they credit
+rule (``taxes.rule_tax`` / ``taxes.split_gross``), posted to the ledger, and what they credit
 beyond what was owed settled as customer credit."""
 
 from __future__ import annotations
@@ -396,8 +396,9 @@ def _refund_recorded(refund: InvoiceRefund, note: CreditNote) -> RefundRecorded:
 
 
 def _gross_split(invoice: Invoice, gross: int) -> tuple[int, int, bool]:
-    """Net and tax of a credit note for ``gross`` on ``invoice`` (``gross_split``), and
-    whether it credits all that is left of the invoice."""
+    """Net and tax of a credit note for ``gross`` on ``invoice`` (``taxes.split_gross``: the
+    invoice's rate, the VAT fraction of the gross rounded half-up once), and whether it
+    credits all that is left of the invoice."""
     credited_net, credited_tax = credited(invoice)
     left = invoice.total_minor - credited_net - credited_tax
     if gross > left:
@@ -406,13 +407,11 @@ def _gross_split(invoice: Invoice, gross: int) -> tuple[int, int, bool]:
             f"At most {left} (minor units) is left to credit on {invoice.number}.",
             field="amount_minor",
         )
-    net, tax = taxes.gross_split(
+    net, tax = taxes.split_gross(
         gross,
         rate=invoice.tax_rate,
-        invoice_net=invoice.subtotal_minor,
-        invoice_tax=invoice.tax_minor,
-        credited_net=credited_net,
-        credited_tax=credited_tax,
+        net_left=invoice.subtotal_minor - credited_net,
+        tax_left=invoice.tax_minor - credited_tax,
     )
     return net, tax, gross == left
 

@@ -57,6 +57,7 @@ from billing_site.common import money
 from billing_site.common.copy import copy_rows
 from billing_site.common.logs import ms_since
 from invoicing.models import LedgerSource
+from invoicing.signals import ledger_checking
 from metering import selectors as metering_selectors
 
 log = logging.getLogger(__name__)
@@ -377,8 +378,37 @@ def _check(usage_since: dt.date) -> list[str]:
         for invoice_id, balance in cursor.fetchall():
             problems.append(f"invoice {invoice_id}: owes {balance}, less than nothing (an unsettled excess)")
         problems += _payments_refunds_and_disputes(cursor)
+        problems += _gateway_clearing(cursor)
     problems += _numbering_gaps()
+    # The apps that keep money's details the ledger only sums (payments: per payment, refunds
+    # and disputes within what was captured), in the same snapshot.
+    for _receiver, found in ledger_checking.send(sender=__name__):
+        problems += list(found or [])
     return problems
+
+
+def _gateway_clearing(cursor: CursorWrapper) -> list[str]:
+    """Per account and currency, what went back through the gateway (refunds to the card,
+    funds withdrawn by disputes still open or lost) never exceeds what came in through it
+    (payments, overpayments): its gateway clearing never nets to a credit."""
+    cursor.execute(
+        """
+        SELECT e.account_id, e.currency,
+               sum(l.amount_minor) FILTER (WHERE l.amount_minor > 0),
+               -sum(l.amount_minor) FILTER (WHERE l.amount_minor < 0)
+        FROM invoicing_ledgerentry e JOIN invoicing_ledgerline l ON l.entry_id = e.id
+        WHERE l.ledger_account = %s AND e.account_id IS NOT NULL
+        GROUP BY 1, 2
+        HAVING sum(l.amount_minor) < 0
+        ORDER BY 1, 2
+        """,
+        [GATEWAY_CLEARING],
+    )
+    return [
+        f"account {account_id} {currency}: gateway clearing gave back {out or 0} (refunds and disputes), "
+        f"more than the {came or 0} received through it"
+        for account_id, currency, came, out in cursor.fetchall()
+    ]
 
 
 def _payments_refunds_and_disputes(cursor: CursorWrapper) -> list[str]:

@@ -42,7 +42,7 @@ from invoicing.invoice_life import (
     payment_apply,
 )
 from invoicing.tax_rates import tax_rate_check, tax_rate_create, tax_rate_update, tax_rate_update_check
-from invoicing.taxes import gross_split, rule_tax
+from invoicing.taxes import rule_tax
 from invoicing.threshold import THRESHOLD_ACTOR, ThresholdReport, threshold_billing_run
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
     "credit_grant_create",
     "credit_note_issue",
     "dispute_post",
-    "gross_split",
     "invoice_draft_compute",
     "invoice_issue",
     "invoice_record_payment",

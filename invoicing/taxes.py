@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
 from django.db import connection
@@ -140,39 +140,6 @@ def decide(buyer: Buyer, *, tax_point: dt.date, rates: RateTable, seller_country
     return TaxDecision(treatment=treatment, country=charged, rate=rate, note=NOTES[treatment])
 
 
-def gross_split(
-    gross: int, *, rate: Decimal, invoice_net: int, invoice_tax: int, credited_net: int, credited_tax: int
-) -> tuple[int, int]:
-    """Split ``gross`` (tax included, minor units; at most what is left to credit) into the
-    net and tax of a credit note on an invoice of ``invoice_net`` + ``invoice_tax`` taxed at
-    ``rate`` percent, of which ``credited_net`` and ``credited_tax`` are already credited:
-    net + tax == gross exactly.
-
-    Rounding: crediting all that is left takes exactly the rest of the net and of the tax.
-    Otherwise the tax follows the cumulative rule of credit notes by lines (``rule_tax``: the
-    rate on all the net credited so far, rounded half-up once, less the tax already credited,
-    within what is left of the invoice's tax): the net is the smallest whose net plus
-    rule-tax reaches ``gross``, and the tax is ``gross`` less that net. So the tax is the
-    rule's, or one minor unit less where the rounded tax steps up inside ``gross`` (never
-    more): the VAT credited in parts never exceeds the rule on the net credited so far,
-    hence never what the invoice charged, and the next credit note, being cumulative, makes
-    that unit up."""
-    net_left, tax_left = invoice_net - credited_net, invoice_tax - credited_tax
-    if gross >= net_left + tax_left:
-        return net_left, tax_left
-    lo, hi = 0, min(gross, net_left)
-    while lo < hi:  # net + rule-tax rises strictly with the net: bisect
-        mid = (lo + hi) // 2
-        tax = rule_tax(credited_net + mid, rate=rate, credited_tax=credited_tax, invoice_tax=invoice_tax)
-        if mid + tax >= gross:
-            hi = mid
-        else:
-            lo = mid + 1
-    # Within what is left of both (so the net never exceeds the invoice's either).
-    tax = min(max(gross - lo, gross - net_left, 0), tax_left)
-    return gross - tax, tax
-
-
 def rule_tax(cumulative_net: int, *, rate: Decimal, credited_tax: int, invoice_tax: int) -> int:
     """The tax of a credit note that brings the net credited on an invoice to
     ``cumulative_net``: the rate on it, rounded half-up once, less the tax already credited,
@@ -196,3 +163,25 @@ def seed_rates(model: type[TaxRate] = TaxRate) -> int:
         )
         added += created
     return added
+
+
+def split_gross(gross: int, *, rate: Decimal, net_left: int, tax_left: int) -> tuple[int, int]:
+    """Net and VAT of ``gross`` (VAT included, minor units) taxed at ``rate`` percent, on a
+    document of which ``net_left`` and ``tax_left`` are still to credit (a refund's credit
+    note): ``net + vat == gross`` exactly.
+
+    Rounding, the invoice's rule read backwards: the VAT is the VAT fraction of the gross,
+    ``gross * rate / (100 + rate)``, rounded half-up once to the minor unit; the net is the
+    rest. Whenever some net ``n`` has ``n + round(n * rate) == gross`` (the invoice's own rule,
+    VAT = rate * net rounded half-up), this is that split, so the VAT is exactly
+    ``round(net * rate)`` — 21 % of 100.43 gross is 83.00 + 17.43. Where no net does (the
+    rounded VAT steps by a unit there: 100.00 at 21 % has 82.64 + 17.35 = 99.99 and
+    82.65 + 17.36 = 100.01), the VAT is the fraction of the gross rounded, 17.36 on 82.64,
+    one unit from ``round(net * rate)`` and never more. Kept within what is left of the net
+    and of the VAT; crediting all that is left takes exactly the rest of both, so the parts
+    of an invoice credited in pieces sum to its net and its VAT."""
+    if gross >= net_left + tax_left:
+        return net_left, tax_left
+    vat = int((Decimal(gross) * rate / (100 + rate)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    vat = min(max(vat, gross - net_left, 0), tax_left)
+    return gross - vat, vat

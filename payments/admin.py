@@ -32,12 +32,15 @@ from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import AmountField, ReadOnlyInlineMixin, RecordAdminMixin
 from billing_site.common.errors import ApplicationError
+from billing_site.common.transitions import actor_log_fields
 from payments import refunds, services, webhooks
 from payments.models import (
     BindingAttempt,
     Dispute,
+    DisputeTransition,
     DunningAction,
     DunningCase,
+    DunningCaseTransition,
     DunningPolicy,
     GatewayCall,
     Payment,
@@ -47,6 +50,7 @@ from payments.models import (
     PaymentTransition,
     Refund,
     RefundStatus,
+    RefundTransition,
     WebhookEvent,
 )
 
@@ -179,7 +183,17 @@ class RefundInline(PaymentPartInline, admin.TabularInline[Refund, Payment]):
 class RefundForm(forms.Form):
     amount = AmountField(label="Amount")
     reason = forms.CharField(
-        max_length=300, widget=forms.Textarea(attrs={"rows": 3, "cols": 60}), help_text="Kept with the refund"
+        label="Reason (the customer's)",
+        max_length=300,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Printed on the credit note and shown to the customer in the API",
+    )
+    internal_note = forms.CharField(
+        label="Internal note (staff only)",
+        max_length=1000,
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text="Ticket numbers, what was agreed: shown here only, never to the customer",
     )
 
     def __init__(self, *args: Any, payment: Payment, **kwargs: Any) -> None:
@@ -306,6 +320,7 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
                     payment_id=payment.id,
                     amount_minor=amount_minor,
                     reason=form.cleaned_data["reason"],
+                    internal_note=form.cleaned_data["internal_note"],
                     actor=_operator(request),
                 )
             except ApplicationError as exc:
@@ -342,6 +357,18 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
             )
 
 
+HISTORY_FIELDS = ("created_at", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+
+
+class RefundTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[RefundTransition, Refund]):
+    model = RefundTransition
+    verbose_name_plural = "History"
+    fields = HISTORY_FIELDS
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.view_refund")
+
+
 @admin.register(Refund)
 class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
     public_id_columns = (
@@ -366,6 +393,7 @@ class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund
     search_help_text = "A ref_, pay_, inv_ or acc_ id, the gateway's refund id (re_…), or words of the reason"
     ordering = ("-created_at",)
     show_full_result_count = False
+    inlines = (RefundTransitionInline,)
     fields = (
         "public_id",
         "status",
@@ -374,6 +402,7 @@ class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund
         "account",
         "amount",
         "reason",
+        "internal_note",
         "requested_by",
         "gateway_refund_id",
         "idempotency_key",
@@ -415,6 +444,15 @@ class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund
         return format_html('<a href="{}">{}</a>', url, ids.encode("crn", refund.credit_note_id))
 
 
+class DisputeTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[DisputeTransition, Dispute]):
+    model = DisputeTransition
+    verbose_name_plural = "History"
+    fields = HISTORY_FIELDS
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.view_dispute")
+
+
 @admin.register(Dispute)
 class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
     public_id_columns = (("dsp", "id"), ("pay", "payment_id"), ("acc", "account_id"))
@@ -423,6 +461,7 @@ class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispu
     search_fields = ("=gateway_dispute_id",)
     search_help_text = "A dsp_, pay_ or acc_ id, or the gateway's dispute id (dp_…)"
     ordering = ("-opened_at",)
+    inlines = (DisputeTransitionInline,)
     fields = (
         "public_id",
         "status",
@@ -488,23 +527,8 @@ class DunningPolicyForm(forms.ModelForm[DunningPolicy]):
                 ) from None
         return currency
 
-    def clean_retry_days(self) -> list[int]:
-        days = list(self.cleaned_data.get("retry_days") or [])
-        if any(day < 1 for day in days):
-            raise forms.ValidationError("Retries are 1 day or more after the first failure.")
-        if days != sorted(set(days)):
-            raise forms.ValidationError("List the days in increasing order, each once (e.g. 1,3,5).")
-        return days
-
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}
-        suspend, write_off = data.get("suspend_after_days"), data.get("write_off_after_days")
-        if suspend is not None and write_off is not None and write_off <= suspend:
-            self.add_error("write_off_after_days", "The write-off comes after the suspension.")
-        warn = data.get("warn_days_before_suspension")
-        if warn is not None and suspend is not None and warn > suspend:
-            self.add_error("warn_days_before_suspension", "The warning cannot come before the due date.")
-        return data
+    # The ladder's rules are the model's (DunningPolicy.ladder_errors, run by the form's model
+    # validation): each error is shown on the field it names.
 
 
 @admin.register(DunningPolicy)
@@ -544,17 +568,7 @@ class DunningPolicyAdmin(admin.ModelAdmin[DunningPolicy]):
         return ", ".join(str(d) for d in policy.retry_days) or "none"
 
     def save_model(self, request: HttpRequest, obj: DunningPolicy, form: Any, change: bool) -> None:
-        super().save_model(request, obj, form, change)
-        log.info(
-            "dunning_policy.changed" if change else "dunning_policy.created",
-            extra={
-                "policy_id": obj.pk,
-                "currency": obj.currency or None,
-                "account_kind": obj.account_kind or None,
-                "fields": sorted(form.changed_data),
-                "actor": str(request.user),
-            },
-        )
+        services.dunning_policy_save(policy=obj, changed=list(form.changed_data), actor=_operator(request))
 
 
 class DunningPauseForm(forms.Form):
@@ -636,6 +650,15 @@ class DunningActionInline(ReadOnlyInlineMixin, admin.TabularInline[DunningAction
         return request.user.has_perm("payments.view_dunningcase")
 
 
+class DunningCaseTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[DunningCaseTransition, DunningCase]):
+    model = DunningCaseTransition
+    verbose_name_plural = "History"
+    fields = HISTORY_FIELDS
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("payments.view_dunningcase")
+
+
 def _dunning_paused_subquery() -> Subquery:
     return Subquery(PaymentProfile.objects.filter(account_id=OuterRef("account_id")).values("dunning_paused")[:1])
 
@@ -663,7 +686,7 @@ class DunningCaseAdmin(DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdmi
     search_help_text = "An inv_ or acc_ id, or a decline code"
     ordering = ("-opened_at",)
     show_full_result_count = False
-    inlines = (DunningActionInline,)
+    inlines = (DunningActionInline, DunningCaseTransitionInline)
     actions = ("pause_dunning", "resume_dunning")
     fields = (
         "invoice",
@@ -932,7 +955,7 @@ class WebhookEventAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[
                 failed.append(pk)
         log.info(
             "webhook.rerun_by_operator",
-            extra={"events": len(pks), "outcomes": dict(outcomes), "actor": str(request.user)},
+            extra={"events": len(pks), "outcomes": dict(outcomes), **actor_log_fields(_operator(request))},
         )
         summary = ", ".join(f"{status} {count}" for status, count in sorted(outcomes.items()))
         if failed:

@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 from accounts import selectors as account_selectors
 from accounts.authentication import caller_of
 from billing_site.common.actors import Actor
-from billing_site.common.errors import NotFound, error_responses
+from billing_site.common.errors import ApplicationError, NotFound, error_responses
 from billing_site.common.views import StrictQueryMixin
 from payments import charging, selectors, services
 from payments.models import Payment, PaymentMethod, PaymentTrigger, Refund
@@ -27,6 +27,7 @@ from payments.serializers import (
     BindingCompleteSerializer,
     BindingStartSerializer,
     DunningStateSerializer,
+    NoBodySerializer,
     PaymentMethodSerializer,
     PaymentSerializer,
     RefundSerializer,
@@ -39,6 +40,12 @@ def _account(request: Request, account_id: int, *, write: bool = False) -> Any:
     return account_selectors.billing_account_get_for_caller(
         caller=caller_of(request), account_id=account_id, roles=WRITERS if write else None
     )
+
+
+def _no_body(request: Request) -> None:
+    """Endpoints that take no body refuse one: malformed JSON is a 400 ``malformed_request``
+    (the parser), any field a 400 ``unknown_field`` naming it, before anything is started."""
+    NoBodySerializer(data=request.data).is_valid(raise_exception=True)
 
 
 def _actor(request: Request) -> Actor:
@@ -63,11 +70,20 @@ class _BindingThrottle(SimpleRateThrottle):
 
 
 class BindingAccountThrottle(_BindingThrottle):
+    """The account's budget, spent only by callers who may bind cards on it (owners and
+    admins): a stranger's attempts (404) or a reader's (403) never lock the owner out. They
+    still spend their own user's and IP's budgets."""
+
     scope = "binding_account"
     setting = "PAYMENTS_BINDING_RATE_ACCOUNT"
 
     def get_cache_key(self, request: Request, view: Any) -> str | None:
-        return self.cache_format % {"scope": self.scope, "ident": view.kwargs.get("account_id")}
+        account_id = view.kwargs.get("account_id")
+        try:
+            _account(request, account_id, write=True)
+        except ApplicationError:
+            return None  # not throttled here; the view answers 404 / 403
+        return self.cache_format % {"scope": self.scope, "ident": account_id}
 
 
 class BindingUserThrottle(_BindingThrottle):
@@ -100,6 +116,7 @@ class PaymentMethodSetupView(StrictQueryMixin, APIView):
         responses={201: BindingStartSerializer, **error_responses(400, 401, 403, 404, 409, 429, 503)},
     )
     def post(self, request: Request, account_id: int) -> Response:
+        _no_body(request)
         account = _account(request, account_id, write=True)
         caller = caller_of(request)
         start = services.binding_start(
@@ -151,6 +168,7 @@ class PaymentMethodDefaultView(StrictQueryMixin, APIView):
         responses={200: PaymentMethodSerializer, **error_responses(400, 401, 403, 404)},
     )
     def post(self, request: Request, account_id: int, payment_method_id: int) -> Response:
+        _no_body(request)
         account = _account(request, account_id, write=True)
         method = services.payment_method_set_default(account_id=account.id, payment_method_id=payment_method_id)
         return Response(PaymentMethodSerializer(method).data)
@@ -162,6 +180,7 @@ class PaymentMethodDetailView(StrictQueryMixin, APIView):
         responses={204: None, **error_responses(400, 401, 403, 404, 409, 503)},
     )
     def delete(self, request: Request, account_id: int, payment_method_id: int) -> Response:
+        _no_body(request)
         account = _account(request, account_id, write=True)
         services.payment_method_remove(account_id=account.id, payment_method_id=payment_method_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -183,6 +202,7 @@ class InvoicePayView(StrictQueryMixin, APIView):
         },
     )
     def post(self, request: Request, account_id: int, invoice_id: int) -> Response:
+        _no_body(request)
         account = _account(request, account_id, write=True)
         start = charging.payment_create(
             invoice_id=invoice_id, trigger=PaymentTrigger.CUSTOMER, actor=_actor(request), account_id=account.id

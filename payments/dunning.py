@@ -18,6 +18,7 @@ from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
 from billing_site.common.transactions import forbid_transaction
+from billing_site.common.transitions import transition
 from billing_site.outbox import services as outbox
 from payments.declines import customer_message
 from payments.models import (
@@ -168,16 +169,15 @@ def invoice_settled(*, account_id: int, invoice_id: int, paid: bool | None = Non
     if not paid:
         return 0
     resolved = list(
-        DunningCase.objects.filter(invoice_id=invoice_id, status=DunningCaseStatus.OPEN)
-        .select_for_update()
-        .values_list("id", "suspended_account")
+        DunningCase.objects.filter(invoice_id=invoice_id, status=DunningCaseStatus.OPEN).select_for_update()
     )
     if not resolved:
         return 0
-    DunningCase.objects.filter(id__in=[case_id for case_id, _ in resolved]).update(
-        status=DunningCaseStatus.RESOLVED, closed_at=timezone.now()
-    )
-    if not any(suspended for _, suspended in resolved):
+    now = timezone.now()
+    for case in resolved:
+        case.closed_at = now
+        transition(case, "resolve", actor=SYSTEM, reason="nothing outstanding", update_fields=["closed_at"])
+    if not any(case.suspended_account for case in resolved):
         return len(resolved)
     from accounts import selectors as account_selectors
 
@@ -373,9 +373,7 @@ def dunning_run(*, now: dt.datetime | None = None) -> dict[str, int]:
                 if status == DunningCaseStatus.RESOLVED:  # resolved, and its suspension lifted if it was the last
                     done = invoice_settled(account_id=case.account_id, invoice_id=case.invoice_id, paid=True)
                 else:
-                    done = DunningCase.objects.filter(id=case.id, status=DunningCaseStatus.OPEN).update(
-                        status=status, closed_at=now
-                    )
+                    done = int(_close_written_off(case.id, now=now, reason="the invoice is uncollectible"))
             if done:
                 report.resolved += 1
                 _action_log("dunning.case_closed", case, status=status)
@@ -525,7 +523,7 @@ def _write_off(
     with transaction.atomic():
         if not _claim(case, "write_off", reason, now):
             return False
-        DunningCase.objects.filter(id=case.id).update(status=DunningCaseStatus.WRITTEN_OFF, closed_at=now)
+        _close_written_off(case.id, now=now, reason=reason)
         if email:
             outbox.enqueue_email(
                 "payments/email/invoice_written_off",
@@ -535,4 +533,15 @@ def _write_off(
                 dedupe_key=f"email:dunning:{case.id}:written_off",
             )
     _action_log("dunning.written_off", case, amount_minor=invoice.outstanding_minor, currency=invoice.currency)
+    return True
+
+
+def _close_written_off(case_id: int, *, now: dt.datetime, reason: str) -> bool:
+    """Close an open case as written off (inside the caller's transaction); False when it was
+    no longer open."""
+    case = DunningCase.objects.select_for_update().filter(id=case_id, status=DunningCaseStatus.OPEN).first()
+    if case is None:
+        return False
+    case.closed_at = now
+    transition(case, "write_off", actor=SYSTEM, reason=reason, update_fields=["closed_at"])
     return True

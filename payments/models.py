@@ -27,6 +27,7 @@ from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
 
 from billing_site.common import ids, money
+from billing_site.common.actors import Actor
 
 
 class GatewayName(models.TextChoices):
@@ -211,6 +212,15 @@ class Payment(FSMModelMixin, models.Model):
                 condition=Q(amount_refunded_minor__gte=0, amount_refunded_minor__lte=models.F("amount_minor")),
                 name="payments_payment_refunds_within_amount",
             ),
+            # Refunded plus withdrawn by open and lost disputes never exceeds what was captured.
+            # Added NOT VALID (migration 0003): rows from before the rule are found by ledger_check.
+            models.CheckConstraint(
+                condition=Q(
+                    amount_disputed_minor__gte=0,
+                    amount_minor__gte=models.F("amount_refunded_minor") + models.F("amount_disputed_minor"),
+                ),
+                name="payments_payment_within_captured",
+            ),
         ]
         indexes = [
             models.Index(fields=["account_id", "-created_at"], name="payments_payment_account"),
@@ -225,7 +235,31 @@ class Payment(FSMModelMixin, models.Model):
     def public_id(self) -> str:
         return ids.encode("pay", self.id)
 
-    # --- Lifecycle: state only; ``payments.charging`` locks, audits and does the rest.
+    # --- Lifecycle: state only; ``payments.charging`` locks, audits and does the rest (through
+    # ``billing_site.common.transitions``: the audit row and the log line's ids below).
+
+    TRANSITION_LOG = "payment.transition"
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> PaymentTransition:
+        return PaymentTransition(
+            payment=self,
+            account_id=self.account_id,
+            from_state=from_state,
+            to_state=self.status,
+            actor_kind=actor.kind.value,
+            actor_name=actor.name[:254],
+            reason=reason,
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "payment_id": self.public_id,
+            "invoice_id": ids.encode("inv", self.invoice_id),
+            "account_id": ids.encode("acc", self.account_id),
+            "amount_minor": self.amount_minor,
+            "currency": self.currency,
+            "decline_code": self.decline_code or None,
+        }
 
     @transition(field=status, source=PaymentStatus.PENDING, target=PaymentStatus.PROCESSING)
     def send(self) -> None:
@@ -314,9 +348,19 @@ class RefundStatus(models.TextChoices):
     UNKNOWN = "unknown", "Unknown (the reconciler asks the gateway)"
 
 
-class Refund(models.Model):
+class Refund(FSMModelMixin, models.Model):
     """Money given back on a payment: committed before the gateway call (intent first), with
-    an idempotency key from its id; a credit note and a ledger entry when it succeeded."""
+    an idempotency key from its id; a credit note and a ledger entry when it succeeded.
+
+    ``reason`` is the customer's: it is printed on the credit note and shown by the API.
+    ``internal_note`` is finance's (a ticket number, what the customer said on the phone):
+    shown in the admin only, never on a document or in the API.
+
+    A state machine (``pending`` → ``processing`` → ``succeeded`` / ``failed`` / ``unknown``;
+    ``unknown`` → ``succeeded`` / ``failed``) moved only through
+    ``billing_site.common.transitions``, each move audited as a ``RefundTransition``."""
+
+    TRANSITION_LOG = "refund.transition"
 
     id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
     account_id = models.BigIntegerField()
@@ -324,8 +368,11 @@ class Refund(models.Model):
     invoice_id = models.BigIntegerField()
     amount_minor = models.BigIntegerField()
     currency = models.CharField(max_length=3)
-    reason = models.CharField(max_length=300)
-    status = models.CharField(max_length=16, choices=RefundStatus.choices, default=RefundStatus.PENDING)
+    reason = models.CharField(max_length=300, help_text="The customer's: on the credit note and in the API")
+    internal_note = models.CharField(
+        max_length=1000, blank=True, default="", help_text="Staff only: never on the credit note or in the API"
+    )
+    status = FSMField(default=RefundStatus.PENDING, choices=RefundStatus.choices, protected=True)
     idempotency_key = models.CharField(max_length=64, unique=True)
     gateway_refund_id = models.CharField(max_length=64, null=True, blank=True)
     credit_note_id = models.BigIntegerField(null=True, blank=True)
@@ -353,6 +400,65 @@ class Refund(models.Model):
     def public_id(self) -> str:
         return ids.encode("ref", self.id)
 
+    # --- Lifecycle: state only; ``payments.refunds`` locks, records the outcome and posts.
+
+    @transition(field=status, source=RefundStatus.PENDING, target=RefundStatus.PROCESSING)
+    def send(self) -> None:
+        """The gateway call is going out."""
+
+    @transition(field=status, source=[RefundStatus.PROCESSING, RefundStatus.UNKNOWN], target=RefundStatus.SUCCEEDED)
+    def succeed(self) -> None:
+        """The money went back to the card."""
+
+    @transition(field=status, source=[RefundStatus.PROCESSING, RefundStatus.UNKNOWN], target=RefundStatus.FAILED)
+    def fail(self) -> None:
+        """Refused or declined by the gateway, or never sent."""
+
+    @transition(field=status, source=RefundStatus.PROCESSING, target=RefundStatus.UNKNOWN)
+    def lose_track(self) -> None:
+        """The answer was lost: the reconciler asks the gateway."""
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> RefundTransition:
+        return RefundTransition(
+            refund=self,
+            account_id=self.account_id,
+            from_state=from_state,
+            to_state=self.status,
+            actor_kind=actor.kind.value,
+            actor_name=actor.name[:254],
+            reason=reason,
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "refund_id": self.public_id,
+            "payment_id": ids.encode("pay", self.payment_id),
+            "invoice_id": ids.encode("inv", self.invoice_id),
+            "account_id": ids.encode("acc", self.account_id),
+            "amount_minor": self.amount_minor,
+            "currency": self.currency,
+        }
+
+
+class RefundTransition(models.Model):
+    """Append-only audit of refund state changes, in the transition's transaction."""
+
+    refund = models.ForeignKey(Refund, on_delete=models.PROTECT, related_name="transitions")
+    account_id = models.BigIntegerField()
+    from_state = models.CharField(max_length=16, choices=RefundStatus.choices)
+    to_state = models.CharField(max_length=16, choices=RefundStatus.choices)
+    actor_kind = models.CharField(max_length=16)
+    actor_name = models.CharField(max_length=254)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "created_at"], name="payments_rt_account")]
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{ids.encode('ref', self.refund_id)}: {self.from_state} → {self.to_state}"
+
 
 class DisputeStatus(models.TextChoices):
     OPEN = "open", "Open"
@@ -360,8 +466,14 @@ class DisputeStatus(models.TextChoices):
     LOST = "lost", "Lost"
 
 
-class Dispute(models.Model):
-    """A chargeback on a payment: its funds are withdrawn while it is open; returned if won."""
+class Dispute(FSMModelMixin, models.Model):
+    """A chargeback on a payment: its funds are withdrawn while it is open; returned if won.
+
+    A state machine (``open`` → ``won`` / ``lost``) moved only through
+    ``billing_site.common.transitions``, each move audited as a ``DisputeTransition`` (its
+    opening too, from no state)."""
+
+    TRANSITION_LOG = "dispute.transition"
 
     id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
     account_id = models.BigIntegerField()
@@ -371,7 +483,7 @@ class Dispute(models.Model):
     amount_minor = models.BigIntegerField()
     currency = models.CharField(max_length=3)
     reason = models.CharField(max_length=64)
-    status = models.CharField(max_length=8, choices=DisputeStatus.choices, default=DisputeStatus.OPEN)
+    status = FSMField(default=DisputeStatus.OPEN, choices=DisputeStatus.choices, protected=True)
     opened_at = models.DateTimeField(default=timezone.now)
     closed_at = models.DateTimeField(null=True, blank=True)
 
@@ -388,6 +500,55 @@ class Dispute(models.Model):
     @property
     def public_id(self) -> str:
         return ids.encode("dsp", self.id)
+
+    @transition(field=status, source=DisputeStatus.OPEN, target=DisputeStatus.WON)
+    def win(self) -> None:
+        """The bank decided for us: the funds come back."""
+
+    @transition(field=status, source=DisputeStatus.OPEN, target=DisputeStatus.LOST)
+    def lose(self) -> None:
+        """The bank decided for the card holder: the funds are gone."""
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> DisputeTransition:
+        return DisputeTransition(
+            dispute=self,
+            account_id=self.account_id,
+            from_state=from_state,
+            to_state=self.status,
+            actor_kind=actor.kind.value,
+            actor_name=actor.name[:254],
+            reason=reason,
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "dispute_id": self.public_id,
+            "payment_id": ids.encode("pay", self.payment_id),
+            "account_id": ids.encode("acc", self.account_id),
+            "gateway_dispute_id": self.gateway_dispute_id,
+            "amount_minor": self.amount_minor,
+            "currency": self.currency,
+        }
+
+
+class DisputeTransition(models.Model):
+    """Append-only audit of dispute state changes (the opening: from ``""``)."""
+
+    dispute = models.ForeignKey(Dispute, on_delete=models.PROTECT, related_name="transitions")
+    account_id = models.BigIntegerField()
+    from_state = models.CharField(max_length=8, blank=True, choices=DisputeStatus.choices)
+    to_state = models.CharField(max_length=8, choices=DisputeStatus.choices)
+    actor_kind = models.CharField(max_length=16)
+    actor_name = models.CharField(max_length=254)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "created_at"], name="payments_dt_account")]
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{ids.encode('dsp', self.dispute_id)}: {self.from_state or '-'} → {self.to_state}"
 
 
 class WebhookStatus(models.TextChoices):
@@ -455,11 +616,49 @@ class DunningPolicy(models.Model):
                 condition=Q(write_off_after_days__gt=models.F("suspend_after_days")),
                 name="payments_dunning_write_off_after_suspension",
             ),
+            models.CheckConstraint(
+                condition=Q(warn_days_before_suspension__lte=models.F("suspend_after_days")),
+                name="payments_dunning_warning_after_due_date",
+            ),
         ]
 
     def __str__(self) -> str:
         scope = " ".join(filter(None, [self.currency, self.account_kind])) or "default"
         return f"{self.name} ({scope})"
+
+    def ladder_errors(self) -> dict[str, str]:
+        """What is wrong with the ladder, by field (empty: nothing). The one statement of its
+        rules: the admin's form and ``payments.services.dunning_policy_save`` ask it.
+
+        - retries are days 1 or more after the first failure, increasing, each once, and all
+          before the suspension (``suspend_after_days``; a failure is at the latest on the due
+          date the suspension counts from, so every retry also comes before it);
+        - the warning comes before the suspension and not before the due date
+          (``warn_days_before_suspension`` at most ``suspend_after_days``);
+        - the write-off comes after the suspension."""
+        errors: dict[str, str] = {}
+        days = list(self.retry_days or [])
+        suspend, write_off, warn = self.suspend_after_days, self.write_off_after_days, self.warn_days_before_suspension
+        if any(day < 1 for day in days):
+            errors["retry_days"] = "Retries are 1 day or more after the first failure."
+        elif days != sorted(set(days)):
+            errors["retry_days"] = "List the days in increasing order, each once (e.g. 1,3,5)."
+        elif days and suspend is not None and days[-1] >= suspend:
+            errors["retry_days"] = (
+                f"Every retry comes before the suspension (day {suspend} after the due date); day {days[-1]} does not."
+            )
+        if suspend is not None and write_off is not None and write_off <= suspend:
+            errors["write_off_after_days"] = "The write-off comes after the suspension."
+        if warn is not None and suspend is not None and warn > suspend:
+            errors["warn_days_before_suspension"] = "The warning cannot come before the due date."
+        return errors
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        errors = self.ladder_errors()
+        if errors:
+            raise ValidationError(errors)
 
 
 class DunningCaseStatus(models.TextChoices):
@@ -468,14 +667,19 @@ class DunningCaseStatus(models.TextChoices):
     WRITTEN_OFF = "written_off", "Written off"
 
 
-class DunningCase(models.Model):
+class DunningCase(FSMModelMixin, models.Model):
     """An unpaid invoice being chased: opened by its first failed charge (or by being overdue),
-    resolved when it is paid or settled, closed by a write-off."""
+    resolved when it is paid or settled, closed by a write-off.
+
+    A state machine (``open`` → ``resolved`` / ``written_off``) moved only through
+    ``billing_site.common.transitions``, each move audited as a ``DunningCaseTransition``."""
+
+    TRANSITION_LOG = "dunning.case_transition"
 
     account_id = models.BigIntegerField()
     invoice_id = models.BigIntegerField(unique=True)
     currency = models.CharField(max_length=3)
-    status = models.CharField(max_length=16, choices=DunningCaseStatus.choices, default=DunningCaseStatus.OPEN)
+    status = FSMField(default=DunningCaseStatus.OPEN, choices=DunningCaseStatus.choices, protected=True)
     first_failure_at = models.DateTimeField()
     due_at = models.DateTimeField()
     retries_done = models.PositiveSmallIntegerField(default=0)
@@ -493,6 +697,52 @@ class DunningCase(models.Model):
 
     def __str__(self) -> str:
         return f"{ids.encode('inv', self.invoice_id)}: {self.status}"
+
+    @transition(field=status, source=DunningCaseStatus.OPEN, target=DunningCaseStatus.RESOLVED)
+    def resolve(self) -> None:
+        """Paid or otherwise settled."""
+
+    @transition(field=status, source=DunningCaseStatus.OPEN, target=DunningCaseStatus.WRITTEN_OFF)
+    def write_off(self) -> None:
+        """The invoice was written off (uncollectible)."""
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> DunningCaseTransition:
+        return DunningCaseTransition(
+            case=self,
+            account_id=self.account_id,
+            from_state=from_state,
+            to_state=self.status,
+            actor_kind=actor.kind.value,
+            actor_name=actor.name[:254],
+            reason=reason,
+        )
+
+    def log_fields(self) -> dict[str, object]:
+        return {
+            "case_id": self.id,
+            "invoice_id": ids.encode("inv", self.invoice_id),
+            "account_id": ids.encode("acc", self.account_id),
+        }
+
+
+class DunningCaseTransition(models.Model):
+    """Append-only audit of dunning case state changes, in the transition's transaction."""
+
+    case = models.ForeignKey(DunningCase, on_delete=models.PROTECT, related_name="transitions")
+    account_id = models.BigIntegerField()
+    from_state = models.CharField(max_length=16, choices=DunningCaseStatus.choices)
+    to_state = models.CharField(max_length=16, choices=DunningCaseStatus.choices)
+    actor_kind = models.CharField(max_length=16)
+    actor_name = models.CharField(max_length=254)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account_id", "created_at"], name="payments_dct_account")]
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{ids.encode('inv', self.case.invoice_id)}: {self.from_state} → {self.to_state}"
 
 
 class DunningAction(models.Model):

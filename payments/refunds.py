@@ -1,5 +1,4 @@
-"""Refunds and disputes: money given back on a payment, and money the card holder's bank takes
-back (a chargeback).
+"""Refunds: money given back on a payment.
 
 Refunds follow the intent-first pattern of ``charging``:
 
@@ -29,12 +28,8 @@ webhooks: ``refunds_sync_from_gateway`` records each as a Refund row (idempotent
 gateway's refund id) with its credit note; our own refunds in the event are matched by the
 ``refund_id`` in their metadata or by their gateway id and never recorded twice.
 
-Disputes: ``dispute_opened`` and ``dispute_closed`` record the Dispute row (one per gateway
-dispute id: a replay changes nothing), post the ledger entry through
-``invoicing.services.dispute_post`` in the same transaction (opened: the funds withdrawn; won:
-the reversal; lost: the loss), keep ``payment.amount_disputed_minor`` current, and flag the
-account for the fraud team: a ``dispute.opened`` warning in the log, and the Dispute rows
-themselves, which antifraud reads through ``payments.selectors.disputes_for_accounts``.
+Disputes (chargebacks) live in ``payments.disputes``; what they withdrew counts against what is left
+to refund (``refundable_minor``).
 """
 
 from __future__ import annotations
@@ -55,6 +50,7 @@ from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
+from billing_site.common.transitions import actor_log_fields, transition
 from invoicing import selectors as invoicing_selectors
 from invoicing import services as invoicing_services
 from payments.gateways import gateway as gateway_named
@@ -69,8 +65,6 @@ from payments.gateways.base import (
     RefundResult,
 )
 from payments.models import (
-    Dispute,
-    DisputeStatus,
     GatewayCall,
     Payment,
     PaymentStatus,
@@ -129,11 +123,14 @@ def _invoice_refundable_minor(payment: Payment) -> int:
 
 
 @transaction.atomic(durable=True)
-def refund_create(*, payment_id: int, amount_minor: int, reason: str, actor: Actor) -> Refund:
+def refund_create(*, payment_id: int, amount_minor: int, reason: str, actor: Actor, internal_note: str = "") -> Refund:
     """A ``pending`` refund of ``amount_minor`` on a succeeded payment, committed before any
-    gateway call. 404 for an unknown payment; 400 ``reason_required`` / ``invalid``; 409
+    gateway call. ``reason`` is the customer's (the credit note prints it, the API shows it);
+    ``internal_note`` is finance's alone (the admin shows it; no document, API or log line
+    does). 404 for an unknown payment; 400 ``reason_required`` / ``invalid``; 409
     ``not_refundable`` (not succeeded) or ``refund_too_large`` (more than is left)."""
     reason = (reason or "").strip()
+    internal_note = (internal_note or "").strip()
     if not reason:
         raise ApplicationError("reason_required", "A reason is required to refund.", field="reason")
     if not isinstance(amount_minor, int) or isinstance(amount_minor, bool) or amount_minor <= 0:
@@ -163,10 +160,12 @@ def refund_create(*, payment_id: int, amount_minor: int, reason: str, actor: Act
         amount_minor=amount_minor,
         currency=payment.currency,
         reason=reason[:300],
+        internal_note=internal_note[:1000],
         idempotency_key=ids.encode("ref", refund_id),
         requested_by=actor.name[:254],
     )
-    _refund_log("refund.created", refund, actor=actor.name, refundable_minor=left - amount_minor)
+    # Who asked, by kind and id: never an operator's email in a log line.
+    _refund_log("refund.created", refund, **actor_log_fields(actor), refundable_minor=left - amount_minor)
     return refund
 
 
@@ -176,8 +175,7 @@ def _claim(refund_id: int) -> Refund | None:
         refund = Refund.objects.select_for_update().filter(id=refund_id).first()
         if refund is None or refund.status != RefundStatus.PENDING:
             return None
-        refund.status = RefundStatus.PROCESSING
-        refund.save(update_fields=["status", "updated_at"])
+        transition(refund, "send", actor=SYSTEM, reason="sent to the gateway")
         _refund_log("refund.sent", refund)
         return refund
 
@@ -215,9 +213,11 @@ def refund_execute(*, refund_id: int) -> Refund:
     return refund_record_outcome(refund_id=refund.id, result=result)
 
 
-def refund_issue(*, payment_id: int, amount_minor: int, reason: str, actor: Actor) -> Refund:
+def refund_issue(*, payment_id: int, amount_minor: int, reason: str, actor: Actor, internal_note: str = "") -> Refund:
     """What finance does from the admin: create the refund and send it at once."""
-    refund = refund_create(payment_id=payment_id, amount_minor=amount_minor, reason=reason, actor=actor)
+    refund = refund_create(
+        payment_id=payment_id, amount_minor=amount_minor, reason=reason, actor=actor, internal_note=internal_note
+    )
     return refund_execute(refund_id=refund.id)
 
 
@@ -263,9 +263,14 @@ def refund_record_outcome(*, refund_id: int, result: RefundResult | GatewayError
         elif isinstance(result, GatewayUnavailable | RateLimited):
             _failed(refund, "gateway_unavailable: the refund was not sent; issue it again")
         elif refund.status == RefundStatus.PROCESSING:  # OutcomeUnknown, or any other gateway error
-            refund.status = RefundStatus.UNKNOWN
             refund.failure_reason = f"outcome unknown: {type(result).__name__}"[:300]
-            refund.save(update_fields=["status", "failure_reason", "updated_at"])
+            transition(
+                refund,
+                "lose_track",
+                actor=GATEWAY_ACTOR,
+                reason=refund.failure_reason,
+                update_fields=["failure_reason"],
+            )
             log.warning(
                 "refund.unknown",
                 extra={"refund_id": refund.public_id, "account_id": ids.encode("acc", refund.account_id)},
@@ -273,25 +278,27 @@ def refund_record_outcome(*, refund_id: int, result: RefundResult | GatewayError
         return refund
 
 
-def _failed(refund: Refund, reason: str, *, gateway_refund_id: str = "") -> None:
-    refund.status = RefundStatus.FAILED
+def _failed(refund: Refund, reason: str, *, gateway_refund_id: str = "", actor: Actor = GATEWAY_ACTOR) -> None:
+    """Under the refund's row lock: nothing went back."""
     refund.failure_reason = reason[:300]
     refund.completed_at = timezone.now()
-    fields = ["status", "failure_reason", "completed_at", "updated_at"]
+    fields = ["failure_reason", "completed_at"]
     if gateway_refund_id and not refund.gateway_refund_id:
         refund.gateway_refund_id = gateway_refund_id
         fields.append("gateway_refund_id")
-    refund.save(update_fields=fields)
+    transition(refund, "fail", actor=actor, reason=refund.failure_reason, update_fields=fields)
     _refund_log("refund.failed", refund, reason=refund.failure_reason)
 
 
-def _succeeded(payment: Payment, refund: Refund, *, gateway_refund_id: str = "") -> None:
+def _succeeded(payment: Payment, refund: Refund, *, gateway_refund_id: str = "", actor: Actor = GATEWAY_ACTOR) -> None:
     """Under both row locks: the money left; the credit note and the ledger entry follow."""
-    refund.status = RefundStatus.SUCCEEDED
     refund.completed_at = timezone.now()
     refund.failure_reason = ""
+    fields = ["completed_at", "failure_reason"]
     if gateway_refund_id and not refund.gateway_refund_id:
         refund.gateway_refund_id = gateway_refund_id
+        fields.append("gateway_refund_id")
+    transition(refund, "succeed", actor=actor, reason="refunded at the gateway", update_fields=fields)
     payment.amount_refunded_minor += refund.amount_minor
     payment.save(update_fields=["amount_refunded_minor", "updated_at"])
     recorded = invoicing_services.refund_record(
@@ -300,10 +307,10 @@ def _succeeded(payment: Payment, refund: Refund, *, gateway_refund_id: str = "")
         currency=refund.currency,
         reference=refund.public_id,
         reason=refund.reason,
-        actor=Actor.system(f"refund by {refund.requested_by}"[:254]),
+        actor=Actor.system(f"payments.refund {refund.public_id}"),  # who asked is on the refund, not in logs
     )
     refund.credit_note_id = recorded.credit_note_id
-    refund.save()
+    refund.save(update_fields=["credit_note_id", "updated_at"])
     antifraud_services.payment_outcome_record(
         account_id=refund.account_id,
         kind="refund",
@@ -389,10 +396,10 @@ def _payment_refunds_reconcile(payment_id: int, *, stale_before: dt.datetime) ->
                 continue
             if refund.amount_minor <= unexplained:
                 unexplained -= refund.amount_minor
-                _succeeded(payment, refund)
+                _succeeded(payment, refund, actor=SYSTEM)
                 counts["succeeded"] += 1
             elif (refund.updated_at or refund.created_at) < stale_before:
-                _failed(refund, "not_sent: the gateway has no trace of this refund")
+                _failed(refund, "not_sent: the gateway has no trace of this refund", actor=SYSTEM)
                 counts["failed"] += 1
             else:
                 counts["still_unknown"] += 1  # too recent to be sure it is not still arriving
@@ -498,128 +505,3 @@ def _foreign_refund(payment: Payment, gateway_refund_id: str, amount_minor: int,
         return None
     _succeeded(payment, refund)
     return refund
-
-
-# --- Disputes
-
-
-def _payment_for(gateway: str, intent_or_charge_id: str) -> Payment | None:
-    return (
-        Payment.objects.filter(gateway=gateway)
-        .filter(Q(gateway_intent_id=intent_or_charge_id) | Q(gateway_charge_id=intent_or_charge_id))
-        .order_by("-created_at")
-        .first()
-    )
-
-
-def _dispute_log(event: str, dispute: Dispute, *, level: int = logging.INFO) -> None:
-    log.log(
-        level,
-        event,
-        extra={
-            "dispute_id": dispute.public_id,
-            "payment_id": ids.encode("pay", dispute.payment_id),
-            "account_id": ids.encode("acc", dispute.account_id),
-            "gateway": dispute.gateway,
-            "gateway_dispute_id": dispute.gateway_dispute_id,
-            "amount_minor": dispute.amount_minor,
-            "currency": dispute.currency,
-            "reason": dispute.reason,
-            "status": dispute.status,
-        },
-    )
-
-
-@transaction.atomic(durable=True)
-def dispute_opened(
-    *,
-    gateway: str,
-    gateway_dispute_id: str,
-    gateway_intent_or_charge_id: str,
-    amount_minor: int,
-    currency: str,
-    reason: str,
-) -> Dispute | None:
-    """A chargeback opened on one of our payments: the Dispute row (once per gateway dispute
-    id: a replay returns it unchanged), the ledger entry withdrawing its funds, the payment's
-    disputed amount, and the fraud team's flag. None: no payment of ours carries that intent
-    or charge (the caller notes it)."""
-    existing = Dispute.objects.filter(gateway=gateway, gateway_dispute_id=gateway_dispute_id).first()
-    if existing is not None:
-        return existing
-    found = _payment_for(gateway, gateway_intent_or_charge_id)
-    if found is None:
-        return None
-    payment = Payment.objects.select_for_update().get(id=found.id)
-    currency = currency.upper()
-    if currency != payment.currency:
-        raise ApplicationError("invalid", f"Dispute in {currency} on a payment in {payment.currency}.")
-    if not 0 < amount_minor <= payment.amount_minor:
-        raise ApplicationError("invalid", f"Dispute of {amount_minor} on a payment of {payment.amount_minor}.")
-    dispute = Dispute(
-        account_id=payment.account_id,
-        payment=payment,
-        gateway=gateway,
-        gateway_dispute_id=gateway_dispute_id,
-        amount_minor=amount_minor,
-        currency=currency,
-        reason=(reason or "unknown")[:64],
-    )
-    try:
-        with transaction.atomic():
-            dispute.save(force_insert=True)
-    except IntegrityError:  # the same dispute recorded meanwhile (its twin holds the payment lock first)
-        return Dispute.objects.get(gateway=gateway, gateway_dispute_id=gateway_dispute_id)
-    payment.amount_disputed_minor += amount_minor
-    payment.save(update_fields=["amount_disputed_minor", "updated_at"])
-    invoicing_services.dispute_post(
-        dispute_id=dispute.id,
-        account_id=dispute.account_id,
-        currency=currency,
-        amount_minor=amount_minor,
-        stage="opened",
-        memo=f"Dispute {dispute.public_id} ({dispute.reason}) on {payment.public_id}",
-    )
-    # The fraud team's flag: antifraud's checkpoint 3 (a dispute asks for a review), and this warning.
-    antifraud_services.payment_outcome_record(
-        account_id=dispute.account_id,
-        kind="dispute",
-        reference=dispute.public_id,
-        code=dispute.reason,
-        amount_minor=amount_minor,
-        currency=currency,
-    )
-    _dispute_log("dispute.opened", dispute, level=logging.WARNING)
-    return dispute
-
-
-@transaction.atomic(durable=True)
-def dispute_closed(*, gateway: str, gateway_dispute_id: str, status: str) -> Dispute | None:
-    """A dispute closed, ``won`` (its funds come back: the reversal is posted) or ``lost`` (the
-    loss is posted; the funds stay gone). A dispute already closed is returned unchanged; None
-    when we never recorded it opening (the caller opens it first from the event's data)."""
-    if status not in (DisputeStatus.WON, DisputeStatus.LOST):
-        raise ApplicationError("invalid", f"A dispute closes won or lost, not {status!r}.", field="status")
-    found = Dispute.objects.filter(gateway=gateway, gateway_dispute_id=gateway_dispute_id).first()
-    if found is None:
-        return None
-    payment = Payment.objects.select_for_update().get(id=found.payment_id)
-    dispute = Dispute.objects.select_for_update().get(id=found.id)
-    if dispute.status != DisputeStatus.OPEN:
-        return dispute
-    dispute.status = status
-    dispute.closed_at = timezone.now()
-    dispute.save(update_fields=["status", "closed_at"])
-    if status == DisputeStatus.WON:
-        payment.amount_disputed_minor = max(payment.amount_disputed_minor - dispute.amount_minor, 0)
-        payment.save(update_fields=["amount_disputed_minor", "updated_at"])
-    invoicing_services.dispute_post(
-        dispute_id=dispute.id,
-        account_id=dispute.account_id,
-        currency=dispute.currency,
-        amount_minor=dispute.amount_minor,
-        stage=status,
-        memo=f"Dispute {dispute.public_id} {status} on {payment.public_id}",
-    )
-    _dispute_log("dispute.closed", dispute, level=logging.WARNING if status == DisputeStatus.LOST else logging.INFO)
-    return dispute

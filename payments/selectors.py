@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from django.db import connection
 from django.db.models import QuerySet
 
 from billing_site.common import ids, money
@@ -168,3 +169,46 @@ def dunning_state(*, account_id: int) -> DunningState:
     else:
         state = "none"
     return DunningState(state=state, paused=paused, invoices=invoices)
+
+
+def payments_beyond_captured() -> list[str]:
+    """Violations of the rule refunds and disputes keep, per payment (``ledger_check`` asks,
+    through ``invoicing.signals.ledger_checking``): what succeeded refunds gave back plus what
+    open and lost disputes withdrew never exceeds what the payment captured, and the payment's
+    running totals (``amount_refunded_minor``, ``amount_disputed_minor``) are those rows' sums.
+    Rows from before the rule (the database check is ``NOT VALID`` for them) show up here."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH refunded AS (
+                SELECT payment_id, sum(amount_minor) AS s FROM payments_refund WHERE status = 'succeeded' GROUP BY 1
+            ), disputed AS (
+                SELECT payment_id, sum(amount_minor) AS s FROM payments_dispute WHERE status IN ('open', 'lost')
+                GROUP BY 1
+            )
+            SELECT p.id, p.currency, CASE WHEN p.status = 'succeeded' THEN p.amount_minor ELSE 0 END,
+                   coalesce(r.s, 0), coalesce(d.s, 0), p.amount_refunded_minor, p.amount_disputed_minor
+            FROM payments_payment p
+            LEFT JOIN refunded r ON r.payment_id = p.id
+            LEFT JOIN disputed d ON d.payment_id = p.id
+            WHERE (r.s IS NOT NULL OR d.s IS NOT NULL OR p.amount_refunded_minor <> 0 OR p.amount_disputed_minor <> 0)
+              AND (coalesce(r.s, 0) + coalesce(d.s, 0) > CASE WHEN p.status = 'succeeded' THEN p.amount_minor ELSE 0 END
+                   OR coalesce(r.s, 0) <> p.amount_refunded_minor OR coalesce(d.s, 0) <> p.amount_disputed_minor)
+            ORDER BY p.id
+            """
+        )
+        rows = cursor.fetchall()
+    problems = []
+    for payment_id, currency, captured, refunded, disputed, refunded_total, disputed_total in rows:
+        public_id = ids.encode("pay", payment_id)
+        if refunded + disputed > captured:
+            problems.append(
+                f"payment {public_id}: refunded {refunded} + disputed {disputed} = {refunded + disputed} "
+                f"{currency} (minor units), more than the {captured} captured"
+            )
+        if (refunded, disputed) != (refunded_total, disputed_total):
+            problems.append(
+                f"payment {public_id}: its totals (refunded {refunded_total}, disputed {disputed_total}) are not "
+                f"its refunds' {refunded} and open or lost disputes' {disputed}"
+            )
+    return problems

@@ -12,6 +12,12 @@ from billing_site.common.serializers import StrictSerializer
 from payments.models import Payment, PaymentMethod, PaymentStatus, Refund
 
 
+class NoBodySerializer(StrictSerializer):
+    """The body of an endpoint that takes none: nothing, or ``{}``. Any field is an
+    ``unknown_field`` (``{"payment_method": …}`` on ``/pay`` is refused, not silently ignored
+    while the default card is charged); a body that is not a JSON object is ``invalid``."""
+
+
 class BindingStartSerializer(serializers.Serializer):
     gateway = serializers.CharField()
     setup_intent_id = serializers.CharField()

@@ -23,12 +23,21 @@ from billing_site.common import ids
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
+from billing_site.common.transitions import actor_log_fields
 from billing_site.outbox import services as outbox
 from invoicing import selectors as invoicing_selectors
 from payments import charging
 from payments.gateways import gateway as gateway_named
 from payments.gateways.base import Gateway, GatewayError, PaymentDeclined, SetupStatus
-from payments.models import BindingAttempt, BindingStatus, GatewayName, PaymentMethod, PaymentProfile, PaymentTrigger
+from payments.models import (
+    BindingAttempt,
+    BindingStatus,
+    DunningPolicy,
+    GatewayName,
+    PaymentMethod,
+    PaymentProfile,
+    PaymentTrigger,
+)
 
 log = logging.getLogger(__name__)
 
@@ -408,9 +417,36 @@ def dunning_pause(*, account_id: int, paused: bool, reason: str, actor: Actor) -
     profile.save(update_fields=["dunning_paused", "dunning_paused_reason", "updated_at"])
     log.info(
         "dunning.paused" if paused else "dunning.resumed",
-        extra={"account_id": ids.encode("acc", account_id), "actor": actor.name},
+        extra={"account_id": ids.encode("acc", account_id), **actor_log_fields(actor)},
     )
     return profile
+
+
+@transaction.atomic  # not durable: the admin's change form saves inside its own transaction
+def dunning_policy_save(*, policy: DunningPolicy, changed: list[str], actor: Actor) -> DunningPolicy:
+    """Create or change a dunning policy, refused with a 400 ``invalid_policy`` naming the
+    field when its ladder is wrong (``DunningPolicy.ladder_errors``: retries increasing and
+    before the suspension, the warning before it, the write-off after it)."""
+    errors = policy.ladder_errors()
+    if errors:
+        field, message = next(iter(errors.items()))
+        raise ApplicationError("invalid_policy", message, field=field)
+    created = policy.pk is None
+    policy.save()
+    log.info(
+        "dunning_policy.created" if created else "dunning_policy.changed",
+        extra={
+            "policy_id": policy.pk,
+            "currency": policy.currency or None,
+            "account_kind": policy.account_kind or None,
+            "retry_days": list(policy.retry_days),
+            "suspend_after_days": policy.suspend_after_days,
+            "write_off_after_days": policy.write_off_after_days,
+            "fields": sorted(changed),
+            **actor_log_fields(actor),
+        },
+    )
+    return policy
 
 
 def charge_invoice_task_body(*, invoice_id: int, trigger: str) -> str:

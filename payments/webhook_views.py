@@ -2,9 +2,12 @@
 
 A plain Django view (no session, no CSRF, no DRF authentication: the signature is the
 authentication). The signature is verified over the raw body with the endpoint's secret and a
-5-minute tolerance (``payments.gateways.stripe.webhook_event_construct``); anything that does
-not verify (no header, a wrong secret, an altered body, an old timestamp) is answered 400 with
-a stable ``code`` and nothing is stored. A verified event is stored once and its processing
+5-minute tolerance either way (``payments.gateways.stripe.webhook_event_construct``); anything
+that does not verify (no header, a wrong secret, an altered body, a timestamp too old or too far
+ahead) is answered 400 ``invalid_signature``, and a verified body that is not an event we can
+store (not UTF-8 JSON, nested deeper than 64 levels, no string id or type, ``data.object`` not
+an object, NUL bytes or lone surrogates anywhere: ``webhooks.event_checked``) 400
+``invalid_event`` with the reason; nothing is stored either way. A verified event is stored once and its processing
 queued in the same transaction (``webhooks.webhook_event_store``), then answered 200 at once:
 Stripe retries what is not answered 2xx within seconds, so nothing slow happens here.
 """
@@ -35,7 +38,7 @@ class StripeWebhookView(View):
     http_method_names = ["post"]
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
-        from payments.gateways.stripe import InvalidSignature, webhook_event_construct
+        from payments.gateways.stripe import InvalidEvent, InvalidSignature, webhook_event_construct
 
         header = request.headers.get("Stripe-Signature", "")
         if not header:
@@ -54,11 +57,12 @@ class StripeWebhookView(View):
         except InvalidSignature as exc:
             log.warning("webhook.refused", extra={"gateway": "stripe", "code": "invalid_signature", "why": exc.message})
             return _refused("invalid_signature", "The signature could not be verified.")
-        except (AttributeError, TypeError, ValueError):  # signed, but not an event (a JSON list …)
-            log.warning("webhook.refused", extra={"gateway": "stripe", "code": "invalid_event"})
-            return _refused("invalid_event", "The body is not a Stripe event.")
+        except InvalidEvent as exc:
+            log.warning("webhook.refused", extra={"gateway": "stripe", "code": "invalid_event", "why": exc.message})
+            return _refused("invalid_event", f"The body is not a Stripe event: {exc.message}.")
         try:
             received = webhooks.webhook_event_store(gateway="stripe", event=event)
-        except ApplicationError as exc:
+        except ApplicationError as exc:  # signed, but not an event we can store (see webhooks.event_checked)
+            log.warning("webhook.refused", extra={"gateway": "stripe", "code": exc.code, "why": exc.message})
             return _refused(exc.code, exc.message)
         return JsonResponse({"received": True, "duplicate": not received.created})

@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,7 @@ from billing_site.common import ids
 from billing_site.common.errors import ApplicationError, NotFound
 from billing_site.common.transactions import forbid_transaction
 from billing_site.outbox import services as outbox
-from payments import charging, refunds, services
+from payments import charging, disputes, refunds, services
 from payments.gateways import gateway as gateway_named
 from payments.gateways.base import ChargeStatus, GatewayError, InvalidRequest
 from payments.models import Payment, WebhookEvent, WebhookStatus
@@ -83,13 +84,59 @@ def _account_hint(event: dict[str, Any]) -> int | None:
     return None
 
 
+MAX_EVENT_DEPTH = 64  # Stripe's events nest about ten deep
+_EVENT_ID = re.compile(r"[\x21-\x7e]{1,100}")  # printable ASCII, no spaces
+_EVENT_TYPE = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)+")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL's text and jsonb refuse NUL; UTF-8 has no lone surrogates
+
+
+def event_checked(event: Any) -> dict[str, Any]:
+    """``event`` if it is an event we can store and later read, else a 400 ``invalid_event``
+    naming what is wrong: an object whose ``id`` (printable ASCII, at most 100) and ``type``
+    (``noun.verb``) are strings, whose ``data.object`` is an object with a string ``id`` when it
+    has one, nested at most ``MAX_EVENT_DEPTH`` deep, with no NUL byte or lone surrogate in any
+    key or string. Nothing of a refused event is stored."""
+
+    def refuse(why: str) -> ApplicationError:
+        return ApplicationError("invalid_event", f"The body is not a Stripe event: {why}.")
+
+    if not isinstance(event, dict):
+        raise refuse("not a JSON object")
+    stack: list[tuple[Any, int, str]] = [(event, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_EVENT_DEPTH:
+            raise refuse(f"nested deeper than {MAX_EVENT_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _UNSTORABLE.search(key):
+                    raise refuse(f"a key in {path or 'the event'} holds a NUL byte or a lone surrogate")
+                stack.append((item, depth + 1, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, f"{path}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, str) and _UNSTORABLE.search(value):
+            raise refuse(f"{path} holds a NUL byte or a lone surrogate")
+    event_id, event_type = event.get("id"), event.get("type")
+    if not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
+        raise refuse("id must be a string of at most 100 printable characters")
+    if not isinstance(event_type, str) or len(event_type) > 100 or not _EVENT_TYPE.fullmatch(event_type):
+        raise refuse("type must be a string such as charge.refunded")
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise refuse("data.object must be an object")
+    object_id = data["object"].get("id")
+    if object_id is not None and (not isinstance(object_id, str) or not _EVENT_ID.fullmatch(object_id)):
+        raise refuse("data.object.id must be a string of at most 100 printable characters")
+    return event
+
+
 @transaction.atomic(durable=True)
 def webhook_event_store(*, gateway: str, event: dict[str, Any]) -> Received:
-    """Store a verified event once and queue its processing (see the module's docstring)."""
-    event_id = str(event.get("id") or "")
-    event_type = str(event.get("type") or "")
-    if not event_id or not event_type:
-        raise ApplicationError("invalid_event", "The event has no id or type.")
+    """Store a verified event once and queue its processing (see the module's docstring). A
+    body that is not an event we can store is a 400 ``invalid_event`` (``event_checked``)."""
+    event = event_checked(event)
+    event_id = str(event["id"])
+    event_type = str(event["type"])
     with connection.cursor() as cursor:
         cursor.execute(
             """
@@ -378,11 +425,11 @@ def _listed_refunds(charge: dict[str, Any]) -> list[refunds.GatewayRefund] | Non
 
 
 def _dispute_open(event: WebhookEvent, dispute: dict[str, Any]) -> Any:
-    target = _id_of(dispute.get("payment_intent")) or _id_of(dispute.get("charge"))
-    return refunds.dispute_opened(
+    return disputes.dispute_opened(
         gateway=event.gateway,
         gateway_dispute_id=str(dispute["id"]),
-        gateway_intent_or_charge_id=target,
+        charge_id=_id_of(dispute.get("charge")),
+        intent_id=_id_of(dispute.get("payment_intent")),
         amount_minor=int(dispute.get("amount") or 0),
         currency=str(dispute.get("currency") or ""),
         reason=str(dispute.get("reason") or ""),
@@ -411,7 +458,7 @@ def _dispute_closed(event: WebhookEvent) -> Outcome:
     opened = _dispute_open(event, dispute)
     if opened is None:
         return Outcome(WebhookStatus.IGNORED, note=f"no payment of ours for dispute {dispute['id']}")
-    closed = refunds.dispute_closed(gateway=event.gateway, gateway_dispute_id=str(dispute["id"]), status=status)
+    closed = disputes.dispute_closed(gateway=event.gateway, gateway_dispute_id=str(dispute["id"]), status=status)
     assert closed is not None
     return Outcome(WebhookStatus.PROCESSED, account_id=closed.account_id)
 

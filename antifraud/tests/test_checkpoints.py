@@ -151,7 +151,7 @@ def test_declines_and_a_dispute_reach_the_payment_checkpoint_and_the_review_queu
 ) -> None:
     import time_machine
 
-    from payments import refunds
+    from payments import disputes
     from payments.models import Payment, PaymentStatus
     from payments.tests.helpers import NOW, issue_invoice, pay
 
@@ -172,10 +172,10 @@ def test_declines_and_a_dispute_reach_the_payment_checkpoint_and_the_review_queu
         while outbox.drain():
             pass
         paid = Payment.objects.get(invoice_id=invoice.id, status=PaymentStatus.SUCCEEDED)
-        refunds.dispute_opened(
+        disputes.dispute_opened(
             gateway="sandbox",
             gateway_dispute_id="dp_test_1",
-            gateway_intent_or_charge_id=paid.gateway_intent_id,
+            intent_id=paid.gateway_intent_id or "",
             amount_minor=paid.amount_minor,
             currency=paid.currency,
             reason="fraudulent",

@@ -186,7 +186,11 @@ class PaymentLedger(RuleBasedStateMachine):
                 services.refund_record(amount_minor=refundable + 1, reference=self.next_reference("ref"), **kwargs)
             assert refused.value.code == "invalid_amount"
         assert rows() == before
-        amount = max(1, int(refundable * part))
+        # The payments app never gives back more than the gateway took in (refunds and open or
+        # lost disputes within what was captured; ledger_check holds each account to it).
+        amount = min(max(1, int(refundable * part)), self.held(invoice.account_id, invoice.currency))
+        if amount <= 0:
+            return
         with transaction.atomic():
             recorded = services.refund_record(amount_minor=amount, reference=self.next_reference("ref"), **kwargs)
         self.cash[invoice.currency] -= amount
@@ -204,18 +208,23 @@ class PaymentLedger(RuleBasedStateMachine):
             return
         payment = payments[i % len(payments)]
         self.disputed.add(payment.id)
+        # A dispute withdraws at most what the gateway still holds of the account's money (the
+        # payments app refuses the rest; ledger_check holds each account to it).
+        amount = min(payment.amount_minor, self.held(payment.account_id, payment.currency))
+        if amount <= 0:
+            return
         dispute_id = payment.id * 10
         with transaction.atomic():
             assert services.dispute_post(
                 dispute_id=dispute_id,
                 account_id=payment.account_id,
                 currency=payment.currency,
-                amount_minor=payment.amount_minor,
+                amount_minor=amount,
                 stage="opened",
                 memo="chargeback",
             )
-        self.cash[payment.currency] -= payment.amount_minor
-        self.disputes[dispute_id] = (payment.account_id, payment.currency, payment.amount_minor)
+        self.cash[payment.currency] -= amount
+        self.disputes[dispute_id] = (payment.account_id, payment.currency, amount)
 
     @rule(i=PICK, won=st.booleans())
     def dispute_closed(self, i: int, won: bool) -> None:
@@ -237,6 +246,16 @@ class PaymentLedger(RuleBasedStateMachine):
             assert not services.dispute_post(**{**kwargs, "stage": "opened"})  # type: ignore[arg-type]
         if won:
             self.cash[currency] += amount
+
+    @staticmethod
+    def held(account_id: int, currency: str) -> int:
+        """What gateway clearing holds of ``account_id``'s money: received less given back."""
+        return (
+            LedgerLine.objects.filter(
+                ledger_account="gateway_clearing", entry__account_id=account_id, entry__currency=currency
+            ).aggregate(s=Sum("amount_minor"))["s"]
+            or 0
+        )
 
     def credit_note(self, invoice: Invoice, part: Decimal, *, settle: str | None) -> None:
         left = invoice.subtotal_minor - sum(invoice.credit_notes.values_list("subtotal_minor", flat=True))

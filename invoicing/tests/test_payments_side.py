@@ -19,7 +19,7 @@ from accounts.models import BillingAccount
 from billing_site.common import money
 from billing_site.common.errors import ApplicationError, Conflict
 from billing_site.outbox.models import OutboxMessage
-from invoicing import ledger, selectors, services
+from invoicing import ledger, selectors, services, taxes
 from invoicing.models import (
     CreditGrant,
     CreditKind,
@@ -348,28 +348,41 @@ def test_a_refund_is_idempotent_on_its_reference(nl: BillingAccount) -> None:
     net=st.integers(1, 10**7),
     cuts=st.lists(st.floats(0.0001, 0.9999), max_size=6),
 )
-def test_gross_split_parts_sum_to_the_whole_and_the_tax_never_exceeds_the_rule(
+def test_split_gross_parts_sum_to_the_whole_and_each_vat_is_the_rate_on_its_net(
     rate: Decimal, net: int, cuts: list[float]
 ) -> None:
+    """Issue 19: the VAT of a credit note for a gross amount is the invoice's rule on its net
+    (rate * net, rounded half-up) whenever any split of that gross can be; where none can,
+    one minor unit from it. The parts of an invoice credited in pieces sum to its net and VAT."""
     tax_total = money.percent_of_minor(net, rate)
     total = net + tax_total
     points = sorted({int(total * c) for c in cuts} - {0, total})
+    parts = [b - a for a, b in zip([0, *points], [*points, total], strict=True)]
     credited_net = credited_tax = 0
-    for gross in [b - a for a, b in zip([0, *points], [*points, total], strict=True)]:
-        part_net, part_tax = services.gross_split(
-            gross,
-            rate=rate,
-            invoice_net=net,
-            invoice_tax=tax_total,
-            credited_net=credited_net,
-            credited_tax=credited_tax,
+    for i, gross in enumerate(parts):
+        part_net, part_tax = taxes.split_gross(
+            gross, rate=rate, net_left=net - credited_net, tax_left=tax_total - credited_tax
         )
         assert part_net + part_tax == gross and part_net >= 0 and part_tax >= 0
+        rule = money.percent_of_minor(part_net, rate)
+        if i == 0 and gross < total:
+            near = int(gross * 100 / (100 + rate))  # n + rate * n rises by one or two a step: look close by
+            exact = [n for n in range(max(near - 3, 0), near + 4) if n + money.percent_of_minor(n, rate) == gross]
+            assert part_tax == rule if exact else abs(part_tax - rule) == 1
         credited_net += part_net
         credited_tax += part_tax
-        assert credited_tax <= min(money.percent_of_minor(credited_net, rate), tax_total)
-        assert credited_net <= net
+        assert credited_net <= net and credited_tax <= tax_total
     assert (credited_net, credited_tax) == (net, tax_total)
+
+
+def test_split_gross_of_the_issue_19_refunds() -> None:
+    """100.43 gross at 21 % is exactly 83.00 + 17.43; 100.00 gross has no exact split
+    (82.64 + 17.35 = 99.99, 82.65 + 17.36 = 100.01): 82.64 + 17.36, the VAT fraction of the
+    gross (100.00 * 21/121 = 17.355…), never 82.65 + 17.35."""
+    big = {"net_left": 10**9, "tax_left": 10**9}
+    assert taxes.split_gross(10043, rate=Decimal(21), **big) == (8300, 1743)
+    assert taxes.split_gross(10000, rate=Decimal(21), **big) == (8264, 1736)
+    assert taxes.split_gross(12100, rate=Decimal(21), net_left=10000, tax_left=2100) == (10000, 2100)
 
 
 # --- Credit notes on paid and partly paid invoices
@@ -488,14 +501,29 @@ def test_a_dispute_posts_each_stage_once(nl: BillingAccount, close: str, lands_i
 
 
 def test_a_dispute_closed_before_its_opening_is_known_posts_the_opening_first(nl: BillingAccount) -> None:
+    pay(issue(nl), 12100, "pay_1")  # a dispute withdraws money received (ledger_check holds it to that)
     assert dispute("lost", account_id=nl.id, amount=500)
-    assert sorted(LedgerEntry.objects.values_list("source_type", flat=True)) == ["dispute_lost", "dispute_opened"]
+    assert sorted(
+        LedgerEntry.objects.filter(source_type__startswith="dispute").values_list("source_type", flat=True)
+    ) == ["dispute_lost", "dispute_opened"]
     assert not dispute("opened", account_id=nl.id, amount=500)
-    assert (balance("disputes", nl.id), balance("chargeback_loss"), balance("gateway_clearing")) == (0, 500, -500)
+    assert (balance("disputes", nl.id), balance("chargeback_loss"), balance("gateway_clearing")) == (0, 500, 11600)
     with pytest.raises(ApplicationError) as caught:
         dispute("reopened", account_id=nl.id)
     assert field_of(caught.value) == "stage"
     assert ledger.check() == []
+
+
+def test_ledger_check_finds_an_account_given_back_more_through_the_gateway_than_it_paid(nl: BillingAccount) -> None:
+    """From the ledger alone: refunds and disputes of an account within what it paid."""
+    pay(issue(nl), 12100, "pay_1")
+    assert dispute("opened", account_id=nl.id, amount=12100)
+    assert ledger.check() == []
+    assert dispute("opened", dispute_id=78, account_id=nl.id, amount=1)
+    assert ledger.check() == [
+        f"account {nl.id} EUR: gateway clearing gave back 12101 (refunds and disputes), more than the 12100 "
+        "received through it"
+    ]
 
 
 # --- Selectors

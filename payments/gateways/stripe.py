@@ -73,6 +73,7 @@ returns the event as a plain dict, or raises ``InvalidSignature``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 import time
@@ -205,8 +206,13 @@ _NEVER_CONNECTED = frozenset(
 
 
 class InvalidSignature(GatewayError):
-    """A webhook whose ``Stripe-Signature`` does not verify (wrong secret, altered body, older
-    than the tolerance), or whose body is not a Stripe event: answer 400, process nothing."""
+    """A webhook whose ``Stripe-Signature`` does not verify (wrong secret, altered body, a
+    timestamp outside the tolerance either way): answer 400, process nothing."""
+
+
+class InvalidEvent(GatewayError):
+    """A webhook whose body is not an event we can read (not UTF-8, not JSON, nested too
+    deeply): answer 400 with the reason, store nothing."""
 
 
 class StripeGateway:
@@ -682,18 +688,42 @@ def _charge_result(intent: dict[str, Any], *, authentication_required: bool = Fa
 # --- webhooks
 
 
-def webhook_event_construct(
-    *, payload: bytes, signature_header: str, secret: str, tolerance_seconds: int = 300
-) -> dict[str, Any]:
-    """The event a webhook carries, as a plain dict, once its signature is verified (HMAC-SHA256
-    of ``<t>.<body>`` with our endpoint's secret, ``t`` no older than ``tolerance_seconds``).
-    Raises ``InvalidSignature`` otherwise; an empty secret verifies nothing, so it is refused."""
+def webhook_event_construct(*, payload: bytes, signature_header: str, secret: str, tolerance_seconds: int = 300) -> Any:
+    """The JSON a webhook carries, once its signature is verified (HMAC-SHA256 of ``<t>.<body>``
+    with our endpoint's secret, with the SDK) and its timestamp ``t`` is within
+    ``tolerance_seconds`` of our clock, either way (the SDK refuses only the old; a timestamp
+    far ahead is a replay waiting to happen). Raises ``InvalidSignature`` otherwise (an empty
+    secret verifies nothing, so it is refused), and ``InvalidEvent`` for a verified body that
+    is not UTF-8 JSON or is nested too deeply to parse. What the JSON holds is checked by the
+    caller (``payments.webhooks.webhook_event_store``)."""
     if not secret:
         raise InvalidSignature("no webhook secret configured")
     try:
-        event = stripe.Webhook.construct_event(payload, signature_header, secret, tolerance_seconds)
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("the body is not UTF-8 text") from exc
+    try:
+        stripe.WebhookSignature.verify_header(text, signature_header, secret, tolerance_seconds)
     except stripe.SignatureVerificationError as exc:
         raise InvalidSignature(f"stripe webhook: {exc.user_message or 'bad signature'}") from exc
-    except ValueError as exc:  # not JSON, or not a (snapshot) event
-        raise InvalidSignature("stripe webhook: the body is not a Stripe event") from exc
-    return event.to_dict(for_json=True)
+    timestamp = _signature_timestamp(signature_header)
+    if timestamp is None or abs(timestamp - time.time()) > tolerance_seconds:
+        raise InvalidSignature(f"stripe webhook: timestamp {timestamp} outside the tolerance ({tolerance_seconds} s)")
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise InvalidEvent("the body is nested too deeply") from exc
+    except ValueError as exc:
+        raise InvalidEvent("the body is not JSON") from exc
+
+
+def _signature_timestamp(header: str) -> int | None:
+    """The ``t=`` of a ``Stripe-Signature`` header (the one the SDK verified the signature with)."""
+    for item in header.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "t":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

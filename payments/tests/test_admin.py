@@ -8,6 +8,7 @@ is shown."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from invoicing import ledger
 from invoicing.models import CreditNote, Invoice
 
 # The price catalog (rated usage needs its SKUs).
-from payments import charging, dunning, refunds
+from payments import charging, disputes, dunning, refunds
 from payments.models import (
     DunningAction,
     DunningCase,
@@ -106,10 +107,10 @@ def failed_webhook_event(event_id: str = "evt_admin_1") -> WebhookEvent:
 
 def test_every_list_and_page_renders_for_finance(book: Book, clock: time_machine.Traveller) -> None:
     refund = refunds.refund_issue(payment_id=book.paid.id, amount_minor=2100, reason="Outage credit", actor=FINANCE)
-    dispute = refunds.dispute_opened(
+    dispute = disputes.dispute_opened(
         gateway=book.paid.gateway,
         gateway_dispute_id="dp_admin_1",
-        gateway_intent_or_charge_id=book.paid.gateway_intent_id or "",
+        intent_id=book.paid.gateway_intent_id or "",
         amount_minor=5000,
         currency="EUR",
         reason="fraudulent",
@@ -404,3 +405,147 @@ def test_the_outbox_is_delivered_now_from_the_list(book: Book) -> None:
     delivered = finance.get("/admin/outbox/outboxmessage/", {"state": "delivered"}).content.decode()
     assert f"/admin/outbox/outboxmessage/{pending.pk}/change/" in delivered
     assert finance.get("/admin/outbox/outboxmessage/", {"q": book.debtor.public_id}).status_code == 200
+
+
+def rendered_form_fields(html: str) -> dict[str, str]:
+    """The named inputs, textareas and selects of a page's last form, as a browser posts them."""
+    from html.parser import HTMLParser
+
+    class Form(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fields: dict[str, str] = {}
+            self._textarea: str | None = None
+            self._select: str | None = None
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            named = dict(attrs)
+            name = str(named.get("name") or "")
+            if tag == "form":
+                self.fields = {}
+            elif tag == "input" and name and named.get("type") not in ("submit", "checkbox"):
+                self.fields[name] = named.get("value") or ""
+            elif tag == "input" and name and "checked" in named:
+                self.fields[name] = named.get("value") or "on"
+            elif tag == "textarea" and name:
+                self._textarea = name
+                self.fields[name] = ""
+            elif tag == "select" and name:
+                self._select = name
+            elif tag == "option" and self._select and (self._select not in self.fields or "selected" in named):
+                self.fields[self._select] = named.get("value") or ""
+
+        def handle_data(self, data: str) -> None:
+            if self._textarea:
+                self.fields[self._textarea] += data.strip()
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "textarea":
+                self._textarea = None
+            elif tag == "select":
+                self._select = None
+
+    parser = Form()
+    parser.feed(html)
+    return parser.fields
+
+
+def test_a_refund_of_100_eur_splits_its_vat_by_the_rule_and_keeps_finance_s_note_off_the_customer_s_papers(
+    book: Book, customer: Customer
+) -> None:
+    """Issue 19: 100.00 of a 121.00 invoice at 21 % is credited as 82.64 + 17.36 (the VAT
+    fraction of the gross, rounded half-up; 82.65 + 17.35 had less VAT than 21 % of its net);
+    the internal note finance types stays in the admin."""
+    from invoicing.pdf import credit_note_html
+
+    finance = operator("finance")
+    url = f"/admin/payments/payment/{book.paid.pk}/refund/"
+    fields = rendered_form_fields(finance.get(url).content.decode())
+    assert {"amount", "reason", "internal_note"} <= fields.keys()
+    fields.update(amount="100.00", reason="Service credit", internal_note="ticket #4712, customer angry on the phone")
+    assert finance.post(url, fields).status_code == 302
+    refund = Refund.objects.get()
+    assert (refund.reason, refund.internal_note) == ("Service credit", "ticket #4712, customer angry on the phone")
+    assert refund.credit_note_id is not None
+    note = CreditNote.objects.get(id=refund.credit_note_id)
+    assert (note.subtotal_minor, note.tax_minor, note.total_minor) == (8264, 1736, 10000)
+    document = credit_note_html(note)
+    assert "Service credit" in document and "4712" not in document
+    listed = customer.client.get(f"/api/v1/billing-accounts/{book.paid_account.public_id}/refunds")
+    assert listed.status_code == 200
+    assert listed.json()["results"][0]["reason"] == "Service credit" and "4712" not in listed.content.decode()
+    # Finance sees it on the refund's page.
+    assert "ticket #4712" in finance.get(f"/admin/payments/refund/{refund.pk}/change/").content.decode()
+
+
+def test_a_dunning_ladder_out_of_order_is_refused_on_the_field_that_is_wrong(book: Book) -> None:
+    """Issue 19: retries on days 1-1000 were accepted with the write-off at day 60."""
+    finance = operator("finance")
+    policy = DunningPolicy.objects.get(currency="", account_kind="")
+    url = f"/admin/payments/dunningpolicy/{policy.pk}/change/"
+    fields = rendered_form_fields(finance.get(url).content.decode())
+    assert (fields["retry_days"], fields["is_active"]) == ("1,3,5", "on")
+    for bad, field, error in (
+        ({"retry_days": ",".join(str(d) for d in range(1, 1001))}, "retry_days", "before the suspension"),
+        ({"retry_days": "1,3,7"}, "retry_days", "day 7 does not"),
+        ({"warn_days_before_suspension": "8"}, "warn_days_before_suspension", "before the due date"),
+        ({"write_off_after_days": "7"}, "write_off_after_days", "after the suspension"),
+    ):
+        response = finance.post(url, {**fields, **bad})
+        assert response.status_code == 200, bad
+        errors = response.context["adminform"].form.errors
+        assert list(errors) == [field] and error in " ".join(errors[field]), (bad, errors)
+    policy.refresh_from_db()
+    assert (policy.retry_days, policy.suspend_after_days, policy.write_off_after_days) == ([1, 3, 5], 7, 60)
+    # The same rule in the service, whoever calls it.
+    from billing_site.common.errors import ApplicationError
+    from payments import services
+
+    policy.retry_days = list(range(1, 1001))
+    with pytest.raises(ApplicationError) as refused:
+        services.dunning_policy_save(policy=policy, changed=["retry_days"], actor=FINANCE)
+    assert (refused.value.code, refused.value.errors[0]["field"]) == ("invalid_policy", "retry_days")
+    policy.refresh_from_db()
+    assert policy.retry_days == [1, 3, 5]
+    # A good ladder saves.
+    assert finance.post(url, {**fields, "retry_days": "1,2,4,6"}).status_code == 302
+    policy.refresh_from_db()
+    assert policy.retry_days == [1, 2, 4, 6]
+
+
+def test_what_finance_does_is_logged_by_user_id_never_by_email(book: Book, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 19: refund.created named its operator by email. Every payments log line about a
+    staff member's action names them by kind and id."""
+    finance = operator("finance", "finance.lead@ops.test")
+    user_id = account_services_user_id("finance.lead@ops.test")
+    case = DunningCase.objects.get(invoice_id=book.declined.invoice_id)
+    policy = DunningPolicy.objects.get(currency="", account_kind="")
+    with caplog.at_level(logging.INFO):
+        refund_url = f"/admin/payments/payment/{book.paid.pk}/refund/"
+        assert finance.post(refund_url, {"amount": "1.00", "reason": "Outage credit"}).status_code == 302
+        finance.post(
+            "/admin/payments/dunningcase/",
+            {helpers.ACTION_CHECKBOX_NAME: [case.pk], "action": "pause_dunning", "apply": "yes", "reason": "call"},
+        )
+        event = failed_webhook_event()
+        finance.post(
+            "/admin/payments/webhookevent/",
+            {"action": "rerun", helpers.ACTION_CHECKBOX_NAME: [event.pk], "index": 0},
+        )
+        fields = rendered_form_fields(
+            finance.get(f"/admin/payments/dunningpolicy/{policy.pk}/change/").content.decode()
+        )
+        assert finance.post(f"/admin/payments/dunningpolicy/{policy.pk}/change/", fields).status_code == 302
+    lines = [r for r in caplog.records if r.name.startswith(("payments", "invoicing", "billing_site"))]
+    events = {r.getMessage() for r in lines}
+    assert {"refund.created", "dunning.paused", "webhook.rerun_by_operator", "dunning_policy.changed"} <= events
+    for record in lines:
+        assert "finance.lead@" not in repr(record.__dict__), (record.getMessage(), record.__dict__)
+    created = next(r for r in lines if r.getMessage() == "refund.created")
+    assert (created.__dict__["actor_kind"], created.__dict__["actor_user_id"]) == ("operator", user_id)
+
+
+def account_services_user_id(email: str) -> int:
+    from django.contrib.auth import get_user_model
+
+    return int(get_user_model().objects.get(email=email).pk)

@@ -139,6 +139,12 @@ def test_the_dunning_ladder_from_decline_to_suspension_to_a_new_card_and_reactiv
     acct.refresh_from_db()
     assert acct.state == AccountState.ACTIVE
     assert DunningCase.objects.get(id=case.id).status == DunningCaseStatus.RESOLVED
+    # A state machine moved through the one transition helper: audited, never assigned.
+    assert [(t.from_state, t.to_state, t.actor_name) for t in case.transitions.all()] == [
+        ("open", "resolved", "dunning")
+    ]
+    with pytest.raises(AttributeError):
+        case.status = DunningCaseStatus.OPEN
     assert customer.client.get(f"/api/v1/billing-accounts/{acct.public_id}/dunning").json()["state"] == "none"
     # Later runs leave it alone: no write-off of a paid invoice.
     report = day(clock, due + dt.timedelta(days=61))
@@ -176,6 +182,7 @@ def test_a_hard_decline_is_not_retried_and_the_debt_is_written_off(
     assert invoice.written_off_minor == 12100
     assert LedgerEntry.objects.filter(source_type=LedgerSource.WRITE_OFF, source_id=invoice.id).count() == 1
     assert DunningCase.objects.get(id=case.id).status == DunningCaseStatus.WRITTEN_OFF
+    assert [(t.from_state, t.to_state) for t in case.transitions.all()] == [("open", "written_off")]
     assert subjects("ops@debtor.test") == [f"Invoice {invoice.number} has been written off"]
     acct.refresh_from_db()
     assert acct.state == AccountState.SUSPENDED  # a written-off debt keeps the account suspended

@@ -16,6 +16,7 @@ from django.test import override_settings
 
 from accounts.models import BillingAccount
 from billing_site.common import ids
+from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict
 from conftest import Customer, in_threads
 from invoicing import ledger
@@ -292,3 +293,24 @@ def test_charge_refunded_settles_a_refund_of_ours_whose_worker_died_after_the_ca
     payment.refresh_from_db()
     assert payment.amount_refunded_minor == 2500
     assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_a_refund_is_a_state_machine_audited_at_each_step(stripe: LocalStripe, payer: Payer) -> None:
+    _, payment = paid(payer)
+    operator = Actor.operator(4712, "finance.lead@provider.test")
+    refund = refunds.refund_issue(payment_id=payment.id, amount_minor=2100, reason="Outage credit", actor=operator)
+    assert refund.status == RefundStatus.SUCCEEDED
+    history = [(t.from_state, t.to_state, t.actor_name) for t in refund.transitions.all()]
+    assert history == [("pending", "processing", "payments"), ("processing", "succeeded", "payments.gateway")]
+    with pytest.raises(AttributeError):  # protected: only a transition moves it
+        refund.status = RefundStatus.FAILED
+    # The helper refuses a move its state does not allow, and writes nothing.
+    from django.db import transaction
+
+    from billing_site.common.transitions import transition_locked
+
+    with pytest.raises(Conflict) as refused, transaction.atomic():
+        transition_locked(Refund, refund.id, "send", actor=operator, reason="again")
+    assert refused.value.code == "invalid_transition"
+    assert refund.transitions.count() == 2

@@ -36,6 +36,7 @@ from payments.gateways.base import (
 from payments.gateways.stripe import (
     HARD_DECLINES,
     STRIPE_API_VERSION,
+    InvalidEvent,
     InvalidSignature,
     StripeGateway,
     webhook_event_construct,
@@ -362,7 +363,7 @@ def test_webhook_event_construct_refuses_an_empty_secret_and_a_body_that_is_no_e
     with pytest.raises(InvalidSignature):
         webhook_event_construct(payload=payload, signature_header=sign_stripe_payload(payload, "", 1), secret="")
     not_json = b"{not json"
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidEvent):  # signed, so the signature is fine: the body is what is wrong
         webhook_event_construct(
             payload=not_json, signature_header=sign_stripe_payload(not_json, SECRET, int(time.time())), secret=SECRET
         )

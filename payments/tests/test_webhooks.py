@@ -611,3 +611,59 @@ def test_payment_method_detached_in_any_order_removes_the_card_once(
     in_order = run(shuffled=False)
     assert in_order == (True, False, [])
     assert run(shuffled=True) == in_order
+
+
+@pytest.mark.django_db
+@override_settings(STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET)
+def test_signed_but_malformed_bodies_are_400_with_a_reason_and_store_nothing() -> None:
+    """Issue 19: a prober with the secret's signature (or Stripe on a bad day) sent bodies that
+    answered an HTML 500, or were stored: each is a JSON 400 naming what is wrong."""
+    good = stripe_event("payment_intent.succeeded", {"id": "pi_123", "object": "payment_intent", "metadata": {}})
+    deep = b'{"a": ' * 3000 + b'"x"' + b"}" * 3000
+    bodies: dict[str, bytes] = {
+        "NUL in id": json.dumps({**good, "id": "evt_\u0000x"}).encode(),
+        "NUL in type": json.dumps({**good, "type": "payment_intent.succeeded\u0000"}).encode(),
+        "NUL in the object's id": json.dumps({**good, "data": {"object": {"id": "pi_\u0000"}}}).encode(),
+        "data a string": json.dumps({**good, "data": "s"}).encode(),
+        "data a list": json.dumps({**good, "data": [1]}).encode(),
+        "object a list": json.dumps({**good, "data": {"object": [1]}}).encode(),
+        "3,000 levels": b'{"id": "evt_1", "type": "x.y", "data": {"object": {"id": "pi_1", "x": ' + deep + b"}}}",
+        "nested arrays": b'{"id": "evt_1", "type": "x.y", "data": {"object": {"id": "a", "b": '
+        + b"[" * 3000
+        + b"]" * 3000
+        + b"}}}",
+        "a lone surrogate": json.dumps({**good, "id": "evt_\ud800"}).encode(),
+        "a lone surrogate deep inside": json.dumps(
+            {**good, "data": {"object": {"id": "pi_1", "n": "\udfff"}}}
+        ).encode(),
+        "id a number": json.dumps({**good, "id": 12345}).encode(),
+        "type a list": json.dumps({**good, "type": ["payment_intent.succeeded"]}).encode(),
+        "id empty": json.dumps({**good, "id": ""}).encode(),
+        "id too long": json.dumps({**good, "id": "evt_" + "x" * 200}).encode(),
+        "object id a number": json.dumps({**good, "data": {"object": {"id": 7}}}).encode(),
+        "not UTF-8": json.dumps(good).encode().replace(b"pi_123", b"pi_\xff\xfe"),
+    }
+    before = row_counts()
+    for case, body in bodies.items():
+        response = post_signed(body)
+        assert response.status_code == 400, (case, response.content[:200])
+        assert response["Content-Type"].startswith("application/json"), case
+        answer = response.json()
+        assert answer["code"] == "invalid_event" and answer["detail"], (case, answer)
+    assert row_counts() == before  # nothing stored, nothing queued
+    assert post_signed(json.dumps(good).encode()).status_code == 200
+
+
+@pytest.mark.django_db
+@override_settings(STRIPE_WEBHOOK_SECRET=WEBHOOK_SECRET)
+def test_a_timestamp_outside_the_tolerance_is_refused_both_ways() -> None:
+    event = stripe_event("customer.created", {"id": "cus_9", "object": "customer"})
+    body = json.dumps(event).encode()
+    now = int(time.time())
+    before = row_counts()
+    for timestamp in (now + 100_000, now + 301, now - 301):
+        response = post_signed(body, timestamp=timestamp)
+        assert (response.status_code, response.json()["code"]) == (400, "invalid_signature"), timestamp
+    assert row_counts() == before
+    # A clock a little ahead of ours is fine.
+    assert post_signed(body, timestamp=now + 290).status_code == 200
