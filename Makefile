@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 comma := ,
 
-.PHONY: demo test lint typecheck check worker beat migrate schema clean bench
+.PHONY: demo demo-serve test lint typecheck check worker beat migrate schema clean bench
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,9 +14,11 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 ## make demo: install, get a database (embedded PostgreSQL unless DATABASE_URL), migrate, load
-## the demo data (accounts, usage, invoices, cards, payments, a fraud ring), print the logins, keys and
-## curl examples, serve on http://127.0.0.1:8000.
-## However it ends (Ctrl-C, a failed step), the embedded PostgreSQL is stopped with it.
+## the demo data (accounts, usage, invoices, cards, payments, a fraud ring), then run the pipeline
+## it demonstrates and serve on http://127.0.0.1:$(PORT) (`make demo PORT=8001`): see demo-serve.
+## However it ends (Ctrl-C, a failed step), the pipeline and the embedded PostgreSQL stop with it.
+PORT ?= 8000
+DEMO_LOGS ?= .data
 demo: $(STAMP)
 	@export DEBUG=$${DEBUG:-1}; \
 	trap '$(BIN)/python billing_site/database.py stop' EXIT; trap 'exit 130' INT TERM HUP; \
@@ -27,8 +29,44 @@ demo: $(STAMP)
 	$(BIN)/python manage.py load_demo_invoices; \
 	$(BIN)/python manage.py load_demo_payments; \
 	$(BIN)/python manage.py load_demo_fraud; \
-	$(BIN)/python manage.py demo_access; \
-	$(BIN)/python manage.py runserver 127.0.0.1:8000
+	$(MAKE) --no-print-directory demo-serve PORT=$(PORT) DEMO_LOGS=$(DEMO_LOGS)
+
+## make demo-serve: what `make demo` runs once the data is loaded. The pipeline: a Redis (REDIS_URL
+## if set, else a redis-server of its own on a free port, no persistence), a Celery worker serving
+## every queue and beat (the rollup every minute, the outbox every 15 s, ...), logging to
+## $(DEMO_LOGS)/demo-worker.log and demo-beat.log; a first rollup drain is queued at once, so usage
+## sent after start is in the costs within seconds, not at the next minute. Then the logins, keys
+## and curl lines, and runserver on 127.0.0.1:$(PORT). Ctrl-C stops them all (only the processes it
+## started), then the embedded PostgreSQL.
+demo-serve:
+	@export DEBUG=$${DEBUG:-1}; \
+	redis_pid=; worker_pid=; beat_pid=; \
+	stop_pipeline() { \
+		for pid in $$worker_pid $$beat_pid; do kill -QUIT $$pid 2>/dev/null || true; done; \
+		if [ -n "$$redis_pid" ]; then kill -TERM $$redis_pid 2>/dev/null || true; fi; \
+		for pid in $$worker_pid $$beat_pid $$redis_pid; do wait $$pid 2>/dev/null || true; done; \
+		$(BIN)/python billing_site/database.py stop; \
+	}; \
+	trap stop_pipeline EXIT; trap 'exit 130' INT TERM HUP; \
+	set -e; \
+	mkdir -p $(DEMO_LOGS); \
+	if [ -z "$$REDIS_URL$$CELERY_BROKER_URL" ]; then \
+		command -v redis-server >/dev/null || { echo "make demo: redis-server is not installed (or set REDIS_URL)" >&2; exit 1; }; \
+		redis_port=$$($(BIN)/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"); \
+		redis-server --bind 127.0.0.1 --port $$redis_port --save '' --appendonly no --loglevel warning \
+			--logfile $(abspath $(DEMO_LOGS))/demo-redis.log & redis_pid=$$!; \
+		export REDIS_URL=redis://127.0.0.1:$$redis_port/0; \
+		$(BIN)/python -c "import socket, sys, time; [time.sleep(0.1) for _ in range(100) if socket.socket().connect_ex(('127.0.0.1', $$redis_port))]"; \
+	fi; \
+	$(BIN)/celery -A billing_site worker --concurrency 3 -n demo@%h >$(abspath $(DEMO_LOGS))/demo-worker.log 2>&1 & \
+	worker_pid=$$!; \
+	$(BIN)/celery -A billing_site beat --schedule $(abspath $(DEMO_LOGS))/demo-beat-schedule --pidfile= \
+		>$(abspath $(DEMO_LOGS))/demo-beat.log 2>&1 & \
+	beat_pid=$$!; \
+	$(BIN)/celery -A billing_site call metering.rollup_usage --queue rollup >/dev/null; \
+	echo "Pipeline: Redis $${REDIS_URL:-$$CELERY_BROKER_URL}$${redis_pid:+ (redis-server pid $$redis_pid)}, worker pid $$worker_pid, beat pid $$beat_pid; logs in $(abspath $(DEMO_LOGS))/demo-*.log"; \
+	$(BIN)/python manage.py demo_access --port $(PORT); \
+	$(BIN)/python manage.py runserver --noreload 127.0.0.1:$(PORT)
 
 ## make test: install and run the whole suite against a real PostgreSQL
 test: $(STAMP)

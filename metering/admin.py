@@ -270,7 +270,7 @@ class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
             )
             for row in rows:
                 row["amount"] = _plain(row["amount"])
-                row["quantity"] = _plain(row["quantity"]) if row.get("quantity") is not None else ""
+                row["quantity"] = selectors.quantity_text(row.get("quantity")) or ""
             resources = selectors.resource_states(account_id=profile.account_id)
             context.update(
                 title=f"Usage and costs of {profile.name} ({profile.public_id})",

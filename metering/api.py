@@ -166,7 +166,11 @@ def _cost_row(**kwargs: Any) -> serializers.Serializer:
             "labels": serializers.DictField(
                 child=serializers.CharField(allow_null=True), required=False, help_text="asked label key → value"
             ),
-            "quantity": serializers.CharField(required=False, help_text="decimal string; only when grouped by sku"),
+            "quantity": serializers.CharField(
+                required=False,
+                help_text="decimal string, exact and rounded half-up to at most 6 places with no trailing zeros, "
+                "as on invoices (`744`, `122316.2`); only when grouped by sku",
+            ),
             "amount": serializers.CharField(help_text="decimal string, full precision"),
         },
         **kwargs,
@@ -281,7 +285,7 @@ class CostBreakdownView(StrictQueryMixin, APIView):
             )
             row["amount"] = _decimal(row["amount"])
             if "quantity" in row:
-                row["quantity"] = _decimal(row["quantity"])
+                row["quantity"] = selectors.quantity_text(row["quantity"])
         return Response(
             {
                 "currency": account.currency,

@@ -153,7 +153,10 @@ class RollupShard(models.Model):
 
 class HourlyUsage(models.Model):
     """Rated hourly usage (table ``metering_hourlyusage``, migration 0004): quantity and amount
-    at full precision in the account's currency; rounding happens on invoices."""
+    at full precision in the account's currency; rounding happens on invoices. A duration
+    SKU's row also keeps ``unit_seconds`` (units x seconds, exact, migration 0012): its
+    ``quantity`` is that / 3600 rounded to 12 places, and sums of quantities are read as
+    sums of ``unit_seconds`` divided once (``metering.selectors``)."""
 
     pk = models.CompositePrimaryKey("account_id", "hour", "sku", "resource_id", "labels")
     account_id = models.BigIntegerField()
@@ -164,6 +167,7 @@ class HourlyUsage(models.Model):
     quantity = models.DecimalField(max_digits=38, decimal_places=12)
     amount = models.DecimalField(max_digits=38, decimal_places=12, null=True)
     cum_quantity = models.DecimalField(max_digits=38, decimal_places=12, null=True)
+    unit_seconds = models.DecimalField(max_digits=65, decimal_places=30, null=True)  # numeric, exact
 
     class Meta:
         managed = False

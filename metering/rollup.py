@@ -32,7 +32,11 @@ the accounts. One run of one shard is one transaction:
    account's month in ``monthlyspend`` (what the credit check after a rollup reads);
 7. the horizon and watermark are stored. A crash anywhere rolls all of it back.
 
-Amounts keep 12 decimal places: rounding happens on invoices, not here.
+Amounts keep 12 decimal places: rounding happens on invoices, not here. A duration SKU's
+hourly quantity is units x seconds / 3600 rounded to 12 places (what it is rated from, as
+before); the row also keeps ``unit_seconds``, units x seconds exactly, and the days sum it, so
+that a month's quantity is read as one exact sum divided once (``metering.selectors``), not
+as ~744 rounded pieces added up (``102076.199999999999``).
 
 Only writers of events can hold the rollup back: a transaction open in another database of
 the server, or one in this database that writes no events, changes nothing. A writer that
@@ -355,7 +359,7 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
             CREATE TEMP TABLE rollup_delta ON COMMIT DROP AS
             SELECT account_id, date_trunc('hour', occurred_at, 'UTC') AS hour, sku,
                    coalesce(resource_id, '') AS resource_id, coalesce(labels, '{}') AS labels,
-                   sum(quantity) AS quantity
+                   sum(quantity) AS quantity, NULL::numeric AS unit_seconds
             FROM rollup_new WHERE kind = 'usage'
             GROUP BY 1, 2, 3, 4, 5
             """
@@ -413,10 +417,12 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
         if watermark_old is not None and watermark > watermark_old:
             cur.execute(
                 f"""
-                INSERT INTO rollup_delta (account_id, hour, sku, resource_id, labels, quantity)
+                INSERT INTO rollup_delta (account_id, hour, sku, resource_id, labels, quantity, unit_seconds)
                 SELECT r.account_id, h.hour, s.key AS sku, r.resource_id, r.labels,
                        sum(s.value::numeric * extract(epoch FROM
-                           least(h.hour + interval '1 hour', %(w)s) - greatest(r.since, h.hour)) / 3600) AS quantity
+                           least(h.hour + interval '1 hour', %(w)s) - greatest(r.since, h.hour)) / 3600) AS quantity,
+                       sum(s.value::numeric * extract(epoch FROM
+                           least(h.hour + interval '1 hour', %(w)s) - greatest(r.since, h.hour))) AS unit_seconds
                 FROM {state_p} r
                 CROSS JOIN LATERAL generate_series(
                     greatest(%(w_old)s::timestamptz, date_trunc('hour', r.since, 'UTC')),
@@ -502,7 +508,9 @@ def _replay_resources(cur: object, *, resev_p: str, hourly_p: str, state_p: str,
         )
         SELECT i.account_id, h.hour, s.key AS sku, i.resource_id, i.labels,
                sum(s.value::numeric * extract(epoch FROM
-                   least(i.t1, h.hour + interval '1 hour') - greatest(i.t0, h.hour)) / 3600) AS quantity
+                   least(i.t1, h.hour + interval '1 hour') - greatest(i.t0, h.hour)) / 3600) AS quantity,
+               sum(s.value::numeric * extract(epoch FROM
+                   least(i.t1, h.hour + interval '1 hour') - greatest(i.t0, h.hour))) AS unit_seconds
         FROM intervals i
         CROSS JOIN LATERAL generate_series(date_trunc('hour', i.t0, 'UTC'), i.t1 - interval '1 microsecond',
                                            interval '1 hour') AS h(hour)
@@ -589,13 +597,15 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
         f"""
         CREATE TEMP TABLE rollup_rows ON COMMIT DROP AS
         WITH changed AS (
-            SELECT account_id, hour, sku, resource_id, labels, sum(quantity) AS quantity, bool_or(replaced) AS replaced
+            SELECT account_id, hour, sku, resource_id, labels, sum(quantity) AS quantity,
+                   sum(unit_seconds) AS unit_seconds, bool_or(replaced) AS replaced
             FROM (
-                SELECT account_id, hour, sku, resource_id, labels, quantity, false AS replaced FROM rollup_delta
+                SELECT account_id, hour, sku, resource_id, labels, quantity, unit_seconds, false AS replaced
+                FROM rollup_delta
                 UNION ALL
-                SELECT account_id, hour, sku, resource_id, labels, quantity, true FROM rollup_rebuilt
+                SELECT account_id, hour, sku, resource_id, labels, quantity, unit_seconds, true FROM rollup_rebuilt
                 UNION ALL
-                SELECT account_id, hour, sku, resource_id, labels, 0, true FROM rollup_replaced
+                SELECT account_id, hour, sku, resource_id, labels, 0, NULL, true FROM rollup_replaced
             ) c
             GROUP BY 1, 2, 3, 4, 5
         )
@@ -605,6 +615,11 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
                NOT c.replaced OR c.quantity <> 0 AS kept,
                (CASE WHEN c.replaced THEN c.quantity ELSE coalesce(h.quantity, 0) + c.quantity END)::numeric(38, 12)
                    AS quantity,
+               -- durations: units x seconds, exact (NULL for quantity SKUs)
+               h.unit_seconds AS old_unit_seconds,
+               CASE WHEN c.replaced THEN c.unit_seconds
+                    WHEN c.unit_seconds IS NULL THEN h.unit_seconds
+                    ELSE coalesce(h.unit_seconds, 0) + c.unit_seconds END AS unit_seconds,
                a.currency, p.price_id, p.unit_price
         FROM changed c
         LEFT JOIN {hourly_p} h ON h.account_id = c.account_id AND h.hour = c.hour AND h.sku = c.sku
@@ -635,7 +650,7 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
             FROM rollup_tier_groups g
         ), tail_rows AS (
             SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity, b.currency, b.base, b.month,
-                   false AS changed, h.amount AS old_amount, h.cum_quantity AS old_cum
+                   false AS changed, h.amount AS old_amount, h.cum_quantity AS old_cum, h.unit_seconds
             FROM based b
             JOIN {hourly_p} h ON h.account_id = b.account_id AND h.sku = b.sku
                              AND h.hour >= b.tail_from AND h.hour < b.month + interval '1 month'
@@ -644,7 +659,7 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
                                 AND r.resource_id = h.resource_id AND r.labels = h.labels)
             UNION ALL
             SELECT r.account_id, r.hour, r.sku, r.resource_id, r.labels, r.quantity, b.currency, b.base, b.month,
-                   true, r.old_amount, r.old_cum
+                   true, r.old_amount, r.old_cum, r.unit_seconds
             FROM based b
             JOIN rollup_rows r ON r.account_id = b.account_id AND r.sku = b.sku
                               AND r.hour >= b.tail_from AND r.hour < b.month + interval '1 month'
@@ -658,7 +673,7 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
         )
         -- an hour at a flat price in a month that also has tiers has no tiers: left out
         SELECT t.account_id, t.hour, t.sku, t.resource_id, t.labels, t.quantity, t.changed, t.old_amount, t.old_cum,
-               t.cum_after::numeric(38, 12) AS cum_quantity,
+               t.unit_seconds, t.cum_after::numeric(38, 12) AS cum_quantity,
                sum(tier.unit_price * greatest(0,
                    least(t.cum_after, coalesce(tier.up_to, t.cum_after))
                    - greatest(t.cum_after - t.quantity, tier.lower_bound)))::numeric(38, 12) AS amount
@@ -667,7 +682,7 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
                             AND t.hour >= p.valid_from AND t.hour < p.valid_to
         JOIN rollup_tiers tier ON tier.price_id = p.price_id
         GROUP BY t.account_id, t.hour, t.sku, t.resource_id, t.labels, t.quantity, t.changed, t.old_amount,
-                 t.old_cum, t.cum_after
+                 t.old_cum, t.unit_seconds, t.cum_after
         """
     )
     # What is written: changed rows (flat: quantity x price; unpriced: no amount; graduated:
@@ -683,19 +698,21 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
                         ELSE (r.quantity * r.unit_price)::numeric(38, 12) END AS amount,
                    CASE WHEN t.account_id IS NOT NULL THEN t.cum_quantity
                         WHEN r.price_id IS NOT NULL AND r.unit_price IS NULL THEN r.old_cum END AS cum_quantity,
-                   r.old_cum
+                   r.old_cum, r.unit_seconds, r.old_unit_seconds
             FROM rollup_rows r
             LEFT JOIN rollup_tail t ON t.changed AND t.account_id = r.account_id AND t.hour = r.hour
                                    AND t.sku = r.sku AND t.resource_id = r.resource_id AND t.labels = r.labels
             UNION ALL
             SELECT t.account_id, t.hour, t.sku, t.resource_id, t.labels, true, true,
-                   t.quantity, t.old_amount, t.quantity, t.amount, t.cum_quantity, t.old_cum
+                   t.quantity, t.old_amount, t.quantity, t.amount, t.cum_quantity, t.old_cum,
+                   t.unit_seconds, t.unit_seconds
             FROM rollup_tail t
             WHERE NOT t.changed
         ) w
         WHERE CASE WHEN NOT w.kept THEN w.existed
-                   ELSE NOT w.existed OR (w.quantity, w.amount, w.cum_quantity)
-                                         IS DISTINCT FROM (w.old_quantity, w.old_amount, w.old_cum) END
+                   ELSE NOT w.existed OR (w.quantity, w.amount, w.cum_quantity, w.unit_seconds)
+                                         IS DISTINCT FROM (w.old_quantity, w.old_amount, w.old_cum,
+                                                           w.old_unit_seconds) END
         """
     )
     cur.execute(  # type: ignore[attr-defined]
@@ -707,12 +724,14 @@ def _rate_and_write(cur: object, *, hourly_p: str, daily_p: str) -> int:
     )
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        INSERT INTO {hourly_p} AS h (account_id, hour, sku, resource_id, labels, quantity, amount, cum_quantity)
-        SELECT account_id, hour, sku, resource_id, labels, quantity, amount, cum_quantity
+        INSERT INTO {hourly_p} AS h (account_id, hour, sku, resource_id, labels, quantity, amount, cum_quantity,
+                                     unit_seconds)
+        SELECT account_id, hour, sku, resource_id, labels, quantity, amount, cum_quantity, unit_seconds
         FROM rollup_write WHERE kept
         ORDER BY account_id, hour, sku, resource_id, labels
         ON CONFLICT (account_id, hour, sku, resource_id, labels) DO UPDATE SET
-            quantity = EXCLUDED.quantity, amount = EXCLUDED.amount, cum_quantity = EXCLUDED.cum_quantity
+            quantity = EXCLUDED.quantity, amount = EXCLUDED.amount, cum_quantity = EXCLUDED.cum_quantity,
+            unit_seconds = EXCLUDED.unit_seconds
         """
     )
     written: int = cur.rowcount  # type: ignore[attr-defined]
@@ -732,6 +751,9 @@ def _move_days(cur: object, *, hourly_p: str, daily_p: str) -> None:
                sum(CASE WHEN kept THEN quantity ELSE 0 END - coalesce(old_quantity, 0)) AS quantity,
                CASE WHEN bool_or(kept AND amount IS NOT NULL OR old_amount IS NOT NULL)
                     THEN sum(coalesce(CASE WHEN kept THEN amount END, 0) - coalesce(old_amount, 0)) END AS amount,
+               CASE WHEN bool_or(kept AND unit_seconds IS NOT NULL OR old_unit_seconds IS NOT NULL)
+                    THEN sum(coalesce(CASE WHEN kept THEN unit_seconds END, 0) - coalesce(old_unit_seconds, 0))
+                    END AS unit_seconds,
                bool_or(NOT kept OR (old_amount IS NOT NULL AND amount IS NULL)) AS recount
         FROM rollup_write
         GROUP BY 1, 2, 3, 4, 5
@@ -739,13 +761,15 @@ def _move_days(cur: object, *, hourly_p: str, daily_p: str) -> None:
     )
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        INSERT INTO {daily_p} AS d (account_id, day, sku, resource_id, labels, quantity, amount)
-        SELECT account_id, day, sku, resource_id, labels, quantity, amount
+        INSERT INTO {daily_p} AS d (account_id, day, sku, resource_id, labels, quantity, amount, unit_seconds)
+        SELECT account_id, day, sku, resource_id, labels, quantity, amount, unit_seconds
         FROM rollup_daily WHERE NOT recount
         ORDER BY account_id, day, sku, resource_id, labels
         ON CONFLICT (account_id, day, sku, resource_id, labels) DO UPDATE SET
             quantity = d.quantity + EXCLUDED.quantity,
-            amount = CASE WHEN EXCLUDED.amount IS NULL THEN d.amount ELSE coalesce(d.amount, 0) + EXCLUDED.amount END
+            amount = CASE WHEN EXCLUDED.amount IS NULL THEN d.amount ELSE coalesce(d.amount, 0) + EXCLUDED.amount END,
+            unit_seconds = CASE WHEN EXCLUDED.unit_seconds IS NULL THEN d.unit_seconds
+                                ELSE coalesce(d.unit_seconds, 0) + EXCLUDED.unit_seconds END
         """
     )
     cur.execute(  # type: ignore[attr-defined]
@@ -757,8 +781,8 @@ def _move_days(cur: object, *, hourly_p: str, daily_p: str) -> None:
     )
     cur.execute(  # type: ignore[attr-defined]
         f"""
-        INSERT INTO {daily_p} (account_id, day, sku, resource_id, labels, quantity, amount)
-        SELECT h.account_id, x.day, h.sku, h.resource_id, h.labels, sum(h.quantity), sum(h.amount)
+        INSERT INTO {daily_p} (account_id, day, sku, resource_id, labels, quantity, amount, unit_seconds)
+        SELECT h.account_id, x.day, h.sku, h.resource_id, h.labels, sum(h.quantity), sum(h.amount), sum(h.unit_seconds)
         FROM rollup_daily x
         JOIN {hourly_p} h ON h.account_id = x.account_id AND h.resource_id = x.resource_id
                          AND h.hour >= x.day AND h.hour < x.day + interval '1 day'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import threading
 import time
 from dataclasses import dataclass
@@ -45,6 +46,37 @@ def usage_event_count(*, account_id: int) -> int:
     return UsageEvent.objects.filter(account_id=account_id).count()
 
 
+def quantity_sum(alias: str = "") -> str:
+    """SQL for the sum of a group's quantities, exact: a duration SKU's rows keep units x
+    seconds (``unit_seconds``), summed and divided by 3,600 once here, rounded half-up to the
+    12 places every stored quantity has; rows without it (quantity SKUs, rows written by
+    hand) add their quantities. Summing the rows' own quantities instead would add up
+    hundreds of per-hour pieces each rounded to 12 places (``102076.199999999999``)."""
+    p = f"{alias}." if alias else ""
+    return (
+        f"round(coalesce(sum({p}unit_seconds), 0) / 3600 "
+        f"+ coalesce(sum({p}quantity) FILTER (WHERE {p}unit_seconds IS NULL), 0), 12)"
+    )
+
+
+# Places a shown quantity keeps at most: the same rule as an invoice line's quantity
+# (invoicing.line_display), so that the costs API shows what the invoice shows.
+QUANTITY_PLACES = 6
+_QUANTITY_QUANTUM = Decimal(1).scaleb(-QUANTITY_PLACES)
+_QUANTITY_CONTEXT = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_UP)
+
+
+def quantity_text(quantity: Decimal | None) -> str | None:
+    """A quantity as shown: rounded half-up to at most 6 places, no trailing zeros, never in
+    exponent notation (``744``, ``122316.2``)."""
+    if quantity is None:
+        return None
+    rounded = quantity.quantize(_QUANTITY_QUANTUM, context=_QUANTITY_CONTEXT)
+    if rounded.is_zero():
+        return "0"
+    return f"{rounded.normalize(context=_QUANTITY_CONTEXT):f}"
+
+
 GRANULARITIES = ("hour", "day", "month")
 MAX_RANGE_DAYS = {"hour": 62, "day": 732, "month": 3660}
 
@@ -63,7 +95,8 @@ class CostQuery:
 def cost_breakdown(query: CostQuery) -> tuple[list[dict[str, Any]], Decimal]:
     """Rated hourly usage summed by period and the asked dimensions; reads the rollups only.
 
-    Quantities are summed only within a SKU (adding GB to vCPU-hours means nothing)."""
+    Quantities are summed only within a SKU (adding GB to vCPU-hours means nothing), exactly
+    (``quantity_sum``)."""
     # Day and month breakdowns read the daily rollup (24x fewer rows); hours read the hourly one.
     table, time_column = (
         ("metering_hourlyusage", "hour") if query.granularity == "hour" else ("metering_dailyusage", "day")
@@ -83,7 +116,7 @@ def cost_breakdown(query: CostQuery) -> tuple[list[dict[str, Any]], Decimal]:
         names.append(f"label:{key}")
     group = ", ".join(str(i + 1) for i in range(len(columns)))
     sql = f"""
-        SELECT {", ".join(columns)}, {"sum(quantity)" if query.by_sku else "NULL"}, coalesce(sum(amount), 0)
+        SELECT {", ".join(columns)}, {quantity_sum() if query.by_sku else "NULL"}, coalesce(sum(amount), 0)
         FROM {table}
         WHERE account_id = %(account_id)s AND {time_column} >= %(start)s AND {time_column} < %(end)s
         GROUP BY {group} ORDER BY {group}
@@ -223,20 +256,20 @@ def billing_usage(
         cursor.execute(
             """
             SELECT account_id, %(detail_month)s::date, sku, resource_id, project, GROUPING(resource_id, project),
-                   sum(quantity), coalesce(sum(amount), 0)
+                   {QUANTITY}, coalesce(sum(amount), 0)
             FROM (
-                SELECT account_id, sku, resource_id, labels ->> 'project' AS project, quantity, amount
+                SELECT account_id, sku, resource_id, labels ->> 'project' AS project, quantity, unit_seconds, amount
                 FROM metering_dailyusage
                 WHERE account_id = ANY(%(accounts)s) AND day >= %(detail_start)s AND day < %(end)s
             ) d
             GROUP BY GROUPING SETS ((account_id, sku), (account_id, sku, resource_id), (account_id, sku, project))
             UNION ALL
             SELECT account_id, (date_trunc('month', day, 'UTC') AT TIME ZONE 'UTC')::date, sku, NULL, NULL, 3,
-                   sum(quantity), coalesce(sum(amount), 0)
+                   {QUANTITY}, coalesce(sum(amount), 0)
             FROM metering_dailyusage
             WHERE account_id = ANY(%(accounts)s) AND day >= %(start)s AND day < %(detail_start)s
             GROUP BY 1, 2, 3
-            """,
+            """.replace("{QUANTITY}", quantity_sum()),
             {
                 "accounts": account_ids,
                 "start": start,
@@ -266,14 +299,14 @@ def monthly_usage_through(*, through: dict[int, dt.date], since: dt.date) -> lis
         cursor.execute(
             """
             SELECT d.account_id, (date_trunc('month', d.day, 'UTC') AT TIME ZONE 'UTC')::date, d.sku,
-                   sum(d.quantity), coalesce(sum(d.amount), 0)
+                   {QUANTITY}, coalesce(sum(d.amount), 0)
             FROM unnest(%s::bigint[], %s::date[]) AS t(account_id, through)
             JOIN metering_dailyusage d
               ON d.account_id = t.account_id AND d.day >= %s::timestamptz
              AND d.day < ((t.through + interval '1 month') AT TIME ZONE 'UTC')
             WHERE d.account_id = ANY(%s::bigint[])  -- lets the planner probe each partition's index
             GROUP BY 1, 2, 3
-            """,
+            """.replace("{QUANTITY}", quantity_sum("d")),
             [accounts, [through[a] for a in accounts], dt.datetime.combine(since, dt.time(), tzinfo=dt.UTC), accounts],
         )
         return [MonthlyUsage(*row) for row in cursor.fetchall()]
@@ -326,7 +359,7 @@ def hourly_spend(windows: list[AmountWindow]) -> dict[tuple[int, str], tuple[Dec
     with connection.cursor() as cursor:
         cursor.execute(
             """
-            SELECT w.key, h.sku, coalesce(sum(h.quantity), 0), coalesce(sum(h.amount), 0)
+            SELECT w.key, h.sku, {QUANTITY}, coalesce(sum(h.amount), 0)
             FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::timestamptz[], %s::timestamptz[])
                  AS w(key, account_id, prefix, start, "end")
             JOIN metering_hourlyusage h
@@ -334,7 +367,7 @@ def hourly_spend(windows: list[AmountWindow]) -> dict[tuple[int, str], tuple[Dec
              AND starts_with(h.sku, w.prefix)
             WHERE h.account_id = ANY(%s::bigint[])
             GROUP BY 1, 2
-            """,
+            """.replace("{QUANTITY}", quantity_sum("h")),
             [
                 [w.key for w in windows],
                 [w.account_id for w in windows],

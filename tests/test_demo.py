@@ -8,8 +8,12 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from io import StringIO
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import time_machine
 from django.core.management import call_command
 
 from billing_site import database
-from conftest import client_with_key
+from conftest import ROOT, client_with_key, database_url, free_port, wait_for
 from invoicing import ledger
 from payments.models import Payment
 
@@ -134,3 +138,87 @@ def test_stopping_the_embedded_server_forgets_processes_that_died_and_spares_liv
 def test_nothing_is_stopped_when_the_database_is_configured(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgres://billing@db.internal:5432/billing")
     assert database.embedded_stop() == "DATABASE_URL is set: no embedded PostgreSQL to stop"
+
+
+@pytest.mark.redis  # make demo starts a redis-server of its own
+@pytest.mark.django_db(transaction=True)
+def test_make_demo_runs_the_pipeline_usage_sent_after_start_is_in_the_costs_within_a_minute(
+    catalog: None, tmp_path: Path
+) -> None:
+    """What ``make demo`` starts once its data is loaded (``make demo-serve``: a redis-server of
+    its own, a worker, beat, runserver on the chosen port), against the test database: the
+    printed producer curl line, sent after start, shows in the printed costs curl line within a
+    minute; Ctrl-C stops every process it started."""
+    if shutil.which("redis-server") is None or shutil.which("curl") is None or shutil.which("make") is None:
+        pytest.skip("needs redis-server, curl and make")
+    run("load_demo_data")  # the accounts and operator demo_access prints keys for
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "DJANGO_SETTINGS_MODULE")
+    }
+    env.update(DATABASE_URL=database_url(), LOG_FORMAT="text")
+    demo = subprocess.Popen(
+        ["make", "--no-print-directory", "demo-serve", f"PORT={port}", f"DEMO_LOGS={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the test's Ctrl-C reaches what it started
+    )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(demo.stdout or []), daemon=True)
+    reader.start()
+    try:
+
+        def printed(text: str) -> bool:
+            return any(text in line for line in list(output)) or demo.poll() is not None
+
+        assert wait_for(lambda: printed("Usage sent now"), 240) and demo.poll() is None, "".join(output)
+        site = f"http://127.0.0.1:{port}"
+        curls = [shlex.split(line) for line in list(output) if line.strip().startswith("curl ")]
+        (send,) = [argv for argv in curls if "-d" in argv]
+        (costs,) = [argv for argv in curls if "/costs?" in argv[-1]]
+        assert send[-1].startswith(site) and costs[-1].startswith(site)
+
+        def answers() -> bool:
+            probe = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{site}/api/docs/"],
+                capture_output=True,
+                text=True,
+            )
+            return probe.stdout == "200"
+
+        assert wait_for(answers, 60), "".join(output)
+        before = json.loads(subprocess.run([*costs, "-s"], capture_output=True, text=True, check=True).stdout)
+        assert not [row for row in before["rows"] if row["sku"] == "network.egress"]
+
+        sent = subprocess.run([*send, "-s"], capture_output=True, text=True, check=True)
+        assert json.loads(sent.stdout)["accepted"] == 1, sent.stdout
+        started = time.monotonic()
+
+        def egress_in_costs() -> bool:
+            body = json.loads(subprocess.run([*costs, "-s"], capture_output=True, text=True, check=True).stdout)
+            return [row["quantity"] for row in body["rows"] if row["sku"] == "network.egress"] == ["1.5"]
+
+        assert wait_for(egress_in_costs, 60), "".join(output)
+        assert time.monotonic() - started <= 60
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
+        demo.wait(120)
+        reader.join(10)
+    (pipeline,) = [line for line in output if line.startswith("Pipeline:")]
+    pids = [int(pid) for pid in re.findall(r"pid (\d+)", pipeline)]
+    assert len(pids) == 3  # redis-server, worker, beat
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    assert wait_for(lambda: all(gone(pid) for pid in pids), 30), pipeline

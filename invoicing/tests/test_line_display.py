@@ -87,9 +87,10 @@ def test_a_resource_running_all_of_october_shows_744_times_its_units_everywhere(
         call_command("bill_period", "2026-10", stdout=StringIO())  # the real rollup, then the close
         invoice = Invoice.objects.get(account_id=account.id)
         vcpu = invoice.lines.get(sku="compute.vcpu")
-        # What is stored keeps full precision, and the amount is computed from it as before
-        # (the rated 17.112000000001 EUR, rounded once on the line): only what is shown changes.
-        assert vcpu.quantity == Decimal("1488.000000000001")
+        # The quantity is exact (durations are summed in unit-seconds and divided once, issue
+        # 19: it was 1488.000000000001, the sum of per-hour pieces each rounded to 12 places);
+        # the amount is rated per hour as before (17.112000000001 EUR, rounded once on the line).
+        assert vcpu.quantity == Decimal("1488")
         assert vcpu.rated_amount == Decimal("17.112000000001") and vcpu.amount_minor == 1711
 
         line = next(line for line in api_invoice(account)["lines"] if line["sku"] == "compute.vcpu")

@@ -16,7 +16,8 @@ from accounts import services
 from accounts.management.commands.load_demo_data import OPERATOR_EMAIL, OPERATOR_PASSWORD
 from accounts.models import BillingAccount, Scope, User
 
-SITE = "http://127.0.0.1:8000"
+PORT = 8000
+SITE = f"http://127.0.0.1:{PORT}"
 CUSTOMER_EMAIL = "alice@demo.test"
 CUSTOMER_ACCOUNT = "Acme Cloud BV"
 
@@ -26,8 +27,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--force", action="store_true", help="Run even with DEBUG off (never in production).")
+        parser.add_argument("--port", type=int, default=PORT, help="The port the demo serves on (make demo PORT=…).")
 
-    def handle(self, *args: Any, force: bool = False, **options: Any) -> None:
+    def handle(self, *args: Any, force: bool = False, port: int = PORT, **options: Any) -> None:
         if not (settings.DEBUG or force):
             raise CommandError("Demo keys are for demo databases: DEBUG must be on (or --force).")
         customer = User.objects.filter(email=CUSTOMER_EMAIL).first()
@@ -37,6 +39,7 @@ class Command(BaseCommand):
         key = services.api_key_create(user_id=customer.id, name="demo").raw
         producer = services.service_key_create(name="demo-producer", scopes=[Scope.USAGE_WRITE], created_by_id=None).raw
 
+        site = f"http://127.0.0.1:{port}"
         now = timezone.now()
         # The costs of the demo's month of usage: from the first of last month to tomorrow.
         start = (now.date().replace(day=1) - dt.timedelta(days=1)).replace(day=1)
@@ -49,14 +52,16 @@ class Command(BaseCommand):
             "sku": "network.egress",
             "quantity": "1.5",
         }
-        api = f"{SITE}/api/v1"
+        api = f"{site}/api/v1"
         accounts = f"{api}/billing-accounts/{acme.public_id}"
         lines = [
             "",
-            self.style.SUCCESS(f"The demo runs on {SITE}/ (Ctrl-C stops it and its embedded PostgreSQL)."),
+            self.style.SUCCESS(
+                f"The demo runs on {site}/ (Ctrl-C stops it, its worker and beat, and its embedded PostgreSQL)."
+            ),
             "",
-            f"  Admin:         {SITE}/admin/  login {OPERATOR_EMAIL} / {OPERATOR_PASSWORD}",
-            f"  API docs:      {SITE}/api/docs/",
+            f"  Admin:         {site}/admin/  login {OPERATOR_EMAIL} / {OPERATOR_PASSWORD}",
+            f"  API docs:      {site}/api/docs/",
             f"  Customer key:  {key}",
             f"                 ({CUSTOMER_EMAIL}, owner of Acme Cloud BV and Globex GmbH)",
             f"  Producer key:  {producer}",
@@ -69,6 +74,8 @@ class Command(BaseCommand):
             f"  curl -H 'Authorization: Bearer {key}' {accounts}/invoices",
             f"  curl -H 'Authorization: Bearer {producer}' -H 'Content-Type: application/json' "
             f"-d '{json.dumps({'events': [event]})}' {api}/usage/events",
+            "",
+            "  Usage sent now is rolled up by the demo's worker and in the costs within a minute.",
             "",
         ]
         self.stdout.write("\n".join(lines))
