@@ -68,9 +68,11 @@ demo-serve:
 	$(BIN)/python manage.py demo_access --port $(PORT); \
 	$(BIN)/python manage.py runserver --noreload 127.0.0.1:$(PORT)
 
-## make test: install and run the whole suite against a real PostgreSQL
+## make test: install and run the whole suite against a real PostgreSQL, in TEST_WORKERS parallel
+## processes (pytest-xdist; each its own test database and Redis). TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
