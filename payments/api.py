@@ -44,7 +44,10 @@ def _account(request: Request, account_id: int, *, write: bool = False) -> Any:
 
 def _no_body(request: Request) -> None:
     """Endpoints that take no body refuse one: malformed JSON is a 400 ``malformed_request``
-    (the parser), any field a 400 ``unknown_field`` naming it, before anything is started."""
+    (the parser), any field a 400 ``unknown_field`` naming it, before anything is started. An
+    empty body is no body, whatever its declared content type (a form post with nothing in it)."""
+    if request.META.get("CONTENT_LENGTH") in (None, "", "0"):
+        return
     NoBodySerializer(data=request.data).is_valid(raise_exception=True)
 
 

@@ -161,7 +161,7 @@ class Command(BaseCommand):
         if created.status_code != 201:
             raise CommandError(f"account {profile['name']}: {created.status_code} {created.content[:300]!r}")
         base = f"/api/v1/billing-accounts/{created.json()['id']}/payment-methods"
-        setup = client.post(f"{base}/setup", headers=auth)
+        setup = client.post(f"{base}/setup", content_type="application/json", headers=auth)
         if setup.status_code != 201:  # a blocked account cannot bind: the rules stopped it at signup
             return
         client.post(
