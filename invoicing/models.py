@@ -19,7 +19,7 @@ from django_countries.fields import CountryField
 from django_fsm import FSMField, FSMModelMixin, can_proceed, transition
 
 from billing_site.common import ids, money
-from billing_site.common.actors import Actor
+from billing_site.common.transitions import AuditedTransitions, StateChangeRecord
 
 
 class InvoiceStatus(models.TextChoices):
@@ -210,7 +210,7 @@ def _nothing_paid(invoice: models.Model) -> bool:
     return isinstance(invoice, Invoice) and invoice.amount_paid_minor == 0
 
 
-class Invoice(FSMModelMixin, models.Model):
+class Invoice(AuditedTransitions, FSMModelMixin, models.Model):
     """One invoice per account and calendar month (``period_start`` first day, ``period_end``
     the first day of the next month, exclusive). Money in integer minor units of ``currency``.
 
@@ -352,17 +352,6 @@ class Invoice(FSMModelMixin, models.Model):
 
     TRANSITION_LOG = "invoicing.invoice_transition"
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> InvoiceTransition:
-        return InvoiceTransition(
-            invoice=self,
-            account_id=self.account_id,
-            from_state=from_state,
-            to_state=self.status,
-            actor_kind=actor.kind,
-            actor_name=actor.name,
-            reason=reason,
-        )
-
     def log_fields(self) -> dict[str, object]:
         return {
             "invoice_id": self.public_id,
@@ -388,17 +377,12 @@ class Invoice(FSMModelMixin, models.Model):
         return self.status in (InvoiceStatus.ISSUED, InvoiceStatus.PAID, InvoiceStatus.UNCOLLECTIBLE)
 
 
-class InvoiceTransition(models.Model):
+class InvoiceTransition(StateChangeRecord):
     """Append-only audit of invoice state changes, written in the transition's transaction."""
 
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="transitions")
-    account_id = models.BigIntegerField()
     from_state = models.CharField(max_length=16, choices=InvoiceStatus.choices)
     to_state = models.CharField(max_length=16, choices=InvoiceStatus.choices)
-    actor_kind = models.CharField(max_length=16)
-    actor_name = models.CharField(max_length=254)
-    reason = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         indexes = [models.Index(fields=["account_id", "created_at"], name="invoicing_it_account")]

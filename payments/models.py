@@ -27,7 +27,7 @@ from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
 
 from billing_site.common import ids, money
-from billing_site.common.actors import Actor
+from billing_site.common.transitions import AuditedTransitions, StateChangeRecord
 
 
 class GatewayName(models.TextChoices):
@@ -162,7 +162,7 @@ class PaymentTrigger(models.TextChoices):
     OPERATOR = "operator", "An operator"
 
 
-class Payment(FSMModelMixin, models.Model):
+class Payment(AuditedTransitions, FSMModelMixin, models.Model):
     """One attempt to collect an invoice's outstanding amount from a card.
 
     Committed as ``pending`` before the gateway is called; ``processing`` while the call is
@@ -240,17 +240,6 @@ class Payment(FSMModelMixin, models.Model):
 
     TRANSITION_LOG = "payment.transition"
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> PaymentTransition:
-        return PaymentTransition(
-            payment=self,
-            account_id=self.account_id,
-            from_state=from_state,
-            to_state=self.status,
-            actor_kind=actor.kind.value,
-            actor_name=actor.name[:254],
-            reason=reason,
-        )
-
     def log_fields(self) -> dict[str, object]:
         return {
             "payment_id": self.public_id,
@@ -298,17 +287,12 @@ class Payment(FSMModelMixin, models.Model):
         """An abandoned authentication, replaced by a new attempt; or an intent never created."""
 
 
-class PaymentTransition(models.Model):
+class PaymentTransition(StateChangeRecord):
     """Append-only audit of payment state changes, in the transition's transaction."""
 
     payment = models.ForeignKey(Payment, on_delete=models.PROTECT, related_name="transitions")
-    account_id = models.BigIntegerField()
     from_state = models.CharField(max_length=16, choices=PaymentStatus.choices)
     to_state = models.CharField(max_length=16, choices=PaymentStatus.choices)
-    actor_kind = models.CharField(max_length=16)
-    actor_name = models.CharField(max_length=254)
-    reason = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         indexes = [models.Index(fields=["account_id", "created_at"], name="payments_pt_account")]
@@ -348,7 +332,7 @@ class RefundStatus(models.TextChoices):
     UNKNOWN = "unknown", "Unknown (the reconciler asks the gateway)"
 
 
-class Refund(FSMModelMixin, models.Model):
+class Refund(AuditedTransitions, FSMModelMixin, models.Model):
     """Money given back on a payment: committed before the gateway call (intent first), with
     an idempotency key from its id; a credit note and a ledger entry when it succeeded.
 
@@ -418,17 +402,6 @@ class Refund(FSMModelMixin, models.Model):
     def lose_track(self) -> None:
         """The answer was lost: the reconciler asks the gateway."""
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> RefundTransition:
-        return RefundTransition(
-            refund=self,
-            account_id=self.account_id,
-            from_state=from_state,
-            to_state=self.status,
-            actor_kind=actor.kind.value,
-            actor_name=actor.name[:254],
-            reason=reason,
-        )
-
     def log_fields(self) -> dict[str, object]:
         return {
             "refund_id": self.public_id,
@@ -440,17 +413,12 @@ class Refund(FSMModelMixin, models.Model):
         }
 
 
-class RefundTransition(models.Model):
+class RefundTransition(StateChangeRecord):
     """Append-only audit of refund state changes, in the transition's transaction."""
 
     refund = models.ForeignKey(Refund, on_delete=models.PROTECT, related_name="transitions")
-    account_id = models.BigIntegerField()
     from_state = models.CharField(max_length=16, choices=RefundStatus.choices)
     to_state = models.CharField(max_length=16, choices=RefundStatus.choices)
-    actor_kind = models.CharField(max_length=16)
-    actor_name = models.CharField(max_length=254)
-    reason = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         indexes = [models.Index(fields=["account_id", "created_at"], name="payments_rt_account")]
@@ -466,7 +434,7 @@ class DisputeStatus(models.TextChoices):
     LOST = "lost", "Lost"
 
 
-class Dispute(FSMModelMixin, models.Model):
+class Dispute(AuditedTransitions, FSMModelMixin, models.Model):
     """A chargeback on a payment: its funds are withdrawn while it is open; returned if won.
 
     A state machine (``open`` → ``won`` / ``lost``) moved only through
@@ -509,17 +477,6 @@ class Dispute(FSMModelMixin, models.Model):
     def lose(self) -> None:
         """The bank decided for the card holder: the funds are gone."""
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> DisputeTransition:
-        return DisputeTransition(
-            dispute=self,
-            account_id=self.account_id,
-            from_state=from_state,
-            to_state=self.status,
-            actor_kind=actor.kind.value,
-            actor_name=actor.name[:254],
-            reason=reason,
-        )
-
     def log_fields(self) -> dict[str, object]:
         return {
             "dispute_id": self.public_id,
@@ -531,17 +488,12 @@ class Dispute(FSMModelMixin, models.Model):
         }
 
 
-class DisputeTransition(models.Model):
+class DisputeTransition(StateChangeRecord):
     """Append-only audit of dispute state changes (the opening: from ``""``)."""
 
     dispute = models.ForeignKey(Dispute, on_delete=models.PROTECT, related_name="transitions")
-    account_id = models.BigIntegerField()
     from_state = models.CharField(max_length=8, blank=True, choices=DisputeStatus.choices)
     to_state = models.CharField(max_length=8, choices=DisputeStatus.choices)
-    actor_kind = models.CharField(max_length=16)
-    actor_name = models.CharField(max_length=254)
-    reason = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         indexes = [models.Index(fields=["account_id", "created_at"], name="payments_dt_account")]
@@ -667,7 +619,7 @@ class DunningCaseStatus(models.TextChoices):
     WRITTEN_OFF = "written_off", "Written off"
 
 
-class DunningCase(FSMModelMixin, models.Model):
+class DunningCase(AuditedTransitions, FSMModelMixin, models.Model):
     """An unpaid invoice being chased: opened by its first failed charge (or by being overdue),
     resolved when it is paid or settled, closed by a write-off.
 
@@ -706,17 +658,6 @@ class DunningCase(FSMModelMixin, models.Model):
     def write_off(self) -> None:
         """The invoice was written off (uncollectible)."""
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> DunningCaseTransition:
-        return DunningCaseTransition(
-            case=self,
-            account_id=self.account_id,
-            from_state=from_state,
-            to_state=self.status,
-            actor_kind=actor.kind.value,
-            actor_name=actor.name[:254],
-            reason=reason,
-        )
-
     def log_fields(self) -> dict[str, object]:
         return {
             "case_id": self.id,
@@ -725,17 +666,12 @@ class DunningCase(FSMModelMixin, models.Model):
         }
 
 
-class DunningCaseTransition(models.Model):
+class DunningCaseTransition(StateChangeRecord):
     """Append-only audit of dunning case state changes, in the transition's transaction."""
 
     case = models.ForeignKey(DunningCase, on_delete=models.PROTECT, related_name="transitions")
-    account_id = models.BigIntegerField()
     from_state = models.CharField(max_length=16, choices=DunningCaseStatus.choices)
     to_state = models.CharField(max_length=16, choices=DunningCaseStatus.choices)
-    actor_kind = models.CharField(max_length=16)
-    actor_name = models.CharField(max_length=254)
-    reason = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         indexes = [models.Index(fields=["account_id", "created_at"], name="payments_dct_account")]

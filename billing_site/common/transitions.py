@@ -3,14 +3,12 @@ audit row written in the same transaction, one log line.
 
 Every stateful model (accounts, invoices, payments, refunds, disputes, dunning cases …) is a
 django-fsm model with ``protected=True`` and says how its audit row looks, by implementing
-``audit_record``::
+``audit_record`` (``AuditedTransitions`` writes it for an audit table that is a
+``StateChangeRecord`` reached as ``transitions``)::
 
-    class Refund(FSMModelMixin, models.Model):
+    class Refund(AuditedTransitions, FSMModelMixin, models.Model):
         TRANSITION_LOG = "refund.transition"       # the log event
         status = FSMField(..., protected=True)
-
-        def audit_record(self, *, transition, from_state, actor, reason) -> RefundTransition:
-            return RefundTransition(refund=self, from_state=from_state, to_state=self.status, ...)
 
         def log_fields(self) -> dict[str, object]:   # ids for the log line (no personal data)
             return {"refund_id": self.public_id}
@@ -29,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, TypeVar, cast
 
 from django.db import connection, models
+from django.utils import timezone
 from django_fsm import can_proceed
 
 from billing_site.common.actors import Actor, ActorKind
@@ -52,6 +51,43 @@ class StateMachine(Protocol):
 
 
 M = TypeVar("M", bound=models.Model)
+
+
+class StateChangeRecord(models.Model):
+    """The audit row of one transition: the columns every state machine's audit table shares
+    (each adds the foreign key to its subject, named by ``related_name="transitions"``, and its
+    states with their choices)."""
+
+    account_id = models.BigIntegerField()
+    actor_kind = models.CharField(max_length=16)
+    actor_name = models.CharField(max_length=254)
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        abstract = True
+
+
+class AuditedTransitions:
+    """A state machine whose audit table is a ``StateChangeRecord`` reached by the reverse
+    relation ``transitions``: its ``audit_record`` comes from here (an account's, which also
+    keeps the transition's name, cause and user, is its own)."""
+
+    account_id: int
+
+    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> models.Model:
+        relation = cast(models.Model, self)._meta.get_field("transitions")
+        record_model = cast(type[models.Model], relation.related_model)
+        subject = cast(Any, relation).field.name
+        return record_model(
+            **{subject: self},
+            account_id=self.account_id,
+            from_state=from_state,
+            to_state=getattr(self, state_field_name(cast(models.Model, self))),
+            actor_kind=actor.kind.value,
+            actor_name=actor.name[:254],
+            reason=reason,
+        )
 
 
 def state_field_name(obj: models.Model) -> str:
