@@ -218,6 +218,7 @@ AXES_USERNAME_CALLABLE = "accounts.logins.username"
 AXES_CLIENT_IP_CALLABLE = "billing_site.common.views.client_ip"
 AXES_CLIENT_STR_CALLABLE = "accounts.logins.client_str"  # staff emails masked in its log lines
 AXES_LOCKOUT_CALLABLE = "accounts.logins.lockout_response"
+AXES_VERBOSE = False  # no banner at every process start; failures and lockouts are still logged
 # An admin session ends after ADMIN_SESSION_IDLE_MINUTES without a request (each request moves
 # the expiry on), and when the browser closes (no persistent cookie).
 ADMIN_SESSION_IDLE_MINUTES = int(os.environ.get("ADMIN_SESSION_IDLE_MINUTES", "30"))
