@@ -19,7 +19,12 @@ in a second transaction, and a reconciler for answers that were lost.
    mid-call): by PaymentIntent id when we have it, else by listing the customer's intents and
    matching ``metadata.payment_id``. We never rely on the gateway honouring idempotency keys
    (localstripe ignores them): while a payment is ``unknown``, nothing charges its invoice.
-   ``pending`` payments older than that were never sent: they are sent now.
+   A payment the gateway has no trace of was never sent (the request was reset before it got
+   there, or the worker died before it left): that is our failure, not the customer's, so it
+   goes back to ``pending`` and is sent again at once, the same payment with the same
+   idempotency key (no decline, no dunning). A call that certainly never left
+   (``GatewayUnavailable``, ``RateLimited``) does the same; ``pending`` payments are sent again
+   one minute after, then after twice as long each time (``resend_delay``, up to an hour).
 
 Every step logs one ``payment.*`` line with the payment, invoice and account ids.
 """
@@ -338,10 +343,14 @@ def _apply(payment: Payment, result: ChargeResult | GatewayError, *, actor: Acto
         if result.intent_id and not payment.gateway_intent_id:
             payment.gateway_intent_id = result.intent_id
         _declined(payment, result.code, result.retryable, result.message, actor)
-    elif isinstance(result, GatewayUnavailable | InvalidRequest | RateLimited):
-        # Certainly not charged (the gateway refused or was never reached): failed, retryable.
-        code = "gateway_unavailable" if not isinstance(result, InvalidRequest) else result.code
-        _declined(payment, code, True, str(result), actor, customer_fault=False)
+    elif isinstance(result, GatewayUnavailable | RateLimited):
+        # Certainly not sent (the connection was never made, or the gateway kept refusing us):
+        # our failure, not the customer's. The same payment is sent again (the reconciler).
+        if payment.status == PaymentStatus.PROCESSING:
+            _requeue(payment, actor=actor, reason=f"not sent: {result}"[:300])
+    elif isinstance(result, InvalidRequest):
+        # The gateway refused the request itself (a detached card, a bug): failed, retryable.
+        _declined(payment, result.code, True, str(result), actor, customer_fault=False)
     elif isinstance(result, OutcomeUnknown | GatewayError) and payment.status == PaymentStatus.PROCESSING:
         _transition(payment, "lose_track", actor=actor, reason=str(result)[:300])
 
@@ -425,6 +434,21 @@ def _declined(
         )
 
 
+def _requeue(payment: Payment, *, actor: Actor, reason: str) -> None:
+    """Never sent: back to ``pending`` with its idempotency key, for ``payments_reconcile`` to
+    send again. No decline, no dunning, no email: nothing happened at the card."""
+    _transition(payment, "requeue", actor=actor, reason=reason)
+    log.warning(
+        "payment.not_sent",
+        extra={
+            "payment_id": payment.public_id,
+            "invoice_id": ids.encode("inv", payment.invoice_id),
+            "account_id": ids.encode("acc", payment.account_id),
+            "reason": reason,
+        },
+    )
+
+
 def _cancel_abandoned_authentications(payment: Payment) -> None:
     """Before a new attempt: cancel the invoice's intents still waiting for the customer's
     authentication, so a late authentication cannot charge twice (if one turns out to have
@@ -446,35 +470,62 @@ def _cancel_abandoned_authentications(payment: Payment) -> None:
 
 # --- Reconciliation
 
+# A payment that was never sent (the gateway unreachable, or no trace of it there) is sent
+# again after RESEND_FIRST, then after twice as long each time, up to RESEND_MAX between sends.
+RESEND_FIRST = dt.timedelta(seconds=60)
+RESEND_MAX = dt.timedelta(hours=1)
+# How long one reconcile run keeps sending (its task's soft limit is 240 s); the rest waits
+# for the next run, a minute later.
+RECONCILE_SEND_SECONDS = 120.0
+
+
+def resend_delay(sends: int) -> dt.timedelta:
+    """How long a ``pending`` payment sent ``sends`` times before waits to be sent again."""
+    return min(RESEND_FIRST * 2 ** min(max(sends - 1, 0), 16), RESEND_MAX)
+
 
 def payments_reconcile(*, now: dt.datetime | None = None, limit: int = 500) -> dict[str, int]:
-    """Resolve ``unknown`` and stale ``processing`` payments by asking the gateway, and send
-    ``pending`` ones that nobody sent. Returns counts by what was found."""
+    """Resolve ``unknown`` and stale ``processing`` payments by asking the gateway; send again
+    at once those it has no trace of (the same payment, with its idempotency key), and the
+    ``pending`` ones whose time has come (never sent, or not sent because the gateway could not
+    be reached: ``resend_delay``). Returns counts by what was found."""
     forbid_transaction("Reconciling payments")
     now = now or timezone.now()
+    started = time.monotonic()
     stale_before = now - dt.timedelta(seconds=settings.PAYMENTS_STALE_PROCESSING_SECONDS)
     counts = {"checked": 0, "resolved": 0, "still_unknown": 0, "not_sent": 0, "sent": 0}
     candidates = Payment.objects.filter(
         Q(status=PaymentStatus.UNKNOWN)
         | Q(status=PaymentStatus.PROCESSING, sent_at__lt=stale_before)
-        | Q(status=PaymentStatus.PENDING, created_at__lt=stale_before)
-    ).order_by("created_at")[:limit]
+        | Q(status=PaymentStatus.PENDING, updated_at__lte=now - RESEND_FIRST)
+    ).order_by("updated_at")[:limit]
     for payment in candidates:
-        counts["checked"] += 1
         if payment.status == PaymentStatus.PENDING:
+            sends = GatewayCall.objects.filter(payment_id=payment.id, operation="charge").count()
+            if payment.updated_at > now - resend_delay(sends):
+                continue
+            if time.monotonic() - started > RECONCILE_SEND_SECONDS:
+                continue  # the next run sends it
+            counts["checked"] += 1
             payment_execute(payment_id=payment.id)
             counts["sent"] += 1
             continue
+        counts["checked"] += 1
         outcome = payment_reconcile(payment_id=payment.id, stale_before=stale_before)
         counts[outcome] += 1
+        if outcome == "not_sent":
+            payment_execute(payment_id=payment.id)  # at once: it has waited long enough
+            counts["sent"] += 1
     log.info("payments.reconcile", extra=counts)
     return counts
 
 
 def payment_reconcile(*, payment_id: int, stale_before: dt.datetime | None = None) -> str:
     """Ask the gateway what became of one payment: ``resolved``, ``not_sent`` (no intent carries
-    our payment id, and the call went out long enough ago: failed, retryable) or
-    ``still_unknown`` (the gateway could not be asked, or the intent is still processing)."""
+    our payment id, and the call went out long enough ago: back to ``pending``, to be sent again
+    with the same idempotency key) or ``still_unknown`` (the gateway could not be asked, or the
+    intent is still processing). Looked up by intent id when we have it, else among the
+    customer's intents (the gateway's list filtered by customer and date)."""
     payment = Payment.objects.get(id=payment_id)
     if payment.status not in (PaymentStatus.UNKNOWN, PaymentStatus.PROCESSING):
         return "resolved"
@@ -509,10 +560,9 @@ def payment_reconcile(*, payment_id: int, stale_before: dt.datetime | None = Non
             return "still_unknown"  # too recent to be sure the request is not in flight
         with transaction.atomic(durable=True):
             locked = Payment.objects.select_for_update().get(id=payment.id)
-            if locked.status in (PaymentStatus.UNKNOWN, PaymentStatus.PROCESSING):
-                if locked.status == PaymentStatus.PROCESSING:
-                    _transition(locked, "lose_track", actor=SYSTEM, reason="stale: worker lost")
-                _declined(locked, "not_sent", True, "", SYSTEM, customer_fault=False)
+            if locked.status not in (PaymentStatus.UNKNOWN, PaymentStatus.PROCESSING):
+                return "resolved"
+            _requeue(locked, actor=SYSTEM, reason="not sent: the gateway has no trace of it")
         return "not_sent"
     _call_record(payment, "reconcile", found, started)
     if found.status == ChargeStatus.PROCESSING:
