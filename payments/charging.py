@@ -148,6 +148,21 @@ class _AttemptTaken(Exception):
     pass
 
 
+def _awaiting_authentication(invoice_id: int) -> Payment | None:
+    """The invoice's latest payment if it waits for the customer's authentication on the
+    account's default card and is recent (``PAYMENTS_AUTHENTICATION_WINDOW_SECONDS``): the
+    payment under way, which the customer's pay call returns instead of canceling its intent
+    and creating another. A new default card, or a later call, starts a new attempt."""
+    latest = Payment.objects.filter(invoice_id=invoice_id).order_by("-attempt").first()
+    if latest is None or latest.status != PaymentStatus.REQUIRES_ACTION:
+        return None
+    window = dt.timedelta(seconds=settings.PAYMENTS_AUTHENTICATION_WINDOW_SECONDS)
+    if latest.created_at < timezone.now() - window:
+        return None
+    method = default_payment_method(latest.account_id)
+    return latest if method is not None and method.id == latest.payment_method_id else None
+
+
 @transaction.atomic(durable=True)
 def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: int | None) -> PaymentStart | None:
     invoice = invoicing_selectors.payable_invoice(invoice_id=invoice_id, account_id=account_id)
@@ -158,6 +173,8 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
         return PaymentStart(payment=active, created=False)
     if invoice.outstanding_minor <= 0 or invoice.status != "issued":
         raise Conflict("nothing_due", f"Nothing is due on invoice {invoice.number}.")
+    if trigger == PaymentTrigger.CUSTOMER and (waiting := _awaiting_authentication(invoice_id)) is not None:
+        return PaymentStart(payment=waiting, created=False)
     standing = account_selectors.billing_account_standings({invoice.account_id}).get(invoice.account_id)
     if standing is not None and standing.state == "blocked":
         # Blocked (fraud): its cards are not charged again until the fraud team decides.

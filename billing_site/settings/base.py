@@ -287,6 +287,12 @@ PAYMENTS_STALE_PROCESSING_SECONDS = int(os.environ.get("PAYMENTS_STALE_PROCESSIN
 PAYMENTS_BINDING_RATE_ACCOUNT = os.environ.get("PAYMENTS_BINDING_RATE_ACCOUNT", "10/hour")
 PAYMENTS_BINDING_RATE_USER = os.environ.get("PAYMENTS_BINDING_RATE_USER", "20/hour")
 PAYMENTS_BINDING_RATE_IP = os.environ.get("PAYMENTS_BINDING_RATE_IP", "30/hour")
+# The customer's "pay this invoice" calls (each may reach the gateway): per invoice, per user.
+PAYMENTS_PAY_RATE_INVOICE = os.environ.get("PAYMENTS_PAY_RATE_INVOICE", "10/hour")
+PAYMENTS_PAY_RATE_USER = os.environ.get("PAYMENTS_PAY_RATE_USER", "100/hour")
+# A payment waiting for the customer's authentication (3-D Secure) is the invoice's payment
+# under way for this long (seconds): paying again meanwhile returns it, later starts a new attempt.
+PAYMENTS_AUTHENTICATION_WINDOW_SECONDS = int(os.environ.get("PAYMENTS_AUTHENTICATION_WINDOW_SECONDS", "1800"))
 # Stripe: keys from the dashboard; STRIPE_API_BASE points the SDK elsewhere (localstripe in tests).
 STRIPE_SECRET_KEY = os.environ.get("STRIPE_SECRET_KEY", "").strip()
 STRIPE_PUBLISHABLE_KEY = os.environ.get("STRIPE_PUBLISHABLE_KEY", "").strip()

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
+import time_machine
 from django.core import mail
 from django.db import connections
 from django.test import override_settings
@@ -180,9 +181,13 @@ def test_authentication_required_gives_the_client_secret_and_a_new_attempt_can_f
     first = pay(customer.client, acct, invoice).json()
     assert first["status"] == "requires_action"
     assert first["client_secret"] and first["next_action_url"]
+    # Paying again at once returns the payment under way: no new intent, none canceled.
+    again = pay(customer.client, acct, invoice)
+    assert again.status_code == 200 and again.json()["id"] == first["id"]
     # Abandoned: the customer pays again later. The old intent is canceled first, so a late
     # authentication of it could not charge a second time.
-    second = pay(customer.client, acct, invoice).json()
+    with time_machine.travel(NOW + dt.timedelta(minutes=31), tick=False):
+        second = pay(customer.client, acct, invoice).json()
     assert second["attempt"] == 2 and second["status"] == "requires_action"
     assert Payment.objects.get(id=charging.ids.decode("pay", first["id"])).status == PaymentStatus.CANCELED
     # The customer authenticates the second one; the gateway reports success.
@@ -194,6 +199,54 @@ def test_authentication_required_gives_the_client_secret_and_a_new_attempt_can_f
     assert invoice.status == InvoiceStatus.PAID
     assert charges_at_gateway(invoice) == 1
     assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_a_burst_of_pay_calls_makes_one_intent_and_is_throttled(customer: Customer, acct: BillingAccount) -> None:
+    """The probe's burst: 25 calls in a second on an invoice whose card needs authentication."""
+    from django.core.cache import cache
+
+    cache.clear()
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct, "pm_card_authenticationRequired")
+    with override_settings(PAYMENTS_PAY_RATE_INVOICE="10/hour", PAYMENTS_PAY_RATE_USER="100/hour"):
+        responses = [pay(customer.client, acct, invoice) for _ in range(25)]
+    statuses = [r.status_code for r in responses]
+    assert statuses == [201] + [200] * 9 + [429] * 15, statuses
+    assert {r.json()["id"] for r in responses[:10]} == {responses[0].json()["id"]}
+    assert responses[-1].json()["code"] == "throttled" and responses[-1]["Retry-After"]
+    intents = SandboxObject.objects.filter(kind="payment_intent")
+    assert [row.data["status"] for row in intents] == ["requires_action"]  # one, never canceled
+    assert Payment.objects.filter(invoice_id=invoice.id).count() == 1
+
+
+@pytest.mark.django_db
+def test_pay_is_throttled_per_invoice_and_per_user_counting_only_callers_allowed_on_the_account(
+    customer: Customer,
+    acct: BillingAccount,
+    make_customer: Callable[..., Customer],
+    make_account: Callable[..., BillingAccount],
+) -> None:
+    from django.core.cache import cache
+
+    cache.clear()
+    invoice = issue_invoice(acct)
+    other_acct = make_account(customer.user, currency="EUR", country="NL")
+    other = issue_invoice(other_acct)
+    bind(customer.client, acct, "pm_card_chargeCustomerFail")  # every attempt is a new decline
+    bind(customer.client, other_acct, "pm_card_chargeCustomerFail")
+    stranger = make_customer()
+    with override_settings(PAYMENTS_PAY_RATE_INVOICE="3/hour", PAYMENTS_PAY_RATE_USER="5/hour"):
+        # A stranger's calls are 404s and use up nothing of the owner's.
+        assert [pay(stranger.client, acct, invoice).status_code for _ in range(5)] == [404] * 5
+        first = [pay(customer.client, acct, invoice) for _ in range(4)]
+        assert [r.status_code for r in first] == [201, 201, 201, 429]
+        assert first[-1].json()["code"] == "throttled"
+        # Per user: two more calls on another invoice, then 429.
+        second = [pay(customer.client, other_acct, other).status_code for _ in range(3)]
+        assert second == [201, 201, 429]
+    assert Payment.objects.filter(invoice_id=invoice.id).count() == 3
+    assert SandboxObject.objects.filter(kind="payment_intent").count() == 5
 
 
 @pytest.mark.django_db
