@@ -180,6 +180,12 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
         # Blocked (fraud): its cards are not charged again until the fraud team decides.
         raise Conflict("account_blocked", "This billing account cannot be charged; contact support.")
     method = default_payment_method(invoice.account_id)
+    if method is not None and trigger == PaymentTrigger.NEW_CARD:
+        latest = Payment.objects.filter(invoice_id=invoice_id).order_by("-attempt").first()
+        if latest is not None and latest.payment_method_id == method.id:
+            # A new default's charge, queued twice (by setting the default and by the outcome
+            # of the payment it raced): the card was tried since it became the default.
+            raise Conflict("card_already_tried", f"Invoice {invoice.number} was charged to this card already.")
     if method is None:
         if trigger == PaymentTrigger.CUSTOMER:
             raise Conflict("no_payment_method", "No card is bound to this billing account: bind one first.")
@@ -334,6 +340,7 @@ def _apply(payment: Payment, result: ChargeResult | GatewayError, *, actor: Acto
                 payment.decline_message = customer_message("authentication_required")
                 _transition(payment, "require_action", actor=actor)
                 dunning.notify_authentication_required(payment=payment)
+                _charge_new_default(payment)
                 invoice = invoicing_selectors.payable_invoice(invoice_id=payment.invoice_id)
                 if invoice is not None and invoice.kind == "threshold":
                     # Not paid now: the credit limit is reached, so the account stops until
@@ -440,6 +447,7 @@ def _declined(
             notify=customer_fault,
             customer_fault=customer_fault,
         )
+    _charge_new_default(payment)
     if customer_fault:  # the card's decline, not our gateway's trouble: antifraud's checkpoint 3
         antifraud_services.payment_outcome_record(
             account_id=payment.account_id,
@@ -449,6 +457,41 @@ def _declined(
             amount_minor=payment.amount_minor,
             currency=payment.currency,
         )
+
+
+def _charge_new_default(payment: Payment) -> None:
+    """A payment that ended without the money (declined, refused, waiting for authentication)
+    on a card that is no longer the account's default: what is outstanding is charged to the
+    new default (through the outbox, after this commit). A new default set while this payment
+    was in flight found it active and charged nothing; this is where that charge happens.
+
+    Under the account's profile row lock, which setting a default takes too: either the new
+    default committed first and is seen here, or it commits after this outcome and its own
+    charge finds no active payment. Either way the new card is charged once it is the default
+    and nothing is in flight (``payment_create`` skips a new-card charge of a card the invoice's
+    latest attempt already used)."""
+    if payment.payment_method_id is None:
+        return
+    PaymentProfile.objects.select_for_update().filter(account_id=payment.account_id).first()
+    method = default_payment_method(payment.account_id)
+    if method is None or method.id == payment.payment_method_id:
+        return
+    outbox.enqueue_task(
+        "payments.charge_invoice",
+        invoice_id=payment.invoice_id,
+        account_id=payment.account_id,
+        trigger=PaymentTrigger.NEW_CARD,
+        dedupe_key=f"charge-new-default-after:{payment.id}",
+    )
+    log.info(
+        "payment.new_default_charge_queued",
+        extra={
+            "payment_id": payment.public_id,
+            "invoice_id": ids.encode("inv", payment.invoice_id),
+            "account_id": ids.encode("acc", payment.account_id),
+            "payment_method_id": method.public_id,
+        },
+    )
 
 
 def _requeue(payment: Payment, *, actor: Actor, reason: str) -> None:

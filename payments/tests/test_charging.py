@@ -494,3 +494,48 @@ def test_a_charge_racing_a_credit_note_keeps_the_excess_as_customer_credit(
     # The 24.20 paid beyond it is the customer's credit, spendable on the next invoice.
     assert invoicing_selectors.balance(account_id=acct.id)["EUR"]["credits_available"] == 2420
     assert ledger.check() == []
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(SANDBOX_LATENCY_MS=150)
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.12, 0.3])
+def test_a_new_default_card_racing_pay_is_charged_once_whatever_the_interleaving(
+    customer: Customer, catalog: None, make_account: Callable[..., BillingAccount], delay: float
+) -> None:
+    """The customer pays while making a new card the default: the payment may start on the old,
+    declining card (then it fails). Once the new default is set and nothing is in flight, what
+    is outstanding has been charged to the new card, once. ``delay``: how long after the pay
+    call the default changes (while the old card's call is out, or before it starts)."""
+    import time
+
+    from billing_site.celery import app
+
+    gateways.reset()
+    account = make_account(customer.user, currency="EUR", country="NL")
+    app.conf.task_always_eager = False  # set up without the charges a binding queues
+    try:
+        invoice = issue_invoice(account)
+        assert bind(customer.client, account, "pm_card_chargeCustomerFail").status_code == 201
+        new = bind(customer.client, account, "pm_card_visa").json()
+        assert new["default"] is False
+    finally:
+        app.conf.task_always_eager = True
+    base = f"/api/v1/billing-accounts/{account.public_id}"
+
+    def work(n: int) -> int:
+        if n == 0:
+            return int(pay(customer.client, account, invoice).status_code)
+        time.sleep(delay)
+        return int(customer.client.post(f"{base}/payment-methods/{new['id']}/default").status_code)
+
+    statuses = in_threads(2, work)
+    assert statuses[1] == 200 and statuses[0] in (200, 201, 409), statuses
+    connections.close_all()
+    assert not Payment.objects.filter(invoice_id=invoice.id, status__in=["pending", "processing", "unknown"]).exists()
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID, list(Payment.objects.values_list("status", "trigger"))
+    card = PaymentMethod.objects.get(id=charging.ids.decode("pmt", new["id"]))
+    on_new_card = Payment.objects.filter(invoice_id=invoice.id, payment_method=card)
+    assert [p.status for p in on_new_card] == [PaymentStatus.SUCCEEDED]
+    assert charges_at_gateway(invoice) == 1
+    assert ledger.check() == []
