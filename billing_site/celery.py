@@ -59,6 +59,9 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "billing_site.outbox_drain": ("default", 120, 150),
     # one invoice's charge: a gateway call (Stripe's timeout 30 s) and two short transactions
     "payments.charge_invoice": ("payments", 120, 150),
+    # a chunk of a period close's invoices (500): 16 calls in flight; a call that outlives the
+    # hard limit leaves its payments to the reconciler
+    "payments.charge_invoices": ("payments", 600, 660),
     "payments.reconcile": ("payments", 240, 270),
     "payments.account_activate": ("payments", 30, 60),
     "payments.account_suspend": ("payments", 30, 60),

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db import IntegrityError, connection, connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django_fsm import can_proceed
 
@@ -148,19 +151,136 @@ class _AttemptTaken(Exception):
     pass
 
 
-def _awaiting_authentication(invoice_id: int) -> Payment | None:
-    """The invoice's latest payment if it waits for the customer's authentication on the
+def _awaiting_authentication(latest: Payment | None, method: PaymentMethod | None) -> bool:
+    """Whether the invoice's latest payment waits for the customer's authentication on the
     account's default card and is recent (``PAYMENTS_AUTHENTICATION_WINDOW_SECONDS``): the
     payment under way, which the customer's pay call returns instead of canceling its intent
     and creating another. A new default card, or a later call, starts a new attempt."""
-    latest = Payment.objects.filter(invoice_id=invoice_id).order_by("-attempt").first()
-    if latest is None or latest.status != PaymentStatus.REQUIRES_ACTION:
-        return None
+    if latest is None or method is None or latest.status != PaymentStatus.REQUIRES_ACTION:
+        return False
     window = dt.timedelta(seconds=settings.PAYMENTS_AUTHENTICATION_WINDOW_SECONDS)
-    if latest.created_at < timezone.now() - window:
-        return None
-    method = default_payment_method(latest.account_id)
-    return latest if method is not None and method.id == latest.payment_method_id else None
+    return latest.created_at >= timezone.now() - window and latest.payment_method_id == method.id
+
+
+# --- The rules a new payment obeys, once: for one invoice (the API, a task) or a chunk of them
+# (a period close's charges). What they read is read set-based (``_facts``); ``_decide`` is
+# pure, so a chunk of 500 obeys exactly what one invoice does.
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    blocked: set[int]  # accounts blocked (fraud): not charged until the fraud team decides
+    methods: dict[int, PaymentMethod]  # account → its default card
+    customers: dict[int, str]  # account → its customer at the gateway
+    active: dict[int, Payment]  # invoice → its active (pending, processing, unknown) payment
+    latest: dict[int, Payment]  # invoice → its latest attempt
+
+
+def _facts(invoices: list[invoicing_selectors.PayableInvoice]) -> _Facts:
+    account_ids = {i.account_id for i in invoices}
+    invoice_ids = [i.invoice_id for i in invoices]
+    standings = account_selectors.billing_account_standings(account_ids)
+    return _Facts(
+        blocked={a for a, standing in standings.items() if standing.state == "blocked"},
+        methods={
+            m.account_id: m
+            for m in PaymentMethod.objects.filter(account_id__in=account_ids, is_default=True, detached_at__isnull=True)
+        },
+        customers=dict(
+            PaymentProfile.objects.filter(account_id__in=account_ids).values_list("account_id", "gateway_customer_id")
+        ),
+        active={
+            p.invoice_id: p for p in Payment.objects.filter(invoice_id__in=invoice_ids, status__in=ACTIVE_STATUSES)
+        },
+        latest={
+            p.invoice_id: p
+            for p in Payment.objects.filter(invoice_id__in=invoice_ids)
+            .order_by("invoice_id", "-attempt")
+            .distinct("invoice_id")
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    existing: Payment | None = None  # the payment under way: returned, never a second one
+    refusal: str = ""  # nothing_due | account_blocked | card_already_tried | no_payment_method
+    method: PaymentMethod | None = None  # else: a new payment on this card, this attempt
+    attempt: int = 0
+
+
+_REFUSALS = {
+    "nothing_due": "Nothing is due on invoice {number}.",
+    "account_blocked": "This billing account cannot be charged; contact support.",
+    "card_already_tried": "Invoice {number} was charged to this card already.",
+    "no_payment_method": "No card is bound to this billing account: bind one first.",
+}
+
+
+def _decide(invoice: invoicing_selectors.PayableInvoice, facts: _Facts, trigger: str) -> _Decision:
+    active = facts.active.get(invoice.invoice_id)
+    if active is not None:
+        return _Decision(existing=active)
+    if invoice.outstanding_minor <= 0 or invoice.status != "issued":
+        return _Decision(refusal="nothing_due")
+    method = facts.methods.get(invoice.account_id)
+    latest = facts.latest.get(invoice.invoice_id)
+    if trigger == PaymentTrigger.CUSTOMER and _awaiting_authentication(latest, method):
+        return _Decision(existing=latest)
+    if invoice.account_id in facts.blocked:
+        return _Decision(refusal="account_blocked")
+    if trigger == PaymentTrigger.NEW_CARD and method is not None and latest and latest.payment_method_id == method.id:
+        # A new default's charge, queued twice (by setting the default and by the outcome of
+        # the payment it raced): the card was tried since it became the default.
+        return _Decision(refusal="card_already_tried")
+    if method is None:
+        return _Decision(refusal="no_payment_method")
+    return _Decision(method=method, attempt=(latest.attempt if latest is not None else 0) + 1)
+
+
+def _new_payment(
+    invoice: invoicing_selectors.PayableInvoice, decision: _Decision, facts: _Facts, trigger: str
+) -> Payment:
+    assert decision.method is not None
+    payment_id = ids.new_id()
+    return Payment(
+        id=payment_id,
+        account_id=invoice.account_id,
+        invoice_id=invoice.invoice_id,
+        attempt=decision.attempt,
+        trigger=trigger,
+        amount_minor=invoice.outstanding_minor,
+        currency=invoice.currency,
+        gateway=decision.method.gateway,
+        gateway_customer_id=facts.customers.get(invoice.account_id, ""),
+        payment_method=decision.method,
+        idempotency_key=ids.encode("pay", payment_id),
+    )
+
+
+def _created_log(payment: Payment, actor: Actor) -> PaymentTransition:
+    log.info(
+        "payment.created",
+        extra={
+            "payment_id": payment.public_id,
+            "invoice_id": ids.encode("inv", payment.invoice_id),
+            "account_id": ids.encode("acc", payment.account_id),
+            "attempt": payment.attempt,
+            "trigger": payment.trigger,
+            "amount_minor": payment.amount_minor,
+            "currency": payment.currency,
+            "gateway": payment.gateway,
+        },
+    )
+    return PaymentTransition(
+        payment=payment,
+        account_id=payment.account_id,
+        from_state="",
+        to_state=payment.status,
+        actor_kind=actor.kind.value,
+        actor_name=actor.name,
+        reason=f"created ({payment.trigger})",
+    )
 
 
 @transaction.atomic(durable=True)
@@ -168,45 +288,16 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
     invoice = invoicing_selectors.payable_invoice(invoice_id=invoice_id, account_id=account_id)
     if invoice is None:
         raise NotFound("No such invoice.")
-    active = Payment.objects.filter(invoice_id=invoice_id, status__in=ACTIVE_STATUSES).first()
-    if active is not None:
-        return PaymentStart(payment=active, created=False)
-    if invoice.outstanding_minor <= 0 or invoice.status != "issued":
-        raise Conflict("nothing_due", f"Nothing is due on invoice {invoice.number}.")
-    if trigger == PaymentTrigger.CUSTOMER and (waiting := _awaiting_authentication(invoice_id)) is not None:
-        return PaymentStart(payment=waiting, created=False)
-    standing = account_selectors.billing_account_standings({invoice.account_id}).get(invoice.account_id)
-    if standing is not None and standing.state == "blocked":
-        # Blocked (fraud): its cards are not charged again until the fraud team decides.
-        raise Conflict("account_blocked", "This billing account cannot be charged; contact support.")
-    method = default_payment_method(invoice.account_id)
-    if method is not None and trigger == PaymentTrigger.NEW_CARD:
-        latest = Payment.objects.filter(invoice_id=invoice_id).order_by("-attempt").first()
-        if latest is not None and latest.payment_method_id == method.id:
-            # A new default's charge, queued twice (by setting the default and by the outcome
-            # of the payment it raced): the card was tried since it became the default.
-            raise Conflict("card_already_tried", f"Invoice {invoice.number} was charged to this card already.")
-    if method is None:
-        if trigger == PaymentTrigger.CUSTOMER:
-            raise Conflict("no_payment_method", "No card is bound to this billing account: bind one first.")
+    facts = _facts([invoice])
+    decision = _decide(invoice, facts, trigger)
+    if decision.existing is not None:
+        return PaymentStart(payment=decision.existing, created=False)
+    if decision.refusal == "no_payment_method" and trigger != PaymentTrigger.CUSTOMER:
         dunning.case_record_failure(invoice=invoice, decline_code="no_payment_method", retryable=True, payment=None)
         return None
-    profile = PaymentProfile.objects.get(account_id=invoice.account_id)
-    attempt = (Payment.objects.filter(invoice_id=invoice_id).aggregate(n=Max("attempt"))["n"] or 0) + 1
-    payment_id = ids.new_id()
-    payment = Payment(
-        id=payment_id,
-        account_id=invoice.account_id,
-        invoice_id=invoice_id,
-        attempt=attempt,
-        trigger=trigger,
-        amount_minor=invoice.outstanding_minor,
-        currency=invoice.currency,
-        gateway=method.gateway,
-        gateway_customer_id=profile.gateway_customer_id,
-        payment_method=method,
-        idempotency_key=ids.encode("pay", payment_id),
-    )
+    if decision.refusal:
+        raise Conflict(decision.refusal, _REFUSALS[decision.refusal].format(number=invoice.number))
+    payment = _new_payment(invoice, decision, facts, trigger)
     try:
         with transaction.atomic():
             payment.save(force_insert=True)
@@ -226,28 +317,7 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
     if fresh.outstanding_minor != payment.amount_minor:
         payment.amount_minor = fresh.outstanding_minor
         payment.save(update_fields=["amount_minor"])
-    PaymentTransition.objects.create(
-        payment=payment,
-        account_id=payment.account_id,
-        from_state="",
-        to_state=payment.status,
-        actor_kind=actor.kind.value,
-        actor_name=actor.name,
-        reason=f"created ({trigger})",
-    )
-    log.info(
-        "payment.created",
-        extra={
-            "payment_id": payment.public_id,
-            "invoice_id": ids.encode("inv", invoice_id),
-            "account_id": ids.encode("acc", payment.account_id),
-            "attempt": attempt,
-            "trigger": trigger,
-            "amount_minor": payment.amount_minor,
-            "currency": payment.currency,
-            "gateway": payment.gateway,
-        },
-    )
+    _created_log(payment, actor).save()
     return PaymentStart(payment=payment, created=True)
 
 
@@ -271,7 +341,15 @@ def payment_execute(*, payment_id: int) -> Payment:
     if payment is None:
         return Payment.objects.get(id=payment_id)
     _cancel_abandoned_authentications(payment)
-    gateway = gateway_named(payment.gateway)
+    started = time.monotonic()
+    result = _send(payment)
+    _call_record(payment, "charge", result, started)
+    return payment_record_outcome(payment_id=payment.id, result=result)
+
+
+def _send(payment: Payment) -> ChargeResult | GatewayError:
+    """The gateway call of a claimed payment: idempotency key ``pay_<id>``, our ids in the
+    intent's metadata. No transaction open, no lock held."""
     assert payment.payment_method is not None
     request = ChargeRequest(
         customer_id=payment.gateway_customer_id,
@@ -286,13 +364,10 @@ def payment_execute(*, payment_id: int) -> Payment:
         },
         description=f"Invoice {ids.encode('inv', payment.invoice_id)}",
     )
-    started = time.monotonic()
     try:
-        result: ChargeResult | GatewayError = gateway.charge(request)
+        return gateway_named(payment.gateway).charge(request)
     except GatewayError as exc:
-        result = exc
-    _call_record(payment, "charge", result, started)
-    return payment_record_outcome(payment_id=payment.id, result=result)
+        return exc
 
 
 def _call_record(payment: Payment, operation: str, result: ChargeResult | GatewayError, started: float) -> None:
@@ -651,3 +726,240 @@ def account_charge_outstanding(*, account_id: int, trigger: str) -> int:
         [{"invoice_id": i.invoice_id, "account_id": account_id, "trigger": trigger} for i in invoices],
     )
     return len(invoices)
+
+
+# --- Many invoices at once: the same rules, a few statements per chunk
+
+
+def invoices_charge(
+    *,
+    invoice_ids: Sequence[int],
+    trigger: str = PaymentTrigger.AFTER_ISSUE,
+    actor: Actor = SYSTEM,
+    threads: int | None = None,
+    chunk_size: int = 500,
+    send_size: int = 100,
+) -> Counter[str]:
+    """Charge every invoice of ``invoice_ids`` as ``invoice_charge`` charges one (what the
+    ``payments.charge_invoices`` task does with a period close's chunk). Per chunk of
+    ``chunk_size`` invoices, one durable transaction applies ``_decide`` to each invoice and
+    inserts the new pending payments (with their audit rows) before any gateway call; then
+    ``send_size`` of them at a time are claimed (``pending → processing``, one statement), sent
+    by ``threads`` threads with no transaction open, and their outcomes recorded by ``_apply``
+    in one durable transaction (each alone if that fails). A process killed anywhere leaves
+    what the single path leaves: pending or processing payments the reconciler sends or asks
+    about. Returns the outcomes by status or refusal code."""
+    forbid_transaction("Charging invoices")
+    if trigger not in PaymentTrigger.values:
+        raise ApplicationError("invalid", f"Unknown trigger {trigger!r}.", field="trigger")
+    started = time.monotonic()
+    threads = threads or settings.PAYMENTS_CHARGE_THREADS
+    counts: Counter[str] = Counter()
+    for lo in range(0, len(invoice_ids), chunk_size):
+        to_send, single = _payments_create(
+            invoice_ids=invoice_ids[lo : lo + chunk_size], trigger=trigger, actor=actor, counts=counts
+        )
+        for at in range(0, len(to_send), send_size):
+            claimed = _claim_many(to_send[at : at + send_size], actor=actor)
+            counts.update(_record_many(_send_many(claimed, threads=threads), actor=actor))
+        for invoice_id in single:  # lost an attempt-number race: the single path sorts it out
+            try:
+                counts[invoice_charge(invoice_id=invoice_id, trigger=trigger, actor=actor).status] += 1
+            except (Conflict, NotFound) as exc:
+                counts[exc.code] += 1
+    counts = +counts  # without the zeros
+    log.info(
+        "payments.invoices_charged",
+        extra={
+            "invoices": len(invoice_ids),
+            "trigger": trigger,
+            "outcomes": dict(counts),
+            "duration_ms": round((time.monotonic() - started) * 1000),
+        },
+    )
+    return counts
+
+
+def _payments_create(
+    *, invoice_ids: Sequence[int], trigger: str, actor: Actor, counts: Counter[str]
+) -> tuple[list[int], list[int]]:
+    """The chunk's new pending payments, in one durable transaction: (payments to send, the
+    invoices that lost an attempt-number race)."""
+    with transaction.atomic(durable=True):
+        invoices = invoicing_selectors.payable_invoices(invoice_ids=invoice_ids)  # issued, something owed
+        counts["nothing_due"] += len(invoice_ids) - len(invoices)
+        facts = _facts(invoices)
+        new: list[Payment] = []
+        to_send: list[int] = []
+        for invoice in invoices:
+            decision = _decide(invoice, facts, trigger)
+            if decision.existing is not None:
+                counts["under_way"] += 1
+                if decision.existing.status == PaymentStatus.PENDING:
+                    to_send.append(decision.existing.id)  # as invoice_charge: a pending one is sent
+            elif decision.refusal:
+                counts[decision.refusal] += 1
+                if decision.refusal == "no_payment_method":
+                    dunning.case_record_failure(
+                        invoice=invoice, decline_code="no_payment_method", retryable=True, payment=None
+                    )
+            else:
+                new.append(_new_payment(invoice, decision, facts, trigger))
+        Payment.objects.bulk_create(new, ignore_conflicts=True)  # the unique indexes decide
+        inserted = set(Payment.objects.filter(id__in=[p.id for p in new]).values_list("id", flat=True))
+        created = [p for p in new if p.id in inserted]
+        taken = [p.invoice_id for p in new if p.id not in inserted]
+        raced = set(
+            Payment.objects.filter(invoice_id__in=taken, status__in=ACTIVE_STATUSES).values_list(
+                "invoice_id", flat=True
+            )
+        )
+        counts["under_way"] += len(raced)
+        # What is owed, read again now that these payments are their invoices' active ones (as
+        # the single path does): a payment active before ours applied its money meanwhile.
+        owed = {
+            i.invoice_id: i.outstanding_minor
+            for i in invoicing_selectors.payable_invoices(invoice_ids=[p.invoice_id for p in created])
+        }
+        gone = [p.id for p in created if p.invoice_id not in owed]
+        if gone:
+            Payment.objects.filter(id__in=gone).delete()  # never committed
+            counts["nothing_due"] += len(gone)
+        created = [p for p in created if p.invoice_id in owed]
+        for payment in created:
+            if owed[payment.invoice_id] != payment.amount_minor:
+                payment.amount_minor = owed[payment.invoice_id]
+                Payment.objects.filter(id=payment.id).update(amount_minor=payment.amount_minor)
+        PaymentTransition.objects.bulk_create([_created_log(p, actor) for p in created])
+    return [*to_send, *(p.id for p in created)], [i for i in taken if i not in raced]
+
+
+def _claim_many(payment_ids: list[int], *, actor: Actor) -> list[Payment]:
+    """pending → processing for those still pending (one statement): ours to send."""
+    now = timezone.now()
+    with transaction.atomic(durable=True), connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE payments_payment SET status = %s, sent_at = %s, updated_at = %s "
+            "WHERE id = ANY(%s) AND status = %s RETURNING id",
+            [PaymentStatus.PROCESSING, now, now, payment_ids, PaymentStatus.PENDING],
+        )
+        claimed = [row[0] for row in cursor.fetchall()]
+        payments = list(Payment.objects.filter(id__in=claimed).select_related("payment_method").order_by("invoice_id"))
+        audit = []
+        for payment in payments:
+            audit.append(
+                PaymentTransition(
+                    payment=payment,
+                    account_id=payment.account_id,
+                    from_state=PaymentStatus.PENDING,
+                    to_state=PaymentStatus.PROCESSING,
+                    actor_kind=actor.kind.value,
+                    actor_name=actor.name,
+                )
+            )
+            log.info(
+                "payment.transition",
+                extra={
+                    "payment_id": payment.public_id,
+                    "invoice_id": ids.encode("inv", payment.invoice_id),
+                    "account_id": ids.encode("acc", payment.account_id),
+                    "from": PaymentStatus.PENDING.value,
+                    "to": PaymentStatus.PROCESSING.value,
+                    "amount_minor": payment.amount_minor,
+                    "currency": payment.currency,
+                    "decline_code": None,
+                    "actor": actor.name,
+                },
+            )
+        PaymentTransition.objects.bulk_create(audit)
+    return payments
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    payment: Payment
+    result: ChargeResult | GatewayError
+    duration_ms: int
+
+
+def _send_many(payments: list[Payment], *, threads: int) -> list[_Answer]:
+    """Each payment's gateway call, ``threads`` at a time (I/O: the threads wait on the network)."""
+    if not payments:
+        return []
+    waiting = set(
+        Payment.objects.filter(
+            invoice_id__in=[p.invoice_id for p in payments], status=PaymentStatus.REQUIRES_ACTION
+        ).values_list("invoice_id", flat=True)
+    )
+    answers: list[_Answer | None] = [None] * len(payments)
+    position = iter(range(len(payments)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        try:
+            while True:
+                with lock:
+                    n = next(position, None)
+                if n is None:
+                    return
+                payment = payments[n]
+                started = time.monotonic()
+                if payment.invoice_id in waiting:
+                    _cancel_abandoned_authentications(payment)
+                result = _send(payment)
+                answers[n] = _Answer(payment, result, round((time.monotonic() - started) * 1000))
+        finally:
+            connections.close_all()
+
+    pool = [threading.Thread(target=work, name=f"charge-{n}") for n in range(min(threads, len(payments)))]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return [a for a in answers if a is not None]  # a thread that died left its payment processing
+
+
+def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
+    """The outcomes, as ``payment_record_outcome`` records each, in one durable transaction
+    (each in its own if that fails); the attempts first, as ``GatewayCall`` rows."""
+    counts: Counter[str] = Counter()
+    if not answers:
+        return counts
+    calls = []
+    for answer in answers:
+        result = answer.result
+        if isinstance(result, ChargeResult):
+            outcome, object_id, detail = result.status, result.intent_id, result.decline_code
+        elif isinstance(result, PaymentDeclined):
+            outcome, object_id, detail = "declined", result.intent_id, result.code
+        else:
+            outcome, object_id, detail = type(result).__name__, "", str(result)[:300]
+        calls.append(
+            GatewayCall(
+                account_id=answer.payment.account_id,
+                payment_id=answer.payment.id,
+                operation="charge",
+                outcome=outcome,
+                gateway_object_id=object_id or "",
+                detail=detail or "",
+                duration_ms=answer.duration_ms,
+            )
+        )
+    GatewayCall.objects.bulk_create(calls)
+    results = {a.payment.id: a.result for a in answers}
+    try:
+        with transaction.atomic(durable=True):
+            for payment in Payment.objects.select_for_update().filter(id__in=results).order_by("invoice_id", "id"):
+                _apply(payment, results[payment.id], actor=actor)
+                counts[payment.status] += 1
+        return counts
+    except Exception as exc:  # rolled back: each outcome again in its own transaction
+        log.warning("payments.outcomes_recorded_singly", extra={"payments": len(answers), "error": type(exc).__name__})
+    counts.clear()
+    for payment_id, result in results.items():
+        try:
+            counts[payment_record_outcome(payment_id=payment_id, result=result, actor=actor).status] += 1
+        except Exception:  # left processing: the reconciler asks the gateway
+            log.exception("payments.outcome_not_recorded", extra={"payment_id": ids.encode("pay", payment_id)})
+            counts["not_recorded"] += 1
+    return counts

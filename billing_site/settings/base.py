@@ -281,6 +281,9 @@ PAYMENTS_DEFAULT_GATEWAY = os.environ.get("PAYMENTS_DEFAULT_GATEWAY", "sandbox")
 # Calls per second to one gateway, across every process sharing REDIS_URL (0: no limit of ours;
 # Stripe's own default live limit is 100/s). Stripe's 429s are retried with back-off regardless.
 PAYMENTS_GATEWAY_RATE_LIMIT = int(os.environ.get("PAYMENTS_GATEWAY_RATE_LIMIT", "100"))
+# Gateway calls in flight per process when a task charges a chunk of invoices (a period close's):
+# about latency x calls per second / processes (250 ms x 100/s over 2 processes: 13), plus a margin.
+PAYMENTS_CHARGE_THREADS = int(os.environ.get("PAYMENTS_CHARGE_THREADS", "16"))
 # A payment still `processing` this long (seconds) is asked about at the gateway by the reconciler.
 PAYMENTS_STALE_PROCESSING_SECONDS = int(os.environ.get("PAYMENTS_STALE_PROCESSING_SECONDS", "300"))
 # Card binding attempts (card testing is an abuse): per billing account, per user, per client IP.
