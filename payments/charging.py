@@ -70,6 +70,8 @@ from payments.gateways.base import (
 )
 from payments.models import (
     ACTIVE_STATUSES,
+    DunningCase,
+    DunningCaseStatus,
     GatewayCall,
     Payment,
     PaymentMethod,
@@ -949,9 +951,20 @@ def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
     results = {a.payment.id: a.result for a in answers}
     try:
         with transaction.atomic(durable=True):
-            for payment in Payment.objects.select_for_update().filter(id__in=results).order_by("invoice_id", "id"):
-                _apply(payment, results[payment.id], actor=actor)
-                counts[payment.status] += 1
+            locked = list(Payment.objects.select_for_update().filter(id__in=results).order_by("invoice_id", "id"))
+            charged = [
+                p
+                for p in locked
+                if p.status == PaymentStatus.PROCESSING
+                and isinstance(result := results[p.id], ChargeResult)
+                and result.status == ChargeStatus.SUCCEEDED
+            ]
+            counts["succeeded"] += _succeed_many(charged, results, actor=actor)
+            done = {p.id for p in charged}
+            for payment in locked:
+                if payment.id not in done:
+                    _apply(payment, results[payment.id], actor=actor)
+                    counts[payment.status] += 1
         return counts
     except Exception as exc:  # rolled back: each outcome again in its own transaction
         log.warning("payments.outcomes_recorded_singly", extra={"payments": len(answers), "error": type(exc).__name__})
@@ -963,3 +976,90 @@ def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
             log.exception("payments.outcome_not_recorded", extra={"payment_id": ids.encode("pay", payment_id)})
             counts["not_recorded"] += 1
     return counts
+
+
+def _succeed_many(payments: list[Payment], results: dict[int, ChargeResult | GatewayError], *, actor: Actor) -> int:
+    """``_succeeded`` for many ``processing`` payments the gateway charged, under their row
+    locks in the caller's transaction: one UPDATE of the payments, their audit rows in one
+    insert, the money applied by ``invoicing.services.payments_apply`` (set-based), dunning
+    told only about the invoices that have a case open. What each payment ends as, and every
+    row written, is what ``_succeeded`` writes for one."""
+    if not payments:
+        return 0
+    now = timezone.now()
+    charges = {p.id: results[p.id] for p in payments}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE payments_payment p
+            SET status = %s, gateway_intent_id = coalesce(p.gateway_intent_id, nullif(u.intent_id, '')),
+                gateway_charge_id = CASE WHEN u.charge_id <> '' THEN u.charge_id ELSE p.gateway_charge_id END,
+                completed_at = %s, updated_at = %s, decline_code = '', decline_message = '', client_secret = '',
+                next_action_url = ''
+            FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u(id, intent_id, charge_id)
+            WHERE p.id = u.id
+            """,
+            [
+                PaymentStatus.SUCCEEDED.value,
+                now,
+                now,
+                [p.id for p in payments],
+                [getattr(charges[p.id], "intent_id", "") for p in payments],
+                [getattr(charges[p.id], "charge_id", "") for p in payments],
+            ],
+        )
+    PaymentTransition.objects.bulk_create(
+        [
+            PaymentTransition(
+                payment=p,
+                account_id=p.account_id,
+                from_state=PaymentStatus.PROCESSING,
+                to_state=PaymentStatus.SUCCEEDED,
+                actor_kind=actor.kind.value,
+                actor_name=actor.name,
+                created_at=now,
+            )
+            for p in payments
+        ]
+    )
+    applied = invoicing_services.payments_apply(
+        [
+            invoicing_services.PaymentReceived(
+                invoice_id=p.invoice_id, amount_minor=p.amount_minor, currency=p.currency, reference=p.public_id
+            )
+            for p in payments
+        ]
+    )
+    for payment, money in zip(payments, applied, strict=True):
+        log.info(
+            "payment.transition",
+            extra={
+                "payment_id": payment.public_id,
+                "invoice_id": ids.encode("inv", payment.invoice_id),
+                "account_id": ids.encode("acc", payment.account_id),
+                "from": PaymentStatus.PROCESSING.value,
+                "to": PaymentStatus.SUCCEEDED.value,
+                "amount_minor": payment.amount_minor,
+                "currency": payment.currency,
+                "decline_code": None,
+                "actor": actor.name,
+            },
+        )
+        log.info(
+            "payment.applied",
+            extra={
+                "payment_id": payment.public_id,
+                "invoice_id": ids.encode("inv", payment.invoice_id),
+                "account_id": ids.encode("acc", payment.account_id),
+                "applied_minor": money.applied_minor,
+                "credited_minor": money.credited_minor,
+                "invoice_paid": money.invoice_paid,
+            },
+        )
+    settled = {p.invoice_id: p for p, money in zip(payments, applied, strict=True) if money.invoice_paid}
+    with_case = DunningCase.objects.filter(invoice_id__in=settled, status=DunningCaseStatus.OPEN).values_list(
+        "invoice_id", flat=True
+    )
+    for invoice_id in with_case:
+        dunning.invoice_settled(account_id=settled[invoice_id].account_id, invoice_id=invoice_id, paid=True)
+    return len(payments)

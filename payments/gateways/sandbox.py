@@ -31,6 +31,7 @@ import datetime as dt
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,11 +139,21 @@ class SandboxGateway:
     # --- storage
 
     def _put(
-        self, prefix: str, kind: str, data: dict[str, Any], *, customer_id: str = "", key: str | None = None
+        self,
+        prefix: str,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        customer_id: str = "",
+        key: str | None = None,
+        finish: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Store a new object; with an idempotency key seen before, return the first one."""
+        """Store a new object (``finish`` completes it once its id is known, before the one
+        insert); with an idempotency key seen before, return the first one."""
         object_id = f"{prefix}_sbx{secrets.token_hex(8)}"
         data = {**data, "id": object_id, "created": int(timezone.now().timestamp())}
+        if finish is not None:
+            finish(data)
         try:
             with transaction.atomic():
                 SandboxObject.objects.create(
@@ -285,6 +296,7 @@ class SandboxGateway:
             },
             customer_id=request.customer_id,
             key=request.idempotency_key,
+            finish=_charge_or_secret,
         )
         if intent["status"] == ChargeStatus.SUCCEEDED and not intent["charge"]:
             intent["charge"] = f"ch_sbx{intent['id'][6:]}"
@@ -411,6 +423,14 @@ class SandboxGateway:
             metadata=dict(intent["metadata"]),
             created_at=dt.datetime.fromtimestamp(intent["created"], tz=dt.UTC),
         )
+
+
+def _charge_or_secret(intent: dict[str, Any]) -> None:
+    """A new intent's charge (succeeded) or client secret (requires_action), stored with it."""
+    if intent["status"] == ChargeStatus.SUCCEEDED:
+        intent["charge"] = f"ch_sbx{intent['id'][6:]}"
+    elif intent["status"] == ChargeStatus.REQUIRES_ACTION:
+        intent["client_secret"] = f"{intent['id']}_secret_{secrets.token_hex(8)}"
 
 
 DECLINE_MESSAGES = {
