@@ -32,15 +32,17 @@ Every step logs one ``payment.*`` line with the payment, invoice and account ids
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import IntegrityError, connection, connections, transaction
+from django.db import IntegrityError, close_old_connections, connection, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django_fsm import can_proceed
@@ -740,35 +742,35 @@ def invoices_charge(
     actor: Actor = SYSTEM,
     threads: int | None = None,
     chunk_size: int = 500,
-    send_size: int = 100,
+    claim_size: int = 50,
 ) -> Counter[str]:
     """Charge every invoice of ``invoice_ids`` as ``invoice_charge`` charges one (what the
     ``payments.charge_invoices`` task does with a period close's chunk). Per chunk of
     ``chunk_size`` invoices, one durable transaction applies ``_decide`` to each invoice and
     inserts the new pending payments (with their audit rows) before any gateway call; then
-    ``send_size`` of them at a time are claimed (``pending → processing``, one statement), sent
-    by ``threads`` threads with no transaction open, and their outcomes recorded by ``_apply``
-    in one durable transaction (each alone if that fails). A process killed anywhere leaves
-    what the single path leaves: pending or processing payments the reconciler sends or asks
-    about. Returns the outcomes by status or refusal code."""
+    ``claim_size`` of them at a time are claimed (``pending → processing``, one statement) just
+    ahead of ``threads`` caller threads, which call the gateway with no transaction open, and
+    the outcomes are recorded as they come, those that arrived together in one durable
+    transaction (successes set-based by ``_succeed_many``, the rest by ``_apply``; each alone if
+    that fails): the calls never wait for the recording, so a rate-limited gateway is kept busy.
+    A process killed anywhere leaves what the single path leaves: pending or processing
+    payments the reconciler sends or asks about. Returns the outcomes by status or refusal
+    code (``not_recorded``: a call raised something not the gateway's; left to the reconciler)."""
     forbid_transaction("Charging invoices")
     if trigger not in PaymentTrigger.values:
         raise ApplicationError("invalid", f"Unknown trigger {trigger!r}.", field="trigger")
     started = time.monotonic()
     threads = threads or settings.PAYMENTS_CHARGE_THREADS
-    counts: Counter[str] = Counter()
-    for lo in range(0, len(invoice_ids), chunk_size):
-        to_send, single = _payments_create(
-            invoice_ids=invoice_ids[lo : lo + chunk_size], trigger=trigger, actor=actor, counts=counts
-        )
-        for at in range(0, len(to_send), send_size):
-            claimed = _claim_many(to_send[at : at + send_size], actor=actor)
-            counts.update(_record_many(_send_many(claimed, threads=threads), actor=actor))
-        for invoice_id in single:  # lost an attempt-number race: the single path sorts it out
-            try:
-                counts[invoice_charge(invoice_id=invoice_id, trigger=trigger, actor=actor).status] += 1
-            except (Conflict, NotFound) as exc:
-                counts[exc.code] += 1
+    answers: queue.SimpleQueue[_Answer] = queue.SimpleQueue()
+    calls = _callers(threads)
+    # The first intents in a small transaction, so the calls start at once; the rest of the
+    # task's invoices then have theirs within the next transaction, while those calls are out.
+    first = min(claim_size, len(invoice_ids))
+    chunks = itertools.chain(
+        [invoice_ids[:first]] if first else [],
+        (invoice_ids[lo : lo + chunk_size] for lo in range(first, len(invoice_ids), chunk_size)),
+    )
+    counts = _pipeline(chunks, calls, answers, trigger=trigger, threads=threads, claim_size=claim_size, actor=actor)
     counts = +counts  # without the zeros
     log.info(
         "payments.invoices_charged",
@@ -880,45 +882,111 @@ def _claim_many(payment_ids: list[int], *, actor: Actor) -> list[Payment]:
 @dataclass(frozen=True, slots=True)
 class _Answer:
     payment: Payment
-    result: ChargeResult | GatewayError
+    result: ChargeResult | GatewayError | None  # None: the call raised something else (logged)
     duration_ms: int
 
 
-def _send_many(payments: list[Payment], *, threads: int) -> list[_Answer]:
-    """Each payment's gateway call, ``threads`` at a time (I/O: the threads wait on the network)."""
-    if not payments:
-        return []
-    waiting = set(
-        Payment.objects.filter(
-            invoice_id__in=[p.invoice_id for p in payments], status=PaymentStatus.REQUIRES_ACTION
-        ).values_list("invoice_id", flat=True)
-    )
-    answers: list[_Answer | None] = [None] * len(payments)
-    position = iter(range(len(payments)))
-    lock = threading.Lock()
+_Call = tuple[Payment, "queue.SimpleQueue[_Answer]"]
+_calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+_pool: list[threading.Thread] = []
+_pool_lock = threading.Lock()
 
-    def work() -> None:
+
+def _callers(threads: int) -> queue.SimpleQueue[_Call]:
+    """The process's caller threads (at least ``threads``; started once and kept, so a task
+    does not pay for starting threads and their connections): each takes a claimed payment
+    and the queue its answer goes to. Daemons: a worker process that ends takes them along."""
+    with _pool_lock:
+        _pool[:] = [t for t in _pool if t.is_alive()]
+        while len(_pool) < threads:
+            thread = threading.Thread(target=_caller, name=f"charge-{len(_pool)}", daemon=True)
+            thread.start()
+            _pool.append(thread)
+    return _calls
+
+
+def _caller() -> None:
+    """A caller thread: each claimed payment's gateway call; one answer per payment, always
+    (result ``None`` when the call raised something not the gateway's: it stays processing)."""
+    while True:
+        payment, answers = _calls.get()
+        started = time.monotonic()
+        result: ChargeResult | GatewayError | None
         try:
-            while True:
-                with lock:
-                    n = next(position, None)
-                if n is None:
-                    return
-                payment = payments[n]
-                started = time.monotonic()
-                if payment.invoice_id in waiting:
-                    _cancel_abandoned_authentications(payment)
-                result = _send(payment)
-                answers[n] = _Answer(payment, result, round((time.monotonic() - started) * 1000))
-        finally:
+            close_old_connections()  # a connection the database dropped meanwhile is replaced
+            if getattr(payment, "_awaiting_authentication", False):
+                _cancel_abandoned_authentications(payment)
+            result = _send(payment)
+        except Exception:
+            log.exception("payments.call_failed", extra={"payment_id": payment.public_id})
+            result = None
+        answers.put(_Answer(payment, result, round((time.monotonic() - started) * 1000)))
+        if _calls.empty():  # idle: no connection is held between tasks (or by a test's end)
             connections.close_all()
 
-    pool = [threading.Thread(target=work, name=f"charge-{n}") for n in range(min(threads, len(payments)))]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
-    return [a for a in answers if a is not None]  # a thread that died left its payment processing
+
+def _pipeline(
+    chunks: Iterator[Sequence[int]],
+    calls: queue.SimpleQueue[_Call],
+    answers: queue.SimpleQueue[_Answer],
+    *,
+    trigger: str,
+    threads: int,
+    claim_size: int,
+    actor: Actor,
+) -> Counter[str]:
+    """Keep the callers busy and record what comes back: the next chunk's intents are written
+    while the last calls of the one before are out, payments are claimed just ahead of the
+    callers (at most ``3 x threads`` queued or out), and the answers are recorded in batches of
+    about ``threads``. No timeouts (a test's clock may be frozen): every payment put to the
+    callers gets exactly one answer, so a blocking wait always ends."""
+    counts: Counter[str] = Counter()
+    todo: list[int] = []
+    out = 0
+    limit = max(3 * threads, claim_size)
+    more = True
+    while True:
+        while todo and out < limit:
+            group = [todo.pop() for _ in range(min(claim_size, len(todo), limit - out))]
+            claimed = _claim_many(group, actor=actor)
+            waiting = set(
+                Payment.objects.filter(
+                    invoice_id__in=[p.invoice_id for p in claimed], status=PaymentStatus.REQUIRES_ACTION
+                ).values_list("invoice_id", flat=True)
+            )
+            for payment in claimed:
+                payment._awaiting_authentication = payment.invoice_id in waiting  # type: ignore[attr-defined]
+                calls.put((payment, answers))
+                out += 1
+        if more and len(todo) < limit:  # the next intents are written while these calls are out
+            chunk = next(chunks, None)
+            if chunk is None:
+                more = False
+            else:
+                to_send, single = _payments_create(invoice_ids=chunk, trigger=trigger, actor=actor, counts=counts)
+                todo[:0] = reversed(to_send)  # popped from the end: in order, after what is left
+                for invoice_id in single:  # lost an attempt-number race: the single path sorts it out
+                    try:
+                        counts[invoice_charge(invoice_id=invoice_id, trigger=trigger, actor=actor).status] += 1
+                    except (Conflict, NotFound) as exc:
+                        counts[exc.code] += 1
+                continue
+        if not out:
+            if todo or more:
+                continue
+            return counts
+        wanted = min(out, threads)
+        batch = [answers.get()]
+        while len(batch) < wanted:
+            try:
+                batch.append(answers.get_nowait())
+            except queue.Empty:
+                if todo and out - len(batch) < limit - claim_size:
+                    break  # the callers run short: feed them first
+                batch.append(answers.get())
+        out -= len(batch)
+        counts["not_recorded"] += sum(1 for a in batch if a.result is None)
+        counts.update(_record_many([a for a in batch if a.result is not None], actor=actor))
 
 
 def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
@@ -948,7 +1016,7 @@ def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
             )
         )
     GatewayCall.objects.bulk_create(calls)
-    results = {a.payment.id: a.result for a in answers}
+    results = {a.payment.id: a.result for a in answers if a.result is not None}
     try:
         with transaction.atomic(durable=True):
             locked = list(Payment.objects.select_for_update().filter(id__in=results).order_by("invoice_id", "id"))

@@ -114,7 +114,7 @@ def test_each_card_ends_as_the_single_path_leaves_it(invoices_with_cards: Callab
     BillingAccount.objects.filter(id=blocked.account_id).update(state=AccountState.BLOCKED)
     ids = [i.id for i in (visa, declined, authentication, lost, no_card, paid, blocked)]
 
-    counts = charging.invoices_charge(invoice_ids=ids, trigger="after_issue", threads=3, chunk_size=4, send_size=2)
+    counts = charging.invoices_charge(invoice_ids=ids, trigger="after_issue", threads=3, chunk_size=4, claim_size=2)
 
     assert counts == {
         "succeeded": 1,
@@ -181,7 +181,7 @@ def test_a_batch_racing_single_charges_of_the_same_invoices_charges_each_once(
 
     def work(n: int) -> object:
         if n == 0:
-            return charging.invoices_charge(invoice_ids=ids, threads=3, chunk_size=4, send_size=2)
+            return charging.invoices_charge(invoice_ids=ids, threads=3, chunk_size=4, claim_size=2)
         for invoice_id in reversed(ids[n - 1 :: 3]):  # three payers, from the last invoices on
             with contextlib.suppress(Conflict):  # nothing due: the batch (or another payer) charged it
                 charging.invoice_charge(invoice_id=invoice_id, trigger="customer")
@@ -222,7 +222,7 @@ def test_a_batch_killed_mid_way_leaves_payments_the_reconciler_sends_or_resolves
         "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
         "SANDBOX_LATENCY_MS": "300",
     }
-    code = f"from payments import charging; charging.invoices_charge(invoice_ids={ids}, threads=2, send_size=4)"
+    code = f"from payments import charging; charging.invoices_charge(invoice_ids={ids}, threads=2, claim_size=4)"
     child = subprocess.Popen([*manage_py("shell", "-c", code)], cwd=ROOT, env=env)
     try:
         assert wait_for(lambda: SandboxObject.objects.filter(kind="payment_intent").count() >= 3, 60)
