@@ -937,13 +937,14 @@ def _pipeline(
 ) -> Counter[str]:
     """Keep the callers busy and record what comes back: the next chunk's intents are written
     while the last calls of the one before are out, payments are claimed just ahead of the
-    callers (at most ``3 x threads`` queued or out), and the answers are recorded in batches of
-    about ``threads``. No timeouts (a test's clock may be frozen): every payment put to the
-    callers gets exactly one answer, so a blocking wait always ends."""
+    callers (at most ``3 x threads`` or ``2 x claim_size`` queued or out), and the answers are
+    recorded in batches of about ``claim_size`` (fewer when the callers need feeding first).
+    No timeouts (a test's clock may be frozen): every payment put to the callers gets exactly
+    one answer, so a blocking wait always ends."""
     counts: Counter[str] = Counter()
     todo: list[int] = []
     out = 0
-    limit = max(3 * threads, claim_size)
+    limit = max(3 * threads, 2 * claim_size)
     more = True
     while True:
         while todo and out < limit:
@@ -975,7 +976,7 @@ def _pipeline(
             if todo or more:
                 continue
             return counts
-        wanted = min(out, threads)
+        wanted = min(out, max(threads, claim_size))
         batch = [answers.get()]
         while len(batch) < wanted:
             try:
