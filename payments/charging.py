@@ -910,19 +910,24 @@ def _caller() -> None:
     (result ``None`` when the call raised something not the gateway's: it stays processing)."""
     while True:
         payment, answers = _calls.get()
-        started = time.monotonic()
-        result: ChargeResult | GatewayError | None
-        try:
-            close_old_connections()  # a connection the database dropped meanwhile is replaced
-            if getattr(payment, "_awaiting_authentication", False):
-                _cancel_abandoned_authentications(payment)
-            result = _send(payment)
-        except Exception:
-            log.exception("payments.call_failed", extra={"payment_id": payment.public_id})
-            result = None
-        answers.put(_Answer(payment, result, round((time.monotonic() - started) * 1000)))
+        close_old_connections()  # a connection the database dropped meanwhile is replaced
+        answers.put(_call(payment))
         if _calls.empty():  # idle: no connection is held between tasks (or by a test's end)
             connections.close_all()
+
+
+def _call(payment: Payment) -> _Answer:
+    """One claimed payment's gateway call (its abandoned authentications canceled first)."""
+    started = time.monotonic()
+    result: ChargeResult | GatewayError | None
+    try:
+        if getattr(payment, "_awaiting_authentication", False):
+            _cancel_abandoned_authentications(payment)
+        result = _send(payment)
+    except Exception:
+        log.exception("payments.call_failed", extra={"payment_id": payment.public_id})
+        result = None
+    return _Answer(payment, result, round((time.monotonic() - started) * 1000))
 
 
 def _pipeline(
@@ -957,7 +962,12 @@ def _pipeline(
             )
             for payment in claimed:
                 payment._awaiting_authentication = payment.invoice_id in waiting  # type: ignore[attr-defined]
-                calls.put((payment, answers))
+                if connection.in_atomic_block:
+                    # Only a test's transaction can be open here (forbid_transaction): the
+                    # callers' own connections could not see its rows, so the call is made here.
+                    answers.put(_call(payment))
+                else:
+                    calls.put((payment, answers))
                 out += 1
         if more and len(todo) < limit:  # the next intents are written while these calls are out
             chunk = next(chunks, None)
