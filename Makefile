@@ -103,7 +103,7 @@ beat: $(STAMP)
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache staticfiles
 
-## make bench: ingestion W1-W3, rollup W4 and the costs API, freshness W5, invoicing, the payments charge run, antifraud evaluation and the credit-limit check (docs/benchmarks.md)
+## make bench: ingestion W1-W3, rollup W4 and the costs API, freshness W5, invoicing, the payments charge path (outbox drain → tasks → invoices_charge), antifraud evaluation and the credit-limit check (docs/benchmarks.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest $(BENCH_INGEST_ARGS)
 	$(BIN)/python -m bench.rollup $(BENCH_ROLLUP_ARGS)

@@ -59,6 +59,9 @@ TASKS: dict[str, tuple[str, int, int]] = {
     "billing_site.outbox_drain": ("default", 120, 150),
     # one invoice's charge: a gateway call (Stripe's timeout 30 s) and two short transactions
     "payments.charge_invoice": ("payments", 120, 150),
+    # a chunk of a period close's invoices (500): 16 calls in flight; a call that outlives the
+    # hard limit leaves its payments to the reconciler
+    "payments.charge_invoices": ("payments", 600, 660),
     "payments.reconcile": ("payments", 240, 270),
     "payments.account_activate": ("payments", 30, 60),
     "payments.account_suspend": ("payments", 30, 60),
@@ -90,6 +93,20 @@ app.conf.task_routes = {
 }
 app.conf.task_annotations = {
     name: {"soft_time_limit": soft, "time_limit": hard} for name, (_, soft, hard) in TASKS.items()
+}
+
+# A message a worker took is acknowledged when its task ends (``CELERY_TASK_ACKS_LATE``); if the
+# worker dies first (SIGKILL, the machine lost), Redis hands the message to another worker once
+# it has been out for the visibility timeout. That timeout must outlast the longest hard limit,
+# or a task still running would be delivered a second time: one minute above it, 62 minutes
+# with today's table (kombu's default, one hour, was below the period close's 61). That is how
+# long a killed worker's unfinished tasks wait. Money does not wait for it: a charge commits
+# its payments before any gateway call, and the every-minute reconciler sends, within minutes,
+# those a dead worker claimed or never sent (``payments.charging``).
+VISIBILITY_TIMEOUT_SECONDS = max(hard for _, _, hard in TASKS.values()) + 60
+app.conf.broker_transport_options = {
+    **(app.conf.broker_transport_options or {}),
+    "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
 }
 
 

@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing_site.common import ids, transitions
@@ -25,6 +25,7 @@ from invoicing.models import (
     Invoice,
     InvoicePayment,
     InvoiceStatus,
+    InvoiceTransition,
     LedgerSource,
 )
 from invoicing.writing import insert_once, locked_invoice, require_reason, require_reference, save_settled
@@ -147,6 +148,160 @@ def _payment_applied(payment: InvoicePayment) -> PaymentApplied:
         invoice_paid=payment.invoice_paid,
         invoice_number=payment.invoice.number or "",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentReceived:
+    """One payment for ``payments_apply`` (``reference``: the payment's id)."""
+
+    invoice_id: int
+    amount_minor: int
+    currency: str
+    reference: str
+
+
+def payments_apply(payments: list[PaymentReceived]) -> list[PaymentApplied]:
+    """``payment_apply`` for many payments (a charged chunk of a period close), inside the
+    caller's transaction, in the order given. The same rules; set-based for the common case, an
+    issued invoice receiving at most what it still owes, once in the batch: the invoices locked
+    in one statement (id order), the invoice payments inserted in one (``ON CONFLICT
+    (reference) DO NOTHING``), their ledger entries in one, the invoices' amounts (and ``paid``)
+    in one, the paid ones' audit rows in one. Anything else (money beyond what is owed, another
+    currency, an invoice no longer issued, a reference recorded before) is applied by
+    ``payment_apply`` itself, one by one."""
+    require_transaction("Payments applied to invoices")
+    for p in payments:
+        if p.amount_minor <= 0:
+            raise ApplicationError(
+                "invalid_amount", "A payment is a positive amount (minor units).", field="amount_minor"
+            )
+        require_reference(p.reference)
+    now = timezone.now()
+    invoices = {
+        i.id: i
+        for i in Invoice.objects.select_for_update().filter(id__in={p.invoice_id for p in payments}).order_by("id")
+    }
+    fast: list[PaymentReceived] = []
+    slow: list[PaymentReceived] = []
+    for p in payments:
+        invoice = invoices.get(p.invoice_id)
+        if (
+            invoice is None
+            or invoice.status != InvoiceStatus.ISSUED
+            or invoice.currency != p.currency
+            or p.amount_minor > invoice.amount_outstanding_minor
+            or any(f.invoice_id == p.invoice_id for f in fast)
+        ):
+            slow.append(p)
+        else:
+            fast.append(p)
+    results: dict[str, PaymentApplied] = {}
+    if fast:
+        paid = {p.reference: p.amount_minor == invoices[p.invoice_id].amount_outstanding_minor for p in fast}
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                INSERT INTO invoicing_invoicepayment (invoice_id, account_id, amount_minor, received_minor, currency,
+                                                      reference, credit_grant_id, invoice_paid, received_at)
+                SELECT p.invoice_id, p.account_id, p.amount_minor, p.amount_minor, p.currency, p.reference, NULL,
+                       p.invoice_paid, %s
+                FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::boolean[])
+                     AS p(invoice_id, account_id, amount_minor, currency, reference, invoice_paid)
+                ON CONFLICT (reference) DO NOTHING
+                RETURNING reference, id
+                """,
+                [
+                    now,
+                    [p.invoice_id for p in fast],
+                    [invoices[p.invoice_id].account_id for p in fast],
+                    [p.amount_minor for p in fast],
+                    [p.currency for p in fast],
+                    [p.reference for p in fast],
+                    [paid[p.reference] for p in fast],
+                ],
+            )
+            inserted = dict(cursor.fetchall())
+        slow += [p for p in fast if p.reference not in inserted]  # recorded before: the single way replays it
+        fast = [p for p in fast if p.reference in inserted]
+        ledger.post(
+            [
+                ledger.Entry(
+                    LedgerSource.PAYMENT,
+                    inserted[p.reference],
+                    invoices[p.invoice_id].account_id,
+                    p.currency,
+                    f"Payment {p.reference} for {invoices[p.invoice_id].number}",
+                    [
+                        ledger.Posting(ledger.GATEWAY_CLEARING, p.amount_minor),
+                        ledger.Posting(ledger.RECEIVABLE, -p.amount_minor, invoices[p.invoice_id].account_id),
+                    ],
+                )
+                for p in fast
+            ],
+            posted_at=now,
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                UPDATE invoicing_invoice i
+                SET amount_paid_minor = i.amount_paid_minor + u.amount_minor,
+                    status = CASE WHEN u.paid THEN %s ELSE i.status END,
+                    paid_at = CASE WHEN u.paid THEN %s ELSE i.paid_at END,
+                    updated_at = %s
+                FROM unnest(%s::bigint[], %s::bigint[], %s::boolean[]) AS u(id, amount_minor, paid)
+                WHERE i.id = u.id
+                """,
+                [
+                    InvoiceStatus.PAID.value,
+                    now,
+                    now,
+                    [p.invoice_id for p in fast],
+                    [p.amount_minor for p in fast],
+                    [paid[p.reference] for p in fast],
+                ],
+            )
+        system = Actor.system("payments")
+        InvoiceTransition.objects.bulk_create(
+            [
+                InvoiceTransition(
+                    invoice_id=p.invoice_id,
+                    account_id=invoices[p.invoice_id].account_id,
+                    from_state=InvoiceStatus.ISSUED,
+                    to_state=InvoiceStatus.PAID,
+                    actor_kind=system.kind,
+                    actor_name=system.name,
+                    reason=f"payment {p.reference}",
+                    created_at=now,
+                )
+                for p in fast
+                if paid[p.reference]
+            ]
+        )
+        for p in fast:
+            invoice = invoices[p.invoice_id]
+            log.info(
+                "invoicing.payment_applied",
+                extra={
+                    "invoice_id": invoice.public_id,
+                    "account_id": ids.encode("acc", invoice.account_id),
+                    "applied_minor": p.amount_minor,
+                    "credited_minor": 0,
+                    "invoice_paid": paid[p.reference],
+                },
+            )
+            results[p.reference] = PaymentApplied(
+                invoice_id=p.invoice_id,
+                account_id=invoice.account_id,
+                applied_minor=p.amount_minor,
+                credited_minor=0,
+                invoice_paid=paid[p.reference],
+                invoice_number=invoice.number or "",
+            )
+    for p in slow:
+        results[p.reference] = payment_apply(
+            invoice_id=p.invoice_id, amount_minor=p.amount_minor, currency=p.currency, reference=p.reference
+        )
+    return [results[p.reference] for p in payments]
 
 
 @transaction.atomic(durable=True)

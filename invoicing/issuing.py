@@ -12,10 +12,10 @@ For a calendar month and a chunk of accounts, ``close_chunk``:
    statements (COPY and ``INSERT … SELECT FROM unnest``, tables described once as
    ``BulkTable``), no per-row round trips.
 
-4. writes, in the same transaction, an outbox message ``payments.charge_invoice`` for every
-   invoice issued with an amount due (one not wholly covered by credits), deduplicated by
-   ``charge-after-issue:<invoice id>``: the charge is attempted after the commit, and the
-   outbox's drain delivers it if the process dies first (``billing_site.outbox``).
+4. writes, in the same transaction, one outbox message ``payments.charge_invoices`` with the
+   chunk's invoices issued with an amount due (not wholly covered by credits), deduplicated
+   by ``charge-after-issue:<first invoice id>:<count>``: the charge is attempted after the
+   commit, and the outbox's drain delivers it if the process dies first.
 
 A run killed half-way loses only its open chunk; the re-run finds the committed chunks
 issued and does the rest, with the same content, because it reads the same usage. Other
@@ -198,26 +198,27 @@ def _issue(
         result.totals_minor[p.currency] = result.totals_minor.get(p.currency, 0) + p.total_minor
 
 
-CHARGE_TASK = "payments.charge_invoice"
+CHARGE_TASK = "payments.charge_invoices"  # the chunk's invoices, one task
 
 
 def _queue_charges(
     plans: list[PlannedInvoice], invoice_ids: dict[int, int], applied: dict[int, list[tuple[int, int]]]
 ) -> None:
-    """Charge every invoice issued with an amount due, after the commit, through the outbox
-    (one INSERT for the chunk). The task is the payments app's, named here, not imported."""
+    """Charge every invoice issued with an amount due, after the commit, through the outbox:
+    one message for the chunk (the payments app charges a chunk set-based, with the same rules
+    as one invoice). The task is the payments app's, named here, not imported."""
     due = [
         (invoice_ids[p.account_id], p.account_id)
         for p in plans
         if p.total_minor - sum(amount for _, amount in applied.get(p.account_id, [])) > 0
     ]
-    outbox.enqueue_tasks(
+    if not due:
+        return
+    outbox.enqueue_task(
         CHARGE_TASK,
-        [
-            {"invoice_id": invoice_id, "account_id": account_id, "trigger": "after_issue"}
-            for invoice_id, account_id in due
-        ],
-        dedupe_keys=[f"charge-after-issue:{invoice_id}" for invoice_id, _ in due],
+        invoice_ids=[invoice_id for invoice_id, _ in due],
+        trigger="after_issue",
+        dedupe_key=f"charge-after-issue:{due[0][0]}:{len(due)}",
     )
 
 

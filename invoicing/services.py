@@ -36,10 +36,12 @@ from invoicing.discounts import contract_discount_check, contract_discount_creat
 from invoicing.disputes import DISPUTE_STAGES, dispute_post
 from invoicing.invoice_life import (
     PaymentApplied,
+    PaymentReceived,
     invoice_record_payment,
     invoice_void,
     invoice_write_off,
     payment_apply,
+    payments_apply,
 )
 from invoicing.tax_rates import tax_rate_check, tax_rate_create, tax_rate_update, tax_rate_update_check
 from invoicing.taxes import rule_tax
@@ -53,6 +55,7 @@ __all__ = [
     "CloseReport",
     "CreditNoteLineIn",
     "PaymentApplied",
+    "PaymentReceived",
     "RefundRecorded",
     "ThresholdReport",
     "check_closable",
@@ -70,6 +73,7 @@ __all__ = [
     "invoice_void",
     "invoice_write_off",
     "payment_apply",
+    "payments_apply",
     "period_chunks",
     "period_close",
     "period_close_shard",

@@ -110,6 +110,26 @@ class BindingIpThrottle(_BindingThrottle):
 BINDING_THROTTLES = [BindingAccountThrottle, BindingUserThrottle, BindingIpThrottle]
 
 
+# --- Paying an invoice may call the gateway (a shared 100 calls/s): throttled per invoice and
+# per user, counting only callers allowed to pay it (a stranger's 404s use up nothing).
+
+
+class PayInvoiceThrottle(_BindingThrottle):  # a rate from the settings, POSTs only, as binding's
+    scope = "pay_invoice"
+    setting = "PAYMENTS_PAY_RATE_INVOICE"
+
+    def get_cache_key(self, request: Request, view: Any) -> str | None:
+        return self.cache_format % {"scope": self.scope, "ident": view.kwargs.get("invoice_id")}
+
+
+class PayUserThrottle(_BindingThrottle):
+    scope = "pay_user"
+    setting = "PAYMENTS_PAY_RATE_USER"
+
+    def get_cache_key(self, request: Request, view: Any) -> str | None:
+        return self.cache_format % {"scope": self.scope, "ident": caller_of(request).user_id}
+
+
 class PaymentMethodSetupView(StrictQueryMixin, APIView):
     throttle_classes = BINDING_THROTTLES
 
@@ -193,20 +213,26 @@ class InvoicePayView(StrictQueryMixin, APIView):
     @extend_schema(
         summary="Pay an invoice now with the default card",
         description=(
-            "Charges what is outstanding. If a payment of the invoice is already under way, that "
+            "Charges what is outstanding. If a payment of the invoice is already under way (being "
+            "charged, or waiting for the customer's authentication on the default card), that "
             "payment is returned (200) instead of starting another. `requires_action`: the customer "
-            "authenticates with `client_secret` / `next_action_url`, or pays again later (a new attempt)."
+            "authenticates with `client_secret` / `next_action_url`, or pays again later (a new "
+            "attempt, after `PAYMENTS_AUTHENTICATION_WINDOW_SECONDS`). Throttled per invoice and "
+            "per user (429 `throttled`)."
         ),
         request=None,
         responses={
             201: PaymentSerializer,
             200: PaymentSerializer,
-            **error_responses(400, 401, 403, 404, 409, 503),
+            **error_responses(400, 401, 403, 404, 409, 429, 503),
         },
     )
     def post(self, request: Request, account_id: int, invoice_id: int) -> Response:
         _no_body(request)
         account = _account(request, account_id, write=True)
+        for throttle in (PayInvoiceThrottle(), PayUserThrottle()):
+            if not throttle.allow_request(request, self):
+                self.throttled(request, throttle.wait() or 1.0)
         start = charging.payment_create(
             invoice_id=invoice_id, trigger=PaymentTrigger.CUSTOMER, actor=_actor(request), account_id=account.id
         )

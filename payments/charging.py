@@ -19,7 +19,12 @@ in a second transaction, and a reconciler for answers that were lost.
    mid-call): by PaymentIntent id when we have it, else by listing the customer's intents and
    matching ``metadata.payment_id``. We never rely on the gateway honouring idempotency keys
    (localstripe ignores them): while a payment is ``unknown``, nothing charges its invoice.
-   ``pending`` payments older than that were never sent: they are sent now.
+   A payment the gateway has no trace of was never sent (the request was reset before it got
+   there, or the worker died before it left): that is our failure, not the customer's, so it
+   goes back to ``pending`` and is sent again at once, the same payment with the same
+   idempotency key (no decline, no dunning). A call that certainly never left
+   (``GatewayUnavailable``, ``RateLimited``) does the same; ``pending`` payments are sent again
+   one minute after, then after twice as long each time (``resend_delay``, up to an hour).
 
 Every step logs one ``payment.*`` line with the payment, invoice and account ids.
 """
@@ -27,13 +32,18 @@ Every step logs one ``payment.*`` line with the payment, invoice and account ids
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
+import queue
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Max, Q
+from django.db import IntegrityError, close_old_connections, connection, connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django_fsm import can_proceed
 
@@ -62,6 +72,8 @@ from payments.gateways.base import (
 )
 from payments.models import (
     ACTIVE_STATUSES,
+    DunningCase,
+    DunningCaseStatus,
     GatewayCall,
     Payment,
     PaymentMethod,
@@ -143,42 +155,153 @@ class _AttemptTaken(Exception):
     pass
 
 
+def _awaiting_authentication(latest: Payment | None, method: PaymentMethod | None) -> bool:
+    """Whether the invoice's latest payment waits for the customer's authentication on the
+    account's default card and is recent (``PAYMENTS_AUTHENTICATION_WINDOW_SECONDS``): the
+    payment under way, which the customer's pay call returns instead of canceling its intent
+    and creating another. A new default card, or a later call, starts a new attempt."""
+    if latest is None or method is None or latest.status != PaymentStatus.REQUIRES_ACTION:
+        return False
+    window = dt.timedelta(seconds=settings.PAYMENTS_AUTHENTICATION_WINDOW_SECONDS)
+    return latest.created_at >= timezone.now() - window and latest.payment_method_id == method.id
+
+
+# --- The rules a new payment obeys, once: for one invoice (the API, a task) or a chunk of them
+# (a period close's charges). What they read is read set-based (``_facts``); ``_decide`` is
+# pure, so a chunk of 500 obeys exactly what one invoice does.
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    blocked: set[int]  # accounts blocked (fraud): not charged until the fraud team decides
+    methods: dict[int, PaymentMethod]  # account → its default card
+    customers: dict[int, str]  # account → its customer at the gateway
+    active: dict[int, Payment]  # invoice → its active (pending, processing, unknown) payment
+    latest: dict[int, Payment]  # invoice → its latest attempt
+
+
+def _facts(invoices: list[invoicing_selectors.PayableInvoice]) -> _Facts:
+    account_ids = {i.account_id for i in invoices}
+    invoice_ids = [i.invoice_id for i in invoices]
+    standings = account_selectors.billing_account_standings(account_ids)
+    return _Facts(
+        blocked={a for a, standing in standings.items() if standing.state == "blocked"},
+        methods={
+            m.account_id: m
+            for m in PaymentMethod.objects.filter(account_id__in=account_ids, is_default=True, detached_at__isnull=True)
+        },
+        customers=dict(
+            PaymentProfile.objects.filter(account_id__in=account_ids).values_list("account_id", "gateway_customer_id")
+        ),
+        active={
+            p.invoice_id: p for p in Payment.objects.filter(invoice_id__in=invoice_ids, status__in=ACTIVE_STATUSES)
+        },
+        latest={
+            p.invoice_id: p
+            for p in Payment.objects.filter(invoice_id__in=invoice_ids)
+            .order_by("invoice_id", "-attempt")
+            .distinct("invoice_id")
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    existing: Payment | None = None  # the payment under way: returned, never a second one
+    refusal: str = ""  # nothing_due | account_blocked | card_already_tried | no_payment_method
+    method: PaymentMethod | None = None  # else: a new payment on this card, this attempt
+    attempt: int = 0
+
+
+_REFUSALS = {
+    "nothing_due": "Nothing is due on invoice {number}.",
+    "account_blocked": "This billing account cannot be charged; contact support.",
+    "card_already_tried": "Invoice {number} was charged to this card already.",
+    "no_payment_method": "No card is bound to this billing account: bind one first.",
+}
+
+
+def _decide(invoice: invoicing_selectors.PayableInvoice, facts: _Facts, trigger: str) -> _Decision:
+    active = facts.active.get(invoice.invoice_id)
+    if active is not None:
+        return _Decision(existing=active)
+    if invoice.outstanding_minor <= 0 or invoice.status != "issued":
+        return _Decision(refusal="nothing_due")
+    method = facts.methods.get(invoice.account_id)
+    latest = facts.latest.get(invoice.invoice_id)
+    if trigger == PaymentTrigger.CUSTOMER and _awaiting_authentication(latest, method):
+        return _Decision(existing=latest)
+    if invoice.account_id in facts.blocked:
+        return _Decision(refusal="account_blocked")
+    if trigger == PaymentTrigger.NEW_CARD and method is not None and latest and latest.payment_method_id == method.id:
+        # A new default's charge, queued twice (by setting the default and by the outcome of
+        # the payment it raced): the card was tried since it became the default.
+        return _Decision(refusal="card_already_tried")
+    if method is None:
+        return _Decision(refusal="no_payment_method")
+    return _Decision(method=method, attempt=(latest.attempt if latest is not None else 0) + 1)
+
+
+def _new_payment(
+    invoice: invoicing_selectors.PayableInvoice, decision: _Decision, facts: _Facts, trigger: str
+) -> Payment:
+    assert decision.method is not None
+    payment_id = ids.new_id()
+    return Payment(
+        id=payment_id,
+        account_id=invoice.account_id,
+        invoice_id=invoice.invoice_id,
+        attempt=decision.attempt,
+        trigger=trigger,
+        amount_minor=invoice.outstanding_minor,
+        currency=invoice.currency,
+        gateway=decision.method.gateway,
+        gateway_customer_id=facts.customers.get(invoice.account_id, ""),
+        payment_method=decision.method,
+        idempotency_key=ids.encode("pay", payment_id),
+    )
+
+
+def _created_log(payment: Payment, actor: Actor) -> PaymentTransition:
+    log.info(
+        "payment.created",
+        extra={
+            "payment_id": payment.public_id,
+            "invoice_id": ids.encode("inv", payment.invoice_id),
+            "account_id": ids.encode("acc", payment.account_id),
+            "attempt": payment.attempt,
+            "trigger": payment.trigger,
+            "amount_minor": payment.amount_minor,
+            "currency": payment.currency,
+            "gateway": payment.gateway,
+        },
+    )
+    return PaymentTransition(
+        payment=payment,
+        account_id=payment.account_id,
+        from_state="",
+        to_state=payment.status,
+        actor_kind=actor.kind.value,
+        actor_name=actor.name,
+        reason=f"created ({payment.trigger})",
+    )
+
+
 @transaction.atomic(durable=True)
 def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: int | None) -> PaymentStart | None:
     invoice = invoicing_selectors.payable_invoice(invoice_id=invoice_id, account_id=account_id)
     if invoice is None:
         raise NotFound("No such invoice.")
-    active = Payment.objects.filter(invoice_id=invoice_id, status__in=ACTIVE_STATUSES).first()
-    if active is not None:
-        return PaymentStart(payment=active, created=False)
-    if invoice.outstanding_minor <= 0 or invoice.status != "issued":
-        raise Conflict("nothing_due", f"Nothing is due on invoice {invoice.number}.")
-    standing = account_selectors.billing_account_standings({invoice.account_id}).get(invoice.account_id)
-    if standing is not None and standing.state == "blocked":
-        # Blocked (fraud): its cards are not charged again until the fraud team decides.
-        raise Conflict("account_blocked", "This billing account cannot be charged; contact support.")
-    method = default_payment_method(invoice.account_id)
-    if method is None:
-        if trigger == PaymentTrigger.CUSTOMER:
-            raise Conflict("no_payment_method", "No card is bound to this billing account: bind one first.")
+    facts = _facts([invoice])
+    decision = _decide(invoice, facts, trigger)
+    if decision.existing is not None:
+        return PaymentStart(payment=decision.existing, created=False)
+    if decision.refusal == "no_payment_method" and trigger != PaymentTrigger.CUSTOMER:
         dunning.case_record_failure(invoice=invoice, decline_code="no_payment_method", retryable=True, payment=None)
         return None
-    profile = PaymentProfile.objects.get(account_id=invoice.account_id)
-    attempt = (Payment.objects.filter(invoice_id=invoice_id).aggregate(n=Max("attempt"))["n"] or 0) + 1
-    payment_id = ids.new_id()
-    payment = Payment(
-        id=payment_id,
-        account_id=invoice.account_id,
-        invoice_id=invoice_id,
-        attempt=attempt,
-        trigger=trigger,
-        amount_minor=invoice.outstanding_minor,
-        currency=invoice.currency,
-        gateway=method.gateway,
-        gateway_customer_id=profile.gateway_customer_id,
-        payment_method=method,
-        idempotency_key=ids.encode("pay", payment_id),
-    )
+    if decision.refusal:
+        raise Conflict(decision.refusal, _REFUSALS[decision.refusal].format(number=invoice.number))
+    payment = _new_payment(invoice, decision, facts, trigger)
     try:
         with transaction.atomic():
             payment.save(force_insert=True)
@@ -198,28 +321,7 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
     if fresh.outstanding_minor != payment.amount_minor:
         payment.amount_minor = fresh.outstanding_minor
         payment.save(update_fields=["amount_minor"])
-    PaymentTransition.objects.create(
-        payment=payment,
-        account_id=payment.account_id,
-        from_state="",
-        to_state=payment.status,
-        actor_kind=actor.kind.value,
-        actor_name=actor.name,
-        reason=f"created ({trigger})",
-    )
-    log.info(
-        "payment.created",
-        extra={
-            "payment_id": payment.public_id,
-            "invoice_id": ids.encode("inv", invoice_id),
-            "account_id": ids.encode("acc", payment.account_id),
-            "attempt": attempt,
-            "trigger": trigger,
-            "amount_minor": payment.amount_minor,
-            "currency": payment.currency,
-            "gateway": payment.gateway,
-        },
-    )
+    _created_log(payment, actor).save()
     return PaymentStart(payment=payment, created=True)
 
 
@@ -243,7 +345,15 @@ def payment_execute(*, payment_id: int) -> Payment:
     if payment is None:
         return Payment.objects.get(id=payment_id)
     _cancel_abandoned_authentications(payment)
-    gateway = gateway_named(payment.gateway)
+    started = time.monotonic()
+    result = _send(payment)
+    _call_record(payment, "charge", result, started)
+    return payment_record_outcome(payment_id=payment.id, result=result)
+
+
+def _send(payment: Payment) -> ChargeResult | GatewayError:
+    """The gateway call of a claimed payment: idempotency key ``pay_<id>``, our ids in the
+    intent's metadata. No transaction open, no lock held."""
     assert payment.payment_method is not None
     request = ChargeRequest(
         customer_id=payment.gateway_customer_id,
@@ -258,13 +368,10 @@ def payment_execute(*, payment_id: int) -> Payment:
         },
         description=f"Invoice {ids.encode('inv', payment.invoice_id)}",
     )
-    started = time.monotonic()
     try:
-        result: ChargeResult | GatewayError = gateway.charge(request)
+        return gateway_named(payment.gateway).charge(request)
     except GatewayError as exc:
-        result = exc
-    _call_record(payment, "charge", result, started)
-    return payment_record_outcome(payment_id=payment.id, result=result)
+        return exc
 
 
 def _call_record(payment: Payment, operation: str, result: ChargeResult | GatewayError, started: float) -> None:
@@ -312,6 +419,7 @@ def _apply(payment: Payment, result: ChargeResult | GatewayError, *, actor: Acto
                 payment.decline_message = customer_message("authentication_required")
                 _transition(payment, "require_action", actor=actor)
                 dunning.notify_authentication_required(payment=payment)
+                _charge_new_default(payment)
                 invoice = invoicing_selectors.payable_invoice(invoice_id=payment.invoice_id)
                 if invoice is not None and invoice.kind == "threshold":
                     # Not paid now: the credit limit is reached, so the account stops until
@@ -338,10 +446,14 @@ def _apply(payment: Payment, result: ChargeResult | GatewayError, *, actor: Acto
         if result.intent_id and not payment.gateway_intent_id:
             payment.gateway_intent_id = result.intent_id
         _declined(payment, result.code, result.retryable, result.message, actor)
-    elif isinstance(result, GatewayUnavailable | InvalidRequest | RateLimited):
-        # Certainly not charged (the gateway refused or was never reached): failed, retryable.
-        code = "gateway_unavailable" if not isinstance(result, InvalidRequest) else result.code
-        _declined(payment, code, True, str(result), actor, customer_fault=False)
+    elif isinstance(result, GatewayUnavailable | RateLimited):
+        # Certainly not sent (the connection was never made, or the gateway kept refusing us):
+        # our failure, not the customer's. The same payment is sent again (the reconciler).
+        if payment.status == PaymentStatus.PROCESSING:
+            _requeue(payment, actor=actor, reason=f"not sent: {result}"[:300])
+    elif isinstance(result, InvalidRequest):
+        # The gateway refused the request itself (a detached card, a bug): failed, retryable.
+        _declined(payment, result.code, True, str(result), actor, customer_fault=False)
     elif isinstance(result, OutcomeUnknown | GatewayError) and payment.status == PaymentStatus.PROCESSING:
         _transition(payment, "lose_track", actor=actor, reason=str(result)[:300])
 
@@ -414,6 +526,7 @@ def _declined(
             notify=customer_fault,
             customer_fault=customer_fault,
         )
+    _charge_new_default(payment)
     if customer_fault:  # the card's decline, not our gateway's trouble: antifraud's checkpoint 3
         antifraud_services.payment_outcome_record(
             account_id=payment.account_id,
@@ -423,6 +536,56 @@ def _declined(
             amount_minor=payment.amount_minor,
             currency=payment.currency,
         )
+
+
+def _charge_new_default(payment: Payment) -> None:
+    """A payment that ended without the money (declined, refused, waiting for authentication)
+    on a card that is no longer the account's default: what is outstanding is charged to the
+    new default (through the outbox, after this commit). A new default set while this payment
+    was in flight found it active and charged nothing; this is where that charge happens.
+
+    Under the account's profile row lock, which setting a default takes too: either the new
+    default committed first and is seen here, or it commits after this outcome and its own
+    charge finds no active payment. Either way the new card is charged once it is the default
+    and nothing is in flight (``payment_create`` skips a new-card charge of a card the invoice's
+    latest attempt already used)."""
+    if payment.payment_method_id is None:
+        return
+    PaymentProfile.objects.select_for_update().filter(account_id=payment.account_id).first()
+    method = default_payment_method(payment.account_id)
+    if method is None or method.id == payment.payment_method_id:
+        return
+    outbox.enqueue_task(
+        "payments.charge_invoice",
+        invoice_id=payment.invoice_id,
+        account_id=payment.account_id,
+        trigger=PaymentTrigger.NEW_CARD,
+        dedupe_key=f"charge-new-default-after:{payment.id}",
+    )
+    log.info(
+        "payment.new_default_charge_queued",
+        extra={
+            "payment_id": payment.public_id,
+            "invoice_id": ids.encode("inv", payment.invoice_id),
+            "account_id": ids.encode("acc", payment.account_id),
+            "payment_method_id": method.public_id,
+        },
+    )
+
+
+def _requeue(payment: Payment, *, actor: Actor, reason: str) -> None:
+    """Never sent: back to ``pending`` with its idempotency key, for ``payments_reconcile`` to
+    send again. No decline, no dunning, no email: nothing happened at the card."""
+    _transition(payment, "requeue", actor=actor, reason=reason)
+    log.warning(
+        "payment.not_sent",
+        extra={
+            "payment_id": payment.public_id,
+            "invoice_id": ids.encode("inv", payment.invoice_id),
+            "account_id": ids.encode("acc", payment.account_id),
+            "reason": reason,
+        },
+    )
 
 
 def _cancel_abandoned_authentications(payment: Payment) -> None:
@@ -446,35 +609,62 @@ def _cancel_abandoned_authentications(payment: Payment) -> None:
 
 # --- Reconciliation
 
+# A payment that was never sent (the gateway unreachable, or no trace of it there) is sent
+# again after RESEND_FIRST, then after twice as long each time, up to RESEND_MAX between sends.
+RESEND_FIRST = dt.timedelta(seconds=60)
+RESEND_MAX = dt.timedelta(hours=1)
+# How long one reconcile run keeps sending (its task's soft limit is 240 s); the rest waits
+# for the next run, a minute later.
+RECONCILE_SEND_SECONDS = 120.0
+
+
+def resend_delay(sends: int) -> dt.timedelta:
+    """How long a ``pending`` payment sent ``sends`` times before waits to be sent again."""
+    return min(RESEND_FIRST * 2 ** min(max(sends - 1, 0), 16), RESEND_MAX)
+
 
 def payments_reconcile(*, now: dt.datetime | None = None, limit: int = 500) -> dict[str, int]:
-    """Resolve ``unknown`` and stale ``processing`` payments by asking the gateway, and send
-    ``pending`` ones that nobody sent. Returns counts by what was found."""
+    """Resolve ``unknown`` and stale ``processing`` payments by asking the gateway; send again
+    at once those it has no trace of (the same payment, with its idempotency key), and the
+    ``pending`` ones whose time has come (never sent, or not sent because the gateway could not
+    be reached: ``resend_delay``). Returns counts by what was found."""
     forbid_transaction("Reconciling payments")
     now = now or timezone.now()
+    started = time.monotonic()
     stale_before = now - dt.timedelta(seconds=settings.PAYMENTS_STALE_PROCESSING_SECONDS)
     counts = {"checked": 0, "resolved": 0, "still_unknown": 0, "not_sent": 0, "sent": 0}
     candidates = Payment.objects.filter(
         Q(status=PaymentStatus.UNKNOWN)
         | Q(status=PaymentStatus.PROCESSING, sent_at__lt=stale_before)
-        | Q(status=PaymentStatus.PENDING, created_at__lt=stale_before)
-    ).order_by("created_at")[:limit]
+        | Q(status=PaymentStatus.PENDING, updated_at__lte=now - RESEND_FIRST)
+    ).order_by("updated_at")[:limit]
     for payment in candidates:
-        counts["checked"] += 1
         if payment.status == PaymentStatus.PENDING:
+            sends = GatewayCall.objects.filter(payment_id=payment.id, operation="charge").count()
+            if payment.updated_at > now - resend_delay(sends):
+                continue
+            if time.monotonic() - started > RECONCILE_SEND_SECONDS:
+                continue  # the next run sends it
+            counts["checked"] += 1
             payment_execute(payment_id=payment.id)
             counts["sent"] += 1
             continue
+        counts["checked"] += 1
         outcome = payment_reconcile(payment_id=payment.id, stale_before=stale_before)
         counts[outcome] += 1
+        if outcome == "not_sent":
+            payment_execute(payment_id=payment.id)  # at once: it has waited long enough
+            counts["sent"] += 1
     log.info("payments.reconcile", extra=counts)
     return counts
 
 
 def payment_reconcile(*, payment_id: int, stale_before: dt.datetime | None = None) -> str:
     """Ask the gateway what became of one payment: ``resolved``, ``not_sent`` (no intent carries
-    our payment id, and the call went out long enough ago: failed, retryable) or
-    ``still_unknown`` (the gateway could not be asked, or the intent is still processing)."""
+    our payment id, and the call went out long enough ago: back to ``pending``, to be sent again
+    with the same idempotency key) or ``still_unknown`` (the gateway could not be asked, or the
+    intent is still processing). Looked up by intent id when we have it, else among the
+    customer's intents (the gateway's list filtered by customer and date)."""
     payment = Payment.objects.get(id=payment_id)
     if payment.status not in (PaymentStatus.UNKNOWN, PaymentStatus.PROCESSING):
         return "resolved"
@@ -509,10 +699,9 @@ def payment_reconcile(*, payment_id: int, stale_before: dt.datetime | None = Non
             return "still_unknown"  # too recent to be sure the request is not in flight
         with transaction.atomic(durable=True):
             locked = Payment.objects.select_for_update().get(id=payment.id)
-            if locked.status in (PaymentStatus.UNKNOWN, PaymentStatus.PROCESSING):
-                if locked.status == PaymentStatus.PROCESSING:
-                    _transition(locked, "lose_track", actor=SYSTEM, reason="stale: worker lost")
-                _declined(locked, "not_sent", True, "", SYSTEM, customer_fault=False)
+            if locked.status not in (PaymentStatus.UNKNOWN, PaymentStatus.PROCESSING):
+                return "resolved"
+            _requeue(locked, actor=SYSTEM, reason="not sent: the gateway has no trace of it")
         return "not_sent"
     _call_record(payment, "reconcile", found, started)
     if found.status == ChargeStatus.PROCESSING:
@@ -541,3 +730,415 @@ def account_charge_outstanding(*, account_id: int, trigger: str) -> int:
         [{"invoice_id": i.invoice_id, "account_id": account_id, "trigger": trigger} for i in invoices],
     )
     return len(invoices)
+
+
+# --- Many invoices at once: the same rules, a few statements per chunk
+
+
+def invoices_charge(
+    *,
+    invoice_ids: Sequence[int],
+    trigger: str = PaymentTrigger.AFTER_ISSUE,
+    actor: Actor = SYSTEM,
+    threads: int | None = None,
+    chunk_size: int = 500,
+    claim_size: int = 50,
+) -> Counter[str]:
+    """Charge every invoice of ``invoice_ids`` as ``invoice_charge`` charges one (what the
+    ``payments.charge_invoices`` task does with a period close's chunk). Per chunk of
+    ``chunk_size`` invoices, one durable transaction applies ``_decide`` to each invoice and
+    inserts the new pending payments (with their audit rows) before any gateway call; then
+    ``claim_size`` of them at a time are claimed (``pending → processing``, one statement) just
+    ahead of ``threads`` caller threads, which call the gateway with no transaction open, and
+    the outcomes are recorded as they come, those that arrived together in one durable
+    transaction (successes set-based by ``_succeed_many``, the rest by ``_apply``; each alone if
+    that fails): the calls never wait for the recording, so a rate-limited gateway is kept busy.
+    A process killed anywhere leaves what the single path leaves: pending or processing
+    payments the reconciler sends or asks about. Returns the outcomes by status or refusal
+    code (``not_recorded``: a call raised something not the gateway's; left to the reconciler)."""
+    forbid_transaction("Charging invoices")
+    if trigger not in PaymentTrigger.values:
+        raise ApplicationError("invalid", f"Unknown trigger {trigger!r}.", field="trigger")
+    started = time.monotonic()
+    threads = threads or settings.PAYMENTS_CHARGE_THREADS
+    answers: queue.SimpleQueue[_Answer] = queue.SimpleQueue()
+    calls = _callers(threads)
+    # The first intents in a small transaction, so the calls start at once; the rest of the
+    # task's invoices then have theirs within the next transaction, while those calls are out.
+    first = min(claim_size, len(invoice_ids))
+    chunks = itertools.chain(
+        [invoice_ids[:first]] if first else [],
+        (invoice_ids[lo : lo + chunk_size] for lo in range(first, len(invoice_ids), chunk_size)),
+    )
+    counts = _pipeline(chunks, calls, answers, trigger=trigger, threads=threads, claim_size=claim_size, actor=actor)
+    counts = +counts  # without the zeros
+    log.info(
+        "payments.invoices_charged",
+        extra={
+            "invoices": len(invoice_ids),
+            "trigger": trigger,
+            "outcomes": dict(counts),
+            "duration_ms": round((time.monotonic() - started) * 1000),
+        },
+    )
+    return counts
+
+
+def _payments_create(
+    *, invoice_ids: Sequence[int], trigger: str, actor: Actor, counts: Counter[str]
+) -> tuple[list[int], list[int]]:
+    """The chunk's new pending payments, in one durable transaction: (payments to send, the
+    invoices that lost an attempt-number race)."""
+    with transaction.atomic(durable=True):
+        invoices = invoicing_selectors.payable_invoices(invoice_ids=invoice_ids)  # issued, something owed
+        counts["nothing_due"] += len(invoice_ids) - len(invoices)
+        facts = _facts(invoices)
+        new: list[Payment] = []
+        to_send: list[int] = []
+        for invoice in invoices:
+            decision = _decide(invoice, facts, trigger)
+            if decision.existing is not None:
+                counts["under_way"] += 1
+                if decision.existing.status == PaymentStatus.PENDING:
+                    to_send.append(decision.existing.id)  # as invoice_charge: a pending one is sent
+            elif decision.refusal:
+                counts[decision.refusal] += 1
+                if decision.refusal == "no_payment_method":
+                    dunning.case_record_failure(
+                        invoice=invoice, decline_code="no_payment_method", retryable=True, payment=None
+                    )
+            else:
+                new.append(_new_payment(invoice, decision, facts, trigger))
+        Payment.objects.bulk_create(new, ignore_conflicts=True)  # the unique indexes decide
+        inserted = set(Payment.objects.filter(id__in=[p.id for p in new]).values_list("id", flat=True))
+        created = [p for p in new if p.id in inserted]
+        taken = [p.invoice_id for p in new if p.id not in inserted]
+        raced = set(
+            Payment.objects.filter(invoice_id__in=taken, status__in=ACTIVE_STATUSES).values_list(
+                "invoice_id", flat=True
+            )
+        )
+        counts["under_way"] += len(raced)
+        # What is owed, read again now that these payments are their invoices' active ones (as
+        # the single path does): a payment active before ours applied its money meanwhile.
+        owed = {
+            i.invoice_id: i.outstanding_minor
+            for i in invoicing_selectors.payable_invoices(invoice_ids=[p.invoice_id for p in created])
+        }
+        gone = [p.id for p in created if p.invoice_id not in owed]
+        if gone:
+            Payment.objects.filter(id__in=gone).delete()  # never committed
+            counts["nothing_due"] += len(gone)
+        created = [p for p in created if p.invoice_id in owed]
+        for payment in created:
+            if owed[payment.invoice_id] != payment.amount_minor:
+                payment.amount_minor = owed[payment.invoice_id]
+                Payment.objects.filter(id=payment.id).update(amount_minor=payment.amount_minor)
+        PaymentTransition.objects.bulk_create([_created_log(p, actor) for p in created])
+    return [*to_send, *(p.id for p in created)], [i for i in taken if i not in raced]
+
+
+def _claim_many(payment_ids: list[int], *, actor: Actor) -> list[Payment]:
+    """pending → processing for those still pending (one statement): ours to send."""
+    now = timezone.now()
+    with transaction.atomic(durable=True), connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE payments_payment SET status = %s, sent_at = %s, updated_at = %s "
+            "WHERE id = ANY(%s) AND status = %s RETURNING id",
+            [PaymentStatus.PROCESSING, now, now, payment_ids, PaymentStatus.PENDING],
+        )
+        claimed = [row[0] for row in cursor.fetchall()]
+        payments = list(Payment.objects.filter(id__in=claimed).select_related("payment_method").order_by("invoice_id"))
+        audit = []
+        for payment in payments:
+            audit.append(
+                PaymentTransition(
+                    payment=payment,
+                    account_id=payment.account_id,
+                    from_state=PaymentStatus.PENDING,
+                    to_state=PaymentStatus.PROCESSING,
+                    actor_kind=actor.kind.value,
+                    actor_name=actor.name,
+                )
+            )
+            log.info(
+                "payment.transition",
+                extra={
+                    "payment_id": payment.public_id,
+                    "invoice_id": ids.encode("inv", payment.invoice_id),
+                    "account_id": ids.encode("acc", payment.account_id),
+                    "from": PaymentStatus.PENDING.value,
+                    "to": PaymentStatus.PROCESSING.value,
+                    "amount_minor": payment.amount_minor,
+                    "currency": payment.currency,
+                    "decline_code": None,
+                    "actor": actor.name,
+                },
+            )
+        PaymentTransition.objects.bulk_create(audit)
+    return payments
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    payment: Payment
+    result: ChargeResult | GatewayError | None  # None: the call raised something else (logged)
+    duration_ms: int
+
+
+_Call = tuple[Payment, "queue.SimpleQueue[_Answer]"]
+_calls: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+_pool: list[threading.Thread] = []
+_pool_lock = threading.Lock()
+
+
+def _callers(threads: int) -> queue.SimpleQueue[_Call]:
+    """The process's caller threads (at least ``threads``; started once and kept, so a task
+    does not pay for starting threads and their connections): each takes a claimed payment
+    and the queue its answer goes to. Daemons: a worker process that ends takes them along."""
+    with _pool_lock:
+        _pool[:] = [t for t in _pool if t.is_alive()]
+        while len(_pool) < threads:
+            thread = threading.Thread(target=_caller, name=f"charge-{len(_pool)}", daemon=True)
+            thread.start()
+            _pool.append(thread)
+    return _calls
+
+
+def _caller() -> None:
+    """A caller thread: each claimed payment's gateway call; one answer per payment, always
+    (result ``None`` when the call raised something not the gateway's: it stays processing)."""
+    while True:
+        payment, answers = _calls.get()
+        close_old_connections()  # a connection the database dropped meanwhile is replaced
+        answers.put(_call(payment))
+        if _calls.empty():  # idle: no connection is held between tasks (or by a test's end)
+            connections.close_all()
+
+
+def _call(payment: Payment) -> _Answer:
+    """One claimed payment's gateway call (its abandoned authentications canceled first)."""
+    started = time.monotonic()
+    result: ChargeResult | GatewayError | None
+    try:
+        if getattr(payment, "_awaiting_authentication", False):
+            _cancel_abandoned_authentications(payment)
+        result = _send(payment)
+    except Exception:
+        log.exception("payments.call_failed", extra={"payment_id": payment.public_id})
+        result = None
+    return _Answer(payment, result, round((time.monotonic() - started) * 1000))
+
+
+def _pipeline(
+    chunks: Iterator[Sequence[int]],
+    calls: queue.SimpleQueue[_Call],
+    answers: queue.SimpleQueue[_Answer],
+    *,
+    trigger: str,
+    threads: int,
+    claim_size: int,
+    actor: Actor,
+) -> Counter[str]:
+    """Keep the callers busy and record what comes back: the next chunk's intents are written
+    while the last calls of the one before are out, payments are claimed just ahead of the
+    callers (at most ``3 x threads`` or ``2 x claim_size`` queued or out), and the answers are
+    recorded in batches of about ``claim_size`` (fewer when the callers need feeding first).
+    No timeouts (a test's clock may be frozen): every payment put to the callers gets exactly
+    one answer, so a blocking wait always ends."""
+    counts: Counter[str] = Counter()
+    todo: list[int] = []
+    out = 0
+    limit = max(3 * threads, 2 * claim_size)
+    more = True
+    while True:
+        while todo and out < limit:
+            group = [todo.pop() for _ in range(min(claim_size, len(todo), limit - out))]
+            claimed = _claim_many(group, actor=actor)
+            waiting = set(
+                Payment.objects.filter(
+                    invoice_id__in=[p.invoice_id for p in claimed], status=PaymentStatus.REQUIRES_ACTION
+                ).values_list("invoice_id", flat=True)
+            )
+            for payment in claimed:
+                payment._awaiting_authentication = payment.invoice_id in waiting  # type: ignore[attr-defined]
+                if connection.in_atomic_block:
+                    # Only a test's transaction can be open here (forbid_transaction): the
+                    # callers' own connections could not see its rows, so the call is made here.
+                    answers.put(_call(payment))
+                else:
+                    calls.put((payment, answers))
+                out += 1
+        if more and len(todo) < limit:  # the next intents are written while these calls are out
+            chunk = next(chunks, None)
+            if chunk is None:
+                more = False
+            else:
+                to_send, single = _payments_create(invoice_ids=chunk, trigger=trigger, actor=actor, counts=counts)
+                todo[:0] = reversed(to_send)  # popped from the end: in order, after what is left
+                for invoice_id in single:  # lost an attempt-number race: the single path sorts it out
+                    try:
+                        counts[invoice_charge(invoice_id=invoice_id, trigger=trigger, actor=actor).status] += 1
+                    except (Conflict, NotFound) as exc:
+                        counts[exc.code] += 1
+                continue
+        if not out:
+            if todo or more:
+                continue
+            return counts
+        wanted = min(out, max(threads, claim_size))
+        batch = [answers.get()]
+        while len(batch) < wanted:
+            try:
+                batch.append(answers.get_nowait())
+            except queue.Empty:
+                if todo and out - len(batch) < limit - claim_size:
+                    break  # the callers run short: feed them first
+                batch.append(answers.get())
+        out -= len(batch)
+        counts["not_recorded"] += sum(1 for a in batch if a.result is None)
+        counts.update(_record_many([a for a in batch if a.result is not None], actor=actor))
+
+
+def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
+    """The outcomes, as ``payment_record_outcome`` records each, in one durable transaction
+    (each in its own if that fails); the attempts first, as ``GatewayCall`` rows."""
+    counts: Counter[str] = Counter()
+    if not answers:
+        return counts
+    calls = []
+    for answer in answers:
+        result = answer.result
+        if isinstance(result, ChargeResult):
+            outcome, object_id, detail = result.status, result.intent_id, result.decline_code
+        elif isinstance(result, PaymentDeclined):
+            outcome, object_id, detail = "declined", result.intent_id, result.code
+        else:
+            outcome, object_id, detail = type(result).__name__, "", str(result)[:300]
+        calls.append(
+            GatewayCall(
+                account_id=answer.payment.account_id,
+                payment_id=answer.payment.id,
+                operation="charge",
+                outcome=outcome,
+                gateway_object_id=object_id or "",
+                detail=detail or "",
+                duration_ms=answer.duration_ms,
+            )
+        )
+    GatewayCall.objects.bulk_create(calls)
+    results = {a.payment.id: a.result for a in answers if a.result is not None}
+    try:
+        with transaction.atomic(durable=True):
+            locked = list(Payment.objects.select_for_update().filter(id__in=results).order_by("invoice_id", "id"))
+            charged = [
+                p
+                for p in locked
+                if p.status == PaymentStatus.PROCESSING
+                and isinstance(result := results[p.id], ChargeResult)
+                and result.status == ChargeStatus.SUCCEEDED
+            ]
+            counts["succeeded"] += _succeed_many(charged, results, actor=actor)
+            done = {p.id for p in charged}
+            for payment in locked:
+                if payment.id not in done:
+                    _apply(payment, results[payment.id], actor=actor)
+                    counts[payment.status] += 1
+        return counts
+    except Exception as exc:  # rolled back: each outcome again in its own transaction
+        log.warning("payments.outcomes_recorded_singly", extra={"payments": len(answers), "error": type(exc).__name__})
+    counts.clear()
+    for payment_id, result in results.items():
+        try:
+            counts[payment_record_outcome(payment_id=payment_id, result=result, actor=actor).status] += 1
+        except Exception:  # left processing: the reconciler asks the gateway
+            log.exception("payments.outcome_not_recorded", extra={"payment_id": ids.encode("pay", payment_id)})
+            counts["not_recorded"] += 1
+    return counts
+
+
+def _succeed_many(payments: list[Payment], results: dict[int, ChargeResult | GatewayError], *, actor: Actor) -> int:
+    """``_succeeded`` for many ``processing`` payments the gateway charged, under their row
+    locks in the caller's transaction: one UPDATE of the payments, their audit rows in one
+    insert, the money applied by ``invoicing.services.payments_apply`` (set-based), dunning
+    told only about the invoices that have a case open. What each payment ends as, and every
+    row written, is what ``_succeeded`` writes for one."""
+    if not payments:
+        return 0
+    now = timezone.now()
+    charges = {p.id: results[p.id] for p in payments}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE payments_payment p
+            SET status = %s, gateway_intent_id = coalesce(p.gateway_intent_id, nullif(u.intent_id, '')),
+                gateway_charge_id = CASE WHEN u.charge_id <> '' THEN u.charge_id ELSE p.gateway_charge_id END,
+                completed_at = %s, updated_at = %s, decline_code = '', decline_message = '', client_secret = '',
+                next_action_url = ''
+            FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u(id, intent_id, charge_id)
+            WHERE p.id = u.id
+            """,
+            [
+                PaymentStatus.SUCCEEDED.value,
+                now,
+                now,
+                [p.id for p in payments],
+                [getattr(charges[p.id], "intent_id", "") for p in payments],
+                [getattr(charges[p.id], "charge_id", "") for p in payments],
+            ],
+        )
+    PaymentTransition.objects.bulk_create(
+        [
+            PaymentTransition(
+                payment=p,
+                account_id=p.account_id,
+                from_state=PaymentStatus.PROCESSING,
+                to_state=PaymentStatus.SUCCEEDED,
+                actor_kind=actor.kind.value,
+                actor_name=actor.name,
+                created_at=now,
+            )
+            for p in payments
+        ]
+    )
+    applied = invoicing_services.payments_apply(
+        [
+            invoicing_services.PaymentReceived(
+                invoice_id=p.invoice_id, amount_minor=p.amount_minor, currency=p.currency, reference=p.public_id
+            )
+            for p in payments
+        ]
+    )
+    for payment, money in zip(payments, applied, strict=True):
+        log.info(
+            "payment.transition",
+            extra={
+                "payment_id": payment.public_id,
+                "invoice_id": ids.encode("inv", payment.invoice_id),
+                "account_id": ids.encode("acc", payment.account_id),
+                "from": PaymentStatus.PROCESSING.value,
+                "to": PaymentStatus.SUCCEEDED.value,
+                "amount_minor": payment.amount_minor,
+                "currency": payment.currency,
+                "decline_code": None,
+                "actor": actor.name,
+            },
+        )
+        log.info(
+            "payment.applied",
+            extra={
+                "payment_id": payment.public_id,
+                "invoice_id": ids.encode("inv", payment.invoice_id),
+                "account_id": ids.encode("acc", payment.account_id),
+                "applied_minor": money.applied_minor,
+                "credited_minor": money.credited_minor,
+                "invoice_paid": money.invoice_paid,
+            },
+        )
+    settled = {p.invoice_id: p for p, money in zip(payments, applied, strict=True) if money.invoice_paid}
+    with_case = DunningCase.objects.filter(invoice_id__in=settled, status=DunningCaseStatus.OPEN).values_list(
+        "invoice_id", flat=True
+    )
+    for invoice_id in with_case:
+        dunning.invoice_settled(account_id=settled[invoice_id].account_id, invoice_id=invoice_id, paid=True)
+    return len(payments)

@@ -280,6 +280,11 @@ class Payment(AuditedTransitions, FSMModelMixin, models.Model):
     def lose_track(self) -> None:
         """The answer was lost: the reconciler asks the gateway."""
 
+    @transition(field=status, source=[PaymentStatus.PROCESSING, PaymentStatus.UNKNOWN], target=PaymentStatus.PENDING)
+    def requeue(self) -> None:
+        """The request never reached the gateway (it refused the connection, or has no trace of
+        it): the same payment is sent again, with the same idempotency key. Not a decline."""
+
     @transition(
         field=status, source=[PaymentStatus.REQUIRES_ACTION, PaymentStatus.UNKNOWN], target=PaymentStatus.CANCELED
     )

@@ -289,6 +289,9 @@ def binding_decision(*, attempt: BindingAttempt, payment_method: PaymentMethod) 
 
 
 def _make_default(method: PaymentMethod) -> None:
+    # The profile row lock orders this against a payment's outcome (``charging._charge_new_default``):
+    # one of the two sees the other, so the new default is charged whatever the interleaving.
+    PaymentProfile.objects.select_for_update().filter(account_id=method.account_id).first()
     PaymentMethod.objects.filter(account_id=method.account_id, is_default=True).exclude(id=method.id).update(
         is_default=False
     )

@@ -33,6 +33,15 @@ def test_every_task_has_a_named_queue_and_soft_and_hard_time_limits() -> None:
     assert app.amqp.router.route({}, "payments.charge")["queue"].name == "payments"  # when it arrives
 
 
+def test_a_killed_workers_messages_come_back_after_the_longest_hard_limit_and_no_sooner() -> None:
+    from billing_site.celery import VISIBILITY_TIMEOUT_SECONDS
+
+    longest = max(hard for _, _, hard in TASKS.values())
+    assert app.conf.broker_transport_options["visibility_timeout"] == VISIBILITY_TIMEOUT_SECONDS
+    assert longest < VISIBILITY_TIMEOUT_SECONDS <= longest + 60  # never redelivered while it runs
+    assert VISIBILITY_TIMEOUT_SECONDS == 62 * 60  # what the README says
+
+
 def test_a_worker_started_without_queues_serves_all_of_them() -> None:
     assert (
         set(app.amqp.queues.consume_from)

@@ -325,12 +325,21 @@ PAYMENTS_DEFAULT_GATEWAY = os.environ.get("PAYMENTS_DEFAULT_GATEWAY", "sandbox")
 # Calls per second to one gateway, across every process sharing REDIS_URL (0: no limit of ours;
 # Stripe's own default live limit is 100/s). Stripe's 429s are retried with back-off regardless.
 PAYMENTS_GATEWAY_RATE_LIMIT = int(os.environ.get("PAYMENTS_GATEWAY_RATE_LIMIT", "100"))
+# Gateway calls in flight per process when a task charges a chunk of invoices (a period close's):
+# about latency x calls per second / processes (250 ms x 100/s over 2 processes: 13), plus a margin.
+PAYMENTS_CHARGE_THREADS = int(os.environ.get("PAYMENTS_CHARGE_THREADS", "16"))
 # A payment still `processing` this long (seconds) is asked about at the gateway by the reconciler.
 PAYMENTS_STALE_PROCESSING_SECONDS = int(os.environ.get("PAYMENTS_STALE_PROCESSING_SECONDS", "300"))
 # Card binding attempts (card testing is an abuse): per billing account, per user, per client IP.
 PAYMENTS_BINDING_RATE_ACCOUNT = os.environ.get("PAYMENTS_BINDING_RATE_ACCOUNT", "10/hour")
 PAYMENTS_BINDING_RATE_USER = os.environ.get("PAYMENTS_BINDING_RATE_USER", "20/hour")
 PAYMENTS_BINDING_RATE_IP = os.environ.get("PAYMENTS_BINDING_RATE_IP", "30/hour")
+# The customer's "pay this invoice" calls (each may reach the gateway): per invoice, per user.
+PAYMENTS_PAY_RATE_INVOICE = os.environ.get("PAYMENTS_PAY_RATE_INVOICE", "10/hour")
+PAYMENTS_PAY_RATE_USER = os.environ.get("PAYMENTS_PAY_RATE_USER", "100/hour")
+# A payment waiting for the customer's authentication (3-D Secure) is the invoice's payment
+# under way for this long (seconds): paying again meanwhile returns it, later starts a new attempt.
+PAYMENTS_AUTHENTICATION_WINDOW_SECONDS = int(os.environ.get("PAYMENTS_AUTHENTICATION_WINDOW_SECONDS", "1800"))
 # Stripe: keys from the dashboard; STRIPE_API_BASE points the SDK elsewhere (localstripe in tests).
 STRIPE_SECRET_KEY = os.environ.get("STRIPE_SECRET_KEY", "").strip()
 STRIPE_PUBLISHABLE_KEY = os.environ.get("STRIPE_PUBLISHABLE_KEY", "").strip()

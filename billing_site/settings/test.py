@@ -15,6 +15,7 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
 WHITENOISE_USE_FINDERS = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 PAYMENTS_BINDING_RATE_ACCOUNT = PAYMENTS_BINDING_RATE_USER = PAYMENTS_BINDING_RATE_IP = "100000/hour"
+PAYMENTS_PAY_RATE_INVOICE = PAYMENTS_PAY_RATE_USER = "100000/hour"  # the throttle's tests set their own
 PAYMENTS_GATEWAY_RATE_LIMIT = 0  # tests that are about the limit set it themselves
 REST_FRAMEWORK = {
     **REST_FRAMEWORK,  # noqa: F405

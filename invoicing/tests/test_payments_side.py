@@ -594,11 +594,10 @@ def test_issuing_queues_a_charge_for_each_invoice_with_an_amount_due(acct: Calla
     services.period_close(period=OCTOBER, actor=FINANCE, run_rollup=False, render_pdfs=False)
     invoice = Invoice.objects.get(account_id=due.id)
     message = OutboxMessage.objects.get()
-    assert (message.name, message.payload, message.dedupe_key, message.account_id) == (
-        "payments.charge_invoice",
-        {"invoice_id": invoice.id, "account_id": due.id, "trigger": "after_issue"},
-        f"charge-after-issue:{invoice.id}",
-        due.id,
+    assert (message.name, message.payload, message.dedupe_key) == (
+        "payments.charge_invoices",  # one message per chunk of the close
+        {"invoice_ids": [invoice.id], "trigger": "after_issue"},
+        f"charge-after-issue:{invoice.id}:1",
     )
     services.period_close(period=OCTOBER, actor=FINANCE, run_rollup=False, render_pdfs=False)  # a re-run
     assert OutboxMessage.objects.count() == 1

@@ -30,7 +30,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +103,7 @@ class SandboxGateway:
         self.failure_rate = failure_rate
         self.failure_mode = failure_mode
         self.limiter = limiter
+        self._arrived = threading.local()  # per calling thread: when its request arrived
 
     @classmethod
     def from_settings(cls) -> SandboxGateway:
@@ -125,6 +128,7 @@ class SandboxGateway:
             self.limiter.acquire()
         if self.latency_ms:
             time.sleep(self.latency_ms / 1000)
+        self._arrived.at = timezone.now()  # when a gateway counts the request (its rate limit)
         if not self.failure_rate or not key:
             return False
         draw = int.from_bytes(hashlib.sha256(f"{operation}:{key}".encode()).digest()[:8], "big") / 2**64
@@ -138,15 +142,31 @@ class SandboxGateway:
     # --- storage
 
     def _put(
-        self, prefix: str, kind: str, data: dict[str, Any], *, customer_id: str = "", key: str | None = None
+        self,
+        prefix: str,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        customer_id: str = "",
+        key: str | None = None,
+        finish: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Store a new object; with an idempotency key seen before, return the first one."""
+        """Store a new object (``finish`` completes it once its id is known, before the one
+        insert); with an idempotency key seen before, return the first one."""
         object_id = f"{prefix}_sbx{secrets.token_hex(8)}"
-        data = {**data, "id": object_id, "created": int(timezone.now().timestamp())}
+        arrived = getattr(self._arrived, "at", None) or timezone.now()
+        data = {**data, "id": object_id, "created": int(arrived.timestamp())}
+        if finish is not None:
+            finish(data)
         try:
             with transaction.atomic():
                 SandboxObject.objects.create(
-                    object_id=object_id, kind=kind, customer_id=customer_id, idempotency_key=key, data=data
+                    object_id=object_id,
+                    kind=kind,
+                    customer_id=customer_id,
+                    idempotency_key=key,
+                    data=data,
+                    created_at=arrived,
                 )
         except IntegrityError:
             existing = SandboxObject.objects.filter(idempotency_key=key).first()
@@ -285,6 +305,7 @@ class SandboxGateway:
             },
             customer_id=request.customer_id,
             key=request.idempotency_key,
+            finish=_charge_or_secret,
         )
         if intent["status"] == ChargeStatus.SUCCEEDED and not intent["charge"]:
             intent["charge"] = f"ch_sbx{intent['id'][6:]}"
@@ -411,6 +432,14 @@ class SandboxGateway:
             metadata=dict(intent["metadata"]),
             created_at=dt.datetime.fromtimestamp(intent["created"], tz=dt.UTC),
         )
+
+
+def _charge_or_secret(intent: dict[str, Any]) -> None:
+    """A new intent's charge (succeeded) or client secret (requires_action), stored with it."""
+    if intent["status"] == ChargeStatus.SUCCEEDED:
+        intent["charge"] = f"ch_sbx{intent['id'][6:]}"
+    elif intent["status"] == ChargeStatus.REQUIRES_ACTION:
+        intent["client_secret"] = f"{intent['id']}_secret_{secrets.token_hex(8)}"
 
 
 DECLINE_MESSAGES = {

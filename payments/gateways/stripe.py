@@ -56,8 +56,9 @@ Emulators (``emulator``: test keys and an ``api_base`` outside ``stripe.com``, i
 in tests; never with live keys). localstripe 1.15 implements a subset of the API, so with it,
 and only with it, this gateway: leaves out the parameters it refuses with a 400
 (``description`` and ``allowed_payment_method_types`` on a PaymentIntent, the latter on a
-SetupIntent, ``reason`` on a Refund); lists PaymentIntents unfiltered and filters by customer
-and date itself (it refuses both filters); confirms with a card PaymentMethod created from the
+SetupIntent, ``reason`` on a Refund); when it refuses the customer and date filters of the
+PaymentIntent list (a 400), lists unfiltered and filters itself (every other server is asked
+for the customer's intents only); confirms with a card PaymentMethod created from the
 test card number for the test payment method names it does not know (all but ``pm_card_visa``,
 ``pm_card_visa_chargeDeclined`` and ``pm_card_chargeCustomerFail``; it takes 16-digit numbers
 only, so ``pm_card_amex`` is refused as ``test_card_unsupported``); attaches the PaymentMethod
@@ -240,6 +241,7 @@ class StripeGateway:
         self.rate_limit_retries = rate_limit_retries
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_cap_seconds = backoff_cap_seconds
+        self._list_unfiltered = False  # an emulator refused the list filters (see payment_intents_for_customer)
         self.test_mode = secret_key.startswith(("sk_test_", "rk_test_"))
         host = urlsplit(self.api_base).hostname or ""
         self.emulator = (
@@ -450,8 +452,10 @@ class StripeGateway:
         return _charge_result(intent)
 
     def payment_intents_for_customer(self, *, customer_id: str, created_since: dt.datetime) -> list[ChargeResult]:
-        """Every page, oldest first. Stripe filters by customer and date; an emulator cannot, so
-        the filter is applied here too (a no-op against Stripe)."""
+        """The customer's intents created since then, oldest first: Stripe's list filtered by
+        ``customer`` and ``created[gte]``, page by page (a customer has a handful). Never a walk
+        through the whole account's intents, except on an emulator that refuses both filters
+        (localstripe): then, and only then, every page, filtered here."""
         since = int(created_since.timestamp())
         found = [
             _charge_result(intent)
@@ -464,12 +468,21 @@ class StripeGateway:
         starting_after = ""
         while True:
             params: PaymentIntentListParams = {"limit": PAYMENT_INTENT_PAGE_SIZE, "expand": ["data.latest_charge"]}
-            if not self.emulator:
+            if not self._list_unfiltered:
                 params["customer"] = customer_id
                 params["created"] = {"gte": since}
             if starting_after:
                 params["starting_after"] = starting_after
-            page = self._list_page(params)
+            try:
+                page = self._list_page(params)
+            except InvalidRequest:
+                if not self.emulator or self._list_unfiltered or starting_after:
+                    raise
+                # An emulator that does not filter lists (localstripe 1.15): remembered, so
+                # each later look-up asks once. Never with Stripe itself.
+                self._list_unfiltered = True
+                log.info("payments.stripe_emulator_lists_unfiltered", extra={"api_base": self.api_base})
+                continue
             data: list[dict[str, Any]] = list(page.get("data") or [])
             yield from data
             if not page.get("has_more") or not data:

@@ -3,7 +3,7 @@
 Stripe (``payments/tests/stripe_harness.py``): ``localstripe`` (one server per session),
 ``stripe_gateway`` (a ``StripeGateway`` talking to it, its data wiped first) and
 ``fault_proxy`` (the same behind a ``FaultProxy``, with a short client timeout). None of them
-needs the database.
+needs the database. ``no_worker``: tasks are queued and nothing runs them.
 """
 
 from __future__ import annotations
@@ -51,6 +51,20 @@ def fault_proxy(localstripe: LocalStripe) -> Iterator[FaultyStripe]:
     with FaultProxy(localstripe.url, stall_seconds=FAULT_PROXY_TIMEOUT_SECONDS * 3) as proxy:
         gateway = localstripe_gateway(proxy.url, timeout=FAULT_PROXY_TIMEOUT_SECONDS)
         yield FaultyStripe(proxy=proxy, gateway=gateway, localstripe=localstripe)
+
+
+@pytest.fixture
+def no_worker() -> Iterator[None]:
+    """Tasks are queued (to the in-memory broker) and nothing runs them, as with no worker up:
+    the post-issue and new-card charges wait, so a test drives the charge itself."""
+    from billing_site.celery import app
+
+    saved = app.conf.task_always_eager
+    app.conf.task_always_eager = False
+    try:
+        yield
+    finally:
+        app.conf.task_always_eager = saved
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ and the webhook signature Stripe would send. Nothing here imports ``stripe``.
 - ``FaultProxy``: a threaded HTTP proxy (plain sockets, one request per connection) whose
   next requests can be made to fail the ways a network fails: an answer of 500 or 429 (or any
   canned answer) without forwarding, the answer dropped after the upstream processed the
-  request, the answer held past the client's timeout, a reset (RST) before or after
-  forwarding. It records each request's method, path, ``Idempotency-Key`` and arrival time.
+  request, the answer held past the client's timeout, the request held and never forwarded,
+  a reset (RST) before or after forwarding. It records each request's method, path,
+  ``Idempotency-Key`` and arrival time.
 - ``sign_stripe_payload``: the ``Stripe-Signature`` header for a webhook body.
 """
 
@@ -169,13 +170,13 @@ class ProxiedRequest:
 
 @dataclass(slots=True)
 class Fault:
-    kind: str  # "500" | "429" | "respond" | "drop_after" | "stall" | "reset" | "reset_after"
+    kind: str  # "500" | "429" | "respond" | "drop_after" | "stall" | "hold" | "reset" | "reset_after"
     times: int | None  # None: every request until cleared
     status: int = 0
     body: bytes = b""
 
 
-FAULT_KINDS = frozenset({"500", "429", "respond", "drop_after", "stall", "reset", "reset_after"})
+FAULT_KINDS = frozenset({"500", "429", "respond", "drop_after", "stall", "hold", "reset", "reset_after"})
 
 RATE_LIMIT_BODY = json.dumps(
     {
@@ -251,6 +252,9 @@ class _Handler(socketserver.BaseRequestHandler):
             _answer(sock, fault.status, fault.body)
         elif kind == "reset":
             _reset(sock)
+        elif kind == "hold":
+            state.released.wait(state.stall_seconds)  # never forwarded: the gateway never sees it
+            sock.close()
         else:
             status, reason, response_headers, response_body = _forward(state.upstream, method, path, headers, body)
             if kind == "drop_after":
@@ -333,8 +337,10 @@ class FaultProxy:
     through. Kinds: ``"500"`` and ``"429"`` (a Stripe-style error, not forwarded), ``"respond"``
     (``status`` and ``body`` as given, not forwarded), ``"drop_after"`` (forwarded, processed,
     then the connection closed without an answer), ``"stall"`` (forwarded, then the answer held
-    for ``stall_seconds``, longer than the client waits, and dropped), ``"reset"`` (RST once the
-    request is read, not forwarded), ``"reset_after"`` (forwarded, processed, then RST)."""
+    for ``stall_seconds``, longer than the client waits, and dropped), ``"hold"`` (the request
+    held for ``stall_seconds`` and dropped, never forwarded: what a client killed before its
+    request got through leaves behind), ``"reset"`` (RST once the request is read, not
+    forwarded), ``"reset_after"`` (forwarded, processed, then RST)."""
 
     def __init__(self, upstream: str, *, stall_seconds: float = 5.0) -> None:
         parts = urlsplit(upstream)

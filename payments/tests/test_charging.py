@@ -9,9 +9,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+import time_machine
 from django.core import mail
 from django.db import connections
 from django.test import override_settings
@@ -36,20 +37,6 @@ from payments.models import (
 from payments.tests.helpers import NOW, bind, issue_invoice, pay
 
 pytestmark = pytest.mark.clock(NOW)
-
-
-@pytest.fixture
-def no_worker() -> Iterator[None]:
-    """Tasks are queued (to the in-memory broker) and nothing runs them, as with no worker up:
-    the post-issue and new-card charges wait, so a test drives the charge itself."""
-    from billing_site.celery import app
-
-    saved = app.conf.task_always_eager
-    app.conf.task_always_eager = False
-    try:
-        yield
-    finally:
-        app.conf.task_always_eager = saved
 
 
 @pytest.fixture
@@ -194,9 +181,13 @@ def test_authentication_required_gives_the_client_secret_and_a_new_attempt_can_f
     first = pay(customer.client, acct, invoice).json()
     assert first["status"] == "requires_action"
     assert first["client_secret"] and first["next_action_url"]
+    # Paying again at once returns the payment under way: no new intent, none canceled.
+    again = pay(customer.client, acct, invoice)
+    assert again.status_code == 200 and again.json()["id"] == first["id"]
     # Abandoned: the customer pays again later. The old intent is canceled first, so a late
     # authentication of it could not charge a second time.
-    second = pay(customer.client, acct, invoice).json()
+    with time_machine.travel(NOW + dt.timedelta(minutes=31), tick=False):
+        second = pay(customer.client, acct, invoice).json()
     assert second["attempt"] == 2 and second["status"] == "requires_action"
     assert Payment.objects.get(id=charging.ids.decode("pay", first["id"])).status == PaymentStatus.CANCELED
     # The customer authenticates the second one; the gateway reports success.
@@ -208,6 +199,54 @@ def test_authentication_required_gives_the_client_secret_and_a_new_attempt_can_f
     assert invoice.status == InvoiceStatus.PAID
     assert charges_at_gateway(invoice) == 1
     assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_a_burst_of_pay_calls_makes_one_intent_and_is_throttled(customer: Customer, acct: BillingAccount) -> None:
+    """The probe's burst: 25 calls in a second on an invoice whose card needs authentication."""
+    from django.core.cache import cache
+
+    cache.clear()
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct, "pm_card_authenticationRequired")
+    with override_settings(PAYMENTS_PAY_RATE_INVOICE="10/hour", PAYMENTS_PAY_RATE_USER="100/hour"):
+        responses = [pay(customer.client, acct, invoice) for _ in range(25)]
+    statuses = [r.status_code for r in responses]
+    assert statuses == [201] + [200] * 9 + [429] * 15, statuses
+    assert {r.json()["id"] for r in responses[:10]} == {responses[0].json()["id"]}
+    assert responses[-1].json()["code"] == "throttled" and responses[-1]["Retry-After"]
+    intents = SandboxObject.objects.filter(kind="payment_intent")
+    assert [row.data["status"] for row in intents] == ["requires_action"]  # one, never canceled
+    assert Payment.objects.filter(invoice_id=invoice.id).count() == 1
+
+
+@pytest.mark.django_db
+def test_pay_is_throttled_per_invoice_and_per_user_counting_only_callers_allowed_on_the_account(
+    customer: Customer,
+    acct: BillingAccount,
+    make_customer: Callable[..., Customer],
+    make_account: Callable[..., BillingAccount],
+) -> None:
+    from django.core.cache import cache
+
+    cache.clear()
+    invoice = issue_invoice(acct)
+    other_acct = make_account(customer.user, currency="EUR", country="NL")
+    other = issue_invoice(other_acct)
+    bind(customer.client, acct, "pm_card_chargeCustomerFail")  # every attempt is a new decline
+    bind(customer.client, other_acct, "pm_card_chargeCustomerFail")
+    stranger = make_customer()
+    with override_settings(PAYMENTS_PAY_RATE_INVOICE="3/hour", PAYMENTS_PAY_RATE_USER="5/hour"):
+        # A stranger's calls are 404s and use up nothing of the owner's.
+        assert [pay(stranger.client, acct, invoice).status_code for _ in range(5)] == [404] * 5
+        first = [pay(customer.client, acct, invoice) for _ in range(4)]
+        assert [r.status_code for r in first] == [201, 201, 201, 429]
+        assert first[-1].json()["code"] == "throttled"
+        # Per user: two more calls on another invoice, then 429.
+        second = [pay(customer.client, other_acct, other).status_code for _ in range(3)]
+        assert second == [201, 201, 429]
+    assert Payment.objects.filter(invoice_id=invoice.id).count() == 3
+    assert SandboxObject.objects.filter(kind="payment_intent").count() == 5
 
 
 @pytest.mark.django_db
@@ -249,7 +288,7 @@ def test_a_lost_answer_leaves_the_payment_unknown_blocks_new_charges_and_the_rec
 
 
 @pytest.mark.django_db
-def test_an_unreachable_gateway_fails_the_payment_as_retryable_without_blaming_the_customer(
+def test_an_unreachable_gateway_is_our_failure_the_payment_is_sent_again_minutes_later(
     customer: Customer, acct: BillingAccount
 ) -> None:
     invoice = issue_invoice(acct)
@@ -258,8 +297,24 @@ def test_an_unreachable_gateway_fails_the_payment_as_retryable_without_blaming_t
     with override_settings(SANDBOX_FAILURE_RATE=1.0, SANDBOX_FAILURE_MODE="unavailable"):
         gateways.reset()
         body = pay(customer.client, acct, invoice).json()
-    assert (body["status"], body["decline_code"]) == ("failed", "gateway_unavailable")
+        # Never sent: not a decline. It waits to be sent again (nothing else charges the invoice).
+        assert (body["status"], body["decline_code"]) == ("pending", ""), body
+        assert pay(customer.client, acct, invoice).json()["id"] == body["id"]
+        # Still down a minute later: sent again, still nothing; the next try waits longer.
+        first = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=1, seconds=5)
+        assert charging.payments_reconcile(now=first)["sent"] == 1
+        assert charging.payments_reconcile(now=first + dt.timedelta(seconds=30))["sent"] == 0
+    gateways.reset()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)
+    assert charging.payments_reconcile(now=later)["sent"] == 1
+    payment = Payment.objects.get(invoice_id=invoice.id)
+    assert (payment.public_id, payment.attempt, payment.status) == (body["id"], 1, PaymentStatus.SUCCEEDED)
+    assert payment.calls.filter(operation="charge").count() == 3
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID and charges_at_gateway(invoice) == 1
+    assert not DunningCase.objects.filter(invoice_id=invoice.id).exists()
     assert not OutboxMessage.objects.filter(kind="email", name__contains="payment_failed").exists()
+    assert ledger.check() == []
 
 
 @pytest.mark.django_db(transaction=True)
@@ -318,14 +373,18 @@ def test_a_worker_killed_mid_charge_does_not_charge_twice_after_restart(
             child.kill()
     connections.close_all()
     assert Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING
-    # Restarted: the reconciler asks the gateway once the payment is stale.
-    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
+    # Restarted: once the payment is stale (minutes), the reconciler asks the gateway, finds
+    # nothing (the killed call never reached the card) and sends the same payment again, with
+    # the same idempotency key: charged once, never counted as a decline, no dunning.
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)
     counts = charging.payments_reconcile(now=later)
-    assert counts["not_sent"] == 1
-    assert Payment.objects.get(id=payment.id).status == PaymentStatus.FAILED
-    # The retry charges once; the killed attempt never reached the card.
-    retried = charging.invoice_charge(invoice_id=invoice.id, trigger="dunning")
-    assert retried.status == PaymentStatus.SUCCEEDED
+    assert (counts["not_sent"], counts["sent"]) == (1, 1), counts
+    payment.refresh_from_db()
+    assert (payment.status, payment.attempt) == (PaymentStatus.SUCCEEDED, 1)
+    assert Payment.objects.filter(invoice_id=invoice.id).count() == 1
+    assert not DunningCase.objects.filter(invoice_id=invoice.id).exists()
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID
     assert charges_at_gateway(invoice) == 1
     assert ledger.check() == []
 
@@ -434,4 +493,49 @@ def test_a_charge_racing_a_credit_note_keeps_the_excess_as_customer_credit(
     assert (received.received_minor, received.amount_minor) == (12100, 9680)
     # The 24.20 paid beyond it is the customer's credit, spendable on the next invoice.
     assert invoicing_selectors.balance(account_id=acct.id)["EUR"]["credits_available"] == 2420
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(SANDBOX_LATENCY_MS=150)
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.12, 0.3])
+def test_a_new_default_card_racing_pay_is_charged_once_whatever_the_interleaving(
+    customer: Customer, catalog: None, make_account: Callable[..., BillingAccount], delay: float
+) -> None:
+    """The customer pays while making a new card the default: the payment may start on the old,
+    declining card (then it fails). Once the new default is set and nothing is in flight, what
+    is outstanding has been charged to the new card, once. ``delay``: how long after the pay
+    call the default changes (while the old card's call is out, or before it starts)."""
+    import time
+
+    from billing_site.celery import app
+
+    gateways.reset()
+    account = make_account(customer.user, currency="EUR", country="NL")
+    app.conf.task_always_eager = False  # set up without the charges a binding queues
+    try:
+        invoice = issue_invoice(account)
+        assert bind(customer.client, account, "pm_card_chargeCustomerFail").status_code == 201
+        new = bind(customer.client, account, "pm_card_visa").json()
+        assert new["default"] is False
+    finally:
+        app.conf.task_always_eager = True
+    base = f"/api/v1/billing-accounts/{account.public_id}"
+
+    def work(n: int) -> int:
+        if n == 0:
+            return int(pay(customer.client, account, invoice).status_code)
+        time.sleep(delay)
+        return int(customer.client.post(f"{base}/payment-methods/{new['id']}/default").status_code)
+
+    statuses = in_threads(2, work)
+    assert statuses[1] == 200 and statuses[0] in (200, 201, 409), statuses
+    connections.close_all()
+    assert not Payment.objects.filter(invoice_id=invoice.id, status__in=["pending", "processing", "unknown"]).exists()
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID, list(Payment.objects.values_list("status", "trigger"))
+    card = PaymentMethod.objects.get(id=charging.ids.decode("pmt", new["id"]))
+    on_new_card = Payment.objects.filter(invoice_id=invoice.id, payment_method=card)
+    assert [p.status for p in on_new_card] == [PaymentStatus.SUCCEEDED]
+    assert charges_at_gateway(invoice) == 1
     assert ledger.check() == []

@@ -7,20 +7,26 @@ resolves what the live call could not tell."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
+from django.db import connections
 
 from accounts.models import BillingAccount
-from conftest import Customer
+from billing_site.outbox.models import OutboxMessage
+from conftest import ROOT, Customer, database_url, wait_for
 from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
 from payments import charging, gateways
 from payments.gateways.base import ChargeStatus
-from payments.models import Payment, PaymentProfile, PaymentStatus
+from payments.models import DunningCase, Payment, PaymentProfile, PaymentStatus
 from payments.tests.helpers import NOW, bind, issue_invoice, pay
 from payments.tests.stripe_flows import on_stripe
-from payments.tests.stripe_harness import FaultyStripe
+from payments.tests.stripe_harness import LOCALSTRIPE_KEY, FaultyStripe
 
 pytestmark = pytest.mark.clock(NOW, tick=True)
 
@@ -93,9 +99,14 @@ def test_the_answer_lost_after_the_charge_succeeded_is_resolved_by_the_reconcile
     assert ledger.check() == []
 
 
+def charge_requests(faulty: FaultyStripe) -> list[str]:
+    """The idempotency keys of the PaymentIntent creations that reached the proxy, in order."""
+    return [r.idempotency_key for r in faulty.proxy.requests if r.method == "POST" and r.path == "/v1/payment_intents"]
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize("fault", ["500", "reset"])
-def test_a_request_that_never_charged_is_found_not_sent_and_the_retry_charges_once(
+def test_a_request_that_never_reached_the_gateway_is_sent_again_with_its_key_and_charges_once(
     customer: Customer, acct: BillingAccount, faulty: FaultyStripe, fault: str
 ) -> None:
     invoice = _ready(customer, acct)
@@ -105,13 +116,91 @@ def test_a_request_that_never_charged_is_found_not_sent_and_the_retry_charges_on
     assert charges_at_gateway(faulty, acct) == []
     # Recent: the reconciler does not give up on it yet (the request might still be in flight).
     assert charging.payments_reconcile()["still_unknown"] == 1
-    # Later: no intent carries our payment id, so it was not sent; a retry charges once.
-    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10)
-    assert charging.payments_reconcile(now=later)["not_sent"] == 1
-    assert Payment.objects.get(invoice_id=invoice.id).status == PaymentStatus.FAILED
-    retried = pay(customer.client, acct, invoice).json()
-    assert retried["status"] == "succeeded" and retried["attempt"] == 2
+    # Minutes later: no intent carries our payment id, so it never reached the gateway. It is
+    # our failure, not the customer's: the same payment is sent again at once, with the same
+    # idempotency key, and charges once. No decline, no dunning, no email.
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)
+    counts = charging.payments_reconcile(now=later)
+    assert (counts["not_sent"], counts["sent"]) == (1, 1), counts
+    payment = Payment.objects.get(invoice_id=invoice.id)
+    assert (payment.public_id, payment.attempt, payment.status) == (body["id"], 1, PaymentStatus.SUCCEEDED)
+    assert charge_requests(faulty) == [payment.idempotency_key] * 2
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID and invoice.amount_paid_minor == 12100
     assert len(charges_at_gateway(faulty, acct)) == 1
+    assert not DunningCase.objects.filter(invoice_id=invoice.id).exists()
+    assert not OutboxMessage.objects.filter(kind="email", name__contains="payment_failed").exists()
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_the_reconciler_asks_for_the_customers_intents_not_the_whole_account(
+    customer: Customer, acct: BillingAccount, faulty: FaultyStripe
+) -> None:
+    invoice = _ready(customer, acct)
+    faulty.proxy.inject("reset", times=1)
+    assert pay(customer.client, acct, invoice).json()["status"] == "unknown"
+    customer_id = PaymentProfile.objects.get(account_id=acct.id).gateway_customer_id
+    # The gateway answers the look-up with the customer's intents (none): the list carries the
+    # customer and the time since when, one page, never a walk through the whole account.
+    empty = {"object": "list", "data": [], "has_more": False, "url": "/v1/payment_intents"}
+    faulty.proxy.inject("respond", status=200, body=empty)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)
+    assert charging.payments_reconcile(now=later)["not_sent"] == 1
+    lists = [r.path for r in faulty.proxy.requests if r.method == "GET" and r.path.startswith("/v1/payment_intents?")]
+    assert len(lists) == 1, lists
+    assert f"customer={customer_id}" in lists[0] and "created" in lists[0]
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID and len(charges_at_gateway(faulty, acct)) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("fault", ["hold", "stall"])
+def test_a_worker_killed_with_its_request_out_is_charged_once_within_minutes(
+    customer: Customer, acct: BillingAccount, faulty: FaultyStripe, no_worker: None, fault: str
+) -> None:
+    """``hold``: the worker dies before its request reached the gateway (the proxy never forwards
+    it): the reconciler finds nothing and sends the same payment again. ``stall``: it dies after
+    the gateway charged: the reconciler finds the charge and records it. One charge either way."""
+    invoice = _ready(customer, acct)
+    payment = charging.payment_create(invoice_id=invoice.id, trigger="after_issue").payment
+    faulty.proxy.inject(fault, times=1)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
+        "STRIPE_API_BASE": faulty.proxy.url,
+        "STRIPE_SECRET_KEY": LOCALSTRIPE_KEY,
+        "STRIPE_TIMEOUT_SECONDS": "30",
+    }
+    code = (
+        f"import time_machine; time_machine.travel({dt.datetime.now(dt.UTC).isoformat()!r}, tick=True).start(); "
+        "import django; django.setup(); from payments import charging; "
+        f"charging.payment_execute(payment_id={payment.id})"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+    try:
+        assert wait_for(lambda: len(charge_requests(faulty)) == 1, 60)
+        if fault == "stall":
+            assert wait_for(lambda: len(charges_at_gateway(faulty, acct)) == 1, 30)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    connections.close_all()
+    assert Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)
+    counts = charging.payments_reconcile(now=later)
+    assert counts["resolved" if fault == "stall" else "not_sent"] == 1, counts
+    payment.refresh_from_db()
+    assert (payment.status, payment.attempt) == (PaymentStatus.SUCCEEDED, 1)
+    invoice.refresh_from_db()
+    assert invoice.status == InvoiceStatus.PAID
+    assert len(charges_at_gateway(faulty, acct)) == 1
+    assert InvoicePayment.objects.filter(invoice=invoice).count() == 1
+    assert not DunningCase.objects.filter(invoice_id=invoice.id).exists()
+    assert charging.payments_reconcile(now=later + dt.timedelta(minutes=10))["checked"] == 0
     assert ledger.check() == []
 
 
