@@ -45,11 +45,10 @@ from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
-from django_fsm import can_proceed
 
 from accounts import selectors as account_selectors
 from antifraud import services as antifraud_services
-from billing_site.common import ids
+from billing_site.common import ids, transitions
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
@@ -95,35 +94,9 @@ class PaymentStart:
 
 
 def _transition(payment: Payment, name: str, *, actor: Actor, reason: str = "") -> None:
-    before = payment.status
-    method = getattr(payment, name)
-    if not can_proceed(method):
-        raise Conflict("invalid_transition", f"Cannot {name.replace('_', ' ')} a payment that is {before}.")
-    method()
-    payment.save()
-    PaymentTransition.objects.create(
-        payment=payment,
-        account_id=payment.account_id,
-        from_state=before,
-        to_state=payment.status,
-        actor_kind=actor.kind.value,
-        actor_name=actor.name,
-        reason=reason[:1000],
-    )
-    log.info(
-        "payment.transition",
-        extra={
-            "payment_id": payment.public_id,
-            "invoice_id": ids.encode("inv", payment.invoice_id),
-            "account_id": ids.encode("acc", payment.account_id),
-            "from": before,
-            "to": payment.status,
-            "amount_minor": payment.amount_minor,
-            "currency": payment.currency,
-            "decline_code": payment.decline_code or None,
-            "actor": actor.name,
-        },
-    )
+    """The payment's transition through the one helper, saving every field: callers set the
+    gateway's answer (ids, decline code) on the row with the transition."""
+    transitions.transition(payment, name, actor=actor, reason=reason, update_fields=None)
 
 
 def default_payment_method(account_id: int) -> PaymentMethod | None:

@@ -114,11 +114,12 @@ def transition(
     actor: Actor,
     reason: str = "",
     args: Sequence[object] = (),
-    update_fields: Iterable[str] = (),
+    update_fields: Iterable[str] | None = (),
 ) -> str:
     """Apply the FSM transition ``name`` to ``obj`` (locked by the caller, inside its
-    transaction), save the state (and ``update_fields``), write the audit row and log one
-    line. Returns the state it came from."""
+    transaction), save the state (and ``update_fields``; ``None``: every field, for a caller
+    that set several with the transition, e.g. a gateway's answer), write the audit row and
+    log one line. Returns the state it came from."""
     if not connection.in_atomic_block:
         raise RuntimeError("a transition runs inside the transaction that locked its row")
     machine = cast(StateMachine, obj)
@@ -129,10 +130,13 @@ def transition(
         label = obj._meta.verbose_name
         raise Conflict("invalid_transition", f"Cannot {name.replace('_', ' ')} a {label} that is {before}.")
     method(*args)
-    fields = [state_field, *update_fields]
-    if any(f.name == "updated_at" for f in obj._meta.concrete_fields):
-        fields.append("updated_at")
-    obj.save(update_fields=sorted(set(fields)))
+    if update_fields is None:
+        obj.save()
+    else:
+        fields = [state_field, *update_fields]
+        if any(f.name == "updated_at" for f in obj._meta.concrete_fields):
+            fields.append("updated_at")
+        obj.save(update_fields=sorted(set(fields)))
     reason = reason.strip()[:REASON_MAX]
     machine.audit_record(transition=name, from_state=before, actor=actor, reason=reason).save()
     log.info(
@@ -164,7 +168,7 @@ def transition_locked(
     actor: Actor,
     reason: str = "",
     args: Sequence[object] = (),
-    update_fields: Iterable[str] = (),
+    update_fields: Iterable[str] | None = (),
 ) -> M:
     """Lock ``model``'s row ``pk`` and ``transition`` it; the row, in its new state."""
     obj = locked(model, pk)
