@@ -1,10 +1,10 @@
 """How an invoice line and its detail are shown: in the API, in the admin and on the PDF.
 
-A line's quantity is stored at full precision: the sum of per-hour fractions, each rounded to
-12 places, so a resource that ran all 744 hours of October can add up to 743.999999999999 or
-744.000000000001 vCPU-hours. Shown, every quantity is rounded once, half-up, to at most
-``QUANTITY_PLACES`` places, with trailing zeros removed (``744``, ``122316.2``), the same
-figure wherever it appears. Only what is shown is rounded: amounts are computed from the
+A line's quantity is stored at full precision (durations as exact unit-seconds divided by
+3,600 once, ``metering.selectors.quantity_sum``). Shown, every quantity is rounded once,
+half-up, to at most ``QUANTITY_PLACES`` places, with trailing zeros removed (``744``,
+``122316.2``), the same figure wherever it appears (``billing_site.common.quantities``, which
+the costs API uses too). Only what is shown is rounded: amounts are computed from the
 stored full-precision quantities, as before, and never from these strings.
 
 A line's detail (its usage by resource and by ``project`` label, see ``planning._line_detail``)
@@ -20,27 +20,11 @@ from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from billing_site.common import money
+from billing_site.common import money, quantities
 
-# Places a shown quantity keeps at most (a millionth of a GB-hour is about 3.6 kB for a second).
-QUANTITY_PLACES = 6
-_QUANTUM = Decimal(1).scaleb(-QUANTITY_PLACES)
-# Stored quantities have up to 38 digits (26 before the point); rounding them must never run
-# out of the default context's 28 digits of precision.
-_CONTEXT = decimal.Context(prec=60, rounding=ROUND_HALF_UP)
-
-
-def quantity_text(quantity: Decimal | str | None, *, grouped: bool = False) -> str | None:
-    """``quantity`` as shown: rounded half-up to at most 6 places, no trailing zeros, never in
-    exponent notation (``Decimal('743.9999999999996')`` → ``'744'``); ``grouped`` puts commas
-    between thousands, as the PDF prints money. None stays None (a line without a quantity)."""
-    if quantity is None:
-        return None
-    rounded = Decimal(quantity).quantize(_QUANTUM, context=_CONTEXT)
-    if rounded.is_zero():
-        return "0"  # never "-0" (a tiny negative adjustment rounds to zero)
-    shown = rounded.normalize(context=_CONTEXT)
-    return f"{shown:,f}" if grouped else f"{shown:f}"
+quantity_text = quantities.quantity_text  # the one rule, shared with the costs API
+QUANTITY_PLACES = quantities.QUANTITY_PLACES
+_CONTEXT = decimal.Context(prec=60, rounding=ROUND_HALF_UP)  # never out of precision on 38 digits
 
 
 def unit_price_text(unit_price: Decimal | None) -> str | None:

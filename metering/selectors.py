@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import decimal
 import threading
 import time
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 
 from django.db import connection
 
+from billing_site.common import quantities
 from metering.models import Sku
 
 _SKU_CACHE_SECONDS = 30.0
@@ -59,22 +59,9 @@ def quantity_sum(alias: str = "") -> str:
     )
 
 
-# Places a shown quantity keeps at most: the same rule as an invoice line's quantity
-# (invoicing.line_display), so that the costs API shows what the invoice shows.
-QUANTITY_PLACES = 6
-_QUANTITY_QUANTUM = Decimal(1).scaleb(-QUANTITY_PLACES)
-_QUANTITY_CONTEXT = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_UP)
-
-
-def quantity_text(quantity: Decimal | None) -> str | None:
-    """A quantity as shown: rounded half-up to at most 6 places, no trailing zeros, never in
-    exponent notation (``744``, ``122316.2``)."""
-    if quantity is None:
-        return None
-    rounded = quantity.quantize(_QUANTITY_QUANTUM, context=_QUANTITY_CONTEXT)
-    if rounded.is_zero():
-        return "0"
-    return f"{rounded.normalize(context=_QUANTITY_CONTEXT):f}"
+# A quantity as shown: the one rule of invoice lines too, so the costs API shows what the
+# invoice shows.
+quantity_text = quantities.quantity_text
 
 
 GRANULARITIES = ("hour", "day", "month")
