@@ -172,12 +172,14 @@ class BillingAccount(FSMModelMixin, models.Model):
 
     # --- For the transition helper: the audit row and the log line's ids (no personal data).
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> BillingAccountTransition:
+    def audit_record(
+        self, *, transition: str, from_state: str, actor: Actor, reason: str, to_state: str | None = None
+    ) -> BillingAccountTransition:
         return BillingAccountTransition(
             account=self,
             transition=transition,
             from_state=from_state,
-            to_state=self.state,
+            to_state=to_state or self.state,
             actor_kind=actor.kind.value,
             actor_user_id=actor.user_id,
             actor_name=actor.name,

@@ -25,7 +25,6 @@ from invoicing.models import (
     Invoice,
     InvoicePayment,
     InvoiceStatus,
-    InvoiceTransition,
     LedgerSource,
 )
 from invoicing.writing import insert_once, locked_invoice, require_reason, require_reference, save_settled
@@ -260,22 +259,14 @@ def payments_apply(payments: list[PaymentReceived]) -> list[PaymentApplied]:
                     [paid[p.reference] for p in fast],
                 ],
             )
-        system = Actor.system("payments")
-        InvoiceTransition.objects.bulk_create(
-            [
-                InvoiceTransition(
-                    invoice_id=p.invoice_id,
-                    account_id=invoices[p.invoice_id].account_id,
-                    from_state=InvoiceStatus.ISSUED,
-                    to_state=InvoiceStatus.PAID,
-                    actor_kind=system.kind,
-                    actor_name=system.name,
-                    reason=f"payment {p.reference}",
-                    created_at=now,
-                )
-                for p in fast
-                if paid[p.reference]
-            ]
+        paid_now = [p for p in fast if paid[p.reference]]
+        transitions.record_many(
+            [invoices[p.invoice_id] for p in paid_now],
+            "mark_paid",
+            from_state=InvoiceStatus.ISSUED,
+            to_state=InvoiceStatus.PAID,
+            actor=Actor.system("payments"),
+            reasons=[f"payment {p.reference}" for p in paid_now],
         )
         for p in fast:
             invoice = invoices[p.invoice_id]

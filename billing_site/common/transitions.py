@@ -43,7 +43,9 @@ class StateMachine(Protocol):
 
     TRANSITION_LOG: str
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> models.Model: ...
+    def audit_record(
+        self, *, transition: str, from_state: str, actor: Actor, reason: str, to_state: str | None = None
+    ) -> models.Model: ...
 
     def log_fields(self) -> dict[str, object]: ...
 
@@ -75,7 +77,9 @@ class AuditedTransitions:
 
     account_id: int
 
-    def audit_record(self, *, transition: str, from_state: str, actor: Actor, reason: str) -> models.Model:
+    def audit_record(
+        self, *, transition: str, from_state: str, actor: Actor, reason: str, to_state: str | None = None
+    ) -> models.Model:
         relation = cast(models.Model, self)._meta.get_field("transitions")
         record_model = cast(type[models.Model], relation.related_model)
         subject = cast(Any, relation).field.name
@@ -83,7 +87,7 @@ class AuditedTransitions:
             **{subject: self},
             account_id=self.account_id,
             from_state=from_state,
-            to_state=getattr(self, state_field_name(cast(models.Model, self))),
+            to_state=to_state or getattr(self, state_field_name(cast(models.Model, self))),
             actor_kind=actor.kind.value,
             actor_name=actor.name[:254],
             reason=reason,
@@ -174,3 +178,42 @@ def transition_locked(
     obj = locked(model, pk)
     transition(obj, name, actor=actor, reason=reason, args=args, update_fields=update_fields)
     return obj
+
+
+def record_many(
+    objs: Sequence[models.Model],
+    name: str,
+    *,
+    from_state: str,
+    to_state: str,
+    actor: Actor,
+    reasons: Sequence[str] | str = "",
+) -> None:
+    """For a set-based writer that moved many rows from ``from_state`` to ``to_state`` in one
+    statement (a charged chunk's payments, invoices paid by it): the same audit rows as
+    ``transition`` (``reasons``: one for all, or one per row), in one insert, and the same log
+    line for each."""
+    if not objs:
+        return
+    if not connection.in_atomic_block:
+        raise RuntimeError("a transition's audit rows are written in the transaction that moved the rows")
+    each = [reasons] * len(objs) if isinstance(reasons, str) else list(reasons)
+    machines = [cast(StateMachine, obj) for obj in objs]
+    records = [
+        m.audit_record(
+            transition=name, from_state=from_state, to_state=to_state, actor=actor, reason=r.strip()[:REASON_MAX]
+        )
+        for m, r in zip(machines, each, strict=True)
+    ]
+    type(records[0])._default_manager.bulk_create(records)
+    for machine in machines:
+        log.info(
+            machine.TRANSITION_LOG,
+            extra={
+                **machine.log_fields(),
+                "transition": name,
+                "from": from_state,
+                "to": to_state,
+                **actor_log_fields(actor),
+            },
+        )
