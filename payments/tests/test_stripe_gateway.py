@@ -174,6 +174,16 @@ def test_test_payment_methods_are_refused_in_live_mode_and_unknown_names_are_inv
     assert unknown.value.code == "resource_missing"
 
 
+def test_a_test_card_localstripe_cannot_hold_is_refused_as_unsupported(stripe_gateway: StripeGateway) -> None:
+    # The harness's adapter, not the gateway, knows localstripe takes 16-digit numbers only.
+    intent = stripe_gateway.setup_intent_create(
+        customer_id=new_customer(stripe_gateway), metadata={}, idempotency_key="seti-amex"
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        stripe_gateway.setup_intent_confirm_test(intent_id=intent.id, test_payment_method="pm_card_amex")
+    assert refused.value.code == "test_card_unsupported"
+
+
 def test_from_settings(settings: Any, localstripe: LocalStripe) -> None:
     settings.STRIPE_SECRET_KEY = LOCALSTRIPE_KEY
     settings.STRIPE_PUBLISHABLE_KEY = "pk_test_settings"
