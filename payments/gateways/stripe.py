@@ -52,20 +52,9 @@ and ``requires_confirmation`` are ``failed`` (our intents are confirmed when cre
 got there by a decline, whose code is in ``last_payment_error``); ``canceled``; anything new is
 ``processing`` (ask again later, never guess an outcome).
 
-Emulators (``emulator``: test keys and an ``api_base`` outside ``stripe.com``, i.e. localstripe
-in tests; never with live keys). localstripe 1.15 implements a subset of the API, so with it,
-and only with it, this gateway: leaves out the parameters it refuses with a 400
-(``description`` and ``allowed_payment_method_types`` on a PaymentIntent, the latter on a
-SetupIntent, ``reason`` on a Refund); when it refuses the customer and date filters of the
-PaymentIntent list (a 400), lists unfiltered and filters itself (every other server is asked
-for the customer's intents only); confirms with a card PaymentMethod created from the
-test card number for the test payment method names it does not know (all but ``pm_card_visa``,
-``pm_card_visa_chargeDeclined`` and ``pm_card_chargeCustomerFail``; it takes 16-digit numbers
-only, so ``pm_card_amex`` is refused as ``test_card_unsupported``); attaches the PaymentMethod
-of a succeeded SetupIntent to the customer (Stripe does that itself); refuses a refund of a
-payment that did not succeed or beyond what is left of it (it checks neither); and, on a
-decline, finds the PaymentIntent through the declined charge (its error names only the charge).
-None of this runs against Stripe.
+It speaks Stripe only, whatever ``api_base`` says: a server that answers differently is
+made to answer as Stripe does on its side (the tests' localstripe sits behind
+``payments/tests/stripe_harness.LocalStripeAdapter``), never by a mode here.
 
 Webhooks: ``webhook_event_construct`` checks the ``Stripe-Signature`` header with the SDK and
 returns the event as a plain dict, or raises ``InvalidSignature``.
@@ -81,7 +70,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
 
 import stripe
 
@@ -145,32 +133,10 @@ HARD_DECLINES = frozenset(
     }
 )
 
-# Stripe's test payment methods and their card numbers: what an emulator is given in their stead
-# when it does not know the name (https://docs.stripe.com/testing).
-TEST_CARD_NUMBERS = {
-    "pm_card_visa": "4242424242424242",
-    "pm_card_visa_debit": "4000056655665556",
-    "pm_card_mastercard": "5555555555554444",
-    "pm_card_amex": "378282246310005",
-    "pm_card_chargeDeclined": "4000000000000002",
-    "pm_card_visa_chargeDeclined": "4000000000000002",
-    "pm_card_chargeCustomerFail": "4000000000000341",
-    "pm_card_authenticationRequired": "4000002760003184",
-    "pm_card_authenticationRequiredOnSetup": "4000002500003155",
-    "pm_card_visa_chargeDeclinedLostCard": "4000000000009987",
-    "pm_card_visa_chargeDeclinedStolenCard": "4000000000009979",
-    "pm_card_visa_chargeDeclinedInsufficientFunds": "4000000000009995",
-    "pm_card_visa_chargeDeclinedExpiredCard": "4000000000000069",
-}
-# The names localstripe resolves itself (``PaymentMethod._try_get_canonical_test_article``).
-EMULATOR_KNOWN_TEST_PAYMENT_METHODS = frozenset(
-    {"pm_card_visa", "pm_card_visa_chargeDeclined", "pm_card_chargeCustomerFail"}
-)
-
 # CARD_ONLY: SetupIntents and PaymentIntents are limited to cards (``allowed_payment_method_types``,
 # the pinned version's name for the older ``payment_method_types``): with the dashboard's
 # automatic payment methods instead, a server-side confirmation could also need a return_url for
-# redirect-based methods we never bind. localstripe knows neither name and only does cards.
+# redirect-based methods we never bind.
 REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
 
 _CHARGE_STATUSES = {
@@ -231,7 +197,6 @@ class StripeGateway:
         rate_limit_retries: int = 5,
         backoff_base_seconds: float = 0.25,
         backoff_cap_seconds: float = 8.0,
-        emulator: bool | None = None,
     ) -> None:
         self.name = name
         self.publishable_key = publishable_key
@@ -241,14 +206,7 @@ class StripeGateway:
         self.rate_limit_retries = rate_limit_retries
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_cap_seconds = backoff_cap_seconds
-        self._list_unfiltered = False  # an emulator refused the list filters (see payment_intents_for_customer)
         self.test_mode = secret_key.startswith(("sk_test_", "rk_test_"))
-        host = urlsplit(self.api_base).hostname or ""
-        self.emulator = (
-            emulator
-            if emulator is not None
-            else self.test_mode and not (host == "stripe.com" or host.endswith(".stripe.com"))
-        )
         self._client = stripe.StripeClient(
             secret_key,
             stripe_version=STRIPE_API_VERSION,
@@ -276,7 +234,7 @@ class StripeGateway:
 
     def __repr__(self) -> str:  # never the key
         mode = "test" if self.test_mode else "live"
-        return f"StripeGateway(name={self.name!r}, {mode}, api_base={self.api_base!r}, emulator={self.emulator})"
+        return f"StripeGateway(name={self.name!r}, {mode}, api_base={self.api_base!r})"
 
     # --- customers and cards
 
@@ -296,9 +254,12 @@ class StripeGateway:
     def setup_intent_create(
         self, *, customer_id: str, metadata: dict[str, str], idempotency_key: str
     ) -> SetupIntentInfo:
-        params: SetupIntentCreateParams = {"customer": customer_id, "usage": "off_session", "metadata": dict(metadata)}
-        if not self.emulator:
-            params["allowed_payment_method_types"] = ["card"]  # see CARD_ONLY
+        params: SetupIntentCreateParams = {
+            "customer": customer_id,
+            "usage": "off_session",
+            "metadata": dict(metadata),
+            "allowed_payment_method_types": ["card"],  # see CARD_ONLY
+        }
         intent = self._call(
             "setup_intent_create",
             lambda options: self._client.v1.setup_intents.create(params=params, options=options),
@@ -321,45 +282,13 @@ class StripeGateway:
         current = self.setup_intent_retrieve(intent_id)
         if current.status == SetupStatus.SUCCEEDED:
             return current
-        payment_method = self._test_payment_method(test_payment_method)
         intent = self._call(
             "setup_intent_confirm",
             lambda options: self._client.v1.setup_intents.confirm(
-                intent_id, params={"payment_method": payment_method}, options=options
+                intent_id, params={"payment_method": test_payment_method}, options=options
             ),
         )
-        info = _setup_info(intent)
-        if self.emulator and info.status == SetupStatus.SUCCEEDED and info.payment_method_id and info.customer_id:
-            self._call(
-                "payment_method_attach",
-                lambda options: self._client.v1.payment_methods.attach(
-                    info.payment_method_id, params={"customer": info.customer_id}, options=options
-                ),
-            )
-        return info
-
-    def _test_payment_method(self, name: str) -> str:
-        """The payment method to confirm with: the test name itself, except on an emulator that
-        does not know it, where a card PaymentMethod is created from the test card number."""
-        if not self.emulator or name in EMULATOR_KNOWN_TEST_PAYMENT_METHODS:
-            return name
-        number = TEST_CARD_NUMBERS.get(name)
-        if number is None:
-            return name  # the emulator answers resource_missing, as Stripe would
-        if len(number) != 16:
-            raise InvalidRequest("test_card_unsupported", f"The emulator accepts 16-digit card numbers only ({name}).")
-        expires = dt.datetime.now(dt.UTC).year + 3
-        created = self._call(
-            "payment_method_create",
-            lambda options: self._client.v1.payment_methods.create(
-                params={
-                    "type": "card",
-                    "card": {"number": number, "exp_month": 12, "exp_year": expires, "cvc": "123"},
-                },
-                options=options,
-            ),
-        )
-        return str(created["id"])
+        return _setup_info(intent)
 
     def payment_method_retrieve(self, payment_method_id: str) -> PaymentMethodInfo:
         method = self._call(
@@ -401,11 +330,10 @@ class StripeGateway:
             "confirm": True,
             "metadata": dict(request.metadata),
             "expand": ["latest_charge"],
+            "allowed_payment_method_types": ["card"],  # see CARD_ONLY
         }
-        if not self.emulator:
-            params["allowed_payment_method_types"] = ["card"]  # see CARD_ONLY
-            if request.description:
-                params["description"] = request.description
+        if request.description:
+            params["description"] = request.description
         try:
             intent = self._call(
                 "charge",
@@ -419,8 +347,6 @@ class StripeGateway:
                 # The issuer wants 3-D Secure, which off-session cannot give: the customer must
                 # authenticate (on-session, with the intent's client secret). Not a decline.
                 return _charge_result(pending, authentication_required=True)
-            if not exc.intent_id and self.emulator and error.get("charge"):
-                exc.intent_id = self._intent_of_charge(str(error["charge"]))
             raise
         result = _charge_result(intent)
         if result.status == ChargeStatus.FAILED:
@@ -431,16 +357,6 @@ class StripeGateway:
                 intent_id=result.intent_id,
             )
         return result
-
-    def _intent_of_charge(self, charge_id: str) -> str:
-        """The PaymentIntent of a declined charge (emulators name only the charge); "" if unknown."""
-        try:
-            charge = self._call(
-                "charge_retrieve", lambda options: self._client.v1.charges.retrieve(charge_id, options=options)
-            )
-        except GatewayError:
-            return ""
-        return _id_of(charge.get("payment_intent"))
 
     def payment_intent_retrieve(self, intent_id: str) -> ChargeResult:
         intent = self._call(
@@ -454,35 +370,26 @@ class StripeGateway:
     def payment_intents_for_customer(self, *, customer_id: str, created_since: dt.datetime) -> list[ChargeResult]:
         """The customer's intents created since then, oldest first: Stripe's list filtered by
         ``customer`` and ``created[gte]``, page by page (a customer has a handful). Never a walk
-        through the whole account's intents, except on an emulator that refuses both filters
-        (localstripe): then, and only then, every page, filtered here."""
+        through the whole account's intents. Stripe lists newest first and stamps ``created`` in
+        whole seconds: the list is reversed, then sorted stably, so intents created within one
+        second keep the order they were made in."""
         since = int(created_since.timestamp())
-        found = [
-            _charge_result(intent)
-            for intent in self._payment_intent_pages(customer_id=customer_id, since=since)
-            if _id_of(intent.get("customer")) == customer_id and int(intent.get("created") or 0) >= since
-        ]
+        found = [_charge_result(intent) for intent in self._payment_intent_pages(customer_id=customer_id, since=since)]
+        found.reverse()
         return sorted(found, key=lambda result: result.created_at or dt.datetime.min.replace(tzinfo=dt.UTC))
 
     def _payment_intent_pages(self, *, customer_id: str, since: int) -> Iterator[dict[str, Any]]:
         starting_after = ""
         while True:
-            params: PaymentIntentListParams = {"limit": PAYMENT_INTENT_PAGE_SIZE, "expand": ["data.latest_charge"]}
-            if not self._list_unfiltered:
-                params["customer"] = customer_id
-                params["created"] = {"gte": since}
+            params: PaymentIntentListParams = {
+                "customer": customer_id,
+                "created": {"gte": since},
+                "limit": PAYMENT_INTENT_PAGE_SIZE,
+                "expand": ["data.latest_charge"],
+            }
             if starting_after:
                 params["starting_after"] = starting_after
-            try:
-                page = self._list_page(params)
-            except InvalidRequest:
-                if not self.emulator or self._list_unfiltered or starting_after:
-                    raise
-                # An emulator that does not filter lists (localstripe 1.15): remembered, so
-                # each later look-up asks once. Never with Stripe itself.
-                self._list_unfiltered = True
-                log.info("payments.stripe_emulator_lists_unfiltered", extra={"api_base": self.api_base})
-                continue
+            page = self._list_page(params)
             data: list[dict[str, Any]] = list(page.get("data") or [])
             yield from data
             if not page.get("has_more") or not data:
@@ -507,14 +414,12 @@ class StripeGateway:
     def refund(self, request: RefundRequest) -> RefundResult:
         if request.reason and request.reason not in REFUND_REASONS:
             raise InvalidRequest("invalid_refund_reason", f"Unknown refund reason {request.reason!r}.")
-        if self.emulator:
-            self._refund_check(request)
         params: RefundCreateParams = {
             "payment_intent": request.intent_id,
             "amount": request.amount_minor,
             "metadata": dict(request.metadata),
         }
-        if request.reason and not self.emulator:
+        if request.reason:
             params["reason"] = cast(Any, request.reason)
         refund = self._call(
             "refund",
@@ -528,22 +433,6 @@ class StripeGateway:
             currency=str(refund["currency"]).upper(),
             intent_id=_id_of(refund.get("payment_intent")) or request.intent_id,
         )
-
-    def _refund_check(self, request: RefundRequest) -> None:
-        """What Stripe checks and an emulator does not: the payment succeeded, and the refund fits
-        in what is left of it."""
-        intent = self._call(
-            "payment_intent_retrieve",
-            lambda options: self._client.v1.payment_intents.retrieve(
-                request.intent_id, params={"expand": ["latest_charge"]}, options=options
-            ),
-        )
-        charge = intent.get("latest_charge")
-        if intent.get("status") != "succeeded" or not isinstance(charge, dict):
-            raise InvalidRequest("charge_not_succeeded", "Only a succeeded payment can be refunded.")
-        left = int(charge.get("amount") or 0) - int(charge.get("amount_refunded") or 0)
-        if request.amount_minor > left:
-            raise InvalidRequest("amount_too_large", f"The refund exceeds what is left of the charge ({left}).")
 
     # --- the one door to the network
 

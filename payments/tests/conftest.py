@@ -1,7 +1,8 @@
 """Fixtures of the payments tests.
 
-Stripe (``payments/tests/stripe_harness.py``): ``localstripe`` (one server per session),
-``stripe_gateway`` (a ``StripeGateway`` talking to it, its data wiped first) and
+Stripe (``payments/tests/stripe_harness.py``): ``localstripe`` (one server per session, with the
+adapter that makes it answer as Stripe does), ``stripe_gateway`` (the production
+``StripeGateway`` talking to it, its data wiped first) and
 ``fault_proxy`` (the same behind a ``FaultProxy``, with a short client timeout). None of them
 needs the database. ``no_worker``: tasks are queued and nothing runs them.
 """

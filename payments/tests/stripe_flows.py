@@ -107,7 +107,7 @@ def ls_get(localstripe: LocalStripe, path: str) -> dict[str, Any]:
 
 def ls_post(localstripe: LocalStripe, path: str, data: dict[str, Any]) -> dict[str, Any]:
     request = urllib.request.Request(  # noqa: S310 - our own http://127.0.0.1 server
-        localstripe.url + path,
+        localstripe.raw_url + path,
         data=json.dumps(data).encode(),
         method="POST",
         headers={"Authorization": f"Bearer {LOCALSTRIPE_KEY}", "Content-Type": "application/json"},

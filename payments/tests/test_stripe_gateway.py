@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import re
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import time_machine
@@ -48,6 +50,7 @@ from payments.tests.stripe_harness import (
     FaultProxy,
     FaultyStripe,
     LocalStripe,
+    ProxiedRequest,
     free_port,
     localstripe_gateway,
     sign_stripe_payload,
@@ -159,7 +162,6 @@ def test_test_payment_methods_are_refused_in_live_mode_and_unknown_names_are_inv
 ) -> None:
     live = StripeGateway(secret_key="sk_live_not_a_key", api_base=stripe_gateway.api_base)
     assert not live.test_mode
-    assert not live.emulator
     with pytest.raises(InvalidRequest) as refused:
         live.setup_intent_confirm_test(intent_id="seti_x", test_payment_method="pm_card_visa")
     assert refused.value.code == "test_mode_only"
@@ -172,6 +174,16 @@ def test_test_payment_methods_are_refused_in_live_mode_and_unknown_names_are_inv
     assert unknown.value.code == "resource_missing"
 
 
+def test_a_test_card_localstripe_cannot_hold_is_refused_as_unsupported(stripe_gateway: StripeGateway) -> None:
+    # The harness's adapter, not the gateway, knows localstripe takes 16-digit numbers only.
+    intent = stripe_gateway.setup_intent_create(
+        customer_id=new_customer(stripe_gateway), metadata={}, idempotency_key="seti-amex"
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        stripe_gateway.setup_intent_confirm_test(intent_id=intent.id, test_payment_method="pm_card_amex")
+    assert refused.value.code == "test_card_unsupported"
+
+
 def test_from_settings(settings: Any, localstripe: LocalStripe) -> None:
     settings.STRIPE_SECRET_KEY = LOCALSTRIPE_KEY
     settings.STRIPE_PUBLISHABLE_KEY = "pk_test_settings"
@@ -179,7 +191,7 @@ def test_from_settings(settings: Any, localstripe: LocalStripe) -> None:
     settings.STRIPE_TIMEOUT_SECONDS = 7.5
     settings.PAYMENTS_GATEWAY_RATE_LIMIT = 50
     gateway = StripeGateway.from_settings()
-    assert (gateway.name, gateway.test_mode, gateway.emulator) == ("stripe", True, True)
+    assert (gateway.name, gateway.test_mode) == ("stripe", True)
     assert (gateway.publishable_key, gateway.timeout) == ("pk_test_settings", 7.5)
     assert gateway.limiter is not None
     assert gateway.limiter.per_second == 50
@@ -191,12 +203,58 @@ def test_from_settings(settings: Any, localstripe: LocalStripe) -> None:
         StripeGateway.from_settings()
 
 
-def test_only_stripe_itself_is_not_an_emulator() -> None:
-    assert not StripeGateway(secret_key="sk_test_x").emulator  # api.stripe.com
-    assert not StripeGateway(secret_key="sk_test_x", api_base="https://files.stripe.com").emulator
-    assert StripeGateway(secret_key="sk_test_x", api_base="http://localhost:8420").emulator
-    assert not StripeGateway(secret_key="sk_live_x", api_base="http://localhost:8420").emulator  # never with live keys
-    assert StripeGateway(secret_key="sk_test_x", api_base="https://notstripe.com").emulator
+def test_the_gateway_speaks_stripe_whatever_its_address(fault_proxy: FaultyStripe) -> None:
+    # Test keys and an address outside stripe.com (the harness's localstripe) change nothing in
+    # what is sent: every parameter Stripe takes, the test card's own name, Stripe's list
+    # filters, and no extra request (what localstripe lacks is made up behind the address).
+    gateway = fault_proxy.gateway
+    customer = new_customer(gateway)
+    card = bind(gateway, customer, "pm_card_mastercard")  # a name localstripe does not know
+    paid = gateway.charge(charge_request(customer, card, amount_minor=5_000, payment_id="pay_wire"))
+    gateway.refund(
+        RefundRequest(
+            intent_id=paid.intent_id,
+            amount_minor=1_000,
+            currency="EUR",
+            idempotency_key="ref_wire",
+            metadata={"refund_id": "ref_wire"},
+            reason="requested_by_customer",
+        )
+    )
+    declining = bind(gateway, customer, "pm_card_chargeCustomerFail")
+    with pytest.raises(PaymentDeclined) as declined:
+        gateway.charge(charge_request(customer, declining, payment_id="pay_wire_declined"))
+    assert declined.value.intent_id.startswith("pi_")  # named in the decline itself, as Stripe does
+    found = gateway.payment_intents_for_customer(customer_id=customer, created_since=an_hour_ago())
+    assert [intent.intent_id for intent in found] == [paid.intent_id, declined.value.intent_id]
+
+    requests = fault_proxy.proxy.requests
+    assert [route(request) for request in requests] == [
+        "POST /v1/customers",
+        "POST /v1/setup_intents",
+        "GET /v1/setup_intents/{seti}",
+        "POST /v1/setup_intents/{seti}/confirm",
+        "POST /v1/payment_intents",
+        "POST /v1/refunds",
+        "POST /v1/setup_intents",
+        "GET /v1/setup_intents/{seti}",
+        "POST /v1/setup_intents/{seti}/confirm",
+        "POST /v1/payment_intents",
+        "GET /v1/payment_intents",
+    ]
+    _, setup, _, confirm, charge, refund, *_, listing = requests
+    assert setup.form()["allowed_payment_method_types[0]"] == ["card"]
+    assert confirm.form()["payment_method"] == ["pm_card_mastercard"]
+    assert charge.form()["allowed_payment_method_types[0]"] == ["card"]
+    assert charge.form()["description"] == ["Invoice inv_test"]
+    assert refund.form()["reason"] == ["requested_by_customer"]
+    assert listing.form()["customer"] == [customer]
+    assert abs(int(listing.form()["created[gte]"][0]) - an_hour_ago().timestamp()) < 60
+
+
+def route(request: ProxiedRequest) -> str:
+    """``METHOD /path`` with each object id replaced by its prefix (``/v1/payment_intents/{pi}``)."""
+    return f"{request.method} " + re.sub(r"/(cus|seti|pi|pm|re|ch)_[A-Za-z0-9]+", r"/{\1}", urlsplit(request.path).path)
 
 
 def test_detach(stripe_gateway: StripeGateway) -> None:
