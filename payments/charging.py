@@ -147,6 +147,86 @@ _CALLS = BulkTable(
 )
 
 
+class _PaymentRow(NamedTuple):  # a new pending payment, as ``_new_payment`` builds it
+    id: int
+    account_id: int
+    invoice_id: int
+    attempt: int
+    trigger: str
+    status: str
+    amount_minor: int
+    currency: str
+    gateway: str
+    gateway_customer_id: str
+    payment_method_id: int | None
+    idempotency_key: str
+    gateway_intent_id: str | None
+    gateway_charge_id: str
+    decline_code: str
+    decline_message: str
+    retryable: bool
+    client_secret: str
+    next_action_url: str
+    amount_refunded_minor: int
+    amount_disputed_minor: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+_PAYMENTS = BulkTable(
+    "payments_payment",
+    _PaymentRow,
+    {
+        "id": "bigint",
+        "account_id": "bigint",
+        "invoice_id": "bigint",
+        "attempt": "integer",
+        "trigger": "text",
+        "status": "text",
+        "amount_minor": "bigint",
+        "currency": "text",
+        "gateway": "text",
+        "gateway_customer_id": "text",
+        "payment_method_id": "bigint",
+        "idempotency_key": "text",
+        "gateway_intent_id": "text",
+        "gateway_charge_id": "text",
+        "decline_code": "text",
+        "decline_message": "text",
+        "retryable": "boolean",
+        "client_secret": "text",
+        "next_action_url": "text",
+        "amount_refunded_minor": "bigint",
+        "amount_disputed_minor": "bigint",
+        "created_at": "timestamptz",
+        "updated_at": "timestamptz",
+    },
+)
+
+
+def _payments_insert(payments: list[Payment]) -> set[int]:
+    """Insert new payments in one statement; the ids inserted (the unique indexes decide:
+    one active payment per invoice, one payment per attempt)."""
+    if not payments:
+        return set()
+    now = timezone.now()
+    for payment in payments:
+        payment.updated_at = now
+    rows = [_PaymentRow(*(getattr(p, name) for name in _PaymentRow._fields)) for p in payments]
+    source, params = _PAYMENTS.unnest(rows)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_PAYMENTS.name} ({_PAYMENTS.column_list}) SELECT * FROM {source} "  # noqa: S608 (our names)
+            "ON CONFLICT DO NOTHING RETURNING id",
+            params,
+        )
+        inserted = {row[0] for row in cursor.fetchall()}
+    for payment in payments:
+        if payment.id in inserted:
+            payment._state.adding, payment._state.db = False, "default"
+    return inserted
+
+
 def _transitions_write(
     payments: Sequence[Payment], *, before: str, actor: Actor, reason: str = "", at: dt.datetime | None = None
 ) -> None:
@@ -903,8 +983,7 @@ def _payments_create(
                     )
             else:
                 new.append(_new_payment(invoice, decision, facts, trigger))
-        Payment.objects.bulk_create(new, ignore_conflicts=True)  # the unique indexes decide
-        inserted = set(Payment.objects.filter(id__in=[p.id for p in new]).values_list("id", flat=True))
+        inserted = _payments_insert(new)  # the unique indexes decide
         created = [p for p in new if p.id in inserted]
         taken = [p.invoice_id for p in new if p.id not in inserted]
         raced = set(
