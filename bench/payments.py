@@ -275,9 +275,10 @@ def _charge_worker(url: str, env: dict[str, str], log_file: str, ready: Any, go:
     if limiter is not None and limiter.per_second > 0:
         acquire = limiter.acquire
 
-        def acquire_timed() -> None:
-            acquire()
-            admitted.append(time.time())
+        def acquire_timed() -> float:
+            left_at: float = acquire()  # when the limiter let the call through (its clock)
+            admitted.append(left_at)
+            return left_at
 
         limiter.acquire = acquire_timed
     ready.put(os.getpid())

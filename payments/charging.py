@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, connections, transaction
@@ -50,6 +51,7 @@ from accounts import selectors as account_selectors
 from antifraud import services as antifraud_services
 from billing_site.common import ids, transitions
 from billing_site.common.actors import Actor
+from billing_site.common.copy import BulkTable
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
 from billing_site.outbox import services as outbox
@@ -85,6 +87,178 @@ from payments.models import (
 log = logging.getLogger(__name__)
 
 SYSTEM = Actor.system("payments")
+
+
+# --- Rows a chunk writes set-based (COPY): described once, as ``BulkTable`` rows.
+
+
+class _TransitionRow(NamedTuple):
+    payment_id: int
+    account_id: int
+    from_state: str
+    to_state: str
+    actor_kind: str
+    actor_name: str
+    reason: str
+    created_at: dt.datetime
+
+
+_TRANSITIONS = BulkTable(
+    "payments_paymenttransition",
+    _TransitionRow,
+    {
+        "payment_id": "bigint",
+        "account_id": "bigint",
+        "from_state": "text",
+        "to_state": "text",
+        "actor_kind": "text",
+        "actor_name": "text",
+        "reason": "text",
+        "created_at": "timestamptz",
+    },
+)
+
+
+class _CallRow(NamedTuple):
+    account_id: int
+    payment_id: int
+    operation: str
+    outcome: str
+    gateway_object_id: str
+    detail: str
+    duration_ms: int
+    created_at: dt.datetime
+
+
+_CALLS = BulkTable(
+    "payments_gatewaycall",
+    _CallRow,
+    {
+        "account_id": "bigint",
+        "payment_id": "bigint",
+        "operation": "text",
+        "outcome": "text",
+        "gateway_object_id": "text",
+        "detail": "text",
+        "duration_ms": "integer",
+        "created_at": "timestamptz",
+    },
+)
+
+
+class _PaymentRow(NamedTuple):  # a new pending payment, as ``_new_payment`` builds it
+    id: int
+    account_id: int
+    invoice_id: int
+    attempt: int
+    trigger: str
+    status: str
+    amount_minor: int
+    currency: str
+    gateway: str
+    gateway_customer_id: str
+    payment_method_id: int | None
+    idempotency_key: str
+    gateway_intent_id: str | None
+    gateway_charge_id: str
+    decline_code: str
+    decline_message: str
+    retryable: bool
+    client_secret: str
+    next_action_url: str
+    amount_refunded_minor: int
+    amount_disputed_minor: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+_PAYMENTS = BulkTable(
+    "payments_payment",
+    _PaymentRow,
+    {
+        "id": "bigint",
+        "account_id": "bigint",
+        "invoice_id": "bigint",
+        "attempt": "integer",
+        "trigger": "text",
+        "status": "text",
+        "amount_minor": "bigint",
+        "currency": "text",
+        "gateway": "text",
+        "gateway_customer_id": "text",
+        "payment_method_id": "bigint",
+        "idempotency_key": "text",
+        "gateway_intent_id": "text",
+        "gateway_charge_id": "text",
+        "decline_code": "text",
+        "decline_message": "text",
+        "retryable": "boolean",
+        "client_secret": "text",
+        "next_action_url": "text",
+        "amount_refunded_minor": "bigint",
+        "amount_disputed_minor": "bigint",
+        "created_at": "timestamptz",
+        "updated_at": "timestamptz",
+    },
+)
+
+
+def _payments_insert(payments: list[Payment]) -> set[int]:
+    """Insert new payments in one statement; the ids inserted (the unique indexes decide:
+    one active payment per invoice, one payment per attempt)."""
+    if not payments:
+        return set()
+    now = timezone.now()
+    for payment in payments:
+        payment.updated_at = now
+    rows = [_PaymentRow(*(getattr(p, name) for name in _PaymentRow._fields)) for p in payments]
+    source, params = _PAYMENTS.unnest(rows)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_PAYMENTS.name} ({_PAYMENTS.column_list}) SELECT * FROM {source} "  # noqa: S608 (our names)
+            "ON CONFLICT DO NOTHING RETURNING id",
+            params,
+        )
+        inserted = {row[0] for row in cursor.fetchall()}
+    for payment in payments:
+        if payment.id in inserted:
+            payment._state.adding, payment._state.db = False, "default"
+    return inserted
+
+
+def _transitions_write(
+    payments: Sequence[Payment], *, before: str, actor: Actor, reason: str = "", at: dt.datetime | None = None
+) -> None:
+    """The audit rows of many payments' one transition (``before`` → their status now), and
+    its one log line for the chunk: ``payment.transitions`` with every payment's id, invoice
+    and account (parallel lists, in the same order) instead of one ``payment.transition`` line
+    each (the chunked path's batched form of the house rule)."""
+    if not payments:
+        return
+    at = at or timezone.now()
+    _TRANSITIONS.copy(
+        _TransitionRow(p.id, p.account_id, before, p.status, actor.kind.value, actor.name, reason, at) for p in payments
+    )
+    _chunk_log("payment.transitions", payments, **{"from": before, "to": payments[0].status, "actor": actor.name})
+
+
+def _moved(payment: Payment, status: str) -> None:
+    """The in-memory copy of a payment a set-based statement just moved follows its row (the
+    FSM field refuses assignment; this is what ``refresh_from_db`` does)."""
+    payment.__dict__["status"] = status
+
+
+def _chunk_log(event: str, payments: Sequence[Payment], **fields: object) -> None:
+    log.info(
+        event,
+        extra={
+            "payments": len(payments),
+            "payment_ids": [ids.encode("pay", p.id) for p in payments],
+            "invoice_ids": [ids.encode("inv", p.invoice_id) for p in payments],
+            "account_ids": [ids.encode("acc", p.account_id) for p in payments],
+            **fields,
+        },
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -758,10 +932,10 @@ def invoices_charge(
 
 
 def _payments_create(
-    *, invoice_ids: Sequence[int], trigger: str, actor: Actor, counts: Counter[str]
+    *, invoice_ids: Sequence[int], trigger: str, actor: Actor, counts: Counter[str], known: dict[int, Payment]
 ) -> tuple[list[int], list[int]]:
     """The chunk's new pending payments, in one durable transaction: (payments to send, the
-    invoices that lost an attempt-number race)."""
+    invoices that lost an attempt-number race). The new ones are added to ``known``."""
     with transaction.atomic(durable=True):
         invoices = invoicing_selectors.payable_invoices(invoice_ids=invoice_ids)  # issued, something owed
         counts["nothing_due"] += len(invoice_ids) - len(invoices)
@@ -782,8 +956,7 @@ def _payments_create(
                     )
             else:
                 new.append(_new_payment(invoice, decision, facts, trigger))
-        Payment.objects.bulk_create(new, ignore_conflicts=True)  # the unique indexes decide
-        inserted = set(Payment.objects.filter(id__in=[p.id for p in new]).values_list("id", flat=True))
+        inserted = _payments_insert(new)  # the unique indexes decide
         created = [p for p in new if p.id in inserted]
         taken = [p.invoice_id for p in new if p.id not in inserted]
         raced = set(
@@ -807,12 +980,15 @@ def _payments_create(
             if owed[payment.invoice_id] != payment.amount_minor:
                 payment.amount_minor = owed[payment.invoice_id]
                 Payment.objects.filter(id=payment.id).update(amount_minor=payment.amount_minor)
-        PaymentTransition.objects.bulk_create([_created_log(p, actor) for p in created])
+        _transitions_write(created, before="", actor=actor, reason=f"created ({trigger})")
+    known.update((p.id, p) for p in created)
     return [*to_send, *(p.id for p in created)], [i for i in taken if i not in raced]
 
 
-def _claim_many(payment_ids: list[int], *, actor: Actor) -> list[Payment]:
-    """pending → processing for those still pending (one statement): ours to send."""
+def _claim_many(payment_ids: list[int], *, actor: Actor, known: dict[int, Payment]) -> list[Payment]:
+    """pending → processing for those still pending (one statement): ours to send. ``known``:
+    the payments this task created (in memory, their card with them), taken as they are
+    rather than read again; any other is read."""
     now = timezone.now()
     with transaction.atomic(durable=True), connection.cursor() as cursor:
         cursor.execute(
@@ -821,34 +997,15 @@ def _claim_many(payment_ids: list[int], *, actor: Actor) -> list[Payment]:
             [PaymentStatus.PROCESSING, now, now, payment_ids, PaymentStatus.PENDING],
         )
         claimed = [row[0] for row in cursor.fetchall()]
-        payments = list(Payment.objects.filter(id__in=claimed).select_related("payment_method").order_by("invoice_id"))
-        audit = []
+        payments = [known.pop(i) for i in claimed if i in known]
         for payment in payments:
-            audit.append(
-                PaymentTransition(
-                    payment=payment,
-                    account_id=payment.account_id,
-                    from_state=PaymentStatus.PENDING,
-                    to_state=PaymentStatus.PROCESSING,
-                    actor_kind=actor.kind.value,
-                    actor_name=actor.name,
-                )
-            )
-            log.info(
-                "payment.transition",
-                extra={
-                    "payment_id": payment.public_id,
-                    "invoice_id": ids.encode("inv", payment.invoice_id),
-                    "account_id": ids.encode("acc", payment.account_id),
-                    "from": PaymentStatus.PENDING.value,
-                    "to": PaymentStatus.PROCESSING.value,
-                    "amount_minor": payment.amount_minor,
-                    "currency": payment.currency,
-                    "decline_code": None,
-                    "actor": actor.name,
-                },
-            )
-        PaymentTransition.objects.bulk_create(audit)
+            _moved(payment, PaymentStatus.PROCESSING)
+            payment.sent_at = payment.updated_at = now
+        others = [i for i in claimed if i not in {p.id for p in payments}]
+        if others:
+            payments += Payment.objects.filter(id__in=others).select_related("payment_method")
+        payments.sort(key=lambda p: p.invoice_id)
+        _transitions_write(payments, before=PaymentStatus.PENDING, actor=actor, at=now)
     return payments
 
 
@@ -878,15 +1035,28 @@ def _callers(threads: int) -> queue.SimpleQueue[_Call]:
     return _calls
 
 
+# A caller thread closes its connection once no call came for this long (between tasks): not
+# after every call that emptied the queue (the callers often outrun the recording, and each
+# reconnect cost a connection's setup).
+_CALLER_IDLE_SECONDS = 0.5
+
+
 def _caller() -> None:
     """A caller thread: each claimed payment's gateway call; one answer per payment, always
     (result ``None`` when the call raised something not the gateway's: it stays processing)."""
+    fresh = True
     while True:
-        payment, answers = _calls.get()
-        close_old_connections()  # a connection the database dropped meanwhile is replaced
-        answers.put(_call(payment))
-        if _calls.empty():  # idle: no connection is held between tasks (or by a test's end)
+        try:
+            payment, answers = _calls.get(timeout=_CALLER_IDLE_SECONDS)
+        except queue.Empty:  # idle: no connection is held between tasks (or by a test's end)
             connections.close_all()
+            payment, answers = _calls.get()
+            fresh = True
+        if fresh:  # after a pause or a failed call: a connection the database dropped is replaced
+            close_old_connections()  # (not per call: with health checks on, a ping each)
+        answer = _call(payment)
+        fresh = answer.result is None
+        answers.put(answer)
 
 
 def _call(payment: Payment) -> _Answer:
@@ -921,13 +1091,14 @@ def _pipeline(
     one answer, so a blocking wait always ends."""
     counts: Counter[str] = Counter()
     todo: list[int] = []
+    known: dict[int, Payment] = {}  # created by this task, not claimed yet
     out = 0
     limit = max(3 * threads, 2 * claim_size)
     more = True
     while True:
         while todo and out < limit:
             group = [todo.pop() for _ in range(min(claim_size, len(todo), limit - out))]
-            claimed = _claim_many(group, actor=actor)
+            claimed = _claim_many(group, actor=actor, known=known)
             waiting = set(
                 Payment.objects.filter(
                     invoice_id__in=[p.invoice_id for p in claimed], status=PaymentStatus.REQUIRES_ACTION
@@ -947,7 +1118,9 @@ def _pipeline(
             if chunk is None:
                 more = False
             else:
-                to_send, single = _payments_create(invoice_ids=chunk, trigger=trigger, actor=actor, counts=counts)
+                to_send, single = _payments_create(
+                    invoice_ids=chunk, trigger=trigger, actor=actor, counts=counts, known=known
+                )
                 todo[:0] = reversed(to_send)  # popped from the end: in order, after what is left
                 for invoice_id in single:  # lost an attempt-number race: the single path sorts it out
                     try:
@@ -979,6 +1152,7 @@ def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
     counts: Counter[str] = Counter()
     if not answers:
         return counts
+    now = timezone.now()
     calls = []
     for answer in answers:
         result = answer.result
@@ -988,33 +1162,45 @@ def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
             outcome, object_id, detail = "declined", result.intent_id, result.code
         else:
             outcome, object_id, detail = type(result).__name__, "", str(result)[:300]
+        payment = answer.payment
         calls.append(
-            GatewayCall(
-                account_id=answer.payment.account_id,
-                payment_id=answer.payment.id,
-                operation="charge",
-                outcome=outcome,
-                gateway_object_id=object_id or "",
-                detail=detail or "",
-                duration_ms=answer.duration_ms,
+            _CallRow(
+                payment.account_id,
+                payment.id,
+                "charge",
+                outcome,
+                object_id or "",
+                detail or "",
+                answer.duration_ms,
+                now,
             )
         )
-    GatewayCall.objects.bulk_create(calls)
+    with transaction.atomic(durable=True):
+        _CALLS.copy(calls)
     results = {a.payment.id: a.result for a in answers if a.result is not None}
+    sent = {a.payment.id: a.payment for a in answers}
     try:
         with transaction.atomic(durable=True):
-            locked = list(Payment.objects.select_for_update().filter(id__in=results).order_by("invoice_id", "id"))
+            with connection.cursor() as cursor:  # the row locks, in the single path's order
+                cursor.execute(
+                    "SELECT id, status FROM payments_payment WHERE id = ANY(%s) ORDER BY invoice_id, id FOR UPDATE",
+                    [list(results)],
+                )
+                statuses = dict(cursor.fetchall())
+            # A success of a payment still processing is recorded set-based from the payment as
+            # it was sent (its amount is what the gateway charged); the rest as the single path.
             charged = [
-                p
-                for p in locked
-                if p.status == PaymentStatus.PROCESSING
-                and isinstance(result := results[p.id], ChargeResult)
+                sent[i]
+                for i, status in statuses.items()
+                if status == PaymentStatus.PROCESSING
+                and isinstance(result := results[i], ChargeResult)
                 and result.status == ChargeStatus.SUCCEEDED
             ]
             counts["succeeded"] += _succeed_many(charged, results, actor=actor)
             done = {p.id for p in charged}
-            for payment in locked:
-                if payment.id not in done:
+            rest = [i for i in statuses if i not in done]
+            if rest:
+                for payment in Payment.objects.filter(id__in=rest).order_by("invoice_id", "id"):
                     _apply(payment, results[payment.id], actor=actor)
                     counts[payment.status] += 1
         return counts
@@ -1060,20 +1246,9 @@ def _succeed_many(payments: list[Payment], results: dict[int, ChargeResult | Gat
                 [getattr(charges[p.id], "charge_id", "") for p in payments],
             ],
         )
-    PaymentTransition.objects.bulk_create(
-        [
-            PaymentTransition(
-                payment=p,
-                account_id=p.account_id,
-                from_state=PaymentStatus.PROCESSING,
-                to_state=PaymentStatus.SUCCEEDED,
-                actor_kind=actor.kind.value,
-                actor_name=actor.name,
-                created_at=now,
-            )
-            for p in payments
-        ]
-    )
+    for payment in payments:
+        _moved(payment, PaymentStatus.SUCCEEDED)
+        payment.completed_at = payment.updated_at = now
     applied = invoicing_services.payments_apply(
         [
             invoicing_services.PaymentReceived(
@@ -1082,32 +1257,21 @@ def _succeed_many(payments: list[Payment], results: dict[int, ChargeResult | Gat
             for p in payments
         ]
     )
-    for payment, money in zip(payments, applied, strict=True):
-        log.info(
-            "payment.transition",
-            extra={
-                "payment_id": payment.public_id,
-                "invoice_id": ids.encode("inv", payment.invoice_id),
-                "account_id": ids.encode("acc", payment.account_id),
-                "from": PaymentStatus.PROCESSING.value,
-                "to": PaymentStatus.SUCCEEDED.value,
-                "amount_minor": payment.amount_minor,
-                "currency": payment.currency,
-                "decline_code": None,
-                "actor": actor.name,
-            },
-        )
-        log.info(
-            "payment.applied",
-            extra={
-                "payment_id": payment.public_id,
-                "invoice_id": ids.encode("inv", payment.invoice_id),
-                "account_id": ids.encode("acc", payment.account_id),
-                "applied_minor": money.applied_minor,
-                "credited_minor": money.credited_minor,
-                "invoice_paid": money.invoice_paid,
-            },
-        )
+    # One audit row per payment; one line for the chunk: the transition with what each
+    # payment applied to its invoice (and kept as credit), in the order of its ids.
+    _transitions_write(
+        payments,
+        before=PaymentStatus.PROCESSING,
+        actor=actor,
+        at=now,
+    )
+    _chunk_log(
+        "payment.applied",
+        payments,
+        applied_minor=[money.applied_minor for money in applied],
+        credited_minor=[money.credited_minor for money in applied],
+        invoices_paid=sum(1 for money in applied if money.invoice_paid),
+    )
     settled = {p.invoice_id: p for p, money in zip(payments, applied, strict=True) if money.invoice_paid}
     with_case = DunningCase.objects.filter(invoice_id__in=settled, status=DunningCaseStatus.OPEN).values_list(
         "invoice_id", flat=True

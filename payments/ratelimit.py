@@ -11,6 +11,15 @@ our second let a second at the gateway take the end of one window and the start 
 second in live mode, 25 in test mode. The pace is 97 % of the limit (``PACE``), the margin for
 latencies that differ by a few milliseconds.
 
+A turn reserved is not yet a call let through: the caller sleeps until its turn and may wake
+late (a process busy with other Python work holds the GIL; a loaded machine schedules it late),
+and late callers bunch with those on time, so that the calls that actually leave in some second
+exceed the limit though every turn was on time (104 in a second at the sandbox under a limit of
+100, at load 10). So, on waking, the call is let through only if fewer than ``per_second``
+calls left in the last second (a log of departures, shared like the schedule); otherwise it
+waits until the oldest of them is a second old. ``acquire()`` returns the moment the call was
+let through, on the limiter's clock (epoch seconds): the moment the request leaves.
+
 Where the arrival time lives:
 
 - ``REDIS_URL`` set (or a ``redis://`` Celery broker): one key per gateway,
@@ -30,7 +39,10 @@ Both schedules run on clocks a test's frozen wall clock does not stop (Redis's, 
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+import os
 import threading
 import time
 from functools import lru_cache
@@ -49,6 +61,23 @@ PACE = 0.97
 
 # KEYS[1]: the gateway's next free turn (microseconds, Redis's clock); ARGV[1]: the interval in
 # microseconds. Reserves the next turn and returns how many microseconds until it comes.
+# KEYS[1]: the gateway's departures of the last second (a sorted set scored by microseconds,
+# Redis's clock); ARGV[1]: the limit; ARGV[2]: a member unique to this call. Lets the call
+# through (returns {0, now}) if fewer than the limit left in the last second, else returns
+# {microseconds until the oldest of them is a second old, now}.
+_DEPART = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1000000)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], now, ARGV[2])
+    redis.call('PEXPIRE', KEYS[1], 2000)
+    return {0, now}
+end
+local oldest = tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2])
+return {oldest + 1000000 - now + 1, now}
+"""
+
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -75,19 +104,28 @@ class CallRateLimiter:
         self.calls_local = 0  # calls let through by the in-process schedule
         self._redis: redis.Redis | None = None
         self._script: Any = None
+        self._depart_script: Any = None
+        self._departures: collections.deque[float] = collections.deque()  # the local log (monotonic)
+        self._serial = itertools.count()
         self._redis_failed_at: float | None = None  # monotonic; for 30 s after, the local schedule
 
     def __repr__(self) -> str:
         store = "redis" if self.redis_url else "local"
         return f"CallRateLimiter({self.name!r}, per_second={self.per_second}, {store})"
 
-    def acquire(self) -> None:
-        """Return once the call's turn has come (at once when there is no limit)."""
+    def acquire(self) -> float:
+        """Return once the call may leave: its turn has come and fewer than ``per_second``
+        calls left in the last second. Returns that moment (epoch seconds); at once when
+        there is no limit."""
         if self.per_second <= 0:
-            return
+            return time.time()
         wait = self._reserve()
-        if wait > 0:
-            time.sleep(wait)
+        while True:
+            if wait > 0:
+                time.sleep(wait)
+            wait, left_at = self._depart()
+            if wait <= 0:
+                return left_at
 
     # --- the schedules
 
@@ -101,6 +139,34 @@ class CallRateLimiter:
                 self._redis_failed_at = time.monotonic()
                 log.warning("payments.rate_limit_redis_down", extra={"limiter": self.name, "error": repr(exc)[:200]})
         return self._reserve_local()
+
+    def _depart(self) -> tuple[float, float]:
+        """(0, the moment it leaves) if the call may leave now, else (seconds to wait, now)."""
+        failed_at = self._redis_failed_at
+        if self.redis_url and (failed_at is None or time.monotonic() - failed_at > _REDIS_RETRY_AFTER_SECONDS):
+            try:
+                return self._depart_shared()
+            except Exception as exc:  # as _reserve: limit locally rather than stop paying
+                self._redis_failed_at = time.monotonic()
+                log.warning("payments.rate_limit_redis_down", extra={"limiter": self.name, "error": repr(exc)[:200]})
+        return self._depart_local()
+
+    def _depart_local(self) -> tuple[float, float]:
+        with self._lock:
+            now = time.monotonic()
+            while self._departures and self._departures[0] <= now - 1.0:
+                self._departures.popleft()
+            if len(self._departures) < self.per_second:
+                self._departures.append(now)
+                return 0.0, time.time()
+            return self._departures[0] + 1.0 - now + 1e-6, time.time()
+
+    def _depart_shared(self) -> tuple[float, float]:
+        if self._depart_script is None:
+            self._depart_script = self._client().register_script(_DEPART)
+        member = f"{os.getpid()}:{threading.get_ident()}:{next(self._serial)}"
+        wait_us, now_us = self._depart_script(keys=[f"payments:departures:{self.name}"], args=[self.per_second, member])
+        return int(wait_us) / 1_000_000, int(now_us) / 1_000_000
 
     def _reserve_local(self) -> float:
         with self._lock:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import secrets
 import threading
 import time
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from billing_site.common.transactions import forbid_transaction
@@ -124,11 +125,18 @@ class SandboxGateway:
         """Before each call: rate limit, latency, and whether this call fails after doing its
         work (True: raise OutcomeUnknown once done). Raises GatewayUnavailable up front."""
         forbid_transaction("A gateway call")
-        if self.limiter is not None:
-            self.limiter.acquire()
+        # The request leaves when the limiter lets it through and reaches the gateway a latency
+        # later: that is when a gateway counts it (its rate limit). Not when this thread wakes
+        # from the simulated latency, which on a busy machine is later by our own scheduling,
+        # a delay a real request (in the network by then) does not take.
+        # (The limiter's moment is on its own clock, Redis's; with no limit, the wall clock,
+        # which a test may freeze.)
+        limited = self.limiter is not None and self.limiter.per_second > 0
+        left_at = self.limiter.acquire() if limited else timezone.now().timestamp()
+        left = time.monotonic()
         if self.latency_ms:
-            time.sleep(self.latency_ms / 1000)
-        self._arrived.at = timezone.now()  # when a gateway counts the request (its rate limit)
+            time.sleep(max(0.0, left + self.latency_ms / 1000 - time.monotonic()))
+        self._arrived.at = dt.datetime.fromtimestamp(left_at + self.latency_ms / 1000, tz=dt.UTC)
         if not self.failure_rate or not key:
             return False
         draw = int.from_bytes(hashlib.sha256(f"{operation}:{key}".encode()).digest()[:8], "big") / 2**64
@@ -158,28 +166,30 @@ class SandboxGateway:
         data = {**data, "id": object_id, "created": int(arrived.timestamp())}
         if finish is not None:
             finish(data)
-        try:
-            with transaction.atomic():
-                SandboxObject.objects.create(
-                    object_id=object_id,
-                    kind=kind,
-                    customer_id=customer_id,
-                    idempotency_key=key,
-                    data=data,
-                    created_at=arrived,
-                )
-        except IntegrityError:
-            existing = SandboxObject.objects.filter(idempotency_key=key).first()
-            if existing is None:  # pragma: no cover - a random id collided
-                raise
-            return dict(existing.data)
-        return data
+        # One statement (its own transaction, in autocommit): the idempotency key decides.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO payments_sandboxobject (object_id, kind, customer_id, idempotency_key, data, created_at) "
+                "VALUES (%s, %s, %s, %s, %s::jsonb, %s) ON CONFLICT (idempotency_key) DO NOTHING RETURNING object_id",
+                [object_id, kind, customer_id, key, json.dumps(data), arrived],
+            )
+            if cursor.fetchone() is not None:
+                return data
+            cursor.execute("SELECT data FROM payments_sandboxobject WHERE idempotency_key = %s", [key])
+            row = cursor.fetchone()
+        if row is None:  # pragma: no cover - the first one's row is gone
+            raise InvalidRequest("idempotency_key_in_use", f"Idempotency key {key} was used and is gone.")
+        return _json(row[0])
 
     def _get(self, object_id: str, kind: str) -> dict[str, Any]:
-        row = SandboxObject.objects.filter(object_id=object_id, kind=kind).first()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT data FROM payments_sandboxobject WHERE object_id = %s AND kind = %s", [object_id, kind]
+            )
+            row = cursor.fetchone()
         if row is None:
             raise InvalidRequest("resource_missing", f"No such {kind}: {object_id}")
-        return dict(row.data)
+        return _json(row[0])
 
     def _save(self, data: dict[str, Any]) -> None:
         SandboxObject.objects.filter(object_id=data["id"]).update(data=data)
@@ -432,6 +442,11 @@ class SandboxGateway:
             metadata=dict(intent["metadata"]),
             created_at=dt.datetime.fromtimestamp(intent["created"], tz=dt.UTC),
         )
+
+
+def _json(value: Any) -> dict[str, Any]:
+    """A ``jsonb`` value as read by a raw cursor (text, or already parsed)."""
+    return dict(json.loads(value) if isinstance(value, str | bytes) else value)
 
 
 def _charge_or_secret(intent: dict[str, Any]) -> None:
