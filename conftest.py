@@ -57,6 +57,28 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_clock_key] = traveller
 
 
+# The suite's longest tests (each several times the median: benchmarks at a tiny size, property
+# tests of whole ledgers, schema fuzzing, the demo), started first so that parallel workers
+# (make test) do not end with one of them running alone: longest first shortens the run.
+LONGEST_FIRST = (
+    "tests/test_bench_smoke.py",
+    "invoicing/tests/test_payment_ledger.py",
+    "invoicing/tests/test_ledger.py",
+    "tests/test_openapi.py",
+    "tests/test_demo.py",
+    "invoicing/tests/test_line_display.py",
+    "tests/test_logging.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     traveller = config.stash.get(_clock_key, None)
     if traveller is not None:
