@@ -91,8 +91,15 @@ def test_a_run_killed_half_way_then_rerun_gives_one_invoice_each_with_the_same_c
                 stderr=subprocess.STDOUT,
             )
             try:
-                # It waits for the fourth account's lock row once the first three chunks are in.
-                reached = wait_for(lambda: backend_waiting("killed-billing") or worker.poll() is not None, seconds=60)
+                # It waits for the fourth account's lock row once the first three chunks are in (its
+                # charges' threads may wait on a lock for a moment before that: not what we wait for).
+                reached = wait_for(
+                    lambda: (
+                        (Invoice.objects.count() >= 3 and backend_waiting("killed-billing"))
+                        or worker.poll() is not None
+                    ),
+                    seconds=60,
+                )
                 if worker.poll() is not None or not reached:
                     worker.kill()
                     output = worker.communicate(timeout=10)[0].decode(errors="replace")[-3000:]

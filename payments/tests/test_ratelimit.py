@@ -72,6 +72,7 @@ def test_callers_that_wake_late_never_take_the_gateway_above_its_limit(busy_proc
     assert max(per_second.values()) <= limit, per_second
     busiest = max(sum(1 for t in arrivals if start <= t < start + 1) for start in arrivals)
     assert busiest <= limit, busiest
-    # ... and not by giving up the pace: 60 calls at 10/s take about 6 s (here up to 7.8 s, the
-    # process being this busy; the benchmark holds >= 95 % of the limit on a real run).
-    assert arrivals[-1] - arrivals[0] < (calls / limit) * 1.3
+    # ... nor faster than the limit's pace over the whole run. That the pace is held (>= 95 % of
+    # the limit) is a speed, measured by `make bench` (payments B), not asserted on a shared
+    # machine's clock here: under load a test can only be slower.
+    assert arrivals[-1] - arrivals[0] >= (calls - limit) / limit
