@@ -41,7 +41,7 @@ from accounts import selectors as account_selectors
 from billing_site.common import ids
 from billing_site.common.copy import BulkTable
 from billing_site.common.logs import ms_since
-from metering import horizon, selectors
+from metering import horizon, selectors, sharding
 from metering.models import IngestBatch
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ _batch_decoder = msgspec.json.Decoder(BatchIn)
 _loose_decoder = msgspec.json.Decoder(LooseBatchIn)
 _event_decoder = msgspec.json.Decoder(EventIn)
 _id_decoder = msgspec.json.Decoder(LooseEventId)
-_json = msgspec.json.Encoder(decimal_format="number")
+# Sorted keys: one spelling per meaning, so the event store's content hash of a resend whose
+# producer ordered the labels differently is the same (PostgreSQL's jsonb does not care).
+_json = msgspec.json.Encoder(decimal_format="number", order="sorted")
 
 
 class BatchError(Exception):
@@ -435,6 +437,99 @@ def _store(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str]
     return inserted, conflicts
 
 
+class LogLine(msgspec.Struct, array_like=True):
+    """One accepted event as the log carries it to the event store (one JSON array a line,
+    ClickHouse's JSONCompactEachRow; fields in ``metering.eventstore.LINE_SCHEMA``'s order)."""
+
+    s: int  # shard
+    a: int  # account id
+    e: str  # event id
+    t: int  # time, microseconds since the epoch, UTC
+    k: str  # kind
+    u: str  # sku ('' for resource events)
+    q: str  # quantity (a decimal string; "0" for resource events)
+    r: str  # resource id ('')
+    x: str  # action ('')
+    p: str  # spec JSON ('')
+    l: str  # labels JSON with sorted keys ('')  # noqa: E741
+
+
+class LogHead(msgspec.Struct):
+    """The first line of a log message: the hours of each shard the events fall in."""
+
+    hours: list[tuple[int, int]]  # (shard, hour as seconds since the epoch)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+_lines = msgspec.json.Encoder()
+
+
+def encode_for_log(rows: list[Row]) -> bytes:
+    """The log message of a batch's accepted events: a ``LogHead`` line, then one line each."""
+    lines: list[LogLine] = []
+    hours: set[tuple[int, int]] = set()
+    shard_cache: dict[int, int] = {}
+    for row in rows:
+        shard = shard_cache.get(row.account_id)
+        if shard is None:
+            shard = shard_cache[row.account_id] = sharding.shard_of(row.account_id)
+        micros = (row.occurred_at - _EPOCH) // _MICROSECOND
+        hours.add((shard, micros // 3_600_000_000 * 3600))
+        lines.append(
+            LogLine(
+                shard,
+                row.account_id,
+                row.event_id,
+                micros,
+                row.kind,
+                row.sku or "",
+                "0" if row.quantity is None else str(row.quantity),
+                row.resource_id or "",
+                row.action or "",
+                row.spec or "",
+                row.labels or "",
+            )
+        )
+    return _lines.encode(LogHead(hours=sorted(hours))) + b"\n" + _lines.encode_lines(lines)
+
+
+def decode_log_head(head: bytes) -> list[tuple[int, dt.datetime]]:
+    return [
+        (shard, dt.datetime.fromtimestamp(hour, dt.UTC))
+        for shard, hour in msgspec.json.decode(head, type=LogHead).hours
+    ]
+
+
+def publish(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str] | None = None) -> tuple[int, int]:
+    """The scale path's store: one log message for the batch's accepted events, identified by
+    the SHA-256 of its content (the log drops a copy inside its duplicate window), answered
+    only once the log acknowledged it (``eventlog.LogUnavailable`` otherwise: the API says
+    503). Returns (accepted, duplicates). The batch's fingerprint and the inactive accounts'
+    counts are written after the acknowledgement."""
+    from metering import eventlog
+
+    payload = encode_for_log(rows)
+    published = eventlog.publish(payload, msg_id=hashlib.sha256(payload).hexdigest())
+    if published.duplicate:
+        return 0, len(rows)
+    with transaction.atomic(), connection.cursor() as cursor:
+        counts: dict[int, int] = {}
+        for row in rows:
+            if inactive and row.account_id in inactive:
+                counts[row.account_id] = counts.get(row.account_id, 0) + 1
+        if counts:
+            accounts = sorted(counts)
+            cursor.execute(_COUNT_INACTIVE, [accounts, [inactive[a] for a in accounts], [counts[a] for a in accounts]])  # type: ignore[index]
+        if fingerprint is not None and len(rows) >= FINGERPRINT_MIN_EVENTS:
+            cursor.execute(
+                "INSERT INTO metering_ingestbatch (digest, events, oldest_event_at, received_at) "
+                "VALUES (%s, %s, %s, now()) ON CONFLICT DO NOTHING",
+                [fingerprint, len(rows), min(row.occurred_at for row in rows)],
+            )
+    return len(rows), 0
+
+
 def _replayed(digest: str, now: dt.datetime) -> IngestResult | None:
     """The answer for a byte-identical resend of a clean batch, if this is one."""
     oldest = now - dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
@@ -457,7 +552,9 @@ def ingest(body: bytes, *, now: dt.datetime | None = None) -> IngestResult:
         raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_EVENTS} events; got {len(decoded)}.")
     rows, rejected, inactive = check_events(decoded, now=now)
     result = IngestResult(rejected=rejected)
-    if rows:
+    if rows and settings.METERING_EVENT_STORE == "clickhouse":
+        result.accepted, result.duplicates = publish(rows, fingerprint=None if rejected else digest, inactive=inactive)
+    elif rows:
         inserted, conflicts = store(rows, fingerprint=None if rejected else digest, inactive=inactive)
         result.accepted = inserted
         result.duplicates = len(rows) - inserted - len(conflicts)

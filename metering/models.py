@@ -239,3 +239,46 @@ class MonthlySpend(models.Model):
 
     def __str__(self) -> str:
         return f"{self.account_id} {self.month:%Y-%m}: {self.amount}"
+
+
+class DirtyHour(models.Model):
+    """An hour of one shard whose events changed in the event store (scale path): written by
+    the sinks after their insert and before they acknowledge the log, as an upsert that takes a
+    new ``version`` from a sequence. The rollup recomputes the hour while its version is above
+    the manifest's. Never deleted while the hour is inside the acceptance window."""
+
+    pk = models.CompositePrimaryKey("shard", "hour")
+    shard = models.PositiveSmallIntegerField()
+    hour = models.DateTimeField()
+    version = models.BigIntegerField()
+    marked_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "metering_dirtyhour"
+
+    def __str__(self) -> str:
+        return f"shard {self.shard} {self.hour:%Y-%m-%d %H:00} v{self.version}"
+
+
+class HourManifest(models.Model):
+    """What the hourly usage of one hour and shard was last computed from (scale path): the
+    dirty version it covers, how many events counted, how many usage rows and lifecycle events
+    they made, and a checksum of which events (an XOR of their hashes in the event store).
+    Written in the transaction that writes the hourly usage, so the two never disagree."""
+
+    pk = models.CompositePrimaryKey("shard", "hour")
+    shard = models.PositiveSmallIntegerField()
+    hour = models.DateTimeField()
+    version = models.BigIntegerField()
+    events = models.BigIntegerField()
+    usage_rows = models.IntegerField()
+    resource_events = models.IntegerField()
+    checksum = models.CharField(max_length=16)
+    computed_at = models.DateTimeField()
+
+    class Meta:
+        db_table = "metering_hourmanifest"
+        ordering = ["-hour", "shard"]
+
+    def __str__(self) -> str:
+        return f"shard {self.shard} {self.hour:%Y-%m-%d %H:00} v{self.version}"

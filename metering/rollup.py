@@ -60,6 +60,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from billing_site.common.logs import ms_since
+from metering import hours
 from metering.horizon import EVENT_WRITERS_LOCK, take_horizon
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ TEMP_TABLES = (
     "rollup_tail",
     "rollup_write",
     "rollup_daily",
+    "rollup_store_usage",
+    "rollup_store_lifecycle",
 )
 # For this transaction only. A shard's sorts and hash tables (~1 M events, ~100 k hourly rows)
 # fit in memory instead of spilling to disk; JIT compilation costs more than it saves on
@@ -248,8 +251,9 @@ def rollup(*, now: dt.datetime | None = None, shards: list[int] | None = None, c
     ``check_held``, say whether a transaction holds events back (``check_horizon``)."""
     report = RollupReport()
     started = time.monotonic()
-    # One horizon for the whole run: the writers' lock is taken once, not once per shard.
-    report.horizon = take_horizon()
+    # One horizon for the whole run: the writers' lock is taken once, not once per shard. The
+    # scale path takes dirty hours instead, and no horizon.
+    report.horizon = NO_NEW_EVENTS if settings.METERING_EVENT_STORE == "clickhouse" else take_horizon()
     for shard in shards if shards is not None else range(SHARDS):
         shard_started = time.monotonic()
         taken = NO_NEW_EVENTS if report.horizon is None else report.horizon
@@ -323,7 +327,7 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
         if claimed is None:
             return None
         horizon_old, watermark_old = claimed
-        if horizon is None:
+        if horizon is None and settings.METERING_EVENT_STORE != "clickhouse":
             horizon = take_horizon()
         # Never back: a run whose horizon was read before another worker's run of this shard
         # committed takes nothing rather than events again.
@@ -340,16 +344,26 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
         cur.execute(f"DROP TABLE IF EXISTS {', '.join(TEMP_TABLES)}")
         params = {"h_old": horizon_old, "h_new": horizon_new, "w_old": watermark_old or watermark, "w": watermark}
 
-        # 2. The new events of this shard.
-        cur.execute(
-            f"""
-            CREATE TEMP TABLE rollup_new ON COMMIT DROP AS
-            SELECT account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec, labels
-            FROM {events_p} WHERE txid >= %(h_old)s AND txid < %(h_new)s
-            """,
-            params,
-        )
-        report.events = cur.rowcount
+        # 2. The new events of this shard: from the event table by txid, or on the scale path
+        # the changes of its dirty hours in the event store (``metering.hours``).
+        taken: hours.HourlyInput | None = None
+        if settings.METERING_EVENT_STORE == "clickhouse":
+            cur.execute(
+                "CREATE TEMP TABLE rollup_new (account_id bigint, event_id text, occurred_at timestamptz, kind text, "
+                "sku text, quantity numeric, resource_id text, action text, spec jsonb, labels jsonb) ON COMMIT DROP"
+            )
+            taken = hours.take(cur, shard=shard, hourly_p=hourly_p)
+            report.events = taken.events
+        else:
+            cur.execute(
+                f"""
+                CREATE TEMP TABLE rollup_new ON COMMIT DROP AS
+                SELECT account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec, labels
+                FROM {events_p} WHERE txid >= %(h_old)s AND txid < %(h_new)s
+                """,
+                params,
+            )
+            report.events = cur.rowcount
 
         # 3. Usage events: what to add to each hourly row. (Hashed, not sorted: ~1 M events
         # fold into ~100 k rows, and the planner cannot know that of a fresh temp table.)
@@ -442,6 +456,8 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
         report.rated_rows = _rate_and_write(cur, hourly_p=hourly_p, daily_p=_p("metering_dailyusage", shard))
 
         # 7. Done: the next run starts where this one ended.
+        if taken is not None:
+            hours.write_manifest(cur, shard=shard, taken=taken)
         cur.execute(
             "UPDATE metering_rollupshard SET txid_horizon = %s, watermark = %s, "
             "events_processed = events_processed + %s, updated_at = now() WHERE shard = %s",

@@ -62,3 +62,15 @@ class BulkTable:
         if unknown:
             raise KeyError(f"{self.name} has no columns {unknown}")
         return ", ".join(f"{column} = EXCLUDED.{column}" for column in columns)
+
+
+def copy_text(table: str, columns: Sequence[str], data: bytes) -> None:
+    """``COPY table (columns) FROM STDIN`` of data already in COPY's text format (tab-separated,
+    ``\\N`` for NULL, backslash escapes): what another engine's TabSeparated output is, passed
+    through without a Python object per row."""
+    with (
+        connection.cursor() as cursor,
+        connection.wrap_database_errors,
+        cursor.cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+    ):
+        copy.write(data)

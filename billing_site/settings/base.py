@@ -281,6 +281,26 @@ METERING_HORIZON_HOLD_SECONDS = float(os.environ.get("METERING_HORIZON_HOLD_SECO
 # How long a rollup run waits for the event writers in flight before it reads its horizon;
 # ingest requests that arrive meanwhile wait behind it, so this bounds the pause it can cause.
 METERING_HORIZON_LOCK_TIMEOUT_SECONDS = float(os.environ.get("METERING_HORIZON_LOCK_TIMEOUT_SECONDS", "1"))
+# Where raw usage events live: "postgres" (the single-machine default: one event table in this
+# database, docs/architecture.md) or "clickhouse" (the scale path: the API publishes to the NATS
+# JetStream log, sinks insert into ClickHouse, hourly usage is computed per hour and shard from
+# there; `manage.py run_event_pipeline`).
+METERING_EVENT_STORE = os.environ.get("METERING_EVENT_STORE", "postgres").strip().lower()
+if METERING_EVENT_STORE not in ("postgres", "clickhouse"):
+    raise ImproperlyConfigured("METERING_EVENT_STORE must be postgres or clickhouse")
+# The ClickHouse of the scale path: a server (http://user:password@host:8123/database, reached
+# with clickhouse-connect) or, when empty, the embedded engine (chdb) in METERING_CHDB_PATH, which
+# one process at a time may open (the one running run_event_pipeline).
+METERING_CLICKHOUSE_URL = os.environ.get("METERING_CLICKHOUSE_URL", "")
+METERING_CHDB_PATH = os.environ.get("METERING_CHDB_PATH", str(BASE_DIR / ".data" / "eventstore"))
+# Raw events are dropped, a day's partition at a time, this many days after their time. At least
+# the acceptance window plus the period close and a dispute margin: re-rating within it gives the
+# same lines.
+METERING_EVENT_RETENTION_DAYS = int(os.environ.get("METERING_EVENT_RETENTION_DAYS", "100"))
+if METERING_EVENT_RETENTION_DAYS < METERING_MAX_EVENT_AGE_DAYS + 30:
+    raise ImproperlyConfigured("METERING_EVENT_RETENTION_DAYS must be at least METERING_MAX_EVENT_AGE_DAYS + 30")
+# How many dirty hour-shards one rollup pass takes from the event store per shard.
+METERING_HOURS_PER_PASS = int(os.environ.get("METERING_HOURS_PER_PASS", "48"))
 # Tasks queued by name after every rollup drain (a minute's worth of rollups): the credit
 # check that issues threshold invoices. Metering names them; it imports none of them.
 METERING_AFTER_ROLLUP_TASKS = ("invoicing.threshold_billing",)
