@@ -96,7 +96,9 @@ def take(cur: object, *, shard: int, hourly_p: str) -> HourlyInput:
     )
     # What to add to each hourly row of a quantity SKU: the event store's sum minus the row's
     # quantity now (labels compared as jsonb: one meaning, one row); a row the hour does not
-    # have yet is added even at zero, as the single-machine path adds a zero event's row.
+    # have yet is added even at zero, as the single-machine path adds a zero event's row. Only
+    # the accounts and hours with usage in the event store are compared: an account whose rows
+    # came from elsewhere (the other store, before a switch) is left alone.
     cur.execute(  # type: ignore[attr-defined]
         f"""
         INSERT INTO rollup_new (account_id, event_id, occurred_at, kind, sku, quantity, resource_id, action, spec,
@@ -108,6 +110,7 @@ def take(cur: object, *, shard: int, hourly_p: str) -> HourlyInput:
             SELECT h.account_id, h.hour, h.sku, h.resource_id, h.labels, h.quantity
             FROM {hourly_p} h JOIN metering_sku k ON k.code = h.sku AND k.kind = 'quantity'
             WHERE h.hour = ANY(%(hours)s)
+              AND (h.account_id, h.hour) IN (SELECT DISTINCT account_id, hour FROM rollup_store_usage)
         )
         SELECT coalesce(t.account_id, p.account_id), '', coalesce(t.hour, p.hour), 'usage',
                coalesce(t.sku, p.sku), coalesce(t.quantity, 0) - coalesce(p.quantity, 0),
