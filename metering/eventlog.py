@@ -140,6 +140,7 @@ class _Connection:
         self.thread.start()
         self.nc = Client()
         self.connecting: asyncio.Task[None] | None = None
+        self.closing = False
         self.subscriptions: dict[tuple[Any, ...], JetStreamContext.PullSubscription] = {}
 
     # --- on the loop
@@ -173,7 +174,8 @@ class _Connection:
         log.debug("eventlog.client_error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
 
     async def _on_disconnected(self) -> None:
-        log.warning("eventlog.disconnected", extra={"pid": self.pid})
+        if not self.closing:  # a close of our own disconnects too: logged as closed
+            log.warning("eventlog.disconnected", extra={"pid": self.pid})
 
     async def _on_reconnected(self) -> None:
         log.info("eventlog.reconnected", extra={"server": self._server(), "pid": self.pid})
@@ -194,6 +196,7 @@ class _Connection:
         return self.nc
 
     async def close(self) -> None:
+        self.closing = True
         if self.connecting is not None and not self.connecting.done():
             self.connecting.cancel()
         if not self.nc.is_closed:
