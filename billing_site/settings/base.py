@@ -305,6 +305,35 @@ METERING_HOURS_PER_PASS = int(os.environ.get("METERING_HOURS_PER_PASS", "48"))
 # check that issues threshold invoices. Metering names them; it imports none of them.
 METERING_AFTER_ROLLUP_TASKS = ("invoicing.threshold_billing",)
 
+# --- Metering: the log of raw usage events (NATS JetStream; metering/eventlog.py, the only module
+# that speaks to it). The API answers 200 only after the log acknowledged; sinks read it through one
+# durable pull consumer and acknowledge only after their insert.
+# The NATS servers, comma-separated (every node of a cluster, so a client can fail over).
+METERING_LOG_URLS = env_list("METERING_LOG_URLS", "nats://127.0.0.1:4222")
+# The stream that holds the events, and the subject events are published on.
+METERING_LOG_STREAM = os.environ.get("METERING_LOG_STREAM", "METERING_EVENTS").strip()
+METERING_LOG_SUBJECT = os.environ.get("METERING_LOG_SUBJECT", "metering.events").strip()
+# Copies of the stream, each on its own node (1 on one machine; 3 in production: survives a node).
+METERING_LOG_REPLICAS = int(os.environ.get("METERING_LOG_REPLICAS", "1"))
+# A message published again with the same Nats-Msg-Id within this window is stored once (the
+# PubAck says duplicate, with the first one's sequence): longer than any producer's retries.
+METERING_LOG_DUPLICATE_WINDOW_SECONDS = int(os.environ.get("METERING_LOG_DUPLICATE_WINDOW_SECONDS", "7200"))
+# Messages older than this are dropped from the stream: long enough to replay after a sink outage.
+METERING_LOG_RETENTION_HOURS = int(os.environ.get("METERING_LOG_RETENTION_HOURS", "72"))
+# The largest message the stream takes (a batch of events); the servers' max_payload must be at
+# least this (nats-server's default is 1 MiB; the test harness and the demo set 8 MiB).
+METERING_LOG_MAX_MESSAGE_BYTES = int(os.environ.get("METERING_LOG_MAX_MESSAGE_BYTES", str(8 * 1024 * 1024)))
+# How long a publish (or an ack, a fetch's connection) waits for the log before it gives up with
+# LogUnavailable (the API's 503 with Retry-After): a leader election takes a few seconds.
+METERING_LOG_ACK_TIMEOUT_SECONDS = float(os.environ.get("METERING_LOG_ACK_TIMEOUT_SECONDS", "5"))
+# The sinks' durable pull consumer (every sink process shares it; each message goes to one).
+METERING_LOG_CONSUMER = os.environ.get("METERING_LOG_CONSUMER", "event-sink").strip()
+# A message a sink took and did not acknowledge within this many seconds is delivered again.
+METERING_LOG_ACK_WAIT_SECONDS = float(os.environ.get("METERING_LOG_ACK_WAIT_SECONDS", "120"))
+# Messages delivered to sinks and not yet acknowledged, at most (the consumer stops handing out
+# more until some are acknowledged).
+METERING_LOG_MAX_ACK_PENDING = int(os.environ.get("METERING_LOG_MAX_ACK_PENDING", "1000"))
+
 # --- Invoicing
 # The seller, as printed on invoices; its country decides domestic VAT vs OSS/reverse charge.
 INVOICING_SELLER_COUNTRY = os.environ.get("INVOICING_SELLER_COUNTRY", "NL").strip().upper()
