@@ -481,3 +481,17 @@ def clustered_event_log(nats_cluster: Any, settings: Any) -> Iterator[str]:
     nats_cluster.wait_stream_leader(stream)
     yield stream
     eventlog.close()
+
+
+@pytest.fixture
+def event_store(tmp_path: Path) -> Iterator[Any]:
+    """A private embedded event store (chdb) for this test, closed at the end: the engine opens
+    one data directory per process at a time."""
+    from django.test import override_settings
+
+    from metering import eventstore
+
+    eventstore.close_store()
+    with override_settings(METERING_CHDB_PATH=str(tmp_path / "eventstore"), METERING_CLICKHOUSE_URL=""):
+        yield eventstore.get_store()
+        eventstore.close_store()

@@ -19,7 +19,7 @@ from accounts.authentication import Scope, caller_of
 from billing_site.common.errors import ApplicationError, error_responses
 from billing_site.common.schema import closed_inline_serializer
 from billing_site.common.views import StrictQueryMixin
-from metering import ingest, selectors
+from metering import eventlog, ingest, selectors
 
 
 class HasUsageWriteScope(permissions.BasePermission):
@@ -111,13 +111,18 @@ class UsageEventsView(StrictQueryMixin, APIView):
         operation_id="usage_events_ingest",
         summary="Send a batch of usage and resource events",
         description=(
-            "Up to 10,000 events and 10 MB per batch. Exactly once per `(account_id, id)`: "
-            "resending an identical event counts it as a duplicate and changes nothing; the same id "
-            "with different content is a `conflict`. Good events are accepted even when others in the "
-            "batch are rejected. A 200 means every accepted event is durable."
+            "Up to 10,000 events and 10 MB per batch. Exactly once per `(account_id, id)`: an event sent "
+            "again is never counted twice. Good events are accepted even when others in the batch are "
+            "rejected. A 200 means every accepted event is durable; a 503 `log_unavailable` (with "
+            "`Retry-After`) means nothing of the batch was accepted: send it again. Which duplicates are "
+            "reported: with the single-machine event store (PostgreSQL) every resent event is counted in "
+            "`duplicates` and the same id with different content is a `conflict`; on the scale path "
+            "(ClickHouse behind a log) only a byte-identical resend of a batch is reported as `duplicates` "
+            "(from its fingerprint), other resends are `accepted` and counted once in costs and invoices, and "
+            "of two different contents under one id within one hour one counts (the same one every time)."
         ),
         request=_BATCH,
-        responses={200: _RESULT, **error_responses(400, 401, 403, 413, 415)},
+        responses={200: _RESULT, **error_responses(400, 401, 403, 413, 415, 503)},
         examples=[
             OpenApiExample(
                 "A VM start and some egress",
@@ -153,6 +158,16 @@ class UsageEventsView(StrictQueryMixin, APIView):
             result = ingest.ingest(body if isinstance(body, bytes) else b"")
         except ingest.BatchError as exc:
             raise ApplicationError(exc.code, exc.message, status=exc.status, field=exc.field) from exc
+        except eventlog.LogUnavailable as exc:
+            # Nothing of the batch is stored or counted: the client sends it again (the same
+            # bytes are answered from their fingerprint if a copy did reach the log).
+            raise ApplicationError(
+                "log_unavailable",
+                "The event log could not acknowledge the batch (a leader election, most likely); nothing was "
+                "accepted. Send the same batch again after Retry-After seconds.",
+                status=503,
+                retry_after=exc.retry_after,
+            ) from exc
         return Response(result.as_dict())
 
 

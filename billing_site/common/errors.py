@@ -38,8 +38,10 @@ class ApplicationError(Exception):
         status: int = 400,
         field: str | None = None,
         errors: list[dict[str, str]] | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
+        self.retry_after = retry_after  # seconds, sent as Retry-After (a 503 the client should retry)
         self.code = code
         self.message = message
         self.status = status
@@ -126,7 +128,9 @@ def api_exception_handler(exc: Exception, context: Mapping[str, Any]) -> Respons
     headers: dict[str, str] = {}
     if isinstance(exc, ApplicationError):
         body = problem(exc.status, exc.code, exc.message, exc.errors)
-        return ProblemResponse(body, status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        return ProblemResponse(body, status=exc.status, headers=headers, content_type=PROBLEM_CONTENT_TYPE)
     if isinstance(exc, RequestDataTooBig):  # Django's DATA_UPLOAD_MAX_MEMORY_SIZE (a 400 by default)
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         body = problem(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
@@ -263,7 +267,10 @@ _DESCRIPTIONS = {
     415: "Unsupported media type: send application/json.",
     402: "The card was declined (`code`: `card_declined`).",
     429: "Too many requests.",
-    503: "A service we depend on (the payment gateway) is not reachable; try again (`code`: `gateway_unavailable`).",
+    503: (
+        "A service we depend on is not reachable; nothing was done, try again after `Retry-After` seconds "
+        "(`code`: `gateway_unavailable`, the payment gateway; `log_unavailable`, the usage event log)."
+    ),
 }
 
 

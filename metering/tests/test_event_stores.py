@@ -16,9 +16,8 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -37,15 +36,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 NOW = dt.datetime(2026, 11, 3, 12, 30, tzinfo=dt.UTC)
 BASE = dt.datetime(2026, 11, 1, 22, 0, tzinfo=dt.UTC)  # across a day and a month's end... and hours
-
-
-@pytest.fixture
-def event_store(tmp_path: Path) -> Iterator[eventstore.EventStore]:
-    """A private embedded event store for this test (closed at the end: one per process)."""
-    eventstore.close_store()
-    with override_settings(METERING_CHDB_PATH=str(tmp_path / "eventstore"), METERING_CLICKHOUSE_URL=""):
-        yield eventstore.get_store()
-        eventstore.close_store()
 
 
 def _store_batch(events: list[dict[str, Any]]) -> None:
