@@ -109,7 +109,7 @@ def cluster_ddl(*, cluster: str, database: str, retention_days: int) -> list[str
 class StoreStats:
     rows: int  # stored, before FINAL (copies not yet merged count)
     bytes_on_disk: int
-    partitions: int
+    partitions: int  # days holding events (a dropped day's empty part may linger a moment)
 
 
 def _hours_sql(hours: Sequence[dt.datetime]) -> str:
@@ -203,7 +203,7 @@ class EventStore:
 
     def stats(self) -> StoreStats:
         text = self._run(
-            "SELECT sum(rows), sum(bytes_on_disk), uniqExact(partition) FROM system.parts "
+            "SELECT sum(rows), sum(bytes_on_disk), uniqExactIf(partition, rows > 0) FROM system.parts "
             f"WHERE table = '{TABLE}' AND active AND database = currentDatabase()"
         ).decode()
         rows, size, partitions = (int(v or 0) for v in text.split("\t"))

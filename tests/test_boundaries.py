@@ -57,6 +57,7 @@ def test_the_contracts_hold(tree: Path) -> None:
         ("accounts/leak.py", "from payments.models import Payment\n", "payments' internals are its own"),
         ("payments/services.py", "\nimport stripe  # noqa\n", "the stripe SDK is imported in exactly one module"),
         ("metering/ingest.py", "\nimport nats  # noqa\n", "the nats client is imported in exactly one module"),
+        ("metering/hours.py", "\nimport chdb  # noqa\n", "the ClickHouse engines are imported in exactly one module"),
     ],
 )
 def test_a_new_leak_breaks_a_contract(tree: Path, module: str, code: str, contract: str) -> None:

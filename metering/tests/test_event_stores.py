@@ -245,3 +245,39 @@ def test_the_log_line_carries_every_field_the_event_store_needs() -> None:
         "",
         '{"a":"1","b":"2"}',
     ]
+
+
+def test_the_cluster_ddl_is_clickhouse_sql_from_the_same_table_description(event_store: eventstore.EventStore) -> None:
+    """No ClickHouse server runs here: the cluster's statements are at least parsed by the same
+    engine (26.9) that runs the embedded table, and carry its columns, key and TTL."""
+    statements = eventstore.cluster_ddl(cluster="billing_cluster", database="billing", retention_days=100)
+    for statement in statements:
+        assert event_store._run(f"EXPLAIN AST {statement}").startswith(b"CreateQuery")
+    replicated = statements[1]
+    assert "ReplicatedReplacingMergeTree" in replicated and eventstore.SORTING_KEY in replicated
+    assert all(f"{name} {kind}" in replicated for name, kind in eventstore.COLUMNS)
+    assert "Distributed(billing_cluster, billing, usage_events_local, shard)" in statements[2]
+
+
+def test_events_past_retention_leave_the_event_store_a_whole_day_at_a_time(event_store: eventstore.EventStore) -> None:
+    """The TTL drops a day's partition once all of it is past retention (by the real clock:
+    the engine's, which no test freezes)."""
+    today = dt.datetime.now(dt.UTC)
+
+    def line(event_id: str, moment: dt.datetime) -> bytes:
+        micros = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+        return msgspec.json.encode([0, 1, event_id, micros, "usage", "network.egress", "1", "", "", "", ""]) + b"\n"
+
+    expired = today - dt.timedelta(days=settings_retention() + 2)
+    event_store.insert_lines(line("old", expired) + line("new", today), token="retention-test")
+    assert event_store.stats().partitions == 2
+    event_store._run(f"ALTER TABLE {eventstore.TABLE} MATERIALIZE TTL")
+    event_store.optimize()
+    assert event_store.stats().partitions == 1
+    assert event_store.counted_events() == 1
+
+
+def settings_retention() -> int:
+    from django.conf import settings as django_settings
+
+    return int(django_settings.METERING_EVENT_RETENTION_DAYS)
