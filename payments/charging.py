@@ -54,6 +54,7 @@ from billing_site.common.actors import Actor
 from billing_site.common.copy import BulkTable
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
+from billing_site.common.transitions import StateChangeRow, state_change_table
 from billing_site.outbox import services as outbox
 from invoicing import selectors as invoicing_selectors
 from invoicing import services as invoicing_services
@@ -92,31 +93,7 @@ SYSTEM = Actor.system("payments")
 # --- Rows a chunk writes set-based (COPY): described once, as ``BulkTable`` rows.
 
 
-class _TransitionRow(NamedTuple):
-    payment_id: int
-    account_id: int
-    from_state: str
-    to_state: str
-    actor_kind: str
-    actor_name: str
-    reason: str
-    created_at: dt.datetime
-
-
-_TRANSITIONS = BulkTable(
-    "payments_paymenttransition",
-    _TransitionRow,
-    {
-        "payment_id": "bigint",
-        "account_id": "bigint",
-        "from_state": "text",
-        "to_state": "text",
-        "actor_kind": "text",
-        "actor_name": "text",
-        "reason": "text",
-        "created_at": "timestamptz",
-    },
-)
+_TRANSITIONS = state_change_table(PaymentTransition)
 
 
 class _CallRow(NamedTuple):
@@ -237,7 +214,7 @@ def _transitions_write(
         return
     at = at or timezone.now()
     _TRANSITIONS.copy(
-        _TransitionRow(p.id, p.account_id, before, p.status, actor.kind.value, actor.name, reason, at) for p in payments
+        StateChangeRow(p.id, p.account_id, before, p.status, actor.kind.value, actor.name, reason, at) for p in payments
     )
     _chunk_log("payment.transitions", payments, **{"from": before, "to": payments[0].status, "actor": actor.name})
 
