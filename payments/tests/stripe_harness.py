@@ -443,28 +443,43 @@ def _auth_only(headers: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in headers.items() if name in ("authorization", "stripe-version")}
 
 
-class _AdapterServer(socketserver.ThreadingTCPServer):
+class _HTTPServer(socketserver.ThreadingTCPServer):
+    """A test server on its own threads that never holds up the test's exit."""
+
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
-    adapter: LocalStripeAdapter
 
 
-class _AdapterHandler(socketserver.BaseRequestHandler):
-    server: _AdapterServer
+class _HTTPHandler(socketserver.BaseRequestHandler):
+    """One HTTP/1.1 request per connection: read whole (a client gone first: nothing to do),
+    then ``respond``."""
 
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.settimeout(15)
         parsed = _read_request(sock)
-        if parsed is None:
-            return
+        if parsed is not None:
+            self.respond(sock, *parsed)
+
+    def respond(self, sock: socket.socket, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        raise NotImplementedError
+
+
+class _AdapterServer(_HTTPServer):
+    adapter: LocalStripeAdapter
+
+
+class _AdapterHandler(_HTTPHandler):
+    server: _AdapterServer
+
+    def respond(self, sock: socket.socket, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         try:
-            status, reason, headers, body = self.server.adapter.handle(*parsed)
+            status, reason, answer_headers, answer = self.server.adapter.handle(method, path, headers, body)
         except Exception as exc:  # a bug here is answered, never a hung client
             _answer(sock, 500, json.dumps({"error": {"type": "api_error", "message": f"adapter: {exc!r}"}}).encode())
             return
-        _answer(sock, status, body, reason=reason, headers=headers)
+        _answer(sock, status, answer, reason=reason, headers=answer_headers)
 
 
 # --- the fault proxy
@@ -529,23 +544,14 @@ class _State:
             return None
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
+class _Server(_HTTPServer):
     state: _State
 
 
-class _Handler(socketserver.BaseRequestHandler):
+class _Handler(_HTTPHandler):
     server: _Server
 
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.settimeout(15)
-        parsed = _read_request(sock)
-        if parsed is None:
-            return
-        method, path, headers, body = parsed
+    def respond(self, sock: socket.socket, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         state = self.server.state
         fault = state.next_fault()
         with state.lock:
