@@ -498,20 +498,26 @@ def _send(payment: Payment) -> ChargeResult | GatewayError:
         return exc
 
 
-def _call_record(payment: Payment, operation: str, result: ChargeResult | GatewayError, started: float) -> None:
+def _call_outcome(result: ChargeResult | GatewayError | None) -> tuple[str, str, str]:
+    """A ``GatewayCall``'s outcome, gateway object id and detail for what the gateway said."""
     if isinstance(result, ChargeResult):
         outcome, object_id, detail = result.status, result.intent_id, result.decline_code
     elif isinstance(result, PaymentDeclined):
         outcome, object_id, detail = "declined", result.intent_id, result.code
     else:
         outcome, object_id, detail = type(result).__name__, "", str(result)[:300]
+    return outcome, object_id or "", detail or ""
+
+
+def _call_record(payment: Payment, operation: str, result: ChargeResult | GatewayError, started: float) -> None:
+    outcome, object_id, detail = _call_outcome(result)
     GatewayCall.objects.create(
         account_id=payment.account_id,
         payment_id=payment.id,
         operation=operation,
         outcome=outcome,
-        gateway_object_id=object_id or "",
-        detail=detail or "",
+        gateway_object_id=object_id,
+        detail=detail,
         duration_ms=round((time.monotonic() - started) * 1000),
     )
 
@@ -1132,25 +1138,10 @@ def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
     now = timezone.now()
     calls = []
     for answer in answers:
-        result = answer.result
-        if isinstance(result, ChargeResult):
-            outcome, object_id, detail = result.status, result.intent_id, result.decline_code
-        elif isinstance(result, PaymentDeclined):
-            outcome, object_id, detail = "declined", result.intent_id, result.code
-        else:
-            outcome, object_id, detail = type(result).__name__, "", str(result)[:300]
         payment = answer.payment
+        outcome, object_id, detail = _call_outcome(answer.result)
         calls.append(
-            _CallRow(
-                payment.account_id,
-                payment.id,
-                "charge",
-                outcome,
-                object_id or "",
-                detail or "",
-                answer.duration_ms,
-                now,
-            )
+            _CallRow(payment.account_id, payment.id, "charge", outcome, object_id, detail, answer.duration_ms, now)
         )
     with transaction.atomic(durable=True):
         _CALLS.copy(calls)
