@@ -1,5 +1,6 @@
-"""Fixtures shared by every app's tests: API clients with real keys, accounts with owners, the
-clock, threads that start together, child processes on the tests' clock, lock-wait polling.
+"""Fixtures shared by every app's tests: API clients with real keys, operators logged in to the
+admin, accounts with owners, the clock, threads that start together, child processes on the
+tests' clock (and killed mid-way), lock-wait polling.
 
 The clock: no test depends on the date it runs on. Tests that care freeze the clock with
 ``time_machine`` at a moment of their own; the rest derive what they expect from the clock.
@@ -11,10 +12,12 @@ started with ``manage_py`` see it too). PostgreSQL's ``now()`` is not moved.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +29,7 @@ from typing import Any
 
 import pytest
 import time_machine
+from django.test import Client
 from rest_framework.test import APIClient
 
 from accounts import services
@@ -149,6 +153,34 @@ def database_url() -> str:
     return f"postgres://{settings_dict['USER']}@{quote(host, safe='')}:{port}/{settings_dict['NAME']}"
 
 
+@contextlib.contextmanager
+def killed_child(command: list[str], **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` in a child process on the test database (test settings; ``env`` added to
+    this process's environment), SIGKILLed (the machine lost) when the block ends: the block
+    waits for the moment to kill it. Killed whatever happens; once it is, this process's
+    connections are closed (they may have waited on the child's locks)."""
+    from django.db import connections
+
+    child = subprocess.Popen(  # noqa: S603 (the tests' own command lines)
+        command,
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url(),
+            "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
+            **env,
+        },
+    )
+    try:
+        yield child
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    connections.close_all()
+
+
 def backend_waiting(app: str) -> bool:
     """Whether a backend with ``application_name`` ``app`` is waiting for a lock."""
     from django.db import connections
@@ -178,6 +210,16 @@ def wait_for(condition: Callable[[], bool], seconds: float = 30) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def operator(groups: list[str]) -> tuple[User, Client]:
+    """A new operator (staff) in ``groups`` and a browser logged in to the admin as them."""
+    user = services.operator_create(
+        email=f"{'-'.join(groups) or 'none'}@ops.test", password="pw-long-enough", groups=groups
+    )
+    client = Client()
+    client.force_login(user)
+    return user, client
 
 
 @dataclass

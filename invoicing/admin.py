@@ -21,9 +21,10 @@ from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import (
+    HISTORY_FIELDS,
     AmountField,
     CountryInUseFilter,
-    ReadOnlyInlineMixin,
+    PartInline,
     WriteThroughServiceMixin,
     key_values,
 )
@@ -140,11 +141,10 @@ class OverdueFilter(admin.SimpleListFilter):
         return queryset
 
 
-class InvoicePartInline(ReadOnlyInlineMixin):
+class InvoicePartInline(PartInline):
     """Part of an invoice: whoever may view the invoice may view it."""
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("invoicing.view_invoice")
+    view_permission = "invoicing.view_invoice"
 
 
 class InvoiceLineInline(InvoicePartInline, admin.TabularInline[InvoiceLine, Invoice]):
@@ -171,7 +171,7 @@ class InvoiceLineInline(InvoicePartInline, admin.TabularInline[InvoiceLine, Invo
 
 class InvoiceTransitionInline(InvoicePartInline, admin.TabularInline[InvoiceTransition, Invoice]):
     model = InvoiceTransition
-    fields = ("created_at", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+    fields = HISTORY_FIELDS
 
 
 class ReasonForm(forms.Form):
@@ -858,12 +858,10 @@ class ContractDiscountAdmin(WriteThroughServiceMixin, admin.ModelAdmin[ContractD
             setattr(obj, field.attname, getattr(saved, field.attname))
 
 
-class LedgerLineInline(ReadOnlyInlineMixin, admin.TabularInline[LedgerLine, LedgerEntry]):
+class LedgerLineInline(PartInline, admin.TabularInline[LedgerLine, LedgerEntry]):
     model = LedgerLine
+    view_permission = "invoicing.view_ledgerentry"
     fields = ("ledger_account", "billing_account", "amount")
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("invoicing.view_ledgerentry")
 
     @admin.display(description="billing account")
     def billing_account(self, line: LedgerLine) -> str:

@@ -39,9 +39,10 @@ from django.utils import timezone
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.copy import BulkTable
+from billing_site.common.transitions import StateChangeRow, state_change_table
 from billing_site.outbox import services as outbox
 from invoicing import ledger, numbering, selectors, taxes
-from invoicing.models import CreditGrant, Invoice, InvoiceKind, InvoiceStatus
+from invoicing.models import CreditGrant, Invoice, InvoiceKind, InvoiceStatus, InvoiceTransition
 from invoicing.periods import Period
 from invoicing.planning import PlannedInvoice, plan, seller_snapshot
 
@@ -605,31 +606,7 @@ _CREDITS = BulkTable(
 )
 
 
-class _TransitionRow(NamedTuple):
-    invoice_id: int
-    account_id: int
-    from_state: str
-    to_state: str
-    actor_kind: str
-    actor_name: str
-    reason: str
-    created_at: dt.datetime
-
-
-_TRANSITIONS = BulkTable(
-    "invoicing_invoicetransition",
-    _TransitionRow,
-    {
-        "invoice_id": "bigint",
-        "account_id": "bigint",
-        "from_state": "text",
-        "to_state": "text",
-        "actor_kind": "text",
-        "actor_name": "text",
-        "reason": "text",
-        "created_at": "timestamptz",
-    },
-)
+_TRANSITIONS = state_change_table(InvoiceTransition)
 
 
 def _write_audit(
@@ -649,8 +626,8 @@ def _write_audit(
     transitions = []
     for p in plans:
         invoice_id = invoice_ids[p.account_id]
-        issued = _TransitionRow(
-            invoice_id=invoice_id,
+        issued = StateChangeRow(
+            subject_id=invoice_id,
             account_id=p.account_id,
             from_state=InvoiceStatus.DRAFT,
             to_state=InvoiceStatus.ISSUED,

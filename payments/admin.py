@@ -30,7 +30,7 @@ from django.utils.html import format_html
 from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
-from billing_site.common.admin import AmountField, ReadOnlyInlineMixin, RecordAdminMixin
+from billing_site.common.admin import AmountField, HistoryInline, PartInline, RecordAdminMixin
 from billing_site.common.errors import ApplicationError
 from billing_site.common.transitions import actor_log_fields
 from payments import refunds, services, webhooks
@@ -126,17 +126,15 @@ class PublicIdSearchMixin:
 # --- Payments
 
 
-class PaymentPartInline(ReadOnlyInlineMixin):
+class PaymentPartInline(PartInline):
     """Part of a payment's story: whoever may view the payment may view it."""
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("payments.view_payment")
+    view_permission = "payments.view_payment"
 
 
-class PaymentTransitionInline(PaymentPartInline, admin.TabularInline[PaymentTransition, Payment]):
+class PaymentTransitionInline(HistoryInline, admin.TabularInline[PaymentTransition, Payment]):
     model = PaymentTransition
-    verbose_name_plural = "History"
-    fields = ("created_at", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+    view_permission = "payments.view_payment"
 
 
 class GatewayCallInline(PaymentPartInline, admin.TabularInline[GatewayCall, Payment]):
@@ -357,16 +355,9 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
             )
 
 
-HISTORY_FIELDS = ("created_at", "from_state", "to_state", "actor_kind", "actor_name", "reason")
-
-
-class RefundTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[RefundTransition, Refund]):
+class RefundTransitionInline(HistoryInline, admin.TabularInline[RefundTransition, Refund]):
     model = RefundTransition
-    verbose_name_plural = "History"
-    fields = HISTORY_FIELDS
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("payments.view_refund")
+    view_permission = "payments.view_refund"
 
 
 @admin.register(Refund)
@@ -444,13 +435,9 @@ class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund
         return format_html('<a href="{}">{}</a>', url, ids.encode("crn", refund.credit_note_id))
 
 
-class DisputeTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[DisputeTransition, Dispute]):
+class DisputeTransitionInline(HistoryInline, admin.TabularInline[DisputeTransition, Dispute]):
     model = DisputeTransition
-    verbose_name_plural = "History"
-    fields = HISTORY_FIELDS
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("payments.view_dispute")
+    view_permission = "payments.view_dispute"
 
 
 @admin.register(Dispute)
@@ -641,22 +628,16 @@ class DunningPauseActionsMixin:
         return TemplateResponse(request, "admin/payments/dunning_pause.html", context)
 
 
-class DunningActionInline(ReadOnlyInlineMixin, admin.TabularInline[DunningAction, DunningCase]):
+class DunningActionInline(PartInline, admin.TabularInline[DunningAction, DunningCase]):
     model = DunningAction
+    view_permission = "payments.view_dunningcase"
     verbose_name_plural = "What dunning did"
     fields = ("created_at", "action", "detail")
 
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("payments.view_dunningcase")
 
-
-class DunningCaseTransitionInline(ReadOnlyInlineMixin, admin.TabularInline[DunningCaseTransition, DunningCase]):
+class DunningCaseTransitionInline(HistoryInline, admin.TabularInline[DunningCaseTransition, DunningCase]):
     model = DunningCaseTransition
-    verbose_name_plural = "History"
-    fields = HISTORY_FIELDS
-
-    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return request.user.has_perm("payments.view_dunningcase")
+    view_permission = "payments.view_dunningcase"
 
 
 def _dunning_paused_subquery() -> Subquery:

@@ -54,6 +54,7 @@ from billing_site.common.actors import Actor
 from billing_site.common.copy import BulkTable
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
+from billing_site.common.transitions import StateChangeRow, state_change_table
 from billing_site.outbox import services as outbox
 from invoicing import selectors as invoicing_selectors
 from invoicing import services as invoicing_services
@@ -92,31 +93,7 @@ SYSTEM = Actor.system("payments")
 # --- Rows a chunk writes set-based (COPY): described once, as ``BulkTable`` rows.
 
 
-class _TransitionRow(NamedTuple):
-    payment_id: int
-    account_id: int
-    from_state: str
-    to_state: str
-    actor_kind: str
-    actor_name: str
-    reason: str
-    created_at: dt.datetime
-
-
-_TRANSITIONS = BulkTable(
-    "payments_paymenttransition",
-    _TransitionRow,
-    {
-        "payment_id": "bigint",
-        "account_id": "bigint",
-        "from_state": "text",
-        "to_state": "text",
-        "actor_kind": "text",
-        "actor_name": "text",
-        "reason": "text",
-        "created_at": "timestamptz",
-    },
-)
+_TRANSITIONS = state_change_table(PaymentTransition)
 
 
 class _CallRow(NamedTuple):
@@ -237,7 +214,7 @@ def _transitions_write(
         return
     at = at or timezone.now()
     _TRANSITIONS.copy(
-        _TransitionRow(p.id, p.account_id, before, p.status, actor.kind.value, actor.name, reason, at) for p in payments
+        StateChangeRow(p.id, p.account_id, before, p.status, actor.kind.value, actor.name, reason, at) for p in payments
     )
     _chunk_log("payment.transitions", payments, **{"from": before, "to": payments[0].status, "actor": actor.name})
 
@@ -521,20 +498,26 @@ def _send(payment: Payment) -> ChargeResult | GatewayError:
         return exc
 
 
-def _call_record(payment: Payment, operation: str, result: ChargeResult | GatewayError, started: float) -> None:
+def _call_outcome(result: ChargeResult | GatewayError | None) -> tuple[str, str, str]:
+    """A ``GatewayCall``'s outcome, gateway object id and detail for what the gateway said."""
     if isinstance(result, ChargeResult):
         outcome, object_id, detail = result.status, result.intent_id, result.decline_code
     elif isinstance(result, PaymentDeclined):
         outcome, object_id, detail = "declined", result.intent_id, result.code
     else:
         outcome, object_id, detail = type(result).__name__, "", str(result)[:300]
+    return outcome, object_id or "", detail or ""
+
+
+def _call_record(payment: Payment, operation: str, result: ChargeResult | GatewayError, started: float) -> None:
+    outcome, object_id, detail = _call_outcome(result)
     GatewayCall.objects.create(
         account_id=payment.account_id,
         payment_id=payment.id,
         operation=operation,
         outcome=outcome,
-        gateway_object_id=object_id or "",
-        detail=detail or "",
+        gateway_object_id=object_id,
+        detail=detail,
         duration_ms=round((time.monotonic() - started) * 1000),
     )
 
@@ -1155,25 +1138,10 @@ def _record_many(answers: list[_Answer], *, actor: Actor) -> Counter[str]:
     now = timezone.now()
     calls = []
     for answer in answers:
-        result = answer.result
-        if isinstance(result, ChargeResult):
-            outcome, object_id, detail = result.status, result.intent_id, result.decline_code
-        elif isinstance(result, PaymentDeclined):
-            outcome, object_id, detail = "declined", result.intent_id, result.code
-        else:
-            outcome, object_id, detail = type(result).__name__, "", str(result)[:300]
         payment = answer.payment
+        outcome, object_id, detail = _call_outcome(answer.result)
         calls.append(
-            _CallRow(
-                payment.account_id,
-                payment.id,
-                "charge",
-                outcome,
-                object_id or "",
-                detail or "",
-                answer.duration_ms,
-                now,
-            )
+            _CallRow(payment.account_id, payment.id, "charge", outcome, object_id, detail, answer.duration_ms, now)
         )
     with transaction.atomic(durable=True):
         _CALLS.copy(calls)

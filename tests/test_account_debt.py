@@ -13,15 +13,14 @@ from typing import Any
 
 import pytest
 import time_machine
-from django.test import Client
 
 from accounts import services as account_services
-from accounts.models import AccountState, BillingAccount, BillingAccountTransition, User
+from accounts.models import AccountState, BillingAccount, BillingAccountTransition
 from accounts.tests.pages import form_of
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError
 from billing_site.outbox import services as outbox
-from conftest import Customer
+from conftest import Customer, operator
 from invoicing import services as invoicing_services
 from invoicing.models import Invoice
 from payments import dunning
@@ -37,15 +36,6 @@ def settle() -> None:
     """Deliver what the outbox holds (what the drain does every 15 s)."""
     while outbox.drain():
         pass
-
-
-def operator(groups: list[str]) -> tuple[User, Client]:
-    user = account_services.operator_create(
-        email=f"{'-'.join(groups)}@ops.test", password="pw-long-enough", groups=groups
-    )
-    client = Client()
-    client.force_login(user)
-    return user, client
 
 
 def transition_url(account: BillingAccount, name: str) -> str:

@@ -9,18 +9,10 @@ import pytest
 from django.test import Client
 
 from accounts import services
-from accounts.models import AccountState, ApiKey, BillingAccount, BillingAccountTransition, User
+from accounts.models import AccountState, ApiKey, BillingAccount, BillingAccountTransition
+from conftest import operator
 
 pytestmark = pytest.mark.django_db
-
-
-def operator(groups: list[str]) -> tuple[User, Client]:
-    user = services.operator_create(
-        email=f"{'-'.join(groups) or 'none'}@ops.test", password="pw-long-enough", groups=groups
-    )
-    client = Client()
-    client.force_login(user)
-    return user, client
 
 
 def change_url(account: BillingAccount) -> str:

@@ -8,21 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from django.test import Client
 
-from accounts import services
-from accounts.models import BillingAccount, BillingAccountProfileChange, User
+from accounts.models import BillingAccount, BillingAccountProfileChange
 from accounts.tests.pages import form_of
-from conftest import Customer
+from conftest import Customer, operator
 
 pytestmark = pytest.mark.django_db
-
-
-def operator(groups: list[str]) -> tuple[User, Client]:
-    user = services.operator_create(email=f"{'-'.join(groups)}@ops.test", password="pw-long-enough", groups=groups)
-    client = Client()
-    client.force_login(user)
-    return user, client
 
 
 def change_url(account: BillingAccount) -> str:

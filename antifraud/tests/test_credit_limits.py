@@ -15,7 +15,7 @@ from accounts.models import BillingAccount
 from antifraud import credit_limits, services
 from antifraud.models import AccountRisk, CreditLimitPolicy
 from antifraud.tests.test_checkpoints import NL_IP, open_account
-from antifraud.tests.test_review import decide, staff
+from antifraud.tests.test_review import decide, settle, staff
 from billing_site.outbox import services as outbox
 from conftest import Customer
 from invoicing.models import Invoice
@@ -51,9 +51,7 @@ def paid_invoices(account: BillingAccount, *, on_time: int, late: int = 0) -> No
 @pytest.mark.django_db
 def test_a_new_account_gets_its_policys_limit_but_never_over_an_analysts(customer: Customer) -> None:
     account = open_account(customer, NL_IP)
-    while outbox.drain():
-        pass
-    account.refresh_from_db()
+    settle(account)
     assert account.credit_limit == Decimal("500")
     account_services.billing_account_update(account_id=account.id, changes={}, credit_limit=Decimal("2000"))
     assert credit_limits.credit_limit_initial(account_id=account.id) == Decimal("2000")  # left as it was
@@ -115,13 +113,7 @@ def test_an_active_account_in_review_spends_under_a_cap_until_approved(
     rated(account.id, month, "gpu.a100", "10", "400.00")
     assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0  # 400 of 2,000
     # A dispute raises it for review: it stays active, its limit down to the new-account limit.
-    outcome = services.payment_outcome_record(
-        account_id=account.id, kind="dispute", reference="pay_d1", code="fraudulent", amount_minor=10000, currency="EUR"
-    )
-    assert outcome is not None and outcome.decision == "review"
-    drain()
-    account.refresh_from_db()
-    risk = AccountRisk.objects.get(account_id=account.id)
+    risk = disputed(account, reference="pay_d1", amount_minor=10000)
     assert (account.state, account.credit_limit) == ("active", Decimal("500"))
     assert (risk.status, risk.spending_cap, risk.capped_from) == ("review", Decimal("500"), Decimal("2000"))
     # Past the cap: the usage so far is invoiced and charged early (threshold billing).
@@ -150,8 +142,7 @@ def test_a_pending_account_in_review_gets_no_cap(
 ) -> None:
     account = make_account(customer.user, credit_limit=Decimal("2000"))  # pending
     services.payment_outcome_record(account_id=account.id, kind="dispute", reference="pay_d2", code="fraudulent")
-    drain()
-    account.refresh_from_db()
+    settle(account)
     assert account.credit_limit == Decimal("2000")
     assert AccountRisk.objects.get(account_id=account.id).spending_cap is None
 
@@ -170,13 +161,7 @@ def test_a_review_cap_is_never_set_below_what_the_account_has_already_spent(
     account = make_account(customer.user, state="active", credit_limit=Decimal("2000"))
     month = timezone.now().date().replace(day=1).isoformat()
     rated(account.id, month, "gpu.a100", "10", "550.514518531333")
-    outcome = services.payment_outcome_record(
-        account_id=account.id, kind="dispute", reference="pay_d3", code="fraudulent", amount_minor=100, currency="EUR"
-    )
-    assert outcome is not None and outcome.decision == "review"
-    drain()
-    account.refresh_from_db()
-    risk = AccountRisk.objects.get(account_id=account.id)
+    risk = disputed(account, reference="pay_d3", amount_minor=100)
     assert account.credit_limit == Decimal("550.52")
     assert (risk.spending_cap, risk.capped_from) == (Decimal("550.52"), Decimal("2000"))
     assert invoicing_services.threshold_billing_run(render_pdfs=False).over_limit == 0
@@ -186,6 +171,17 @@ def test_a_review_cap_is_never_set_below_what_the_account_has_already_spent(
     assert len(invoicing_services.threshold_billing_run(render_pdfs=False).issued) == 1
 
 
-def drain() -> None:
-    while outbox.drain():
-        pass
+def disputed(account: BillingAccount, *, reference: str, amount_minor: int) -> AccountRisk:
+    """A fraudulent dispute of ``amount_minor`` EUR cents on an active ``account``: raised for
+    review, the decision delivered; its risk record as it now is."""
+    outcome = services.payment_outcome_record(
+        account_id=account.id,
+        kind="dispute",
+        reference=reference,
+        code="fraudulent",
+        amount_minor=amount_minor,
+        currency="EUR",
+    )
+    assert outcome is not None and outcome.decision == "review"
+    settle(account)
+    return AccountRisk.objects.get(account_id=account.id)

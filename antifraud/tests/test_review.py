@@ -37,11 +37,17 @@ def flagged(customer: Customer) -> BillingAccount:
     return account
 
 
-def decide(client: Client, account: BillingAccount, action: str, reason: str) -> int:
-    response = client.post(f"/admin/antifraud/accountrisk/{account.id}/decide/{action}/", {"reason": reason})
+def settle(account: BillingAccount) -> None:
+    """What the outbox's periodic task does (every queued message delivered: decisions reach
+    the account), then ``account`` as it now is."""
     while outbox.drain():
         pass
     account.refresh_from_db()
+
+
+def decide(client: Client, account: BillingAccount, action: str, reason: str) -> int:
+    response = client.post(f"/admin/antifraud/accountrisk/{account.id}/decide/{action}/", {"reason": reason})
+    settle(account)
     return response.status_code
 
 
@@ -127,9 +133,7 @@ def test_each_decision_works_from_the_rendered_page(
     url = f"/admin/antifraud/accountrisk/{flagged.id}/change/"
     response = press(fraud, url, button, reason="Checked with the customer by phone")
     assert response.status_code == 302 and response["Location"] == url
-    while outbox.drain():
-        pass
-    flagged.refresh_from_db()
+    settle(flagged)
     assert AccountRisk.objects.get(account_id=flagged.id).status == standing
     assert flagged.state == state
     decision = ReviewDecision.objects.get(account_id=flagged.id)
@@ -144,17 +148,13 @@ def test_approving_a_blocked_account_unblocks_it_and_the_button_says_so(flagged:
     fraud = staff("fraud")
     url = f"/admin/antifraud/accountrisk/{flagged.id}/change/"
     press(fraud, url, "Block", reason="Looks like the ring from last week")
-    while outbox.drain():
-        pass
-    flagged.refresh_from_db()
+    settle(flagged)
     assert flagged.state == AccountState.BLOCKED
     page = fraud.get(url).content.decode()
     assert 'value="Approve and unblock"' in page and 'value="Approve"' not in page
     response = press(fraud, url, "Approve and unblock", reason="Not the ring: a real company, called them")
     assert response.status_code == 302
-    while outbox.drain():
-        pass
-    flagged.refresh_from_db()
+    settle(flagged)
     assert flagged.state == AccountState.ACTIVE
     assert AccountRisk.objects.get(account_id=flagged.id).status == RiskStatus.APPROVED
     unblock = flagged.transitions.order_by("-id").first()
@@ -179,9 +179,7 @@ def test_an_account_blocked_while_suspended_for_debt_is_not_unblocked_by_an_appr
     fraud = staff("fraud")
     url = f"/admin/antifraud/accountrisk/{flagged.id}/change/"
     press(fraud, url, "Approve and unblock", reason="fine")
-    while outbox.drain():
-        pass
-    flagged.refresh_from_db()
+    settle(flagged)
     assert flagged.state == AccountState.BLOCKED
     assert AccountRisk.objects.get(account_id=flagged.id).status == RiskStatus.BLOCKED
     assert not ReviewDecision.objects.filter(action="approve").exists()

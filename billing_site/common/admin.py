@@ -38,6 +38,27 @@ class ReadOnlyInlineMixin:
         return False
 
 
+class PartInline(ReadOnlyInlineMixin):
+    """Rows that are part of another record's story (a payment's attempts, an invoice's
+    lines): whoever may view that record (``view_permission``, e.g. ``payments.view_payment``)
+    may view them."""
+
+    view_permission: str
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm(self.view_permission)
+
+
+HISTORY_FIELDS = ("created_at", "from_state", "to_state", "actor_kind", "actor_name", "reason")
+
+
+class HistoryInline(PartInline):
+    """A state machine's audit rows (its ``StateChangeRecord`` table), as its "History"."""
+
+    verbose_name_plural: Any = "History"  # Any: to agree with the admin classes it is mixed into
+    fields: Any = HISTORY_FIELDS
+
+
 class RecordAdminMixin:
     """A ModelAdmin over records (audits, assessments, events): listed and viewed, never added,
     changed or deleted from the admin."""

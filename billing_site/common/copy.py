@@ -29,16 +29,28 @@ def copy_rows(table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]])
 
 class BulkTable:
     """A table and the ``NamedTuple`` its rows are written as: ``types`` maps each of the
-    tuple's fields, in order, to the column's PostgreSQL type."""
+    tuple's fields, in order, to the column's PostgreSQL type. A field is written to the column
+    of its name, or to the one ``columns`` names for it (a row type that several tables share,
+    e.g. ``StateChangeRow``'s ``subject_id``, the ``payment_id`` or ``invoice_id`` column)."""
 
-    def __init__(self, name: str, row: type[tuple[Any, ...]], types: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        row: type[tuple[Any, ...]],
+        types: Mapping[str, str],
+        *,
+        columns: Mapping[str, str] | None = None,
+    ) -> None:
         fields = tuple(getattr(row, "_fields", ()))
         if fields != tuple(types):
             raise TypeError(f"{name}: {row.__name__}'s fields {fields} are not the described columns {tuple(types)}")
+        renamed = dict(columns or {})
+        if not renamed.keys() <= set(fields):
+            raise TypeError(f"{name}: {row.__name__} has no fields {sorted(renamed.keys() - set(fields))}")
         self.name = name
         self.row = row
-        self.types = dict(types)
-        self.columns = tuple(types)
+        self.types = {renamed.get(field, field): kind for field, kind in types.items()}
+        self.columns = tuple(self.types)
 
     @property
     def column_list(self) -> str:

@@ -22,15 +22,17 @@ Side effects (tasks, emails, ledger postings) stay with the service, around the 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NamedTuple, Protocol, TypeVar, cast
 
 from django.db import connection, models
 from django.utils import timezone
 from django_fsm import can_proceed
 
 from billing_site.common.actors import Actor, ActorKind
+from billing_site.common.copy import BulkTable
 from billing_site.common.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,45 @@ class StateChangeRecord(models.Model):
 
     class Meta:
         abstract = True
+
+
+class StateChangeRow(NamedTuple):
+    """A ``StateChangeRecord`` row as a set-based writer COPYs it (``state_change_table``):
+    ``subject_id`` is the id of the row that moved (the payment, the invoice …)."""
+
+    subject_id: int
+    account_id: int
+    from_state: str
+    to_state: str
+    actor_kind: str
+    actor_name: str
+    reason: str
+    created_at: dt.datetime
+
+
+def state_change_table(record: type[StateChangeRecord]) -> BulkTable:
+    """The audit table ``record`` (a ``StateChangeRecord``) as a ``BulkTable`` of
+    ``StateChangeRow``: its table, and its subject's column for ``subject_id``."""
+    subject = next(
+        field
+        for field in record._meta.concrete_fields
+        if field.is_relation and getattr(field.remote_field, "related_name", None) == "transitions"
+    )
+    return BulkTable(
+        record._meta.db_table,
+        StateChangeRow,
+        {
+            "subject_id": "bigint",
+            "account_id": "bigint",
+            "from_state": "text",
+            "to_state": "text",
+            "actor_kind": "text",
+            "actor_name": "text",
+            "reason": "text",
+            "created_at": "timestamptz",
+        },
+        columns={"subject_id": subject.column},
+    )
 
 
 class AuditedTransitions:

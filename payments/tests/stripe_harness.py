@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -257,18 +257,19 @@ class LocalStripeAdapter:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
         self._refunds = threading.Lock()
-        self._server = _AdapterServer(("127.0.0.1", 0), _AdapterHandler)
-        self._server.adapter = self
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="localstripe-adapter", daemon=True
-        )
-        self._thread.start()
+        self._server = _HTTPServer(self._respond, name="localstripe-adapter")
+        self.url = self._server.url
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._server.close()
+
+    def _respond(self, sock: socket.socket, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        try:
+            status, reason, answer_headers, answer = self.handle(method, path, headers, body)
+        except Exception as exc:  # a bug here is answered, never a hung client
+            _answer(sock, 500, json.dumps({"error": {"type": "api_error", "message": f"adapter: {exc!r}"}}).encode())
+            return
+        _answer(sock, status, answer, reason=reason, headers=answer_headers)
 
     # --- one request
 
@@ -443,28 +444,43 @@ def _auth_only(headers: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in headers.items() if name in ("authorization", "stripe-version")}
 
 
-class _AdapterServer(socketserver.ThreadingTCPServer):
+Responder = Callable[[socket.socket, str, str, dict[str, str], bytes], None]
+
+
+class _HTTPServer(socketserver.ThreadingTCPServer):
+    """A local HTTP/1.1 test server, serving from its own thread at once and never holding up
+    the test's exit: each connection's one request is read whole (a client gone first:
+    nothing to do) and given to ``respond`` with the socket to answer on."""
+
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
-    adapter: LocalStripeAdapter
+
+    def __init__(self, respond: Responder, *, name: str) -> None:
+        super().__init__(("127.0.0.1", 0), _HTTPHandler)
+        self.respond = respond
+        self.port = int(self.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(timeout=5)
 
 
-class _AdapterHandler(socketserver.BaseRequestHandler):
-    server: _AdapterServer
+class _HTTPHandler(socketserver.BaseRequestHandler):
+    server: _HTTPServer
 
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.settimeout(15)
         parsed = _read_request(sock)
-        if parsed is None:
-            return
-        try:
-            status, reason, headers, body = self.server.adapter.handle(*parsed)
-        except Exception as exc:  # a bug here is answered, never a hung client
-            _answer(sock, 500, json.dumps({"error": {"type": "api_error", "message": f"adapter: {exc!r}"}}).encode())
-            return
-        _answer(sock, status, body, reason=reason, headers=headers)
+        if parsed is not None:
+            self.server.respond(sock, *parsed)
 
 
 # --- the fault proxy
@@ -528,28 +544,11 @@ class _State:
                     return fault
             return None
 
-
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-    state: _State
-
-
-class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.settimeout(15)
-        parsed = _read_request(sock)
-        if parsed is None:
-            return
-        method, path, headers, body = parsed
-        state = self.server.state
-        fault = state.next_fault()
-        with state.lock:
-            state.requests.append(
+    def respond(self, sock: socket.socket, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        """The proxy's answer: the next fault's, or upstream's."""
+        fault = self.next_fault()
+        with self.lock:
+            self.requests.append(
                 ProxiedRequest(
                     at=time.time(),
                     method=method,
@@ -571,14 +570,14 @@ class _Handler(socketserver.BaseRequestHandler):
         elif kind == "reset":
             _reset(sock)
         elif kind == "hold":
-            state.released.wait(state.stall_seconds)  # never forwarded: the gateway never sees it
+            self.released.wait(self.stall_seconds)  # never forwarded: the gateway never sees it
             sock.close()
         else:
-            status, reason, response_headers, response_body = _forward(state.upstream, method, path, headers, body)
+            status, reason, response_headers, response_body = _forward(self.upstream, method, path, headers, body)
             if kind == "drop_after":
                 sock.close()  # processed upstream; the client gets no answer (a FIN)
             elif kind == "stall":
-                state.released.wait(state.stall_seconds)  # past the client's timeout
+                self.released.wait(self.stall_seconds)  # past the client's timeout
                 sock.close()
             elif kind == "reset_after":
                 _reset(sock)
@@ -662,21 +661,15 @@ class FaultProxy:
 
     def __init__(self, upstream: str, *, stall_seconds: float = 5.0) -> None:
         parts = urlsplit(upstream)
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.state = _State(
-            upstream=(parts.hostname or "127.0.0.1", parts.port or 80), stall_seconds=stall_seconds
-        )
-        self.port = int(self._server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fault-proxy", daemon=True
-        )
-        self._thread.start()
+        self._state = _State(upstream=(parts.hostname or "127.0.0.1", parts.port or 80), stall_seconds=stall_seconds)
+        self._server = _HTTPServer(self._state.respond, name="fault-proxy")
+        self.port = self._server.port
+        self.url = self._server.url
 
     @property
     def requests(self) -> list[ProxiedRequest]:
-        with self._server.state.lock:
-            return list(self._server.state.requests)
+        with self._state.lock:
+            return list(self._state.requests)
 
     def inject(
         self, kind: str, *, times: int | None = 1, status: int = 0, body: bytes | Mapping[str, Any] = b""
@@ -684,18 +677,16 @@ class FaultProxy:
         if kind not in FAULT_KINDS:
             raise ValueError(f"Unknown fault {kind!r}")
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        with self._server.state.lock:
-            self._server.state.faults.append(Fault(kind=kind, times=times, status=status, body=raw))
+        with self._state.lock:
+            self._state.faults.append(Fault(kind=kind, times=times, status=status, body=raw))
 
     def clear(self) -> None:
-        with self._server.state.lock:
-            self._server.state.faults.clear()
+        with self._state.lock:
+            self._state.faults.clear()
 
     def close(self) -> None:
-        self._server.state.released.set()  # stalled answers give up now
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        self._state.released.set()  # stalled answers give up now
+        self._server.close()
 
     def __enter__(self) -> FaultProxy:
         return self

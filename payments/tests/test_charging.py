@@ -5,9 +5,6 @@ worker killed mid-charge. Every money test ends with the ledger check clean."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -19,7 +16,7 @@ from django.test import override_settings
 
 from accounts.models import AccountState, BillingAccount
 from billing_site.outbox.models import OutboxMessage
-from conftest import ROOT, Customer, database_url, in_threads, wait_for
+from conftest import Customer, in_threads, killed_child, wait_for
 from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
 
@@ -352,26 +349,13 @@ def test_a_worker_killed_mid_charge_does_not_charge_twice_after_restart(
     start = charging.payment_create(invoice_id=invoice.id, trigger="operator")
     payment = start.payment
     # A child process sends it with a slow gateway and is killed while the call is out.
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "SANDBOX_LATENCY_MS": "20000",
-        "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
-    }
     code = (  # on the test's clock, as conftest's manage_py does
         f"import time_machine; time_machine.travel({dt.datetime.now(dt.UTC).isoformat()!r}, tick=False).start(); "
         "import django; django.setup(); from payments import charging; "
         f"charging.payment_execute(payment_id={payment.id})"
     )
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
-    try:
+    with killed_child([sys.executable, "-c", code], SANDBOX_LATENCY_MS="20000"):
         assert wait_for(lambda: Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING, 60)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    connections.close_all()
     assert Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING
     # Restarted: once the payment is stale (minutes), the reconciler asks the gateway, finds
     # nothing (the killed call never reached the card) and sends the same payment again, with

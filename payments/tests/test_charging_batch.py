@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
-import signal
-import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -22,7 +19,7 @@ from accounts.models import AccountState, BillingAccount
 from billing_site.common.errors import Conflict
 from billing_site.outbox import services as outbox
 from billing_site.outbox.models import OutboxMessage
-from conftest import ROOT, Customer, database_url, in_threads, manage_py, wait_for
+from conftest import Customer, in_threads, killed_child, manage_py, wait_for
 from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
 from payments import charging, gateways, services
@@ -216,22 +213,9 @@ def test_a_batch_killed_mid_way_leaves_payments_the_reconciler_sends_or_resolves
 ) -> None:
     invoices = invoices_with_cards(["pm_card_visa"] * 10)
     ids = [i.id for i in invoices]
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
-        "SANDBOX_LATENCY_MS": "300",
-    }
     code = f"from payments import charging; charging.invoices_charge(invoice_ids={ids}, threads=2, claim_size=4)"
-    child = subprocess.Popen([*manage_py("shell", "-c", code)], cwd=ROOT, env=env)
-    try:
+    with killed_child(manage_py("shell", "-c", code), SANDBOX_LATENCY_MS="300"):
         assert wait_for(lambda: SandboxObject.objects.filter(kind="payment_intent").count() >= 3, 60)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    connections.close_all()
     # Intent first for the whole chunk: every invoice has its payment, pending or out.
     assert Payment.objects.count() == 10
     assert set(Payment.objects.values_list("status", flat=True)) <= {"pending", "processing", "succeeded"}

@@ -7,18 +7,14 @@ resolves what the live call could not tell."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from django.db import connections
 
 from accounts.models import BillingAccount
 from billing_site.outbox.models import OutboxMessage
-from conftest import ROOT, Customer, database_url, wait_for
+from conftest import Customer, killed_child, wait_for
 from invoicing import ledger
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
 from payments import charging, gateways
@@ -165,30 +161,16 @@ def test_a_worker_killed_with_its_request_out_is_charged_once_within_minutes(
     invoice = _ready(customer, acct)
     payment = charging.payment_create(invoice_id=invoice.id, trigger="after_issue").payment
     faulty.proxy.inject(fault, times=1)
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "DJANGO_SETTINGS_MODULE": "billing_site.settings.test",
-        "STRIPE_API_BASE": faulty.proxy.url,
-        "STRIPE_SECRET_KEY": LOCALSTRIPE_KEY,
-        "STRIPE_TIMEOUT_SECONDS": "30",
-    }
     code = (
         f"import time_machine; time_machine.travel({dt.datetime.now(dt.UTC).isoformat()!r}, tick=True).start(); "
         "import django; django.setup(); from payments import charging; "
         f"charging.payment_execute(payment_id={payment.id})"
     )
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
-    try:
+    stripe = {"STRIPE_API_BASE": faulty.proxy.url, "STRIPE_SECRET_KEY": LOCALSTRIPE_KEY, "STRIPE_TIMEOUT_SECONDS": "30"}
+    with killed_child([sys.executable, "-c", code], **stripe):
         assert wait_for(lambda: len(charge_requests(faulty)) == 1, 60)
         if fault == "stall":
             assert wait_for(lambda: len(charges_at_gateway(faulty, acct)) == 1, 30)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    connections.close_all()
     assert Payment.objects.get(id=payment.id).status == PaymentStatus.PROCESSING
     later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)
     counts = charging.payments_reconcile(now=later)
