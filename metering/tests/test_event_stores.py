@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from accounts.models import BillingAccount
 from metering import eventstore, hours, ingest, rollup, sink
 from metering.models import HourManifest
+from metering.tests.support import used
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -185,14 +186,7 @@ def test_a_late_event_recomputes_its_hour_and_the_manifest_says_what_was_counted
     shard = rollup.shard_of(account.id)
 
     def usage(event_id: str, minute: int, quantity: str) -> dict[str, Any]:
-        return {
-            "id": event_id,
-            "account_id": account.public_id,
-            "time": (BASE + dt.timedelta(minutes=minute)).isoformat(),
-            "type": "usage",
-            "sku": "network.egress",
-            "quantity": quantity,
-        }
+        return used(account, event_id, BASE + dt.timedelta(minutes=minute), quantity)
 
     with override_settings(METERING_EVENT_STORE="clickhouse"):
         _store_batch([usage("a", 5, "1.5"), usage("b", 65, "2")])

@@ -28,6 +28,7 @@ from accounts.models import BillingAccount
 from conftest import Customer, backend_alive, backend_waiting, database_url, in_threads, wait_for
 from metering import rollup
 from metering.models import HourlyUsage, MonthlySpend, ResourceState
+from metering.tests.support import lifecycle, used
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,54 +46,6 @@ def q9(value: Decimal) -> Decimal:
 
 def at(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
-
-
-def lifecycle(
-    account: BillingAccount,
-    event_id: str,
-    moment: dt.datetime,
-    action: str,
-    resource_id: str = "vm-1",
-    spec: dict[str, Any] | None = None,
-    labels: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "id": event_id,
-        "account_id": account.public_id,
-        "time": moment.isoformat(),
-        "type": "resource",
-        "resource_id": resource_id,
-        "action": action,
-    }
-    if action != "stop":
-        # Units go over the wire as decimal strings, the API's one grammar for them.
-        event["spec"] = {
-            code: str(units) for code, units in (spec if spec is not None else {"compute.vcpu": 2}).items()
-        }
-    if labels is not None:
-        event["labels"] = labels
-    return event
-
-
-def used(
-    account: BillingAccount,
-    event_id: str,
-    moment: dt.datetime,
-    quantity: str,
-    sku: str = "network.egress",
-    resource_id: str | None = None,
-) -> dict[str, Any]:
-    event = {
-        "id": event_id,
-        "account_id": account.public_id,
-        "time": moment.isoformat(),
-        "type": "usage",
-        "sku": sku,
-        "quantity": quantity,
-    }
-    if resource_id:
-        event["resource_id"] = resource_id
-    return event
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from django.test import override_settings
 from accounts.models import BillingAccount
 from conftest import free_port
 from metering import eventlog, pipeline, rollup
+from metering.tests.support import used
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -28,14 +29,7 @@ HOUR = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
 
 
 def usage(account: BillingAccount, event_id: str, minute: int, quantity: str) -> dict[str, Any]:
-    return {
-        "id": event_id,
-        "account_id": account.public_id,
-        "time": (HOUR + dt.timedelta(minutes=minute)).isoformat(),
-        "type": "usage",
-        "sku": "network.egress",
-        "quantity": quantity,
-    }
+    return used(account, event_id, HOUR + dt.timedelta(minutes=minute), quantity)
 
 
 def hourly(account: BillingAccount) -> list[tuple[dt.datetime, str, Decimal]]:
