@@ -42,28 +42,28 @@ TABLE = "usage_events"
 # (name, ClickHouse type) in the order of the table and of the log's JSON lines' fields.
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("shard", "UInt8"),
-    ("account_id", "Int64"),
-    ("event_id", "String"),
-    ("occurred_at", "DateTime64(6, 'UTC')"),
+    ("account_id", "Int64 CODEC(Delta, ZSTD(1))"),  # sorted: long runs
+    ("event_id", "String CODEC(ZSTD(3))"),
+    ("occurred_at", "DateTime64(6, 'UTC') CODEC(Delta, ZSTD(1))"),
     ("kind", "LowCardinality(String)"),  # usage | resource
     ("sku", "LowCardinality(String)"),  # '' for resource events
-    ("quantity", "Decimal(38, 12)"),  # 0 for resource events
-    ("resource_id", "String"),
+    ("quantity", "Decimal(38, 12) CODEC(ZSTD(1))"),  # 0 for resource events
+    ("resource_id", "String CODEC(ZSTD(3))"),
     ("action", "LowCardinality(String)"),  # '' for usage events
-    ("spec", "String"),  # JSON, '' when none
-    ("labels", "String"),  # JSON with sorted keys, '' when none
-    ("precedence", "UInt64"),  # the version: a hash of the content
+    ("spec", "String CODEC(ZSTD(3))"),  # JSON, '' when none
+    ("labels", "LowCardinality(String)"),  # JSON with sorted keys, '' when none: few distinct sets
+    ("precedence", "UInt32 CODEC(ZSTD(1))"),  # the version: a hash of the content
 )
 SORTING_KEY = "shard, toStartOfHour(occurred_at), account_id, event_id"
 PARTITION_KEY = "toYYYYMMDD(occurred_at)"
-# The log's JSON lines: one object per event (``metering.ingest.encode_rows``); precedence is
+# The log's lines: one JSON array per event (``metering.ingest.encode_for_log``); precedence is
 # computed on insert from the content.
 LINE_SCHEMA = (
     "s UInt8, a Int64, e String, t Int64, k String, u String, q Decimal(38, 12), r String, x String, p String, l String"
 )
 _LINE_TO_ROW = (
     "s, a, e, fromUnixTimestamp64Micro(t, 'UTC'), k, u, q, r, x, p, l, "
-    "cityHash64(k, u, toString(q), r, x, p, l, toString(t))"
+    "toUInt32(cityHash64(k, u, toString(q), r, x, p, l, toString(t)) % 4294967296)"
 )
 # Deduplication of identical inserts (by token) without replication.
 DEDUP_WINDOW = 10_000
