@@ -79,7 +79,7 @@ def rows(count: int, accounts: int, hours: int, seed: int) -> list[object]:
             )
         else:
             action = rng.choice(["start", "update", "stop"])
-            spec = None if action == "stop" else '{"compute.vcpu":%d}' % rng.randrange(1, 64)
+            spec = None if action == "stop" else f'{{"compute.vcpu":{rng.randrange(1, 64)}}}'
             out.append(
                 Row(
                     index,
@@ -103,7 +103,7 @@ def blocks(events: list[object]) -> list[bytes]:
 
     out = []
     for start in range(0, len(events), BLOCK):
-        head, _, body = encode_for_log(events[start : start + BLOCK]).partition(b"\n")  # type: ignore[arg-type]
+        _head, _, body = encode_for_log(events[start : start + BLOCK]).partition(b"\n")  # type: ignore[arg-type]
         out.append(body)
     return out
 
@@ -158,7 +158,8 @@ def main() -> None:
         print(f"insert, new:    {len(events) / new_seconds:,.0f} events/s")
         print(f"insert, resent: {len(resent) / resend_seconds:,.0f} events/s")
         print(
-            f"counted once (FINAL): {counted:,} of {len(events):,} distinct ({'exact' if counted == len(events) else 'WRONG'})"
+            f"counted once (FINAL): {counted:,} of {len(events):,} distinct "
+            f"({'exact' if counted == len(events) else 'WRONG'})"
         )
         print(
             f"bytes/event as inserted (copies included): {stored.bytes_on_disk / len(events):.1f}"
@@ -167,7 +168,8 @@ def main() -> None:
         print(f"bytes/event merged (OPTIMIZE): {merged.bytes_on_disk / len(events):.1f} ({merged.rows:,} rows)")
         print(
             f"hour-shard read (usage + lifecycles + digest): median {statistics.median(reads):.2f} s per million"
-            f" events in the hour-shard ({len(sample)} hour-shards of ~{statistics.median(per_hour_shard[k] for k in sample):,.0f})"
+            f" events in the hour-shard ({len(sample)} hour-shards of"
+            f" ~{statistics.median(per_hour_shard[k] for k in sample):,.0f})"
         )
         print(f"# load after {loadavg()}")
     finally:
