@@ -221,6 +221,10 @@ class Pipeline:
     def tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
 
+    def looping(self) -> bool:
+        """Past its start (Django, the store's settings): in its loop, where SIGTERM ends a pass."""
+        return "event=eventlog.consumer_ensured " in self.log_path.read_text(errors="replace")
+
     def passes(self) -> int:
         """Sink passes it has stored and acknowledged so far."""
         return self.log_path.read_text(errors="replace").count("event=sink.pass ")
@@ -362,6 +366,7 @@ def test_every_event_answered_200_is_counted_exactly_once_through_log_sink_and_r
         pipeline.kill()  # again, while the late batches flow
         pipeline = start_pipeline("pipeline-3")
         until(producers.done, "every batch answered 200")
+        until(pipeline.looping, "the last pipeline at work")
     finally:
         producers.stop()
 
