@@ -61,10 +61,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_clock_key] = traveller
 
 
-# The suite's longest tests (each several times the median: benchmarks at a tiny size, property
-# tests of whole ledgers, schema fuzzing, the demo), started first so that parallel workers
-# (make test) do not end with one of them running alone: longest first shortens the run.
+# The suite's longest tests (each several times the median: the scale path's fault test,
+# benchmarks at a tiny size, property tests of whole ledgers, schema fuzzing, the demo), started
+# first so that parallel workers (make test) do not end with one of them running alone: longest
+# first shortens the run.
 LONGEST_FIRST = (
+    "metering/tests/test_scale_faults.py",
     "tests/test_bench_smoke.py",
     "invoicing/tests/test_payment_ledger.py",
     "invoicing/tests/test_ledger.py",

@@ -89,3 +89,31 @@ def test_while_the_log_cannot_acknowledge_the_api_answers_503_and_stores_nothing
         cur.execute("SELECT count(*) FROM metering_ingestbatch")
         assert cur.fetchone() == (0,)
     eventlog.close()
+
+
+def test_the_pipeline_outlives_a_log_it_cannot_reach(scale_path: Any, settings: Any) -> None:
+    """A leader election or a lost connection is a pause for the worker, not its end."""
+    eventlog.close()
+    settings.METERING_LOG_URLS = [f"nats://127.0.0.1:{free_port()}"]  # nothing listens there
+    settings.METERING_LOG_ACK_TIMEOUT_SECONDS = 0.5
+    report = pipeline.run(seconds=3, until_idle=True)  # not idle: the log never answered
+    assert report.log_unavailable >= 1
+    assert report.messages == 0
+    eventlog.close()
+
+
+def test_until_idle_waits_for_what_a_dead_sink_left_unacknowledged(
+    usage_account: BillingAccount, send: Callable[..., Any], scale_path: Any, settings: Any
+) -> None:
+    settings.METERING_LOG_ACK_WAIT_SECONDS = 2
+    assert send([usage(usage_account, f"e{i}", i, "1") for i in range(5)]).status_code == 200
+    # A sink takes the message and dies before its acknowledgement: the log hands it out again
+    # only after the ack wait, and until then nothing is pending but it is not done either.
+    assert len(eventlog.fetch(10, timeout=5)) == 1
+    assert eventlog.consumer_info().num_pending == 0
+
+    report = pipeline.run(until_idle=True, seconds=60)
+
+    assert report.messages == 1, report
+    assert scale_path.counted_events() == 5
+    assert hourly(usage_account) == [(HOUR, "network.egress", Decimal("5.000000000000"))]
