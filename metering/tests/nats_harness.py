@@ -64,6 +64,8 @@ class NatsServer:
     # message is in the OS's page cache, safe from a killed process, not from a power cut on
     # one node); "always" fsyncs each message before its PubAck.
     sync_interval: str | None = None
+    # The store's ceiling: a soak keeps more than a test (bench/dataplane.py).
+    max_file_store: str = "8GB"
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +91,7 @@ class NatsServer:
             "jetstream {",
             f'  store_dir: "{store}"',
             "  max_memory_store: 64MB",
-            "  max_file_store: 8GB",
+            f"  max_file_store: {self.max_file_store}",
             *([f"  sync_interval: {self.sync_interval}"] if self.sync_interval else []),
             "}",
         ]
@@ -160,7 +162,12 @@ class NatsCluster:
 
     @classmethod
     def create(
-        cls, root: Path, size: int = 3, binary: str | None = None, sync_interval: str | None = None
+        cls,
+        root: Path,
+        size: int = 3,
+        binary: str | None = None,
+        sync_interval: str | None = None,
+        max_file_store: str = "8GB",
     ) -> NatsCluster:
         binary = binary or nats_server_binary()
         if binary is None:
@@ -179,6 +186,7 @@ class NatsCluster:
                     cluster_port=cluster_port,
                     routes=routes,
                     sync_interval=sync_interval,
+                    max_file_store=max_file_store,
                 )
             )
         return cls(servers=servers)
