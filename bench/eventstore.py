@@ -98,13 +98,14 @@ def rows(count: int, accounts: int, hours: int, seed: int) -> list[object]:
     return out
 
 
-def blocks(events: list[object]) -> list[bytes]:
-    from metering.ingest import encode_for_log
+def blocks(events: list[object]) -> list[tuple[bytes, dict[int, int]]]:
+    """Blocks as a sink inserts them: the events' lines and the heads' account → shard map."""
+    from metering.ingest import decode_log_head, encode_for_log
 
     out = []
     for start in range(0, len(events), BLOCK):
-        _head, _, body = encode_for_log(events[start : start + BLOCK]).partition(b"\n")  # type: ignore[arg-type]
-        out.append(body)
+        head, _, body = encode_for_log(events[start : start + BLOCK]).partition(b"\n")  # type: ignore[arg-type]
+        out.append((body, decode_log_head(head).shards))
     return out
 
 
@@ -127,14 +128,14 @@ def main() -> None:
         events = rows(args.events, args.accounts, args.hours, seed=1)
         new_blocks = blocks(events)
         started = time.monotonic()
-        for number, block in enumerate(new_blocks):
-            store.insert_lines(block, token=f"new-{number}")
+        for number, (block, shards) in enumerate(new_blocks):
+            store.insert_lines(block, token=f"new-{number}", shards=shards)
         new_seconds = time.monotonic() - started
         resent = random.Random(2).sample(events, int(len(events) * args.resend))
         resent_blocks = blocks(resent)
         started = time.monotonic()
-        for number, block in enumerate(resent_blocks):
-            store.insert_lines(block, token=f"again-{number}")
+        for number, (block, shards) in enumerate(resent_blocks):
+            store.insert_lines(block, token=f"again-{number}", shards=shards)
         resend_seconds = time.monotonic() - started
         stored = store.stats()
         counted = store.counted_events()
@@ -142,7 +143,7 @@ def main() -> None:
         merged = store.stats()
 
         # One hour-shard's usage read: the rollup's input for that hour.
-        per_hour_shard = {}
+        per_hour_shard: dict[tuple[int, dt.datetime], int] = {}
         for row in events:
             key = (shard_of(row.account_id), row.occurred_at.replace(minute=0, second=0, microsecond=0))  # type: ignore[attr-defined]
             per_hour_shard[key] = per_hour_shard.get(key, 0) + 1

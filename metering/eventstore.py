@@ -56,14 +56,18 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 SORTING_KEY = "shard, toStartOfHour(occurred_at), account_id, event_id"
 PARTITION_KEY = "toYYYYMMDD(occurred_at)"
-# The log's lines: one JSON array per event (``metering.ingest.encode_for_log``); precedence is
-# computed on insert from the content.
+# The log's lines: one JSON array per event, an ingest ``Row`` as msgspec encodes it
+# (``metering.ingest.encode_for_log``). The shard comes from the message heads' account → shard
+# map, the version (precedence) from the content.
 LINE_SCHEMA = (
-    "s UInt8, a Int64, e String, t Int64, k String, u String, q Decimal(38, 12), r String, x String, p String, l String"
+    "i UInt32, a Int64, e String, t String, k String, u Nullable(String), q Nullable(Decimal(38, 12)), "
+    "r Nullable(String), x Nullable(String), p Nullable(String), l Nullable(String)"
 )
 _LINE_TO_ROW = (
-    "s, a, e, fromUnixTimestamp64Micro(t, 'UTC'), k, u, q, r, x, p, l, "
-    "toUInt32(cityHash64(k, u, toString(q), r, x, p, l, toString(t)) % 4294967296)"
+    "{shard}, a, e, parseDateTime64BestEffort(t, 6, 'UTC'), k, ifNull(u, ''), ifNull(q, 0), ifNull(r, ''), "
+    "ifNull(x, ''), ifNull(p, ''), ifNull(l, ''), "
+    "toUInt32(cityHash64(k, ifNull(u, ''), toString(ifNull(q, 0)), ifNull(r, ''), ifNull(x, ''), ifNull(p, ''), "
+    "ifNull(l, ''), t) % 4294967296)"
 )
 # Deduplication of identical inserts (by token) without replication.
 DEDUP_WINDOW = 10_000
@@ -71,7 +75,9 @@ _READ = "SETTINGS do_not_merge_across_partitions_select_final = 1"
 
 
 def _columns_sql() -> str:
-    return ",\n    ".join(f"{name} {kind}" for name, kind in COLUMNS)
+    columns = [f"{name} {kind}" for name, kind in COLUMNS]
+    # An insert whose shard map missed an account is refused whole, never stored under no shard.
+    return ",\n    ".join([*columns, "CONSTRAINT known_shard CHECK shard < 16"])
 
 
 def _ttl(retention_days: int) -> str:
@@ -154,9 +160,16 @@ class EventStore:
             result = self._session.query(sql, "TabSeparated")
             return bytes(result.bytes())
 
-    def insert_lines(self, lines: bytes, *, token: str) -> None:
-        """Insert the log's JSON lines (one event each) as one block, deduplicated by ``token``."""
-        head = f"INSERT INTO {TABLE} SETTINGS insert_deduplication_token = '{token}' SELECT {_LINE_TO_ROW} FROM "
+    def insert_lines(self, lines: bytes, *, token: str, shards: dict[int, int]) -> None:
+        """Insert the log's event lines as one block, deduplicated by ``token``; ``shards``
+        maps every account in them to its shard."""
+        accounts = sorted(shards)
+        keys, values = ", ".join(map(str, accounts)), ", ".join(str(shards[a]) for a in accounts)
+        shard = f"transform(a, [{keys}], [{values}], 255)"  # 255: refused by the known_shard constraint
+        head = (
+            f"INSERT INTO {TABLE} SETTINGS insert_deduplication_token = '{token}' "
+            f"SELECT {_LINE_TO_ROW.format(shard=shard)} FROM "
+        )
         if self._client is not None:
             with self._lock:
                 self._client.raw_query(f"{head} input('{LINE_SCHEMA}') FORMAT JSONCompactEachRow", data=lines)

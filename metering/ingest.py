@@ -438,68 +438,33 @@ def _store(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str]
     return inserted, conflicts
 
 
-class LogLine(msgspec.Struct, array_like=True):
-    """One accepted event as the log carries it to the event store (one JSON array a line,
-    ClickHouse's JSONCompactEachRow; fields in ``metering.eventstore.LINE_SCHEMA``'s order)."""
-
-    s: int  # shard
-    a: int  # account id
-    e: str  # event id
-    t: int  # time, microseconds since the epoch, UTC
-    k: str  # kind
-    u: str  # sku ('' for resource events)
-    q: str  # quantity (a decimal string; "0" for resource events)
-    r: str  # resource id ('')
-    x: str  # action ('')
-    p: str  # spec JSON ('')
-    l: str  # labels JSON with sorted keys ('')  # noqa: E741
-
-
 class LogHead(msgspec.Struct):
-    """The first line of a log message: the hours of each shard the events fall in."""
+    """The first line of a log message: each account's shard, and the hours of each shard the
+    events fall in. Then one line per event: the ``Row`` as a JSON array (msgspec encodes it in
+    C, with no Python object per event; ``metering.eventstore.LINE_SCHEMA`` reads it)."""
 
+    shards: dict[int, int]  # account id -> shard
     hours: list[tuple[int, int]]  # (shard, hour as seconds since the epoch)
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_MICROSECOND = dt.timedelta(microseconds=1)
 _lines = msgspec.json.Encoder()
+_head_decoder = msgspec.json.Decoder(LogHead)
 
 
 def encode_for_log(rows: list[Row]) -> bytes:
     """The log message of a batch's accepted events: a ``LogHead`` line, then one line each."""
-    lines: list[LogLine] = []
-    hours: set[tuple[int, int]] = set()
-    shard_cache: dict[int, int] = {}
-    for row in rows:
-        shard = shard_cache.get(row.account_id)
-        if shard is None:
-            shard = shard_cache[row.account_id] = sharding.shard_of(row.account_id)
-        micros = (row.occurred_at - _EPOCH) // _MICROSECOND
-        hours.add((shard, micros // 3_600_000_000 * 3600))
-        lines.append(
-            LogLine(
-                shard,
-                row.account_id,
-                row.event_id,
-                micros,
-                row.kind,
-                row.sku or "",
-                "0" if row.quantity is None else str(row.quantity),
-                row.resource_id or "",
-                row.action or "",
-                row.spec or "",
-                row.labels or "",
-            )
-        )
-    return _lines.encode(LogHead(hours=sorted(hours))) + b"\n" + _lines.encode_lines(lines)
+    shards = {account: sharding.shard_of(account) for account in {row.account_id for row in rows}}
+    hours = {(row.account_id, row.occurred_at.replace(minute=0, second=0, microsecond=0)) for row in rows}
+    head = LogHead(shards=shards, hours=sorted({(shards[account], int(hour.timestamp())) for account, hour in hours}))
+    return _lines.encode(head) + b"\n" + _lines.encode_lines(rows)
 
 
-def decode_log_head(head: bytes) -> list[tuple[int, dt.datetime]]:
-    return [
-        (shard, dt.datetime.fromtimestamp(hour, dt.UTC))
-        for shard, hour in msgspec.json.decode(head, type=LogHead).hours
-    ]
+def decode_log_head(head: bytes) -> LogHead:
+    return _head_decoder.decode(head)
+
+
+def log_head_hours(head: LogHead) -> list[tuple[int, dt.datetime]]:
+    return [(shard, dt.datetime.fromtimestamp(hour, dt.UTC)) for shard, hour in head.hours]
 
 
 def publish(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str] | None = None) -> tuple[int, int]:

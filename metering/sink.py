@@ -13,6 +13,7 @@ event once (``metering.eventstore``). Nothing is acknowledged that is not stored
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from billing_site.common.logs import ms_since
 from metering import eventstore, hours
-from metering.ingest import decode_log_head
+from metering.ingest import decode_log_head, log_head_hours
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,20 @@ class SinkPass:
 def store_messages(payloads: Sequence[bytes], *, token: str) -> tuple[int, int]:
     """Insert the events of log messages as one block and mark their hours; returns
     (bytes of events, hour-shards marked)."""
-    marked: set[tuple[int, object]] = set()
+    marked: set[tuple[int, dt.datetime]] = set()
+    shards: dict[int, int] = {}
     bodies: list[bytes] = []
     for payload in payloads:
-        head, _, body = payload.partition(b"\n")
-        marked.update(decode_log_head(head))
+        line, _, body = payload.partition(b"\n")
+        head = decode_log_head(line)
+        marked.update(log_head_hours(head))
+        shards.update(head.shards)
         if body:
             bodies.append(body)
     block = b"".join(bodies)
     if block:
-        eventstore.get_store().insert_lines(block, token=token)
-    return len(block), hours.mark_dirty(marked)  # type: ignore[arg-type]
+        eventstore.get_store().insert_lines(block, token=token, shards=shards)
+    return len(block), hours.mark_dirty(marked)
 
 
 def drain_once(*, max_messages: int = 200, timeout: float = 1.0) -> SinkPass:

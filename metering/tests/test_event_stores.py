@@ -225,18 +225,20 @@ def test_the_log_line_carries_every_field_the_event_store_needs() -> None:
         labels='{"a":"1","b":"2"}',
     )
     head, _, body = ingest.encode_for_log([row]).partition(b"\n")
-    assert ingest.decode_log_head(head) == [(rollup.shard_of(42), dt.datetime(2026, 11, 1, 22, tzinfo=dt.UTC))]
+    decoded = ingest.decode_log_head(head)
+    assert decoded.shards == {42: rollup.shard_of(42)}
+    assert ingest.log_head_hours(decoded) == [(rollup.shard_of(42), dt.datetime(2026, 11, 1, 22, tzinfo=dt.UTC))]
     assert msgspec.json.decode(body) == [
-        rollup.shard_of(42),
+        0,
         42,
         "e-1",
-        1793571300000250,
+        "2026-11-01T22:15:00.000250Z",
         "usage",
         "network.egress",
         "1.000000000001",
-        "",
-        "",
-        "",
+        None,
+        None,
+        None,
         '{"a":"1","b":"2"}',
     ]
 
@@ -259,19 +261,32 @@ def test_events_past_retention_leave_the_event_store_a_whole_day_at_a_time(event
     today = dt.datetime.now(dt.UTC)
 
     def line(event_id: str, moment: dt.datetime) -> bytes:
-        micros = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
-        return msgspec.json.encode([0, 1, event_id, micros, "usage", "network.egress", "1", "", "", "", ""]) + b"\n"
+        return (
+            msgspec.json.encode([0, 1, event_id, moment, "usage", "network.egress", "1", None, None, None, None])
+            + b"\n"
+        )
 
     expired = today - dt.timedelta(days=settings_retention() + 2)
-    event_store.insert_lines(line("old", expired) + line("new", today), token="retention-test")
-    assert event_store.stats().partitions == 2
+    kept = today - dt.timedelta(days=settings_retention() - 2)
+    event_store.insert_lines(
+        line("old", expired) + line("kept", kept) + line("new", today), token="retention-test", shards={1: 0}
+    )
     event_store._run(f"ALTER TABLE {eventstore.TABLE} MATERIALIZE TTL")
     event_store.optimize()
-    assert event_store.stats().partitions == 1
-    assert event_store.counted_events() == 1
+    assert event_store._run(f"SELECT event_id FROM {eventstore.TABLE} FINAL ORDER BY event_id") == b"kept\nnew\n"
+    assert event_store.stats().partitions == 2  # the expired day's partition is gone, not emptied row by row
 
 
 def settings_retention() -> int:
     from django.conf import settings as django_settings
 
     return int(django_settings.METERING_EVENT_RETENTION_DAYS)
+
+
+def test_an_event_of_an_account_without_a_shard_is_refused_with_its_whole_block(
+    event_store: eventstore.EventStore,
+) -> None:
+    line = msgspec.json.encode([0, 7, "e", NOW, "usage", "network.egress", "1", None, None, None, None]) + b"\n"
+    with pytest.raises(Exception, match="known_shard"):
+        event_store.insert_lines(line, token="no-shard", shards={8: 1})
+    assert event_store.counted_events() == 0
