@@ -280,8 +280,8 @@ def maintain(*, now: dt.datetime | None = None, dry_run: bool = False) -> Mainta
     log.info(
         "metering.hourly_partitions_maintain",
         extra={
-            "created": len(report.created),
-            "dropped": len(report.dropped),
+            "partitions_created": len(report.created),
+            "partitions_dropped": len(report.dropped),
             "moved_rows": report.moved_rows,
             "kept": len(report.kept),
             "kept_from": kept_from.isoformat(),
