@@ -62,7 +62,16 @@ def insert_hourly(account_id: int, hour: dt.datetime, *, daily: bool) -> None:
             )
 
 
+@pytest.fixture
+def empty_rollups(db: None) -> None:
+    """No rows left by a test that committed (the next such test's setup empties them): these
+    tests count what the maintenance finds. Rolled back with the test."""
+    with connection.cursor() as cur:
+        cur.execute("TRUNCATE metering_hourlyusage, metering_dailyusage")
+
+
 @pytest.mark.django_db
+@pytest.mark.usefixtures("empty_rollups")
 def test_a_month_without_partition_lands_in_default_and_maintenance_moves_it_and_creates_months_ahead(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -107,6 +116,7 @@ def test_a_month_without_partition_lands_in_default_and_maintenance_moves_it_and
 
 
 @pytest.mark.django_db
+@pytest.mark.usefixtures("empty_rollups")
 def test_an_old_month_whose_days_disagree_is_kept_and_dropped_once_they_agree(caplog: pytest.LogCaptureFixture) -> None:
     account_id, hour = 434343, dt.datetime(2031, 3, 14, 9, tzinfo=dt.UTC)
     shard, march = rollup.shard_of(account_id), dt.date(2031, 3, 1)
@@ -124,6 +134,23 @@ def test_an_old_month_whose_days_disagree_is_kept_and_dropped_once_they_agree(ca
         )
     report = partitions.maintain(now=later)
     assert partitions.month_table(shard, march) in report.dropped and not exists(partitions.month_table(shard, march))
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("empty_rollups")
+def test_the_command_says_what_it_would_do_and_then_does_it() -> None:
+    later = dt.datetime(2031, 3, 20, 12, tzinfo=dt.UTC)
+    with time_machine.travel(later, tick=False):
+        out = StringIO()
+        call_command("hourly_partitions", "--dry-run", stdout=out)
+        assert "would create metering_hourlyusage_p00_y2031m05" in out.getvalue()
+        assert "would drop metering_hourlyusage_p00_y2026m12" in out.getvalue() or not exists(
+            "metering_hourlyusage_p00_y2026m12"
+        )
+        assert not exists("metering_hourlyusage_p00_y2031m05")
+        out = StringIO()
+        call_command("hourly_partitions", stdout=out)
+        assert out.getvalue().startswith("created 64 partitions") and exists("metering_hourlyusage_p00_y2031m05")
 
 
 # --- Dropping a month for real: the rollup takes committed events only, so these tests commit.

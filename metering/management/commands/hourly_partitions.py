@@ -20,10 +20,14 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, dry_run: bool = False, **options: Any) -> None:
         report = services.hourly_partitions_maintain(dry_run=dry_run)
+        if dry_run or options.get("verbosity", 1) >= 2:
+            self._list(report, dry_run=dry_run)
+        for name in report.kept:  # always: someone must look
+            self.stdout.write(f"kept {name} (past the retention; see the log)")
+        self.stdout.write(report.summary())
+
+    def _list(self, report: Any, *, dry_run: bool) -> None:
         for name in report.created:
             self.stdout.write(f"{'would create' if dry_run else 'created'} {name}")
         for name in report.dropped:
             self.stdout.write(f"{'would drop' if dry_run else 'dropped'} {name}")
-        for name in report.kept:
-            self.stdout.write(f"kept {name} (past the retention; see the log)")
-        self.stdout.write(report.summary())
