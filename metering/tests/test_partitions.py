@@ -280,3 +280,38 @@ def test_an_old_month_is_dropped_whole_and_costs_spend_and_invoices_stay_the_sam
         assert "issued 1 invoices" in bill("2026-12", late)
     december = Invoice.objects.get(account_id=account.id, period_start__month=12)
     assert {line.usage_month for line in december.lines.all() if line.usage_month} == {dt.date(2026, 12, 1)}
+
+
+@pytest.mark.django_db
+@pytest.mark.usefixtures("empty_rollups")
+def test_the_migration_keeps_every_row_both_ways() -> None:
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = ("metering", "0013_scale_path_hours"), ("metering", "0014_hourlyusage_monthly_partitions")
+    MigrationExecutor(connection).migrate([before])
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'metering_hourlyusage_p05'::regclass")
+        assert cur.fetchone()[0] == 0  # a plain hash partition again
+        cur.execute(
+            "INSERT INTO metering_hourlyusage (account_id, hour, sku, resource_id, labels, quantity, amount) "
+            "SELECT a, timestamptz '2019-12-31 23:00+00' + h * interval '1 hour', 'network.egress', '', '{}', h, h "
+            "FROM generate_series(1, 40) a, generate_series(0, 24 * 70, 7) h"
+        )
+        cur.execute("SELECT count(*), sum(quantity), sum(amount * account_id) FROM metering_hourlyusage")
+        rows = cur.fetchone()
+    MigrationExecutor(connection).migrate([after])
+    with connection.cursor() as cur:
+        cur.execute("SELECT count(*), sum(quantity), sum(amount * account_id) FROM metering_hourlyusage")
+        assert cur.fetchone() == rows
+        cur.execute(
+            "SELECT count(*) FROM metering_hourlyusage WHERE tableoid::regclass::text LIKE '%default' "
+            "OR tableoid::regclass::text NOT LIKE '%\\_y' || to_char(hour AT TIME ZONE 'UTC', 'YYYY\"m\"MM')"
+        )
+        assert cur.fetchone()[0] == 0  # every row in its month's partition
+        cur.execute("SELECT reloptions FROM pg_class WHERE relname = 'metering_hourlyusage_p05_y2020m02'")
+        assert cur.fetchone()[0] == ["fillfactor=70"]
+        cur.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'metering_hourlyusage_p05_y2020m02'")
+        assert sorted(d.split(" USING ")[1] for (d,) in cur.fetchall()) == [
+            "btree (account_id, hour, sku, resource_id, labels)",
+            "btree (account_id, resource_id, hour)",
+        ]
