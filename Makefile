@@ -24,6 +24,7 @@ demo: $(STAMP)
 	trap '$(BIN)/python billing_site/database.py stop' EXIT; trap 'exit 130' INT TERM HUP; \
 	set -e; \
 	$(BIN)/python manage.py migrate --no-input -v 0; \
+	$(BIN)/python manage.py hourly_partitions; \
 	$(BIN)/python manage.py load_demo_data; \
 	$(BIN)/python manage.py load_demo_usage; \
 	$(BIN)/python manage.py load_demo_invoices; \

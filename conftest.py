@@ -77,12 +77,26 @@ LONGEST_FIRST = (
 )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.nodeid.split("::", 1)[0]
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+def _django_order(item: pytest.Item) -> int:
+    """pytest-django's order: tests in a rolled-back transaction, then tests that commit (Django
+    flushes after each, emptying what migrations seeded), then tests without a database. A test
+    that commits before one that does not leaves it without the seeded VAT rates and with the
+    hand-made metering tables full."""
+    marker = item.get_closest_marker("django_db")
+    fixtures = getattr(item, "fixturenames", ())
+    if (marker and (marker.kwargs.get("transaction") or (marker.args and marker.args[0]))) or (
+        "transactional_db" in fixtures or "live_server" in fixtures
+    ):
+        return 1
+    return 0 if marker or "db" in fixtures else 2
 
-    items.sort(key=rank)  # stable: the rest keep their order
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.split("::", 1)[0]
+        return _django_order(item), LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order; longest first within pytest-django's groups
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

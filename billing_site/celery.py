@@ -49,6 +49,8 @@ TASKS: dict[str, tuple[str, int, int]] = {
     # drains ~50 s; a pass over hours of backlog may take minutes (or use manage.py rollup_usage)
     "metering.rollup_usage": ("rollup", 1800, 1860),
     "metering.ingest_batches_prune": ("default", 600, 660),
+    # DDL per partition, each waiting at most 10 s for its shard's rollup; a drop reads a month
+    "metering.hourly_partitions_maintain": ("default", 1800, 1860),
     # one chunk's documents (500) at ~0.3 s each
     "invoicing.render_documents": ("documents", 900, 960),
     # one shard of accounts; the run rolls usage up first, then fans out
@@ -183,6 +185,13 @@ app.conf.beat_schedule = {
     "antifraud-credit-limits-review": {
         "task": "antifraud.credit_limits_review",
         "schedule": crontab(hour=5, minute=30),
+        "options": {"expires": 6 * 3600},
+    },
+    # Hourly usage's monthly partitions: the next months created ahead (rows never wait in
+    # DEFAULT), months past METERING_HOURLY_RETENTION_MONTHS dropped whole (metering/partitions.py).
+    "metering-hourly-partitions-maintain": {
+        "task": "metering.hourly_partitions_maintain",
+        "schedule": crontab(hour=3, minute=41),
         "options": {"expires": 6 * 3600},
     },
     "metering-ingest-batches-prune": {

@@ -7,6 +7,7 @@ import re
 from decimal import Decimal
 from typing import Any
 
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import permissions, serializers
 from rest_framework.parsers import BaseParser
@@ -211,7 +212,11 @@ _DIMENSION = r"sku|resource|label:[^,\u0000]{1,64}"
 
 
 class CostQuerySerializer(serializers.Serializer):
-    start = serializers.DateField(help_text="First day, UTC (inclusive); from year 2000.")
+    start = serializers.DateField(
+        help_text="First day, UTC (inclusive); from year 2000. At `hour` granularity, not before the first day of "
+        "the month `METERING_HOURLY_RETENTION_MONTHS` months before the current one (older hours are dropped; "
+        "their days are kept)."
+    )
     end = serializers.DateField(
         help_text="Day after the last, UTC (exclusive): after `start`, and at most "
         + ", ".join(f"{days} days later at `{name}`" for name, days in selectors.MAX_RANGE_DAYS.items())
@@ -239,6 +244,18 @@ class CostQuerySerializer(serializers.Serializer):
             raise serializers.ValidationError({"end": [f"At most {limit} days at {attrs['granularity']} granularity."]})
         if attrs["start"].year < 2000 or attrs["end"].year > 9998:
             raise serializers.ValidationError({"start": ["Out of range."]})
+        if attrs["granularity"] == "hour":
+            # Hours of older months are dropped (their days and months are kept): asking for
+            # them would show a month with nothing in it.
+            kept_from = selectors.hourly_kept_from(timezone.now()).date()
+            if attrs["start"] < kept_from:
+                raise serializers.ValidationError(
+                    {
+                        "start": [
+                            f"Hourly detail is kept from {kept_from.isoformat()}; ask for day or month granularity."
+                        ]
+                    }
+                )
         return attrs
 
 

@@ -60,7 +60,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from billing_site.common.logs import ms_since
-from metering import hours
+from metering import hours, partitions
 from metering.horizon import EVENT_WRITERS_LOCK, take_horizon
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,11 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
         )
         # Per touched resource: the hour it is replayed from (that of the event before its
         # earliest new one) and the anchor, its last start or stop before that hour: whether
-        # it runs from there on depends on nothing older.
+        # it runs from there on depends on nothing older. Never from before the replay floor
+        # (``metering.partitions``: older months' hourly rows are, or soon will be, dropped,
+        # and rows rebuilt there would be added to their days again); a later start changes
+        # nothing, as the anchor moves with it, as long as it is not after the first new event.
+        params["replay_floor"] = partitions.replay_floor(now or db_now)
         cur.execute(
             f"""
             CREATE TEMP TABLE rollup_dirty ON COMMIT DROP AS
@@ -410,11 +414,12 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
             FROM (SELECT account_id, resource_id, min(occurred_at) AS first_new
                   FROM rollup_lifecycle GROUP BY 1, 2) d
             CROSS JOIN LATERAL (
-                SELECT date_trunc('hour', coalesce(
+                SELECT least(greatest(date_trunc('hour', coalesce(
                     (SELECT max(e.occurred_at) FROM {resev_p} e
                      WHERE e.account_id = d.account_id AND e.resource_id = d.resource_id
                        AND e.occurred_at < d.first_new),
-                    d.first_new), 'UTC') AS replay_from
+                    d.first_new), 'UTC'), %(replay_floor)s::timestamptz),
+                    date_trunc('hour', d.first_new, 'UTC')) AS replay_from
             ) r
             LEFT JOIN LATERAL (
                 SELECT e.occurred_at, e.event_id FROM {resev_p} e
@@ -422,7 +427,8 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
                   AND e.occurred_at < r.replay_from AND e.action IN ('start', 'stop')
                 ORDER BY e.occurred_at DESC, e.event_id DESC LIMIT 1
             ) a ON true
-            """
+            """,
+            params,
         )
         report.resources = cur.rowcount
         _replay_resources(cur, resev_p=resev_p, hourly_p=hourly_p, state_p=state_p, params=params)

@@ -12,6 +12,7 @@ from typing import Any
 from django.db import connection
 
 from billing_site.common import quantities
+from metering import partitions
 from metering.models import Sku
 
 _SKU_CACHE_SECONDS = 30.0
@@ -65,6 +66,9 @@ quantity_text = quantities.quantity_text
 
 
 GRANULARITIES = ("hour", "day", "month")
+# The first hour whose hourly rows are kept (older months are dropped, their days kept):
+# hour breakdowns start there; day and month ones, invoices and spend read the daily rollup.
+hourly_kept_from = partitions.hourly_kept_from
 MAX_RANGE_DAYS = {"hour": 62, "day": 732, "month": 3660}
 
 

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from metering import catalog
+from metering import catalog, partitions
 from metering.models import IngestBatch, Price, PriceTier, Sku
 
 
@@ -86,6 +86,14 @@ def ingest_batches_prune() -> int:
     cutoff = timezone.now() - dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
     deleted, _ = IngestBatch.objects.filter(oldest_event_at__lt=cutoff).delete()
     return deleted
+
+
+def hourly_partitions_maintain(*, now: dt.datetime | None = None, dry_run: bool = False) -> partitions.MaintainReport:
+    """The hourly rollup's monthly partitions: the coming months created ahead, rows found in
+    DEFAULT moved into their month's, months beyond ``METERING_HOURLY_RETENTION_MONTHS``
+    dropped whole once their daily rows are checked (``metering.partitions``). One
+    transaction per partition, so it is not itself atomic; idempotent."""
+    return partitions.maintain(now=now, dry_run=dry_run)
 
 
 def rollup_catch_up(*, patience_seconds: float = 300.0) -> None:

@@ -20,6 +20,12 @@ def ingest_batches_prune() -> int:
     return services.ingest_batches_prune()
 
 
+@shared_task(name="metering.hourly_partitions_maintain")
+def hourly_partitions_maintain() -> str:
+    """Daily: next months' hourly partitions created, months past the retention dropped."""
+    return services.hourly_partitions_maintain().summary()
+
+
 @shared_task(name="metering.rollup_usage")
 def rollup_usage(seconds: float = 50.0, pause: float = 2.0) -> str:
     """Started every minute by beat; keeps draining for ``seconds`` (a pass, a short pause,

@@ -63,3 +63,11 @@ def test_a_grace_time_beat_could_never_honour_is_refused_at_start(grace: str) ->
     result = _manage("check", INVOICING_GRACE_MINUTES=grace)
     assert result.returncode != 0
     assert "INVOICING_GRACE_MINUTES must be between 0 and 4319" in result.stderr
+
+
+def test_an_hourly_retention_shorter_than_the_acceptance_window_and_the_close_is_refused_at_start() -> None:
+    result = _manage("check", METERING_HOURLY_RETENTION_MONTHS="2")  # 35 days + the close + a month: 3
+    assert result.returncode != 0
+    assert "METERING_HOURLY_RETENTION_MONTHS must cover METERING_MAX_EVENT_AGE_DAYS" in result.stderr
+    assert "at least 3, not 2" in result.stderr
+    assert _manage("check", METERING_HOURLY_RETENTION_MONTHS="3").returncode == 0

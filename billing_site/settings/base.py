@@ -367,6 +367,20 @@ if not 0 <= INVOICING_GRACE_MINUTES <= 3 * 1440 - 1:
         f"INVOICING_GRACE_MINUTES must be between 0 and 4319 (the 3rd, 23:59), not {INVOICING_GRACE_MINUTES}"
     )
 
+# --- Metering's hourly rows (metering/partitions.py): kept in monthly partitions for the current
+# month and this many months before it; older months are dropped whole (`metering.
+# hourly_partitions_maintain`, daily), once their daily rows are checked; costs by day and
+# month, invoices and monthly spend read the daily rows, kept for good. Hourly rows can change
+# while events are accepted (METERING_MAX_EVENT_AGE_DAYS) and until last month is closed (the
+# 1st to the 3rd): the months kept must cover both, with a month to spare.
+METERING_HOURLY_RETENTION_MONTHS = int(os.environ.get("METERING_HOURLY_RETENTION_MONTHS", "13"))
+if METERING_HOURLY_RETENTION_MONTHS * 28 < METERING_MAX_EVENT_AGE_DAYS + 3 + 31:
+    raise ImproperlyConfigured(
+        "METERING_HOURLY_RETENTION_MONTHS must cover METERING_MAX_EVENT_AGE_DAYS plus the period close (3 days) "
+        f"and a month: at least {-(-(METERING_MAX_EVENT_AGE_DAYS + 3 + 31) // 28)}, "
+        f"not {METERING_HOURLY_RETENTION_MONTHS}"
+    )
+
 # --- Payments (payments/, README "Payments")
 # The gateway a new billing account charges through: "sandbox" (offline, deterministic, Stripe's
 # test cards' meaning) or "stripe". Chosen per account (payments.PaymentProfile); this is the default.
