@@ -66,7 +66,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # first so that parallel workers (make test) do not end with one of them running alone: longest
 # first shortens the run.
 LONGEST_FIRST = (
-    "metering/tests/test_scale_faults.py",
+    "tests/test_scale_faults.py",
     "tests/test_bench_smoke.py",
     "invoicing/tests/test_payment_ledger.py",
     "invoicing/tests/test_ledger.py",
