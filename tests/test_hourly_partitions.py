@@ -27,6 +27,7 @@ from metering.api import CostQuerySerializer
 from metering.models import MonthlySpend
 from metering.sharding import SHARDS
 from metering.tests.test_rollup import at, lifecycle, used
+from tests.test_billing_month import bill, send
 
 NOV = dt.date(2026, 11, 1)
 
@@ -162,19 +163,6 @@ def restore_partitions() -> Iterator[None]:
     yield
     partitions.maintain(now=dt.datetime(2026, 11, 3, 12, 30, tzinfo=dt.UTC))
     partitions.maintain()
-
-
-def send(producer: APIClient, events: list[dict[str, Any]], now: dt.datetime) -> None:
-    with time_machine.travel(now, tick=False):
-        response = producer.post("/api/v1/usage/events", {"events": events}, format="json")
-    assert response.status_code == 200 and not response.json()["rejected"], response.json()
-
-
-def bill(period: str, now: dt.datetime) -> str:
-    out = StringIO()
-    with time_machine.travel(now, tick=False):
-        call_command("bill_period", period, stdout=out)
-    return out.getvalue()
 
 
 def what_is_read(account: BillingAccount) -> dict[str, Any]:
