@@ -369,17 +369,16 @@ METERING_TABLES = (
 
 
 def pg_sizes() -> dict[str, int]:
-    """Bytes of the metering tables (with their partitions and indexes) and of the database."""
+    """Bytes of the metering tables (with all their partitions and indexes) and of the database."""
     from django.db import connection
 
     out: dict[str, int] = {}
     with connection.cursor() as cur:
         for table in (*METERING_TABLES, "metering_usageevent", "metering_ingestbatch"):
+            # Every level of partitions (hourly usage is hash shards of monthly partitions).
             cur.execute(
-                "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
-                "WHERE c.relname = %s OR c.oid IN (SELECT inhrelid FROM pg_inherits i JOIN pg_class p "
-                "ON p.oid = i.inhparent WHERE p.relname = %s)",
-                [table, table],
+                "SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree(%s::regclass)",
+                [table],
             )
             out[table] = int(cur.fetchone()[0])
         cur.execute("SELECT count(*) FROM metering_hourlyusage")
