@@ -49,6 +49,7 @@ TASKS: dict[str, tuple[str, int, int]] = {
     # drains ~50 s; a pass over hours of backlog may take minutes (or use manage.py rollup_usage)
     "metering.rollup_usage": ("rollup", 1800, 1860),
     "metering.ingest_batches_prune": ("default", 600, 660),
+    "metering.inactive_usage_compact": ("default", 600, 660),
     # DDL per partition, each waiting at most 10 s for its shard's rollup; a drop reads a month
     "metering.hourly_partitions_maintain": ("default", 1800, 1860),
     # one chunk's documents (500) at ~0.3 s each
@@ -193,6 +194,12 @@ app.conf.beat_schedule = {
         "task": "metering.hourly_partitions_maintain",
         "schedule": crontab(hour=3, minute=41),
         "options": {"expires": 6 * 3600},
+    },
+    # Ingestion appends a row per batch and inactive account; fold them hourly into one per day.
+    "metering-inactive-usage-compact": {
+        "task": "metering.inactive_usage_compact",
+        "schedule": crontab(minute=23),
+        "options": {"expires": 3000},
     },
     "metering-ingest-batches-prune": {
         "task": "metering.ingest_batches_prune",

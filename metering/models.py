@@ -207,7 +207,8 @@ class InactiveAccountUsage(models.Model):
     suspended or blocked): usage that happened and is billable, counted for the data-quality
     view. Written by ingestion, set-based, in the batch's transaction and only for newly
     stored events (a resend counts nothing): one row per batch and account, appended, so
-    concurrent batches for the same account never wait on a shared counter row; readers sum."""
+    concurrent batches for the same account never wait on a shared counter row; readers sum.
+    Folded hourly into one row per account, state and day (``services.inactive_usage_compact``)."""
 
     id = models.BigAutoField(primary_key=True)
     account_id = models.BigIntegerField()

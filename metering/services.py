@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -12,6 +13,8 @@ from django.utils import timezone
 
 from metering import catalog, partitions
 from metering.models import IngestBatch, Price, PriceTier, Sku
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,36 @@ def ingest_batches_prune() -> int:
     cutoff = timezone.now() - dt.timedelta(days=settings.METERING_MAX_EVENT_AGE_DAYS)
     deleted, _ = IngestBatch.objects.filter(oldest_event_at__lt=cutoff).delete()
     return deleted
+
+
+def inactive_usage_compact(*, older_than_hours: int = 1) -> int:
+    """Fold the appended inactive-account usage rows received more than ``older_than_hours``
+    ago into one row per account, state and day, in one statement (so readers' sums never
+    change): ingestion appends a row per batch and account, which at a cloud's batch rate
+    (and many pending accounts) would grow with batches, not accounts. Returns rows removed."""
+    from django.db import connection, transaction
+
+    cutoff = timezone.now() - dt.timedelta(hours=older_than_hours)
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(
+            """
+            WITH folded AS (
+                DELETE FROM metering_inactiveaccountusage
+                WHERE received_at < %s AND received_at <> date_trunc('day', received_at, 'UTC')  -- not folded yet
+                RETURNING account_id, account_state, events, received_at
+            ), days AS (
+                INSERT INTO metering_inactiveaccountusage (account_id, account_state, events, received_at)
+                SELECT account_id, account_state, sum(events), date_trunc('day', received_at, 'UTC')
+                FROM folded GROUP BY 1, 2, 4
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM folded) - (SELECT count(*) FROM days)
+            """,
+            [cutoff],
+        )
+        (removed,) = cur.fetchone()
+    log.info("metering.inactive_usage_compacted", extra={"rows_removed": removed, "before": cutoff})
+    return int(removed)
 
 
 def hourly_partitions_maintain(*, now: dt.datetime | None = None, dry_run: bool = False) -> partitions.MaintainReport:

@@ -20,6 +20,12 @@ def ingest_batches_prune() -> int:
     return services.ingest_batches_prune()
 
 
+@shared_task(name="metering.inactive_usage_compact")
+def inactive_usage_compact() -> int:
+    """Fold the inactive-account usage rows appended per batch into one per account, state and day."""
+    return services.inactive_usage_compact()
+
+
 @shared_task(name="metering.hourly_partitions_maintain")
 def hourly_partitions_maintain() -> str:
     """Daily: next months' hourly partitions created, months past the retention dropped."""

@@ -517,3 +517,31 @@ def test_a_closed_account_without_a_closure_record_refuses_usage_after_its_last_
     )
     assert body["accepted"] == 1
     assert [(r["id"], r["code"]) for r in body["rejected"]] == [("after", "account_closed")]
+
+
+@pytest.mark.django_db
+def test_inactive_usage_rows_fold_into_one_per_account_state_and_day_and_the_counts_do_not_move() -> None:
+    from django.utils import timezone
+
+    from metering import selectors, services
+    from metering.models import InactiveAccountUsage
+
+    now = timezone.now()
+    old = now - dt.timedelta(hours=3)
+    rows = [
+        InactiveAccountUsage(account_id=1, account_state="pending", events=n, received_at=old - dt.timedelta(minutes=n))
+        for n in range(1, 11)
+    ] + [
+        InactiveAccountUsage(account_id=1, account_state="suspended", events=5, received_at=old),
+        InactiveAccountUsage(account_id=1, account_state="pending", events=7, received_at=now),  # too recent
+    ]
+    InactiveAccountUsage.objects.bulk_create(rows)
+    before = selectors.data_quality(account_id=1)
+    removed = services.inactive_usage_compact()
+    assert selectors.data_quality(account_id=1) == before
+    assert before["events_while_pending"] == 55 + 7 and before["events_while_suspended"] == 5
+    days = {r.received_at.date() for r in InactiveAccountUsage.objects.filter(received_at__lt=now)}
+    assert removed == 12 - InactiveAccountUsage.objects.count()
+    assert InactiveAccountUsage.objects.filter(received_at=now).count() == 1
+    assert InactiveAccountUsage.objects.filter(received_at__lt=now).count() == 2 * len(days)  # per state and day
+    assert services.inactive_usage_compact() == 0  # folded rows stay as they are
