@@ -38,12 +38,18 @@ demo: $(STAMP)
 ## $(DEMO_LOGS)/demo-worker.log and demo-beat.log; a first rollup drain is queued at once, so usage
 ## sent after start is in the costs within seconds, not at the next minute. Then the logins, keys
 ## and curl lines, and runserver on 127.0.0.1:$(PORT). Ctrl-C stops them all (only the processes it
-## started), then the embedded PostgreSQL.
+## started: the worker and beat get SIGQUIT and, if still there 10 s later, SIGKILL, before their
+## redis-server stops, so a worker mid-task never hangs reconnecting to it), then the embedded PostgreSQL.
 demo-serve:
 	@export DEBUG=$${DEBUG:-1}; \
 	redis_pid=; worker_pid=; beat_pid=; \
 	stop_pipeline() { \
 		for pid in $$worker_pid $$beat_pid; do kill -QUIT $$pid 2>/dev/null || true; done; \
+		for _ in $$(seq 100); do \
+			alive=; for pid in $$worker_pid $$beat_pid; do kill -0 $$pid 2>/dev/null && alive=1; done; \
+			[ -z "$$alive" ] && break; sleep 0.1; \
+		done; \
+		for pid in $$worker_pid $$beat_pid; do kill -KILL $$pid 2>/dev/null || true; done; \
 		if [ -n "$$redis_pid" ]; then kill -TERM $$redis_pid 2>/dev/null || true; fi; \
 		for pid in $$worker_pid $$beat_pid $$redis_pid; do wait $$pid 2>/dev/null || true; done; \
 		$(BIN)/python billing_site/database.py stop; \
