@@ -60,7 +60,8 @@ class TaxRateKind(models.TextChoices):
 class TaxRate(models.Model):
     """A member state's VAT rate of a kind (the standard rate) from ``valid_from`` (inclusive)
     until ``valid_until`` (exclusive; empty: until further notice). Rates of one country and
-    kind never overlap (an exclusion constraint): on any day exactly one is in force, or none.
+    kind never overlap (an exclusion constraint in the model; in the database a trigger with the
+    same name and error, migration 0010): on any day exactly one is in force, or none.
     Finance writes them through ``invoicing.services`` (the admin calls it): a new rate closes
     the open-ended one before it only when told to, every change is audited (``TermsChange``),
     and no change may alter the rate of a day an issued invoice was taxed on."""

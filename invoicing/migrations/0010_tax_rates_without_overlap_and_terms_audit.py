@@ -1,12 +1,15 @@
-"""Tax rates of one country and kind never overlap: an exclusion constraint (btree_gist) on
-their validity. Rates that overlap today are resolved the way invoices have been taxed so
+"""Tax rates of one country and kind never overlap. In the model's state an exclusion
+constraint (what forms and ``full_clean`` validate against); in the database a trigger that
+takes a per-(country, kind) advisory lock and refuses an overlapping row with the same error
+(SQLSTATE 23P01, the constraint's name), because an exclusion constraint on text columns needs
+the btree_gist extension, which the embedded PostgreSQL of ``make demo`` does not ship. (Databases
+migrated before this change have the btree_gist constraint itself: the same rule.) Rates that overlap today are resolved the way invoices have been taxed so
 far (the rate starting last wins): each rate is ended where the next one of its country
 starts, and the change is written to the new audit table (``TermsChange``)."""
 
 from typing import Any
 
 import django.contrib.postgres.constraints
-from django.contrib.postgres.operations import BtreeGistExtension
 import django.utils.timezone
 import invoicing.models
 from django.db import migrations, models
@@ -36,6 +39,32 @@ def end_overlapping_rates(apps: Any, schema_editor: Any) -> None:
                 )
 
 
+NO_OVERLAP_TRIGGER = """
+CREATE FUNCTION invoicing_taxrate_no_overlap() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- One writer per country and kind at a time; the check below then sees every committed rate.
+    PERFORM pg_advisory_xact_lock(hashtext('invoicing_taxrate:' || NEW.country || ':' || NEW.kind));
+    IF EXISTS (
+        SELECT 1 FROM invoicing_taxrate t
+        WHERE t.country = NEW.country AND t.kind = NEW.kind AND t.id <> NEW.id
+          AND daterange(t.valid_from, t.valid_until) && daterange(NEW.valid_from, NEW.valid_until)
+    ) THEN
+        RAISE EXCEPTION 'conflicting key value violates exclusion constraint "invoicing_taxrate_no_overlap"'
+            USING ERRCODE = 'exclusion_violation', CONSTRAINT = 'invoicing_taxrate_no_overlap',
+                  TABLE = 'invoicing_taxrate';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER invoicing_taxrate_no_overlap BEFORE INSERT OR UPDATE ON invoicing_taxrate
+    FOR EACH ROW EXECUTE FUNCTION invoicing_taxrate_no_overlap();
+"""
+DROP_NO_OVERLAP_TRIGGER = """
+DROP TRIGGER IF EXISTS invoicing_taxrate_no_overlap ON invoicing_taxrate;
+DROP FUNCTION IF EXISTS invoicing_taxrate_no_overlap();
+"""
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -43,7 +72,6 @@ class Migration(migrations.Migration):
     ]
 
     operations = [
-        BtreeGistExtension(),
         migrations.CreateModel(
             name='TermsChange',
             fields=[
@@ -82,9 +110,14 @@ class Migration(migrations.Migration):
             index=models.Index(fields=['tax_country', 'period_end'], name='invoicing_invoice_tax_point'),
         ),
         migrations.RunPython(end_overlapping_rates, migrations.RunPython.noop),
-        migrations.AddConstraint(
-            model_name='taxrate',
-            constraint=django.contrib.postgres.constraints.ExclusionConstraint(expressions=[('country', '='), ('kind', '='), (invoicing.models.DateRange('valid_from', 'valid_until'), '&&')], name='invoicing_taxrate_no_overlap', violation_error_message='Another rate of this country and kind is in force in this period.'),
+        migrations.SeparateDatabaseAndState(
+            state_operations=[
+                migrations.AddConstraint(
+                    model_name='taxrate',
+                    constraint=django.contrib.postgres.constraints.ExclusionConstraint(expressions=[('country', '='), ('kind', '='), (invoicing.models.DateRange('valid_from', 'valid_until'), '&&')], name='invoicing_taxrate_no_overlap', violation_error_message='Another rate of this country and kind is in force in this period.'),
+                ),
+            ],
+            database_operations=[migrations.RunSQL(NO_OVERLAP_TRIGGER, DROP_NO_OVERLAP_TRIGGER)],
         ),
         migrations.AddIndex(
             model_name='termschange',
