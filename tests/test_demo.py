@@ -167,6 +167,9 @@ def test_make_demo_runs_the_pipeline_usage_sent_after_start_is_in_the_costs_with
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: the test's Ctrl-C reaches what it started
+        # As from a terminal: SIGINT at its default, whatever the test process inherited (a child
+        # whose parent ignores SIGINT starts with it ignored, and runserver would not see Ctrl-C).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(demo.stdout or []), daemon=True)
