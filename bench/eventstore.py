@@ -60,41 +60,14 @@ def rows(count: int, accounts: int, hours: int, seed: int) -> list[object]:
     for index in range(count):
         account = 10_000 + rng.randrange(accounts)
         moment = START + dt.timedelta(seconds=rng.randrange(hours * 3600), microseconds=rng.randrange(1_000_000))
-        event_id = f"{rng.getrandbits(64):016x}-{index}"
+        head = (index, account, f"{rng.getrandbits(64):016x}-{index}", moment)
         if rng.random() < 0.4:
-            out.append(
-                Row(
-                    index,
-                    account,
-                    event_id,
-                    moment,
-                    "usage",
-                    rng.choice(skus),
-                    Decimal(rng.randrange(1, 10**6)) / 1000,
-                    None,
-                    None,
-                    None,
-                    rng.choice(labels),
-                )
-            )
+            sku, quantity = rng.choice(skus), Decimal(rng.randrange(1, 10**6)) / 1000
+            out.append(Row(*head, "usage", sku, quantity, None, None, None, rng.choice(labels)))
         else:
             action = rng.choice(["start", "update", "stop"])
             spec = None if action == "stop" else f'{{"compute.vcpu":{rng.randrange(1, 64)}}}'
-            out.append(
-                Row(
-                    index,
-                    account,
-                    event_id,
-                    moment,
-                    "resource",
-                    None,
-                    None,
-                    f"vm-{rng.randrange(50)}",
-                    action,
-                    spec,
-                    rng.choice(labels),
-                )
-            )
+            out.append(Row(*head, "resource", None, None, f"vm-{rng.randrange(50)}", action, spec, rng.choice(labels)))
     return out
 
 
