@@ -60,12 +60,12 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from billing_site.common.logs import ms_since
-from metering import hours, partitions
+from metering import hours, partitions, sharding
 from metering.horizon import EVENT_WRITERS_LOCK, take_horizon
 
 log = logging.getLogger(__name__)
 
-SHARDS = 16  # the partitions of migration 0002/0004
+SHARDS = sharding.SHARDS  # the partitions of migration 0002/0004
 TEMP_TABLES = (
     "rollup_new",
     "rollup_delta",
@@ -833,13 +833,6 @@ def _move_months(cur: object) -> None:
 
 
 def shard_of(account_id: int) -> int:
-    """The shard (hash partition remainder) that holds an account's rows."""
-    with connection.cursor() as cur:
-        cur.execute(
-            "SELECT r FROM generate_series(0, %s - 1) AS r "
-            "WHERE satisfies_hash_partition('metering_usageevent'::regclass, %s, r, %s::bigint)",
-            [SHARDS, SHARDS, account_id],
-        )
-        row = cur.fetchone()
-    assert row is not None
-    return int(row[0])
+    """The shard (hash partition remainder) that holds an account's rows: PostgreSQL's routing,
+    one implementation (``metering.sharding``)."""
+    return sharding.shard_of(account_id)
