@@ -491,7 +491,9 @@ def fetch(max_messages: int, timeout: float) -> list[LogMessage]:
             connection.subscriptions[key] = subscription
         try:
             return await subscription.fetch(max_messages, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except TimeoutError:
+            # nats.errors.TimeoutError, or asyncio's own from the client's inner wait_for when
+            # the pull request's expiry and the wait end together: either way, nothing came.
             return []
 
     messages = _call("fetch", work, timeout + _ack_timeout())

@@ -15,9 +15,11 @@ from accounts import services as account_services
 from accounts.models import BillingAccount, Scope
 from conftest import Customer, client_with_key
 from metering.models import HourlyUsage
-from metering.tests.test_rollup import at, lifecycle, roll, used
+from metering.tests.test_rollup import NOW, at, lifecycle, roll, used
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# The data is of October and November 2026, read as of NOW: hourly detail is kept for a
+# number of months back from today, so the clock is the data's, not the calendar's.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.clock(NOW, tick=True)]
 
 
 @pytest.fixture

@@ -257,8 +257,9 @@ def test_the_cluster_ddl_is_clickhouse_sql_from_the_same_table_description(event
 
 def test_events_past_retention_leave_the_event_store_a_whole_day_at_a_time(event_store: eventstore.EventStore) -> None:
     """The TTL drops a day's partition once all of it is past retention (by the real clock:
-    the engine's, which no test freezes)."""
-    today = dt.datetime.now(dt.UTC)
+    the engine's, which no test freezes: the moments are taken from it, not from Python's
+    clock, which a test session may have moved)."""
+    today = dt.datetime.fromtimestamp(int(event_store._run("SELECT toUnixTimestamp(now())")), dt.UTC)
 
     def line(event_id: str, moment: dt.datetime) -> bytes:
         return (
