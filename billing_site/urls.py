@@ -14,6 +14,7 @@ handler404 = "billing_site.common.errors.page_not_found"
 handler500 = "billing_site.common.errors.server_error"
 
 urlpatterns = [
+    path("admin/", include("billing_site.backoffice.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include("accounts.urls")),
     path("api/v1/", include("metering.urls")),

@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "billing_site.outbox",
     "payments",
     "antifraud",
+    "billing_site.backoffice",  # staff pages across apps: customer page, search, money views, dashboard
 ]
 
 MIDDLEWARE = [
