@@ -1,0 +1,32 @@
+"""The harness itself: staff sign in through the real login form, a wrong password does not
+get in, and a page that asks another host for anything is caught (the guard that proves the
+admin needs no internet can fail)."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.browser.harness import PASSWORD, admin_login, new_operator
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def test_staff_sign_in_through_the_login_form_and_a_wrong_password_does_not(page: Page) -> None:
+    agent = new_operator("support")
+    page.goto("/admin/login/?next=/admin/")
+    page.locator("#id_username").fill(agent.email)
+    page.locator("#id_password").fill(PASSWORD + "-wrong")
+    page.locator("#login-form [type=submit]").click()
+    expect(page.locator(".errornote")).to_be_visible()
+    assert "/admin/login/" in page.url
+
+    admin_login(page, agent)
+    expect(page.locator("#user-tools")).to_contain_text(agent.email)
+
+
+def test_a_request_to_another_host_is_aborted_and_recorded(page: Page, off_host_requests: list[str]) -> None:
+    page.goto("/admin/login/")
+    page.set_content('<img src="https://cdn.example.com/logo.png"><script src="http://203.0.113.9/x.js"></script>')
+    assert sorted(off_host_requests) == ["http://203.0.113.9/x.js", "https://cdn.example.com/logo.png"]
+    off_host_requests.clear()  # caught, as it should be: the test passes; left in, it would fail

@@ -1,0 +1,58 @@
+"""A support agent finds a customer's account by the admin's search, suspends it with a
+reason through the transition page, and sees the suspension in the account's history."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from accounts.models import AccountState, BillingAccount, BillingAccountTransition
+from conftest import Customer
+from tests.browser.harness import admin_login, new_operator, screenshot
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+REASON = "Leaked API key posted publicly; suspended until the customer rotates it"
+
+
+def test_a_support_agent_finds_an_account_suspends_it_and_sees_the_history(
+    page: Page, customer: Customer, make_account: Callable[..., BillingAccount]
+) -> None:
+    account = make_account(customer.user, name="Initech GmbH", email="ap@initech.test", state=AccountState.ACTIVE)
+    other = make_account(customer.user, name="Umbrella Corp", state=AccountState.ACTIVE)
+    agent = new_operator("support")
+
+    admin_login(page, agent, next_url="/admin/accounts/billingaccount/")
+    page.locator("#searchbar").fill("initech")
+    page.locator("#searchbar").press("Enter")
+    results = page.locator("#result_list")
+    expect(results).to_contain_text("Initech GmbH")
+    expect(results).not_to_contain_text(other.public_id)
+    screenshot(page, "support-account-search")
+
+    results.get_by_role("link", name=account.public_id, exact=True).click()
+    expect(page.locator(".object-tools")).not_to_contain_text("Block")  # fraud's, not support's
+    page.locator(".object-tools").get_by_role("link", name="Suspend…").click()
+    expect(page.locator("#content")).to_contain_text("a reason is required")
+    page.get_by_label("Reason").fill(REASON)
+    screenshot(page, "support-suspend")
+    page.get_by_role("button", name="Suspend", exact=True).click()
+
+    expect(page.locator(".messagelist")).to_contain_text(f"Initech GmbH ({account.public_id}) suspended.")
+    history = page.locator(".inline-group", has_text="History")
+    row = history.locator("tr", has_text=REASON)
+    expect(row).to_contain_text("suspend")
+    expect(row).to_contain_text(agent.email)
+    screenshot(page, "support-account-history")
+
+    account.refresh_from_db()
+    assert account.state == AccountState.SUSPENDED
+    done = BillingAccountTransition.objects.get(account=account, transition="suspend")
+    assert (done.from_state, done.to_state, done.actor_user_id, done.reason) == (
+        AccountState.ACTIVE,
+        AccountState.SUSPENDED,
+        agent.id,
+        REASON,
+    )
