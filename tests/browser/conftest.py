@@ -108,7 +108,7 @@ def new_page(
     request: pytest.FixtureRequest, browser: Browser, live_server: Any, off_host_requests: list[str]
 ) -> Iterator[Callable[[], Page]]:
     """Opens a new browser window of its own (its own cookies: another member of staff) at the
-    live server's address (``page.goto("/admin/")``), 1280×900, every request off this machine
+    live server's address (``page.goto("/admin/")``), 1280 by 900, every request off this machine
     aborted and the test failed for it. When the test fails, each window leaves a screenshot of
     where it was in .data/screenshots/failed/ (never in docs/)."""
     marker = request.node.get_closest_marker("django_db")
@@ -125,9 +125,7 @@ def new_page(
             route.abort("blockedbyclient")
 
     def open_window() -> Page:
-        context = browser.new_context(
-            base_url=live_server.url, viewport=VIEWPORT, locale="en-GB", timezone_id="UTC"
-        )
+        context = browser.new_context(base_url=live_server.url, viewport=VIEWPORT, locale="en-GB", timezone_id="UTC")
         contexts.append(context)
         context.set_default_timeout(15_000)  # 2 shared cores, other suites beside: patience, not a measure
         context.route("**/*", guard)

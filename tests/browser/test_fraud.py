@@ -40,9 +40,7 @@ def decide(page: Page, account: BillingAccount, button: str, reason: str) -> Non
     page.get_by_role("button", name=button, exact=True).click()
 
 
-def test_an_analyst_approves_one_review_and_blocks_another(
-    page: Page, make_customer: Callable[..., Customer]
-) -> None:
+def test_an_analyst_approves_one_review_and_blocks_another(page: Page, make_customer: Callable[..., Customer]) -> None:
     good = flagged(make_customer(), name="Honest Hosting BV", email="ops@mailinator.com", ip=US_IP, card="pm_card_visa")
     bad = flagged(make_customer(), name="Card Testers Ltd", email="cc@yopmail.com", ip=AU_IP, card="pm_card_mastercard")
     analyst = new_operator("fraud")
