@@ -1,18 +1,23 @@
 """The harness itself: staff sign in through the real login form, a wrong password does not
-get in, and a page that asks another host for anything is caught (the guard that proves the
-admin needs no internet can fail)."""
+get in, screenshots land where ``BILLING_SCREENSHOTS`` says, and a page that asks another host
+for anything is caught (the guard that proves the admin needs no internet can fail)."""
 
 from __future__ import annotations
+
+import struct
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.harness import PASSWORD, admin_login, new_operator
+from tests.browser.harness import PASSWORD, SCREENSHOTS_ENV, VIEWPORT, admin_login, new_operator, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
-def test_staff_sign_in_through_the_login_form_and_a_wrong_password_does_not(page: Page) -> None:
+def test_staff_sign_in_through_the_login_form_and_a_wrong_password_does_not(
+    page: Page, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     agent = new_operator("support")
     page.goto("/admin/login/?next=/admin/")
     page.locator("#id_username").fill(agent.email)
@@ -23,6 +28,14 @@ def test_staff_sign_in_through_the_login_form_and_a_wrong_password_does_not(page
 
     admin_login(page, agent)
     expect(page.locator("#user-tools")).to_contain_text(agent.email)
+
+    monkeypatch.setenv(SCREENSHOTS_ENV, str(tmp_path / "docs"))
+    shot = screenshot(page, "admin-home")
+    assert shot == tmp_path / "docs" / "admin-home.png"
+    header = shot.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", header[16:24])  # the IHDR chunk
+    assert width == VIEWPORT["width"] and height >= VIEWPORT["height"]  # the whole page, not less
 
 
 def test_a_request_to_another_host_is_aborted_and_recorded(page: Page, off_host_requests: list[str]) -> None:
