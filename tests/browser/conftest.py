@@ -34,15 +34,16 @@ class _WorkerChromium:
     def __init__(self) -> None:
         self.playwright: Playwright | None = None
         self.browser: Browser | None = None
-        self.saved_env: str | None = None
+        self.saved_env: tuple[str | None] | None = None  # DJANGO_ALLOW_ASYNC_UNSAFE before we set it
 
     def get(self) -> Browser:
-        if self.browser is not None:
+        if self.browser is not None and self.browser.is_connected():
             return self.browser
+        self.stop()  # a browser that crashed is started afresh
         executable = chromium_path()
         if executable is None:
             pytest.skip("needs Chromium: no chromium on PATH nor /usr/bin/chromium (Debian: apt-get install chromium)")
-        self.saved_env = os.environ.get(ASYNC_UNSAFE)
+        self.saved_env = (os.environ.get(ASYNC_UNSAFE),)
         os.environ[ASYNC_UNSAFE] = "true"
         try:
             self.playwright = sync_playwright().start()
@@ -54,17 +55,21 @@ class _WorkerChromium:
 
     def stop(self) -> None:
         try:
-            if self.browser is not None:
+            if self.browser is not None and self.browser.is_connected():
                 self.browser.close()
-            if self.playwright is not None:
-                self.playwright.stop()
         finally:
-            self.browser = self.playwright = None
-            if self.saved_env is None:
-                os.environ.pop(ASYNC_UNSAFE, None)
-            else:
-                os.environ[ASYNC_UNSAFE] = self.saved_env
-            self.saved_env = None
+            try:
+                if self.playwright is not None:
+                    self.playwright.stop()
+            finally:
+                self.browser = self.playwright = None
+                if self.saved_env is not None:
+                    (before,) = self.saved_env
+                    if before is None:
+                        os.environ.pop(ASYNC_UNSAFE, None)
+                    else:
+                        os.environ[ASYNC_UNSAFE] = before
+                    self.saved_env = None
 
 
 _chromium = _WorkerChromium()
