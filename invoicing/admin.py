@@ -33,6 +33,7 @@ from invoicing import selectors, services
 from invoicing.line_display import quantity_text, unit_price_text
 from invoicing.models import (
     GRANTABLE_CREDIT_KINDS,
+    ApprovalRequest,
     ContractDiscount,
     CreditGrant,
     CreditNote,
@@ -49,6 +50,11 @@ from invoicing.periods import Period
 
 def _operator(request: HttpRequest) -> Actor:
     return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
+
+
+def approval_rows(requests: list[ApprovalRequest]) -> list[tuple[ApprovalRequest, str]]:
+    """Four-eyes requests with their amounts as money, for ``backoffice/_approval_requests.html``."""
+    return [(r, money.display(r.amount_minor, r.currency)) for r in requests]
 
 
 def _service_error_on_form(form: forms.BaseForm, exc: ApplicationError) -> None:
@@ -382,6 +388,7 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                 for refund in invoice.refunds.select_related("credit_note", "grant").order_by("created_at", "id")
             ]
             extra["has_pdf"] = invoice.status != InvoiceStatus.DRAFT
+            extra["approval_requests"] = approval_rows(services.approval_requests_for(invoice_id=invoice.id))
         return super().change_view(request, object_id, form_url, extra)
 
     @staticmethod
@@ -435,8 +442,15 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                     note = services.invoice_void(invoice_id=invoice.id, reason=data["reason"], actor=_operator(request))
                     done = f"{invoice.number} voided with credit note {note.number}."
                 elif name == "write_off":
-                    services.invoice_write_off(invoice_id=invoice.id, reason=data["reason"], actor=_operator(request))
-                    done = f"{invoice.number} written off."
+                    written = services.invoice_write_off_submit(
+                        invoice_id=invoice.id, reason=data["reason"], actor=_operator(request)
+                    )
+                    done = (
+                        f"{invoice.number} written off."
+                        if isinstance(written, Invoice)
+                        else f"The write-off of {invoice.number} is above the four-eyes threshold: request "
+                        f"{written.public_id} awaits a second finance user's approval."
+                    )
                 else:
                     amount_minor = money.to_minor(data["amount"], invoice.currency)
                     note = services.credit_note_issue(
@@ -658,7 +672,7 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
     def save_model(self, request: HttpRequest, obj: CreditGrant, form: Any, change: bool) -> None:
         data = form.cleaned_data
         try:
-            grant = services.credit_grant_create(
+            grant = services.credit_grant_submit(
                 account_id=data["account"],
                 kind=data["kind"],
                 amount=data["amount"],
@@ -669,9 +683,23 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
             )
         except ApplicationError as exc:
             raise PermissionDenied(exc.message) from exc
+        if isinstance(grant, ApprovalRequest):  # above the four-eyes threshold: nothing granted yet
+            request._four_eyes_request = grant  # type: ignore[attr-defined]  # for response_add
+            return
         # The admin's "… was added" message names ``obj``: give it what the service wrote.
         for field in CreditGrant._meta.concrete_fields:
             setattr(obj, field.attname, getattr(grant, field.attname))
+
+    def response_add(self, request: HttpRequest, obj: CreditGrant, post_url_continue: str | None = None) -> Any:
+        pending = getattr(request, "_four_eyes_request", None)
+        if pending is None:
+            return super().response_add(request, obj, post_url_continue)
+        messages.warning(
+            request,
+            f"A grant of {money.display(pending.amount_minor, pending.currency)} is above the four-eyes threshold: "
+            f"request {pending.public_id} awaits a second finance user's approval.",
+        )
+        return HttpResponseRedirect(reverse("admin:invoicing_creditgrant_changelist"))
 
 
 class TaxRateForm(forms.ModelForm[TaxRate]):

@@ -7,6 +7,7 @@ demo the credit check). Each lives in the module of its one job:
 - ``invoice_life``: money received, write-offs, voids;
 - ``credit_notes``: credit notes by lines and for refunds;
 - ``credit_grants``: credit granted by finance;
+- ``approvals``: four-eyes requests for refunds, grants and write-offs above a threshold;
 - ``disputes``: the payments app's disputes on the books;
 - ``tax_rates`` and ``discounts``: the terms finance sets, audited;
 - ``writing``: what they share. The VAT arithmetic is in ``taxes``.
@@ -19,6 +20,18 @@ after the commit."""
 
 from __future__ import annotations
 
+from invoicing.approvals import (
+    approval_claim,
+    approval_needed,
+    approval_record_result,
+    approval_reject,
+    approval_request_create,
+    approval_request_get,
+    approval_requests_for,
+    credit_grant_submit,
+    four_eyes_threshold_minor,
+    invoice_write_off_submit,
+)
 from invoicing.closing import (
     CHUNK_ACCOUNTS,
     CloseReport,
@@ -48,6 +61,16 @@ from invoicing.taxes import rule_tax
 from invoicing.threshold import THRESHOLD_ACTOR, ThresholdReport, threshold_billing_run
 
 __all__ = [
+    "approval_claim",
+    "approval_needed",
+    "approval_record_result",
+    "approval_reject",
+    "approval_request_create",
+    "approval_request_get",
+    "approval_requests_for",
+    "credit_grant_submit",
+    "four_eyes_threshold_minor",
+    "invoice_write_off_submit",
     "CHUNK_ACCOUNTS",
     "DISPUTE_STAGES",
     "SETTLE_CREDIT",

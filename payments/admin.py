@@ -33,6 +33,7 @@ from billing_site.common.actors import Actor
 from billing_site.common.admin import AmountField, HistoryInline, PartInline, RecordAdminMixin
 from billing_site.common.errors import ApplicationError
 from billing_site.common.transitions import actor_log_fields
+from invoicing import services as invoicing_services
 from payments import refunds, services, webhooks
 from payments.models import (
     BindingAttempt,
@@ -291,6 +292,10 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
         extra = {**(extra_context or {})}
         if payment is not None:
             extra["may_refund"] = self.may_refund(request, payment)
+            extra["approval_requests"] = [
+                (r, money.display(r.amount_minor, r.currency))
+                for r in invoicing_services.approval_requests_for(payment_id=payment.id)
+            ]
         return super().change_view(request, object_id, form_url, extra)
 
     def get_urls(self) -> list[URLPattern]:
@@ -314,7 +319,7 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
         if request.method == "POST" and form.is_valid():
             amount_minor = money.to_minor(form.cleaned_data["amount"], payment.currency)
             try:
-                refund = refunds.refund_issue(
+                refund = refunds.refund_submit(
                     payment_id=payment.id,
                     amount_minor=amount_minor,
                     reason=form.cleaned_data["reason"],
@@ -324,7 +329,14 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
             except ApplicationError as exc:
                 messages.error(request, exc.message)
             else:
-                self._report_refund(request, refund)
+                if isinstance(refund, Refund):
+                    self._report_refund(request, refund)
+                else:  # above the four-eyes threshold: a request, nothing refunded yet
+                    messages.warning(
+                        request,
+                        f"A refund of {money.display(amount_minor, payment.currency)} is above the four-eyes "
+                        f"threshold: request {refund.public_id} awaits a second finance user's approval.",
+                    )
                 return HttpResponseRedirect(change_url)
         context = {
             **self.admin_site.each_context(request),
