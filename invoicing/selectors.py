@@ -561,7 +561,11 @@ def revenue(*, period: Period) -> list[CurrencyRevenue]:
             "total_minor",
         ),
         ("credited_minor", CreditNote.objects.filter(issued_at__gte=start, issued_at__lt=end), "total_minor"),
-        ("collected_minor", InvoicePayment.objects.filter(received_at__gte=start, received_at__lt=end), "received_minor"),
+        (
+            "collected_minor",
+            InvoicePayment.objects.filter(received_at__gte=start, received_at__lt=end),
+            "received_minor",
+        ),
         (
             "refunded_minor",
             InvoiceRefund.objects.filter(created_at__gte=start, created_at__lt=end, method=RefundMethod.CARD),
@@ -569,6 +573,8 @@ def revenue(*, period: Period) -> list[CurrencyRevenue]:
         ),
     ]
     for name, queryset, column in sources:
-        for currency, total in queryset.order_by().values("currency").annotate(s=Sum(column)).values_list("currency", "s"):
+        for currency, total in (
+            queryset.order_by().values("currency").annotate(s=Sum(column)).values_list("currency", "s")
+        ):
             figures[currency][name] = int(total or 0)
     return [CurrencyRevenue(currency=currency, **figures[currency]) for currency in sorted(figures)]

@@ -28,6 +28,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.common import csv_export as csv
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import AmountField, HistoryInline, PartInline, RecordAdminMixin
@@ -204,7 +205,24 @@ class RefundForm(forms.Form):
 
 
 @admin.register(Payment)
-class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
+class PaymentAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
+    csv_columns = (
+        ("payment_id", csv.attr("public_id")),
+        ("account_id", lambda p: ids.encode("acc", p.account_id)),
+        ("customer", lambda p: getattr(p, "account_name", "") or ""),
+        ("invoice_id", lambda p: ids.encode("inv", p.invoice_id)),
+        ("attempt", csv.attr("attempt")),
+        ("trigger", csv.attr("trigger")),
+        ("status", csv.attr("status")),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("refunded", csv.amount("amount_refunded_minor")),
+        ("disputed", csv.amount("amount_disputed_minor")),
+        ("gateway", csv.attr("gateway")),
+        ("decline_code", csv.attr("decline_code")),
+        ("created_at", csv.attr("created_at")),
+        ("completed_at", csv.attr("completed_at")),
+    )
     public_id_columns = (("pay", "id"), ("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "public_id",
@@ -373,7 +391,21 @@ class RefundTransitionInline(HistoryInline, admin.TabularInline[RefundTransition
 
 
 @admin.register(Refund)
-class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
+class RefundAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
+    csv_columns = (
+        ("refund_id", csv.attr("public_id")),
+        ("payment_id", lambda r: ids.encode("pay", r.payment_id)),
+        ("invoice_id", lambda r: ids.encode("inv", r.invoice_id)),
+        ("account_id", lambda r: ids.encode("acc", r.account_id)),
+        ("customer", lambda r: getattr(r, "account_name", "") or ""),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("reason", csv.attr("reason")),
+        ("status", csv.attr("status")),
+        ("requested_by", csv.attr("requested_by")),
+        ("created_at", csv.attr("created_at")),
+        ("completed_at", csv.attr("completed_at")),
+    )
     public_id_columns = (
         ("ref", "id"),
         ("pay", "payment_id"),
@@ -453,7 +485,18 @@ class DisputeTransitionInline(HistoryInline, admin.TabularInline[DisputeTransiti
 
 
 @admin.register(Dispute)
-class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
+class DisputeAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
+    csv_columns = (
+        ("dispute_id", csv.attr("public_id")),
+        ("payment_id", lambda d: ids.encode("pay", d.payment_id)),
+        ("account_id", lambda d: ids.encode("acc", d.account_id)),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("reason", csv.attr("reason")),
+        ("status", csv.attr("status")),
+        ("opened_at", csv.attr("opened_at")),
+        ("closed_at", csv.attr("closed_at")),
+    )
     public_id_columns = (("dsp", "id"), ("pay", "payment_id"), ("acc", "account_id"))
     list_display = ("public_id", "payment_shown", "account", "amount", "reason", "status", "opened_at", "closed_at")
     list_filter = ("status", "reason", "gateway", "currency", ("opened_at", admin.DateFieldListFilter))
@@ -657,7 +700,23 @@ def _dunning_paused_subquery() -> Subquery:
 
 
 @admin.register(DunningCase)
-class DunningCaseAdmin(DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]):
+class DunningCaseAdmin(
+    csv.CsvExportMixin, DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]
+):
+    csv_columns = (
+        ("invoice_id", lambda c: ids.encode("inv", c.invoice_id)),
+        ("account_id", lambda c: ids.encode("acc", c.account_id)),
+        ("customer", lambda c: getattr(c, "account_name", "") or ""),
+        ("status", csv.attr("status")),
+        ("currency", csv.attr("currency")),
+        ("first_failure_at", csv.attr("first_failure_at")),
+        ("due_at", csv.attr("due_at")),
+        ("retries_done", csv.attr("retries_done")),
+        ("last_decline_code", csv.attr("last_decline_code")),
+        ("suspended_account", csv.attr("suspended_account")),
+        ("opened_at", csv.attr("opened_at")),
+        ("closed_at", csv.attr("closed_at")),
+    )
     public_id_columns = (("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "invoice",
