@@ -17,6 +17,7 @@ from django.utils import timezone
 from billing_site.common import money
 from invoicing import planning
 from invoicing.models import (
+    ApprovalRequest,
     ContractDiscount,
     CreditGrant,
     CreditNote,
@@ -406,9 +407,9 @@ def _discounted_unbilled(*, period: Period, as_of: dt.datetime, account_ids: lis
 # due = today (UTC) minus the invoice's due date (UTC); not yet due or due today: ``current``.
 AGEING_BUCKETS: tuple[tuple[str, str, int | None, int | None], ...] = (
     ("current", "Current", None, 0),
-    ("1_30", "1–30 days", 1, 30),
-    ("31_60", "31–60 days", 31, 60),
-    ("61_90", "61–90 days", 61, 90),
+    ("1_30", "1-30 days", 1, 30),
+    ("31_60", "31-60 days", 31, 60),
+    ("61_90", "61-90 days", 61, 90),
     ("90_plus", "90+ days", 91, None),
 )
 AGEING_BUCKET_KEYS = tuple(key for key, _label, _low, _high in AGEING_BUCKETS)
@@ -547,12 +548,12 @@ class CurrencyRevenue:
         return self.collected_minor - self.refunded_minor
 
 
-def revenue(*, period: Period) -> list[CurrencyRevenue]:
-    """Revenue invoiced and collected in ``period`` per currency (see ``CurrencyRevenue``):
-    four grouped statements over the month's rows only (indexes on ``issued_at``,
-    ``received_at``, ``created_at``)."""
-    start = dt.datetime.combine(period.start, dt.time(0), tzinfo=dt.UTC)
-    end = dt.datetime.combine(period.end, dt.time(0), tzinfo=dt.UTC)
+def revenue(*, month: dt.date) -> list[CurrencyRevenue]:
+    """Revenue invoiced and collected in the calendar month (UTC) of ``month`` per currency
+    (see ``CurrencyRevenue``): four grouped statements over the month's rows only (indexes on
+    ``issued_at``, ``received_at``; refunds by the account's ``created_at``)."""
+    period = Period(month.replace(day=1))
+    start, end = period.start_at, period.end_at
     figures: dict[str, dict[str, int]] = defaultdict(dict)
     sources: list[tuple[str, QuerySet[Any], str]] = [
         (
@@ -578,3 +579,11 @@ def revenue(*, period: Period) -> list[CurrencyRevenue]:
         ):
             figures[currency][name] = int(total or 0)
     return [CurrencyRevenue(currency=currency, **figures[currency]) for currency in sorted(figures)]
+
+
+def approval_requests(*, status: str | None = "pending", limit: int = 500) -> list[ApprovalRequest]:
+    """Four-eyes requests (of ``status``; None: all), newest first."""
+    queryset = ApprovalRequest.objects.all()
+    if status is not None:
+        queryset = queryset.filter(status=status)
+    return list(queryset.order_by("-requested_at")[:limit])
