@@ -46,6 +46,7 @@ def approval_execute(*, request_id: int) -> Any:
     approved = f"approved by {request.decided_by}: {request.decision_reason}"
     try:
         if request.kind == "refund":
+            assert request.payment_id is not None
             refund = refunds.refund_issue(
                 payment_id=request.payment_id,
                 amount_minor=request.amount_minor,

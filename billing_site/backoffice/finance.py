@@ -19,6 +19,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http.response import HttpResponseBase
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -59,7 +60,7 @@ def _parse_month(text: str | None, default: dt.date) -> dt.date:
         return default
 
 
-def finance_view(request: HttpRequest) -> HttpResponse:
+def finance_view(request: HttpRequest) -> HttpResponseBase:
     """The ageing, the month's funnel (``?month=YYYY-MM``, default last month) and revenue."""
     _require(request, VIEW_FIGURES, "finance or read-only")
     now = timezone.now()
@@ -149,7 +150,7 @@ def finance_view(request: HttpRequest) -> HttpResponse:
     return TemplateResponse(request, "backoffice/finance.html", context)
 
 
-def receivables_bucket_view(request: HttpRequest, currency: str, bucket: str) -> HttpResponse:
+def receivables_bucket_view(request: HttpRequest, currency: str, bucket: str) -> HttpResponseBase:
     """The accounts behind one bucket of one currency, largest first; ``?format=csv``: all of them."""
     _require(request, VIEW_FIGURES, "finance or read-only")
     if bucket not in invoicing_selectors.AGEING_BUCKET_KEYS:
@@ -160,7 +161,7 @@ def receivables_bucket_view(request: HttpRequest, currency: str, bucket: str) ->
         everyone = invoicing_selectors.receivables_bucket_accounts(
             currency=currency, bucket=bucket, as_of=now, limit=None
         )
-        rows = (
+        csv_rows = (
             [
                 ids.encode("acc", r.account_id),
                 r.currency,
@@ -171,7 +172,7 @@ def receivables_bucket_view(request: HttpRequest, currency: str, bucket: str) ->
             for r in everyone
         )
         header = ["account_id", "currency", "amount", "invoices", "oldest_due_at"]
-        return csv_export.stream_csv(f"receivables-{currency}-{bucket}-{now:%Y%m%d}.csv", header, rows)
+        return csv_export.stream_csv(f"receivables-{currency}-{bucket}-{now:%Y%m%d}.csv", header, csv_rows)
     limit = 500
     found = invoicing_selectors.receivables_bucket_accounts(currency=currency, bucket=bucket, as_of=now, limit=limit)
     profiles = account_selectors.billing_profiles(account_ids=[r.account_id for r in found])

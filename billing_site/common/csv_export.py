@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import Model, QuerySet
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import HttpRequest, StreamingHttpResponse
+from django.http.response import HttpResponseBase
 from django.urls import URLPattern, path
 from django.utils import timezone
 
@@ -105,7 +106,7 @@ class CsvExportMixin:
     CSV". ``csv_columns`` says the columns; whoever may view the list may export it."""
 
     csv_columns: Sequence[Column] = ()
-    change_list_template = "admin/csv_export_change_list.html"
+    change_list_template: ClassVar[Any] = "admin/csv_export_change_list.html"  # as ModelAdmin declares it
 
     def get_urls(self) -> list[URLPattern]:
         model = self.model  # type: ignore[attr-defined]
@@ -113,7 +114,7 @@ class CsvExportMixin:
         view = self.admin_site.admin_view(self.export_csv_view)  # type: ignore[attr-defined]
         return [path("export.csv", view, name=name), *super().get_urls()]  # type: ignore[misc]
 
-    def export_csv_view(self, request: HttpRequest) -> HttpResponse:
+    def export_csv_view(self, request: HttpRequest) -> HttpResponseBase:
         if not self.has_view_or_change_permission(request):  # type: ignore[attr-defined]
             raise PermissionDenied
         # The changelist's own query (filters, search, ordering), every page of it.
