@@ -32,7 +32,7 @@ from antifraud.models import (
     RiskStatus,
     RulesVersion,
 )
-from billing_site.common import ids
+from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import RecordAdminMixin
 from billing_site.common.errors import ApplicationError
@@ -349,13 +349,22 @@ class CreditLimitPolicyAdmin(admin.ModelAdmin[CreditLimitPolicy]):
         "currency",
         "account_kind",
         "country",
-        "initial_limit",
+        "initial_limit_shown",
         "raise_after_on_time_payments",
         "raise_percent",
-        "max_limit",
+        "max_limit_shown",
         "is_active",
     )
     list_filter = ("currency", "is_active")
+
+    # Limits are kept with 4 places: shown as money, with the currency's places.
+    @admin.display(description="initial limit", ordering="initial_limit")
+    def initial_limit_shown(self, policy: CreditLimitPolicy) -> str:
+        return f"{money.format_amount(policy.initial_limit, policy.currency)} {policy.currency}"
+
+    @admin.display(description="max limit", ordering="max_limit")
+    def max_limit_shown(self, policy: CreditLimitPolicy) -> str:
+        return f"{money.format_amount(policy.max_limit, policy.currency)} {policy.currency}"
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # switched off, never deleted: accounts' limits came from it

@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.common import csv_export as csv
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import (
@@ -33,6 +34,7 @@ from invoicing import selectors, services
 from invoicing.line_display import quantity_text, unit_price_text
 from invoicing.models import (
     GRANTABLE_CREDIT_KINDS,
+    ApprovalRequest,
     ContractDiscount,
     CreditGrant,
     CreditNote,
@@ -49,6 +51,11 @@ from invoicing.periods import Period
 
 def _operator(request: HttpRequest) -> Actor:
     return Actor.operator(request.user.pk, str(request.user))  # type: ignore[arg-type]
+
+
+def approval_rows(requests: list[ApprovalRequest]) -> list[tuple[ApprovalRequest, str]]:
+    """Four-eyes requests with their amounts as money, for ``backoffice/_approval_requests.html``."""
+    return [(r, money.display(r.amount_minor, r.currency)) for r in requests]
 
 
 def _service_error_on_form(form: forms.BaseForm, exc: ApplicationError) -> None:
@@ -232,7 +239,30 @@ ACTIONS = {
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(admin.ModelAdmin[Invoice]):
+class InvoiceAdmin(csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
+    change_list_template = "admin/invoicing/invoice/change_list.html"  # with the CSV export's link
+    csv_columns = (
+        ("number", csv.attr("number")),
+        ("invoice_id", csv.attr("public_id")),
+        ("account_id", lambda i: ids.encode("acc", i.account_id)),
+        ("customer", lambda i: getattr(i, "account_name", "") or ""),
+        ("period_start", csv.attr("period_start")),
+        ("kind", csv.attr("kind")),
+        ("status", csv.attr("status")),
+        ("currency", csv.attr("currency")),
+        ("subtotal", csv.amount("subtotal_minor")),
+        ("tax", csv.amount("tax_minor")),
+        ("total", csv.amount("total_minor")),
+        ("credits_applied", csv.amount("credits_applied_minor")),
+        ("paid", csv.amount("amount_paid_minor")),
+        ("credited", csv.amount("amount_credited_minor")),
+        ("refunded", csv.amount("amount_refunded_minor")),
+        ("written_off", csv.amount("written_off_minor")),
+        ("outstanding", csv.amount("amount_outstanding_minor")),
+        ("issued_at", csv.attr("issued_at")),
+        ("due_at", csv.attr("due_at")),
+        ("paid_at", csv.attr("paid_at")),
+    )
     list_display = (
         "number",
         "public_id",
@@ -382,6 +412,7 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                 for refund in invoice.refunds.select_related("credit_note", "grant").order_by("created_at", "id")
             ]
             extra["has_pdf"] = invoice.status != InvoiceStatus.DRAFT
+            extra["approval_requests"] = approval_rows(services.approval_requests_for(invoice_id=invoice.id))
         return super().change_view(request, object_id, form_url, extra)
 
     @staticmethod
@@ -435,8 +466,15 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
                     note = services.invoice_void(invoice_id=invoice.id, reason=data["reason"], actor=_operator(request))
                     done = f"{invoice.number} voided with credit note {note.number}."
                 elif name == "write_off":
-                    services.invoice_write_off(invoice_id=invoice.id, reason=data["reason"], actor=_operator(request))
-                    done = f"{invoice.number} written off."
+                    written = services.invoice_write_off_submit(
+                        invoice_id=invoice.id, reason=data["reason"], actor=_operator(request)
+                    )
+                    done = (
+                        f"{invoice.number} written off."
+                        if isinstance(written, Invoice)
+                        else f"The write-off of {invoice.number} is above the four-eyes threshold: request "
+                        f"{written.public_id} awaits a second finance user's approval."
+                    )
                 else:
                     amount_minor = money.to_minor(data["amount"], invoice.currency)
                     note = services.credit_note_issue(
@@ -520,7 +558,20 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
 
 
 @admin.register(CreditNote)
-class CreditNoteAdmin(admin.ModelAdmin[CreditNote]):
+class CreditNoteAdmin(csv.CsvExportMixin, admin.ModelAdmin[CreditNote]):
+    csv_columns = (
+        ("number", csv.attr("number")),
+        ("credit_note_id", csv.attr("public_id")),
+        ("invoice", lambda n: n.invoice.number),
+        ("account_id", lambda n: ids.encode("acc", n.account_id)),
+        ("currency", csv.attr("currency")),
+        ("subtotal", csv.amount("subtotal_minor")),
+        ("tax", csv.amount("tax_minor")),
+        ("total", csv.amount("total_minor")),
+        ("reason", csv.attr("reason")),
+        ("issued_by", csv.attr("issued_by")),
+        ("issued_at", csv.attr("issued_at")),
+    )
     list_display = ("number", "invoice", "currency", "total", "issued_at", "issued_by", "pdf")
     search_fields = ("number", "invoice__number")
     list_select_related = ("invoice",)
@@ -610,7 +661,20 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
 
 
 @admin.register(CreditGrant)
-class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
+class CreditGrantAdmin(csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
+    csv_columns = (
+        ("grant_id", csv.attr("public_id")),
+        ("account_id", lambda g: ids.encode("acc", g.account_id)),
+        ("customer", lambda g: getattr(g, "account_name", "") or ""),
+        ("kind", csv.attr("kind")),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("remaining", csv.amount("remaining_minor")),
+        ("expires_at", csv.attr("expires_at")),
+        ("reason", csv.attr("reason")),
+        ("granted_by", csv.attr("granted_by")),
+        ("created_at", csv.attr("created_at")),
+    )
     list_display = ("public_id", "account", "kind", "amount", "remaining", "expires_at", "granted_by", "created_at")
     list_filter = ("kind", "currency")
     form = CreditGrantForm
@@ -658,7 +722,7 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
     def save_model(self, request: HttpRequest, obj: CreditGrant, form: Any, change: bool) -> None:
         data = form.cleaned_data
         try:
-            grant = services.credit_grant_create(
+            grant = services.credit_grant_submit(
                 account_id=data["account"],
                 kind=data["kind"],
                 amount=data["amount"],
@@ -669,9 +733,23 @@ class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
             )
         except ApplicationError as exc:
             raise PermissionDenied(exc.message) from exc
+        if isinstance(grant, ApprovalRequest):  # above the four-eyes threshold: nothing granted yet
+            request._four_eyes_request = grant  # type: ignore[attr-defined]  # for response_add
+            return
         # The admin's "… was added" message names ``obj``: give it what the service wrote.
         for field in CreditGrant._meta.concrete_fields:
             setattr(obj, field.attname, getattr(grant, field.attname))
+
+    def response_add(self, request: HttpRequest, obj: CreditGrant, post_url_continue: str | None = None) -> Any:
+        pending = getattr(request, "_four_eyes_request", None)
+        if pending is None:
+            return super().response_add(request, obj, post_url_continue)
+        messages.warning(
+            request,
+            f"A grant of {money.display(pending.amount_minor, pending.currency)} is above the four-eyes threshold: "
+            f"request {pending.public_id} awaits a second finance user's approval.",
+        )
+        return HttpResponseRedirect(reverse("admin:invoicing_creditgrant_changelist"))
 
 
 class TaxRateForm(forms.ModelForm[TaxRate]):
@@ -707,7 +785,14 @@ class TaxRateForm(forms.ModelForm[TaxRate]):
 
 
 @admin.register(TaxRate)
-class TaxRateAdmin(WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
+class TaxRateAdmin(csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
+    csv_columns = (
+        ("country", lambda r: str(r.country)),
+        ("rate_percent", csv.attr("rate")),
+        ("valid_from", csv.attr("valid_from")),
+        ("valid_until", csv.attr("valid_until")),
+        ("note", csv.attr("note")),
+    )
     """Rates are written by ``services.tax_rate_create`` / ``tax_rate_update`` (audited); once
     written, only a rate's end and note change."""
 
@@ -806,7 +891,17 @@ class ContractDiscountChangeForm(forms.ModelForm[ContractDiscount]):
 
 
 @admin.register(ContractDiscount)
-class ContractDiscountAdmin(WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]):
+class ContractDiscountAdmin(csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]):
+    csv_columns = (
+        ("account_id", lambda d: ids.encode("acc", d.account_id)),
+        ("customer", lambda d: getattr(d, "account_name", "") or ""),
+        ("sku_prefix", csv.attr("sku_prefix")),
+        ("percent", csv.attr("percent")),
+        ("valid_from", csv.attr("valid_from")),
+        ("valid_until", csv.attr("valid_until")),
+        ("reason", csv.attr("reason")),
+        ("created_by", csv.attr("created_by")),
+    )
     """Written by ``services.contract_discount_create`` / ``_update`` (checked under the
     account's billing lock, audited as ``TermsChange``), never by a plain save."""
 
@@ -902,3 +997,91 @@ class LedgerEntryAdmin(admin.ModelAdmin[LedgerEntry]):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(ApprovalRequest)
+class ApprovalRequestAdmin(csv.CsvExportMixin, admin.ModelAdmin[ApprovalRequest]):
+    """Four-eyes requests, as records: approved or rejected from the back office's page
+    (``backoffice:approval_list``), which carries the approved ones out; never edited here."""
+
+    list_display = (
+        "public_id",
+        "kind",
+        "account",
+        "amount",
+        "status",
+        "requested_by",
+        "reason",
+        "decided_by",
+        "decision_reason",
+        "result",
+        "requested_at",
+    )
+    list_filter = ("status", "kind", "currency")
+    search_fields = ("requested_by", "decided_by", "reason")
+    ordering = ("-requested_at",)
+    fields = (
+        "public_id",
+        "kind",
+        "status",
+        "account",
+        "invoice",
+        "amount",
+        "reason",
+        "requested_by",
+        "requested_at",
+        "decided_by",
+        "decision_reason",
+        "decided_at",
+        "result",
+        "executed_at",
+    )
+    readonly_fields = fields
+    csv_columns = (
+        ("request_id", csv.attr("public_id")),
+        ("kind", csv.attr("kind")),
+        ("status", csv.attr("status")),
+        ("account_id", lambda r: ids.encode("acc", r.account_id)),
+        ("invoice_id", lambda r: ids.encode("inv", r.invoice_id) if r.invoice_id else ""),
+        ("payment_id", lambda r: ids.encode("pay", r.payment_id) if r.payment_id else ""),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("reason", csv.attr("reason")),
+        ("requested_by", csv.attr("requested_by")),
+        ("requested_at", csv.attr("requested_at")),
+        ("decided_by", csv.attr("decided_by")),
+        ("decision_reason", csv.attr("decision_reason")),
+        ("decided_at", csv.attr("decided_at")),
+        ("result", csv.attr("result")),
+    )
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApprovalRequest]:
+        return _with_account_names(super().get_queryset(request))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="id")
+    def public_id(self, req: ApprovalRequest) -> str:
+        return req.public_id
+
+    @admin.display(description="customer", ordering="account_name")
+    def account(self, req: ApprovalRequest) -> str:
+        return _account_link(req)
+
+    @admin.display(description="invoice")
+    def invoice(self, req: ApprovalRequest) -> str:
+        if not req.invoice_id:
+            return "-"
+        url = reverse("admin:invoicing_invoice_change", args=[req.invoice_id])
+        return format_html('<a href="{}">{}</a>', url, ids.encode("inv", req.invoice_id))
+
+    @admin.display(description="amount", ordering="amount_minor")
+    def amount(self, req: ApprovalRequest) -> str:
+        return money.display(req.amount_minor, req.currency)

@@ -22,7 +22,12 @@ class InvoicingConfig(AppConfig):
             "add_contractdiscount",
             "change_contractdiscount",
             "view_ledgerentry",
+            "view_receivables",
+            "view_approvalrequest",
+            "decide_approvalrequest",
         ),
+        # For the read-only group (declared with the groups of the back-office issue).
+        "read-only": ("view_receivables", "view_approvalrequest"),
     }
 
     def ready(self) -> None:

@@ -61,11 +61,17 @@ def credit_grant_create(
     reason: str,
     actor: Actor,
     expires_at: dt.datetime | None = None,
+    grant_id: int | None = None,
 ) -> CreditGrant:
     """Grant credit in ``currency`` (the account's) to an account that is not closed.
     Promotional credit is an expense; prepaid credit was paid through the gateway.
     (Overpayment credit is written by the services that receive the money, never granted by
-    hand: money received for a closed account is still kept.)"""
+    hand: money received for a closed account is still kept.) ``grant_id``: the id to write
+    it under (an approved four-eyes request's): a grant already written under it is returned."""
+    if grant_id is not None:
+        existing = CreditGrant.objects.filter(id=grant_id).first()
+        if existing is not None:
+            return existing
     amount_minor = credit_grant_check(
         account_id=account_id, kind=kind, amount=amount, currency=currency, expires_at=expires_at
     )
@@ -83,6 +89,7 @@ def credit_grant_create(
             debit=ledger.PROMOTIONS if kind == CreditKind.PROMOTIONAL else ledger.GATEWAY_CLEARING,
             memo=f"{kind.title()} credit: {reason}",
             now=now,
+            grant_id=grant_id,
         )
     except IntegrityError as exc:  # pragma: no cover - a fresh random id
         raise Conflict("conflict", "Try again.") from exc

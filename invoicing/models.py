@@ -285,11 +285,30 @@ class Invoice(AuditedTransitions, FSMModelMixin, models.Model):
             models.Index(fields=["period_start", "status"], name="invoicing_invoice_period"),
             # Which issued invoices a change of a country's VAT rate would touch.
             models.Index(fields=["tax_country", "period_end"], name="invoicing_invoice_tax_point"),
+            # Finance's receivables ageing: the issued invoices only, with every column the
+            # ageing reads (an index-only scan at 10,000,000 invoices, ``selectors.receivables_ageing``).
+            models.Index(
+                fields=["currency", "due_at"],
+                include=[
+                    "account_id",
+                    "total_minor",
+                    "credits_applied_minor",
+                    "amount_paid_minor",
+                    "amount_credited_minor",
+                    "written_off_minor",
+                    "amount_refunded_minor",
+                ],
+                condition=Q(status="issued"),
+                name="invoicing_invoice_receivable",
+            ),
+            # Revenue invoiced in a month (``selectors.revenue``).
+            models.Index(fields=["issued_at"], name="invoicing_invoice_issued"),
         ]
         permissions = [
             ("close_period", "Can run a period close (billing run)"),
             ("write_off_invoice", "Can write invoices off as uncollectible"),
             ("issue_credit_note", "Can issue credit notes and void invoices"),
+            ("view_receivables", "Can view the receivables ageing, dunning funnel and revenue"),
         ]
 
     def __str__(self) -> str:
@@ -537,7 +556,10 @@ class CreditNote(models.Model):
     issued_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        indexes = [models.Index(fields=["account_id", "-issued_at"], name="invoicing_cn_account")]
+        indexes = [
+            models.Index(fields=["account_id", "-issued_at"], name="invoicing_cn_account"),
+            models.Index(fields=["issued_at"], name="invoicing_cn_issued"),  # a month's credit notes
+        ]
         constraints = [models.CheckConstraint(condition=Q(total_minor__gt=0), name="invoicing_cn_positive")]
 
     def __str__(self) -> str:
@@ -584,7 +606,10 @@ class InvoicePayment(models.Model):
     received_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        indexes = [models.Index(fields=["account_id", "received_at"], name="invoicing_payment_account")]
+        indexes = [
+            models.Index(fields=["account_id", "received_at"], name="invoicing_payment_account"),
+            models.Index(fields=["received_at"], name="invoicing_payment_received"),  # a month's money in
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(amount_minor__gte=0, received_minor__gt=0, amount_minor__lte=models.F("received_minor")),
@@ -713,3 +738,81 @@ class LedgerLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.ledger_account}: {money.display(self.amount_minor, self.currency)}"
+
+
+class ApprovalKind(models.TextChoices):
+    REFUND = "refund", "Refund to the card"
+    CREDIT_GRANT = "credit_grant", "Credit grant"
+    WRITE_OFF = "write_off", "Write-off"
+
+
+class ApprovalStatus(models.TextChoices):
+    PENDING = "pending", "Pending (awaits a second finance user)"
+    APPROVED = "approved", "Approved (being carried out)"
+    EXECUTED = "executed", "Approved and carried out"
+    FAILED = "failed", "Approved; carrying it out failed"
+    REJECTED = "rejected", "Rejected"
+
+
+class ApprovalRequest(models.Model):
+    """Four-eyes: a refund, credit grant or write-off above ``FOUR_EYES_THRESHOLDS`` asked for
+    by one finance user and approved or rejected by another, both with their reasons.
+
+    Approval claims the request (``pending`` → ``approved`` under its row lock: one approver
+    wins, a double click or a second approver finds it decided), then carries the action out
+    through the same service as below the threshold, with an id derived from the request
+    (``execution_id``: the refund's or the grant's id), so that carrying it out again after a
+    crash does it once. The database refuses an approver who is the requester
+    (``invoicing_approval_not_self``). It lives here, in invoicing, because the invoicing admin
+    (write-offs, grants) and the payments app (refunds) both create requests and only payments
+    may import invoicing; ``payments.services.approval_approve`` carries every kind out."""
+
+    id = models.BigIntegerField(primary_key=True, default=ids.new_id, editable=False)
+    kind = models.CharField(max_length=16, choices=ApprovalKind.choices)
+    status = models.CharField(max_length=16, choices=ApprovalStatus.choices, default=ApprovalStatus.PENDING)
+    account_id = models.BigIntegerField()
+    invoice_id = models.BigIntegerField(null=True, blank=True)
+    payment_id = models.BigIntegerField(null=True, blank=True, help_text="The payments app's payment (refunds)")
+    currency = models.CharField(max_length=3)
+    amount_minor = models.BigIntegerField()
+    params = models.JSONField(default=dict, blank=True, help_text="What the action needs besides the amount")
+    reason = models.CharField(max_length=1000, help_text="The requester's")
+    requested_by_id = models.BigIntegerField()
+    requested_by = models.CharField(max_length=254)
+    requested_at = models.DateTimeField(default=timezone.now)
+    decided_by_id = models.BigIntegerField(null=True, blank=True)
+    decided_by = models.CharField(max_length=254, blank=True, default="")
+    decision_reason = models.CharField(max_length=1000, blank=True, default="")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    execution_id = models.BigIntegerField(default=ids.new_id, help_text="The id the action's record gets")
+    result = models.CharField(max_length=300, blank=True, default="", help_text="What was done, or why it failed")
+    executed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(amount_minor__gt=0), name="invoicing_approval_positive"),
+            models.CheckConstraint(
+                condition=Q(decided_by_id__isnull=True) | ~Q(decided_by_id=models.F("requested_by_id")),
+                name="invoicing_approval_not_self",
+            ),
+            models.CheckConstraint(
+                condition=Q(status=ApprovalStatus.PENDING, decided_by_id__isnull=True)
+                | (~Q(status=ApprovalStatus.PENDING) & Q(decided_by_id__isnull=False, decided_at__isnull=False)),
+                name="invoicing_approval_decided_iff_not_pending",
+            ),
+            models.UniqueConstraint(fields=["execution_id"], name="invoicing_approval_execution_once"),
+        ]
+        indexes = [
+            models.Index(fields=["status", "requested_at"], name="invoicing_approval_status"),
+            models.Index(fields=["invoice_id"], name="invoicing_approval_invoice"),
+            models.Index(fields=["payment_id"], name="invoicing_approval_payment"),
+        ]
+        permissions = [("decide_approvalrequest", "Can approve or reject four-eyes requests")]
+
+    def __str__(self) -> str:
+        amount = money.display(self.amount_minor, self.currency) if self.amount_minor is not None else "-"
+        return f"{self.public_id}: {self.get_kind_display()} of {amount} ({self.status})"
+
+    @property
+    def public_id(self) -> str:
+        return ids.encode("apr", self.id)

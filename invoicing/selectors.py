@@ -7,15 +7,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Count, F, Q, QuerySet, Sum, Value
+from django.db.models import Case, CharField, Count, F, Min, Q, QuerySet, Sum, Value, When
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from billing_site.common import money
 from invoicing import planning
 from invoicing.models import (
+    ApprovalRequest,
     ContractDiscount,
     CreditGrant,
     CreditNote,
@@ -26,6 +28,7 @@ from invoicing.models import (
     InvoiceStatus,
     LedgerEntry,
     LedgerSource,
+    RefundMethod,
 )
 from invoicing.periods import Period, lookback_start
 
@@ -396,3 +399,191 @@ def _discounted_unbilled(*, period: Period, as_of: dt.datetime, account_ids: lis
         owed = sum((line.rated_amount for line in planned.lines), Decimal(0)) if planned is not None else Decimal(0)
         result[account_id] = max(owed, Decimal(0))
     return result
+
+
+# --- Finance's money views: receivables ageing and revenue (set-based, one statement each)
+
+# The ageing buckets: (key, label, fewest days past due, most days past due or None). Days past
+# due = today (UTC) minus the invoice's due date (UTC); not yet due or due today: ``current``.
+AGEING_BUCKETS: tuple[tuple[str, str, int | None, int | None], ...] = (
+    ("current", "Current", None, 0),
+    ("1_30", "1-30 days", 1, 30),
+    ("31_60", "31-60 days", 31, 60),
+    ("61_90", "61-90 days", 61, 90),
+    ("90_plus", "90+ days", 91, None),
+)
+AGEING_BUCKET_KEYS = tuple(key for key, _label, _low, _high in AGEING_BUCKETS)
+
+
+@dataclass(frozen=True, slots=True)
+class AgeingCell:
+    """What one currency's bucket holds: the amount still owed, on how many invoices of how many accounts."""
+
+    amount_minor: int = 0
+    invoices: int = 0
+    accounts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CurrencyAgeing:
+    currency: str
+    buckets: dict[str, AgeingCell]  # by ``AGEING_BUCKET_KEYS``, every key present
+
+    @property
+    def total(self) -> AgeingCell:
+        cells = self.buckets.values()
+        return AgeingCell(
+            amount_minor=sum(c.amount_minor for c in cells),
+            invoices=sum(c.invoices for c in cells),
+            accounts=0,  # an account may be in several buckets: counted per bucket only
+        )
+
+
+def _today_start(as_of: dt.datetime | None) -> dt.datetime:
+    now = as_of or timezone.now()
+    return dt.datetime.combine(now.astimezone(dt.UTC).date(), dt.time(0), tzinfo=dt.UTC)
+
+
+def _bucket_window(key: str, today: dt.datetime) -> Q:
+    """The due dates (as ``due_at`` bounds) of a bucket: past due by ``low``..``high`` days."""
+    for bucket, _label, low, high in AGEING_BUCKETS:
+        if bucket != key:
+            continue
+        window = Q()
+        if high is not None:  # due on or after the day ``high`` days ago
+            window &= Q(due_at__gte=today - dt.timedelta(days=high))
+        if low is not None:  # due before the day ``low - 1`` days ago
+            window &= Q(due_at__lt=today - dt.timedelta(days=low - 1))
+        if key == "current":  # no due date: nothing is late yet
+            window |= Q(due_at__isnull=True)
+        return window
+    raise ValueError(f"{key!r} is not an ageing bucket ({', '.join(AGEING_BUCKET_KEYS)})")
+
+
+def _receivable() -> QuerySet[Invoice]:
+    """Issued invoices with something still owed (``Invoice.amount_outstanding_minor`` in SQL:
+    net of credits applied, payments, credit notes, write-offs and refunds), with it as ``owed``.
+    Paid, written-off and void invoices owe nothing."""
+    return Invoice.objects.filter(status=InvoiceStatus.ISSUED).annotate(owed=_OUTSTANDING).filter(owed__gt=0)
+
+
+def receivables_ageing(*, as_of: dt.datetime | None = None) -> list[CurrencyAgeing]:
+    """Receivables by currency and ageing bucket (``AGEING_BUCKETS``), as of ``as_of`` (now):
+    one grouped statement over the issued invoices (the partial index
+    ``invoicing_invoice_receivable`` covers it), currencies in alphabetical order."""
+    today = _today_start(as_of)
+    bucket = Case(
+        *(When(_bucket_window(key, today), then=Value(key)) for key in AGEING_BUCKET_KEYS),
+        output_field=CharField(),
+    )
+    rows = (
+        _receivable()
+        .annotate(bucket=bucket)
+        .order_by()
+        .values("currency", "bucket")
+        .annotate(amount=Sum("owed"), invoices=Count("*"), accounts=Count("account_id", distinct=True))
+        .values_list("currency", "bucket", "amount", "invoices", "accounts")
+    )
+    found: dict[str, dict[str, AgeingCell]] = defaultdict(lambda: {key: AgeingCell() for key in AGEING_BUCKET_KEYS})
+    for currency, key, amount, invoices, accounts in rows:
+        found[currency][key] = AgeingCell(amount_minor=int(amount), invoices=invoices, accounts=accounts)
+    return [CurrencyAgeing(currency=currency, buckets=found[currency]) for currency in sorted(found)]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountReceivable:
+    account_id: int
+    currency: str
+    amount_minor: int
+    invoices: int
+    oldest_due_at: dt.datetime | None
+
+
+def receivables_bucket_accounts(
+    *, currency: str, bucket: str, as_of: dt.datetime | None = None, limit: int | None = 500
+) -> list[AccountReceivable]:
+    """The accounts behind one currency's ageing bucket, with what each owes there, largest
+    first (then by account id); at most ``limit`` (None: all, for the CSV export)."""
+    window = _bucket_window(bucket, _today_start(as_of))
+    rows = (
+        _receivable()
+        .filter(window, currency=currency)
+        .order_by()
+        .values("account_id")
+        .annotate(amount=Sum("owed"), invoices=Count("*"), oldest=Min("due_at"))
+        .order_by("-amount", "account_id")
+        .values_list("account_id", "amount", "invoices", "oldest")
+    )
+    if limit is not None:
+        rows = rows[:limit]
+    return [
+        AccountReceivable(
+            account_id=account_id, currency=currency, amount_minor=int(amount), invoices=invoices, oldest_due_at=oldest
+        )
+        for account_id, amount, invoices, oldest in rows.iterator(chunk_size=2000)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class CurrencyRevenue:
+    """A month's revenue in one currency, in minor units.
+
+    ``invoiced``: totals (incl. VAT) of the invoices issued in the month, whatever became of
+    them; ``credited``: totals of the credit notes issued in the month; ``collected``: money
+    received against invoices in the month (card payments and transfers, including what was
+    kept as credit beyond the invoice); ``refunded``: money given back to cards in the month."""
+
+    currency: str
+    invoiced_minor: int = 0
+    credited_minor: int = 0
+    collected_minor: int = 0
+    refunded_minor: int = 0
+
+    @property
+    def net_invoiced_minor(self) -> int:
+        return self.invoiced_minor - self.credited_minor
+
+    @property
+    def net_collected_minor(self) -> int:
+        return self.collected_minor - self.refunded_minor
+
+
+def revenue(*, month: dt.date) -> list[CurrencyRevenue]:
+    """Revenue invoiced and collected in the calendar month (UTC) of ``month`` per currency
+    (see ``CurrencyRevenue``): four grouped statements over the month's rows only (indexes on
+    ``issued_at``, ``received_at``; refunds by the account's ``created_at``)."""
+    period = Period(month.replace(day=1))
+    start, end = period.start_at, period.end_at
+    figures: dict[str, dict[str, int]] = defaultdict(dict)
+    sources: list[tuple[str, QuerySet[Any], str]] = [
+        (
+            "invoiced_minor",
+            Invoice.objects.filter(issued_at__gte=start, issued_at__lt=end).exclude(status=InvoiceStatus.DRAFT),
+            "total_minor",
+        ),
+        ("credited_minor", CreditNote.objects.filter(issued_at__gte=start, issued_at__lt=end), "total_minor"),
+        (
+            "collected_minor",
+            InvoicePayment.objects.filter(received_at__gte=start, received_at__lt=end),
+            "received_minor",
+        ),
+        (
+            "refunded_minor",
+            InvoiceRefund.objects.filter(created_at__gte=start, created_at__lt=end, method=RefundMethod.CARD),
+            "amount_minor",
+        ),
+    ]
+    for name, queryset, column in sources:
+        for currency, total in (
+            queryset.order_by().values("currency").annotate(s=Sum(column)).values_list("currency", "s")
+        ):
+            figures[currency][name] = int(total or 0)
+    return [CurrencyRevenue(currency=currency, **figures[currency]) for currency in sorted(figures)]
+
+
+def approval_requests(*, status: str | None = "pending", limit: int = 500) -> list[ApprovalRequest]:
+    """Four-eyes requests (of ``status``; None: all), newest first."""
+    queryset = ApprovalRequest.objects.all()
+    if status is not None:
+        queryset = queryset.filter(status=status)
+    return list(queryset.order_by("-requested_at")[:limit])

@@ -7,6 +7,7 @@ demo the credit check). Each lives in the module of its one job:
 - ``invoice_life``: money received, write-offs, voids;
 - ``credit_notes``: credit notes by lines and for refunds;
 - ``credit_grants``: credit granted by finance;
+- ``approvals``: four-eyes requests for refunds, grants and write-offs above a threshold;
 - ``disputes``: the payments app's disputes on the books;
 - ``tax_rates`` and ``discounts``: the terms finance sets, audited;
 - ``writing``: what they share. The VAT arithmetic is in ``taxes``.
@@ -19,6 +20,18 @@ after the commit."""
 
 from __future__ import annotations
 
+from invoicing.approvals import (
+    approval_claim,
+    approval_needed,
+    approval_record_result,
+    approval_reject,
+    approval_request_create,
+    approval_request_get,
+    approval_requests_for,
+    credit_grant_submit,
+    four_eyes_threshold_minor,
+    invoice_write_off_submit,
+)
 from invoicing.closing import (
     CHUNK_ACCOUNTS,
     CloseReport,
@@ -58,6 +71,13 @@ __all__ = [
     "PaymentReceived",
     "RefundRecorded",
     "ThresholdReport",
+    "approval_claim",
+    "approval_needed",
+    "approval_record_result",
+    "approval_reject",
+    "approval_request_create",
+    "approval_request_get",
+    "approval_requests_for",
     "check_closable",
     "close_chunk_isolated",
     "contract_discount_check",
@@ -65,13 +85,16 @@ __all__ = [
     "contract_discount_update",
     "credit_grant_check",
     "credit_grant_create",
+    "credit_grant_submit",
     "credit_note_issue",
     "dispute_post",
+    "four_eyes_threshold_minor",
     "invoice_draft_compute",
     "invoice_issue",
     "invoice_record_payment",
     "invoice_void",
     "invoice_write_off",
+    "invoice_write_off_submit",
     "payment_apply",
     "payments_apply",
     "period_chunks",

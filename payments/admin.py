@@ -28,11 +28,13 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.common import csv_export as csv
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import AmountField, HistoryInline, PartInline, RecordAdminMixin
 from billing_site.common.errors import ApplicationError
 from billing_site.common.transitions import actor_log_fields
+from invoicing import services as invoicing_services
 from payments import refunds, services, webhooks
 from payments.models import (
     BindingAttempt,
@@ -203,7 +205,24 @@ class RefundForm(forms.Form):
 
 
 @admin.register(Payment)
-class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
+class PaymentAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
+    csv_columns = (
+        ("payment_id", csv.attr("public_id")),
+        ("account_id", lambda p: ids.encode("acc", p.account_id)),
+        ("customer", lambda p: getattr(p, "account_name", "") or ""),
+        ("invoice_id", lambda p: ids.encode("inv", p.invoice_id)),
+        ("attempt", csv.attr("attempt")),
+        ("trigger", csv.attr("trigger")),
+        ("status", csv.attr("status")),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("refunded", csv.amount("amount_refunded_minor")),
+        ("disputed", csv.amount("amount_disputed_minor")),
+        ("gateway", csv.attr("gateway")),
+        ("decline_code", csv.attr("decline_code")),
+        ("created_at", csv.attr("created_at")),
+        ("completed_at", csv.attr("completed_at")),
+    )
     public_id_columns = (("pay", "id"), ("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "public_id",
@@ -291,6 +310,10 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
         extra = {**(extra_context or {})}
         if payment is not None:
             extra["may_refund"] = self.may_refund(request, payment)
+            extra["approval_requests"] = [
+                (r, money.display(r.amount_minor, r.currency))
+                for r in invoicing_services.approval_requests_for(payment_id=payment.id)
+            ]
         return super().change_view(request, object_id, form_url, extra)
 
     def get_urls(self) -> list[URLPattern]:
@@ -314,7 +337,7 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
         if request.method == "POST" and form.is_valid():
             amount_minor = money.to_minor(form.cleaned_data["amount"], payment.currency)
             try:
-                refund = refunds.refund_issue(
+                refund = refunds.refund_submit(
                     payment_id=payment.id,
                     amount_minor=amount_minor,
                     reason=form.cleaned_data["reason"],
@@ -324,7 +347,14 @@ class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payme
             except ApplicationError as exc:
                 messages.error(request, exc.message)
             else:
-                self._report_refund(request, refund)
+                if isinstance(refund, Refund):
+                    self._report_refund(request, refund)
+                else:  # above the four-eyes threshold: a request, nothing refunded yet
+                    messages.warning(
+                        request,
+                        f"A refund of {money.display(amount_minor, payment.currency)} is above the four-eyes "
+                        f"threshold: request {refund.public_id} awaits a second finance user's approval.",
+                    )
                 return HttpResponseRedirect(change_url)
         context = {
             **self.admin_site.each_context(request),
@@ -361,7 +391,21 @@ class RefundTransitionInline(HistoryInline, admin.TabularInline[RefundTransition
 
 
 @admin.register(Refund)
-class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
+class RefundAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
+    csv_columns = (
+        ("refund_id", csv.attr("public_id")),
+        ("payment_id", lambda r: ids.encode("pay", r.payment_id)),
+        ("invoice_id", lambda r: ids.encode("inv", r.invoice_id)),
+        ("account_id", lambda r: ids.encode("acc", r.account_id)),
+        ("customer", lambda r: getattr(r, "account_name", "") or ""),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("reason", csv.attr("reason")),
+        ("status", csv.attr("status")),
+        ("requested_by", csv.attr("requested_by")),
+        ("created_at", csv.attr("created_at")),
+        ("completed_at", csv.attr("completed_at")),
+    )
     public_id_columns = (
         ("ref", "id"),
         ("pay", "payment_id"),
@@ -441,7 +485,18 @@ class DisputeTransitionInline(HistoryInline, admin.TabularInline[DisputeTransiti
 
 
 @admin.register(Dispute)
-class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
+class DisputeAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
+    csv_columns = (
+        ("dispute_id", csv.attr("public_id")),
+        ("payment_id", lambda d: ids.encode("pay", d.payment_id)),
+        ("account_id", lambda d: ids.encode("acc", d.account_id)),
+        ("currency", csv.attr("currency")),
+        ("amount", csv.amount("amount_minor")),
+        ("reason", csv.attr("reason")),
+        ("status", csv.attr("status")),
+        ("opened_at", csv.attr("opened_at")),
+        ("closed_at", csv.attr("closed_at")),
+    )
     public_id_columns = (("dsp", "id"), ("pay", "payment_id"), ("acc", "account_id"))
     list_display = ("public_id", "payment_shown", "account", "amount", "reason", "status", "opened_at", "closed_at")
     list_filter = ("status", "reason", "gateway", "currency", ("opened_at", admin.DateFieldListFilter))
@@ -645,7 +700,23 @@ def _dunning_paused_subquery() -> Subquery:
 
 
 @admin.register(DunningCase)
-class DunningCaseAdmin(DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]):
+class DunningCaseAdmin(
+    csv.CsvExportMixin, DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]
+):
+    csv_columns = (
+        ("invoice_id", lambda c: ids.encode("inv", c.invoice_id)),
+        ("account_id", lambda c: ids.encode("acc", c.account_id)),
+        ("customer", lambda c: getattr(c, "account_name", "") or ""),
+        ("status", csv.attr("status")),
+        ("currency", csv.attr("currency")),
+        ("first_failure_at", csv.attr("first_failure_at")),
+        ("due_at", csv.attr("due_at")),
+        ("retries_done", csv.attr("retries_done")),
+        ("last_decline_code", csv.attr("last_decline_code")),
+        ("suspended_account", csv.attr("suspended_account")),
+        ("opened_at", csv.attr("opened_at")),
+        ("closed_at", csv.attr("closed_at")),
+    )
     public_id_columns = (("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "invoice",

@@ -225,6 +225,13 @@ class Payment(AuditedTransitions, FSMModelMixin, models.Model):
         indexes = [
             models.Index(fields=["account_id", "-created_at"], name="payments_payment_account"),
             models.Index(fields=["status", "updated_at"], name="payments_payment_status"),
+            # The month's first charges: the dunning funnel's cohort (``selectors.dunning_funnel``).
+            models.Index(
+                fields=["created_at"],
+                include=["invoice_id", "currency", "amount_minor"],
+                condition=Q(attempt=1),
+                name="payments_payment_first_attempt",
+            ),
         ]
         permissions = [("issue_refund", "Can refund payments")]
 

@@ -123,12 +123,26 @@ def _invoice_refundable_minor(payment: Payment) -> int:
 
 
 @transaction.atomic(durable=True)
-def refund_create(*, payment_id: int, amount_minor: int, reason: str, actor: Actor, internal_note: str = "") -> Refund:
+def refund_create(
+    *,
+    payment_id: int,
+    amount_minor: int,
+    reason: str,
+    actor: Actor,
+    internal_note: str = "",
+    refund_id: int | None = None,
+) -> Refund:
     """A ``pending`` refund of ``amount_minor`` on a succeeded payment, committed before any
     gateway call. ``reason`` is the customer's (the credit note prints it, the API shows it);
     ``internal_note`` is finance's alone (the admin shows it; no document, API or log line
     does). 404 for an unknown payment; 400 ``reason_required`` / ``invalid``; 409
-    ``not_refundable`` (not succeeded) or ``refund_too_large`` (more than is left)."""
+    ``not_refundable`` (not succeeded) or ``refund_too_large`` (more than is left).
+    ``refund_id``: the id to create it under (an approved four-eyes request's): a refund that
+    already exists under it is returned as it stands."""
+    if refund_id is not None:
+        existing = Refund.objects.filter(id=refund_id).first()
+        if existing is not None:
+            return existing
     reason = (reason or "").strip()
     internal_note = (internal_note or "").strip()
     if not reason:
@@ -151,7 +165,7 @@ def refund_create(*, payment_id: int, amount_minor: int, reason: str, actor: Act
             f"At most {money.display(max(left, 0), payment.currency)} can be refunded on {payment.public_id}.",
             field="amount",
         )
-    refund_id = ids.new_id()
+    refund_id = refund_id or ids.new_id()
     refund = Refund.objects.create(
         id=refund_id,
         account_id=payment.account_id,
@@ -213,12 +227,62 @@ def refund_execute(*, refund_id: int) -> Refund:
     return refund_record_outcome(refund_id=refund.id, result=result)
 
 
-def refund_issue(*, payment_id: int, amount_minor: int, reason: str, actor: Actor, internal_note: str = "") -> Refund:
-    """What finance does from the admin: create the refund and send it at once."""
+def refund_issue(
+    *,
+    payment_id: int,
+    amount_minor: int,
+    reason: str,
+    actor: Actor,
+    internal_note: str = "",
+    refund_id: int | None = None,
+) -> Refund:
+    """Create the refund and send it at once (an approved four-eyes request's, or one within
+    the threshold: ``refund_submit``)."""
     refund = refund_create(
-        payment_id=payment_id, amount_minor=amount_minor, reason=reason, actor=actor, internal_note=internal_note
+        payment_id=payment_id,
+        amount_minor=amount_minor,
+        reason=reason,
+        actor=actor,
+        internal_note=internal_note,
+        refund_id=refund_id,
     )
     return refund_execute(refund_id=refund.id)
+
+
+def refund_submit(
+    *, payment_id: int, amount_minor: int, reason: str, actor: Actor, internal_note: str = ""
+) -> Refund | Any:
+    """What finance does from the admin: the refund at once up to the four-eyes threshold
+    (``FOUR_EYES_THRESHOLDS``), else a request a second finance user approves
+    (``invoicing.services.approval_request_create``; returned instead of a refund). The
+    request is made only for a refund that could be made now (same checks, no lock)."""
+    payment = Payment.objects.filter(id=payment_id).first()
+    if payment is None:
+        raise NotFound("No such payment.")
+    if not invoicing_services.approval_needed(amount_minor=amount_minor, currency=payment.currency, actor=actor):
+        return refund_issue(
+            payment_id=payment_id, amount_minor=amount_minor, reason=reason, actor=actor, internal_note=internal_note
+        )
+    if payment.status != PaymentStatus.SUCCEEDED or not payment.gateway_intent_id:
+        raise Conflict("not_refundable", f"Only a succeeded payment can be refunded (this one is {payment.status}).")
+    left = min(refundable_minor(payment), _invoice_refundable_minor(payment))
+    if amount_minor > left:
+        raise Conflict(
+            "refund_too_large",
+            f"At most {money.display(max(left, 0), payment.currency)} can be refunded on {payment.public_id}.",
+            field="amount",
+        )
+    return invoicing_services.approval_request_create(
+        kind="refund",
+        account_id=payment.account_id,
+        invoice_id=payment.invoice_id,
+        payment_id=payment.id,
+        currency=payment.currency,
+        amount_minor=amount_minor,
+        reason=reason,
+        actor=actor,
+        params={"internal_note": (internal_note or "").strip()[:1000]},
+    )
 
 
 def _call_record(

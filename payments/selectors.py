@@ -212,3 +212,74 @@ def payments_beyond_captured() -> list[str]:
                 f"its refunds' {refunded} and open or lost disputes' {disputed}"
             )
     return problems
+
+
+# --- Finance's dunning funnel
+
+
+FUNNEL_STAGES: tuple[tuple[str, str], ...] = (
+    ("charged", "Charged: invoices whose first charge attempt was made in the month"),
+    ("failed", "Failed: of those, invoices whose charge failed and went to dunning (a dunning case)"),
+    ("recovered", "Recovered: of the failed, paid or settled since (the case resolved)"),
+    ("suspended", "Suspended: of the failed, the account was suspended for it (paid since or not)"),
+    ("written_off", "Written off: of the failed, the invoice was written off"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStage:
+    invoices: int = 0
+    amount_minor: int = 0  # the first attempt's amount: what was asked for
+
+
+@dataclass(frozen=True, slots=True)
+class CurrencyFunnel:
+    currency: str
+    stages: dict[str, FunnelStage]  # by the keys of ``FUNNEL_STAGES``, every key present
+
+
+def dunning_funnel(*, month: dt.date) -> list[CurrencyFunnel]:
+    """The dunning funnel of the invoices first charged in ``month`` (its first day), per
+    currency: a cohort (``FUNNEL_STAGES``) followed to today, so each stage is a subset of
+    the one before it except that suspended and recovered overlap (an account suspended and
+    then paid). One statement: the month's first attempts (partial index
+    ``payments_payment_first_attempt``) joined to their dunning cases by invoice (unique)."""
+    start = dt.datetime.combine(month.replace(day=1), dt.time(0), tzinfo=dt.UTC)
+    end = (start + dt.timedelta(days=32)).replace(day=1)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT p.currency,
+                   count(*), coalesce(sum(p.amount_minor), 0),
+                   count(d.id), coalesce(sum(p.amount_minor) FILTER (WHERE d.id IS NOT NULL), 0),
+                   count(*) FILTER (WHERE d.status = %(resolved)s),
+                   coalesce(sum(p.amount_minor) FILTER (WHERE d.status = %(resolved)s), 0),
+                   count(*) FILTER (WHERE d.suspended_account),
+                   coalesce(sum(p.amount_minor) FILTER (WHERE d.suspended_account), 0),
+                   count(*) FILTER (WHERE d.status = %(written_off)s),
+                   coalesce(sum(p.amount_minor) FILTER (WHERE d.status = %(written_off)s), 0)
+            FROM payments_payment p
+            LEFT JOIN payments_dunningcase d ON d.invoice_id = p.invoice_id
+            WHERE p.attempt = 1 AND p.created_at >= %(start)s AND p.created_at < %(end)s
+            GROUP BY p.currency
+            ORDER BY p.currency
+            """,
+            {
+                "start": start,
+                "end": end,
+                "resolved": DunningCaseStatus.RESOLVED.value,
+                "written_off": DunningCaseStatus.WRITTEN_OFF.value,
+            },
+        )
+        rows = cursor.fetchall()
+    keys = [key for key, _ in FUNNEL_STAGES]
+    return [
+        CurrencyFunnel(
+            currency=row[0],
+            stages={
+                key: FunnelStage(invoices=int(row[1 + 2 * i]), amount_minor=int(row[2 + 2 * i]))
+                for i, key in enumerate(keys)
+            },
+        )
+        for row in rows
+    ]

@@ -26,7 +26,7 @@ from billing_site.common.transactions import forbid_transaction
 from billing_site.common.transitions import actor_log_fields
 from billing_site.outbox import services as outbox
 from invoicing import selectors as invoicing_selectors
-from payments import charging
+from payments import approvals, charging, refunds
 from payments.gateways import gateway as gateway_named
 from payments.gateways.base import Gateway, GatewayError, PaymentDeclined, SetupStatus
 from payments.models import (
@@ -42,6 +42,13 @@ from payments.models import (
 log = logging.getLogger(__name__)
 
 SYSTEM = Actor.system("payments")
+
+# Four-eyes: refunds within the threshold at once, above it a request (``refunds.refund_submit``);
+# approving carries any kind out once (``approvals``).
+refund_submit = refunds.refund_submit
+approval_approve = approvals.approval_approve
+approval_reject = approvals.approval_reject
+approval_execute = approvals.approval_execute
 
 
 def _gateway_error(exc: GatewayError) -> ApplicationError:

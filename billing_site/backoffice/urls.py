@@ -2,8 +2,22 @@
 billing_site/urls.py). Every view here is wrapped in ``admin.site.admin_view``: staff only, with
 the admin's login, second factor and permission checks."""
 
-from django.urls import URLPattern
+from django.contrib import admin
+from django.urls import URLPattern, path
+
+from billing_site.backoffice import finance
 
 app_name = "backoffice"
 
-urlpatterns: list[URLPattern] = []
+view = admin.site.admin_view
+
+urlpatterns: list[URLPattern] = [
+    path("finance/", view(finance.finance_view), name="finance"),
+    path(
+        "finance/receivables/<str:currency>/<str:bucket>/",
+        view(finance.receivables_bucket_view),
+        name="receivables_bucket",
+    ),
+    path("finance/approvals/", view(finance.approval_list_view), name="approval_list"),
+    path("finance/approvals/<int:request_id>/decide/", view(finance.approval_decide_view), name="approval_decide"),
+]

@@ -4,6 +4,7 @@ the README lists them all. ``test.py`` and ``production.py`` build on this modul
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from pathlib import Path
 
@@ -356,6 +357,15 @@ INVOICING_SELLER_BIC = os.environ.get("INVOICING_SELLER_BIC", "EXMPNL2A").replac
 INVOICING_SELLER_BANK_NAME = os.environ.get("INVOICING_SELLER_BANK_NAME", "Example Bank N.V.").strip()
 # Number series prefixes: INV-2026-000001, CN-2026-000001.
 INVOICING_INVOICE_SERIES = os.environ.get("INVOICING_INVOICE_SERIES", "INV")
+
+# Four-eyes: a refund, credit grant or write-off of more than this amount (major units, per
+# currency; others: FOUR_EYES_DEFAULT_THRESHOLD) by a finance user becomes a request that a
+# second finance user approves or rejects (README, "Four-eyes"). JSON in the environment, e.g.
+# FOUR_EYES_THRESHOLDS='{"EUR": "500.00", "JPY": "75000"}'.
+FOUR_EYES_THRESHOLDS: dict[str, str] = json.loads(
+    os.environ.get("FOUR_EYES_THRESHOLDS", '{"EUR": "500.00", "USD": "500.00", "GBP": "500.00", "JPY": "75000"}')
+)
+FOUR_EYES_DEFAULT_THRESHOLD = os.environ.get("FOUR_EYES_DEFAULT_THRESHOLD", "500")
 INVOICING_CREDIT_NOTE_SERIES = os.environ.get("INVOICING_CREDIT_NOTE_SERIES", "CN")
 # Invoice accounts with nothing to bill too (a zero invoice for every open account).
 INVOICING_ISSUE_EMPTY = env_bool("INVOICING_ISSUE_EMPTY", default=False)
