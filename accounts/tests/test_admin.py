@@ -10,7 +10,7 @@ from django.test import Client
 
 from accounts import services
 from accounts.models import AccountState, ApiKey, BillingAccount, BillingAccountTransition
-from conftest import operator
+from conftest import operator, staff_login
 
 pytestmark = pytest.mark.django_db
 
@@ -118,8 +118,7 @@ def test_api_keys_are_revoked_never_shown(customer: object) -> None:
 
 def test_operator_creates_a_service_key_in_the_admin() -> None:
     admin = services.operator_create(email="root@ops.test", password="pw-long-enough", groups=[], superuser=True)
-    client = Client()
-    client.force_login(admin)
+    client = staff_login(Client(), admin)
     page = client.post("/admin/accounts/apikey/add/", {"name": "metering", "scopes": ["usage:write"]})
     assert page.status_code == 200
     issued = page.context["issued"]

@@ -21,7 +21,7 @@ from django.test import Client
 from accounts import services as account_services
 from accounts.models import BillingAccount
 from billing_site.outbox.models import OutboxKind, OutboxMessage
-from conftest import Customer
+from conftest import Customer, staff_login
 from invoicing import ledger
 from invoicing.models import CreditNote, Invoice
 
@@ -50,9 +50,7 @@ def operator(group: str | None, email: str | None = None) -> Client:
     user = account_services.operator_create(
         email=email or f"{group or 'nobody'}@ops.test", password="pw-long-enough", groups=[group] if group else []
     )
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_login(Client(), user)
 
 
 @dataclass
