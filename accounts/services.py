@@ -447,8 +447,14 @@ def member_remove(*, account_id: int, user_id: int) -> None:
 
 # --- Operators
 
+# The operator groups, least privilege (issue 21). Each app adds its own permissions for each group
+# in its ``AppConfig.operator_permissions``; these are the accounts app's. A refused page names
+# the groups that hold what it needed (billing_site/common/staff.py reads them back from auth.Group).
+READ_ONLY_GROUP = "read-only"
 OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
-    # Support runs the account lifecycle and customers' keys.
+    # Support reads everything about customers, runs the lifecycle (suspend, reactivate... with a
+    # reason), edits contact details (name, phone) and revokes customers' keys; pauses dunning
+    # and resends documents (payments', invoicing's).
     "support": (
         "view_billingaccount",
         "change_billingaccount",
@@ -460,27 +466,32 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
         "change_apikey",
         "view_user",
     ),
-    # Finance sets credit limits and the tax profile (kind, country, tax id, address, billing
-    # email); runs period closes, grants credit, writes off, credits invoices.
+    # Finance owns the money and what decides the tax: the tax profile (kind, country, tax id,
+    # address, billing email); invoices, credit notes, refunds, grants, write-offs, tax rates,
+    # discounts, the dunning policy and the period close are in the other apps' declarations.
     "finance": (
         "view_billingaccount",
         "change_billingaccount",
-        "set_credit_limit_billingaccount",
         "change_tax_profile_billingaccount",
         "view_billingaccounttransition",
         "view_billingaccountprofilechange",
         "view_membership",
     ),
-    # Fraud blocks and unblocks; reviews and rules arrive with antifraud.
+    # Fraud blocks and unblocks, sets credit limits; the review queue and rules are antifraud's.
     "fraud": (
         "view_billingaccount",
         "block_billingaccount",
+        "set_credit_limit_billingaccount",
         "view_billingaccounttransition",
+        "view_billingaccountprofilechange",
         "view_membership",
         "view_apikey",
         "change_apikey",
         "view_user",
     ),
+    # Read-only sees everything and changes nothing: every ``view_*`` permission of the accounts
+    # app and of every app that declares operator permissions (operator_groups_sync).
+    READ_ONLY_GROUP: (),
 }
 
 
@@ -500,6 +511,9 @@ def operator_groups_sync() -> None:
         for app_label, permissions in declared:
             if app_label != "accounts" and permissions.get(name):
                 wanted |= Q(content_type__app_label=app_label, codename__in=permissions[name])
+        if name == READ_ONLY_GROUP:
+            labels = ["accounts", *(label for label, permissions in declared if permissions)]
+            wanted = Q(content_type__app_label__in=labels, codename__startswith="view_")
         group.permissions.set(Permission.objects.filter(wanted))
 
 
