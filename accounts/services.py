@@ -533,3 +533,55 @@ def operator_create(*, email: str, password: str, groups: list[str], superuser: 
         extra={"user_id": user.public_id, "email": mask_email(user.email), "groups": groups, "superuser": superuser},
     )
     return user
+
+
+# --- Operators' second factor: django-otp's devices (the sign-in, enrolment and backup-code pages
+# are django-two-factor-auth's, at /admin/account/...).
+
+
+@transaction.atomic(durable=True)
+def operator_second_factor_set(*, user_id: int, totp_key: str, backup_codes: tuple[str, ...] = ()) -> None:
+    """Give operator ``user_id`` a confirmed authenticator (TOTP) device with secret ``totp_key``
+    (hex) and exactly ``backup_codes``, replacing what they had. For the demo's published
+    operators; staff enrol their own device at their first sign-in."""
+    from django_otp.plugins.otp_static.models import StaticDevice
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    user = User.objects.get(id=user_id, is_staff=True)
+    TOTPDevice.objects.filter(user=user).delete()
+    TOTPDevice.objects.create(user=user, name="default", key=totp_key, confirmed=True)
+    StaticDevice.objects.filter(user=user).delete()
+    if backup_codes:
+        backup = StaticDevice.objects.create(user=user, name="backup", confirmed=True)
+        for code in backup_codes:
+            backup.token_set.create(token=code)
+    log.info("operator.second_factor_set", extra={"user_id": user.public_id, "backup_codes": len(backup_codes)})
+
+
+@transaction.atomic(durable=True)
+def operator_second_factor_reset(*, email: str, actor: Actor, reason: str) -> int:
+    """A lost device: every second-factor device of the operator (authenticator and backup codes)
+    deleted. Their sessions lose the second factor at once (the device that verified them is gone);
+    at their next sign-in, after the password, they enrol a new device. Returns how many devices
+    were deleted; one log line says who reset whose and why."""
+    from django_otp import devices_for_user
+
+    if not reason.strip():
+        raise ApplicationError("invalid", "A reason is required.", field="reason")
+    user = User.objects.filter(email=normalize_email(email), is_staff=True).first()
+    if user is None:
+        raise NotFound("No staff user with this email.")
+    devices = list(devices_for_user(user, confirmed=None))
+    for device in devices:
+        device.delete()
+    log.info(
+        "operator.second_factor_reset",
+        extra={
+            "user_id": user.public_id,
+            "email": mask_email(user.email),
+            "devices": len(devices),
+            "actor": actor.name if actor.kind == ActorKind.SYSTEM else ids.encode("usr", actor.user_id or 0),
+            "reason": reason.strip(),
+        },
+    )
+    return len(devices)
