@@ -11,7 +11,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -152,7 +152,7 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
     def decide_view(self, request: HttpRequest, object_id: int, action: str) -> HttpResponse:
         require_permission(request, "antifraud.review_account", action="A review decision")
         if request.method != "POST":
-            raise PermissionDenied("A decision is posted from the review page.")
+            return HttpResponseNotAllowed(["POST"])  # posted from the review page
         risk = get_object_or_404(AccountRisk, pk=object_id)
         change_url = reverse("admin:antifraud_accountrisk_change", args=[risk.pk])
         form = DecisionForm(request.POST)

@@ -141,13 +141,19 @@ def permission_denied(request: HttpRequest, exception: Exception | None = None) 
     if is_api_request(request):
         return fallback_problem(403)  # type: ignore[return-value]
     permissions = getattr(exception, "permissions", ()) or _stock_admin_permissions(request)
+    reason = str(exception) if exception is not None and not getattr(exception, "permissions", ()) else ""
+    if permissions and all(request.user.has_perm(p) for p in permissions):
+        # Refused to someone who holds the permission (a superuser deleting a ledger entry): the
+        # page is closed to everyone; what it would do happens another way, or not at all.
+        permissions = ()
+        reason = reason or "Nobody does this here: these records are kept, or changed only through their actions."
     needed = _described(permissions)
     groups = sorted({group for item in needed for group in item["groups"]})
     context = {
         **admin.site.each_context(request),
         "title": "Not allowed",
         "action": getattr(exception, "action", ""),
-        "reason": str(exception) if exception and not permissions and str(exception) else "",
+        "reason": reason,
         "needed": needed,
         "groups": groups,
         "your_groups": sorted(request.user.groups.values_list("name", flat=True))

@@ -241,6 +241,8 @@ SESSION_EXPIRE_AT_BROWSER_CLOSE = True
 # password, then a code from their authenticator app (TOTP) or one of their backup codes. A staff
 # member with no device yet is sent to enrol one (/admin/account/two_factor/setup/) before any
 # admin page; a lost device is reset with `manage.py operator_reset_second_factor`.
+# (django-two-factor-auth also replaces the admin's own login view by a redirect to its page:
+# TWO_FACTOR_PATCH_ADMIN, True by default.)
 LOGIN_URL = "two_factor:login"
 LOGIN_REDIRECT_URL = "admin:index"
 LOGOUT_REDIRECT_URL = "two_factor:login"
