@@ -84,7 +84,7 @@ def second_factor_refusal(request: HttpRequest) -> HttpResponse | None:
     if not path.startswith(_admin_prefix()) or path in _open_paths():
         return None
     user = request.user
-    if user.is_authenticated and user.is_verified():  # type: ignore[union-attr]
+    if user.is_authenticated and user.is_verified():  # type: ignore[attr-defined]  # OTPMiddleware adds it
         return None
     query = urlencode({"next": request.get_full_path()})
     if user.is_authenticated and user.is_staff and not user_has_device(user, confirmed=True):
@@ -139,7 +139,7 @@ def permission_denied(request: HttpRequest, exception: Exception | None = None) 
     from billing_site.common.errors import fallback_problem, is_api_request
 
     if is_api_request(request):
-        return fallback_problem(403)  # type: ignore[return-value]
+        return fallback_problem(403)
     permissions = getattr(exception, "permissions", ()) or _stock_admin_permissions(request)
     reason = str(exception) if exception is not None and not getattr(exception, "permissions", ()) else ""
     if permissions and all(request.user.has_perm(p) for p in permissions):
