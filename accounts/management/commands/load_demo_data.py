@@ -212,7 +212,8 @@ class Command(BaseCommand):
 
         self.stdout.write(
             self.style.SUCCESS(
-                f"Demo data: {created} billing account(s) created, {len(ACCOUNTS)} in all; {len(OPERATORS)} operator "
-                "logins (`manage.py demo_access` prints them with their second factor, API keys and curl examples)."
+                f"Demo data: {created} billing account(s) created, {len(ACCOUNTS)} in all; operator login "
+                f"{OPERATOR_EMAIL} and {len(OPERATORS) - 1} more, one per group (`manage.py demo_access` prints "
+                "them with their second factor, API keys and curl examples)."
             )
         )
