@@ -228,14 +228,35 @@ def wait_for(condition: Callable[[], bool], seconds: float = 30) -> bool:
     return False
 
 
+def staff_login(client: Client, user: User) -> Client:
+    """``client`` signed in to the admin as staff ``user``, second factor passed: the one place
+    tests log staff in (every admin page refuses a session without the second factor).
+
+    The session is left as django-two-factor-auth's login leaves it (``django_otp.login``: the
+    verifying device's persistent id in the session), with the user's TOTP device (created,
+    confirmed, if they have none). The real sign-in form, password then code, is tested in
+    ``accounts/tests/test_second_factor.py``; going through it here would make two logins of one
+    user in the same 30 s refuse the second (a TOTP code is accepted once)."""
+    from django_otp import DEVICE_ID_SESSION_KEY
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    device = TOTPDevice.objects.filter(user=user, confirmed=True).first()
+    if device is None:
+        device = TOTPDevice.objects.create(user=user, name="default", confirmed=True)
+    client.force_login(user)
+    session = client.session
+    session[DEVICE_ID_SESSION_KEY] = device.persistent_id
+    session.save()
+    return client
+
+
 def operator(groups: list[str]) -> tuple[User, Client]:
-    """A new operator (staff) in ``groups`` and a browser logged in to the admin as them."""
+    """A new operator (staff) in ``groups`` and a browser logged in to the admin as them, second
+    factor passed (``staff_login``)."""
     user = services.operator_create(
         email=f"{'-'.join(groups) or 'none'}@ops.test", password="pw-long-enough", groups=groups
     )
-    client = Client()
-    client.force_login(user)
-    return user, client
+    return user, staff_login(Client(), user)
 
 
 @dataclass

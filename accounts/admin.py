@@ -34,10 +34,18 @@ from billing_site.common.admin import (
     WriteThroughServiceMixin,
 )
 from billing_site.common.errors import ApplicationError
+from billing_site.common.staff import ActionPermissionsMixin, require_permission
 
 ADDRESS_FIELDS = tuple(f for f in services.PROFILE_FIELDS if f.startswith("address_"))
 
 # Which permission each lifecycle transition needs in the admin.
+# Who may post the account's form at all; each field then needs its own (get_readonly_fields).
+ACCOUNT_CHANGE_PERMISSIONS = (
+    "accounts.change_billingaccount",
+    "accounts.change_tax_profile_billingaccount",
+    "accounts.set_credit_limit_billingaccount",
+)
+
 TRANSITION_PERMISSIONS = {
     "activate": "accounts.transition_billingaccount",
     "suspend": "accounts.transition_billingaccount",
@@ -200,6 +208,9 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
                 "updated_at",
             )
         readonly: tuple[str, ...] = self.readonly_fields
+        if not request.user.has_perm("accounts.change_billingaccount"):
+            # Fraud sets credit limits only: the rest of the profile is not theirs.
+            readonly = (*readonly, *(f for f in services.PROFILE_FIELDS if f not in services.TAX_PROFILE_FIELDS))
         if not request.user.has_perm("accounts.set_credit_limit_billingaccount"):
             readonly = (*readonly, "credit_limit", "credit_limit_shown")
         if not request.user.has_perm(TAX_PROFILE_PERMISSION):
@@ -222,6 +233,11 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
             )
             for name, options in fieldsets
         ]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """The profile (change), the tax profile (finance) or the credit limit (fraud): any of them
+        opens the form; each field is editable only with its own permission (get_readonly_fields)."""
+        return any(request.user.has_perm(p) for p in ACCOUNT_CHANGE_PERMISSIONS)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # accounts are closed, never deleted
@@ -258,8 +274,9 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
 
     def transition_view(self, request: HttpRequest, object_id: int, name: str) -> HttpResponse:
         account = get_object_or_404(BillingAccount, pk=object_id)
-        if name not in TRANSITION_PERMISSIONS or not request.user.has_perm(TRANSITION_PERMISSIONS[name]):
-            raise PermissionDenied
+        if name not in TRANSITION_PERMISSIONS:
+            raise PermissionDenied(f"No transition named {name!r}.")
+        require_permission(request, TRANSITION_PERMISSIONS[name], action=f"The transition “{name}”")
         form = TransitionForm(request.POST or None)
         # What the account owes, shown before anyone presses the button (the service decides).
         owed = debts.billing_account_debt(account_id=account.id) if name in DEBT_SHOWN else {}
@@ -303,7 +320,7 @@ class ServiceKeyForm(forms.Form):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
+class ApiKeyAdmin(ActionPermissionsMixin, PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
     id_prefix = "key"
     list_display = ("name", "prefix", "user", "scopes", "created_at", "last_used_at", "revoked_at")
     list_select_related = ("user",)
@@ -312,6 +329,7 @@ class ApiKeyAdmin(PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
     readonly_fields = ("name", "prefix", "user", "scopes", "created_by", "created_at", "last_used_at", "revoked_at")
     fields = readonly_fields
     actions = ("revoke",)
+    action_permissions = {"revoke": "accounts.change_apikey"}
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # revoke, never delete: the audit trail keeps the key's row
@@ -329,8 +347,7 @@ class ApiKeyAdmin(PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
 
     def add_view(self, request: HttpRequest, form_url: str = "", extra_context: Any = None) -> HttpResponse:
         """Operators create service keys here; the key is shown once."""
-        if not self.has_add_permission(request):
-            raise PermissionDenied
+        require_permission(request, "accounts.add_apikey", action="Creating a service key")
         form = ServiceKeyForm(request.POST or None)
         issued = None
         if request.method == "POST" and form.is_valid():

@@ -17,7 +17,11 @@ from billing_site.common.logs import mask_email
 def username(request: HttpRequest, credentials: dict[str, Any] | None) -> str:
     """The email as the user model stores it (lower case, trimmed): ``Ops@X`` and ``ops@x`` are
     one login, and so one count of failures."""
-    posted = (credentials or {}).get("username") or request.POST.get("username", "")
+    posted = (
+        (credentials or {}).get("username")
+        or request.POST.get("auth-username")  # the sign-in page's password step (django-two-factor-auth)
+        or request.POST.get("username", "")
+    )
     return str(posted).strip().lower()
 
 

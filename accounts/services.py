@@ -447,8 +447,14 @@ def member_remove(*, account_id: int, user_id: int) -> None:
 
 # --- Operators
 
+# The operator groups, least privilege (issue 21). Each app adds its own permissions for each group
+# in its ``AppConfig.operator_permissions``; these are the accounts app's. A refused page names
+# the groups that hold what it needed (billing_site/common/staff.py reads them back from auth.Group).
+READ_ONLY_GROUP = "read-only"
 OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
-    # Support runs the account lifecycle and customers' keys.
+    # Support reads everything about customers, runs the lifecycle (suspend, reactivate... with a
+    # reason), edits contact details (name, phone) and revokes customers' keys; pauses dunning
+    # and resends documents (payments', invoicing's).
     "support": (
         "view_billingaccount",
         "change_billingaccount",
@@ -460,27 +466,32 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
         "change_apikey",
         "view_user",
     ),
-    # Finance sets credit limits and the tax profile (kind, country, tax id, address, billing
-    # email); runs period closes, grants credit, writes off, credits invoices.
+    # Finance owns the money and what decides the tax: the tax profile (kind, country, tax id,
+    # address, billing email); invoices, credit notes, refunds, grants, write-offs, tax rates,
+    # discounts, the dunning policy and the period close are in the other apps' declarations.
     "finance": (
         "view_billingaccount",
         "change_billingaccount",
-        "set_credit_limit_billingaccount",
         "change_tax_profile_billingaccount",
         "view_billingaccounttransition",
         "view_billingaccountprofilechange",
         "view_membership",
     ),
-    # Fraud blocks and unblocks; reviews and rules arrive with antifraud.
+    # Fraud blocks and unblocks, sets credit limits; the review queue and rules are antifraud's.
     "fraud": (
         "view_billingaccount",
         "block_billingaccount",
+        "set_credit_limit_billingaccount",
         "view_billingaccounttransition",
+        "view_billingaccountprofilechange",
         "view_membership",
         "view_apikey",
         "change_apikey",
         "view_user",
     ),
+    # Read-only sees everything and changes nothing: every ``view_*`` permission of the accounts
+    # app and of every app that declares operator permissions (operator_groups_sync).
+    READ_ONLY_GROUP: (),
 }
 
 
@@ -500,6 +511,9 @@ def operator_groups_sync() -> None:
         for app_label, permissions in declared:
             if app_label != "accounts" and permissions.get(name):
                 wanted |= Q(content_type__app_label=app_label, codename__in=permissions[name])
+        if name == READ_ONLY_GROUP:
+            labels = ["accounts", *(label for label, permissions in declared if permissions)]
+            wanted = Q(content_type__app_label__in=labels, codename__startswith="view_")
         group.permissions.set(Permission.objects.filter(wanted))
 
 
@@ -519,3 +533,55 @@ def operator_create(*, email: str, password: str, groups: list[str], superuser: 
         extra={"user_id": user.public_id, "email": mask_email(user.email), "groups": groups, "superuser": superuser},
     )
     return user
+
+
+# --- Operators' second factor: django-otp's devices (the sign-in, enrolment and backup-code pages
+# are django-two-factor-auth's, at /admin/account/...).
+
+
+@transaction.atomic(durable=True)
+def operator_second_factor_set(*, user_id: int, totp_key: str, backup_codes: tuple[str, ...] = ()) -> None:
+    """Give operator ``user_id`` a confirmed authenticator (TOTP) device with secret ``totp_key``
+    (hex) and exactly ``backup_codes``, replacing what they had. For the demo's published
+    operators; staff enrol their own device at their first sign-in."""
+    from django_otp.plugins.otp_static.models import StaticDevice
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    user = User.objects.get(id=user_id, is_staff=True)
+    TOTPDevice.objects.filter(user=user).delete()
+    TOTPDevice.objects.create(user=user, name="default", key=totp_key, confirmed=True)
+    StaticDevice.objects.filter(user=user).delete()
+    if backup_codes:
+        backup = StaticDevice.objects.create(user=user, name="backup", confirmed=True)
+        for code in backup_codes:
+            backup.token_set.create(token=code)
+    log.info("operator.second_factor_set", extra={"user_id": user.public_id, "backup_codes": len(backup_codes)})
+
+
+@transaction.atomic(durable=True)
+def operator_second_factor_reset(*, email: str, actor: Actor, reason: str) -> int:
+    """A lost device: every second-factor device of the operator (authenticator and backup codes)
+    deleted. Their sessions lose the second factor at once (the device that verified them is gone);
+    at their next sign-in, after the password, they enrol a new device. Returns how many devices
+    were deleted; one log line says who reset whose and why."""
+    from django_otp import devices_for_user
+
+    if not reason.strip():
+        raise ApplicationError("invalid", "A reason is required.", field="reason")
+    user = User.objects.filter(email=normalize_email(email), is_staff=True).first()
+    if user is None:
+        raise NotFound("No staff user with this email.")
+    devices = list(devices_for_user(user, confirmed=None))
+    for device in devices:
+        device.delete()
+    log.info(
+        "operator.second_factor_reset",
+        extra={
+            "user_id": user.public_id,
+            "email": mask_email(user.email),
+            "devices": len(devices),
+            "actor": actor.name if actor.kind == ActorKind.SYSTEM else ids.encode("usr", actor.user_id or 0),
+            "reason": reason.strip(),
+        },
+    )
+    return len(devices)

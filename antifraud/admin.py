@@ -11,7 +11,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -36,6 +36,7 @@ from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import RecordAdminMixin
 from billing_site.common.errors import ApplicationError
+from billing_site.common.staff import require_permission
 
 
 def _operator(request: HttpRequest) -> Actor:
@@ -149,8 +150,9 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         return custom + super().get_urls()
 
     def decide_view(self, request: HttpRequest, object_id: int, action: str) -> HttpResponse:
-        if request.method != "POST" or not request.user.has_perm("antifraud.review_account"):
-            raise PermissionDenied
+        require_permission(request, "antifraud.review_account", action="A review decision")
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])  # posted from the review page
         risk = get_object_or_404(AccountRisk, pk=object_id)
         change_url = reverse("admin:antifraud_accountrisk_change", args=[risk.pk])
         form = DecisionForm(request.POST)
@@ -178,8 +180,7 @@ class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
         return HttpResponseRedirect(change_url)
 
     def dashboard_view(self, request: HttpRequest) -> HttpResponse:
-        if not self.has_view_permission(request):
-            raise PermissionDenied
+        require_permission(request, "antifraud.view_accountrisk", action="The fraud dashboard")
         context = {
             **self.admin_site.each_context(request),
             "opts": self.model._meta,

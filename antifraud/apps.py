@@ -6,9 +6,9 @@ class AntifraudConfig(AppConfig):
     verbose_name = "Antifraud"
     default_auto_field = "django.db.models.BigAutoField"
     # What each operator group (declared by accounts) may do here: the fraud team works the
-    # review queue and tunes the rules; support sees the standing.
+    # review queue, tunes the rules and sets credit limits' policies; support sees the standing.
     operator_permissions: dict[str, tuple[str, ...]] = {
-        "support": ("view_accountrisk",),
+        "support": ("view_accountrisk", "view_riskassessment"),
         "fraud": (
             "view_accountrisk",
             "review_account",
@@ -27,7 +27,8 @@ class AntifraudConfig(AppConfig):
             "add_creditlimitpolicy",
             "change_creditlimitpolicy",
         ),
-        "finance": ("view_creditlimitpolicy", "add_creditlimitpolicy", "change_creditlimitpolicy"),
+        # Credit limits are fraud's; finance sees the policies.
+        "finance": ("view_creditlimitpolicy",),
     }
 
     def ready(self) -> None:

@@ -30,6 +30,7 @@ from billing_site.common.admin import (
     key_values,
 )
 from billing_site.common.errors import ApplicationError
+from billing_site.common.staff import require_permission
 from invoicing import selectors, services
 from invoicing.line_display import quantity_text, unit_price_text
 from invoicing.models import (
@@ -433,8 +434,7 @@ class InvoiceAdmin(csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
     def pdf_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
         from invoicing import pdf
 
-        if not request.user.has_perm("invoicing.view_invoice"):
-            raise PermissionDenied
+        require_permission(request, "invoicing.view_invoice", action="An invoice's PDF")
         invoice = get_object_or_404(Invoice, pk=object_id)
         content = pdf.document_ensure(kind="invoice", source_id=invoice.id)
         if content is None:
@@ -444,15 +444,15 @@ class InvoiceAdmin(csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
     def credit_note_pdf_view(self, request: HttpRequest, note_id: int) -> HttpResponse:
         from invoicing import pdf
 
-        if not request.user.has_perm("invoicing.view_creditnote"):
-            raise PermissionDenied
+        require_permission(request, "invoicing.view_creditnote", action="A credit note's PDF")
         note = get_object_or_404(CreditNote, pk=note_id)
         return HttpResponse(pdf.document_ensure(kind="credit_note", source_id=note.id), content_type="application/pdf")
 
     def action_view(self, request: HttpRequest, object_id: int, name: str) -> HttpResponse:
         invoice = get_object_or_404(Invoice, pk=object_id)
-        if name not in ACTIONS or not request.user.has_perm(ACTIONS[name][0]):
-            raise PermissionDenied
+        if name not in ACTIONS:
+            raise PermissionDenied(f"No invoice action named {name!r}.")
+        require_permission(request, ACTIONS[name][0], action=f"“{ACTIONS[name][1]}”")
         form: forms.Form = (
             CreditNoteForm(request.POST or None, invoice=invoice)
             if name == "credit_note"
@@ -525,8 +525,7 @@ class InvoiceAdmin(csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
         return ""
 
     def period_close_view(self, request: HttpRequest) -> HttpResponse:
-        if not request.user.has_perm("invoicing.close_period"):
-            raise PermissionDenied
+        require_permission(request, "invoicing.close_period", action="The period close")
         form = PeriodCloseForm(request.POST or None)
         preview = None
         if request.method == "POST" and form.is_valid():

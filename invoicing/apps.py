@@ -6,7 +6,7 @@ class InvoicingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     # What each operator group (declared by accounts) may do here.
     operator_permissions: dict[str, tuple[str, ...]] = {
-        "support": ("view_invoice", "view_creditnote", "view_creditgrant"),
+        "support": ("view_invoice", "view_creditnote", "view_creditgrant", "view_contractdiscount"),
         "finance": (
             "view_invoice",
             "close_period",

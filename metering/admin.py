@@ -18,6 +18,7 @@ from django.utils import timezone
 from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin, key_values
+from billing_site.common.staff import require_permission
 from metering import catalog, selectors, services
 from metering.models import Price, PriceTier, RollupShard, Sku
 
@@ -247,11 +248,9 @@ class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
         return [path("usage/", self.admin_site.admin_view(self.usage_view), name="metering_usage"), *super().get_urls()]
 
     def usage_view(self, request: HttpRequest) -> Any:
-        from django.core.exceptions import PermissionDenied
         from django.template.response import TemplateResponse
 
-        if not request.user.has_perm("metering.view_rollupshard"):
-            raise PermissionDenied
+        require_permission(request, "metering.view_rollupshard", action="The usage page")
         first, next_first = this_month()
         form = UsageLookupForm(request.GET or None, initial={"start": first, "end": next_first})
         context: dict[str, Any] = {

@@ -19,7 +19,6 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.core.exceptions import PermissionDenied
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -33,6 +32,7 @@ from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import AmountField, HistoryInline, PartInline, RecordAdminMixin
 from billing_site.common.errors import ApplicationError
+from billing_site.common.staff import ActionPermissionsMixin, require_permission
 from billing_site.common.transitions import actor_log_fields
 from invoicing import services as invoicing_services
 from payments import refunds, services, webhooks
@@ -329,8 +329,7 @@ class PaymentAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, ad
     def refund_view(self, request: HttpRequest, object_id: int) -> HttpResponse:
         """Refund part or all of a succeeded payment to its card, with a reason: the refund is
         sent at once; its credit note and ledger entry follow when the gateway confirms it."""
-        if not request.user.has_perm("payments.issue_refund"):
-            raise PermissionDenied
+        require_permission(request, "payments.issue_refund", action="A refund")
         payment = get_object_or_404(Payment, pk=object_id)
         change_url = reverse("admin:payments_payment_change", args=[payment.pk])
         form = RefundForm(request.POST or None, payment=payment)
@@ -626,10 +625,12 @@ class DunningPauseForm(forms.Form):
         )
 
 
-class DunningPauseActionsMixin:
+class DunningPauseActionsMixin(ActionPermissionsMixin):
     """ "Pause dunning" / "Resume dunning" for the accounts of the selected rows (cases or
     payment profiles), with a reason asked on an intermediate page; each account through
     ``payments.services.dunning_pause``."""
+
+    action_permissions = {"pause_dunning": "payments.pause_dunning", "resume_dunning": "payments.pause_dunning"}
 
     def has_pause_dunning_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm("payments.pause_dunning")
@@ -934,7 +935,7 @@ class BindingAttemptAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmi
 
 
 @admin.register(WebhookEvent)
-class WebhookEventAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[WebhookEvent]):
+class WebhookEventAdmin(ActionPermissionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[WebhookEvent]):
     public_id_columns = (("acc", "account_id"),)
     list_display = (
         "event_id",
@@ -953,6 +954,7 @@ class WebhookEventAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[
     ordering = ("-received_at",)
     show_full_result_count = False
     actions = ("rerun",)
+    action_permissions = {"rerun": "payments.rerun_webhookevent"}
     fields = (
         "event_id",
         "type",

@@ -6,7 +6,17 @@ class PaymentsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     # What each operator group (declared by accounts) may do here.
     operator_permissions: dict[str, tuple[str, ...]] = {
-        "support": ("view_payment", "view_paymentmethod", "view_refund", "view_dunningcase", "view_dispute"),
+        # Support sees a customer's payments, cards and dunning, and pauses dunning.
+        "support": (
+            "view_payment",
+            "view_paymentmethod",
+            "view_refund",
+            "view_dunningcase",
+            "view_dispute",
+            "view_paymentprofile",
+            "view_bindingattempt",
+            "pause_dunning",
+        ),
         "finance": (
             "view_payment",
             "view_paymentmethod",

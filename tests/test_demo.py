@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import time_machine
 from django.core.management import call_command
+from django.test import Client
 
+from accounts.tests.test_second_factor import sign_in
 from billing_site import database
 from conftest import ROOT, client_with_key, database_url, free_port, wait_for
 from invoicing import ledger
@@ -28,6 +30,14 @@ from payments.models import Payment
 
 NOW = dt.datetime(2026, 11, 3, 12, 30, tzinfo=dt.UTC)
 SITE = "http://127.0.0.1:8000"
+OPERATOR_EMAILS = (
+    "operator@demo.test",
+    "support@demo.test",
+    "finance@demo.test",
+    "finance2@demo.test",
+    "fraud@demo.test",
+    "readonly@demo.test",
+)
 
 
 def run(command: str) -> str:
@@ -93,6 +103,19 @@ def test_the_demo_prints_the_login_both_keys_and_working_curl_lines_together_at_
         assert run("load_demo_fraud").count("Threshold billing:") == 1  # idempotent: one threshold invoice
 
         assert f"{SITE}/admin/  login operator@demo.test / demo-operator-2026" in access
+        # Every demo operator gets in at once with what is printed: the password, then the code
+        # the printed command gives (or a printed backup code).
+        assert "manage.py operator_totp --email" in access
+        for email in OPERATOR_EMAILS:
+            (row,) = [line.split() for line in access.splitlines() if line.strip().startswith(email + " ")]
+            code = StringIO()
+            call_command("operator_totp", "--email", email, "--force", stdout=code)
+            browser = Client()
+            signed_in = sign_in(browser, email, "demo-operator-2026", code=code.getvalue().strip())
+            assert signed_in.status_code == 302 and browser.get("/admin/").status_code == 200, email
+            backup = row[row.index("codes") + 1]
+            other = Client()
+            assert sign_in(other, email, "demo-operator-2026", backup=backup).status_code == 302, email
         (key,) = set(re.findall(r"bku_[A-Za-z0-9_-]+", access))
         (producer,) = set(re.findall(r"bks_[A-Za-z0-9_-]+", access))
         curls = [shlex.split(line) for line in access.splitlines() if line.strip().startswith("curl ")]

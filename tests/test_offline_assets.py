@@ -12,6 +12,7 @@ import pytest
 from django.test import Client
 
 from accounts.models import User
+from conftest import staff_login
 
 _CSS_URL = re.compile(r"""url\(\s*['"]?([^'")]+)['"]?\s*\)""")
 _SWAGGER_SCHEMA_URL = re.compile(r"""\burl:\s*"([^"]+)\"""")
@@ -83,11 +84,11 @@ def test_api_docs_and_every_asset_they_reference_are_served_from_here() -> None:
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("page", ["/admin/login/", "/admin/", "/admin/accounts/billingaccount/"])
+@pytest.mark.parametrize("page", ["/admin/account/login/", "/admin/", "/admin/accounts/billingaccount/"])
 def test_admin_pages_load_nothing_from_another_host(page: str) -> None:
     client = Client()
-    if page != "/admin/login/":
-        client.force_login(User.objects.create_superuser("root@example.test", "correct-horse-battery-staple"))
+    if page != "/admin/account/login/":
+        staff_login(client, User.objects.create_superuser("root@example.test", "correct-horse-battery-staple"))
     _, urls = _assets(client, page)
     statuses = _fetch_all(client, urls)
     assert statuses

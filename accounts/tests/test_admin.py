@@ -10,7 +10,7 @@ from django.test import Client
 
 from accounts import services
 from accounts.models import AccountState, ApiKey, BillingAccount, BillingAccountTransition
-from conftest import operator
+from conftest import operator, staff_login
 
 pytestmark = pytest.mark.django_db
 
@@ -83,10 +83,10 @@ def test_fraud_unblocks_to_a_chosen_state(customer: object, make_account: Callab
     assert account.state == AccountState.PENDING
 
 
-def test_finance_edits_the_credit_limit_through_the_service(customer: object, make_account: Callable) -> None:
+def test_fraud_edits_the_credit_limit_through_the_service(customer: object, make_account: Callable) -> None:
     account = make_account(customer.user)  # type: ignore[attr-defined]
-    _, finance = operator(["finance"])
-    form = finance.get(change_url(account)).context["adminform"].form
+    _, fraud = operator(["fraud"])
+    form = fraud.get(change_url(account)).context["adminform"].form
     data = {k: ("" if v is None else v) for k, v in form.initial.items() if k in form.fields}
     data.update(
         {
@@ -100,7 +100,7 @@ def test_finance_edits_the_credit_limit_through_the_service(customer: object, ma
             "profile_changes-INITIAL_FORMS": "0",
         }
     )
-    response = finance.post(change_url(account), data)
+    response = fraud.post(change_url(account), data)
     assert response.status_code == 302, response.content[:2000]
     account.refresh_from_db()
     assert str(account.credit_limit) == "2500.0000"
@@ -118,8 +118,7 @@ def test_api_keys_are_revoked_never_shown(customer: object) -> None:
 
 def test_operator_creates_a_service_key_in_the_admin() -> None:
     admin = services.operator_create(email="root@ops.test", password="pw-long-enough", groups=[], superuser=True)
-    client = Client()
-    client.force_login(admin)
+    client = staff_login(Client(), admin)
     page = client.post("/admin/accounts/apikey/add/", {"name": "metering", "scopes": ["usage:write"]})
     assert page.status_code == 200
     issued = page.context["issued"]
@@ -128,13 +127,18 @@ def test_operator_creates_a_service_key_in_the_admin() -> None:
     assert key.scopes == ["usage:write"] and key.user is None and key.created_by == admin
 
 
-def test_only_finance_sets_credit_limits_and_closed_accounts_are_read_only(
+def test_only_fraud_sets_credit_limits_and_closed_accounts_are_read_only(
     customer: object, make_account: Callable
 ) -> None:
     account = make_account(customer.user)  # type: ignore[attr-defined]
-    _, support = operator(["support"])
-    form = support.get(change_url(account)).context["adminform"].form
-    assert "credit_limit" not in form.fields  # shown read-only
+    for group in ("support", "finance"):
+        _, client = operator([group])
+        form = client.get(change_url(account)).context["adminform"].form
+        assert "credit_limit" not in form.fields, group  # shown read-only
+    _, fraud = operator(["fraud"])
+    form = fraud.get(change_url(account)).context["adminform"].form
+    assert "credit_limit" in form.fields
+    assert not set(form.fields) & {"name", "phone", "tax_id"}  # the profile is not fraud's
     closed = make_account(customer.user, state=AccountState.CLOSED)  # type: ignore[attr-defined]
     _, finance = operator(["finance"])
     form = finance.get(change_url(closed)).context["adminform"].form
@@ -204,9 +208,9 @@ def test_credit_limit_has_exactly_the_currency_places_in_admin_and_api(
 ) -> None:
     eur = make_account(customer.user, currency="EUR")  # type: ignore[attr-defined]
     jpy = make_account(customer.user, currency="JPY", country="JP")  # type: ignore[attr-defined]
-    _, finance = operator(["finance"])
-    assert 'name="credit_limit" value="0.00"' in finance.get(change_url(eur)).content.decode()
-    assert 'name="credit_limit" value="0"' in finance.get(change_url(jpy)).content.decode()
+    _, fraud = operator(["fraud"])
+    assert 'name="credit_limit" value="0.00"' in fraud.get(change_url(eur)).content.decode()
+    assert 'name="credit_limit" value="0"' in fraud.get(change_url(jpy)).content.decode()
 
     refused = {
         (eur, "100.505"): "Credit limit: EUR amounts have at most 2 decimal places",
@@ -219,16 +223,16 @@ def test_credit_limit_has_exactly_the_currency_places_in_admin_and_api(
         (jpy, "100.5"): "Credit limit: JPY amounts have no decimal places",
     }
     for (account, value), message in refused.items():
-        page = _credit_limit_post(finance, account, value)
+        page = _credit_limit_post(fraud, account, value)
         assert page.status_code == 200, value
         assert message in page.content.decode(), value
         account.refresh_from_db()
         assert account.credit_limit == 0, value
 
-    assert _credit_limit_post(finance, eur, "2500.5").status_code == 302
-    saved = finance.get(change_url(eur)).content.decode()  # the admin's message names the account
+    assert _credit_limit_post(fraud, eur, "2500.5").status_code == 302
+    saved = fraud.get(change_url(eur)).content.decode()  # the admin's message names the account
     assert f"{eur.name} ({eur.public_id})</a>” was changed successfully." in saved
-    assert _credit_limit_post(finance, jpy, "300000").status_code == 302
+    assert _credit_limit_post(fraud, jpy, "300000").status_code == 302
     assert customer.client.get(f"/api/v1/billing-accounts/{eur.public_id}").json()["credit_limit"] == "2500.50"  # type: ignore[attr-defined]
     assert customer.client.get(f"/api/v1/billing-accounts/{jpy.public_id}").json()["credit_limit"] == "300000"  # type: ignore[attr-defined]
     _, support = operator(["support"])

@@ -14,7 +14,7 @@ from django.test import Client
 from accounts import services
 from accounts.models import AccountState, BillingAccount, BillingAccountTransition
 from billing_site.common.actors import Actor, ActorKind
-from conftest import Customer
+from conftest import Customer, staff_login
 
 pytestmark = pytest.mark.django_db
 
@@ -23,9 +23,7 @@ DUNNING = Actor.system("dunning")
 
 def support() -> Client:
     user = services.operator_create(email="support@ops.test", password="pw-long-enough", groups=["support"])
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_login(Client(), user)
 
 
 def history(customer: Customer, account: BillingAccount) -> list[dict[str, Any]]:

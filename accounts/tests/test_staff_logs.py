@@ -13,6 +13,7 @@ from django.test import Client
 from accounts import services
 from accounts.models import AccountState, BillingAccount
 from accounts.tests.pages import form_of
+from accounts.tests.test_second_factor import SECRET, current_code, sign_in
 from billing_site.common.logs import JsonFormatter, TextFormatter
 from conftest import Customer
 
@@ -28,10 +29,10 @@ def test_what_staff_do_in_accounts_is_logged_without_their_email(
     caplog.set_level(logging.DEBUG)
 
     staff = services.operator_create(email=EMAIL, password="a-finance-passphrase", groups=["finance", "support"])
+    services.operator_second_factor_set(user_id=staff.id, totp_key=SECRET)
     client = Client()
-    login = form_of(client.get("/admin/login/").content).fields
-    client.post("/admin/login/", {**login, "username": EMAIL, "password": "not-it"})
-    assert client.post("/admin/login/", {**login, "username": EMAIL, "password": "a-finance-passphrase"}).status_code
+    sign_in(client, EMAIL, "not-it")
+    assert sign_in(client, EMAIL, "a-finance-passphrase", code=current_code()).status_code == 302
     change = f"/admin/accounts/billingaccount/{account.pk}/change/"
     assert client.post(change, {**form_of(client.get(change).content).fields, "name": "Renamed"}).status_code == 302
     transition = f"/admin/accounts/billingaccount/{account.pk}/transition/suspend/"

@@ -18,14 +18,12 @@ from antifraud.models import AccountRisk, ReviewDecision, RiskRule, RiskStatus
 from antifraud.tests.pages import press
 from antifraud.tests.test_checkpoints import ANALYST, NL_IP, US_IP, bind, open_account
 from billing_site.outbox import services as outbox
-from conftest import Customer
+from conftest import Customer, staff_login
 
 
 def staff(group: str) -> Client:
     user = account_services.operator_create(email=f"{group}@ops.test", password="x-correct-horse-9", groups=[group])
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_login(Client(), user)
 
 
 @pytest.fixture

@@ -50,6 +50,12 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",  # Swagger UI's assets, served from here: /api/docs/ works offline
     "django_countries",
     "axes",  # staff sign-in: failed passwords throttled and locked out (settings below)
+    # Staff's second factor: TOTP devices and backup codes (django-otp), the login, enrolment
+    # and backup-code pages (django-two-factor-auth; its templates overridden by ours).
+    "django_otp",
+    "django_otp.plugins.otp_static",
+    "django_otp.plugins.otp_totp",
+    "two_factor",
     "accounts",
     "metering",
     "invoicing",
@@ -68,6 +74,11 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # request.user.is_verified(): has this session passed the second factor (django-otp).
+    "django_otp.middleware.OTPMiddleware",
+    # The one gate of the back office: nothing under /admin/ answers a session that has not
+    # passed the second factor, except the sign-in and enrolment pages themselves.
+    "billing_site.common.staff.SecondFactorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: turns a locked-out sign-in into its 429 page.
@@ -227,6 +238,21 @@ ADMIN_SESSION_IDLE_MINUTES = int(os.environ.get("ADMIN_SESSION_IDLE_MINUTES", "3
 SESSION_COOKIE_AGE = ADMIN_SESSION_IDLE_MINUTES * 60
 SESSION_SAVE_EVERY_REQUEST = True
 SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+# The second factor (README "Staff sign-in"): staff sign in at /admin/account/login/ with their
+# password, then a code from their authenticator app (TOTP) or one of their backup codes. A staff
+# member with no device yet is sent to enrol one (/admin/account/two_factor/setup/) before any
+# admin page; a lost device is reset with `manage.py operator_reset_second_factor`.
+# (django-two-factor-auth also replaces the admin's own login view by a redirect to its page:
+# TWO_FACTOR_PATCH_ADMIN, True by default.)
+LOGIN_URL = "two_factor:login"
+LOGIN_REDIRECT_URL = "admin:index"
+LOGOUT_REDIRECT_URL = "two_factor:login"
+# The issuer an authenticator app shows beside the code.
+OTP_TOTP_ISSUER = os.environ.get("OTP_TOTP_ISSUER", "Billing back office")
+# The password step is valid this long (seconds) for the code step to follow.
+TWO_FACTOR_LOGIN_TIMEOUT = 600
+# The enrolment page's QR code as inline SVG (no image files, nothing fetched).
+TWO_FACTOR_QR_FACTORY = "qrcode.image.svg.SvgPathImage"
 
 # --- Accounts
 # What an account owes, asked before it is closed or reactivated by staff: dotted paths of

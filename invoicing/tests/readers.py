@@ -10,14 +10,12 @@ from django.test import Client
 
 from accounts import services as account_services
 from accounts.models import BillingAccount, Scope
-from conftest import client_with_key
+from conftest import client_with_key, staff_login
 
 
 def operator(group: str) -> Client:
     user = account_services.operator_create(email=f"{group}@ops.test", password="pw-long-enough", groups=[group])
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_login(Client(), user)
 
 
 def laid_out(html: str) -> tuple[list[str], set[tuple[str, ...]], set[str]]:

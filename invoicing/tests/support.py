@@ -9,6 +9,7 @@ import datetime as dt
 from django.test import Client
 
 from billing_site.common.actors import Actor
+from conftest import staff_login
 from invoicing.periods import Period
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
@@ -22,6 +23,4 @@ def operator(group: str) -> Client:
     from accounts import services as account_services
 
     user = account_services.operator_create(email=f"{group}@ops.test", password="pw-long-enough", groups=[group])
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_login(Client(), user)

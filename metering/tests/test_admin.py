@@ -10,6 +10,7 @@ import pytest
 from django.test import Client
 
 from accounts import services as account_services
+from conftest import staff_login
 from metering.models import Price, Sku
 
 pytestmark = pytest.mark.django_db
@@ -18,9 +19,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def staff(catalog: None) -> Client:
     user = account_services.operator_create(email="cat@ops.test", password="pw-long-enough", groups=[], superuser=True)
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_login(Client(), user)
 
 
 def test_lists_and_pages_render(staff: Client) -> None:
@@ -143,8 +142,7 @@ def test_the_usage_page_shows_costs_resources_and_data_quality(
         )
     rollup.rollup(now=NOW)
     support = account_services.operator_create(email="s@ops.test", password="pw-long-enough", groups=["support"])
-    client = Client()
-    client.force_login(support)
+    client = staff_login(Client(), support)
     assert b"Usage and costs" in client.get("/admin/metering/rollupshard/").content
     page = client.get(
         "/admin/metering/rollupshard/usage/", {"account": account.public_id, "start": "2026-11-01", "end": "2026-11-04"}
@@ -193,8 +191,7 @@ def test_the_usage_page_defaults_to_this_month(catalog: None, customer: object, 
     _rated_day(account.id, "2026-12-01", "network.egress", "3", "7")  # next month: not shown
     with time_machine.travel(dt.datetime(2026, 11, 20, 15, 0, tzinfo=dt.UTC), tick=False):
         support = account_services.operator_create(email="s@ops.test", password="pw-long-enough", groups=["support"])
-        client = Client()
-        client.force_login(support)
+        client = staff_login(Client(), support)
         empty = client.get("/admin/metering/rollupshard/usage/").content.decode()
         assert 'value="2026-11-01"' in empty and 'value="2026-12-01"' in empty  # the form opens on this month
         html = client.get("/admin/metering/rollupshard/usage/", {"account": account.public_id}).content.decode()

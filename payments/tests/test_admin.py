@@ -21,7 +21,7 @@ from django.test import Client
 from accounts import services as account_services
 from accounts.models import BillingAccount
 from billing_site.outbox.models import OutboxKind, OutboxMessage
-from conftest import Customer
+from conftest import Customer, staff_login
 from invoicing import ledger
 from invoicing.models import CreditNote, Invoice
 
@@ -50,9 +50,7 @@ def operator(group: str | None, email: str | None = None) -> Client:
     user = account_services.operator_create(
         email=email or f"{group or 'nobody'}@ops.test", password="pw-long-enough", groups=[group] if group else []
     )
-    client = Client()
-    client.force_login(user)
-    return client
+    return staff_login(Client(), user)
 
 
 @dataclass
@@ -321,10 +319,13 @@ def test_dunning_is_paused_and_resumed_with_a_reason(book: Book) -> None:
     case = DunningCase.objects.get(invoice_id=book.declined.invoice_id)
     url = "/admin/payments/dunningcase/"
     select = {helpers.ACTION_CHECKBOX_NAME: [case.pk]}
-    # Support sees the cases but is offered no pause, and a pause it posts does nothing.
-    support = operator("support")
-    assert 'value="pause_dunning"' not in support.get(url).content.decode()
-    support.post(url, {**select, "action": "pause_dunning", "apply": "yes", "reason": "no"})
+    # Read-only sees the cases but is offered no pause, and a pause it posts is refused, naming
+    # the groups that may (support and finance both pause dunning).
+    reader = operator("read-only")
+    assert 'value="pause_dunning"' not in reader.get(url).content.decode()
+    refused = reader.post(url, {**select, "action": "pause_dunning", "apply": "yes", "reason": "no"})
+    assert refused.status_code == 403
+    assert "finance" in refused.content.decode() and "support" in refused.content.decode()
     assert not PaymentProfile.objects.get(account_id=book.debtor.id).dunning_paused
     finance = operator("finance")
     assert 'value="pause_dunning"' in finance.get(url).content.decode()

@@ -13,7 +13,13 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from accounts import services
-from accounts.management.commands.load_demo_data import OPERATOR_EMAIL, OPERATOR_PASSWORD
+from accounts.management.commands.load_demo_data import (
+    OPERATOR_EMAIL,
+    OPERATOR_PASSWORD,
+    OPERATORS,
+    demo_backup_codes,
+    demo_secret_base32,
+)
 from accounts.models import BillingAccount, Scope, User
 
 PORT = 8000
@@ -61,6 +67,9 @@ class Command(BaseCommand):
             ),
             "",
             f"  Admin:         {site}/admin/  login {OPERATOR_EMAIL} / {OPERATOR_PASSWORD}",
+            "                 then the second factor: the code `.venv/bin/python manage.py operator_totp "
+            f"--email {OPERATOR_EMAIL}` prints, or a backup code",
+            *self.operator_lines(),
             f"  API docs:      {site}/api/docs/",
             f"  Customer key:  {key}",
             f"                 ({CUSTOMER_EMAIL}, owner of Acme Cloud BV and Globex GmbH)",
@@ -79,3 +88,19 @@ class Command(BaseCommand):
             "",
         ]
         self.stdout.write("\n".join(lines))
+
+    def operator_lines(self) -> list[str]:
+        """Every demo operator: login, password, groups, TOTP secret (for an authenticator app)
+        and backup codes; all published on purpose (a demo on 127.0.0.1)."""
+        lines = [
+            "",
+            f"  Operators (password {OPERATOR_PASSWORD} for all; second factor: TOTP secret or a backup code):",
+        ]
+        for email, groups, superuser in OPERATORS:
+            role = "superuser" if superuser else ", ".join(groups)
+            lines.append(
+                f"    {email:<22} {role:<10} TOTP secret {demo_secret_base32(email)}  "
+                f"backup codes {' '.join(demo_backup_codes(email))}"
+            )
+        lines.append("    current code: .venv/bin/python manage.py operator_totp --email EMAIL")
+        return lines

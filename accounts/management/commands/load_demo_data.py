@@ -1,7 +1,10 @@
 """Demo data for ``make demo``: users, billing accounts in every state with their history,
-and an operator login. Safe to run again: existing demo rows are kept and the operator's
-password is reset to the published one. ``demo_access`` prints the login and fresh keys."""
+and operator logins, one per operator group, each with a second factor whose secret and backup
+codes are published. Safe to run again: existing demo rows are kept and the operators' passwords
+and second factors are reset to the published ones. ``demo_access`` prints the logins and fresh keys."""
 
+import base64
+import hashlib
 from typing import Any
 
 from django.conf import settings
@@ -14,6 +17,34 @@ from billing_site.common.actors import Actor
 OPERATOR_EMAIL = "operator@demo.test"
 OPERATOR_PASSWORD = "demo-operator-2026"  # noqa: S105  (a demo login on 127.0.0.1, printed on purpose)
 USER_PASSWORD = "demo-password-2026"  # noqa: S105
+
+
+# The demo's operators, one per group (two in finance: one requests, the other approves), all with
+# OPERATOR_PASSWORD: (email, groups, superuser). Their second factor is published (demo_secret).
+OPERATORS = [
+    (OPERATOR_EMAIL, ["support", "finance", "fraud"], True),
+    ("support@demo.test", ["support"], False),
+    ("finance@demo.test", ["finance"], False),
+    ("finance2@demo.test", ["finance"], False),  # the second pair of eyes
+    ("fraud@demo.test", ["fraud"], False),
+    ("readonly@demo.test", ["read-only"], False),
+]
+
+
+def demo_secret(email: str) -> str:
+    """The demo operator's TOTP secret (hex, 20 bytes), fixed and published: derived from the email."""
+    return hashlib.sha1(f"billing-demo-totp:{email}".encode(), usedforsecurity=False).hexdigest()
+
+
+def demo_secret_base32(email: str) -> str:
+    """The same secret as an authenticator app takes it (base32)."""
+    return base64.b32encode(bytes.fromhex(demo_secret(email))).decode()
+
+
+def demo_backup_codes(email: str) -> tuple[str, ...]:
+    """Three published backup codes (each signs in once; reset by every load_demo_data)."""
+    return tuple(hashlib.sha256(f"billing-demo-backup:{email}:{n}".encode()).hexdigest()[:8] for n in (1, 2, 3))
+
 
 USERS = ["alice@demo.test", "bob@demo.test", "carol@demo.test", "dave@demo.test"]
 
@@ -140,9 +171,14 @@ class Command(BaseCommand):
             raise CommandError(
                 "Demo data creates a superuser with a published password: DEBUG must be on (or --force)."
             )
-        operator = services.operator_create(
-            email=OPERATOR_EMAIL, password=OPERATOR_PASSWORD, groups=["support", "finance", "fraud"], superuser=True
-        )
+        for email, groups, superuser in OPERATORS:
+            staff = services.operator_create(
+                email=email, password=OPERATOR_PASSWORD, groups=groups, superuser=superuser
+            )
+            services.operator_second_factor_set(
+                user_id=staff.id, totp_key=demo_secret(email), backup_codes=demo_backup_codes(email)
+            )
+        operator = User.objects.get(email=OPERATOR_EMAIL)
         operator_actor = Actor.operator(operator.id, operator.email)
         users = {}
         for email in USERS:
@@ -177,6 +213,7 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 f"Demo data: {created} billing account(s) created, {len(ACCOUNTS)} in all; operator login "
-                f"{OPERATOR_EMAIL} (`manage.py demo_access` prints its password, API keys and curl examples)."
+                f"{OPERATOR_EMAIL} and {len(OPERATORS) - 1} more, one per group (`manage.py demo_access` prints "
+                "them with their second factor, API keys and curl examples)."
             )
         )
