@@ -396,3 +396,45 @@ def _discounted_unbilled(*, period: Period, as_of: dt.datetime, account_ids: lis
         owed = sum((line.rated_amount for line in planned.lines), Decimal(0)) if planned is not None else Decimal(0)
         result[account_id] = max(owed, Decimal(0))
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodCloseProgress:
+    """The newest month with monthly invoices: how many of them by status, and when the last
+    was issued (the close writes them chunk by chunk, so this moves while it runs)."""
+
+    period_start: dt.date
+    by_status: dict[str, int]
+    last_issued_at: dt.datetime | None
+
+    @property
+    def issued(self) -> int:
+        return sum(count for status, count in self.by_status.items() if status != InvoiceStatus.DRAFT)
+
+    @property
+    def label(self) -> str:
+        return f"{self.period_start:%Y-%m}"
+
+
+def period_close_progress() -> PeriodCloseProgress | None:
+    """The last period close (None before the first): the newest ``period_start`` of a monthly
+    invoice, then that month's invoices counted by status and its latest ``issued_at``, all in
+    one statement through the ``(period_start, status)`` index."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH last AS (SELECT max(period_start) AS period_start FROM invoicing_invoice WHERE kind = 'period')
+            SELECT last.period_start, i.status, count(i.id), max(i.issued_at)
+            FROM last JOIN invoicing_invoice i ON i.period_start = last.period_start AND i.kind = 'period'
+            GROUP BY last.period_start, i.status
+            """
+        )
+        rows = cursor.fetchall()
+    if not rows:
+        return None
+    issued_times = [issued_at for _, _, _, issued_at in rows if issued_at is not None]
+    return PeriodCloseProgress(
+        period_start=rows[0][0],
+        by_status={status: count for _, status, count, _ in rows},
+        last_issued_at=max(issued_times) if issued_times else None,
+    )

@@ -2,8 +2,14 @@
 billing_site/urls.py). Every view here is wrapped in ``admin.site.admin_view``: staff only, with
 the admin's login, second factor and permission checks."""
 
-from django.urls import URLPattern
+from django.contrib import admin
+from django.urls import URLPattern, path
+
+from billing_site.backoffice import dashboard
 
 app_name = "backoffice"
 
-urlpatterns: list[URLPattern] = []
+urlpatterns: list[URLPattern] = [
+    # The staff home page: answers /admin/ in place of the admin's own index (same app list below).
+    path("", admin.site.admin_view(dashboard.index), name="index"),
+]
