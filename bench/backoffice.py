@@ -133,14 +133,17 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
                     amount_refunded_minor, payment_terms_days, buyer, seller, created_at, issued_at, due_at, paid_at,
                     updated_at)
                 SELECT %(first_invoice)s + n, %(first)s + n / %(per)s, m.start, m.start + interval '1 month', 'period',
-                       s.status, 'EUR', 'BENCH-' || n, 10000 + n %% 5000, 21, 'NL', 'domestic', '', 2100, 12100 + n %% 5000,
+                       s.status, 'EUR', 'BENCH-' || n, 10000 + n %% 5000, 21, 'NL', 'domestic', '', 2100,
+                       12100 + n %% 5000,
                        0, CASE WHEN s.status = 'paid' THEN 12100 + n %% 5000 ELSE 0 END, 0,
                        CASE WHEN s.status = 'uncollectible' THEN 12100 + n %% 5000 ELSE 0 END, 0, 14, '{}', '{}',
                        m.start + interval '1 month 2 hours', m.start + interval '1 month 2 hours',
-                       m.start + interval '1 month 14 days', CASE WHEN s.status = 'paid' THEN m.start + interval '1 month 1 day' END,
+                       m.start + interval '1 month 14 days',
+                       CASE WHEN s.status = 'paid' THEN m.start + interval '1 month 1 day' END,
                        m.start + interval '1 month 2 hours'
                 FROM generate_series(%(from)s, %(to)s) AS n
-                CROSS JOIN LATERAL (SELECT (%(this_month)s::date - make_interval(months => 1 + n %% %(per)s))::date AS start) m
+                CROSS JOIN LATERAL (
+                    SELECT (%(this_month)s::date - make_interval(months => 1 + n %% %(per)s))::date AS start) m
                 CROSS JOIN LATERAL (SELECT CASE WHEN n %% %(per)s = 0 AND n %% 7 = 0 THEN 'issued'
                                                WHEN n %% 97 = 0 THEN 'uncollectible' ELSE 'paid' END AS status) s
                 """,
@@ -198,7 +201,8 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
             )
             cursor.execute(
                 """
-                INSERT INTO antifraud_accountrisk (account_id, status, score, flagged_at, limit_raised_at_count, updated_at)
+                INSERT INTO antifraud_accountrisk (account_id, status, score, flagged_at, limit_raised_at_count,
+                    updated_at)
                 SELECT %(first)s + g, CASE WHEN g %% 1000 = 1 THEN 'review' WHEN g %% 100 = 98 THEN 'blocked'
                                            ELSE 'clear' END,
                        g %% 100, now() - make_interval(mins => g %% 5000), 0, now()
@@ -207,7 +211,8 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
                 {"first": FIRST_ID, "to": accounts - 1},
             )
             cursor.execute(
-                "INSERT INTO metering_rollupshard (shard, txid_horizon, events_processed, updated_at, last_duration_ms) "
+                "INSERT INTO metering_rollupshard (shard, txid_horizon, events_processed, updated_at, "
+                "last_duration_ms) "
                 "SELECT s, 0, 0, now(), 40 FROM generate_series(0, 15) s ON CONFLICT (shard) DO NOTHING"
             )
             written["pipeline"] = "webhooks, outbox, fraud queue, rollup shards, 5,000 waiting events"
@@ -229,7 +234,10 @@ def logged_in_client() -> Any:
     from accounts.models import User
 
     user = User.objects.filter(email="bench@ops.test").first() or account_services.operator_create(
-        email="bench@ops.test", password="pw-long-enough", groups=[], superuser=True
+        email="bench@ops.test",
+        password="pw-long-enough",  # noqa: S106 (a bench login)
+        groups=[],
+        superuser=True,
     )
     client = Client()
     client.force_login(user)
@@ -297,7 +305,9 @@ def main() -> None:
     parser.add_argument("--invoices", type=int, default=10_000_000)
     parser.add_argument("--samples", type=int, default=10, help="page loads measured after one warm-up")
     parser.add_argument("--fresh", action="store_true", help="drop the bench database first")
-    parser.add_argument("--json", default=None, help="where to write the figures (default .data/bench-backoffice-*.json)")
+    parser.add_argument(
+        "--json", default=None, help="where to write the figures (default .data/bench-backoffice-*.json)"
+    )
     parser.add_argument("--log-file", default="/tmp/bench-backoffice.log", help="where the log lines go")  # noqa: S108
     args = parser.parse_args()
     setup_django(database_url(fresh=args.fresh), log_file=args.log_file)
@@ -314,7 +324,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "ok": ok,
     }
-    json_path = Path(args.json) if args.json else ROOT / ".data" / f"bench-backoffice-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    json_path = (
+        Path(args.json) if args.json else ROOT / ".data" / f"bench-backoffice-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    )
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2, default=str))
     tables = result["tables"]

@@ -20,8 +20,8 @@ from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
 from billing_site.common import ids, money
-from billing_site.common.durations import duration_text
 from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin, key_values
+from billing_site.common.durations import duration_text
 from metering import catalog, selectors, services
 from metering.models import Price, PriceTier, RollupShard, Sku
 

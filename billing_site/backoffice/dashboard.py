@@ -164,9 +164,9 @@ def pipeline_figures(
             value=f"{waiting:,}{'+' if any(p.capped for p in progress) else ''}",
             url=shards_url,
             alert=any(p.events_waiting > settings.DASHBOARD_EVENTS_WAITING for p in progress),
-            note=f"{sum(p.hours_waiting for p in progress):,} dirty hours waiting" if any(
-                p.hours_waiting for p in progress
-            ) else "",
+            note=f"{sum(p.hours_waiting for p in progress):,} dirty hours waiting"
+            if any(p.hours_waiting for p in progress)
+            else "",
             why=f"red above {settings.DASHBOARD_EVENTS_WAITING:,} in one shard",
         )
     )

@@ -74,6 +74,10 @@ def readyz(request: HttpRequest) -> JsonResponse:
         checks["broker"] = {"ok": error is None, **({"error": error[:300]} if error else {})}
     ready = all(check["ok"] for check in checks.values())
     return JsonResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks, "ms": round((time.monotonic() - started) * 1000)},
+        {
+            "status": "ready" if ready else "not ready",
+            "checks": checks,
+            "ms": round((time.monotonic() - started) * 1000),
+        },
         status=200 if ready else 503,
     )

@@ -36,7 +36,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
-from prometheus_client import REGISTRY, CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -116,11 +116,15 @@ def payment_metrics(now: dt.datetime) -> Iterator[Metric]:
     for (status, code), count in sorted(payment_selectors.payment_outcomes(since=now - PAYMENTS_WINDOW).items()):
         recent.add_metric([status, code], count)
     open_ = _gauge("billing_payments_open", "Payments not finished, by status", ["status"])
-    oldest = _gauge("billing_payments_open_oldest_seconds", "Age of the oldest unfinished payment, by status", ["status"])
+    oldest = _gauge(
+        "billing_payments_open_oldest_seconds", "Age of the oldest unfinished payment, by status", ["status"]
+    )
     for status, backlog in payment_selectors.payments_open().items():
         open_.add_metric([status], backlog.count)
         oldest.add_metric([status], _seconds(backlog.age(now)))
-    webhooks = _gauge("billing_webhook_events_unprocessed", "Gateway webhook events not processed, by status", ["status"])
+    webhooks = _gauge(
+        "billing_webhook_events_unprocessed", "Gateway webhook events not processed, by status", ["status"]
+    )
     webhooks_oldest = _gauge(
         "billing_webhook_events_oldest_seconds", "Age of the oldest unprocessed webhook event, by status", ["status"]
     )
@@ -134,7 +138,9 @@ def outbox_metrics(now: dt.datetime) -> Iterator[Metric]:
     backlog = outbox_selectors.backlog()
     yield GaugeMetricFamily("billing_outbox_pending", "Outbox messages not delivered yet", value=backlog.count)
     yield GaugeMetricFamily(
-        "billing_outbox_oldest_seconds", "Age of the oldest undelivered outbox message", value=_seconds(backlog.age(now))
+        "billing_outbox_oldest_seconds",
+        "Age of the oldest undelivered outbox message",
+        value=_seconds(backlog.age(now)),
     )
 
 

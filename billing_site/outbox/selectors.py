@@ -12,5 +12,7 @@ def backlog() -> Backlog:
     """Messages not delivered yet, and the oldest one's creation (the partial index
     ``outbox_pending`` holds exactly them)."""
     return Backlog.of(
-        OutboxMessage.objects.filter(delivered_at__isnull=True).aggregate(count=Count("id"), oldest_at=Min("created_at"))
+        OutboxMessage.objects.filter(delivered_at__isnull=True).aggregate(
+            count=Count("id"), oldest_at=Min("created_at")
+        )
     )

@@ -87,7 +87,11 @@ def test_figures_turn_red_past_their_thresholds(settings: Any, account: BillingA
 
     OutboxMessage.objects.filter(id=message).update(created_at=now - dt.timedelta(minutes=6))
     WebhookEvent.objects.create(
-        gateway="stripe", event_id="evt_old", type="charge.succeeded", payload={}, received_at=now - dt.timedelta(hours=1)
+        gateway="stripe",
+        event_id="evt_old",
+        type="charge.succeeded",
+        payload={},
+        received_at=now - dt.timedelta(hours=1),
     )
     AccountRisk.objects.create(
         account_id=account.id, status=RiskStatus.REVIEW, score=90, flagged_at=now - dt.timedelta(days=2)
@@ -103,9 +107,7 @@ def test_figures_turn_red_past_their_thresholds(settings: Any, account: BillingA
     assert not is_red(figure(client.get("/admin/").content.decode(), "Outbox backlog"))
 
 
-def test_a_shard_that_stopped_with_events_waiting_is_red(
-    usage_account: BillingAccount, producer: APIClient
-) -> None:
+def test_a_shard_that_stopped_with_events_waiting_is_red(usage_account: BillingAccount, producer: APIClient) -> None:
     now = timezone.now()
     all_shards_ran(now - dt.timedelta(minutes=35))
     events = [used(usage_account, f"late-{i}", now - dt.timedelta(minutes=30), "1") for i in range(4)]
@@ -138,8 +140,10 @@ def test_rollup_shards_page_shows_lag_and_backlog(usage_account: BillingAccount,
     html = response.content.decode()
     for header in ("Since last run", "Lag (oldest waiting)", "Events waiting", "Dirty hours waiting", "Last run took"):
         assert header in html, header
-    rows = re.findall(r'<tr>.*?</tr>', html, re.S)
-    row = next(r for r in rows if f'<td class="field-shard_shown"><strong style="color: #ba2121">{waiting.shard} ⚠' in r)
+    rows = re.findall(r"<tr>.*?</tr>", html, re.S)
+    row = next(
+        r for r in rows if f'<td class="field-shard_shown"><strong style="color: #ba2121">{waiting.shard} ⚠' in r
+    )
     assert '<td class="field-events_waiting"><strong style="color: #ba2121">3 ⚠' in row
     assert "35 min" in row and "33 min" in row and "42 ms" in row
 

@@ -62,7 +62,12 @@ def test_metrics_is_a_404_until_configured(settings: Any) -> None:
 
 @pytest.mark.django_db
 def test_metrics_refused_without_the_token_or_with_a_wrong_one(metrics_on: None) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+    ):
         response = scrape(**headers)
         assert response.status_code == 403, headers
         assert b"billing_" not in response.content
@@ -79,9 +84,7 @@ def test_metrics_by_address_allow_list(settings: Any) -> None:
 
 
 @pytest.mark.django_db
-def test_metrics_follow_the_outbox_webhooks_fraud_queue_and_accounts(
-    metrics_on: None, account: BillingAccount
-) -> None:
+def test_metrics_follow_the_outbox_webhooks_fraud_queue_and_accounts(metrics_on: None, account: BillingAccount) -> None:
     before = samples(scrape(Authorization=f"Bearer {TOKEN}").content)
     assert value(before, "billing_outbox_pending") == 0
     assert value(before, "billing_webhook_events_unprocessed", status="pending") == 0
