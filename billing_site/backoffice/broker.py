@@ -4,6 +4,7 @@ wait in each of our queues (``billing_site.celery.QUEUES``). With no broker conf
 
 from __future__ import annotations
 
+import redis
 from django.conf import settings
 
 # kombu's Redis transport keeps a queue's messages of priority p > 0 in the list
@@ -17,12 +18,10 @@ def configured() -> bool:
     return not settings.CELERY_TASK_ALWAYS_EAGER and not settings.CELERY_BROKER_URL.startswith("memory://")
 
 
-def _redis() -> object | None:
+def _redis() -> redis.Redis | None:
     url = settings.CELERY_BROKER_URL
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
-    import redis
-
     return redis.Redis.from_url(url, socket_timeout=TIMEOUT_SECONDS, socket_connect_timeout=TIMEOUT_SECONDS)
 
 
@@ -31,7 +30,7 @@ def ping() -> str | None:
     client = _redis()
     try:
         if client is not None:
-            client.ping()  # type: ignore[attr-defined]
+            client.ping()
             return None
         from billing_site.celery import app
 
@@ -42,7 +41,7 @@ def ping() -> str | None:
         return f"{type(exc).__name__}: {exc}"
     finally:
         if client is not None:
-            client.close()  # type: ignore[attr-defined]
+            client.close()
 
 
 def queue_lengths() -> dict[str, int] | None:
@@ -56,13 +55,13 @@ def queue_lengths() -> dict[str, int] | None:
     from billing_site.celery import QUEUES
 
     try:
-        pipe = client.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe = client.pipeline(transaction=False)
         for name in QUEUES:
             pipe.llen(name)
             for step in _PRIORITY_STEPS:
                 pipe.llen(f"{name}{_PRIORITY_SEP}{step}")
         counts = pipe.execute()
     finally:
-        client.close()  # type: ignore[attr-defined]
+        client.close()
     per = 1 + len(_PRIORITY_STEPS)
     return {name: sum(counts[i * per : (i + 1) * per]) for i, name in enumerate(QUEUES)}

@@ -4,6 +4,7 @@ the README lists them all. ``test.py`` and ``production.py`` build on this modul
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 from pathlib import Path
 
@@ -434,6 +435,11 @@ DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "") or INVOICING_SELLE
 # client address as NUM_PROXIES says); anyone else gets a 403. With neither set it is a 404.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "").strip()
 METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS")
+for _network in METRICS_ALLOWED_IPS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"METRICS_ALLOWED_IPS: {_network!r} is not an address or network") from _exc
 # The staff home page turns a figure red past these (seconds unless named otherwise):
 # a shard whose oldest waiting work, or whose last run, is older than this;
 DASHBOARD_ROLLUP_LAG_SECONDS = int(os.environ.get("DASHBOARD_ROLLUP_LAG_SECONDS", "300"))
