@@ -227,6 +227,6 @@ def billing_account_counts_by_state() -> dict[str, int]:
     from accounts.models import AccountState
 
     counts = dict(
-        BillingAccount.objects.order_by().values_list("state").annotate(n=Count("id")).values_list("state", "n")
+        BillingAccount.objects.order_by().values_list("state").annotate(n=Count("*")).values_list("state", "n")
     )
     return {state: counts.get(state, 0) for state in AccountState.values}

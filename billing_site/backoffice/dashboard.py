@@ -221,24 +221,23 @@ def pipeline_figures(
 
 def period_close_figure(request: HttpRequest, now: dt.datetime) -> Figure:
     """The newest month with monthly invoices. Red once last month should have been closed
-    (beat tries on the 1st to the 3rd) and no monthly invoice of it exists, or some are drafts."""
-    progress = invoicing_selectors.period_close_progress()
+    (beat tries on the 1st to the 3rd) and no monthly invoice of it exists, or some are drafts.
+    (How many were issued is on /metrics, ``billing_period_close_invoices``: counting a month of a
+    million invoices is not for every page load.)"""
+    last = invoicing_selectors.last_period_closed()
     last_month = (now.astimezone(dt.UTC).date().replace(day=1) - dt.timedelta(days=1)).replace(day=1)
     overdue = now.astimezone(dt.UTC).day > 3
     why = "red after the 3rd when last month has no monthly invoices, or while any are drafts"
-    if progress is None:
+    if last is None:
         return Figure(label="Last period close", value="never", alert=overdue, why=why)
-    drafts = progress.by_status.get("draft", 0)
-    note = f"{progress.issued:,} invoices issued"
-    if progress.last_issued_at:
-        note += f", the last {duration_text(now - progress.last_issued_at)} ago"
-    if drafts:
-        note += f"; {drafts:,} drafts"
+    note = f"last invoice issued {duration_text(now - last.last_issued_at)} ago" if last.last_issued_at else ""
+    if last.has_drafts:
+        note += "; drafts remain"
     return Figure(
         label="Last period close",
-        value=progress.label,
-        url=_list_url(request, "invoicing.invoice", f"period={progress.label}&kind__exact=period"),
-        alert=bool(drafts) or (overdue and progress.period_start < last_month),
+        value=last.label,
+        url=_list_url(request, "invoicing.invoice", f"period={last.label}&kind__exact=period"),
+        alert=last.has_drafts or (overdue and last.period_start < last_month),
         note=note,
         why=why,
     )
