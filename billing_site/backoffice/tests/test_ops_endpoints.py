@@ -241,3 +241,35 @@ def test_readyz_checks_the_broker_when_one_is_configured(settings: Any) -> None:
     response = Client().get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["broker"]["ok"] is False
+
+
+@pytest.mark.django_db
+def test_queue_lengths_and_readiness_with_a_real_redis_broker(settings: Any, metrics_on: None, redis_url: str) -> None:
+    """Messages published to the rollup and documents queues by kombu (what Celery does) are
+    counted per queue; /readyz checks the broker and is ready."""
+    from kombu import Connection
+
+    settings.CELERY_TASK_ALWAYS_EAGER = False
+    settings.CELERY_BROKER_URL = redis_url
+    before = samples(scrape(Authorization=f"Bearer {TOKEN}").content)
+    with Connection(redis_url) as conn:
+        rollup, documents = conn.SimpleQueue("rollup"), conn.SimpleQueue("documents")
+        for n in range(3):
+            rollup.put({"n": n})
+        documents.put({"n": 0}, priority=6)  # kombu keeps priorities in lists of their own
+        rollup.close()
+        documents.close()
+    after = samples(scrape(Authorization=f"Bearer {TOKEN}").content)
+
+    def delta(queue: str) -> float:
+        return (value(after, "billing_celery_queue_length", queue=queue) or 0) - (
+            value(before, "billing_celery_queue_length", queue=queue) or 0
+        )
+
+    assert delta("rollup") == 3
+    assert delta("documents") == 1
+    assert delta("payments") == 0
+    assert value(after, "billing_metrics_section_failed", section="queues") == 0
+    ready = Client().get("/readyz")
+    assert ready.status_code == 200, ready.content
+    assert ready.json()["checks"]["broker"] == {"ok": True}
