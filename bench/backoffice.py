@@ -177,7 +177,11 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
                 {"first": FIRST_ID, "per": per_account, "from": have_payments, "to": accounts - 1},
             )
             written["payments"] = accounts - have_payments
-        if not _count(cursor, "SELECT count(*) FROM payments_webhookevent"):
+        # Webhook events (half as many as accounts) and outbox messages (as many): a handful
+        # not processed or delivered; every account's standing with the fraud team (0.1 % in review).
+        webhooks = max(accounts // 2, 10)
+        have = _count(cursor, "SELECT count(*) FROM payments_webhookevent WHERE event_id LIKE 'evt_bench_%%'")
+        if have < webhooks:
             cursor.execute(
                 """
                 INSERT INTO payments_webhookevent (gateway, event_id, type, payload, status, attempts, error,
@@ -185,20 +189,27 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
                 SELECT 'stripe', 'evt_bench_' || g, 'charge.succeeded', '{}',
                        CASE WHEN g %% 50000 = 0 THEN 'pending' ELSE 'processed' END, 1, '', NULL,
                        now() - make_interval(secs => g), now() - make_interval(secs => g)
-                FROM generate_series(1, %(n)s) AS g
+                FROM generate_series(%(from)s, %(to)s) AS g
                 """,
-                {"n": max(accounts // 2, 10)},
+                {"from": have + 1, "to": webhooks},
             )
+            written["webhook_events"] = webhooks - have
+        messages = max(accounts, 10)
+        have = _count(cursor, "SELECT count(*) FROM outbox_outboxmessage WHERE name = 'bench.message'")
+        if have < messages:
             cursor.execute(
                 """
                 INSERT INTO outbox_outboxmessage (kind, name, payload, account_id, created_at, attempts, last_error,
                     delivered_at)
-                SELECT 'task', 'payments.charge_invoice', '{}', NULL, now() - make_interval(secs => g), 1, '',
+                SELECT 'task', 'bench.message', '{}', NULL, now() - make_interval(secs => g), 1, '',
                        CASE WHEN g %% 100000 = 0 THEN NULL ELSE now() - make_interval(secs => g) END
-                FROM generate_series(1, %(n)s) AS g
+                FROM generate_series(%(from)s, %(to)s) AS g
                 """,
-                {"n": max(accounts, 10)},
+                {"from": have + 1, "to": messages},
             )
+            written["outbox_messages"] = messages - have
+        have = _count(cursor, f"SELECT count(*) FROM antifraud_accountrisk WHERE account_id >= {FIRST_ID}")
+        if have < accounts:
             cursor.execute(
                 """
                 INSERT INTO antifraud_accountrisk (account_id, status, score, flagged_at, limit_raised_at_count,
@@ -206,16 +217,15 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
                 SELECT %(first)s + g, CASE WHEN g %% 1000 = 1 THEN 'review' WHEN g %% 100 = 98 THEN 'blocked'
                                            ELSE 'clear' END,
                        g %% 100, now() - make_interval(mins => g %% 5000), 0, now()
-                FROM generate_series(0, %(to)s) AS g
+                FROM generate_series(%(from)s, %(to)s) AS g
                 """,
-                {"first": FIRST_ID, "to": accounts - 1},
+                {"first": FIRST_ID, "from": have, "to": accounts - 1},
             )
-            cursor.execute(
-                "INSERT INTO metering_rollupshard (shard, txid_horizon, events_processed, updated_at, "
-                "last_duration_ms) "
-                "SELECT s, 0, 0, now(), 40 FROM generate_series(0, 15) s ON CONFLICT (shard) DO NOTHING"
-            )
-            written["pipeline"] = "webhooks, outbox, fraud queue, rollup shards, 5,000 waiting events"
+            written["account_risks"] = accounts - have
+        cursor.execute(
+            "INSERT INTO metering_rollupshard (shard, txid_horizon, events_processed, updated_at, last_duration_ms) "
+            "SELECT s, 0, 0, now(), 40 FROM generate_series(0, 15) s ON CONFLICT (shard) DO NOTHING"
+        )
     if written:
         with connection.cursor() as cursor:
             cursor.execute("VACUUM ANALYZE")  # autocommit here: the visibility map for index-only scans
