@@ -40,6 +40,6 @@ def test_period_close_and_declines_in_metrics_and_on_the_home_page(
 
     _, client = operator(["finance"])
     close = figure(client.get("/admin/").content.decode(), "Last period close")
-    assert ">2026-10<" in close and "last invoice issued" in close and "drafts" not in close
+    assert ">2026-10<" in close and "last invoice issued" in close and "drafts remain" not in close
     assert 'href="/admin/invoicing/invoice/?period=2026-10&amp;kind__exact=period"' in close
     assert not is_red(close)  # November 3rd: October is closed
