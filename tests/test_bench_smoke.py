@@ -52,7 +52,11 @@ BENCHES = [
         ["--rate", "50", "--seconds", "2", "--producers", "1", "--workers", "1", "--accounts", "10"],
         r"W5: accepted -> visible in costs: p50",
     ),
-    ("backoffice", ["--accounts", "50", "--invoices", "200", "--samples", "1"], r"home page \(/admin/, superuser\): p50"),
+    (
+        "backoffice",
+        ["--accounts", "50", "--invoices", "200", "--samples", "1"],
+        r"home page \(/admin/, superuser\): p50",
+    ),
 ]  # fmt: skip
 
 
