@@ -110,7 +110,7 @@ beat: $(STAMP)
 clean:
 	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache staticfiles
 
-## make bench: ingestion W1-W3, rollup W4 and the costs API, freshness W5, invoicing, the payments charge path (outbox drain → tasks → invoices_charge), antifraud evaluation and the credit-limit check, and the data plane's soak through the scale path (API → NATS JetStream → chdb → hourly usage; 2 M events by default, BENCH_DATAPLANE_ARGS="--events 100000000" for the full soak; figures also as JSON under .data/) (docs/benchmarks.md)
+## make bench: ingestion W1-W3, rollup W4 and the costs API, freshness W5, invoicing, the payments charge path (outbox drain → tasks → invoices_charge), antifraud evaluation and the credit-limit check, the staff home page at 1,000,000 accounts and 10,000,000 invoices, and the data plane's soak through the scale path (API → NATS JetStream → chdb → hourly usage; 2 M events by default, BENCH_DATAPLANE_ARGS="--events 100000000" for the full soak; figures also as JSON under .data/) (docs/benchmarks.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench.ingest $(BENCH_INGEST_ARGS)
 	$(BIN)/python -m bench.rollup $(BENCH_ROLLUP_ARGS)
@@ -118,4 +118,5 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.invoicing $(BENCH_INVOICING_ARGS)
 	$(BIN)/python -m bench.payments $(BENCH_PAYMENTS_ARGS)
 	$(BIN)/python -m bench.antifraud $(BENCH_ANTIFRAUD_ARGS)
+	$(BIN)/python -m bench.backoffice $(BENCH_BACKOFFICE_ARGS)
 	$(BIN)/python -m bench.dataplane $(BENCH_DATAPLANE_ARGS)

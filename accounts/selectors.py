@@ -217,3 +217,16 @@ def credit_limits(*, account_ids: list[int]) -> dict[int, tuple[Decimal, str]]:
             "id", "credit_limit", "currency"
         )
     }
+
+
+def billing_account_counts_by_state() -> dict[str, int]:
+    """How many billing accounts are in each state (every state, zeros included), one
+    statement over the ``state`` index."""
+    from django.db.models import Count
+
+    from accounts.models import AccountState
+
+    counts = dict(
+        BillingAccount.objects.order_by().values_list("state").annotate(n=Count("*")).values_list("state", "n")
+    )
+    return {state: counts.get(state, 0) for state in AccountState.values}

@@ -3,6 +3,7 @@ from django.urls import include, path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from two_factor.urls import urlpatterns as two_factor_urls
 
+from billing_site.backoffice import health, metrics
 from billing_site.common import schema as _schema_extensions  # noqa: F401  (registers them)
 from billing_site.common.ids import converter
 from payments.webhook_views import StripeWebhookView
@@ -30,4 +31,8 @@ urlpatterns = [
     path("webhooks/stripe", StripeWebhookView.as_view(), name="stripe-webhook"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # On call (docs/operations.md): no session, no CSRF; /metrics needs its token or address.
+    path("metrics", metrics.metrics_view, name="metrics"),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
 ]

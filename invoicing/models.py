@@ -283,6 +283,13 @@ class Invoice(AuditedTransitions, FSMModelMixin, models.Model):
             models.Index(fields=["account_id", "-created_at"], name="invoicing_invoice_account"),
             models.Index(fields=["status", "due_at"], name="invoicing_invoice_status_due"),
             models.Index(fields=["period_start", "status"], name="invoicing_invoice_period"),
+            # The last period close's progress (the staff home page, /metrics): the newest month,
+            # its monthly invoices by status and the last issued, read from the index alone.
+            models.Index(
+                fields=["period_start", "status", "issued_at"],
+                condition=Q(kind="period"),
+                name="invoicing_invoice_closed",
+            ),
             # Which issued invoices a change of a country's VAT rate would touch.
             models.Index(fields=["tax_country", "period_end"], name="invoicing_invoice_tax_point"),
             # Finance's receivables ageing: the issued invoices only, with every column the

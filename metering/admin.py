@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin, key_values
+from billing_site.common.durations import duration_text
 from billing_site.common.staff import require_permission
 from metering import catalog, selectors, services
 from metering.models import Price, PriceTier, RollupShard, Sku
@@ -227,11 +231,84 @@ class UsageLookupForm(forms.Form):
 
 @admin.register(RollupShard)
 class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
-    """Rollup progress per shard, and the usage page (costs, resources, data quality)."""
+    """Rollup progress per shard, and the usage page (costs, resources, data quality).
 
-    list_display = ("shard", "watermark", "txid_horizon", "events_processed", "updated_at")
-    readonly_fields = list_display
+    Per shard: when its last run committed and how long ago, its lag (the age of its oldest
+    waiting event or dirty hour), the events and dirty hours waiting, and how long its last run
+    took, red when the shard is behind (``selectors.ShardProgress.behind``): read once per page
+    by ``selectors.rollup_progress``, so "updated at 9:31" 35 minutes later with events waiting
+    shows as what it is."""
+
+    list_display = (
+        "shard_shown",
+        "last_run",
+        "since_last_run",
+        "lag",
+        "events_waiting",
+        "hours_waiting",
+        "last_duration",
+        "watermark",
+        "events_processed",
+        "txid_horizon",
+    )
+    list_display_links = None
+    readonly_fields = ("shard", "watermark", "txid_horizon", "events_processed", "updated_at", "last_duration_ms")
     change_list_template = "admin/metering/rollupshard/change_list.html"
+    _page = threading.local()  # this request's progress of every shard, read once per page
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> Any:
+        now = timezone.now()
+        self._page.now = now
+        self._page.progress = {p.shard: p for p in selectors.rollup_progress()}
+        context = {
+            "rollup_as_of": now,
+            "rollup_threshold": duration_text(dt.timedelta(seconds=settings.DASHBOARD_ROLLUP_LAG_SECONDS)),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, extra_context=context)
+
+    def _progress(self, shard: RollupShard) -> selectors.ShardProgress | None:
+        return getattr(self._page, "progress", {}).get(shard.shard)
+
+    def _red(self, shard: RollupShard, text: str) -> str:
+        progress = self._progress(shard)
+        if progress is not None and progress.behind(self._page.now):
+            return format_html('<strong style="color: #ba2121">{} ⚠</strong>', text)
+        return text
+
+    @admin.display(description="Shard", ordering="shard")
+    def shard_shown(self, shard: RollupShard) -> str:
+        return self._red(shard, str(shard.shard))
+
+    @admin.display(description="Last run", ordering="updated_at")
+    def last_run(self, shard: RollupShard) -> dt.datetime:
+        return shard.updated_at
+
+    @admin.display(description="Since last run")
+    def since_last_run(self, shard: RollupShard) -> str:
+        progress = self._progress(shard)
+        return self._red(shard, duration_text(progress.since_last_run(self._page.now) if progress else None))
+
+    @admin.display(description="Lag (oldest waiting)")
+    def lag(self, shard: RollupShard) -> str:
+        progress = self._progress(shard)
+        return self._red(shard, duration_text(progress.lag(self._page.now)) if progress else "-")
+
+    @admin.display(description="Events waiting")
+    def events_waiting(self, shard: RollupShard) -> str:
+        progress = self._progress(shard)
+        if progress is None:
+            return "-"
+        return self._red(shard, f"{progress.events_waiting:,}{'+' if progress.capped else ''}")
+
+    @admin.display(description="Dirty hours waiting")
+    def hours_waiting(self, shard: RollupShard) -> str:
+        progress = self._progress(shard)
+        return "-" if progress is None else f"{progress.hours_waiting:,}"
+
+    @admin.display(description="Last run took", ordering="last_duration_ms")
+    def last_duration(self, shard: RollupShard) -> str:
+        return "-" if shard.last_duration_ms is None else f"{shard.last_duration_ms:,} ms"
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

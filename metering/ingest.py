@@ -41,7 +41,7 @@ from accounts import selectors as account_selectors
 from billing_site.common import ids
 from billing_site.common.copy import BulkTable
 from billing_site.common.logs import ms_since
-from metering import horizon, selectors, sharding
+from metering import horizon, instruments, selectors, sharding
 from metering.models import IngestBatch
 
 log = logging.getLogger(__name__)
@@ -505,7 +505,29 @@ def _replayed(digest: str, now: dt.datetime) -> IngestResult | None:
 
 
 def ingest(body: bytes, *, now: dt.datetime | None = None) -> IngestResult:
+    """One batch: stored (or published to the log) and answered; counted for /metrics."""
     started = time.monotonic()
+    try:
+        result = _ingest(body, now=now, started=started)
+    except BatchError as exc:
+        instruments.batch_refused(code=exc.code, seconds=time.monotonic() - started)
+        raise
+    except Exception as exc:
+        from metering import eventlog  # already imported when it is what raised (the scale path)
+
+        if isinstance(exc, eventlog.LogUnavailable):
+            instruments.batch_refused(code="log_unavailable", seconds=time.monotonic() - started)
+        raise
+    instruments.batch_done(
+        accepted=result.accepted,
+        duplicates=result.duplicates,
+        rejected_codes=[r.code for r in result.rejected],
+        seconds=time.monotonic() - started,
+    )
+    return result
+
+
+def _ingest(body: bytes, *, now: dt.datetime | None, started: float) -> IngestResult:
     now = now or dt.datetime.now(dt.UTC)
     if len(body) > MAX_BODY_BYTES:
         raise BatchError(413, "payload_too_large", f"A batch is at most {MAX_BODY_BYTES} bytes.")

@@ -142,7 +142,10 @@ class RollupShard(models.Model):
     txid_horizon = models.BigIntegerField(default=0)
     watermark = models.DateTimeField(null=True, blank=True)
     events_processed = models.BigIntegerField(default=0)
+    # When the last run of this shard committed (every run writes it, idle ones too: a shard
+    # whose time stands still is a rollup that does not run) and how long its transaction took.
     updated_at = models.DateTimeField(auto_now=True)
+    last_duration_ms = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["shard"]

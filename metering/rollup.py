@@ -466,7 +466,9 @@ def rollup_shard(*, shard: int, now: dt.datetime | None = None, horizon: int | N
             hours.write_manifest(cur, shard=shard, taken=taken)
         cur.execute(
             "UPDATE metering_rollupshard SET txid_horizon = %s, watermark = %s, "
-            "events_processed = events_processed + %s, updated_at = now() WHERE shard = %s",
+            "events_processed = events_processed + %s, updated_at = now(), "
+            # now() is this transaction's start: the run's duration so far, for the admin and /metrics
+            "last_duration_ms = (extract(epoch FROM clock_timestamp() - now()) * 1000)::integer WHERE shard = %s",
             [horizon_new, watermark, report.events, shard],
         )
     return report

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 
 from billing_site.common import quantities
-from metering import partitions
+from metering import partitions, sharding
 from metering.models import Sku
 
 _SKU_CACHE_SECONDS = 30.0
@@ -419,3 +420,106 @@ def rollup_caught_up(*, ceiling: int, shards: int) -> bool:
 
     horizons = list(RollupShard.objects.values_list("txid_horizon", flat=True))
     return len(horizons) >= shards and min(horizons) >= ceiling
+
+
+# --- Rollup progress: the rollup-shards page, the staff home page and /metrics read it.
+
+# Counting the events a shard has waiting stops here: the point is how far behind, not the
+# exact backlog (a count of millions would make a page slow exactly when it matters).
+WAITING_COUNT_CAP = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ShardProgress:
+    """Where the rollup of one shard stands. ``events_waiting``: committed events not rolled up
+    yet (the PostgreSQL event store; at most ``WAITING_COUNT_CAP``, then ``capped``), the oldest
+    of them received at ``oldest_waiting_at``; ``hours_waiting``: hours of the shard marked
+    dirty in the event store and not recomputed (the scale path), the oldest marked at
+    ``oldest_dirty_at``. ``last_run_at``: when the last run committed (every run, idle or not,
+    writes it); ``watermark``: the hour running resources are accrued to."""
+
+    shard: int
+    last_run_at: dt.datetime | None
+    last_duration_ms: int | None
+    watermark: dt.datetime | None
+    events_processed: int
+    events_waiting: int
+    capped: bool
+    oldest_waiting_at: dt.datetime | None
+    hours_waiting: int
+    oldest_dirty_at: dt.datetime | None
+
+    @property
+    def oldest_work_at(self) -> dt.datetime | None:
+        times = [t for t in (self.oldest_waiting_at, self.oldest_dirty_at) if t is not None]
+        return min(times) if times else None
+
+    def lag(self, now: dt.datetime) -> dt.timedelta:
+        """How far behind the shard is: the age of its oldest waiting work (0 when none waits)."""
+        oldest = self.oldest_work_at
+        return max(now - oldest, dt.timedelta(0)) if oldest is not None else dt.timedelta(0)
+
+    def since_last_run(self, now: dt.datetime) -> dt.timedelta | None:
+        return None if self.last_run_at is None else max(now - self.last_run_at, dt.timedelta(0))
+
+    def behind(self, now: dt.datetime) -> bool:
+        """Whether on call should look (red on the rollup-shards page and the home page): its
+        oldest waiting work, or its last run, is older than ``DASHBOARD_ROLLUP_LAG_SECONDS``
+        (every run writes its time, idle ones too: a still clock is a rollup that does not run),
+        it never ran, or more than ``DASHBOARD_EVENTS_WAITING`` events wait."""
+        max_lag = dt.timedelta(seconds=settings.DASHBOARD_ROLLUP_LAG_SECONDS)
+        since = self.since_last_run(now)
+        return (
+            since is None
+            or since > max_lag
+            or self.lag(now) > max_lag
+            or self.events_waiting > settings.DASHBOARD_EVENTS_WAITING
+        )
+
+
+def rollup_progress() -> list[ShardProgress]:
+    """Every shard's progress, in one statement: per shard, the events at or above its horizon
+    (each partition read through its BRIN index on ``txid``, at most ``WAITING_COUNT_CAP`` rows),
+    and the dirty hours whose manifest is older than their mark. A shard never run yet has no
+    progress row: everything in its partition waits."""
+    waiting = " UNION ALL ".join(
+        f"SELECT {shard} AS shard, count(*) AS events, min(w.received_at) AS oldest FROM "  # noqa: S608 (our tables)
+        f"(SELECT e.received_at FROM metering_usageevent_p{shard:02d} e WHERE e.txid >= "
+        f"(SELECT coalesce(max(txid_horizon), 0) FROM metering_rollupshard WHERE shard = {shard}) "
+        f"LIMIT %(cap)s) w"
+        for shard in range(sharding.SHARDS)
+    )
+    sql = f"""
+        WITH waiting AS ({waiting}),
+        dirty AS (
+            SELECT d.shard, count(*) AS hours, min(d.marked_at) AS oldest
+            FROM metering_dirtyhour d
+            LEFT JOIN metering_hourmanifest m ON m.shard = d.shard AND m.hour = d.hour
+            WHERE m.version IS NULL OR m.version < d.version
+            GROUP BY d.shard
+        )
+        SELECT w.shard, s.updated_at, s.last_duration_ms, s.watermark, coalesce(s.events_processed, 0),
+               w.events, w.oldest, coalesce(d.hours, 0), d.oldest
+        FROM waiting w
+        LEFT JOIN metering_rollupshard s ON s.shard = w.shard
+        LEFT JOIN dirty d ON d.shard = w.shard
+        ORDER BY w.shard
+    """  # noqa: S608 (built above from our table names)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"cap": WAITING_COUNT_CAP})
+        rows = cursor.fetchall()
+    return [
+        ShardProgress(
+            shard=shard,
+            last_run_at=last_run_at,
+            last_duration_ms=duration,
+            watermark=watermark,
+            events_processed=processed,
+            events_waiting=events,
+            capped=events >= WAITING_COUNT_CAP,
+            oldest_waiting_at=oldest,
+            hours_waiting=hours,
+            oldest_dirty_at=oldest_dirty,
+        )
+        for shard, last_run_at, duration, watermark, processed, events, oldest, hours, oldest_dirty in rows
+    ]

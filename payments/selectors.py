@@ -7,9 +7,10 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from django.db import connection
-from django.db.models import QuerySet
+from django.db.models import Count, Min, QuerySet
 
 from billing_site.common import ids, money
+from billing_site.common.backlogs import Backlog
 from payments.models import (
     Dispute,
     DunningCase,
@@ -17,7 +18,10 @@ from payments.models import (
     Payment,
     PaymentMethod,
     PaymentProfile,
+    PaymentStatus,
     Refund,
+    WebhookEvent,
+    WebhookStatus,
 )
 
 
@@ -283,3 +287,50 @@ def dunning_funnel(*, month: dt.date) -> list[CurrencyFunnel]:
         )
         for row in rows
     ]
+
+
+# --- What waits, for the staff home page and /metrics (set-based, one statement each).
+
+# Payments in these states are not finished: each has a count and an oldest (last change).
+OPEN_STATUSES = (
+    PaymentStatus.PENDING,
+    PaymentStatus.PROCESSING,
+    PaymentStatus.UNKNOWN,
+    PaymentStatus.REQUIRES_ACTION,
+)
+
+
+def webhook_backlog() -> dict[str, Backlog]:
+    """Inbound webhook events not processed, by status (``pending``: waiting for its task;
+    ``failed``: its processing failed, see the event's error), oldest by reception."""
+    rows = (
+        WebhookEvent.objects.filter(status__in=[WebhookStatus.PENDING, WebhookStatus.FAILED])
+        .values("status")
+        .annotate(count=Count("id"), oldest_at=Min("received_at"))
+    )
+    found = {row["status"]: Backlog.of(row) for row in rows}
+    return {status: found.get(status, Backlog(0, None)) for status in (WebhookStatus.PENDING, WebhookStatus.FAILED)}
+
+
+def payments_open() -> dict[str, Backlog]:
+    """Payments not finished, by status, with the oldest last change (a payment ``unknown``
+    for long is one the reconciler cannot resolve)."""
+    rows = (
+        Payment.objects.filter(status__in=OPEN_STATUSES)
+        .values("status")
+        .annotate(count=Count("id"), oldest_at=Min("updated_at"))
+    )
+    found = {row["status"]: Backlog.of(row) for row in rows}
+    return {str(status): found.get(status, Backlog(0, None)) for status in OPEN_STATUSES}
+
+
+def payment_outcomes(*, since: dt.datetime) -> dict[tuple[str, str], int]:
+    """Payments whose last change was at or after ``since``, by (status, decline code): what
+    the charges of the last hour came to. Read through the ``(status, updated_at)`` index, one
+    range per status."""
+    rows = (
+        Payment.objects.filter(status__in=list(PaymentStatus.values), updated_at__gte=since)
+        .values_list("status", "decline_code")
+        .annotate(count=Count("id"))
+    )
+    return {(status, decline_code): count for status, decline_code, count in rows}

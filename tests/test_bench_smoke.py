@@ -52,6 +52,11 @@ BENCHES = [
         ["--rate", "50", "--seconds", "2", "--producers", "1", "--workers", "1", "--accounts", "10"],
         r"W5: accepted -> visible in costs: p50",
     ),
+    (
+        "backoffice",
+        ["--accounts", "50", "--invoices", "200", "--samples", "1"],
+        r"home page \(/admin/, superuser\): p50",
+    ),
 ]  # fmt: skip
 
 
@@ -77,8 +82,10 @@ def test_each_bench_runs_at_a_tiny_size(scratch_database: str, bench: str, args:
     env["DATABASE_URL"] = scratch_database
     if bench in ("ingest", "freshness"):
         args = [*args, "--port", str(_free_port())]
-    if bench in ("antifraud", "payments"):
+    if bench in ("antifraud", "payments", "backoffice"):
         args = [*args, "--log-file", os.devnull]
+    if bench == "backoffice":
+        args = [*args, "--json", os.devnull]
     done = subprocess.run(
         [sys.executable, "-m", f"bench.{bench}", *args],
         cwd=ROOT,

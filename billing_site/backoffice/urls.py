@@ -5,13 +5,15 @@ the admin's login, second factor and permission checks."""
 from django.contrib import admin
 from django.urls import URLPattern, path
 
-from billing_site.backoffice import finance
+from billing_site.backoffice import dashboard, finance
 
 app_name = "backoffice"
 
 view = admin.site.admin_view
 
 urlpatterns: list[URLPattern] = [
+    # The staff home page: answers /admin/ in place of the admin's own index (same app list below).
+    path("", view(dashboard.index), name="index"),
     path("finance/", view(finance.finance_view), name="finance"),
     path(
         "finance/receivables/<str:currency>/<str:bucket>/",

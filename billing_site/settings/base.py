@@ -4,6 +4,7 @@ the README lists them all. ``test.py`` and ``production.py`` build on this modul
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import os
 from pathlib import Path
@@ -463,3 +464,29 @@ EMAIL_HOST_USER = os.environ.get("EMAIL_HOST_USER", "")
 EMAIL_HOST_PASSWORD = os.environ.get("EMAIL_HOST_PASSWORD", "")
 EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", default=bool(EMAIL_HOST))
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "") or INVOICING_SELLER_EMAIL
+
+# --- On call: /metrics, /healthz, /readyz and the staff home page (docs/operations.md).
+# /metrics answers a request carrying ``Authorization: Bearer <METRICS_TOKEN>``, or one from an
+# address in METRICS_ALLOWED_IPS (comma-separated addresses or networks, e.g. 10.0.0.0/8, the
+# client address as NUM_PROXIES says); anyone else gets a 403. With neither set it is a 404.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "").strip()
+METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS")
+for _network in METRICS_ALLOWED_IPS:
+    try:
+        ipaddress.ip_network(_network, strict=False)
+    except ValueError as _exc:
+        raise ImproperlyConfigured(f"METRICS_ALLOWED_IPS: {_network!r} is not an address or network") from _exc
+# The staff home page turns a figure red past these (seconds unless named otherwise):
+# a shard whose oldest waiting work, or whose last run, is older than this;
+DASHBOARD_ROLLUP_LAG_SECONDS = int(os.environ.get("DASHBOARD_ROLLUP_LAG_SECONDS", "300"))
+# events waiting in a shard (also red past the lag above, whatever their number);
+DASHBOARD_EVENTS_WAITING = int(os.environ.get("DASHBOARD_EVENTS_WAITING", "50000"))
+# the oldest Stripe webhook event not processed (any failed one is red at once);
+DASHBOARD_WEBHOOK_AGE_SECONDS = int(os.environ.get("DASHBOARD_WEBHOOK_AGE_SECONDS", "600"))
+# the oldest outbox message not delivered (the drain runs every 15 s);
+DASHBOARD_OUTBOX_AGE_SECONDS = int(os.environ.get("DASHBOARD_OUTBOX_AGE_SECONDS", "300"))
+# the oldest payment whose outcome is unknown (the reconciler asks every minute);
+DASHBOARD_PAYMENT_UNKNOWN_SECONDS = int(os.environ.get("DASHBOARD_PAYMENT_UNKNOWN_SECONDS", "900"))
+# the fraud review queue: accounts in it, and hours its oldest has waited.
+DASHBOARD_REVIEW_QUEUE_SIZE = int(os.environ.get("DASHBOARD_REVIEW_QUEUE_SIZE", "50"))
+DASHBOARD_REVIEW_QUEUE_HOURS = int(os.environ.get("DASHBOARD_REVIEW_QUEUE_HOURS", "24"))

@@ -1,0 +1,273 @@
+"""The staff home page (``/admin/``): what needs someone now, above the admin's app list.
+
+Accounts by state; the fraud review queue (size, oldest wait); the pipeline's health (per
+rollup shard: last run, lag, events waiting; Stripe webhook events not processed; the outbox's
+backlog and oldest message; payments whose outcome is unknown; the last period close). Each
+figure links to the admin list behind it and turns red past its threshold (``DASHBOARD_*``
+settings, README). Finance's receivables and dunning funnel have their slot
+(``finance_sections``): filled by the money views, one implementation of those rules.
+
+Every figure is one set-based statement through an app's selector, the same reads as
+``/metrics`` (``billing_site/backoffice/metrics.py``); ``bench/backoffice.py`` times the page at
+1,000,000 accounts and 10,000,000 invoices.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.contrib import admin
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+
+from accounts import selectors as account_selectors
+from antifraud import selectors as antifraud_selectors
+from billing_site.common.backlogs import Backlog
+from billing_site.common.durations import duration_text
+from billing_site.outbox import selectors as outbox_selectors
+from invoicing import selectors as invoicing_selectors
+from metering import selectors as metering_selectors
+from payments import selectors as payment_selectors
+
+TEMPLATE = "admin/backoffice/dashboard.html"
+
+
+@dataclass
+class Figure:
+    label: str
+    value: str
+    url: str | None = None
+    alert: bool = False
+    note: str = ""  # e.g. "oldest 4 min ago"
+    why: str = ""  # what red means here (the threshold), shown as the figure's title
+
+
+@dataclass
+class ShardRow:
+    shard: int
+    last_run_at: dt.datetime | None
+    since_last_run: str
+    lag: str
+    events_waiting: str
+    hours_waiting: int
+    duration: str
+    alert: bool
+
+
+@dataclass
+class Dashboard:
+    now: dt.datetime
+    accounts: list[Figure] = field(default_factory=list)
+    fraud: list[Figure] = field(default_factory=list)
+    pipeline: list[Figure] = field(default_factory=list)
+    shards: list[ShardRow] = field(default_factory=list)
+    shards_url: str | None = None
+
+
+def _list_url(request: HttpRequest, model: str, query: str = "") -> str | None:
+    """The admin list of ``app.model`` (with a filter), if this user may view it."""
+    app_label, model_name = model.split(".")
+    if not request.user.has_perm(f"{app_label}.view_{model_name}"):
+        return None
+    return reverse(f"admin:{app_label}_{model_name}_changelist") + (f"?{query}" if query else "")
+
+
+def _backlog_figure(
+    label: str, backlog: Backlog, *, now: dt.datetime, url: str | None, max_age: dt.timedelta, why: str
+) -> Figure:
+    age = backlog.age(now)
+    return Figure(
+        label=label,
+        value=f"{backlog.count:,}",
+        url=url,
+        alert=age is not None and age > max_age,
+        note=f"oldest waits {duration_text(age)}" if age is not None else "",
+        why=why,
+    )
+
+
+def accounts_figures(request: HttpRequest) -> list[Figure]:
+    counts = account_selectors.billing_account_counts_by_state()
+    return [
+        Figure(
+            label=state.capitalize(),
+            value=f"{count:,}",
+            url=_list_url(request, "accounts.billingaccount", f"state__exact={state}"),
+        )
+        for state, count in counts.items()
+    ]
+
+
+def fraud_figures(request: HttpRequest, now: dt.datetime) -> list[Figure]:
+    queue = antifraud_selectors.review_queue_backlog()
+    age = queue.age(now)
+    max_age = dt.timedelta(hours=settings.DASHBOARD_REVIEW_QUEUE_HOURS)
+    return [
+        Figure(
+            label="Review queue",
+            value=f"{queue.count:,}",
+            url=_list_url(request, "antifraud.accountrisk", "status__exact=review"),
+            alert=queue.count > settings.DASHBOARD_REVIEW_QUEUE_SIZE or (age is not None and age > max_age),
+            note=f"oldest waits {duration_text(age)}" if age is not None else "",
+            why=f"red above {settings.DASHBOARD_REVIEW_QUEUE_SIZE} accounts or when one waits over "
+            f"{settings.DASHBOARD_REVIEW_QUEUE_HOURS} h",
+        )
+    ]
+
+
+def shard_rows(now: dt.datetime, progress: list[metering_selectors.ShardProgress]) -> list[ShardRow]:
+    return [
+        ShardRow(
+            shard=shard.shard,
+            last_run_at=shard.last_run_at,
+            since_last_run=duration_text(shard.since_last_run(now)),
+            lag=duration_text(shard.lag(now)),
+            events_waiting=f"{shard.events_waiting:,}{'+' if shard.capped else ''}",
+            hours_waiting=shard.hours_waiting,
+            duration="-" if shard.last_duration_ms is None else f"{shard.last_duration_ms:,} ms",
+            alert=shard.behind(now),
+        )
+        for shard in progress
+    ]
+
+
+def pipeline_figures(
+    request: HttpRequest, now: dt.datetime, shards: list[ShardRow], progress: list[metering_selectors.ShardProgress]
+) -> list[Figure]:
+    figures = []
+    shards_url = _list_url(request, "metering.rollupshard")
+    worst_lag = max((p.lag(now) for p in progress), default=dt.timedelta(0))
+    last_run = min((p.last_run_at for p in progress if p.last_run_at is not None), default=None)
+    waiting = sum(p.events_waiting for p in progress)
+    behind = [row.shard for row in shards if row.alert]
+    figures.append(
+        Figure(
+            label="Rollup lag",
+            value=duration_text(worst_lag),
+            url=shards_url,
+            alert=bool(behind),
+            note=(f"shards behind: {', '.join(map(str, behind))}; " if behind else "")
+            + (f"slowest shard last ran {duration_text(now - last_run)} ago" if last_run else "never ran"),
+            why=f"red when a shard's oldest waiting event or its last run is older than "
+            f"{duration_text(dt.timedelta(seconds=settings.DASHBOARD_ROLLUP_LAG_SECONDS))}, "
+            f"or more than {settings.DASHBOARD_EVENTS_WAITING:,} events wait in one",
+        )
+    )
+    figures.append(
+        Figure(
+            label="Events waiting",
+            value=f"{waiting:,}{'+' if any(p.capped for p in progress) else ''}",
+            url=shards_url,
+            alert=any(p.events_waiting > settings.DASHBOARD_EVENTS_WAITING for p in progress),
+            note=f"{sum(p.hours_waiting for p in progress):,} dirty hours waiting"
+            if any(p.hours_waiting for p in progress)
+            else "",
+            why=f"red above {settings.DASHBOARD_EVENTS_WAITING:,} in one shard",
+        )
+    )
+    webhooks = payment_selectors.webhook_backlog()
+    webhook_age = dt.timedelta(seconds=settings.DASHBOARD_WEBHOOK_AGE_SECONDS)
+    figures.append(
+        _backlog_figure(
+            "Webhooks not processed",
+            webhooks["pending"],
+            now=now,
+            url=_list_url(request, "payments.webhookevent", "status__exact=pending"),
+            max_age=webhook_age,
+            why=f"red when the oldest waits over {duration_text(webhook_age)}",
+        )
+    )
+    failed = webhooks["failed"]
+    figures.append(
+        Figure(
+            label="Webhooks failed",
+            value=f"{failed.count:,}",
+            url=_list_url(request, "payments.webhookevent", "status__exact=failed"),
+            alert=failed.count > 0,
+            note=f"oldest received {duration_text(failed.age(now))} ago" if failed.count else "",
+            why="red when any failed: each needs a look (its error is on its page)",
+        )
+    )
+    outbox_age = dt.timedelta(seconds=settings.DASHBOARD_OUTBOX_AGE_SECONDS)
+    figures.append(
+        _backlog_figure(
+            "Outbox backlog",
+            outbox_selectors.backlog(),
+            now=now,
+            url=_list_url(request, "outbox.outboxmessage", "state=pending"),
+            max_age=outbox_age,
+            why=f"red when the oldest message waits over {duration_text(outbox_age)}",
+        )
+    )
+    unknown_age = dt.timedelta(seconds=settings.DASHBOARD_PAYMENT_UNKNOWN_SECONDS)
+    figures.append(
+        _backlog_figure(
+            "Charges outcome unknown",
+            payment_selectors.payments_open()["unknown"],
+            now=now,
+            url=_list_url(request, "payments.payment", "status__exact=unknown"),
+            max_age=unknown_age,
+            why=f"red when one stays unknown over {duration_text(unknown_age)}",
+        )
+    )
+    figures.append(period_close_figure(request, now))
+    return figures
+
+
+def period_close_figure(request: HttpRequest, now: dt.datetime) -> Figure:
+    """The newest month with monthly invoices. Red once last month should have been closed
+    (beat tries on the 1st to the 3rd) and no monthly invoice of it exists, or some are drafts.
+    (How many were issued is on /metrics, ``billing_period_close_invoices``: counting a month of a
+    million invoices is not for every page load.)"""
+    last = invoicing_selectors.last_period_closed()
+    last_month = (now.astimezone(dt.UTC).date().replace(day=1) - dt.timedelta(days=1)).replace(day=1)
+    overdue = now.astimezone(dt.UTC).day > 3
+    why = "red after the 3rd when last month has no monthly invoices, or while any are drafts"
+    if last is None:
+        return Figure(label="Last period close", value="never", alert=overdue, why=why)
+    note = f"last invoice issued {duration_text(now - last.last_issued_at)} ago" if last.last_issued_at else ""
+    if last.has_drafts:
+        note += "; drafts remain"
+    return Figure(
+        label="Last period close",
+        value=last.label,
+        url=_list_url(request, "invoicing.invoice", f"period={last.label}&kind__exact=period"),
+        alert=last.has_drafts or (overdue and last.period_start < last_month),
+        note=note,
+        why=why,
+    )
+
+
+def build(request: HttpRequest, *, now: dt.datetime | None = None) -> Dashboard:
+    now = now or timezone.now()
+    progress = metering_selectors.rollup_progress()
+    shards = shard_rows(now, progress)
+    return Dashboard(
+        now=now,
+        accounts=accounts_figures(request),
+        fraud=fraud_figures(request, now),
+        pipeline=pipeline_figures(request, now, shards, progress),
+        shards=shards,
+        shards_url=_list_url(request, "metering.rollupshard"),
+    )
+
+
+def finance_sections(request: HttpRequest) -> list[Any]:
+    """SLOT for finance's figures (receivables ageing, the dunning funnel, revenue): the money
+    views' selectors provide them; the integrator wires them here. Empty until then."""
+    return []
+
+
+def index(request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+    """The admin's index with the figures above its app list (the admin builds the app list
+    and checks access; this adds the context and the template)."""
+    context = {"dashboard": build(request), "finance_sections": finance_sections(request), **(extra_context or {})}
+    response = admin.site.index(request, extra_context=context)
+    if isinstance(response, TemplateResponse):
+        response.template_name = TEMPLATE
+    return response
