@@ -48,6 +48,9 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's assets, served from here: /api/docs/ works offline
     "django_countries",
+    "pgtrigger",  # the audit trail's triggers, installed by migrations (billing_site/common/audit.py)
+    "pghistory",  # the audit trail: event tables and their context (who, why, where)
+    "billing_site.audit",  # the trail's pages: each record's History, the whole trail, an account's
     "axes",  # staff sign-in: failed passwords throttled and locked out (settings below)
     "accounts",
     "metering",
@@ -67,6 +70,9 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # After authentication (it reads request.user): every change the request writes carries
+    # who (staff user, customer, API key), where (URL) and, from the services, why.
+    "billing_site.common.audit.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: turns a locked-out sign-in into its 429 page.
