@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import (
@@ -232,7 +233,7 @@ ACTIONS = {
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(admin.ModelAdmin[Invoice]):
+class InvoiceAdmin(AuditHistoryMixin, admin.ModelAdmin[Invoice]):
     list_display = (
         "number",
         "public_id",
@@ -520,7 +521,7 @@ class InvoiceAdmin(admin.ModelAdmin[Invoice]):
 
 
 @admin.register(CreditNote)
-class CreditNoteAdmin(admin.ModelAdmin[CreditNote]):
+class CreditNoteAdmin(AuditHistoryMixin, admin.ModelAdmin[CreditNote]):
     list_display = ("number", "invoice", "currency", "total", "issued_at", "issued_by", "pdf")
     search_fields = ("number", "invoice__number")
     list_select_related = ("invoice",)
@@ -610,7 +611,7 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
 
 
 @admin.register(CreditGrant)
-class CreditGrantAdmin(WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
+class CreditGrantAdmin(AuditHistoryMixin, WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
     list_display = ("public_id", "account", "kind", "amount", "remaining", "expires_at", "granted_by", "created_at")
     list_filter = ("kind", "currency")
     form = CreditGrantForm
@@ -707,7 +708,7 @@ class TaxRateForm(forms.ModelForm[TaxRate]):
 
 
 @admin.register(TaxRate)
-class TaxRateAdmin(WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
+class TaxRateAdmin(AuditHistoryMixin, WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
     """Rates are written by ``services.tax_rate_create`` / ``tax_rate_update`` (audited); once
     written, only a rate's end and note change."""
 
@@ -806,7 +807,7 @@ class ContractDiscountChangeForm(forms.ModelForm[ContractDiscount]):
 
 
 @admin.register(ContractDiscount)
-class ContractDiscountAdmin(WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]):
+class ContractDiscountAdmin(AuditHistoryMixin, WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]):
     """Written by ``services.contract_discount_create`` / ``_update`` (checked under the
     account's billing lock, audited as ``TermsChange``), never by a plain save."""
 

@@ -28,6 +28,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import AmountField, HistoryInline, PartInline, RecordAdminMixin
@@ -203,7 +204,7 @@ class RefundForm(forms.Form):
 
 
 @admin.register(Payment)
-class PaymentAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
+class PaymentAdmin(AuditHistoryMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
     public_id_columns = (("pay", "id"), ("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "public_id",
@@ -361,7 +362,7 @@ class RefundTransitionInline(HistoryInline, admin.TabularInline[RefundTransition
 
 
 @admin.register(Refund)
-class RefundAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
+class RefundAdmin(AuditHistoryMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
     public_id_columns = (
         ("ref", "id"),
         ("pay", "payment_id"),
@@ -441,7 +442,7 @@ class DisputeTransitionInline(HistoryInline, admin.TabularInline[DisputeTransiti
 
 
 @admin.register(Dispute)
-class DisputeAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
+class DisputeAdmin(AuditHistoryMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
     public_id_columns = (("dsp", "id"), ("pay", "payment_id"), ("acc", "account_id"))
     list_display = ("public_id", "payment_shown", "account", "amount", "reason", "status", "opened_at", "closed_at")
     list_filter = ("status", "reason", "gateway", "currency", ("opened_at", admin.DateFieldListFilter))
@@ -519,7 +520,7 @@ class DunningPolicyForm(forms.ModelForm[DunningPolicy]):
 
 
 @admin.register(DunningPolicy)
-class DunningPolicyAdmin(admin.ModelAdmin[DunningPolicy]):
+class DunningPolicyAdmin(AuditHistoryMixin, admin.ModelAdmin[DunningPolicy]):
     """The policy is data finance edits; the daily run reads it. Policies are switched off
     (``is_active``), never deleted: a case's history was made under one."""
 
@@ -645,7 +646,9 @@ def _dunning_paused_subquery() -> Subquery:
 
 
 @admin.register(DunningCase)
-class DunningCaseAdmin(DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]):
+class DunningCaseAdmin(
+    AuditHistoryMixin, DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]
+):
     public_id_columns = (("inv", "invoice_id"), ("acc", "account_id"))
     list_display = (
         "invoice",
@@ -704,7 +707,7 @@ class DunningCaseAdmin(DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdmi
 
 @admin.register(PaymentProfile)
 class PaymentProfileAdmin(
-    DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentProfile]
+    AuditHistoryMixin, DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentProfile]
 ):
     """An account's gateway, its customer there, its dunning switch and its cards."""
 
@@ -773,7 +776,7 @@ class PaymentMethodStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(PaymentMethod)
-class PaymentMethodAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentMethod]):
+class PaymentMethodAdmin(AuditHistoryMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentMethod]):
     """Cards as the gateway describes them. The fingerprint ties one card across accounts: the
     fraud team's tool, shown to nobody else."""
 

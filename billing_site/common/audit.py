@@ -69,12 +69,17 @@ def tracked(*, account: str | None, exclude: tuple[str, ...] = ()) -> Callable[[
 
     def decorate(model: M) -> M:
         model.audit_account_field = account  # type: ignore[attr-defined]
+        meta: dict[str, Any] = {}
+        if account not in (None, "id"):  # the account's own events are found by pgh_obj (indexed)
+            name = f"{model._meta.db_table[:22]}_ev_acct"
+            meta["indexes"] = [models.Index(fields=[account, "pgh_id"], name=name)]
         return pghistory.track(  # type: ignore[no-any-return]
             pghistory.InsertEvent(),
             pghistory.UpdateEvent(condition=pghistory.AnyChange(exclude_auto=True)),
             pghistory.DeleteEvent(),
             exclude=list(exclude) or None,
             level=pgtrigger.Statement,
+            meta=meta or None,
         )(model)
 
     return decorate
