@@ -14,14 +14,12 @@ PDF renders of a period close must not hold up the every-minute rollup until its
 
 from __future__ import annotations
 
-import contextlib
 import logging.config
 import os
-from typing import Any
 
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import setup_logging, task_postrun, task_prerun
+from celery.signals import setup_logging
 from django.conf import settings
 from kombu import Queue
 
@@ -121,31 +119,6 @@ def _log_as_the_settings_say(**_: object) -> None:
     every other process: a receiver of this signal stops Celery from replacing the root
     handler with its own format (so ``-l`` has no effect; ``LOG_LEVEL`` decides)."""
     logging.config.dictConfig(settings.LOGGING)
-
-
-# The audit context of each running task (by task id), entered at prerun and left at postrun.
-_task_audit: dict[str, contextlib.ExitStack] = {}
-
-
-@task_prerun.connect
-def _audit_task(task_id: str | None = None, task: Any = None, **_: object) -> None:
-    """Every change a task writes is in the trail as made by ``task:<name>`` (and its task id);
-    a service inside that names its own actor and reason adds them (``audit_context``)."""
-    if task_id is None or task is None:
-        return
-    from billing_site.common.actors import Actor
-    from billing_site.common.audit import audit_context
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(audit_context(actor=Actor.system(f"task:{task.name}"), task=task.name, task_id=task_id))
-    _task_audit[task_id] = stack
-
-
-@task_postrun.connect
-def _audit_task_done(task_id: str | None = None, **_: object) -> None:
-    stack = _task_audit.pop(task_id or "", None)
-    if stack is not None:
-        stack.close()
 
 
 def period_close_schedule(grace_minutes: int) -> crontab:

@@ -124,7 +124,7 @@ def _trail(event_model: type[models.Model], *, limit: int | None = None, **looku
     against its object's previous event (fetched too, whether it matches or not)."""
     manager = event_model._default_manager
     chosen = manager.filter(**lookup).order_by("-pgh_id")
-    picked = list(chosen[:limit] if limit else chosen)
+    picked: list[Any] = list(chosen[:limit] if limit else chosen)
     if not picked:
         return []
     wanted = {e.pgh_id for e in picked}

@@ -13,7 +13,7 @@ Who and why ride along as the *context* (``pghistory_context``: one row per cont
 
 - a web request: ``billing_site.common.audit.AuditContextMiddleware`` (the staff user, the
   customer or the API key, the URL);
-- a Celery task: ``billing_site.celery`` (``task:<name>`` and the task id);
+- a Celery task: ``billing_site.audit.tasks`` (``task:<name>`` and the task id);
 - a management command: ``manage.py`` (``command:<name>``);
 - a service that takes an ``actor`` and a ``reason`` (transitions, refunds, write-offs, grants,
   staff edits): ``with audit_context(actor=actor, reason=reason):`` around its writes.
@@ -70,10 +70,10 @@ def tracked(*, account: str | None, exclude: tuple[str, ...] = ()) -> Callable[[
     def decorate(model: M) -> M:
         model.audit_account_field = account  # type: ignore[attr-defined]
         meta: dict[str, Any] = {}
-        if account not in (None, "id"):  # the account's own events are found by pgh_obj (indexed)
+        if account is not None and account != "id":  # the account's own events: by pgh_obj (indexed)
             name = f"{model._meta.db_table[:22]}_ev_acct"
             meta["indexes"] = [models.Index(fields=[account, "pgh_id"], name=name)]
-        return pghistory.track(  # type: ignore[no-any-return]
+        return pghistory.track(
             pghistory.InsertEvent(),
             pghistory.UpdateEvent(condition=pghistory.AnyChange(exclude_auto=True)),
             pghistory.DeleteEvent(),
