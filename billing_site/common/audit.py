@@ -35,10 +35,11 @@ keep neither (``transitions.actor_log_fields``).
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import pghistory
 import pgtrigger
@@ -129,6 +130,27 @@ def audit_context(*, actor: Actor | None = None, reason: str = "", **extra: Any)
         yield
     finally:
         _runtime._tracker.value = outer
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def audited(func: Callable[P, R]) -> Callable[P, R]:
+    """For a service that takes ``actor`` and ``reason`` keywords: its writes carry them in
+    the trail (``audit_context``). Above ``@transaction.atomic``, or below: the context is
+    attached to each statement either way."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        actor = kwargs.get("actor")
+        reason = kwargs.get("reason")
+        with audit_context(
+            actor=actor if isinstance(actor, Actor) else None, reason=reason if isinstance(reason, str) else ""
+        ):
+            return func(*args, **kwargs)
+
+    return wrapper
 
 
 def audit_note(**metadata: Any) -> None:
