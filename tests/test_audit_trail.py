@@ -115,6 +115,11 @@ def test_the_period_close_is_recorded_as_the_set_based_writer_for_whom_it_ran(
     issued = next(e for e in trail if e.changes.get("status", (None, None))[1] == "issued")
     assert issued.changes["number"][1] == invoice.number
 
+    _, finance = operator(["finance"])
+    history = finance.get(f"/admin/invoicing/invoice/{invoice.pk}/history/")
+    assert history.status_code == 200
+    assert invoice.number in history.content.decode() and "invoicing.period_close" in history.content.decode()
+
     # The account's trail holds the account and its invoice, newest first.
     timeline = selectors.account_trail(account_id=account.id)
     assert {e.model for e in timeline} >= {"accounts.BillingAccount", "invoicing.Invoice"}
