@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import connection
+from django.test import Client
 
 from accounts.models import AccountState, BillingAccount
 from billing_site.audit import selectors
@@ -137,8 +138,6 @@ def test_the_trail_page_searches_by_object_actor_and_date(customer: object, make
     admin = operator([])[0]
     admin.is_superuser = True
     admin.save()
-    from django.test import Client
-
     client = Client()
     client.force_login(admin)
     page = client.get("/admin/audit/auditevent/", {"object": account.public_id}).content.decode()
@@ -147,7 +146,25 @@ def test_the_trail_page_searches_by_object_actor_and_date(customer: object, make
     assert "other change" in page and "fraud ring" not in page
     page = client.get("/admin/audit/auditevent/", {"actor": user.email, "from": "2000-01-01", "to": "2000-01-02"})
     assert "fraud ring" not in page.content.decode()
-    assert support.get("/admin/audit/auditevent/").status_code == 403  # support has no audit permission here
+    assert Client().get("/admin/audit/auditevent/").status_code == 302  # staff only: to the login
+
+
+def test_a_customers_change_through_the_api_names_the_customer_and_the_key(
+    customer: object, make_account: Callable
+) -> None:
+    from accounts.models import ApiKey
+
+    account = make_account(customer.user, name="Before BV")  # type: ignore[attr-defined]
+    response = customer.client.patch(  # type: ignore[attr-defined]
+        f"/api/v1/billing-accounts/{account.public_id}", {"name": "After BV"}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    [rename] = updates(account)
+    assert rename.changes["name"] == ("Before BV", "After BV")
+    key = ApiKey.objects.get(user=customer.user)  # type: ignore[attr-defined]
+    assert (rename.actor_kind, rename.actor) == ("user", customer.user.public_id)  # type: ignore[attr-defined]
+    assert rename.context["api_key"] == key.public_id
+    assert customer.user.email not in str(rename.context) + rename.actor  # type: ignore[attr-defined]
 
 
 @pytest.mark.redis
