@@ -71,8 +71,9 @@ def main() -> None:
         runs = ", ".join(f"{v * 1000:.0f}" for v in values)
         print(f"{name}: median {statistics.median(values) * 1000:.0f} ms ({runs})")
     for write in ("update", "insert"):
-        on, off = statistics.median(timings[f"{write}_on"]), statistics.median(timings[f"{write}_off"])
-        print(f"{write} of {n} rows: triggers on/off = {on / off:.2f} ({(on - off) / n * 1000:.3f} ms a row)")
+        with_, without = statistics.median(timings[f"{write}_on"]), statistics.median(timings[f"{write}_off"])
+        per_row = (with_ - without) / n * 1000
+        print(f"{write} of {n} rows: triggers on/off = {with_ / without:.2f} ({per_row:.3f} ms a row)")
 
 
 if __name__ == "__main__":
