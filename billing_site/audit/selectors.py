@@ -89,8 +89,10 @@ def _entries(
         obj_id = event.pgh_obj_id
         now = {n: getattr(event, n) for n in names}
         before = previous.get(obj_id)
-        if event.pgh_label == "insert" or before is None:
-            changes = {n: (None, v) for n, v in now.items()} if event.pgh_label != "delete" else {}
+        if event.pgh_label == "delete":
+            changes = {n: (v, None) for n, v in now.items()}  # the row as it was when deleted
+        elif event.pgh_label == "insert" or before is None:
+            changes = {n: (None, v) for n, v in now.items()}
         else:
             changes = {n: (before[n], now[n]) for n in names if before[n] != now[n]}
         previous[obj_id] = now
