@@ -25,6 +25,7 @@ from accounts.models import (
     Scope,
     User,
 )
+from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import (
@@ -156,7 +157,9 @@ class TransitionForm(forms.Form):
 
 
 @admin.register(BillingAccount)
-class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.ModelAdmin[BillingAccount]):
+class BillingAccountAdmin(
+    AuditHistoryMixin, WriteThroughServiceMixin, PublicIdSearchMixin, admin.ModelAdmin[BillingAccount]
+):
     id_prefix = "acc"
     form = BillingAccountForm
     change_form_template = "admin/accounts/billingaccount/change_form.html"
@@ -320,7 +323,7 @@ class ServiceKeyForm(forms.Form):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(ActionPermissionsMixin, PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
+class ApiKeyAdmin(AuditHistoryMixin, ActionPermissionsMixin, PublicIdSearchMixin, admin.ModelAdmin[ApiKey]):
     id_prefix = "key"
     list_display = ("name", "prefix", "user", "scopes", "created_at", "last_used_at", "revoked_at")
     list_select_related = ("user",)

@@ -18,6 +18,7 @@ from django_fsm import RETURN_VALUE, FSMField, FSMModelMixin, transition
 
 from billing_site.common import ids
 from billing_site.common.actors import Actor
+from billing_site.common.audit import tracked
 
 
 class AccountState(models.TextChoices):
@@ -100,6 +101,7 @@ class User(AbstractBaseUser, PermissionsMixin):
         return ids.encode("usr", self.id)
 
 
+@tracked(account="id")
 class BillingAccount(FSMModelMixin, models.Model):
     """Who pays. ``state`` moves only through the transitions below (``protected=True``),
     driven by ``accounts.services.billing_account_transition`` through the one transition
@@ -230,6 +232,7 @@ class BillingAccount(FSMModelMixin, models.Model):
         """Terminal."""
 
 
+@tracked(account="account_id")
 class Membership(models.Model):
     account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="memberships")
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
@@ -296,6 +299,7 @@ class BillingAccountProfileChange(models.Model):
         return f"{ids.encode('acc', self.account_id)}: {', '.join(self.changes)}"
 
 
+@tracked(account=None, exclude=("secret_hash", "last_used_at"))
 class ApiKey(models.Model):
     """A bearer key. Stored as a public lookup ``prefix`` and the SHA-256 of the whole key:
     the secret is 256 random bits, so a fast hash is enough and the key is never recoverable.

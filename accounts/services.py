@@ -31,6 +31,7 @@ from accounts.models import (
 )
 from billing_site.common import ids, money, transitions
 from billing_site.common.actors import Actor, ActorKind
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.logs import mask_email
 from billing_site.outbox import services as outbox
@@ -209,6 +210,7 @@ TAX_PROFILE_FIELDS = (
 UPDATE_ACTOR = Actor.system("accounts")  # a caller that does not say who it acts for
 
 
+@audited
 @transaction.atomic(durable=True)
 def billing_account_update(
     *,

@@ -32,6 +32,7 @@ from antifraud.models import (
     RiskStatus,
     RulesVersion,
 )
+from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.admin import RecordAdminMixin
@@ -64,7 +65,7 @@ class DecisionForm(forms.Form):
 
 
 @admin.register(AccountRisk)
-class ReviewQueueAdmin(admin.ModelAdmin[AccountRisk]):
+class ReviewQueueAdmin(AuditHistoryMixin, admin.ModelAdmin[AccountRisk]):
     """The review queue: accounts in review by default (the status filter shows the others)."""
 
     list_display = ("account", "name", "status", "score", "flagged_at", "in_queue_for", "rules")
@@ -214,7 +215,7 @@ class RiskRuleForm(forms.ModelForm[RiskRule]):
 
 
 @admin.register(RiskRule)
-class RiskRuleAdmin(admin.ModelAdmin[RiskRule]):
+class RiskRuleAdmin(AuditHistoryMixin, admin.ModelAdmin[RiskRule]):
     """Rules are code; their switches, weights and thresholds are data, written through
     ``services.risk_rule_update`` (schema-checked, a new rules version as the audit row)."""
 
@@ -252,7 +253,7 @@ class RiskRuleAdmin(admin.ModelAdmin[RiskRule]):
 
 
 @admin.register(RiskSettings)
-class RiskSettingsAdmin(admin.ModelAdmin[RiskSettings]):
+class RiskSettingsAdmin(AuditHistoryMixin, admin.ModelAdmin[RiskSettings]):
     list_display = ("__str__", "review_score", "block_score", "version", "updated_at")
     fields = ("review_score", "block_score", "version")
     readonly_fields = ("version",)
@@ -280,7 +281,7 @@ class RulesVersionAdmin(RecordAdminMixin, admin.ModelAdmin[RulesVersion]):
 
 
 @admin.register(EmailDomain)
-class EmailDomainAdmin(admin.ModelAdmin[EmailDomain]):
+class EmailDomainAdmin(AuditHistoryMixin, admin.ModelAdmin[EmailDomain]):
     list_display = ("domain", "verdict", "reason", "created_by", "created_at")
     list_filter = ("verdict",)
     search_fields = ("domain",)
@@ -342,7 +343,7 @@ class ReviewDecisionAdmin(RecordAdminMixin, admin.ModelAdmin[ReviewDecision]):
 
 
 @admin.register(CreditLimitPolicy)
-class CreditLimitPolicyAdmin(admin.ModelAdmin[CreditLimitPolicy]):
+class CreditLimitPolicyAdmin(AuditHistoryMixin, admin.ModelAdmin[CreditLimitPolicy]):
     """New accounts' credit limits and how they grow (amounts in the policy's currency)."""
 
     list_display = (

@@ -9,6 +9,7 @@ from django.db import models
 from django.utils import timezone
 
 from billing_site.common import ids
+from billing_site.common.audit import tracked
 
 
 class Checkpoint(models.TextChoices):
@@ -37,6 +38,7 @@ class RuleCode(models.TextChoices):
     SPEND_VELOCITY = "spend_velocity", "Spend velocity of a new account"
 
 
+@tracked(account=None)
 class RiskRule(models.Model):
     """One rule's switch, weight and thresholds, as the fraud team sets them. Any change
     makes a new rules version (``RiskSettings.version``)."""
@@ -54,6 +56,7 @@ class RiskRule(models.Model):
         return self.get_code_display()
 
 
+@tracked(account=None)
 class RiskSettings(models.Model):
     """The score bands (like Radar's elevated and highest risk) and the rules version. One row."""
 
@@ -99,6 +102,7 @@ class DomainVerdict(models.TextChoices):
     ALLOWED = "allowed", "Allowed (never flag it)"
 
 
+@tracked(account=None)
 class EmailDomain(models.Model):
     """Analysts' additions to, and exceptions from, the maintained disposable-domain list."""
 
@@ -266,6 +270,7 @@ class RiskStatus(models.TextChoices):
     APPROVED = "approved", "Approved by an analyst"
 
 
+@tracked(account="account_id")
 class AccountRisk(models.Model):
     """Where an account stands with the fraud team: the review queue is the rows ``review``."""
 
@@ -323,6 +328,7 @@ class ReviewDecision(models.Model):
         return f"{self.action} by {self.analyst_name}"
 
 
+@tracked(account=None)
 class CreditLimitPolicy(models.Model):
     """New accounts' credit limit, and how it grows, as data: the most specific active policy
     for the account's currency applies (its kind and country, its country, its kind, else any).

@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import csv_export as csv
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
@@ -240,7 +241,7 @@ ACTIONS = {
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
+class InvoiceAdmin(AuditHistoryMixin, csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
     change_list_template = "admin/invoicing/invoice/change_list.html"  # with the CSV export's link
     csv_columns = (
         ("number", csv.attr("number")),
@@ -557,7 +558,7 @@ class InvoiceAdmin(csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
 
 
 @admin.register(CreditNote)
-class CreditNoteAdmin(csv.CsvExportMixin, admin.ModelAdmin[CreditNote]):
+class CreditNoteAdmin(AuditHistoryMixin, csv.CsvExportMixin, admin.ModelAdmin[CreditNote]):
     csv_columns = (
         ("number", csv.attr("number")),
         ("credit_note_id", csv.attr("public_id")),
@@ -660,7 +661,7 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
 
 
 @admin.register(CreditGrant)
-class CreditGrantAdmin(csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
+class CreditGrantAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
     csv_columns = (
         ("grant_id", csv.attr("public_id")),
         ("account_id", lambda g: ids.encode("acc", g.account_id)),
@@ -784,7 +785,7 @@ class TaxRateForm(forms.ModelForm[TaxRate]):
 
 
 @admin.register(TaxRate)
-class TaxRateAdmin(csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
+class TaxRateAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[TaxRate]):
     csv_columns = (
         ("country", lambda r: str(r.country)),
         ("rate_percent", csv.attr("rate")),
@@ -890,7 +891,9 @@ class ContractDiscountChangeForm(forms.ModelForm[ContractDiscount]):
 
 
 @admin.register(ContractDiscount)
-class ContractDiscountAdmin(csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]):
+class ContractDiscountAdmin(
+    AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]
+):
     csv_columns = (
         ("account_id", lambda d: ids.encode("acc", d.account_id)),
         ("customer", lambda d: getattr(d, "account_name", "") or ""),

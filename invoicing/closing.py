@@ -19,6 +19,7 @@ from django.utils import timezone
 from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audit_context
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.on_commit import queue_task
 from invoicing import issuing, planning
@@ -144,7 +145,10 @@ def close_chunk_isolated(
     which is reported in ``unbillable`` (and logged) instead of blocking its neighbours."""
     started = time.perf_counter()
     try:
-        result = issuing.close_chunk(period=period, account_ids=account_ids, actor=actor)
+        # The set-based close writes invoices with raw SQL: the trail's triggers record them,
+        # and this names the writer and whom it ran for.
+        with audit_context(actor=actor, writer="invoicing.period_close", period=period.label):
+            result = issuing.close_chunk(period=period, account_ids=account_ids, actor=actor)
         if render_pdfs and result.issued:
             queue_task("invoicing.render_documents", kind="invoice", source_ids=result.issued)
     except ACCOUNT_ERRORS as exc:

@@ -12,6 +12,7 @@ from django.utils import timezone
 from accounts import selectors as account_selectors
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from invoicing import ledger
 from invoicing.models import (
@@ -51,6 +52,7 @@ def credit_grant_check(
     return amount_minor
 
 
+@audited
 @transaction.atomic(durable=True)
 def credit_grant_create(
     *,

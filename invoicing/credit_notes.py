@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict
 from billing_site.common.on_commit import queue_task
 from billing_site.common.transactions import require_transaction
@@ -51,6 +52,7 @@ class CreditNoteLineIn:
 SETTLE_CREDIT = "credit"
 
 
+@audited
 def credit_note_issue(
     *, invoice_id: int, lines: list[CreditNoteLineIn], reason: str, actor: Actor, settle: str | None = None
 ) -> CreditNote:
@@ -286,6 +288,7 @@ class RefundRecorded:
     credit_note_number: str
 
 
+@audited
 def refund_record(
     *, invoice_id: int, amount_minor: int, currency: str, reference: str, reason: str, actor: Actor
 ) -> RefundRecorded:

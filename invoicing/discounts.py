@@ -11,6 +11,7 @@ from django.db import models, transaction
 
 from accounts import selectors as account_selectors
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from invoicing import issuing
 from invoicing.models import (
@@ -135,6 +136,7 @@ def contract_discount_check(
         )
 
 
+@audited
 @transaction.atomic(durable=True)
 def contract_discount_create(
     *,
@@ -176,6 +178,7 @@ def contract_discount_create(
     return discount
 
 
+@audited
 @transaction.atomic(durable=True)
 def contract_discount_update(
     *, discount_id: int, valid_until: dt.date | None, reason: str, actor: Actor

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from billing_site.common import ids, transitions
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict
 from billing_site.common.on_commit import queue_task
 from billing_site.common.transactions import require_transaction
@@ -309,6 +310,7 @@ def invoice_record_payment(
     )
 
 
+@audited
 @transaction.atomic(durable=True)
 def invoice_write_off(*, invoice_id: int, actor: Actor, reason: str) -> Invoice:
     """Finance gives up on what is outstanding: ``uncollectible``, posted to bad debt."""
@@ -340,6 +342,7 @@ def invoice_write_off(*, invoice_id: int, actor: Actor, reason: str) -> Invoice:
     return invoice
 
 
+@audited
 def invoice_void(*, invoice_id: int, reason: str, actor: Actor) -> CreditNote:
     """Void an issued, unpaid invoice: a credit note for the whole amount not yet credited,
     credit spent on it given back to its grants, status ``void``."""

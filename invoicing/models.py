@@ -19,6 +19,7 @@ from django_countries.fields import CountryField
 from django_fsm import FSMField, FSMModelMixin, can_proceed, transition
 
 from billing_site.common import ids, money
+from billing_site.common.audit import tracked
 from billing_site.common.transitions import AuditedTransitions, StateChangeRecord
 
 
@@ -57,6 +58,7 @@ class TaxRateKind(models.TextChoices):
     STANDARD = "standard", "Standard rate"
 
 
+@tracked(account=None)
 class TaxRate(models.Model):
     """A member state's VAT rate of a kind (the standard rate) from ``valid_from`` (inclusive)
     until ``valid_until`` (exclusive; empty: until further notice). Rates of one country and
@@ -128,6 +130,7 @@ class TermsChange(models.Model):
         return f"{self.subject} {self.subject_id}: {self.action}"
 
 
+@tracked(account="account_id")
 class ContractDiscount(models.Model):
     """A negotiated discount: ``percent`` off the rated amount of SKUs whose code starts with
     ``sku_prefix`` (``compute.``), for usage on days in [valid_from, valid_until)."""
@@ -211,6 +214,7 @@ def _nothing_paid(invoice: models.Model) -> bool:
     return isinstance(invoice, Invoice) and invoice.amount_paid_minor == 0
 
 
+@tracked(account="account_id", exclude=("buyer", "seller"))
 class Invoice(AuditedTransitions, FSMModelMixin, models.Model):
     """One invoice per account and calendar month (``period_start`` first day, ``period_end``
     the first day of the next month, exclusive). Money in integer minor units of ``currency``.
@@ -496,6 +500,7 @@ class CreditKind(models.TextChoices):
 GRANTABLE_CREDIT_KINDS = (CreditKind.PROMOTIONAL, CreditKind.PREPAID)
 
 
+@tracked(account="account_id")
 class CreditGrant(models.Model):
     """Credit an account can spend on invoices in ``currency`` until ``expires_at``."""
 
@@ -546,6 +551,7 @@ class CreditApplication(models.Model):
         return f"{self.amount_minor} of {ids.encode('crg', self.grant_id)} on {ids.encode('inv', self.invoice_id)}"
 
 
+@tracked(account="account_id")
 class CreditNote(models.Model):
     """A credit note against an issued or paid invoice, numbered in its own gapless series.
     Money in minor units of the invoice's currency, taxed at the invoice's rate."""

@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import ids, money
 from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin, key_values
 from billing_site.common.durations import duration_text
@@ -86,7 +87,7 @@ class SkuForm(forms.ModelForm[Sku]):
 
 
 @admin.register(Sku)
-class SkuAdmin(WriteThroughServiceMixin, admin.ModelAdmin[Sku]):
+class SkuAdmin(AuditHistoryMixin, WriteThroughServiceMixin, admin.ModelAdmin[Sku]):
     form = SkuForm
     list_display = ("code", "name", "unit", "kind", "updated_at")
     list_filter = ("kind",)
@@ -154,7 +155,7 @@ class PriceTierInline(ReadOnlyInlineMixin, admin.TabularInline[PriceTier, Price]
 
 
 @admin.register(Price)
-class PriceAdmin(WriteThroughServiceMixin, admin.ModelAdmin[Price]):
+class PriceAdmin(AuditHistoryMixin, WriteThroughServiceMixin, admin.ModelAdmin[Price]):
     list_display = ("sku", "currency", "valid_from", "unit_price", "tiers_display")
     list_filter = ("currency", "sku__kind", "sku")
     search_fields = ("sku__code",)

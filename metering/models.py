@@ -9,12 +9,15 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from billing_site.common.audit import tracked
+
 
 class SkuKind(models.TextChoices):
     DURATION = "duration", "Duration (units of a resource's spec x hours while it runs)"
     QUANTITY = "quantity", "Quantity (point usage reported by a producer)"
 
 
+@tracked(account=None)
 class Sku(models.Model):
     code = models.CharField(max_length=64, unique=True, help_text="e.g. compute.vcpu")
     name = models.CharField(max_length=200)
@@ -31,6 +34,7 @@ class Sku(models.Model):
         return self.code
 
 
+@tracked(account=None)
 class Price(models.Model):
     """A SKU's price in one currency from ``valid_from`` until the next price's
     ``valid_from``. Either flat (``unit_price``) or graduated (``tiers``), never both.
@@ -57,6 +61,7 @@ class Price(models.Model):
         return self.unit_price is None
 
 
+@tracked(account=None)
 class PriceTier(models.Model):
     """One band of a graduated price: units whose position in the account's cumulative
     monthly quantity is above the previous tier's ``up_to`` and at most this ``up_to``

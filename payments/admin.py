@@ -27,6 +27,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from accounts import selectors as account_selectors
+from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import csv_export as csv
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
@@ -205,7 +206,9 @@ class RefundForm(forms.Form):
 
 
 @admin.register(Payment)
-class PaymentAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]):
+class PaymentAdmin(
+    AuditHistoryMixin, csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Payment]
+):
     csv_columns = (
         ("payment_id", csv.attr("public_id")),
         ("account_id", lambda p: ids.encode("acc", p.account_id)),
@@ -390,7 +393,9 @@ class RefundTransitionInline(HistoryInline, admin.TabularInline[RefundTransition
 
 
 @admin.register(Refund)
-class RefundAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]):
+class RefundAdmin(
+    AuditHistoryMixin, csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Refund]
+):
     csv_columns = (
         ("refund_id", csv.attr("public_id")),
         ("payment_id", lambda r: ids.encode("pay", r.payment_id)),
@@ -484,7 +489,9 @@ class DisputeTransitionInline(HistoryInline, admin.TabularInline[DisputeTransiti
 
 
 @admin.register(Dispute)
-class DisputeAdmin(csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]):
+class DisputeAdmin(
+    AuditHistoryMixin, csv.CsvExportMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[Dispute]
+):
     csv_columns = (
         ("dispute_id", csv.attr("public_id")),
         ("payment_id", lambda d: ids.encode("pay", d.payment_id)),
@@ -573,7 +580,7 @@ class DunningPolicyForm(forms.ModelForm[DunningPolicy]):
 
 
 @admin.register(DunningPolicy)
-class DunningPolicyAdmin(admin.ModelAdmin[DunningPolicy]):
+class DunningPolicyAdmin(AuditHistoryMixin, admin.ModelAdmin[DunningPolicy]):
     """The policy is data finance edits; the daily run reads it. Policies are switched off
     (``is_active``), never deleted: a case's history was made under one."""
 
@@ -702,7 +709,12 @@ def _dunning_paused_subquery() -> Subquery:
 
 @admin.register(DunningCase)
 class DunningCaseAdmin(
-    csv.CsvExportMixin, DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[DunningCase]
+    AuditHistoryMixin,
+    csv.CsvExportMixin,
+    DunningPauseActionsMixin,
+    PublicIdSearchMixin,
+    RecordAdminMixin,
+    admin.ModelAdmin[DunningCase],
 ):
     csv_columns = (
         ("invoice_id", lambda c: ids.encode("inv", c.invoice_id)),
@@ -776,7 +788,7 @@ class DunningCaseAdmin(
 
 @admin.register(PaymentProfile)
 class PaymentProfileAdmin(
-    DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentProfile]
+    AuditHistoryMixin, DunningPauseActionsMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentProfile]
 ):
     """An account's gateway, its customer there, its dunning switch and its cards."""
 
@@ -845,7 +857,7 @@ class PaymentMethodStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(PaymentMethod)
-class PaymentMethodAdmin(PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentMethod]):
+class PaymentMethodAdmin(AuditHistoryMixin, PublicIdSearchMixin, RecordAdminMixin, admin.ModelAdmin[PaymentMethod]):
     """Cards as the gateway describes them. The fingerprint ties one card across accounts: the
     fraud team's tool, shown to nobody else."""
 

@@ -27,6 +27,7 @@ from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
 
 from billing_site.common import ids, money
+from billing_site.common.audit import tracked
 from billing_site.common.transitions import AuditedTransitions, StateChangeRecord
 
 
@@ -35,6 +36,7 @@ class GatewayName(models.TextChoices):
     STRIPE = "stripe", "Stripe"
 
 
+@tracked(account="account_id")
 class PaymentProfile(models.Model):
     """Per billing account: which gateway it pays through, its customer there, and whether
     operators paused dunning for it. Created on first use."""
@@ -61,6 +63,7 @@ class PaymentProfile(models.Model):
         return f"{ids.encode('acc', self.account_id)} via {self.gateway}"
 
 
+@tracked(account="account_id")
 class PaymentMethod(models.Model):
     """A card bound to an account. Card facts come from the gateway; card data never reach us."""
 
@@ -162,6 +165,7 @@ class PaymentTrigger(models.TextChoices):
     OPERATOR = "operator", "An operator"
 
 
+@tracked(account="account_id", exclude=("client_secret",))
 class Payment(AuditedTransitions, FSMModelMixin, models.Model):
     """One attempt to collect an invoice's outstanding amount from a card.
 
@@ -344,6 +348,7 @@ class RefundStatus(models.TextChoices):
     UNKNOWN = "unknown", "Unknown (the reconciler asks the gateway)"
 
 
+@tracked(account="account_id")
 class Refund(AuditedTransitions, FSMModelMixin, models.Model):
     """Money given back on a payment: committed before the gateway call (intent first), with
     an idempotency key from its id; a credit note and a ledger entry when it succeeded.
@@ -446,6 +451,7 @@ class DisputeStatus(models.TextChoices):
     LOST = "lost", "Lost"
 
 
+@tracked(account="account_id")
 class Dispute(AuditedTransitions, FSMModelMixin, models.Model):
     """A chargeback on a payment: its funds are withdrawn while it is open; returned if won.
 
@@ -546,6 +552,7 @@ class WebhookEvent(models.Model):
         return f"{self.gateway} {self.type} {self.event_id}"
 
 
+@tracked(account=None)
 class DunningPolicy(models.Model):
     """How debt is chased, as data finance edits (like Kill Bill's overdue configuration).
 
@@ -631,6 +638,7 @@ class DunningCaseStatus(models.TextChoices):
     WRITTEN_OFF = "written_off", "Written off"
 
 
+@tracked(account="account_id")
 class DunningCase(AuditedTransitions, FSMModelMixin, models.Model):
     """An unpaid invoice being chased: opened by its first failed charge (or by being overdue),
     resolved when it is paid or settled, closed by a write-off.

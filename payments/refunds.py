@@ -48,6 +48,7 @@ from django.utils import timezone
 from antifraud import services as antifraud_services
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
 from billing_site.common.transitions import actor_log_fields, transition
@@ -122,6 +123,7 @@ def _invoice_refundable_minor(payment: Payment) -> int:
 # --- Refunds we make
 
 
+@audited
 @transaction.atomic(durable=True)
 def refund_create(
     *,
@@ -227,6 +229,7 @@ def refund_execute(*, refund_id: int) -> Refund:
     return refund_record_outcome(refund_id=refund.id, result=result)
 
 
+@audited
 def refund_issue(
     *,
     payment_id: int,

@@ -21,6 +21,7 @@ from accounts import services as account_services
 from antifraud import services as antifraud_services
 from billing_site.common import ids
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transactions import forbid_transaction
 from billing_site.common.transitions import actor_log_fields
@@ -414,6 +415,7 @@ def gateway_names() -> list[str]:
     return list(GatewayName.values)
 
 
+@audited
 @transaction.atomic(durable=True)
 def dunning_pause(*, account_id: int, paused: bool, reason: str, actor: Actor) -> PaymentProfile:
     """Operators pause (or resume) dunning for an account."""

@@ -32,6 +32,7 @@ from django.utils import timezone
 from django_fsm import can_proceed
 
 from billing_site.common.actors import Actor, ActorKind
+from billing_site.common.audit import audit_context
 from billing_site.common.copy import BulkTable
 from billing_site.common.errors import Conflict, NotFound
 
@@ -175,14 +176,15 @@ def transition(
         label = obj._meta.verbose_name
         raise Conflict("invalid_transition", f"Cannot {name.replace('_', ' ')} a {label} that is {before}.")
     method(*args)
-    if update_fields is None:
-        obj.save()
-    else:
-        fields = [state_field, *update_fields]
-        if any(f.name == "updated_at" for f in obj._meta.concrete_fields):
-            fields.append("updated_at")
-        obj.save(update_fields=sorted(set(fields)))
     reason = reason.strip()[:REASON_MAX]
+    with audit_context(actor=actor, reason=reason):  # the trail's event of this save: who and why
+        if update_fields is None:
+            obj.save()
+        else:
+            fields = [state_field, *update_fields]
+            if any(f.name == "updated_at" for f in obj._meta.concrete_fields):
+                fields.append("updated_at")
+            obj.save(update_fields=sorted(set(fields)))
     machine.audit_record(transition=name, from_state=before, actor=actor, reason=reason).save()
     log.info(
         machine.TRANSITION_LOG,

@@ -50,6 +50,9 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's assets, served from here: /api/docs/ works offline
     "django_countries",
+    "pgtrigger",  # the audit trail's triggers, installed by migrations (billing_site/common/audit.py)
+    "pghistory",  # the audit trail: event tables and their context (who, why, where)
+    "billing_site.audit",  # the trail's pages: each record's History, the whole trail, an account's
     "axes",  # staff sign-in: failed passwords throttled and locked out (settings below)
     # Staff's second factor: TOTP devices and backup codes (django-otp), the login, enrolment
     # and backup-code pages (django-two-factor-auth; its templates overridden by ours).
@@ -80,6 +83,9 @@ MIDDLEWARE = [
     # The one gate of the back office: nothing under /admin/ answers a session that has not
     # passed the second factor, except the sign-in and enrolment pages themselves.
     "billing_site.common.staff.SecondFactorMiddleware",
+    # After authentication (it reads request.user): every change the request writes carries
+    # who (staff user, customer, API key), where (URL) and, from the services, why.
+    "billing_site.common.audit.AuditContextMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: turns a locked-out sign-in into its 429 page.
