@@ -195,7 +195,7 @@ def test_a_statement_without_parameters_keeps_its_literal_percents_inside_an_aud
     with audit_context(actor=Actor.system("test:percents")), connection.cursor() as cursor:
         cursor.execute("SELECT format('%I', 'x'), 'a%' LIKE 'a%%', 100 % 7")
         assert cursor.fetchone() == ("x", True, 2)
-        cursor.execute(f"UPDATE accounts_billingaccount SET name = 'Fifty %' WHERE id = {int(account.id)}")
+        cursor.execute(f"UPDATE accounts_billingaccount SET name = 'Fifty %' WHERE id = {int(account.id)}")  # noqa: S608
     account.refresh_from_db()
     assert account.name == "Fifty %"
     (entry,) = [e for e in selectors.account_trail(account_id=account.id) if e.actor == "test:percents"]

@@ -143,9 +143,9 @@ def _literal_percents(
     fails ("the query has 3 placeholders but 2 parameters were passed"). Escape them, exactly
     when pghistory will add parameters (its own test, ``_can_inject_variable``: django-pghistory
     is pinned; a new version must keep that function, ``tests/test_audit_trail.py`` notices)."""
-    if params is None and not many and isinstance(sql, str) and "%" in sql:
-        if _runtime._can_inject_variable(context["cursor"], sql):
-            sql = sql.replace("%", "%%")
+    literal = params is None and not many and isinstance(sql, str) and "%" in sql
+    if literal and _runtime._can_inject_variable(context["cursor"], sql):
+        sql = sql.replace("%", "%%")
     return execute(sql, params, many, context)
 
 
