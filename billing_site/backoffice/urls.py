@@ -1,9 +1,29 @@
 """The back office's pages, mounted under /admin/ before the admin site's own URLs (see
 billing_site/urls.py). Every view here is wrapped in ``admin.site.admin_view``: staff only, with
-the admin's login, second factor and permission checks."""
+the admin's login, second factor and permission checks.
 
-from django.urls import URLPattern
+The customer page takes the billing account admin's own address by the public id
+(``/admin/accounts/billingaccount/acc_…/``); the account's edit form stays at ``…/acc_…/change/``
+(the account admin; an integer there redirects to the ``acc_…`` one)."""
+
+from django.contrib import admin
+from django.urls import URLPattern, path
+
+from billing_site.backoffice import customer, search
 
 app_name = "backoffice"
 
-urlpatterns: list[URLPattern] = []
+urlpatterns: list[URLPattern] = [
+    path("search/", admin.site.admin_view(search.search_view), name="search"),
+    path("accounts/billingaccount/<acc:account_id>/", admin.site.admin_view(customer.customer_view), name="customer"),
+    path(
+        "accounts/billingaccount/<acc:account_id>/notes/",
+        admin.site.admin_view(customer.note_add_view),
+        name="customer_note_add",
+    ),
+    path(
+        "accounts/billingaccount/<acc:account_id>/dunning/",
+        admin.site.admin_view(customer.dunning_pause_view),
+        name="customer_dunning_pause",
+    ),
+]
