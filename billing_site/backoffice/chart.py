@@ -27,6 +27,10 @@ class CostMonth:
     amount: Decimal
 
 
+def _px(value: float) -> str:
+    return f"{value:.1f}"
+
+
 def months_back(today: dt.date, count: int) -> list[dt.date]:
     """The first days of the last ``count`` calendar months, this one included, oldest first."""
     year, month = today.year, today.month
@@ -67,23 +71,22 @@ def cost_chart(rows: list[CostMonth], *, months: list[dt.date], currency: str) -
             y -= h
             parts.append(
                 format_html(
-                    '<rect x="{:.1f}" y="{:.1f}" width="{:.1f}" height="{:.1f}" fill="{}">'
-                    "<title>{} {:%Y-%m}: {}</title></rect>",
-                    x, y, bar_w, h, colours[family], family, month, shown(amount),
+                    '<rect x="{}" y="{}" width="{}" height="{}" fill="{}"><title>{} {}: {}</title></rect>',
+                    _px(x), _px(y), _px(bar_w), _px(h), colours[family], family, f"{month:%Y-%m}", shown(amount),
                 )
             )
         total = sum(by_month[month].values(), Decimal(0))
         parts.append(
             format_html(
-                '<text x="{:.1f}" y="{}" text-anchor="middle" font-size="11">{:%b %Y}</text>',
-                x + bar_w / 2, HEIGHT - 8, month,
+                '<text x="{}" y="{}" text-anchor="middle" font-size="11">{}</text>',
+                _px(x + bar_w / 2), HEIGHT - 8, f"{month:%b %Y}",
             )
         )
         if total:
             parts.append(
                 format_html(
-                    '<text x="{:.1f}" y="{:.1f}" text-anchor="middle" font-size="10">{}</text>',
-                    x + bar_w / 2, max(y - 3, TOP + 8), money.format_amount(total, currency),
+                    '<text x="{}" y="{}" text-anchor="middle" font-size="10">{}</text>',
+                    _px(x + bar_w / 2), _px(max(y - 3, TOP + 8)), money.format_amount(total, currency),
                 )
             )
     axis = format_html(
