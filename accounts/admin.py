@@ -315,9 +315,7 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
             "needs_reason": name in services.REASON_REQUIRED,
             "owed": debts.debt_display(owed),
             # What the customer reads of it in their account's history (staff's reason stays inside).
-            "public_reason": selectors.transition_public_reason(
-                transition=name, cause=TransitionCause.STAFF
-            ),
+            "public_reason": selectors.transition_public_reason(transition=name, cause=TransitionCause.STAFF),
         }
         return TemplateResponse(request, "admin/accounts/billingaccount/transition.html", context)
 

@@ -277,7 +277,7 @@ def billing_account_search(*, term: str, limit: int = 20) -> dict[str, list[Bill
     lowered = term.lower()
     compact = "".join(ch for ch in term if ch.isalnum()).upper()
     base = BillingAccount.objects.order_by("name", "id")
-    found = {
+    found: dict[str, list[BillingAccount]] = {
         "email": list(base.alias(email_lower=Lower("email")).filter(email_lower__startswith=lowered)[:limit]),
         "name": list(base.alias(name_lower=Lower("name")).filter(name_lower__startswith=lowered)[:limit]),
         "tax_id": list(base.filter(tax_id=compact)[:limit]) if compact else [],

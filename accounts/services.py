@@ -427,9 +427,7 @@ def account_note_add(*, account_id: int, text: str, actor: Actor) -> AccountNote
         raise ApplicationError("invalid", "A note needs some text.", field="text")
     if not BillingAccount.objects.filter(id=account_id).exists():
         raise NotFound("No such billing account.")
-    note = AccountNote.objects.create(
-        account_id=account_id, author_id=actor.user_id, author_name=actor.name, text=text
-    )
+    note = AccountNote.objects.create(account_id=account_id, author_id=actor.user_id, author_name=actor.name, text=text)
     log.info(
         "account.note_added",
         extra={"account_id": ids.encode("acc", account_id), "note_id": note.id, "actor_kind": actor.kind.value},

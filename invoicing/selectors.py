@@ -445,9 +445,13 @@ def documents_by_number(*, term: str) -> list[DocumentMatch]:
         return []
     found: list[DocumentMatch] = []
     invoice_id = public_ids.decode("inv", term)
-    invoices = Invoice.objects.filter(id=invoice_id) if invoice_id else Invoice.objects.filter(number__in={term, term.upper()})
+    invoices = (
+        Invoice.objects.filter(id=invoice_id) if invoice_id else Invoice.objects.filter(number__in={term, term.upper()})
+    )
     note_id = public_ids.decode("crn", term)
-    notes = CreditNote.objects.filter(id=note_id) if note_id else CreditNote.objects.filter(number__in={term, term.upper()})
+    notes = (
+        CreditNote.objects.filter(id=note_id) if note_id else CreditNote.objects.filter(number__in={term, term.upper()})
+    )
     if not note_id:
         found += [
             DocumentMatch("invoice", i.id, i.number or "", i.account_id, i.status, i.total_minor, i.currency)

@@ -220,9 +220,9 @@ def payments_beyond_captured() -> list[str]:
 def payments_for_account(*, account_id: int, limit: int = 100) -> list[Payment]:
     """The account's payments, newest first, each with its card: one indexed query."""
     return list(
-        Payment.objects.filter(account_id=account_id).select_related("payment_method").order_by("-created_at", "-id")[
-            :limit
-        ]
+        Payment.objects.filter(account_id=account_id)
+        .select_related("payment_method")
+        .order_by("-created_at", "-id")[:limit]
     )
 
 
@@ -237,9 +237,7 @@ def disputes_for_account(*, account_id: int, limit: int = 100) -> list[Dispute]:
 def cards_for_account(*, account_id: int) -> list[PaymentMethod]:
     """Every card the account bound, removed ones too (``detached_at``), the default first."""
     return list(
-        PaymentMethod.objects.filter(account_id=account_id).order_by(
-            "detached_at", "-is_default", "-created_at", "-id"
-        )
+        PaymentMethod.objects.filter(account_id=account_id).order_by("detached_at", "-is_default", "-created_at", "-id")
     )
 
 

@@ -14,7 +14,7 @@ from django.utils.safestring import SafeString, mark_safe
 
 from billing_site.common import money
 
-# Colour-blind-safe palette (Okabe–Ito), one per family in order of total cost; the rest grey.
+# Colour-blind-safe palette (Okabe-Ito), one per family in order of total cost; the rest grey.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442")
 OTHER = "#999999"
 WIDTH, HEIGHT, LEFT, BOTTOM, TOP = 640, 220, 90, 24, 10
@@ -72,30 +72,48 @@ def cost_chart(rows: list[CostMonth], *, months: list[dt.date], currency: str) -
             parts.append(
                 format_html(
                     '<rect x="{}" y="{}" width="{}" height="{}" fill="{}"><title>{} {}: {}</title></rect>',
-                    _px(x), _px(y), _px(bar_w), _px(h), colours[family], family, f"{month:%Y-%m}", shown(amount),
+                    _px(x),
+                    _px(y),
+                    _px(bar_w),
+                    _px(h),
+                    colours[family],
+                    family,
+                    f"{month:%Y-%m}",
+                    shown(amount),
                 )
             )
         total = sum(by_month[month].values(), Decimal(0))
         parts.append(
             format_html(
                 '<text x="{}" y="{}" text-anchor="middle" font-size="11">{}</text>',
-                _px(x + bar_w / 2), HEIGHT - 8, f"{month:%b %Y}",
+                _px(x + bar_w / 2),
+                HEIGHT - 8,
+                f"{month:%b %Y}",
             )
         )
         if total:
             parts.append(
                 format_html(
                     '<text x="{}" y="{}" text-anchor="middle" font-size="10">{}</text>',
-                    _px(x + bar_w / 2), _px(max(y - 3, TOP + 8)), money.format_amount(total, currency),
+                    _px(x + bar_w / 2),
+                    _px(max(y - 3, TOP + 8)),
+                    money.format_amount(total, currency),
                 )
             )
     axis = format_html(
         '<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="#666"/>'
         '<text x="{}" y="{}" text-anchor="end" font-size="10">{}</text>'
         '<text x="{}" y="{}" text-anchor="end" font-size="10">0 {}</text>',
-        LEFT - 4, TOP, LEFT - 4, HEIGHT - BOTTOM,
-        LEFT - 8, TOP + 8, shown(peak),
-        LEFT - 8, HEIGHT - BOTTOM, currency,
+        LEFT - 4,
+        TOP,
+        LEFT - 4,
+        HEIGHT - BOTTOM,
+        LEFT - 8,
+        TOP + 8,
+        shown(peak),
+        LEFT - 8,
+        HEIGHT - BOTTOM,
+        currency,
     )
     legend = format_html_join(
         "",
@@ -106,5 +124,12 @@ def cost_chart(rows: list[CostMonth], *, months: list[dt.date], currency: str) -
     return format_html(
         '<svg class="cost-chart" role="img" viewBox="0 0 {} {}" width="{}" height="{}" '
         'xmlns="http://www.w3.org/2000/svg"><title>{}</title>{}{}</svg><ul class="cost-legend">{}</ul>',
-        WIDTH, HEIGHT, WIDTH, HEIGHT, title, axis, mark_safe("".join(parts)), legend,  # noqa: S308 (each part escaped)
+        WIDTH,
+        HEIGHT,
+        WIDTH,
+        HEIGHT,
+        title,
+        axis,
+        mark_safe("".join(parts)),  # noqa: S308 (each part built by format_html)
+        legend,
     )

@@ -168,7 +168,11 @@ def _render(
         for r in loaded.refunds
     ]
     disputes = [
-        {"dispute": d, "amount": _shown(d.amount_minor, d.currency), "link": _admin_url("payments_dispute_change", d.id)}
+        {
+            "dispute": d,
+            "amount": _shown(d.amount_minor, d.currency),
+            "link": _admin_url("payments_dispute_change", d.id),
+        }
         for d in loaded.disputes
     ]
     months = chart.months_back(timezone.now().date(), CHART_MONTHS)

@@ -57,7 +57,9 @@ def transitions(loaded: Loaded) -> Iterable[Entry]:
     for t in loaded.transitions:
         reason = f": {t.reason}" if t.reason else ""
         yield Entry(
-            t.created_at, "transition", f"{t.transition.capitalize()} ({t.from_state} → {t.to_state}) by {t.actor_name}{reason}"
+            t.created_at,
+            "transition",
+            f"{t.transition.capitalize()} ({t.from_state} → {t.to_state}) by {t.actor_name}{reason}",
         )
 
 
@@ -102,14 +104,16 @@ def payments(loaded: Loaded) -> Iterable[Entry]:
         yield Entry(
             p.completed_at or p.created_at,
             "payment",
-            f"Payment {p.public_id} of {money.display(p.amount_minor, p.currency)} for {ids.encode('inv', p.invoice_id)}: {outcome}",
+            f"Payment {p.public_id} of {money.display(p.amount_minor, p.currency)}"
+            f" for {ids.encode('inv', p.invoice_id)}: {outcome}",
             _admin("payments_payment", p.id),
         )
     for r in loaded.refunds:
         yield Entry(
             r.created_at,
             "refund",
-            f"Refund {r.public_id} of {money.display(r.amount_minor, r.currency)} ({r.status}) by {r.requested_by}: {r.reason}",
+            f"Refund {r.public_id} of {money.display(r.amount_minor, r.currency)} ({r.status})"
+            f" by {r.requested_by}: {r.reason}",
             _admin("payments_refund", r.id),
         )
     for d in loaded.disputes:
@@ -126,12 +130,16 @@ def payments(loaded: Loaded) -> Iterable[Entry]:
 def dunning(loaded: Loaded) -> Iterable[Entry]:
     for step in loaded.dunning_steps:
         detail = f": {step.detail}" if step.detail else ""
-        yield Entry(step.created_at, "dunning", f"Dunning {step.action} on {ids.encode('inv', step.invoice_id)}{detail}")
+        yield Entry(
+            step.created_at, "dunning", f"Dunning {step.action} on {ids.encode('inv', step.invoice_id)}{detail}"
+        )
 
 
 def risk(loaded: Loaded) -> Iterable[Entry]:
     for a in loaded.assessments:
-        yield Entry(a.created_at, "risk", f"Risk check at {a.get_checkpoint_display().lower()}: {a.decision} (score {a.score})")
+        yield Entry(
+            a.created_at, "risk", f"Risk check at {a.get_checkpoint_display().lower()}: {a.decision} (score {a.score})"
+        )
     for d in loaded.decisions:
         yield Entry(d.created_at, "risk", f"Review: {d.get_action_display().lower()} by {d.analyst_name}: {d.reason}")
 

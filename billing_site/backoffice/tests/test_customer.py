@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import pytest
-from django.test import Client
 from django.urls import reverse
 
 from accounts import services as account_services
@@ -52,7 +51,11 @@ def book(
 ) -> Book:
     customer = make_customer(email="owner@paying.test")
     account = make_account(
-        customer.user, currency="EUR", country="NL", name="Paying BV", email="billing@paying.test",
+        customer.user,
+        currency="EUR",
+        country="NL",
+        name="Paying BV",
+        email="billing@paying.test",
         tax_id="NL004495445B01",
     )
     assert bind(customer.client, account).status_code == 201
@@ -67,16 +70,27 @@ def book(
     assert payment.status == PaymentStatus.SUCCEEDED
     refund = refunds.refund_issue(payment_id=payment.id, amount_minor=500, reason="goodwill", actor=FINANCE)
     dispute = disputes.dispute_opened(
-        gateway=payment.gateway, gateway_dispute_id="dp_page_1", charge_id=payment.gateway_charge_id,
-        intent_id=payment.gateway_intent_id or "", amount_minor=1000, currency="EUR", reason="fraudulent",
+        gateway=payment.gateway,
+        gateway_dispute_id="dp_page_1",
+        charge_id=payment.gateway_charge_id,
+        intent_id=payment.gateway_intent_id or "",
+        amount_minor=1000,
+        currency="EUR",
+        reason="fraudulent",
     )
     assert dispute is not None
     invoicing_services.credit_grant_create(
-        account_id=account.id, kind="promotional", amount=Decimal("25.00"), currency="EUR",
-        reason="welcome credit", actor=FINANCE,
+        account_id=account.id,
+        kind="promotional",
+        amount=Decimal("25.00"),
+        currency="EUR",
+        reason="welcome credit",
+        actor=FINANCE,
     )
     account_services.account_note_add(
-        account_id=account.id, text="Called about the October invoice.", actor=Actor.operator(None, "support@ops.test")  # type: ignore[arg-type]
+        account_id=account.id,
+        text="Called about the October invoice.",
+        actor=Actor.operator(None, "support@ops.test"),  # type: ignore[arg-type]
     )
     credit_note = CreditNote.objects.get(account_id=account.id)  # the refund's
 
@@ -271,7 +285,6 @@ def test_the_page_s_queries_do_not_grow_with_the_account_s_history(
         )
     issued = Invoice.objects.filter(account_id=book.account.id).exclude(status=InvoiceStatus.DRAFT).count()
     assert issued >= 9
-    with django_assert_max_num_queries(45):  # type: ignore[operator]
-        with CaptureQueriesContext(connection) as after:
-            assert client.get(page_url(book.account)).status_code == 200
+    with django_assert_max_num_queries(45), CaptureQueriesContext(connection) as after:  # type: ignore[attr-defined]
+        assert client.get(page_url(book.account)).status_code == 200
     assert len(after) == len(before), "the page's queries grew with the account's invoices"
