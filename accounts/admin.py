@@ -273,7 +273,9 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
                 "<acc:object_id>/transition/<str:name>/",
                 self.admin_site.admin_view(self.transition_view),
                 name="accounts_billingaccount_transition",
-            )
+            ),
+            # Addresses written before the public ids (bookmarks, scripts): the same page.
+            path("<int:object_id>/transition/<str:name>/", self.admin_site.admin_view(self.transition_view)),
         ]
         return custom + super().get_urls()
 

@@ -32,9 +32,9 @@ def test_what_staff_do_in_accounts_is_logged_without_their_email(
     login = form_of(client.get("/admin/login/").content).fields
     client.post("/admin/login/", {**login, "username": EMAIL, "password": "not-it"})
     assert client.post("/admin/login/", {**login, "username": EMAIL, "password": "a-finance-passphrase"}).status_code
-    change = f"/admin/accounts/billingaccount/{account.pk}/change/"
+    change = f"/admin/accounts/billingaccount/{account.public_id}/change/"
     assert client.post(change, {**form_of(client.get(change).content).fields, "name": "Renamed"}).status_code == 302
-    transition = f"/admin/accounts/billingaccount/{account.pk}/transition/suspend/"
+    transition = f"/admin/accounts/billingaccount/{account.public_id}/transition/suspend/"
     assert client.post(transition, {"reason": "leaked credential"}).status_code == 302
 
     events = {r.getMessage() for r in caplog.records}
