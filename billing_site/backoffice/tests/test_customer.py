@@ -288,3 +288,34 @@ def test_the_page_s_queries_do_not_grow_with_the_account_s_history(
     with django_assert_max_num_queries(45), CaptureQueriesContext(connection) as after:  # type: ignore[attr-defined]
         assert client.get(page_url(book.account)).status_code == 200
     assert len(after) == len(before), "the page's queries grew with the account's invoices"
+
+
+@pytest.mark.parametrize(
+    "term", ["billing@paying", "Paying", "NL004495445B01", "INV-2026-000001", "CN-2026-000001", "4242", "ch_x", "pi_x"]
+)
+def test_every_search_query_has_an_index(book: Book, term: str) -> None:
+    """Each statement the search runs can be answered from an index: with sequential scans
+    priced out, no plan falls back to one (which is what PostgreSQL does when no index serves
+    the condition)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from billing_site.backoffice.search import search
+
+    with CaptureQueriesContext(connection) as ran:
+        search(term)
+    statements = [q["sql"] for q in ran.captured_queries if q["sql"].lstrip().upper().startswith("SELECT")]
+    assert statements
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        for sql in statements:
+            cursor.execute(f"EXPLAIN {sql}")
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert "Seq Scan" not in plan, f"{sql}\n{plan}"
+
+
+def test_the_customer_page_loads_nothing_from_another_host(book: Book) -> None:
+    _, client = operator(["support"])
+    html = client.get(page_url(book.account)).content.decode()
+    assert re.findall(r"""(?:src|href)=["'](?:https?:)?//""", html) == []
+    assert "<script" not in section(html, "costs")
