@@ -6,6 +6,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
@@ -262,9 +263,17 @@ class BillingAccountAdmin(WriteThroughServiceMixin, PublicIdSearchMixin, admin.M
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return CustomerLinkChangeList
 
+    def response_post_save_change(self, request: HttpRequest, obj: BillingAccount) -> HttpResponseRedirect:
+        """After the profile is saved: back to the customer page it was opened from."""
+        return HttpResponseRedirect(customer_url(obj.pk))
+
     def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Any:
         """By the public id (``acc_…``), as staff and customers quote it; an integer still works."""
+        # The admin unquotes the address's id first ("_40" is its escape of "@"): a public id
+        # such as acc_40… arrives as acc@…, and quoting it again gives it back.
         decoded = ids.decode(self.id_prefix, object_id)
+        if decoded is None:
+            decoded = ids.decode(self.id_prefix, quote(object_id))
         return super().get_object(request, str(decoded) if decoded is not None else object_id, from_field)
 
     def get_urls(self) -> list[URLPattern]:

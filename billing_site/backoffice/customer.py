@@ -84,6 +84,11 @@ def customer_view(request: HttpRequest, account_id: int) -> HttpResponse:
     return _render(request, account)
 
 
+def customer_redirect(request: HttpRequest, account_id: int) -> HttpResponse:
+    _require(request, VIEW_PERMISSION)
+    return HttpResponseRedirect(customer_url(_account_or_404(account_id).id))
+
+
 def _render(
     request: HttpRequest, account: Any, *, note_form: NoteForm | None = None, status: int = 200
 ) -> HttpResponse:

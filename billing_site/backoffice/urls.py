@@ -16,6 +16,8 @@ app_name = "backoffice"
 urlpatterns: list[URLPattern] = [
     path("search/", admin.site.admin_view(search.search_view), name="search"),
     path("accounts/billingaccount/<acc:account_id>/", admin.site.admin_view(customer.customer_view), name="customer"),
+    # An internal integer (an old bookmark): the same customer's page, by its public id.
+    path("accounts/billingaccount/<int:account_id>/", admin.site.admin_view(customer.customer_redirect)),
     path(
         "accounts/billingaccount/<acc:account_id>/notes/",
         admin.site.admin_view(customer.note_add_view),

@@ -201,6 +201,8 @@ def test_integer_addresses_redirect_to_the_public_id(book: Book) -> None:
     assert response.status_code == 302
     assert response["Location"] == f"{page_url(book.account)}change/"
     assert client.get(f"{page_url(book.account)}change/").status_code == 200
+    bookmark = client.get(f"/admin/accounts/billingaccount/{book.account.id}/")
+    assert bookmark.status_code == 302 and bookmark["Location"] == page_url(book.account)
     listing = client.get("/admin/accounts/billingaccount/").content.decode()
     assert f'href="{page_url(book.account)}"' in listing
 
@@ -319,3 +321,17 @@ def test_the_customer_page_loads_nothing_from_another_host(book: Book) -> None:
     html = client.get(page_url(book.account)).content.decode()
     assert re.findall(r"""(?:src|href)=["'](?:https?:)?//""", html) == []
     assert "<script" not in section(html, "costs")
+
+
+def test_a_public_id_that_looks_like_an_admin_escape_opens_its_form(
+    customer: Customer, make_account: Callable[..., BillingAccount]
+) -> None:
+    """The admin unquotes ids in its addresses ("_40" → "@"): acc_40… still finds its account."""
+    from billing_site.common import ids
+
+    account = make_account(customer.user, id=ids.decode("acc", "acc_4000000000001"), name="Escape BV")
+    _, client = operator(["support"])
+    for url in (f"{page_url(account)}change/", f"{page_url(account)}history/", page_url(account)):
+        response = client.get(url)
+        assert response.status_code == 200, url
+        assert "Escape BV" in response.content.decode()
