@@ -6,6 +6,8 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import quote
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -14,7 +16,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 
-from accounts import debts, services, validation
+from accounts import debts, selectors, services, validation
 from accounts.models import (
     AccountState,
     ApiKey,
@@ -23,6 +25,7 @@ from accounts.models import (
     BillingAccountTransition,
     Membership,
     Scope,
+    TransitionCause,
     User,
 )
 from billing_site.audit.admin import AuditHistoryMixin
@@ -47,14 +50,8 @@ ACCOUNT_CHANGE_PERMISSIONS = (
     "accounts.set_credit_limit_billingaccount",
 )
 
-TRANSITION_PERMISSIONS = {
-    "activate": "accounts.transition_billingaccount",
-    "suspend": "accounts.transition_billingaccount",
-    "reactivate": "accounts.transition_billingaccount",
-    "close": "accounts.transition_billingaccount",
-    "block": "accounts.block_billingaccount",
-    "unblock": "accounts.block_billingaccount",
-}
+# Which permission each lifecycle transition needs (the back office's customer page asks the same).
+TRANSITION_PERMISSIONS = services.TRANSITION_PERMISSIONS
 
 # What a done transition is called in the message after it.
 TRANSITION_DONE = {
@@ -142,6 +139,19 @@ class BillingAccountForm(forms.ModelForm[BillingAccount]):
                 except ValueError as exc:
                     self.add_error(name, str(exc))
         return data
+
+
+def customer_url(account_id: int) -> str:
+    """The customer page (the back office's, by the ``acc_…`` id): where every link to an
+    account goes."""
+    return reverse("backoffice:customer", args=[account_id])
+
+
+class CustomerLinkChangeList(ChangeList):
+    """The account list links each row to the customer page, by its ``acc_…`` id."""
+
+    def url_for_result(self, result: Any) -> str:
+        return customer_url(result.pk)
 
 
 class TransitionForm(forms.Form):
@@ -260,18 +270,41 @@ class BillingAccountAdmin(
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None) -> Any:
         account = self.get_object(request, object_id)
-        extra = {**(extra_context or {})}
+        if account is not None and object_id != account.public_id:
+            # An internal integer in the address: the same page by the id staff and customers quote.
+            url = reverse("admin:accounts_billingaccount_change", args=[account.public_id])
+            query = request.META.get("QUERY_STRING", "")
+            return HttpResponseRedirect(f"{url}?{query}" if query else url)
+        extra = {**(extra_context or {}), "customer_url": customer_url(account.pk) if account else ""}
         if account is not None:
             extra["transitions"] = self.available_transitions(request, account)
         return super().change_view(request, object_id, form_url, extra)
 
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return CustomerLinkChangeList
+
+    def response_post_save_change(self, request: HttpRequest, obj: BillingAccount) -> HttpResponseRedirect:
+        """After the profile is saved: back to the customer page it was opened from."""
+        return HttpResponseRedirect(customer_url(obj.pk))
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Any:
+        """By the public id (``acc_…``), as staff and customers quote it; an integer still works."""
+        # The admin unquotes the address's id first ("_40" is its escape of "@"): a public id
+        # such as acc_40… arrives as acc@…, and quoting it again gives it back.
+        decoded = ids.decode(self.id_prefix, object_id)
+        if decoded is None:
+            decoded = ids.decode(self.id_prefix, quote(object_id))
+        return super().get_object(request, str(decoded) if decoded is not None else object_id, from_field)
+
     def get_urls(self) -> list[URLPattern]:
         custom = [
             path(
-                "<int:object_id>/transition/<str:name>/",
+                "<acc:object_id>/transition/<str:name>/",
                 self.admin_site.admin_view(self.transition_view),
                 name="accounts_billingaccount_transition",
-            )
+            ),
+            # Addresses written before the public ids (bookmarks, scripts): the same page.
+            path("<int:object_id>/transition/<str:name>/", self.admin_site.admin_view(self.transition_view)),
         ]
         return custom + super().get_urls()
 
@@ -283,7 +316,7 @@ class BillingAccountAdmin(
         form = TransitionForm(request.POST or None)
         # What the account owes, shown before anyone presses the button (the service decides).
         owed = debts.billing_account_debt(account_id=account.id) if name in DEBT_SHOWN else {}
-        change_url = reverse("admin:accounts_billingaccount_change", args=[account.pk])
+        change_url = customer_url(account.pk)
         if request.method == "POST" and form.is_valid():
             try:
                 services.billing_account_transition(
@@ -313,6 +346,8 @@ class BillingAccountAdmin(
             "change_url": change_url,
             "needs_reason": name in services.REASON_REQUIRED,
             "owed": debts.debt_display(owed),
+            # What the customer reads of it in their account's history (staff's reason stays inside).
+            "public_reason": selectors.transition_public_reason(transition=name, cause=TransitionCause.STAFF),
         }
         return TemplateResponse(request, "admin/accounts/billingaccount/transition.html", context)
 

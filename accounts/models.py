@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from django.contrib.auth.models import AbstractBaseUser, BaseUserManager, PermissionsMixin
 from django.contrib.postgres.fields import ArrayField
+from django.contrib.postgres.indexes import OpClass
 from django.db import models
 from django.db.models.functions import Lower
 from django.utils import timezone
@@ -152,7 +153,14 @@ class BillingAccount(FSMModelMixin, models.Model):
                 condition=models.Q(credit_limit__gte=0), name="accounts_ba_credit_limit_not_negative"
             ),
         ]
-        indexes = [models.Index(fields=["country", "kind"], name="accounts_ba_country_kind")]
+        indexes = [
+            models.Index(fields=["country", "kind"], name="accounts_ba_country_kind"),
+            # The back office's search: an email or a name by its beginning, any case; a tax id
+            # exactly (LIKE 'x%' on lower(...) with text_pattern_ops, whatever the collation).
+            models.Index(OpClass(Lower("email"), name="text_pattern_ops"), name="accounts_ba_email_lower"),
+            models.Index(OpClass(Lower("name"), name="text_pattern_ops"), name="accounts_ba_name_lower"),
+            models.Index(fields=["tax_id"], name="accounts_ba_tax_id", condition=~models.Q(tax_id="")),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name} ({self.public_id})"
@@ -350,3 +358,22 @@ class Scope(models.TextChoices):
 
     USAGE_WRITE = "usage:write", "Send usage and resource events"
     ACCOUNTS_READ = "accounts:read", "Read any billing account and its costs"
+
+
+class AccountNote(models.Model):
+    """A staff note on a customer (what support, finance or fraud want the next colleague to
+    know). Append-only: a note is never edited or deleted, a correction is a new note."""
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.PROTECT, related_name="notes")
+    author = models.ForeignKey(User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    author_name = models.CharField(max_length=254, help_text="The operator's email when the note was written.")
+    text = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["account", "-created_at"], name="accounts_note_account_time")]
+        ordering = ["-created_at", "-id"]
+        constraints = [models.CheckConstraint(condition=~models.Q(text=""), name="accounts_note_text_not_empty")]
+
+    def __str__(self) -> str:
+        return f"{ids.encode('acc', self.account_id)}: note by {self.author_name}"

@@ -9,9 +9,19 @@ from decimal import Decimal
 
 from django.db import connection
 from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models.functions import Lower
 
 from accounts.authentication import Caller
-from accounts.models import ApiKey, BillingAccount, BillingAccountTransition, MemberRole, Membership, Scope
+from accounts.models import (
+    AccountNote,
+    ApiKey,
+    BillingAccount,
+    BillingAccountProfileChange,
+    BillingAccountTransition,
+    MemberRole,
+    Membership,
+    Scope,
+)
 from billing_site.common import ids
 from billing_site.common.errors import Forbidden, NotFound
 
@@ -230,3 +240,59 @@ def billing_account_counts_by_state() -> dict[str, int]:
         BillingAccount.objects.order_by().values_list("state").annotate(n=Count("*")).values_list("state", "n")
     )
     return {state: counts.get(state, 0) for state in AccountState.values}
+
+
+# --- For the back office's customer page and search (staff: not scoped to a caller)
+
+
+def billing_account_get(*, account_id: int) -> BillingAccount | None:
+    return BillingAccount.objects.filter(id=account_id).first()
+
+
+def billing_account_profile_changes(*, account_id: int) -> QuerySet[BillingAccountProfileChange]:
+    return BillingAccountProfileChange.objects.filter(account_id=account_id).order_by("-created_at", "-id")
+
+
+def account_notes(*, account_id: int) -> QuerySet[AccountNote]:
+    """Staff notes on the account, newest first."""
+    return AccountNote.objects.filter(account_id=account_id).order_by("-created_at", "-id")
+
+
+def api_keys_for_account(*, account_id: int) -> QuerySet[ApiKey]:
+    """The API keys of the account's members (a user's key acts for every account the user is a
+    member of), revoked ones too, newest first, each with its user."""
+    return (
+        ApiKey.objects.filter(user__memberships__account_id=account_id)
+        .select_related("user")
+        .order_by("-created_at", "-id")
+    )
+
+
+def transition_public_reason(*, transition: str, cause: str) -> str:
+    """What the customer reads of a transition with this cause (the API's history shows it)."""
+    from accounts.serializers import public_reason
+
+    return public_reason(transition, cause)
+
+
+def billing_account_last_transition(*, account_id: int) -> BillingAccountTransition | None:
+    return BillingAccountTransition.objects.filter(account_id=account_id).order_by("-created_at", "-id").first()
+
+
+def billing_account_search(*, term: str, limit: int = 20) -> dict[str, list[BillingAccount]]:
+    """Accounts matching ``term``, by what matched: ``email`` and ``name`` by their beginning in
+    any case (indexes on lower(email), lower(name) with text_pattern_ops), ``tax_id`` exactly
+    (its compact form, any case: ``nl 0044.95445b01`` finds NL004495445B01). Each kind at most
+    ``limit``, by name; three indexed queries."""
+    term = term.strip()
+    if not term:
+        return {}
+    lowered = term.lower()
+    compact = "".join(ch for ch in term if ch.isalnum()).upper()
+    base = BillingAccount.objects.order_by("name", "id")
+    found: dict[str, list[BillingAccount]] = {
+        "email": list(base.alias(email_lower=Lower("email")).filter(email_lower__startswith=lowered)[:limit]),
+        "name": list(base.alias(name_lower=Lower("name")).filter(name_lower__startswith=lowered)[:limit]),
+        "tax_id": list(base.filter(tax_id=compact)[:limit]) if compact else [],
+    }
+    return {kind: rows for kind, rows in found.items() if rows}

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from accounts import debts, keys, validation
 from accounts.models import (
+    AccountNote,
     AccountState,
     ApiKey,
     BillingAccount,
@@ -41,6 +42,15 @@ log = logging.getLogger(__name__)
 TRANSITIONS = ("activate", "suspend", "reactivate", "block", "unblock", "close")
 REASON_REQUIRED = frozenset({"suspend", "block", "unblock", "close"})
 OPERATOR_ONLY = frozenset({"unblock"})
+# Which permission staff need for each transition (the admin and the back office ask it).
+TRANSITION_PERMISSIONS = {
+    "activate": "accounts.transition_billingaccount",
+    "suspend": "accounts.transition_billingaccount",
+    "reactivate": "accounts.transition_billingaccount",
+    "close": "accounts.transition_billingaccount",
+    "block": "accounts.block_billingaccount",
+    "unblock": "accounts.block_billingaccount",
+}
 # Why a transition happened when its caller does not say: a person's is theirs (the customer's,
 # staff's); our components' always mean the same (payments suspends for an unpaid debt and
 # reactivates when it is settled, antifraud blocks for fraud). Callers may pass ``cause``.
@@ -407,6 +417,26 @@ def outstanding_balance(owed: dict[str, int], advice: str) -> ApplicationError:
     )
 
 
+# --- Staff notes
+
+
+@transaction.atomic(durable=True)
+def account_note_add(*, account_id: int, text: str, actor: Actor) -> AccountNote:
+    """A staff note on a customer: added, never edited (a correction is a new note). Empty
+    text → 400 ``invalid``; an unknown account → 404."""
+    text = text.strip()
+    if not text:
+        raise ApplicationError("invalid", "A note needs some text.", field="text")
+    if not BillingAccount.objects.filter(id=account_id).exists():
+        raise NotFound("No such billing account.")
+    note = AccountNote.objects.create(account_id=account_id, author_id=actor.user_id, author_name=actor.name, text=text)
+    log.info(
+        "account.note_added",
+        extra={"account_id": ids.encode("acc", account_id), "note_id": note.id, "actor_kind": actor.kind.value},
+    )
+    return note
+
+
 # --- Members
 
 
@@ -459,6 +489,8 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
     # and resends documents (payments', invoicing's).
     "support": (
         "view_billingaccount",
+        "view_accountnote",
+        "add_accountnote",
         "change_billingaccount",
         "transition_billingaccount",
         "view_membership",
@@ -473,6 +505,8 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
     # discounts, the dunning policy and the period close are in the other apps' declarations.
     "finance": (
         "view_billingaccount",
+        "view_accountnote",
+        "add_accountnote",
         "change_billingaccount",
         "change_tax_profile_billingaccount",
         "view_billingaccounttransition",
@@ -482,6 +516,8 @@ OPERATOR_GROUPS: dict[str, tuple[str, ...]] = {
     # Fraud blocks and unblocks, sets credit limits; the review queue and rules are antifraud's.
     "fraud": (
         "view_billingaccount",
+        "view_accountnote",
+        "add_accountnote",
         "block_billingaccount",
         "set_credit_limit_billingaccount",
         "view_billingaccounttransition",

@@ -90,7 +90,7 @@ def _with_account_names(queryset: QuerySet[Any]) -> QuerySet[Any]:
 
 def _account_link(row: Any) -> str:
     """The customer's name and public id, linked to the billing account."""
-    url = reverse("admin:accounts_billingaccount_change", args=[row.account_id])
+    url = reverse("backoffice:customer", args=[row.account_id])
     name = getattr(row, "account_name", None) or ""
     return format_html('<a href="{}">{}</a> {}', url, name, ids.encode("acc", row.account_id))
 

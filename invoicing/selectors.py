@@ -671,3 +671,70 @@ def last_period_closed() -> LastPeriodClosed | None:
     if row is None:
         return None
     return LastPeriodClosed(period_start=row[0], last_issued_at=row[1], has_drafts=row[2])
+
+
+# --- For the back office's customer page and search (staff: every status, drafts included)
+
+
+def invoices_for_account(*, account_id: int, limit: int = 100) -> list[Invoice]:
+    """The account's invoices of every status, newest first (at most ``limit``): one indexed
+    query (``invoicing_invoice_account``), no lines."""
+    return list(Invoice.objects.filter(account_id=account_id).order_by("-created_at", "-id")[:limit])
+
+
+def credit_notes_for_account(*, account_id: int, limit: int = 100) -> list[CreditNote]:
+    """The account's credit notes, newest first, each with its invoice's number: one query."""
+    return list(
+        CreditNote.objects.filter(account_id=account_id)
+        .annotate(invoice_number=F("invoice__number"))
+        .order_by("-issued_at", "-id")[:limit]
+    )
+
+
+def credit_grants_for_account(*, account_id: int, limit: int = 100) -> list[CreditGrant]:
+    """The account's credit grants (spent and expired ones too), newest first: one query."""
+    return list(CreditGrant.objects.filter(account_id=account_id).order_by("-created_at", "-id")[:limit])
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentMatch:
+    """A document found by its number (or public id): whose it is, for the search."""
+
+    kind: str  # invoice | credit_note
+    document_id: int
+    number: str
+    account_id: int
+    status: str
+    total_minor: int
+    currency: str
+
+
+def documents_by_number(*, term: str) -> list[DocumentMatch]:
+    """The invoice and the credit note whose number is exactly ``term`` (or ``term`` in upper
+    case, as the default series are spelt), or whose
+    public id (``inv_…``, ``crn_…``) it is: unique indexes, two queries at most."""
+    from billing_site.common import ids as public_ids
+
+    term = term.strip()
+    if not term:
+        return []
+    found: list[DocumentMatch] = []
+    invoice_id = public_ids.decode("inv", term)
+    invoices = (
+        Invoice.objects.filter(id=invoice_id) if invoice_id else Invoice.objects.filter(number__in={term, term.upper()})
+    )
+    note_id = public_ids.decode("crn", term)
+    notes = (
+        CreditNote.objects.filter(id=note_id) if note_id else CreditNote.objects.filter(number__in={term, term.upper()})
+    )
+    if not note_id:
+        found += [
+            DocumentMatch("invoice", i.id, i.number or "", i.account_id, i.status, i.total_minor, i.currency)
+            for i in invoices[:5]
+        ]
+    if not invoice_id:
+        found += [
+            DocumentMatch("credit_note", n.id, n.number, n.account_id, "issued", n.total_minor, n.currency)
+            for n in notes[:5]
+        ]
+    return found

@@ -523,3 +523,28 @@ def rollup_progress() -> list[ShardProgress]:
         )
         for shard, last_run_at, duration, watermark, processed, events, oldest, hours, oldest_dirty in rows
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyMonth:
+    month: dt.date  # first day of the month
+    family: str  # the SKU's family: ``compute.vcpu`` → ``compute``
+    amount: Decimal  # full precision, the account's currency
+
+
+def monthly_cost_by_family(*, account_id: int, since: dt.date) -> list[FamilyMonth]:
+    """The account's rated cost per calendar month (UTC) and SKU family from ``since`` (a first
+    of the month) on, by month then family: one statement over the daily rollup, on the
+    account's own partition (``account_id`` leads its primary key)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT (date_trunc('month', day, 'UTC') AT TIME ZONE 'UTC')::date,
+                   coalesce(nullif(split_part(sku, '.', 1), ''), 'general'), coalesce(sum(amount), 0)
+            FROM metering_dailyusage
+            WHERE account_id = %s AND day >= %s
+            GROUP BY 1, 2 ORDER BY 1, 2
+            """,
+            [account_id, dt.datetime.combine(since, dt.time(), tzinfo=dt.UTC)],
+        )
+        return [FamilyMonth(month, family, amount) for month, family, amount in cursor.fetchall()]

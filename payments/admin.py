@@ -87,7 +87,7 @@ def _account_link(row: Any) -> str:
     """The customer's name and public id, linked to the billing account."""
     if row.account_id is None:
         return "-"
-    url = reverse("admin:accounts_billingaccount_change", args=[row.account_id])
+    url = reverse("backoffice:customer", args=[row.account_id])
     name = getattr(row, "account_name", None) or ""
     return format_html('<a href="{}">{}</a> {}', url, name, ids.encode("acc", row.account_id))
 

@@ -94,7 +94,10 @@ class PaymentMethod(models.Model):
                 name="payments_pm_one_default",
             ),
         ]
-        indexes = [models.Index(fields=["account_id", "created_at"], name="payments_pm_account")]
+        indexes = [
+            models.Index(fields=["account_id", "created_at"], name="payments_pm_account"),
+            models.Index(fields=["last4", "created_at"], name="payments_pm_last4"),  # the back office's search
+        ]
 
     def __str__(self) -> str:
         return f"{self.brand} •••• {self.last4} ({self.exp_month:02d}/{self.exp_year % 100:02d})"
@@ -235,6 +238,10 @@ class Payment(AuditedTransitions, FSMModelMixin, models.Model):
                 include=["invoice_id", "currency", "amount_minor"],
                 condition=Q(attempt=1),
                 name="payments_payment_first_attempt",
+            ),
+            # The back office's search by the gateway's charge id (the intent has its unique index).
+            models.Index(
+                fields=["gateway_charge_id"], name="payments_payment_charge", condition=~Q(gateway_charge_id="")
             ),
         ]
         permissions = [("issue_refund", "Can refund payments")]

@@ -334,3 +334,83 @@ def payment_outcomes(*, since: dt.datetime) -> dict[tuple[str, str], int]:
         .annotate(count=Count("id"))
     )
     return {(status, decline_code): count for status, decline_code, count in rows}
+
+
+# --- For the back office's customer page and search (staff)
+
+
+def payments_for_account(*, account_id: int, limit: int = 100) -> list[Payment]:
+    """The account's payments, newest first, each with its card: one indexed query."""
+    return list(
+        Payment.objects.filter(account_id=account_id)
+        .select_related("payment_method")
+        .order_by("-created_at", "-id")[:limit]
+    )
+
+
+def refunds_for_account(*, account_id: int, limit: int = 100) -> list[Refund]:
+    return list(Refund.objects.filter(account_id=account_id).order_by("-created_at", "-id")[:limit])
+
+
+def disputes_for_account(*, account_id: int, limit: int = 100) -> list[Dispute]:
+    return list(Dispute.objects.filter(account_id=account_id).order_by("-opened_at", "-id")[:limit])
+
+
+def cards_for_account(*, account_id: int) -> list[PaymentMethod]:
+    """Every card the account bound, removed ones too (``detached_at``), the default first."""
+    return list(
+        PaymentMethod.objects.filter(account_id=account_id).order_by("detached_at", "-is_default", "-created_at", "-id")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DunningStep:
+    """One step dunning took on an account (a retry, a warning, a suspension, a write-off)."""
+
+    invoice_id: int
+    action: str
+    detail: str
+    created_at: dt.datetime
+
+
+def dunning_steps_for_account(*, account_id: int, limit: int = 200) -> list[DunningStep]:
+    """The steps dunning took on the account's invoices, newest first: one query."""
+    from payments.models import DunningAction
+
+    rows = (
+        DunningAction.objects.filter(account_id=account_id)
+        .values_list("case__invoice_id", "action", "detail", "created_at")
+        .order_by("-created_at", "-id")[:limit]
+    )
+    return [DunningStep(*row) for row in rows]
+
+
+def payment_search(*, term: str, limit: int = 20) -> list[Payment]:
+    """Payments named by ``term``: our id (``pay_…``), or the gateway's intent (``pi_…``) or
+    charge (``ch_…``) id, exactly. Indexed: the primary key, the (gateway, intent) unique index,
+    the charge id's partial index."""
+    from django.db.models import Q
+
+    from payments.models import GatewayName
+
+    term = term.strip()
+    if not term:
+        return []
+    payment_id = ids.decode("pay", term)
+    if payment_id is not None:
+        match = Q(id=payment_id)
+    else:
+        match = Q(gateway__in=GatewayName.values, gateway_intent_id=term) | Q(gateway_charge_id=term)
+    return list(Payment.objects.filter(match).order_by("-created_at")[:limit])
+
+
+def cards_search(*, term: str, limit: int = 50) -> list[PaymentMethod]:
+    """Cards named by ``term``: four digits (the last four, indexed; newest first, at most
+    ``limit``), or our id (``pmt_…``)."""
+    term = term.strip()
+    method_id = ids.decode("pmt", term)
+    if method_id is not None:
+        return list(PaymentMethod.objects.filter(id=method_id))
+    if len(term) == 4 and term.isdigit():
+        return list(PaymentMethod.objects.filter(last4=term).order_by("-created_at", "-id")[:limit])
+    return []

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.django_db
 
 
 def change_url(account: BillingAccount) -> str:
-    return f"/admin/accounts/billingaccount/{account.pk}/change/"
+    return f"/admin/accounts/billingaccount/{account.public_id}/change/"
 
 
 def transition_url(account: BillingAccount, name: str) -> str:
-    return f"/admin/accounts/billingaccount/{account.pk}/transition/{name}/"
+    return f"/admin/accounts/billingaccount/{account.public_id}/transition/{name}/"
 
 
 def test_changelist_filters_and_searches_by_public_id(customer: object, make_account: Callable) -> None:
@@ -154,7 +154,9 @@ def test_inline_rows_and_messages_name_people_and_public_ids(customer: object, m
     # The flash message: who, by name and public id, and what happened, as a sentence.
     assert f"Acme BV ({account.public_id}) suspended." in page
     assert "suspend done" not in page
-    # Inline rows: the member by email, the history row by public id, never the integers.
+    # Inline rows of the account's form: the member by email, the history row by public id,
+    # never the integers.
+    page = support.get(change_url(account)).content.decode()
     assert f"{user.email}: owner of Acme BV ({account.public_id})" in page
     assert f"{account.public_id}: suspend (active → suspended)" in page
     assert f"{user.id} owner of {account.id}" not in page and f"{account.id}: active" not in page

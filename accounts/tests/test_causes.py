@@ -40,7 +40,7 @@ def acme(customer: Customer, make_account: Callable[..., BillingAccount]) -> Bil
 def test_a_suspension_by_support_reads_as_support_s_not_as_a_debt(customer: Customer, acme: BillingAccount) -> None:
     staff = support()
     response = staff.post(
-        f"/admin/accounts/billingaccount/{acme.pk}/transition/suspend/", {"reason": "leaked credential"}
+        f"/admin/accounts/billingaccount/{acme.public_id}/transition/suspend/", {"reason": "leaked credential"}
     )
     assert response.status_code == 302
 
@@ -50,7 +50,7 @@ def test_a_suspension_by_support_reads_as_support_s_not_as_a_debt(customer: Cust
     assert "unpaid" not in entry["reason"].lower()
     assert entry["reason"] == "Suspended by support. Contact support for details."
 
-    page = staff.get(f"/admin/accounts/billingaccount/{acme.pk}/change/").content.decode()
+    page = staff.get(f"/admin/accounts/billingaccount/{acme.public_id}/change/").content.decode()
     assert "unpaid debt" not in page
     assert "Suspended (by staff: leaked credential)" in page
     listing = staff.get("/admin/accounts/billingaccount/").content.decode()
@@ -64,7 +64,10 @@ def test_a_suspension_for_debt_reads_as_a_debt_and_its_settlement_as_settled(
         account_id=acme.id, transition="suspend", actor=DUNNING, reason="dunning: invoice unpaid", cause="debt"
     )
     staff = support()
-    assert "Suspended (unpaid debt)" in staff.get(f"/admin/accounts/billingaccount/{acme.pk}/change/").content.decode()
+    assert (
+        "Suspended (unpaid debt)"
+        in staff.get(f"/admin/accounts/billingaccount/{acme.public_id}/change/").content.decode()
+    )
     assert history(customer, acme)[0]["reason"] == "Suspended for an unpaid balance."
 
     services.billing_account_transition(

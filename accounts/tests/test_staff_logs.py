@@ -33,9 +33,9 @@ def test_what_staff_do_in_accounts_is_logged_without_their_email(
     client = Client()
     sign_in(client, EMAIL, "not-it")
     assert sign_in(client, EMAIL, "a-finance-passphrase", code=current_code()).status_code == 302
-    change = f"/admin/accounts/billingaccount/{account.pk}/change/"
+    change = f"/admin/accounts/billingaccount/{account.public_id}/change/"
     assert client.post(change, {**form_of(client.get(change).content).fields, "name": "Renamed"}).status_code == 302
-    transition = f"/admin/accounts/billingaccount/{account.pk}/transition/suspend/"
+    transition = f"/admin/accounts/billingaccount/{account.public_id}/transition/suspend/"
     assert client.post(transition, {"reason": "leaked credential"}).status_code == 302
 
     events = {r.getMessage() for r in caplog.records}

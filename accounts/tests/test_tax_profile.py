@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db
 
 
 def change_url(account: BillingAccount) -> str:
-    return f"/admin/accounts/billingaccount/{account.pk}/change/"
+    return f"/admin/accounts/billingaccount/{account.public_id}/change/"
 
 
 @pytest.fixture
