@@ -8,7 +8,6 @@ import datetime as dt
 from typing import Any
 
 from django.contrib import admin
-from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.utils import timezone
@@ -16,6 +15,7 @@ from django.utils.dateparse import parse_date
 
 from billing_site.audit import selectors
 from billing_site.audit.models import AuditEvent
+from billing_site.common.staff import PermissionRequired
 
 
 class AuditHistoryMixin:
@@ -31,7 +31,8 @@ class AuditHistoryMixin:
         if obj is None:
             return model_admin._get_obj_does_not_exist_redirect(request, model_admin.opts, object_id)
         if not model_admin.has_view_or_change_permission(request, obj):
-            raise PermissionDenied
+            opts_ = model_admin.model._meta
+            raise PermissionRequired(f"{opts_.app_label}.view_{opts_.model_name}", action="History")
         opts = model_admin.model._meta
         context = {
             **model_admin.admin_site.each_context(request),
@@ -69,7 +70,7 @@ class AuditTrailAdmin(admin.ModelAdmin[AuditEvent]):
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         if not self.has_view_permission(request):
-            raise PermissionDenied
+            raise PermissionRequired("audit.view_auditevent", action="The audit trail")
         q = request.GET
         since = _day(q.get("from", ""))
         until = _day(q.get("to", ""))

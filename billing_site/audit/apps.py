@@ -5,6 +5,13 @@ class AuditConfig(AppConfig):
     name = "billing_site.audit"
     label = "audit"
     verbose_name = "Audit trail"
+    # Every operator group reads the trail (who changed what is part of answering a customer,
+    # checking a refund or a block); read-only gets it as every app's view permissions.
+    operator_permissions: dict[str, tuple[str, ...]] = {
+        "support": ("view_auditevent",),
+        "finance": ("view_auditevent",),
+        "fraud": ("view_auditevent",),
+    }
 
     def ready(self) -> None:
         from celery.signals import task_postrun, task_prerun

@@ -11,7 +11,6 @@ from typing import Any
 
 from django import forms
 from django.contrib import messages
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -21,10 +20,12 @@ from django.views.decorators.http import require_POST
 from accounts import selectors as account_selectors
 from accounts import services as account_services
 from antifraud import selectors as antifraud_selectors
+from billing_site.audit import selectors as audit_selectors
 from billing_site.backoffice import chart, timeline
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
+from billing_site.common.staff import require_permission
 from invoicing import selectors as invoicing_selectors
 from metering import selectors as metering_selectors
 from payments import selectors as payment_selectors
@@ -32,6 +33,8 @@ from payments import services as payment_services
 
 VIEW_PERMISSION = "accounts.view_billingaccount"
 NOTE_PERMISSION = "accounts.add_accountnote"
+AUDIT_PERMISSION = "audit.view_auditevent"
+CHANGES_SHOWN = 50  # the newest changes on the page; the trail page has them all
 DUNNING_PERMISSION = "payments.pause_dunning"
 CHART_MONTHS = 6
 ROWS = 100  # per section; each section links to its full list
@@ -46,9 +49,7 @@ class DunningPauseForm(forms.Form):
 
 
 def _require(request: HttpRequest, permission: str) -> None:
-    # The refusal page naming the group comes with the access slice (require_permission).
-    if not request.user.has_perm(permission):
-        raise PermissionDenied
+    require_permission(request, permission)  # refused: the page names the groups that have it
 
 
 def _operator(request: HttpRequest) -> Actor:
@@ -216,6 +217,14 @@ def _render(
         "notes": loaded.notes,
         "note_form": note_form or (NoteForm() if user.has_perm(NOTE_PERMISSION) else None),
         "timeline": timeline.build(loaded),
+        # The audit trail of the account's records (who changed what, before → after, why):
+        # the same trail as each record's History and the trail page, newest first.
+        "changes": (
+            audit_selectors.account_trail(account_id=account_id, limit=CHANGES_SHOWN)
+            if user.has_perm(AUDIT_PERMISSION)
+            else None
+        ),
+        "trail_url": reverse("admin:audit_auditevent_changelist") + f"?object={account.public_id}",
         "lists": {
             "invoices": _changelist("invoicing_invoice", account_id),
             "payments": _changelist("payments_payment", account_id),

@@ -17,7 +17,6 @@ import datetime as dt
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.http.response import HttpResponseBase
 from django.template.response import TemplateResponse
@@ -29,6 +28,7 @@ from accounts import selectors as account_selectors
 from billing_site.common import csv_export, ids, money
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
+from billing_site.common.staff import require_permission
 from invoicing import selectors as invoicing_selectors
 from payments import selectors as payments_selectors
 from payments import services as payments_services
@@ -39,8 +39,9 @@ DECIDE_REQUESTS = "invoicing.decide_approvalrequest"
 
 
 def _require(request: HttpRequest, permission: str, who: str) -> None:
-    if not request.user.has_perm(permission):
-        raise PermissionDenied(f"This page needs the {who} group.")
+    """Refused unless the operator has ``permission`` (``who``: the groups that have it, as the
+    docstring of each view says; the refusal page names them from the database)."""
+    require_permission(request, permission)
 
 
 def _month_start(moment: dt.datetime) -> dt.date:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -16,6 +15,7 @@ from django.urls import reverse
 from accounts import selectors as account_selectors
 from billing_site.backoffice.customer import VIEW_PERMISSION, _site_context, customer_url
 from billing_site.common import ids, money
+from billing_site.common.staff import require_permission
 from invoicing import selectors as invoicing_selectors
 from payments import selectors as payment_selectors
 
@@ -101,8 +101,7 @@ def search(term: str) -> list[Hit]:
 
 
 def search_view(request: HttpRequest) -> HttpResponse:
-    if not request.user.has_perm(VIEW_PERMISSION):
-        raise PermissionDenied
+    require_permission(request, VIEW_PERMISSION, action="Search")
     term = request.GET.get("q", "").strip()[:200]
     hits = search(term)
     if len({h.account_id for h in hits}) == 1 and all(h.kind in EXACT for h in hits) and len(hits) == 1:

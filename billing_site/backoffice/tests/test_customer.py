@@ -191,6 +191,10 @@ def test_a_transition_from_the_page_needs_a_reason_and_shows_what_the_customer_r
     html = client.get(page_url(book.account)).content.decode()
     assert "Suspended (by staff: leaked API key)" in section(html, "profile")
     assert "leaked API key" in section(html, "timeline")
+    # The audit trail on the page: the state before and after, who, why, from where.
+    changes = section(html, "changes")
+    assert "state active → suspended" in changes and user.email in changes and "leaked API key" in changes
+    assert "transition/suspend/" in changes
     # The fraud team's transition is not support's: refused by the server, not only hidden.
     assert client.post(url.replace("suspend", "block"), {"reason": "x"}).status_code == 403
 
@@ -287,7 +291,8 @@ def test_the_page_s_queries_do_not_grow_with_the_account_s_history(
         )
     issued = Invoice.objects.filter(account_id=book.account.id).exclude(status=InvoiceStatus.DRAFT).count()
     assert issued >= 9
-    with django_assert_max_num_queries(45), CaptureQueriesContext(connection) as after:  # type: ignore[attr-defined]
+    # 39 for the sections, one per tracked record type for the audit trail's section
+    with django_assert_max_num_queries(80), CaptureQueriesContext(connection) as after:  # type: ignore[attr-defined]
         assert client.get(page_url(book.account)).status_code == 200
     assert len(after) == len(before), "the page's queries grew with the account's invoices"
 
