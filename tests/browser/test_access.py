@@ -20,15 +20,15 @@ def test_staff_without_the_permission_are_refused(
     new_page: Callable[[], Page], customer: Customer, make_account: Callable[..., BillingAccount]
 ) -> None:
     account = make_account(customer.user, state=AccountState.ACTIVE)
-    refusals = {
-        "support": f"/admin/accounts/billingaccount/{account.pk}/transition/block/",
-        "finance": "/admin/antifraud/accountrisk/",
-        "": f"/admin/accounts/billingaccount/{account.pk}/change/",
+    refusals = {  # who, where, and the groups the refusal page names
+        "support": (f"/admin/accounts/billingaccount/{account.pk}/transition/block/", ["fraud"]),
+        "finance": ("/admin/antifraud/accountrisk/", ["fraud", "read-only", "support"]),
+        "": (f"/admin/accounts/billingaccount/{account.pk}/change/", ["finance", "fraud", "read-only", "support"]),
     }
-    for group, address in refusals.items():
+    for group, (address, needs) in refusals.items():
         page = new_page()
         admin_login(page, new_operator(*filter(None, [group])))
-        assert_refused(page.goto(address))
+        assert_refused(page, page.goto(address), needs=needs)
         screenshot(page, f"refused-{group or 'nogroup'}")
     account.refresh_from_db()
     assert account.state == AccountState.ACTIVE
