@@ -1,5 +1,6 @@
-"""Finance in the browser: a refund above the four-eyes amount asked for on the rendered
-payment page waits as a request; its requester cannot approve it (not offered, and refused by
+"""Finance in the browser: the receivables ageing per currency, each bucket leading to the
+accounts behind it; and a refund above the four-eyes amount asked for on the rendered
+payment page, which waits as a request; its requester cannot approve it (not offered, and refused by
 the server when posted anyway); a second finance user, signed in in a browser of their own,
 approves it with a reason; the refund is made once and the request keeps both names and
 reasons."""
@@ -12,12 +13,15 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from accounts.models import BillingAccount
+from billing_site.common import money
 from conftest import Customer
 from invoicing import services as invoicing_services
 from invoicing.models import ApprovalRequest
+from invoicing.selectors import AGEING_BUCKETS
 from payments import charging
 from payments.models import Payment, PaymentStatus, Refund, RefundStatus
 from payments.tests.helpers import bind, issue_invoice
+from tests.browser.books import open_books
 from tests.browser.harness import admin_login, new_operator, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -123,3 +127,31 @@ def test_a_refund_above_the_four_eyes_amount_is_approved_by_a_second_finance_use
     assert (refund.id, refund.amount_minor, refund.status) == (request.execution_id, 60000, RefundStatus.SUCCEEDED)
     assert (request.status, request.requested_by, request.reason) == ("executed", requester.email, REASON)
     assert (request.decided_by, request.decision_reason) == (approver.email, APPROVAL)
+
+
+def test_finance_reads_the_receivables_ageing_per_currency_and_the_accounts_behind_a_bucket(
+    page: Page, make_customer: Callable[..., Customer], make_account: Callable[..., BillingAccount]
+) -> None:
+    books = open_books(make_customer, make_account)
+    admin_login(page, new_operator("finance"), next_url="/admin/finance/")
+
+    ageing = page.locator("#ageing")
+    for currency in ("EUR", "GBP", "USD"):
+        row = ageing.locator(f"tr#ageing-{currency}")
+        owed = books.owed[currency]
+        for key, _label, _low, _high in AGEING_BUCKETS:
+            amount, invoices = owed.get(key, (0, 0))
+            cell = row.locator(f"td.bucket-{key}")
+            expect(cell).to_contain_text(money.display(amount, currency, grouped=True))
+            if invoices:
+                expect(cell).to_contain_text(f"{invoices} invoice")
+        total = sum(amount for amount, _count in owed.values())
+        expect(row.locator("td").last).to_contain_text(money.display(total, currency, grouped=True))
+    screenshot(page, "finance-ageing")
+
+    ageing.locator("tr#ageing-EUR td.bucket-90_plus").get_by_role("link").click()  # who owes the oldest euros
+    expect(page.locator("h1")).to_contain_text("Receivables EUR, 90+ days")
+    behind = page.locator("#content-main table")
+    expect(behind).to_contain_text("Hooli SAS")
+    expect(behind).to_contain_text(books.accounts["Hooli SAS"].public_id)
+    expect(behind).not_to_contain_text("Globex GmbH")  # owes euros, none of them that old
