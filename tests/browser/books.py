@@ -4,7 +4,8 @@ invoices spread over the ageing buckets, one account waiting in fraud's review q
 
 Invoices are built directly (as the period close leaves an issued threshold invoice), their due
 dates counted back from now, so the buckets hold on any date. ``Books.owed`` says what each
-currency's bucket must show."""
+currency's bucket must show, ``Books.invoices`` each customer's invoices (the numbers a customer
+quotes to support)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ def bucket_of(days_past_due: int) -> str:
 @dataclass
 class Books:
     accounts: dict[str, BillingAccount] = field(default_factory=dict)
+    invoices: dict[str, list[Invoice]] = field(default_factory=lambda: defaultdict(list))  # by customer name
     # currency → bucket → (amount owed in minor units, invoices)
     owed: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: defaultdict(dict))
     in_review: BillingAccount | None = None
@@ -69,7 +71,7 @@ def open_books(make_customer: Callable[..., Customer], make_account: Callable[..
         for days_past_due, total in invoices:
             due_at = now - dt.timedelta(days=days_past_due)
             issued_at = due_at - dt.timedelta(days=14)
-            Invoice.objects.create(
+            issued = Invoice.objects.create(
                 account_id=account.id,
                 period_start=(issued_at.date().replace(day=1) - dt.timedelta(days=1)).replace(day=1),
                 period_end=issued_at.date().replace(day=1),
@@ -82,6 +84,7 @@ def open_books(make_customer: Callable[..., Customer], make_account: Callable[..
                 issued_at=issued_at,
                 due_at=due_at,
             )
+            books.invoices[name].append(issued)
             amount, count = books.owed[currency].get(bucket_of(days_past_due), (0, 0))
             books.owed[currency][bucket_of(days_past_due)] = (amount + total, count + 1)
     flagged = make_customer()
