@@ -6,10 +6,16 @@ with no way off this machine) are in ``conftest.py`` beside this module."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from django.utils import timezone
+from django_otp.oath import totp
+from django_otp.plugins.otp_totp.models import TOTPDevice
 from playwright.sync_api import Page, Response, expect
 
 from accounts import services as account_services
@@ -48,21 +54,54 @@ def is_loopback(url: str) -> bool:
     return (parts.hostname or "") in LOOPBACK_HOSTS
 
 
+# Staff sign in here: the password, then the code of their authenticator (django-two-factor-auth).
+LOGIN = "/admin/account/login/"
+
+
 def new_operator(*groups: str, email: str | None = None) -> User:
-    """A staff member in ``groups`` who signs in with ``PASSWORD`` (the one place the browser
-    tests create staff: what a sign-in needs besides the password is set up here)."""
-    return account_services.operator_create(
+    """A staff member in ``groups`` who signs in with ``PASSWORD`` and an authenticator app (a
+    confirmed TOTP device with a secret of its own): the one place the browser tests create
+    staff, ready for ``admin_login``."""
+    user = account_services.operator_create(
         email=email or f"{'-'.join(groups) or 'nogroup'}@ops.test", password=PASSWORD, groups=list(groups)
     )
+    account_services.operator_second_factor_set(user_id=user.id, totp_key=secrets.token_hex(20))
+    return user
+
+
+def authenticator_code(user: User) -> str:
+    """The code ``user``'s authenticator app shows now, zero-padded, as a person would type it.
+
+    A code is accepted once (django-otp remembers the last time step used): when this step's
+    code was already used (the same person signed in twice within 30 s), the next step's code,
+    which the device accepts as clock drift; beyond that, the wait until the step has passed.
+    After a wrong code, the device refuses any code for a while (django-otp's throttling): the
+    wait a person would sit out too."""
+    device = TOTPDevice.objects.get(user=user, confirmed=True)
+    allowed, locked = device.verify_is_allowed()
+    if not allowed and locked and locked.get("locked_until"):
+        time.sleep(max(0.0, (locked["locked_until"] - timezone.now()).total_seconds()) + 0.1)
+    step = int((time.time() - device.t0) // device.step) + device.drift
+    ahead = max(0, device.last_t + 1 - step)
+    if ahead > device.tolerance:  # more sign-ins within one step than drift allows: wait
+        time.sleep(device.step * (ahead - device.tolerance))
+        return authenticator_code(user)
+    code = totp(device.bin_key, device.step, device.t0, device.digits, device.drift + ahead)
+    return f"{code:0{device.digits}d}"
 
 
 def admin_login(page: Page, user: User, password: str = PASSWORD, *, next_url: str = "/admin/") -> None:
-    """Sign ``user`` in to the admin through its login form, as staff do, and land on
-    ``next_url``. Every browser test signs in through here and nowhere else."""
-    page.goto(f"/admin/login/?next={quote(next_url)}")
-    page.locator("#id_username").fill(user.email)
-    page.locator("#id_password").fill(password)
-    page.locator("#login-form [type=submit]").click()
+    """Sign ``user`` in to the admin through its sign-in pages, as staff do: email and password,
+    then the authenticator's code; lands on ``next_url``. Every browser test signs in through
+    here and nowhere else."""
+    page.goto(f"{LOGIN}?next={quote(next_url)}")
+    page.locator("#id_auth-username").fill(user.email)
+    page.locator("#id_auth-password").fill(password)
+    page.get_by_role("button", name="Next: second factor").click()
+    code = page.locator("#id_token-otp_token")
+    expect(code).to_be_visible()  # the password was right: the second step asks for the code
+    code.fill(authenticator_code(user))
+    page.get_by_role("button", name="Continue").click()
     expect(page.locator("#login-form")).to_have_count(0)  # no error: the form is gone
     assert urlsplit(page.url).path == urlsplit(next_url).path, page.url
 
@@ -79,8 +118,15 @@ def screenshot(page: Page, name: str) -> Path:
     return path
 
 
-def assert_refused(response: Response | None) -> None:
-    """The server refused the signed-in staff member the page or action ``response`` answered:
-    a 403 (the admin's refusal, whatever the page then says about it)."""
+def assert_refused(page: Page, response: Response | None, *, needs: Iterable[str]) -> None:
+    """The server refused the signed-in staff member the page or action ``response`` answered
+    (a 403), and the refusal page ``page`` shows says why: exactly the operator groups ``needs``
+    hold what was refused (none: only an administrator may)."""
     assert response is not None, "no response: the page was not loaded"
     assert response.status == 403, f"{response.url} answered {response.status}, not a refusal (403)"
+    refusal = page.locator("#content-main.refusal")
+    expect(refusal).to_contain_text("not allowed")
+    named = sorted(set(refusal.locator(".needed-group").all_inner_texts()))
+    assert named == sorted(set(needs)), f"the refusal of {response.url} names {named}, not {sorted(set(needs))}"
+    if not named:
+        expect(refusal).to_contain_text("held by no operator group")

@@ -1,30 +1,51 @@
-"""The harness itself: staff sign in through the real login form, a wrong password does not
-get in, screenshots land where ``BILLING_SCREENSHOTS`` says, and a page that asks another host
-for anything is caught (the guard that proves the admin needs no internet can fail)."""
+"""The harness itself: staff sign in through the real sign-in pages (password, then the
+authenticator's code), a wrong password or a wrong code does not get in, screenshots land
+where ``BILLING_SCREENSHOTS`` says, and a page that asks another host for anything is caught
+(the guard that proves the admin needs no internet can fail)."""
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.harness import PASSWORD, SCREENSHOTS_ENV, VIEWPORT, admin_login, new_operator, screenshot
+from tests.browser.harness import (
+    LOGIN,
+    PASSWORD,
+    SCREENSHOTS_ENV,
+    VIEWPORT,
+    admin_login,
+    authenticator_code,
+    new_operator,
+    screenshot,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
-def test_staff_sign_in_through_the_login_form_and_a_wrong_password_does_not(
+def test_staff_sign_in_with_password_and_code_and_a_wrong_one_does_not_get_in(
     page: Page, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     agent = new_operator("support")
-    page.goto("/admin/login/?next=/admin/")
-    page.locator("#id_username").fill(agent.email)
-    page.locator("#id_password").fill(PASSWORD + "-wrong")
-    page.locator("#login-form [type=submit]").click()
+    page.goto("/admin/")  # the admin's own pages send a stranger to the sign-in page
+    assert unquote(page.url).endswith(f"{LOGIN}?next=/admin/"), page.url
+    page.locator("#id_auth-username").fill(agent.email)
+    page.locator("#id_auth-password").fill(PASSWORD + "-wrong")
+    page.get_by_role("button", name="Next: second factor").click()
     expect(page.locator(".errornote")).to_be_visible()
-    assert "/admin/login/" in page.url
+    expect(page.locator("#id_token-otp_token")).to_have_count(0)  # no code asked: the password was wrong
+
+    page.locator("#id_auth-password").fill(PASSWORD)
+    page.get_by_role("button", name="Next: second factor").click()
+    right = authenticator_code(agent)
+    page.locator("#id_token-otp_token").fill(f"{(int(right) + 1) % 1_000_000:06d}")  # one digit off
+    page.get_by_role("button", name="Continue").click()
+    expect(page.locator(".errornote")).to_be_visible()
+    page.goto("/admin/")
+    assert unquote(page.url).endswith(f"{LOGIN}?next=/admin/"), page.url  # the password alone: not in
 
     admin_login(page, agent)
     expect(page.locator("#user-tools")).to_contain_text(agent.email)
