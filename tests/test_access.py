@@ -156,7 +156,7 @@ def credit_limit(client: Client, world: World) -> tuple[Any, bool]:
     """The credit limit on the account's form: posted as the page offers it (the field is absent
     for those who may not set it: whatever they post for it is never read)."""
     account = world.account()
-    url = f"/admin/accounts/billingaccount/{account.pk}/change/"
+    url = f"/admin/accounts/billingaccount/{account.public_id}/change/"
     page = client.get(url)
     if page.status_code != 200:
         return page, False

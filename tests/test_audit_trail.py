@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 
 def change_url(account: BillingAccount) -> str:
-    return f"/admin/accounts/billingaccount/{account.pk}/change/"
+    return f"/admin/accounts/billingaccount/{account.public_id}/change/"
 
 
 def updates(account: BillingAccount) -> list[selectors.TrailEntry]:
@@ -54,7 +54,7 @@ def test_a_staff_edit_in_the_admin_is_recorded_with_old_and_new_values_and_the_o
     assert edit.context["url"] == change_url(account) and edit.context["method"] == "POST"
     assert edit.public_id == account.public_id
 
-    history = finance.get(f"/admin/accounts/billingaccount/{account.pk}/history/")
+    history = finance.get(f"/admin/accounts/billingaccount/{account.public_id}/history/")
     assert history.status_code == 200
     page = history.content.decode()
     assert "credit_limit" in page and "2500.0000" in page and user.email in page
@@ -75,7 +75,7 @@ def test_a_suspend_with_a_reason_in_the_admin_is_recorded_with_the_reason(
         user.email,
         "chargeback on the last invoice",
     )
-    page = support.get(f"/admin/accounts/billingaccount/{account.pk}/history/").content.decode()
+    page = support.get(f"/admin/accounts/billingaccount/{account.public_id}/history/").content.decode()
     assert "chargeback on the last invoice" in page and "suspended" in page
 
 
