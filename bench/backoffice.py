@@ -226,12 +226,78 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
             "INSERT INTO metering_rollupshard (shard, txid_horizon, events_processed, updated_at, last_duration_ms) "
             "SELECT s, 0, 0, now(), 40 FROM generate_series(0, 15) s ON CONFLICT (shard) DO NOTHING"
         )
+        written.update(prepare_money(cursor))
     if written:
         with connection.cursor() as cursor:
             cursor.execute("VACUUM ANALYZE")  # autocommit here: the visibility map for index-only scans
         print(f"tables: wrote {written} in {time.perf_counter() - started:.0f} s")
     else:
         print("tables: already at size")
+    return written
+
+
+def prepare_money(cursor: Any) -> dict[str, int]:
+    """What finance's figures on the page read, each step idempotent and set-based on top of the
+    fill above (a database filled before these steps gains them without a rebuild):
+
+    - receivables past due: 2 % of the paid invoices of the last four months and 0.2 % of the
+      older ones become unpaid again (a quarter of them half paid), so the ageing has every
+      bucket (their due dates are the 14th of the month after their period);
+    - collections: one ``InvoicePayment`` per paid invoice issued this month or last (revenue
+      collected: a million a month, as the close issues);
+    - dunning cases for the failed first charges (half resolved, a fifth written off, the rest
+      open; three in ten with the account suspended), so the funnel has every stage."""
+    written: dict[str, int] = {}
+    this_month = dt.datetime.now(dt.UTC).date().replace(day=1)
+    last_month = (this_month - dt.timedelta(days=1)).replace(day=1)
+    params = {"first": FIRST_ID, "this_month": this_month, "last_month": last_month}
+    cursor.execute(  # the status_due index: one descent
+        "SELECT EXISTS (SELECT 1 FROM invoicing_invoice WHERE status = 'issued' AND due_at < %(last_month)s "
+        "AND account_id >= %(first)s)",
+        params,
+    )
+    if not cursor.fetchone()[0]:
+        cursor.execute(
+            """
+            UPDATE invoicing_invoice
+            SET status = 'issued', paid_at = NULL, amount_paid_minor = CASE WHEN id %% 4 = 1 THEN total_minor / 2 ELSE 0 END
+            WHERE account_id >= %(first)s AND status = 'paid' AND id %% 50 = 1
+              AND (period_start >= %(this_month)s::date - interval '4 months' OR id %% 500 = 1)
+            """,
+            params,
+        )
+        written["invoices_unpaid_again"] = cursor.rowcount
+    cursor.execute("SELECT EXISTS (SELECT 1 FROM invoicing_invoicepayment WHERE account_id >= %(first)s)", params)
+    if not cursor.fetchone()[0]:
+        cursor.execute(
+            """
+            INSERT INTO invoicing_invoicepayment (account_id, invoice_id, amount_minor, received_minor, currency,
+                reference, received_at, credit_grant_id, invoice_paid)
+            SELECT account_id, id, total_minor, total_minor, currency, 'bench-' || id, paid_at, NULL, true
+            FROM invoicing_invoice
+            WHERE issued_at >= %(last_month)s AND account_id >= %(first)s AND status = 'paid'
+            """,
+            params,
+        )
+        written["invoice_payments"] = cursor.rowcount
+    cursor.execute("SELECT EXISTS (SELECT 1 FROM payments_dunningcase WHERE account_id >= %(first)s)", params)
+    if not cursor.fetchone()[0]:
+        cursor.execute(
+            """
+            INSERT INTO payments_dunningcase (account_id, invoice_id, currency, status, first_failure_at, due_at,
+                retries_done, last_decline_code, retryable, suspended_account, opened_at, closed_at)
+            SELECT p.account_id, p.invoice_id, p.currency,
+                   CASE WHEN p.id %% 10 < 5 THEN 'resolved' WHEN p.id %% 10 < 7 THEN 'written_off' ELSE 'open' END,
+                   p.created_at, p.created_at + interval '14 days', 2, p.decline_code, true,
+                   p.id %% 10 IN (4, 5, 7), p.created_at,
+                   CASE WHEN p.id %% 10 < 7 THEN p.created_at + interval '10 days' END
+            FROM payments_payment p
+            WHERE p.account_id >= %(first)s AND p.attempt = 1 AND p.status = 'failed'
+            ON CONFLICT (invoice_id) DO NOTHING
+            """,
+            params,
+        )
+        written["dunning_cases"] = cursor.rowcount
     return written
 
 
@@ -263,6 +329,8 @@ def reads() -> dict[str, Any]:
     from metering import selectors as metering_selectors
     from payments import selectors as payment_selectors
 
+    this_month = dt.datetime.now(dt.UTC).date().replace(day=1)
+    last_month = (this_month - dt.timedelta(days=1)).replace(day=1)
     return {
         "accounts_by_state": account_selectors.billing_account_counts_by_state,
         "review_queue": antifraud_selectors.review_queue_backlog,
@@ -271,6 +339,10 @@ def reads() -> dict[str, Any]:
         "payments_open": payment_selectors.payments_open,
         "outbox_backlog": outbox_selectors.backlog,
         "last_period_closed": invoicing_selectors.last_period_closed,
+        "receivables_ageing": invoicing_selectors.receivables_ageing,
+        "revenue_this_month": lambda: invoicing_selectors.revenue(month=this_month),
+        "revenue_last_month": lambda: invoicing_selectors.revenue(month=last_month),
+        "dunning_funnel_last_month": lambda: payment_selectors.dunning_funnel(month=last_month),
     }
 
 
@@ -281,6 +353,7 @@ def run(*, samples: int) -> dict[str, Any]:
     first = client.get("/admin/")  # warm-up: templates compiled, connections open
     assert first.status_code == 200, first.status_code
     assert b'id="ops-pipeline"' in first.content
+    assert b'id="ops-receivables"' in first.content  # finance's figures (a superuser sees them)
     timings = []
     for _ in range(samples):
         started = time.perf_counter()

@@ -4,8 +4,10 @@ Accounts by state; the fraud review queue (size, oldest wait); the pipeline's he
 rollup shard: last run, lag, events waiting; Stripe webhook events not processed; the outbox's
 backlog and oldest message; payments whose outcome is unknown; the last period close). Each
 figure links to the admin list behind it and turns red past its threshold (``DASHBOARD_*``
-settings, README). Finance's receivables and dunning funnel have their slot
-(``finance_sections``): filled by the money views, one implementation of those rules.
+settings, README). For those who may see the finance page (``invoicing.view_receivables``):
+what is owed and 90+ days past due per currency, last month's dunning funnel, revenue invoiced
+and collected this month and last (``finance_sections``: the finance page's selectors, called
+once each; nothing re-derived here but the 90+ share).
 
 Every figure is one set-based statement through an app's selector, the same reads as
 ``/metrics`` (``billing_site/backoffice/metrics.py``); ``bench/backoffice.py`` times the page at
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -27,6 +30,8 @@ from django.utils import timezone
 
 from accounts import selectors as account_selectors
 from antifraud import selectors as antifraud_selectors
+from billing_site.backoffice import finance
+from billing_site.common import money
 from billing_site.common.backlogs import Backlog
 from billing_site.common.durations import duration_text
 from billing_site.outbox import selectors as outbox_selectors
@@ -257,16 +262,120 @@ def build(request: HttpRequest, *, now: dt.datetime | None = None) -> Dashboard:
     )
 
 
-def finance_sections(request: HttpRequest) -> list[Any]:
-    """SLOT for finance's figures (receivables ageing, the dunning funnel, revenue): the money
-    views' selectors provide them; the integrator wires them here. Empty until then."""
-    return []
+@dataclass
+class Section:
+    """A block of figures on the page (finance's: receivables, the funnel, revenue)."""
+
+    key: str  # the block's html id: ``ops-<key>``
+    title: str
+    figures: list[Figure]
+    note: str = ""
+
+
+def receivables_section(now: dt.datetime) -> Section:
+    """Per currency: all that is owed (the finance page) and what is 90+ days past due (that
+    bucket's accounts), from ``receivables_ageing`` (its buckets and total, not re-derived). The
+    90+ figure is red past ``DASHBOARD_RECEIVABLES_90_PLUS_PERCENT`` of the owed or past the
+    currency's ``DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS``."""
+    share = settings.DASHBOARD_RECEIVABLES_90_PLUS_PERCENT
+    figures = []
+    for row in invoicing_selectors.receivables_ageing(as_of=now):
+        total, late = row.total, row.buckets["90_plus"]
+        figures.append(
+            Figure(
+                label=f"{row.currency} owed",
+                value=money.display(total.amount_minor, row.currency, grouped=True),
+                url=reverse("backoffice:finance"),
+                note=f"{total.invoices:,} invoices unpaid",
+            )
+        )
+        limit = settings.DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS.get(row.currency)
+        percent = Decimal(late.amount_minor) * 100 / total.amount_minor if total.amount_minor else None
+        figures.append(
+            Figure(
+                label=f"{row.currency} 90+ days past due",
+                value=money.display(late.amount_minor, row.currency, grouped=True),
+                url=reverse("backoffice:receivables_bucket", args=[row.currency, "90_plus"]),
+                alert=(percent is not None and percent > share)
+                or (limit is not None and late.amount_minor > money.to_minor(Decimal(limit), row.currency)),
+                note=f"{percent or 0:.1f} % of owed; {late.invoices:,} invoices of {late.accounts:,} accounts",
+                why=f"red above {share} % of what {row.currency} is owed"
+                + (f" or above {limit} {row.currency}" if limit is not None else ""),
+            )
+        )
+    return Section(key="receivables", title="Receivables", figures=figures, note="" if figures else "nothing owed")
+
+
+def funnel_section(month: dt.date) -> Section:
+    """Last month's dunning funnel per currency (``dunning_funnel``), each stage's invoices with
+    the amount asked for; each links to the finance page of that month."""
+    url = reverse("backoffice:finance") + f"?month={month:%Y-%m}"
+    figures = [
+        Figure(
+            label=f"{row.currency} {key.replace('_', ' ')}",
+            value=f"{row.stages[key].invoices:,}",
+            url=url,
+            note=money.display(row.stages[key].amount_minor, row.currency, grouped=True),
+            why=meaning,
+        )
+        for row in payment_selectors.dunning_funnel(month=month)
+        for key, meaning in payment_selectors.FUNNEL_STAGES
+    ]
+    return Section(
+        key="funnel",
+        title=f"Dunning funnel, first charged in {month:%Y-%m}",
+        figures=figures,
+        note="" if figures else "no first charge that month",
+    )
+
+
+def revenue_section(this_month: dt.date, last_month: dt.date) -> Section:
+    """Revenue invoiced and collected per currency, this month and last (``revenue``: gross,
+    with the net of credit notes and refunds beside it)."""
+    url = reverse("backoffice:finance")
+    figures = []
+    for start, when in ((this_month, "this month"), (last_month, "last month")):
+        for row in invoicing_selectors.revenue(month=start):
+            c = row.currency
+            figures.append(
+                Figure(
+                    label=f"{c} invoiced {when}",
+                    value=money.display(row.invoiced_minor, c, grouped=True),
+                    url=url,
+                    note=f"{start:%Y-%m}; net of credit notes {money.display(row.net_invoiced_minor, c, grouped=True)}",
+                )
+            )
+            figures.append(
+                Figure(
+                    label=f"{c} collected {when}",
+                    value=money.display(row.collected_minor, c, grouped=True),
+                    url=url,
+                    note=f"{start:%Y-%m}; net of refunds {money.display(row.net_collected_minor, c, grouped=True)}",
+                )
+            )
+    return Section(key="revenue", title="Revenue", figures=figures, note="" if figures else "none this month or last")
+
+
+def finance_sections(request: HttpRequest, *, now: dt.datetime | None = None) -> list[Section]:
+    """Finance's figures (the money views' selectors, one implementation each; the month
+    arithmetic is the finance page's): only for those who may see the finance page."""
+    if not request.user.has_perm(finance.VIEW_FIGURES):
+        return []
+    now = now or timezone.now()
+    this_month = finance.month_start(now)
+    last_month = finance.previous_month(this_month)
+    return [receivables_section(now), funnel_section(last_month), revenue_section(this_month, last_month)]
 
 
 def index(request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
     """The admin's index with the figures above its app list (the admin builds the app list
     and checks access; this adds the context and the template)."""
-    context = {"dashboard": build(request), "finance_sections": finance_sections(request), **(extra_context or {})}
+    dashboard = build(request)
+    context = {
+        "dashboard": dashboard,
+        "finance_sections": finance_sections(request, now=dashboard.now),
+        **(extra_context or {}),
+    }
     response = admin.site.index(request, extra_context=context)
     if isinstance(response, TemplateResponse):
         response.template_name = TEMPLATE
