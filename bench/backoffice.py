@@ -240,8 +240,8 @@ def prepare_money(cursor: Any) -> dict[str, int]:
     """What finance's figures on the page read, each step idempotent and set-based on top of the
     fill above (a database filled before these steps gains them without a rebuild):
 
-    - receivables past due: 2 % of the paid invoices of the last four months and 0.2 % of the
-      older ones become unpaid again (half of them half paid), so the ageing has every
+    - receivables past due: 2 % of the accounts leave their invoices of the last four months
+      unpaid, 0.2 % also the older ones (half of them half paid), so the ageing has every
       bucket (their due dates are the 14th of the month after their period);
     - collections: one ``InvoicePayment`` per paid invoice issued this month or last (revenue
       collected: a million a month, as the close issues);
@@ -261,9 +261,9 @@ def prepare_money(cursor: Any) -> dict[str, int]:
             """
             UPDATE invoicing_invoice
             SET status = 'issued', paid_at = NULL,
-                amount_paid_minor = CASE WHEN id %% 4 = 1 THEN total_minor / 2 ELSE 0 END
-            WHERE account_id >= %(first)s AND status = 'paid' AND id %% 50 = 1
-              AND (period_start >= %(this_month)s::date - interval '4 months' OR id %% 500 = 1)
+                amount_paid_minor = CASE WHEN id %% 2 = 1 THEN total_minor / 2 ELSE 0 END
+            WHERE account_id >= %(first)s AND status = 'paid' AND account_id %% 50 = 1
+              AND (period_start >= %(this_month)s::date - interval '4 months' OR account_id %% 500 = 1)
             """,
             params,
         )
