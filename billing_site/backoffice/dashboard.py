@@ -23,6 +23,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib import admin
+from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -272,14 +273,14 @@ class Section:
     note: str = ""
 
 
-def receivables_section(now: dt.datetime) -> Section:
+def receivables_section(ageing: list[invoicing_selectors.CurrencyAgeing]) -> Section:
     """Per currency: all that is owed (the finance page) and what is 90+ days past due (that
     bucket's accounts), from ``receivables_ageing`` (its buckets and total, not re-derived). The
     90+ figure is red past ``DASHBOARD_RECEIVABLES_90_PLUS_PERCENT`` of the owed or past the
     currency's ``DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS``."""
     share = settings.DASHBOARD_RECEIVABLES_90_PLUS_PERCENT
     figures = []
-    for row in invoicing_selectors.receivables_ageing(as_of=now):
+    for row in ageing:
         total, late = row.total, row.buckets["90_plus"]
         figures.append(
             Figure(
@@ -306,7 +307,7 @@ def receivables_section(now: dt.datetime) -> Section:
     return Section(key="receivables", title="Receivables", figures=figures, note="" if figures else "nothing owed")
 
 
-def funnel_section(month: dt.date) -> Section:
+def funnel_section(month: dt.date, funnel: list[payment_selectors.CurrencyFunnel]) -> Section:
     """Last month's dunning funnel per currency (``dunning_funnel``), each stage's invoices with
     the amount asked for; each links to the finance page of that month."""
     url = reverse("backoffice:finance") + f"?month={month:%Y-%m}"
@@ -318,7 +319,7 @@ def funnel_section(month: dt.date) -> Section:
             note=money.display(row.stages[key].amount_minor, row.currency, grouped=True),
             why=meaning,
         )
-        for row in payment_selectors.dunning_funnel(month=month)
+        for row in funnel
         for key, meaning in payment_selectors.FUNNEL_STAGES
     ]
     return Section(
@@ -329,13 +330,13 @@ def funnel_section(month: dt.date) -> Section:
     )
 
 
-def revenue_section(this_month: dt.date, last_month: dt.date) -> Section:
+def revenue_section(revenue: dict[dt.date, list[invoicing_selectors.CurrencyRevenue]]) -> Section:
     """Revenue invoiced and collected per currency, this month and last (``revenue``: gross,
     with the net of credit notes and refunds beside it)."""
     url = reverse("backoffice:finance")
     figures = []
-    for start, when in ((this_month, "this month"), (last_month, "last month")):
-        for row in invoicing_selectors.revenue(month=start):
+    for (start, rows), when in zip(revenue.items(), ("this month", "last month"), strict=True):
+        for row in rows:
             c = row.currency
             figures.append(
                 Figure(
@@ -356,15 +357,70 @@ def revenue_section(this_month: dt.date, last_month: dt.date) -> Section:
     return Section(key="revenue", title="Revenue", figures=figures, note="" if figures else "none this month or last")
 
 
-def finance_sections(request: HttpRequest, *, now: dt.datetime | None = None) -> list[Section]:
-    """Finance's figures (the money views' selectors, one implementation each; the month
-    arithmetic is the finance page's): only for those who may see the finance page."""
-    if not request.user.has_perm(finance.VIEW_FIGURES):
-        return []
+FINANCE_CACHE_KEY = "backoffice:dashboard:finance-figures"
+
+
+@dataclass(frozen=True)
+class FinanceFigures:
+    """What the money views' selectors answered at ``as_of``: the ageing, last month's funnel,
+    revenue of this month and last (in that order)."""
+
+    as_of: dt.datetime
+    funnel_month: dt.date
+    ageing: list[invoicing_selectors.CurrencyAgeing]
+    funnel: list[payment_selectors.CurrencyFunnel]
+    revenue: dict[dt.date, list[invoicing_selectors.CurrencyRevenue]]
+
+
+def finance_figures_refresh(*, now: dt.datetime | None = None) -> FinanceFigures:
+    """Ask the selectors (each once; the month arithmetic is the finance page's) and keep the
+    answers for the home page (beat, every 2 minutes: ``billing_site.dashboard_finance_refresh``).
+    At 1,000,000 accounts they read millions of index entries, seconds together: too slow for
+    every load of the page, fine in the background."""
     now = now or timezone.now()
     this_month = finance.month_start(now)
     last_month = finance.previous_month(this_month)
-    return [receivables_section(now), funnel_section(last_month), revenue_section(this_month, last_month)]
+    figures = FinanceFigures(
+        as_of=now,
+        funnel_month=last_month,
+        ageing=invoicing_selectors.receivables_ageing(as_of=now),
+        funnel=payment_selectors.dunning_funnel(month=last_month),
+        revenue={month: invoicing_selectors.revenue(month=month) for month in (this_month, last_month)},
+    )
+    cache.set(FINANCE_CACHE_KEY, figures, timeout=settings.DASHBOARD_FINANCE_MAX_AGE_SECONDS)
+    return figures
+
+
+def finance_figures(now: dt.datetime) -> FinanceFigures:
+    """The figures kept by the last refresh, unless older than ``DASHBOARD_FINANCE_MAX_AGE_SECONDS``
+    or of another month (then asked now, and kept)."""
+    kept = cache.get(FINANCE_CACHE_KEY)
+    max_age = dt.timedelta(seconds=settings.DASHBOARD_FINANCE_MAX_AGE_SECONDS)
+    if (
+        isinstance(kept, FinanceFigures)
+        and now - max_age <= kept.as_of <= now
+        and finance.month_start(kept.as_of) == finance.month_start(now)
+    ):
+        return kept
+    return finance_figures_refresh(now=now)
+
+
+def finance_sections(request: HttpRequest, *, now: dt.datetime | None = None) -> list[Section]:
+    """Finance's figures (the money views' selectors, one implementation each, as of their last
+    refresh): only for those who may see the finance page."""
+    if not request.user.has_perm(finance.VIEW_FIGURES):
+        return []
+    figures = finance_figures(now or timezone.now())
+    sections = [
+        receivables_section(figures.ageing),
+        funnel_section(figures.funnel_month, figures.funnel),
+        revenue_section(figures.revenue),
+    ]
+    sections[0].note = (
+        f"as of {figures.as_of:%Y-%m-%d %H:%M:%S} UTC (finance's figures are refreshed every few minutes; "
+        "the finance page is live)" + (f"; {sections[0].note}" if sections[0].note else "")
+    )
+    return sections
 
 
 def index(request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:

@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.core.cache import cache
 from django.db import connection, transaction
 from django.utils import timezone
 from rest_framework.test import APIClient
@@ -16,6 +17,8 @@ from rest_framework.test import APIClient
 from accounts.models import BillingAccount
 from accounts.tests.factories import BillingAccountFactory
 from antifraud.models import AccountRisk, RiskStatus
+from billing_site import tasks
+from billing_site.backoffice import dashboard
 from billing_site.outbox import services as outbox_services
 from billing_site.outbox.models import OutboxMessage
 from conftest import operator
@@ -182,6 +185,12 @@ def first_charge(bill: Invoice, *, created: str, status: str) -> None:
     )  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _no_kept_finance_figures() -> None:
+    """Finance's figures are kept in the cache between loads: none from another test."""
+    cache.delete(dashboard.FINANCE_CACHE_KEY)
+
+
 @pytest.fixture
 def money_figures() -> dict[str, int]:
     """EUR: 100.00 not yet due, 142.00 left of November's 242.00, 70.00 91 days past due (22.4 %
@@ -272,3 +281,26 @@ def test_90_plus_past_due_is_red_past_its_share_or_amount(settings: Any, money_f
     settings.DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS = {"EUR": "70.00"}
     assert not is_red(late())
     assert not is_red(figure(client.get("/admin/").content.decode(), "USD 90+ days past due"))
+
+
+@pytest.mark.clock(FINANCE_NOW)
+def test_finance_figures_are_those_of_the_last_refresh_until_too_old(
+    settings: Any, clock: Any, money_figures: dict[str, int]
+) -> None:
+    settings.DASHBOARD_FINANCE_MAX_AGE_SECONDS = 300
+    _, client = operator(["finance"])
+
+    def owed() -> str:
+        return figure(client.get("/admin/").content.decode(), "EUR owed")
+
+    assert ">312.00 EUR<" in owed()
+    invoice(money_figures["eur"], due="2026-11-30", total=1000, issued="2026-11-02")
+    clock.move_to(FINANCE_NOW + dt.timedelta(minutes=4))
+    assert ">312.00 EUR<" in owed()  # kept: the page reads no receivable
+    assert "as of 2026-11-03 09:00:00 UTC" in client.get("/admin/").content.decode()
+    tasks.dashboard_finance_refresh()  # beat's refresh
+    assert ">322.00 EUR<" in owed()
+    invoice(money_figures["eur"], due="2026-11-30", total=500, issued="2026-11-02")
+    clock.move_to(FINANCE_NOW + dt.timedelta(minutes=10))  # the refresh stopped: asked again
+    page = client.get("/admin/").content.decode()
+    assert ">327.00 EUR<" in figure(page, "EUR owed") and "as of 2026-11-03 09:10:00 UTC" in page
