@@ -25,12 +25,3 @@ def outbox_drain() -> int:
     from billing_site.outbox import services
 
     return services.drain()
-
-
-@shared_task(name="billing_site.dashboard_finance_refresh")
-def dashboard_finance_refresh() -> str:
-    """Finance's figures for the staff home page, asked of the selectors and kept (beat, every
-    2 minutes): the page shows them without reading millions of rows on each load."""
-    from billing_site.backoffice import dashboard
-
-    return dashboard.finance_figures_refresh().as_of.isoformat()

@@ -17,8 +17,7 @@ from rest_framework.test import APIClient
 from accounts.models import BillingAccount
 from accounts.tests.factories import BillingAccountFactory
 from antifraud.models import AccountRisk, RiskStatus
-from billing_site import tasks
-from billing_site.backoffice import dashboard
+from billing_site.backoffice import dashboard, tasks
 from billing_site.outbox import services as outbox_services
 from billing_site.outbox.models import OutboxMessage
 from conftest import operator
