@@ -312,8 +312,11 @@ class Invoice(AuditedTransitions, FSMModelMixin, models.Model):
                 condition=Q(status="issued"),
                 name="invoicing_invoice_receivable",
             ),
-            # Revenue invoiced in a month (``selectors.revenue``).
-            models.Index(fields=["issued_at"], name="invoicing_invoice_issued"),
+            # Revenue invoiced in a month (``selectors.revenue``): covering, so a month of a
+            # million invoices is summed from the index alone (the heap is ten times that).
+            models.Index(
+                fields=["issued_at"], include=["currency", "status", "total_minor"], name="invoicing_invoice_revenue"
+            ),
         ]
         permissions = [
             ("close_period", "Can run a period close (billing run)"),
@@ -621,7 +624,10 @@ class InvoicePayment(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["account_id", "received_at"], name="invoicing_payment_account"),
-            models.Index(fields=["received_at"], name="invoicing_payment_received"),  # a month's money in
+            # A month's money in (``selectors.revenue``), from the index alone.
+            models.Index(
+                fields=["received_at"], include=["currency", "received_minor"], name="invoicing_payment_revenue"
+            ),
         ]
         constraints = [
             models.CheckConstraint(

@@ -4,8 +4,10 @@ Accounts by state; the fraud review queue (size, oldest wait); the pipeline's he
 rollup shard: last run, lag, events waiting; Stripe webhook events not processed; the outbox's
 backlog and oldest message; payments whose outcome is unknown; the last period close). Each
 figure links to the admin list behind it and turns red past its threshold (``DASHBOARD_*``
-settings, README). Finance's receivables and dunning funnel have their slot
-(``finance_sections``): filled by the money views, one implementation of those rules.
+settings, README). For those who may see the finance page (``invoicing.view_receivables``):
+what is owed and 90+ days past due per currency, last month's dunning funnel, revenue invoiced
+and collected this month and last (``finance_sections``: the finance page's selectors, called
+once each; nothing re-derived here but the 90+ share).
 
 Every figure is one set-based statement through an app's selector, the same reads as
 ``/metrics`` (``billing_site/backoffice/metrics.py``); ``bench/backoffice.py`` times the page at
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
 from django.contrib import admin
+from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -27,6 +31,8 @@ from django.utils import timezone
 
 from accounts import selectors as account_selectors
 from antifraud import selectors as antifraud_selectors
+from billing_site.backoffice import finance
+from billing_site.common import money
 from billing_site.common.backlogs import Backlog
 from billing_site.common.durations import duration_text
 from billing_site.outbox import selectors as outbox_selectors
@@ -257,16 +263,175 @@ def build(request: HttpRequest, *, now: dt.datetime | None = None) -> Dashboard:
     )
 
 
-def finance_sections(request: HttpRequest) -> list[Any]:
-    """SLOT for finance's figures (receivables ageing, the dunning funnel, revenue): the money
-    views' selectors provide them; the integrator wires them here. Empty until then."""
-    return []
+@dataclass
+class Section:
+    """A block of figures on the page (finance's: receivables, the funnel, revenue)."""
+
+    key: str  # the block's html id: ``ops-<key>``
+    title: str
+    figures: list[Figure]
+    note: str = ""
+
+
+def receivables_section(ageing: list[invoicing_selectors.CurrencyAgeing]) -> Section:
+    """Per currency: all that is owed (the finance page) and what is 90+ days past due (that
+    bucket's accounts), from ``receivables_ageing`` (its buckets and total, not re-derived). The
+    90+ figure is red past ``DASHBOARD_RECEIVABLES_90_PLUS_PERCENT`` of the owed or past the
+    currency's ``DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS``."""
+    share = settings.DASHBOARD_RECEIVABLES_90_PLUS_PERCENT
+    figures = []
+    for row in ageing:
+        total, late = row.total, row.buckets["90_plus"]
+        figures.append(
+            Figure(
+                label=f"{row.currency} owed",
+                value=money.display(total.amount_minor, row.currency, grouped=True),
+                url=reverse("backoffice:finance"),
+                note=f"{total.invoices:,} invoices unpaid",
+            )
+        )
+        limit = settings.DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS.get(row.currency)
+        percent = Decimal(late.amount_minor) * 100 / total.amount_minor if total.amount_minor else None
+        figures.append(
+            Figure(
+                label=f"{row.currency} 90+ days past due",
+                value=money.display(late.amount_minor, row.currency, grouped=True),
+                url=reverse("backoffice:receivables_bucket", args=[row.currency, "90_plus"]),
+                alert=(percent is not None and percent > share)
+                or (limit is not None and late.amount_minor > money.to_minor(Decimal(limit), row.currency)),
+                note=f"{percent or 0:.1f} % of owed; {late.invoices:,} invoices of {late.accounts:,} accounts",
+                why=f"red above {share} % of what {row.currency} is owed"
+                + (f" or above {limit} {row.currency}" if limit is not None else ""),
+            )
+        )
+    return Section(key="receivables", title="Receivables", figures=figures, note="" if figures else "nothing owed")
+
+
+def funnel_section(month: dt.date, funnel: list[payment_selectors.CurrencyFunnel]) -> Section:
+    """Last month's dunning funnel per currency (``dunning_funnel``), each stage's invoices with
+    the amount asked for; each links to the finance page of that month."""
+    url = reverse("backoffice:finance") + f"?month={month:%Y-%m}"
+    figures = [
+        Figure(
+            label=f"{row.currency} {key.replace('_', ' ')}",
+            value=f"{row.stages[key].invoices:,}",
+            url=url,
+            note=money.display(row.stages[key].amount_minor, row.currency, grouped=True),
+            why=meaning,
+        )
+        for row in funnel
+        for key, meaning in payment_selectors.FUNNEL_STAGES
+    ]
+    return Section(
+        key="funnel",
+        title=f"Dunning funnel, first charged in {month:%Y-%m}",
+        figures=figures,
+        note="" if figures else "no first charge that month",
+    )
+
+
+def revenue_section(revenue: dict[dt.date, list[invoicing_selectors.CurrencyRevenue]]) -> Section:
+    """Revenue invoiced and collected per currency, this month and last (``revenue``: gross,
+    with the net of credit notes and refunds beside it)."""
+    url = reverse("backoffice:finance")
+    figures = []
+    for (start, rows), when in zip(revenue.items(), ("this month", "last month"), strict=True):
+        for row in rows:
+            c = row.currency
+            figures.append(
+                Figure(
+                    label=f"{c} invoiced {when}",
+                    value=money.display(row.invoiced_minor, c, grouped=True),
+                    url=url,
+                    note=f"{start:%Y-%m}; net of credit notes {money.display(row.net_invoiced_minor, c, grouped=True)}",
+                )
+            )
+            figures.append(
+                Figure(
+                    label=f"{c} collected {when}",
+                    value=money.display(row.collected_minor, c, grouped=True),
+                    url=url,
+                    note=f"{start:%Y-%m}; net of refunds {money.display(row.net_collected_minor, c, grouped=True)}",
+                )
+            )
+    return Section(key="revenue", title="Revenue", figures=figures, note="" if figures else "none this month or last")
+
+
+FINANCE_CACHE_KEY = "backoffice:dashboard:finance-figures"
+
+
+@dataclass(frozen=True)
+class FinanceFigures:
+    """What the money views' selectors answered at ``as_of``: the ageing, last month's funnel,
+    revenue of this month and last (in that order)."""
+
+    as_of: dt.datetime
+    funnel_month: dt.date
+    ageing: list[invoicing_selectors.CurrencyAgeing]
+    funnel: list[payment_selectors.CurrencyFunnel]
+    revenue: dict[dt.date, list[invoicing_selectors.CurrencyRevenue]]
+
+
+def finance_figures_refresh(*, now: dt.datetime | None = None) -> FinanceFigures:
+    """Ask the selectors (each once; the month arithmetic is the finance page's) and keep the
+    answers for the home page (beat, every 2 minutes: ``billing_site.dashboard_finance_refresh``).
+    At 1,000,000 accounts they read millions of index entries, seconds together: too slow for
+    every load of the page, fine in the background."""
+    now = now or timezone.now()
+    this_month = finance.month_start(now)
+    last_month = finance.previous_month(this_month)
+    figures = FinanceFigures(
+        as_of=now,
+        funnel_month=last_month,
+        ageing=invoicing_selectors.receivables_ageing(as_of=now),
+        funnel=payment_selectors.dunning_funnel(month=last_month),
+        revenue={month: invoicing_selectors.revenue(month=month) for month in (this_month, last_month)},
+    )
+    cache.set(FINANCE_CACHE_KEY, figures, timeout=settings.DASHBOARD_FINANCE_MAX_AGE_SECONDS)
+    return figures
+
+
+def finance_figures(now: dt.datetime) -> FinanceFigures:
+    """The figures kept by the last refresh, unless older than ``DASHBOARD_FINANCE_MAX_AGE_SECONDS``
+    or of another month (then asked now, and kept)."""
+    kept = cache.get(FINANCE_CACHE_KEY)
+    max_age = dt.timedelta(seconds=settings.DASHBOARD_FINANCE_MAX_AGE_SECONDS)
+    if (
+        isinstance(kept, FinanceFigures)
+        and now - max_age <= kept.as_of <= now
+        and finance.month_start(kept.as_of) == finance.month_start(now)
+    ):
+        return kept
+    return finance_figures_refresh(now=now)
+
+
+def finance_sections(request: HttpRequest, *, now: dt.datetime | None = None) -> list[Section]:
+    """Finance's figures (the money views' selectors, one implementation each, as of their last
+    refresh): only for those who may see the finance page."""
+    if not request.user.has_perm(finance.VIEW_FIGURES):
+        return []
+    figures = finance_figures(now or timezone.now())
+    sections = [
+        receivables_section(figures.ageing),
+        funnel_section(figures.funnel_month, figures.funnel),
+        revenue_section(figures.revenue),
+    ]
+    sections[0].note = (
+        f"as of {figures.as_of:%Y-%m-%d %H:%M:%S} UTC (finance's figures are refreshed every few minutes; "
+        "the finance page is live)" + (f"; {sections[0].note}" if sections[0].note else "")
+    )
+    return sections
 
 
 def index(request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
     """The admin's index with the figures above its app list (the admin builds the app list
     and checks access; this adds the context and the template)."""
-    context = {"dashboard": build(request), "finance_sections": finance_sections(request), **(extra_context or {})}
+    dashboard = build(request)
+    context = {
+        "dashboard": dashboard,
+        "finance_sections": finance_sections(request, now=dashboard.now),
+        **(extra_context or {}),
+    }
     response = admin.site.index(request, extra_context=context)
     if isinstance(response, TemplateResponse):
         response.template_name = TEMPLATE

@@ -44,11 +44,11 @@ def _require(request: HttpRequest, permission: str, who: str) -> None:
     require_permission(request, permission)
 
 
-def _month_start(moment: dt.datetime) -> dt.date:
+def month_start(moment: dt.datetime) -> dt.date:
     return moment.astimezone(dt.UTC).date().replace(day=1)
 
 
-def _previous_month(month: dt.date) -> dt.date:
+def previous_month(month: dt.date) -> dt.date:
     return (month - dt.timedelta(days=1)).replace(day=1)
 
 
@@ -65,8 +65,8 @@ def finance_view(request: HttpRequest) -> HttpResponseBase:
     """The ageing, the month's funnel (``?month=YYYY-MM``, default last month) and revenue."""
     _require(request, VIEW_FIGURES, "finance or read-only")
     now = timezone.now()
-    this_month = _month_start(now)
-    last_month = _previous_month(this_month)
+    this_month = month_start(now)
+    last_month = previous_month(this_month)
     month = _parse_month(request.GET.get("month"), last_month)
     ageing = invoicing_selectors.receivables_ageing(as_of=now)
     buckets = invoicing_selectors.AGEING_BUCKETS
@@ -134,7 +134,7 @@ def finance_view(request: HttpRequest) -> HttpResponseBase:
     ]
     months = [this_month]
     while len(months) < 13:
-        months.append(_previous_month(months[-1]))
+        months.append(previous_month(months[-1]))
     context = {
         **admin.site.each_context(request),
         "title": "Receivables, dunning and revenue",

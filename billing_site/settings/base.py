@@ -7,6 +7,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+from decimal import Decimal
 from pathlib import Path
 
 import dj_database_url
@@ -496,3 +497,16 @@ DASHBOARD_PAYMENT_UNKNOWN_SECONDS = int(os.environ.get("DASHBOARD_PAYMENT_UNKNOW
 # the fraud review queue: accounts in it, and hours its oldest has waited.
 DASHBOARD_REVIEW_QUEUE_SIZE = int(os.environ.get("DASHBOARD_REVIEW_QUEUE_SIZE", "50"))
 DASHBOARD_REVIEW_QUEUE_HOURS = int(os.environ.get("DASHBOARD_REVIEW_QUEUE_HOURS", "24"))
+# Finance's figures on the home page are those of their last refresh (beat, every 2 minutes),
+# asked again by the page when older than this;
+DASHBOARD_FINANCE_MAX_AGE_SECONDS = int(os.environ.get("DASHBOARD_FINANCE_MAX_AGE_SECONDS", "300"))
+# Finance's receivables (shown to finance and read-only): a currency's "90+ days past due" is
+# red when it is more than this percentage of what that currency is owed in all, ...
+DASHBOARD_RECEIVABLES_90_PLUS_PERCENT = Decimal(os.environ.get("DASHBOARD_RECEIVABLES_90_PLUS_PERCENT", "10"))
+# ... or more than this amount (major units, per currency, JSON; a currency not named: the share only).
+DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS: dict[str, str] = json.loads(
+    os.environ.get(
+        "DASHBOARD_RECEIVABLES_90_PLUS_AMOUNTS",
+        '{"EUR": "100000.00", "USD": "100000.00", "GBP": "100000.00", "JPY": "15000000"}',
+    )
+)
