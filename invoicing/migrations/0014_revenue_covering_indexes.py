@@ -16,7 +16,7 @@ class Migration(migrations.Migration):
     atomic = False
 
     dependencies = [
-        ("invoicing", "0012_invoice_close_progress_index"),
+        ("invoicing", "0013_audit_trail_events"),
     ]
 
     operations = [
