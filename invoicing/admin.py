@@ -27,6 +27,7 @@ from billing_site.common.admin import (
     AmountField,
     CountryInUseFilter,
     PartInline,
+    RecordAdminMixin,
     WriteThroughServiceMixin,
     key_values,
 )
@@ -1002,7 +1003,7 @@ class LedgerEntryAdmin(admin.ModelAdmin[LedgerEntry]):
 
 
 @admin.register(ApprovalRequest)
-class ApprovalRequestAdmin(csv.CsvExportMixin, admin.ModelAdmin[ApprovalRequest]):
+class ApprovalRequestAdmin(csv.CsvExportMixin, RecordAdminMixin, admin.ModelAdmin[ApprovalRequest]):
     """Four-eyes requests, as records: approved or rejected from the back office's page
     (``backoffice:approval_list``), which carries the approved ones out; never edited here."""
 
@@ -1059,15 +1060,6 @@ class ApprovalRequestAdmin(csv.CsvExportMixin, admin.ModelAdmin[ApprovalRequest]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApprovalRequest]:
         return _with_account_names(super().get_queryset(request))
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     @admin.display(description="id")
     def public_id(self, req: ApprovalRequest) -> str:
