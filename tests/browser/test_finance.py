@@ -113,8 +113,8 @@ def test_a_refund_above_the_four_eyes_amount_is_approved_by_a_second_finance_use
     expect(row).to_contain_text(REASON)
     row.get_by_placeholder("Reason").fill(APPROVAL)
     row.get_by_role("button", name="Approve").click()
-    expect(ben.locator(".messagelist")).to_contain_text(  # the admin capitalizes a message's first letter
-        f"{request.public_id} (Refund to the card of 600.00 EUR) approved and carried out", ignore_case=True
+    expect(ben.locator(".messagelist")).to_contain_text(
+        f"Request {request.public_id} (Refund to the card of 600.00 EUR) approved and carried out"
     )
     ben.goto("/admin/finance/approvals/?status=all")
     done = ben.locator(f"tr#{request.public_id}")
