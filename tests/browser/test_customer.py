@@ -19,9 +19,9 @@ from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount, BillingAccountTransition
 from billing_site.backoffice import chart
 from billing_site.common.actors import Actor
+from billing_site.outbox import services as outbox
 from conftest import Customer
 from invoicing.tests.factories import rated
-from billing_site.outbox import services as outbox
 from payments import refunds
 from payments.models import Payment, PaymentMethod, PaymentStatus
 from payments.tests.helpers import bind
@@ -156,4 +156,3 @@ def test_a_support_agent_finds_a_customer_by_an_invoice_number_and_suspends_from
         agent.id,
         REASON,
     )
-
