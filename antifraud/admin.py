@@ -167,13 +167,13 @@ class ReviewQueueAdmin(AuditHistoryMixin, admin.ModelAdmin[AccountRisk]):
             if action == ReviewAction.APPROVE:
                 unblocking = services.unblock_target(account_id=risk.account_id) is not None
                 services.review_approve(account_id=risk.account_id, actor=actor, reason=reason)
-                messages.success(request, f"{account} approved{' and unblocked' if unblocking else ''}.")
+                messages.success(request, f"Account {account} approved{' and unblocked' if unblocking else ''}.")
             elif action == ReviewAction.BLOCK:
                 services.review_block(account_id=risk.account_id, actor=actor, reason=reason)
-                messages.success(request, f"{account} blocked.")
+                messages.success(request, f"Account {account} blocked.")
             elif action == ReviewAction.REQUEST_INFO:
                 services.review_request_info(account_id=risk.account_id, actor=actor, message=reason)
-                messages.success(request, f"{account}: the customer was asked for more information.")
+                messages.success(request, f"Account {account}: the customer was asked for more information.")
             else:
                 raise PermissionDenied
         except ApplicationError as exc:

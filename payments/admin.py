@@ -667,7 +667,7 @@ class DunningPauseActionsMixin(ActionPermissionsMixin):
                         actor=_operator(request),
                     )
                 except ApplicationError as exc:
-                    refused.append(f"{ids.encode('acc', account_id)}: {exc.message}")
+                    refused.append(f"Account {ids.encode('acc', account_id)}: {exc.message}")
                 else:
                     done.append(ids.encode("acc", account_id))
             verb = "paused" if paused else "resumed"

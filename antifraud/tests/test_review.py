@@ -159,7 +159,7 @@ def test_approving_a_blocked_account_unblocks_it_and_the_button_says_so(flagged:
     assert unblock is not None and (unblock.transition, unblock.actor_kind) == ("unblock", "operator")
     assert unblock.actor_user_id == ReviewDecision.objects.filter(action="approve").get().analyst_user_id
     messages = [str(m) for m in fraud.get(url).context["messages"]]
-    assert any("approved and unblocked" in m for m in messages), messages
+    assert f"Account {flagged.public_id} approved and unblocked." in messages, messages
 
 
 @pytest.mark.django_db

@@ -263,7 +263,7 @@ def approval_decide_view(request: HttpRequest, request_id: int) -> HttpResponse:
         messages.error(request, exc.message)
         return HttpResponseRedirect(back)
     amount = money.display(decided.amount_minor, decided.currency)
-    shown = f"{decided.public_id} ({decided.get_kind_display()} of {amount})"
+    shown = f"Request {decided.public_id} ({decided.get_kind_display()} of {amount})"
     if decided.status == "rejected":
         messages.success(request, f"{shown} rejected.")
     elif decided.status == "failed":

@@ -57,6 +57,7 @@ class Books:
     # currency → bucket → (amount owed in minor units, invoices)
     owed: dict[str, dict[str, tuple[int, int]]] = field(default_factory=lambda: defaultdict(dict))
     in_review: BillingAccount | None = None
+    owner: Customer | None = None  # the customer who opened the accounts above (binds their cards)
 
 
 def open_books(make_customer: Callable[..., Customer], make_account: Callable[..., BillingAccount]) -> Books:
@@ -64,7 +65,7 @@ def open_books(make_customer: Callable[..., Customer], make_account: Callable[..
     throwaway address and a card: pending, in fraud's review queue."""
     now = timezone.now()
     books = Books()
-    owner = make_customer()
+    owner = books.owner = make_customer()
     for name, country, currency, state, invoices in CUSTOMERS:
         account = make_account(owner.user, name=name, country=country, currency=currency, state=state)
         books.accounts[name] = account

@@ -43,11 +43,11 @@ def test_a_read_only_user_sees_an_account_but_is_refused_its_suspension(
     account = make_account(customer.user, name="Initech GmbH", state=AccountState.ACTIVE)
     auditor = new_operator("read-only")
 
-    admin_login(page, auditor, next_url=f"/admin/accounts/billingaccount/{account.pk}/change/")
+    admin_login(page, auditor, next_url=f"/admin/accounts/billingaccount/{account.public_id}/")  # the customer page
     expect(page.locator("#content")).to_contain_text(account.public_id)
     expect(page.get_by_role("link", name="Suspend…")).to_have_count(0)  # not offered
 
-    refused = page.goto(f"/admin/accounts/billingaccount/{account.pk}/transition/suspend/")
+    refused = page.goto(f"/admin/accounts/billingaccount/{account.public_id}/transition/suspend/")
     assert_refused(page, refused, needs=["support"])
     refusal = page.locator("#content-main.refusal")
     expect(refusal).to_contain_text("The transition “suspend” is not allowed for you.")

@@ -22,7 +22,7 @@ from payments import charging
 from payments.models import Payment, PaymentStatus, Refund, RefundStatus
 from payments.tests.helpers import bind, issue_invoice
 from tests.browser.books import open_books
-from tests.browser.harness import admin_login, new_operator, screenshot
+from tests.browser.harness import VIEWPORT, admin_login, new_operator, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -93,6 +93,7 @@ def test_a_refund_above_the_four_eyes_amount_is_approved_by_a_second_finance_use
     pending = anna.locator("#four-eyes-requests tr", has_text=request.public_id)
     expect(pending).to_contain_text("Pending")
     expect(pending).to_contain_text(requester.email)
+    assert anna.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]  # the table fits
     assert not Refund.objects.filter(payment_id=payment.id).exists()  # nothing refunded yet
 
     # Her own request: the requests page offers her no decision, and the server refuses one.
@@ -113,13 +114,15 @@ def test_a_refund_above_the_four_eyes_amount_is_approved_by_a_second_finance_use
     expect(row).to_contain_text(REASON)
     row.get_by_placeholder("Reason").fill(APPROVAL)
     row.get_by_role("button", name="Approve").click()
-    expect(ben.locator(".messagelist")).to_contain_text(  # the admin capitalizes a message's first letter
-        f"{request.public_id} (Refund to the card of 600.00 EUR) approved and carried out", ignore_case=True
+    expect(ben.locator(".messagelist")).to_contain_text(
+        f"Request {request.public_id} (Refund to the card of 600.00 EUR) approved and carried out"
     )
     ben.goto("/admin/finance/approvals/?status=all")
     done = ben.locator(f"tr#{request.public_id}")
     expect(done).to_contain_text(approver.email)
     expect(done).to_contain_text(APPROVAL)
+    # The requests' table fits the window: long reasons and names wrap in their cells.
+    assert ben.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
     screenshot(ben, "four-eyes-approved")
 
     refund = Refund.objects.get(payment_id=payment.id)  # once

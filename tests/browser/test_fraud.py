@@ -53,11 +53,11 @@ def test_an_analyst_approves_one_review_and_blocks_another(page: Page, make_cust
     screenshot(page, "fraud-review-queue")
 
     decide(page, good, "Approve", "Called the customer; a real company")
-    expect(page.locator(".messagelist")).to_contain_text(f"{good.public_id} approved", ignore_case=True)
+    expect(page.locator(".messagelist")).to_have_text(f"Account {good.public_id} approved.")
     screenshot(page, "fraud-review-approved")
 
     decide(page, bad, "Block", "Stolen card, confirmed with the issuer")
-    expect(page.locator(".messagelist")).to_contain_text(f"{bad.public_id} blocked", ignore_case=True)
+    expect(page.locator(".messagelist")).to_have_text(f"Account {bad.public_id} blocked.")
 
     while outbox.drain():  # what the outbox's periodic task does: decisions reach the accounts
         pass

@@ -1,5 +1,6 @@
-"""A support agent finds a customer's account by the admin's search, suspends it with a
-reason through the transition page, and sees the suspension in the account's history."""
+"""A support agent finds a customer's account by the billing-account list's search, opens its
+customer page, suspends it with a reason through the transition page, and sees the suspension
+in the account's history."""
 
 from __future__ import annotations
 
@@ -32,15 +33,18 @@ def test_a_support_agent_finds_an_account_suspends_it_and_sees_the_history(
     expect(results).not_to_contain_text(other.public_id)
     screenshot(page, "support-account-search")
 
-    results.get_by_role("link", name=account.public_id, exact=True).click()
-    expect(page.locator(".object-tools")).not_to_contain_text("Block")  # fraud's, not support's
-    page.locator(".object-tools").get_by_role("link", name="Suspend…").click()
+    results.get_by_role("link", name=account.public_id, exact=True).click()  # the customer page
+    state = page.locator("#state")
+    expect(state).to_contain_text("Active")
+    expect(state.get_by_role("link", name="Block…")).to_have_count(0)  # fraud's, not support's
+    state.get_by_role("link", name="Suspend…").click()
     expect(page.locator("#content")).to_contain_text("a reason is required")
     page.get_by_label("Reason").fill(REASON)
     screenshot(page, "support-suspend")
     page.get_by_role("button", name="Suspend", exact=True).click()
 
     expect(page.locator(".messagelist")).to_contain_text(f"Initech GmbH ({account.public_id}) suspended.")
+    page.get_by_role("link", name="Edit profile…").click()  # the account's own page keeps its history
     history = page.locator(".inline-group", has_text="History")
     row = history.locator("tr", has_text=REASON)
     expect(row).to_contain_text("suspend")

@@ -110,7 +110,7 @@ def test_a_refund_above_the_threshold_is_approved_by_a_second_finance_user_and_r
     request.refresh_from_db()
     assert request.status == "pending"  # no reason: nothing decided
     page = decide(second, request, "approve", "Checked the outage ticket").content.decode()  # type: ignore[attr-defined]
-    assert "approved and carried out" in page
+    assert f"Request {request.public_id} (Refund to the card of" in page and "approved and carried out" in page
     again = decide(second, request, "approve", "double click").content.decode()  # type: ignore[attr-defined]
     assert "was already" in again
 
@@ -177,7 +177,7 @@ def test_a_rejection_is_recorded_with_both_names_and_does_nothing(paid: tuple[In
     request = ApprovalRequest.objects.get()
     approver, second = operator(["finance", "read-only"])
     page = decide(second, request, "reject", "No outage on record").content.decode()  # type: ignore[attr-defined]
-    assert "rejected" in page
+    assert f"Request {request.public_id} (Refund to the card of 100.00 EUR) rejected." in page
     request.refresh_from_db()
     assert (request.status, request.requested_by, request.reason) == ("rejected", requester.email, "Goodwill")
     assert (request.decided_by, request.decision_reason) == (approver.email, "No outage on record")
