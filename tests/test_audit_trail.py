@@ -57,7 +57,8 @@ def test_a_staff_edit_in_the_admin_is_recorded_with_old_and_new_values_and_the_o
     history = finance.get(f"/admin/accounts/billingaccount/{account.public_id}/history/")
     assert history.status_code == 200
     page = history.content.decode()
-    assert "credit_limit" in page and "2500.0000" in page and user.email in page
+    assert "credit_limit" in page and "2,500.00 EUR" in page and user.email in page
+    assert "2500.0000" not in page  # money as money, never the column's 4 places
 
 
 def test_a_suspend_with_a_reason_in_the_admin_is_recorded_with_the_reason(

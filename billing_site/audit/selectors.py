@@ -10,13 +10,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from django.apps import apps
 from django.db import models
 from pghistory.models import Context
 
-from billing_site.common import ids
+from billing_site.common import ids, money
 
 IGNORED_FIELDS = frozenset({"updated_at"})
 
@@ -37,6 +38,17 @@ class TrailEntry:
     actor: str
     reason: str
     context: dict[str, Any] = field(default_factory=dict)  # url, task, task_id, command, writer …
+    currency: str = ""  # the record's own currency, where it has one: its amounts are shown in it
+
+    @property
+    def shown(self) -> dict[str, tuple[Any, Any]]:
+        """``changes`` as people read them: amounts as money (``433.52 EUR``: minor units in the
+        record's currency, a credit limit kept with 4 places at the currency's), other decimals
+        without trailing zeros (a rate of ``21.0000`` is ``21``)."""
+        return {
+            name: (_shown(name, a, self.currency), _shown(name, b, self.currency))
+            for name, (a, b) in self.changes.items()
+        }
 
     @property
     def where(self) -> str:
@@ -75,6 +87,23 @@ def _public_id(tracked: type[models.Model], pk: Any) -> str:
     return str(public) if public else str(pk)
 
 
+# Amounts in major units kept with more places than the currency's (the rest are ``*_minor``).
+MAJOR_UNIT_AMOUNTS = frozenset({"credit_limit"})
+
+
+def _shown(name: str, value: Any, currency: str) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if currency and name.endswith("_minor") and isinstance(value, int):
+        return money.display(value, currency, grouped=True)
+    if isinstance(value, Decimal):
+        if currency and name in MAJOR_UNIT_AMOUNTS:
+            return f"{Decimal(money.format_amount(value, currency)):,} {currency}"
+        text = format(value.normalize(), "f")
+        return f"{text} {currency}" if currency and "price" in name else text
+    return value
+
+
 def _entries(
     event_model: type[models.Model], events: Sequence[Any], contexts: dict[Any, dict[str, Any]]
 ) -> list[TrailEntry]:
@@ -111,6 +140,7 @@ def _entries(
                 actor=metadata.get("actor") or "",
                 reason=metadata.get("reason") or "",
                 context={k: v for k, v in metadata.items() if k not in ("actor_kind", "actor", "reason", "user")},
+                currency=str(now.get("currency") or ""),
             )
         )
     return entries
