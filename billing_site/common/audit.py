@@ -220,6 +220,9 @@ def _audited_class(cls: type) -> type:
     return _audited_classes[cls]
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 class AuditContextMiddleware:
     """Every request's changes carry who made them (the staff user or the customer, once
     authenticated) and the URL. After ``AuthenticationMiddleware`` (it reads ``request.user``)."""
@@ -228,6 +231,10 @@ class AuditContextMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: Any) -> Any:
+        if request.method in SAFE_METHODS:
+            # A read writes no tracked record: no context, so none of its statements carries
+            # pghistory's set_config prefix (the costs API, every admin page view).
+            return self.get_response(request)
         user = getattr(request, "user", None)
         with audit_context(url=request.path, method=request.method):
             audit_note(**_user_metadata(user))
