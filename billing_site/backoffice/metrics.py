@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 from accounts import selectors as account_selectors
 from antifraud import selectors as antifraud_selectors
 from billing_site.backoffice import broker
+from billing_site.common.backlogs import Backlog
 from billing_site.common.views import client_ip
 from billing_site.outbox import selectors as outbox_selectors
 from invoicing import selectors as invoicing_selectors
@@ -134,13 +135,21 @@ def payment_metrics(now: dt.datetime) -> Iterator[Metric]:
     yield from (recent, open_, oldest, webhooks, webhooks_oldest)
 
 
+def _backlog_metrics(
+    backlog: Backlog, now: dt.datetime, *, count: tuple[str, str], oldest: tuple[str, str]
+) -> Iterator[Metric]:
+    """A backlog as two gauges: how many wait (``count``: name, help) and how long the oldest
+    has waited (``oldest``: name, help)."""
+    yield GaugeMetricFamily(*count, value=backlog.count)
+    yield GaugeMetricFamily(*oldest, value=_seconds(backlog.age(now)))
+
+
 def outbox_metrics(now: dt.datetime) -> Iterator[Metric]:
-    backlog = outbox_selectors.backlog()
-    yield GaugeMetricFamily("billing_outbox_pending", "Outbox messages not delivered yet", value=backlog.count)
-    yield GaugeMetricFamily(
-        "billing_outbox_oldest_seconds",
-        "Age of the oldest undelivered outbox message",
-        value=_seconds(backlog.age(now)),
+    yield from _backlog_metrics(
+        outbox_selectors.backlog(),
+        now,
+        count=("billing_outbox_pending", "Outbox messages not delivered yet"),
+        oldest=("billing_outbox_oldest_seconds", "Age of the oldest undelivered outbox message"),
     )
 
 
@@ -155,12 +164,11 @@ def queue_metrics(now: dt.datetime) -> Iterator[Metric]:
 
 
 def fraud_metrics(now: dt.datetime) -> Iterator[Metric]:
-    backlog = antifraud_selectors.review_queue_backlog()
-    yield GaugeMetricFamily("billing_fraud_review_queue", "Accounts waiting for a fraud review", value=backlog.count)
-    yield GaugeMetricFamily(
-        "billing_fraud_review_oldest_seconds",
-        "How long the oldest account in the review queue has waited",
-        value=_seconds(backlog.age(now)),
+    yield from _backlog_metrics(
+        antifraud_selectors.review_queue_backlog(),
+        now,
+        count=("billing_fraud_review_queue", "Accounts waiting for a fraud review"),
+        oldest=("billing_fraud_review_oldest_seconds", "How long the oldest account in the review queue has waited"),
     )
 
 
