@@ -54,6 +54,9 @@ def _session_clock() -> dt.datetime | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from django.test import TransactionTestCase
+
+    TransactionTestCase._fixture_teardown = _reset_instead_of_flush  # type: ignore[method-assign]
     moment = _session_clock()
     if moment is not None:
         traveller = time_machine.travel(moment, tick=True)
@@ -78,10 +81,8 @@ LONGEST_FIRST = (
 
 
 def _django_order(item: pytest.Item) -> int:
-    """pytest-django's order: tests in a rolled-back transaction, then tests that commit (Django
-    flushes after each, emptying what migrations seeded), then tests without a database. A test
-    that commits before one that does not leaves it without the seeded VAT rates and with the
-    hand-made metering tables full."""
+    """pytest-django's order: tests in a rolled-back transaction, then tests that commit (each
+    reset to the migrations' state afterwards, tests/database.py), then tests without a database."""
     marker = item.get_closest_marker("django_db")
     fixtures = getattr(item, "fixturenames", ())
     if (marker and (marker.kwargs.get("transaction") or (marker.args and marker.args[0]))) or (
@@ -103,6 +104,37 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     traveller = config.stash.get(_clock_key, None)
     if traveller is not None:
         traveller.stop()
+    if not hasattr(config, "workerinput"):  # the run's controller (or the only process): the run has ended
+        _drop_template()
+
+
+def _drop_template() -> None:
+    import psycopg
+
+    from tests import database
+
+    try:
+        database.drop_template()
+    except psycopg.Error as exc:  # the server gone: nothing of ours is left on it to drop
+        print(f"conftest: the run's template database was not dropped: {exc}")
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None, django_db_blocker: Any) -> None:
+    """The run's test databases are copies of one migrated template (tests/database.py)."""
+    from tests import database
+
+    with django_db_blocker.unblock():
+        database.use_template()
+
+
+def _reset_instead_of_flush(self: Any) -> None:
+    """After a test that commits: back to the migrations' state in one call (tests/database.py),
+    instead of Django's flush of every table and re-creation of permissions."""
+    from tests import database
+
+    for alias in self._databases_names(include_mirrors=False):
+        database.reset(alias)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -367,23 +399,12 @@ def celery_worker(redis_url: str) -> Iterator[object]:
 
 
 @pytest.fixture(autouse=True)
-def _antifraud_rules_fresh(request: pytest.FixtureRequest) -> Iterator[None]:
+def _antifraud_rules_fresh() -> Iterator[None]:
     """Antifraud keeps the rules in force in a per-process cache (seconds); a test's rules are
-    its database's, which each test rolls back. Tests that commit are cleaned by a flush,
-    which empties the rules the migrations seeded: they are seeded again, by those migrations'
-    own functions."""
+    its database's, which each test rolls back or resets (tests/database.py)."""
     from antifraud import services as antifraud_services
 
     antifraud_services.rules_cache_clear()
-    marker = request.node.get_closest_marker("django_db")
-    if marker is not None and marker.kwargs.get("transaction"):
-        import importlib
-
-        from django.apps import apps
-
-        request.getfixturevalue("transactional_db")
-        for migration in ("0002_default_rules", "0004_spend_velocity", "0007_credit_limit_policies"):
-            importlib.import_module(f"antifraud.migrations.{migration}").seed(apps, None)
     yield
     antifraud_services.rules_cache_clear()
 
@@ -463,28 +484,6 @@ def send(producer: APIClient) -> Callable[..., Any]:
         return (client or producer).post("/api/v1/usage/events", {"events": events}, format="json")
 
     return send_events
-
-
-@pytest.fixture(autouse=True)
-def _reseed_after_flush(request: pytest.FixtureRequest) -> None:
-    """Tests that commit (``transaction=True``) are cleaned by Django's flush, which leaves the
-    hand-made metering tables alone and empties the VAT rates migration 0002 seeded (the
-    ledger's append-only trigger does not stop its TRUNCATE): empty the one, seed the other, so
-    each such test starts as a new database would."""
-    marker = request.node.get_closest_marker("django_db")
-    if marker is None or not marker.kwargs.get("transaction"):
-        return
-    request.getfixturevalue("transactional_db")
-    from django.db import connection
-
-    from invoicing.taxes import seed_rates
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "TRUNCATE metering_usageevent, metering_resourceevent, metering_resourcestate, metering_hourlyusage, "
-            "metering_dailyusage, metering_monthlyspend"
-        )
-    seed_rates()
 
 
 # --- The event log: a private nats-server with JetStream (never the shared one on 4222), or a

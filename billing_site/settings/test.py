@@ -28,3 +28,10 @@ REST_FRAMEWORK = {
 # workers, which pytest-django then suffixes with their worker id (``_gw0`` …).
 TEST_RUN_ID = os.environ.setdefault("BILLING_TEST_RUN", f"{os.getpid()}")
 DATABASES["default"]["TEST"] = {"NAME": f"test_billing_{TEST_RUN_ID}"}  # noqa: F405
+
+# A test's commits need not wait for the disk: a crash of the server loses a test database, which
+# is thrown away anyway. Per session, so the shared server's own setting is left as it is.
+DATABASES["default"]["OPTIONS"] = {  # noqa: F405
+    **DATABASES["default"].get("OPTIONS", {}),  # noqa: F405
+    "options": "-c synchronous_commit=off",
+}
