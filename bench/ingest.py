@@ -99,7 +99,6 @@ def prepare(accounts: int) -> tuple[list[str], str]:
     from accounts.models import BillingAccount, Scope
 
     call_command("migrate", verbosity=0)
-    call_command("collectstatic", interactive=False, verbosity=0)
     call_command("load_catalog", str(ROOT / "metering" / "fixtures" / "catalog.json"), verbosity=0)
     ensure_accounts(accounts)
     have = list(BillingAccount.objects.filter(name__startswith="bench ").values_list("id", flat=True)[:accounts])
