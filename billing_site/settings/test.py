@@ -13,6 +13,10 @@ CELERY_BROKER_URL = "memory://"
 CELERY_TASK_ALWAYS_EAGER = True
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 WHITENOISE_USE_FINDERS = True
+# Look a static file up when it is asked for, not at start-up: WhiteNoise's middleware otherwise
+# lists every app's static files (~760) each time a handler is built, which is every test
+# client's first request (0.3 s each, ~2 minutes of the suite).
+WHITENOISE_AUTOREFRESH = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 PAYMENTS_BINDING_RATE_ACCOUNT = PAYMENTS_BINDING_RATE_USER = PAYMENTS_BINDING_RATE_IP = "100000/hour"
 PAYMENTS_PAY_RATE_INVOICE = PAYMENTS_PAY_RATE_USER = "100000/hour"  # the throttle's tests set their own
