@@ -79,7 +79,7 @@ demo-serve:
 ## processes (pytest-xdist; each its own test database and Redis). TEST_WORKERS=0 runs it in one.
 TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist load) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

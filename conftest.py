@@ -64,40 +64,42 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[_clock_key] = traveller
 
 
-# The suite's longest tests (each several times the median: the scale path's fault test,
-# benchmarks at a tiny size, property tests of whole ledgers, schema fuzzing, the demo), started
-# first so that parallel workers (make test) do not end with one of them running alone: longest
-# first shortens the run.
+# The suite's longest tests (each several times the median: the admin walked URL by URL, the
+# scale path's fault test, the demo, benchmarks at a tiny size, property tests of whole ledgers,
+# schema fuzzing, browsers), started first so that parallel workers (make test, ``--dist load``:
+# the first items dealt round-robin, the rest to whichever worker is free) do not end with one of
+# them running alone.
 LONGEST_FIRST = (
     "tests/test_scale_faults.py",
-    "tests/test_bench_smoke.py",
-    "invoicing/tests/test_payment_ledger.py",
-    "invoicing/tests/test_ledger.py",
-    "tests/test_openapi.py",
+    "tests/test_second_factor_gate.py",
     "tests/test_demo.py",
+    "invoicing/tests/test_payment_ledger.py",
+    "tests/test_openapi.py",
+    "invoicing/tests/test_ledger.py",
+    "tests/test_bench_smoke.py",
     "invoicing/tests/test_line_display.py",
     "tests/test_logging.py",
+    "invoicing/tests/test_concurrency.py",
+    "tests/test_access.py",
+    "tests/test_settings.py",
+    "tests/test_hourly_partitions.py",
+    "tests/browser/test_finance.py",
+    "tests/browser/test_customer.py",
+    "tests/browser/test_access.py",
+    "tests/browser/test_fraud.py",
+    "tests/browser/test_support.py",
 )
 
 
-def _django_order(item: pytest.Item) -> int:
-    """pytest-django's order: tests in a rolled-back transaction, then tests that commit (each
-    reset to the migrations' state afterwards, tests/database.py), then tests without a database."""
-    marker = item.get_closest_marker("django_db")
-    fixtures = getattr(item, "fixturenames", ())
-    if (marker and (marker.kwargs.get("transaction") or (marker.args and marker.args[0]))) or (
-        "transactional_db" in fixtures or "live_server" in fixtures
-    ):
-        return 1
-    return 0 if marker or "db" in fixtures else 2
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> tuple[int, int]:
-        path = item.nodeid.split("::", 1)[0]
-        return _django_order(item), LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+    """Longest first; the rest in collection order. Any order is safe: a test that commits leaves
+    the database as the migrations left it (tests/database.py), like one rolled back."""
 
-    items.sort(key=rank)  # stable: the rest keep their order; longest first within pytest-django's groups
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
