@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import random
 import statistics
 import time
 from typing import Any
 
-from bench import local_database_url
+from bench import local_database_url, setup_django
 
 BENCH_DB = "billing_fraudbench"
 FIRST_ID = 7_000_000_000_000  # bench accounts' ids: far from anything else in the database
@@ -51,22 +50,6 @@ TARGET_MS, FLOOR_MS = 5.0, 20.0
 
 def database_url() -> str:
     return local_database_url(BENCH_DB)
-
-
-def setup_django(url: str, *, log_file: str) -> None:
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
-    os.environ.setdefault("LOG_FORMAT", "json")
-    os.environ.setdefault("CELERY_BROKER_URL", "memory://")
-    import django
-
-    django.setup()
-    import logging
-
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(open(log_file, "a", buffering=1 << 16))  # noqa: SIM115
 
 
 def prepare(*, accounts: int, fingerprints: int, days: int) -> None:
@@ -414,7 +397,7 @@ def main() -> None:
         help="where the log lines go",
     )
     args = parser.parse_args()
-    setup_django(database_url(), log_file=args.log_file)
+    setup_django(database_url(), log_file=args.log_file, defaults={"CELERY_BROKER_URL": "memory://"})
     prepare(accounts=args.accounts, fingerprints=args.fingerprints, days=args.days)
     prepare_limits(limited=min(args.limited, args.accounts))
     ok = run(samples=args.samples, fingerprints=args.fingerprints)
