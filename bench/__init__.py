@@ -7,6 +7,15 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 
+# The head of the benches' set-based fills of invoices: every column of invoicing_invoice, in the
+# order their SELECTs give the values.
+INSERT_INVOICES = (
+    "INSERT INTO invoicing_invoice (id, account_id, period_start, period_end, kind, status, currency, number,"
+    " subtotal_minor, tax_rate, tax_country, tax_treatment, tax_note, tax_minor, total_minor, credits_applied_minor,"
+    " amount_paid_minor, amount_credited_minor, written_off_minor, amount_refunded_minor, payment_terms_days, buyer,"
+    " seller, created_at, issued_at, due_at, paid_at, updated_at)"
+)
+
 
 def local_database_url(name: str) -> str:
     """DATABASE_URL if set, else the database ``name`` on the local PostgreSQL (127.0.0.1:5432),

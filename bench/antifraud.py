@@ -41,7 +41,7 @@ import statistics
 import time
 from typing import Any
 
-from bench import local_database_url, setup_django
+from bench import INSERT_INVOICES, local_database_url, setup_django
 
 BENCH_DB = "billing_fraudbench"
 FIRST_ID = 7_000_000_000_000  # bench accounts' ids: far from anything else in the database
@@ -287,12 +287,8 @@ def prepare_limits(*, limited: int) -> None:
             params,
         )
         cursor.execute(
-            """
-            INSERT INTO invoicing_invoice (id, account_id, period_start, period_end, kind, status, currency, number,
-                subtotal_minor, tax_rate, tax_country, tax_treatment, tax_note, tax_minor, total_minor,
-                credits_applied_minor, amount_paid_minor, amount_credited_minor, written_off_minor,
-                amount_refunded_minor, payment_terms_days, buyer, seller, created_at, issued_at, due_at, paid_at,
-                updated_at)
+            INSERT_INVOICES
+            + """
             SELECT id, id, %(last)s, %(last_end)s, 'period', CASE WHEN g %% 50 = 1 THEN 'issued' ELSE 'paid' END,
                    'EUR', 'BENCH-' || id, 25000, 21, 'NL', 'domestic', '', 5250, 30250, 0,
                    CASE WHEN g %% 50 = 1 THEN 0 ELSE 30250 END, 0, 0, 0, 14, '{}', '{}', now(), now(),

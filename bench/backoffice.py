@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import loadavg, local_database_url, setup_django
+from bench import INSERT_INVOICES, loadavg, local_database_url, setup_django
 
 BENCH_DB = "billing_bench_backoffice"
 FIRST_ID = 8_000_000_000_000  # bench accounts' ids: far from anything else in the database
@@ -105,12 +105,8 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
             # Invoice k of account a: the month k + 1 months before this one; numbered BENCH-<id>.
             this_month = dt.datetime.now(dt.UTC).date().replace(day=1)
             cursor.execute(
-                """
-                INSERT INTO invoicing_invoice (id, account_id, period_start, period_end, kind, status, currency, number,
-                    subtotal_minor, tax_rate, tax_country, tax_treatment, tax_note, tax_minor, total_minor,
-                    credits_applied_minor, amount_paid_minor, amount_credited_minor, written_off_minor,
-                    amount_refunded_minor, payment_terms_days, buyer, seller, created_at, issued_at, due_at, paid_at,
-                    updated_at)
+                INSERT_INVOICES
+                + """
                 SELECT %(first_invoice)s + n, %(first)s + n / %(per)s, m.start, m.start + interval '1 month', 'period',
                        s.status, 'EUR', 'BENCH-' || n, 10000 + n %% 5000, 21, 'NL', 'domestic', '', 2100,
                        12100 + n %% 5000,
