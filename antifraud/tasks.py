@@ -3,6 +3,8 @@ Each takes ids, calls a service, and is idempotent: the outbox delivers at least
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import shared_task
 
 
@@ -14,27 +16,13 @@ def account_block(*, account_id: int, assessment_id: int) -> bool:
 
 
 @shared_task(name="antifraud.account_transition")
-def account_transition(
-    *,
-    account_id: int,
-    transition: str,
-    reason: str,
-    to_state: str | None = None,
-    actor_user_id: int | None = None,
-    actor_name: str = "",
-) -> bool:
-    """An analyst's approval or block reaching the account (``to_state`` for an unblock; the
-    analyst as the actor when named, messages queued before they were are antifraud's)."""
+def account_transition(**message: Any) -> bool:
+    """An analyst's approval or block reaching the account: the message is
+    ``services.account_transition``'s keywords, which say what they mean (messages queued
+    before ``actor_user_id`` existed are antifraud's own)."""
     from antifraud import services
 
-    return services.account_transition(
-        account_id=account_id,
-        transition=transition,
-        reason=reason,
-        to_state=to_state,
-        actor_user_id=actor_user_id,
-        actor_name=actor_name,
-    )
+    return services.account_transition(**message)
 
 
 @shared_task(name="antifraud.usage_sweep")

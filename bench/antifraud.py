@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import random
 import statistics
 import time
 from typing import Any
 
-from bench import local_database_url
+from bench import INSERT_INVOICES, local_database_url, setup_django
 
 BENCH_DB = "billing_fraudbench"
 FIRST_ID = 7_000_000_000_000  # bench accounts' ids: far from anything else in the database
@@ -51,22 +50,6 @@ TARGET_MS, FLOOR_MS = 5.0, 20.0
 
 def database_url() -> str:
     return local_database_url(BENCH_DB)
-
-
-def setup_django(url: str, *, log_file: str) -> None:
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
-    os.environ.setdefault("LOG_FORMAT", "json")
-    os.environ.setdefault("CELERY_BROKER_URL", "memory://")
-    import django
-
-    django.setup()
-    import logging
-
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(open(log_file, "a", buffering=1 << 16))  # noqa: SIM115
 
 
 def prepare(*, accounts: int, fingerprints: int, days: int) -> None:
@@ -304,12 +287,8 @@ def prepare_limits(*, limited: int) -> None:
             params,
         )
         cursor.execute(
-            """
-            INSERT INTO invoicing_invoice (id, account_id, period_start, period_end, kind, status, currency, number,
-                subtotal_minor, tax_rate, tax_country, tax_treatment, tax_note, tax_minor, total_minor,
-                credits_applied_minor, amount_paid_minor, amount_credited_minor, written_off_minor,
-                amount_refunded_minor, payment_terms_days, buyer, seller, created_at, issued_at, due_at, paid_at,
-                updated_at)
+            INSERT_INVOICES
+            + """
             SELECT id, id, %(last)s, %(last_end)s, 'period', CASE WHEN g %% 50 = 1 THEN 'issued' ELSE 'paid' END,
                    'EUR', 'BENCH-' || id, 25000, 21, 'NL', 'domestic', '', 5250, 30250, 0,
                    CASE WHEN g %% 50 = 1 THEN 0 ELSE 30250 END, 0, 0, 0, 14, '{}', '{}', now(), now(),
@@ -414,7 +393,7 @@ def main() -> None:
         help="where the log lines go",
     )
     args = parser.parse_args()
-    setup_django(database_url(), log_file=args.log_file)
+    setup_django(database_url(), log_file=args.log_file, defaults={"CELERY_BROKER_URL": "memory://"})
     prepare(accounts=args.accounts, fingerprints=args.fingerprints, days=args.days)
     prepare_limits(limited=min(args.limited, args.accounts))
     ok = run(samples=args.samples, fingerprints=args.fingerprints)

@@ -34,19 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import local_database_url
+from bench import INSERT_INVOICES, loadavg, local_database_url, setup_django
 
 BENCH_DB = "billing_bench_backoffice"
 FIRST_ID = 8_000_000_000_000  # bench accounts' ids: far from anything else in the database
 TARGET_S = 1.0
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def database_url(*, fresh: bool) -> str:
@@ -56,22 +49,6 @@ def database_url(*, fresh: bool) -> str:
         with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
     return local_database_url(BENCH_DB)
-
-
-def setup_django(url: str, *, log_file: str) -> None:
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
-    os.environ.setdefault("LOG_FORMAT", "json")
-    os.environ.setdefault("CELERY_BROKER_URL", "memory://")
-    os.environ["ALLOWED_HOSTS"] = "testserver,localhost"
-    import django
-
-    django.setup()
-    import logging
-
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(open(log_file, "a", buffering=1 << 16))  # noqa: SIM115
 
 
 def _count(cursor: Any, sql: str) -> int:
@@ -128,12 +105,8 @@ def prepare(*, accounts: int, invoices: int) -> dict[str, Any]:
             # Invoice k of account a: the month k + 1 months before this one; numbered BENCH-<id>.
             this_month = dt.datetime.now(dt.UTC).date().replace(day=1)
             cursor.execute(
-                """
-                INSERT INTO invoicing_invoice (id, account_id, period_start, period_end, kind, status, currency, number,
-                    subtotal_minor, tax_rate, tax_country, tax_treatment, tax_note, tax_minor, total_minor,
-                    credits_applied_minor, amount_paid_minor, amount_credited_minor, written_off_minor,
-                    amount_refunded_minor, payment_terms_days, buyer, seller, created_at, issued_at, due_at, paid_at,
-                    updated_at)
+                INSERT_INVOICES
+                + """
                 SELECT %(first_invoice)s + n, %(first)s + n / %(per)s, m.start, m.start + interval '1 month', 'period',
                        s.status, 'EUR', 'BENCH-' || n, 10000 + n %% 5000, 21, 'NL', 'domestic', '', 2100,
                        12100 + n %% 5000,
@@ -428,7 +401,12 @@ def main() -> None:
     )
     parser.add_argument("--log-file", default="/tmp/bench-backoffice.log", help="where the log lines go")  # noqa: S108
     args = parser.parse_args()
-    setup_django(database_url(fresh=args.fresh), log_file=args.log_file)
+    setup_django(
+        database_url(fresh=args.fresh),
+        log_file=args.log_file,
+        env={"ALLOWED_HOSTS": "testserver,localhost"},
+        defaults={"CELERY_BROKER_URL": "memory://"},
+    )
     load_before = loadavg()
     written = prepare(accounts=args.accounts, invoices=args.invoices)
     result = run(samples=args.samples)

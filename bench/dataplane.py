@@ -57,19 +57,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from bench import loadavg
 from bench.ingest import ROOT, prepare, setup_django, start_server
 
 DB_NAME = "billing_bench_dataplane"
 BATCH_MARK = b"~BATCH~~~~"  # 10 bytes: the batch number, zero-padded
 HOUR_MARK = b"~HOUR~~~~~~~~"  # 13 bytes: YYYY-MM-DDTHH
 PROBE_SKU = "network.egress"
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def fresh_database_url(name: str = DB_NAME) -> str:

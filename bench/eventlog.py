@@ -26,14 +26,9 @@ from pathlib import Path
 import django
 from django.conf import settings
 
+from bench import loadavg
+
 MB = 1_000_000
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def configure() -> None:

@@ -30,15 +30,10 @@ from pathlib import Path
 
 import django
 
+from bench import loadavg
+
 BLOCK = 200_000
 START = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def configure(path: str) -> None:

@@ -47,7 +47,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from bench import local_database_url
+from bench import local_database_url, setup_django
 
 BENCH_DB = "billing_paybench"
 PERIOD = "2026-10"
@@ -62,23 +62,6 @@ PROFILES = [  # country, kind, currency, tax id
 
 def database_url() -> str:
     return local_database_url(BENCH_DB)
-
-
-def setup_django(url: str, *, env: dict[str, str], log_file: str) -> None:
-    os.environ.update(env)
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "billing_site.settings.base")
-    os.environ.setdefault("LOG_FORMAT", "json")
-    import django
-
-    django.setup()
-    import logging
-
-    # Every line is still formatted and written, to a file instead of the terminal.
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(open(log_file, "a", buffering=1 << 16))  # noqa: SIM115
 
 
 # --- Preparation

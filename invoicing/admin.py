@@ -242,7 +242,7 @@ ACTIONS = {
 
 
 @admin.register(Invoice)
-class InvoiceAdmin(AuditHistoryMixin, csv.CsvExportMixin, admin.ModelAdmin[Invoice]):
+class InvoiceAdmin(AuditHistoryMixin, csv.CsvExportMixin, RecordAdminMixin, admin.ModelAdmin[Invoice]):
     change_list_template = "admin/invoicing/invoice/change_list.html"  # with the CSV export's link
     csv_columns = (
         ("number", csv.attr("number")),
@@ -312,15 +312,6 @@ class InvoiceAdmin(AuditHistoryMixin, csv.CsvExportMixin, admin.ModelAdmin[Invoi
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Invoice]:
         return _with_account_names(super().get_queryset(request))
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet[Invoice], search_term: str) -> Any:
         term = search_term.strip()
@@ -971,7 +962,7 @@ class LedgerLineInline(PartInline, admin.TabularInline[LedgerLine, LedgerEntry])
 
 
 @admin.register(LedgerEntry)
-class LedgerEntryAdmin(admin.ModelAdmin[LedgerEntry]):
+class LedgerEntryAdmin(RecordAdminMixin, admin.ModelAdmin[LedgerEntry]):
     list_display = ("posted_at", "source_type", "source", "customer", "currency", "memo")
     list_filter = ("source_type", "currency")
     search_fields = ("memo",)
@@ -991,15 +982,6 @@ class LedgerEntryAdmin(admin.ModelAdmin[LedgerEntry]):
     @admin.display(description="customer", ordering="account_name")
     def customer(self, entry: LedgerEntry) -> str:
         return _account_link(entry) if entry.account_id else "-"
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(ApprovalRequest)

@@ -21,7 +21,7 @@ from django.utils.html import format_html
 from accounts import selectors as account_selectors
 from billing_site.audit.admin import AuditHistoryMixin
 from billing_site.common import ids, money
-from billing_site.common.admin import ReadOnlyInlineMixin, WriteThroughServiceMixin, key_values
+from billing_site.common.admin import ReadOnlyInlineMixin, RecordAdminMixin, WriteThroughServiceMixin, key_values
 from billing_site.common.durations import duration_text
 from billing_site.common.staff import require_permission
 from metering import catalog, selectors, services
@@ -231,7 +231,7 @@ class UsageLookupForm(forms.Form):
 
 
 @admin.register(RollupShard)
-class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
+class RollupShardAdmin(RecordAdminMixin, admin.ModelAdmin[RollupShard]):
     """Rollup progress per shard, and the usage page (costs, resources, data quality).
 
     Per shard: when its last run committed and how long ago, its lag (the age of its oldest
@@ -310,15 +310,6 @@ class RollupShardAdmin(admin.ModelAdmin[RollupShard]):
     @admin.display(description="Last run took", ordering="last_duration_ms")
     def last_duration(self, shard: RollupShard) -> str:
         return "-" if shard.last_duration_ms is None else f"{shard.last_duration_ms:,} ms"
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def get_urls(self) -> list[Any]:
         from django.urls import path

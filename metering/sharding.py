@@ -24,47 +24,30 @@ def _rot(x: int, k: int) -> int:
     return ((x << k) | (x >> (32 - k))) & _M32
 
 
+# lookup3's mix(a, b, c): six steps ``x -= z; x ^= rot(z, k); z += y`` for (x, y, z) = (a, b, c),
+# (b, c, a), (c, a, b), (a, b, c) …, with these k.
+_MIX_ROTATIONS = (4, 6, 8, 16, 19, 4)
+# lookup3's final(a, b, c): seven steps ``x ^= y; x -= rot(y, k)`` for (x, y) = (c, b), (a, c),
+# (b, a), (c, b) …, with these k.
+_FINAL_ROTATIONS = (14, 11, 25, 16, 4, 14, 24)
+
+
 def _hash_uint32_extended(k: int, seed: int) -> int:
-    a = b = c = (0x9E3779B9 + 4 + 3923095) & _M32
+    abc = [(0x9E3779B9 + 4 + 3923095) & _M32] * 3
     if seed:
-        a = (a + (seed >> 32)) & _M32
-        b = (b + seed) & _M32
-        # mix(a, b, c)
-        a = (a - c) & _M32
-        a ^= _rot(c, 4)
-        c = (c + b) & _M32
-        b = (b - a) & _M32
-        b ^= _rot(a, 6)
-        a = (a + c) & _M32
-        c = (c - b) & _M32
-        c ^= _rot(b, 8)
-        b = (b + a) & _M32
-        a = (a - c) & _M32
-        a ^= _rot(c, 16)
-        c = (c + b) & _M32
-        b = (b - a) & _M32
-        b ^= _rot(a, 19)
-        a = (a + c) & _M32
-        c = (c - b) & _M32
-        c ^= _rot(b, 4)
-        b = (b + a) & _M32
-    a = (a + k) & _M32
-    # final(a, b, c)
-    c ^= b
-    c = (c - _rot(b, 14)) & _M32
-    a ^= c
-    a = (a - _rot(c, 11)) & _M32
-    b ^= a
-    b = (b - _rot(a, 25)) & _M32
-    c ^= b
-    c = (c - _rot(b, 16)) & _M32
-    a ^= c
-    a = (a - _rot(c, 4)) & _M32
-    b ^= a
-    b = (b - _rot(a, 14)) & _M32
-    c ^= b
-    c = (c - _rot(b, 24)) & _M32
-    return (b << 32) | c
+        abc[0] = (abc[0] + (seed >> 32)) & _M32
+        abc[1] = (abc[1] + seed) & _M32
+        for step, rotation in enumerate(_MIX_ROTATIONS):
+            x, y, z = step % 3, (step + 1) % 3, (step + 2) % 3
+            abc[x] = (abc[x] - abc[z]) & _M32
+            abc[x] ^= _rot(abc[z], rotation)
+            abc[z] = (abc[z] + abc[y]) & _M32
+    abc[0] = (abc[0] + k) & _M32
+    for step, rotation in enumerate(_FINAL_ROTATIONS):
+        x, y = (step + 2) % 3, (step + 1) % 3
+        abc[x] ^= abc[y]
+        abc[x] = (abc[x] - _rot(abc[y], rotation)) & _M32
+    return (abc[1] << 32) | abc[2]
 
 
 def _hashint8extended(value: int, seed: int) -> int:

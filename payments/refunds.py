@@ -37,8 +37,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -74,6 +75,7 @@ from payments.models import (
 )
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 SYSTEM = Actor.system("payments")
 GATEWAY_ACTOR = Actor.system("payments.gateway")
@@ -237,27 +239,19 @@ def refund_execute(*, refund_id: int) -> Refund:
     return refund_record_outcome(refund_id=refund.id, result=result)
 
 
-@audited
-def refund_issue(
-    *,
-    payment_id: int,
-    amount_minor: int,
-    reason: str,
-    actor: Actor,
-    internal_note: str = "",
-    refund_id: int | None = None,
-) -> Refund:
-    """Create the refund and send it at once (an approved four-eyes request's, or one within
-    the threshold: ``refund_submit``)."""
-    refund = refund_create(
-        payment_id=payment_id,
-        amount_minor=amount_minor,
-        reason=reason,
-        actor=actor,
-        internal_note=internal_note,
-        refund_id=refund_id,
-    )
-    return refund_execute(refund_id=refund.id)
+def _sent_at_once(create: Callable[P, Refund]) -> Callable[P, Refund]:
+    """``create``'s refund, sent to the gateway as soon as its transaction committed."""
+
+    def issue(*args: P.args, **kwargs: P.kwargs) -> Refund:
+        return refund_execute(refund_id=create(*args, **kwargs).id)
+
+    return issue
+
+
+# Create the refund and send it at once (an approved four-eyes request's, or one within the
+# threshold: ``refund_submit``). It takes ``refund_create``'s keywords; the sending, too, is
+# written to the trail under their actor and reason.
+refund_issue = audited(_sent_at_once(refund_create))
 
 
 def refund_submit(

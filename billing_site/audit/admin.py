@@ -15,6 +15,7 @@ from django.utils.dateparse import parse_date
 
 from billing_site.audit import selectors
 from billing_site.audit.models import AuditEvent
+from billing_site.common.admin import RecordAdminMixin
 from billing_site.common.staff import PermissionRequired
 
 
@@ -55,18 +56,9 @@ def _day(value: str) -> dt.datetime | None:
 
 
 @admin.register(AuditEvent)
-class AuditTrailAdmin(admin.ModelAdmin[AuditEvent]):
+class AuditTrailAdmin(RecordAdminMixin, admin.ModelAdmin[AuditEvent]):
     """One page of the whole trail: filter by model, object (pk or public id), actor and
     dates (``from`` inclusive, ``to`` inclusive, UTC days); newest first, 200 at most."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
         if not self.has_view_permission(request):

@@ -338,22 +338,18 @@ def revenue_section(revenue: dict[dt.date, list[invoicing_selectors.CurrencyReve
     for (start, rows), when in zip(revenue.items(), ("this month", "last month"), strict=True):
         for row in rows:
             c = row.currency
-            figures.append(
-                Figure(
-                    label=f"{c} invoiced {when}",
-                    value=money.display(row.invoiced_minor, c, grouped=True),
-                    url=url,
-                    note=f"{start:%Y-%m}; net of credit notes {money.display(row.net_invoiced_minor, c, grouped=True)}",
+            for what, gross, less, net in (
+                ("invoiced", row.invoiced_minor, "credit notes", row.net_invoiced_minor),
+                ("collected", row.collected_minor, "refunds", row.net_collected_minor),
+            ):
+                figures.append(
+                    Figure(
+                        label=f"{c} {what} {when}",
+                        value=money.display(gross, c, grouped=True),
+                        url=url,
+                        note=f"{start:%Y-%m}; net of {less} {money.display(net, c, grouped=True)}",
+                    )
                 )
-            )
-            figures.append(
-                Figure(
-                    label=f"{c} collected {when}",
-                    value=money.display(row.collected_minor, c, grouped=True),
-                    url=url,
-                    note=f"{start:%Y-%m}; net of refunds {money.display(row.net_collected_minor, c, grouped=True)}",
-                )
-            )
     return Section(key="revenue", title="Revenue", figures=figures, note="" if figures else "none this month or last")
 
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import processes
+
 MAX_PAYLOAD = "8MB"  # = METERING_LOG_MAX_MESSAGE_BYTES's default (8 MiB)
 
 
@@ -109,10 +111,7 @@ class NatsServer:
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None, f"{self.name} is running"
         self.write_config()
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                [self.binary, "-c", str(self.config_path)], stdout=out, stderr=subprocess.STDOUT
-            )
+        self.process = processes.start_logged([self.binary, "-c", str(self.config_path)], self.log_path)
 
     def healthz(self, query: str = "") -> bool:
         """Whether the server says it is healthy (with JetStream: its meta group current)."""
@@ -144,14 +143,7 @@ class NatsServer:
             self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.alive:
-            assert self.process is not None
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+        processes.stop(self.process, seconds=15)
 
 
 @dataclass

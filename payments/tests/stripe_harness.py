@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 from conftest import free_port
+from tests import processes
 
 if TYPE_CHECKING:
     from payments.gateways.stripe import StripeGateway
@@ -99,10 +100,7 @@ class LocalStripe:
         for _ in range(3):  # the free port may be taken between choosing and binding it
             port = free_port()
             env = {**os.environ, "TMPDIR": str(self.workdir)}
-            with self.log_path.open("ab") as log_file:
-                self.process = subprocess.Popen(
-                    self._command(port), cwd=self.workdir, env=env, stdout=log_file, stderr=subprocess.STDOUT
-                )
+            self.process = processes.start_logged(self._command(port), self.log_path, cwd=self.workdir, env=env)
             self.raw_url = f"http://127.0.0.1:{port}"
             if self._wait_ready():
                 self.adapter = LocalStripeAdapter(self.raw_url)
@@ -140,13 +138,7 @@ class LocalStripe:
         if self.adapter is not None:
             self.adapter.close()
             self.adapter = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        processes.stop(self.process, seconds=10)
         self.process = None
 
 

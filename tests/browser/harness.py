@@ -19,7 +19,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from playwright.sync_api import Page, Response, expect
 
 from accounts import services as account_services
-from accounts.models import User
+from accounts.models import AccountState, BillingAccount, BillingAccountTransition, User
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,3 +130,17 @@ def assert_refused(page: Page, response: Response | None, *, needs: Iterable[str
     assert named == sorted(set(needs)), f"the refusal of {response.url} names {named}, not {sorted(set(needs))}"
     if not named:
         expect(refusal).to_contain_text("held by no operator group")
+
+
+def assert_suspended(account: BillingAccount, *, by: User, reason: str) -> None:
+    """What a suspension through the pages left in the database: ``account`` suspended, and its
+    one ``suspend`` transition from active, by the operator ``by``, with ``reason``."""
+    account.refresh_from_db()
+    assert account.state == AccountState.SUSPENDED
+    done = BillingAccountTransition.objects.get(account=account, transition="suspend")
+    assert (done.from_state, done.to_state, done.actor_user_id, done.reason) == (
+        AccountState.ACTIVE,
+        AccountState.SUSPENDED,
+        by.id,
+        reason,
+    )

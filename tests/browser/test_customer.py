@@ -16,7 +16,7 @@ from django.utils import timezone
 from playwright.sync_api import Page, expect
 
 from accounts import services as account_services
-from accounts.models import AccountState, BillingAccount, BillingAccountTransition
+from accounts.models import AccountState, BillingAccount
 from billing_site.backoffice import chart
 from billing_site.common.actors import Actor
 from billing_site.outbox import services as outbox
@@ -26,7 +26,7 @@ from payments import refunds
 from payments.models import Payment, PaymentMethod, PaymentStatus
 from payments.tests.helpers import bind
 from tests.browser.books import Books, open_books
-from tests.browser.harness import VIEWPORT, admin_login, new_operator, screenshot
+from tests.browser.harness import VIEWPORT, admin_login, assert_suspended, new_operator, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -147,12 +147,4 @@ def test_a_support_agent_finds_a_customer_by_an_invoice_number_and_suspends_from
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]  # fits the window
     screenshot(page, "customer-page")
 
-    account.refresh_from_db()
-    assert account.state == AccountState.SUSPENDED
-    done = BillingAccountTransition.objects.get(account=account, transition="suspend")
-    assert (done.from_state, done.to_state, done.actor_user_id, done.reason) == (
-        AccountState.ACTIVE,
-        AccountState.SUSPENDED,
-        agent.id,
-        REASON,
-    )
+    assert_suspended(account, by=agent, reason=REASON)

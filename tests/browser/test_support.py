@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 from playwright.sync_api import Page, expect
 
-from accounts.models import AccountState, BillingAccount, BillingAccountTransition
+from accounts.models import AccountState, BillingAccount
 from conftest import Customer
-from tests.browser.harness import admin_login, new_operator, screenshot
+from tests.browser.harness import admin_login, assert_suspended, new_operator, screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -51,12 +51,4 @@ def test_a_support_agent_finds_an_account_suspends_it_and_sees_the_history(
     expect(row).to_contain_text(agent.email)
     screenshot(page, "support-account-history")
 
-    account.refresh_from_db()
-    assert account.state == AccountState.SUSPENDED
-    done = BillingAccountTransition.objects.get(account=account, transition="suspend")
-    assert (done.from_state, done.to_state, done.actor_user_id, done.reason) == (
-        AccountState.ACTIVE,
-        AccountState.SUSPENDED,
-        agent.id,
-        REASON,
-    )
+    assert_suspended(account, by=agent, reason=REASON)

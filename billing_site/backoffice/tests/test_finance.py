@@ -140,24 +140,19 @@ def test_revenue_invoiced_and_collected_this_month_and_last() -> None:
         currency="JPY",
         issued_at=at("2026-11-02"),
     )
-    InvoicePayment.objects.create(
-        invoice=october,
-        account_id=account,
-        amount_minor=12100,
-        received_minor=12100,
-        currency="EUR",
-        reference="pay_1",
-        received_at=at("2026-10-30"),
-    )
-    InvoicePayment.objects.create(
-        invoice=november,
-        account_id=account,
-        amount_minor=10000,
-        received_minor=10000,
-        currency="EUR",
-        reference="pay_2",
-        received_at=at("2026-11-02"),
-    )
+    for bill, reference, received, amount in (
+        (october, "pay_1", "2026-10-30", 12100),
+        (november, "pay_2", "2026-11-02", 10000),
+    ):
+        InvoicePayment.objects.create(
+            invoice=bill,
+            account_id=account,
+            amount_minor=amount,
+            received_minor=amount,
+            currency="EUR",
+            reference=reference,
+            received_at=at(received),
+        )
     note = CreditNote.objects.create(
         invoice=october,
         account_id=account,
