@@ -117,10 +117,16 @@ def ls_post(localstripe: LocalStripe, path: str, data: dict[str, Any]) -> dict[s
     return dict(json.loads(body)) if body else {}
 
 
-def ls_intent_of(localstripe: LocalStripe, payment: Payment) -> dict[str, Any]:
-    """The PaymentIntent localstripe holds for ``payment`` (found by our id in its metadata)."""
-    intents = ls_get(localstripe, "/v1/payment_intents?limit=100")["data"]
-    found = [i for i in intents if (i.get("metadata") or {}).get("payment_id") == payment.public_id]
+def ls_intent_of(localstripe: LocalStripe, payment: Payment, seconds: float = 10) -> dict[str, Any]:
+    """The PaymentIntent localstripe holds for ``payment`` (found by our id in its metadata),
+    waited for: a fault proxy records a request when it arrives, before localstripe has it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        intents = ls_get(localstripe, "/v1/payment_intents?limit=100")["data"]
+        found = [i for i in intents if (i.get("metadata") or {}).get("payment_id") == payment.public_id]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert len(found) == 1, found
     return dict(found[0])
 
