@@ -216,9 +216,7 @@ def _supply_what_the_schema_cannot_say(case: schemathesis.Case, caller: dict[str
 @schema.parametrize()
 # A few examples per operation: 10 in a local make test (random, so new runs explore; the suite's
 # 5-minute budget), 20 in CI, fixed there so that a landing is never decided by luck.
-@settings(
-    max_examples=20 if IN_CI else 10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=IN_CI
-)
+@settings(max_examples=20 if IN_CI else 10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=IN_CI)
 def test_api_conforms_to_its_schema(case: schemathesis.Case, caller: dict[str, str]) -> None:
     """Every check on, over every operation: no 5xx; documented statuses, content types,
     headers and bodies; schema-valid requests accepted (``positive_data_acceptance``) and
