@@ -56,7 +56,7 @@ def _session_clock() -> dt.datetime | None:
 def pytest_configure(config: pytest.Config) -> None:
     from django.test import TransactionTestCase
 
-    TransactionTestCase._fixture_teardown = _reset_instead_of_flush  # type: ignore[method-assign]
+    TransactionTestCase._fixture_teardown = _reset_instead_of_flush  # type: ignore[attr-defined]
     moment = _session_clock()
     if moment is not None:
         traveller = time_machine.travel(moment, tick=True)
