@@ -450,10 +450,19 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
 
 
 def _claim(payment_id: int) -> Payment | None:
-    """pending → processing, for one caller only; the payment, or None if someone else has it."""
+    """pending → processing, for one caller only; the payment, or None if someone else has it
+    or its invoice owes nothing any more (voided, written off, paid otherwise while the payment
+    waited to be sent again: canceled, never sent). An invoice that still owes less than the
+    payment is charged the payment's amount with its key (a resend must be the same request),
+    and the rest is kept as the customer's credit by ``payment_apply``."""
     with transaction.atomic(durable=True):
         payment = Payment.objects.select_for_update().filter(id=payment_id).first()
         if payment is None or payment.status != PaymentStatus.PENDING:
+            return None
+        invoice = invoicing_selectors.payable_invoice(invoice_id=payment.invoice_id)
+        if invoice is None or invoice.status != "issued" or invoice.outstanding_minor <= 0:
+            state = invoice.status if invoice is not None else "gone"
+            _transition(payment, "cancel", actor=SYSTEM, reason=f"nothing due: the invoice is {state}")
             return None
         payment.sent_at = timezone.now()
         _transition(payment, "send", actor=SYSTEM)

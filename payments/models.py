@@ -304,10 +304,13 @@ class Payment(AuditedTransitions, FSMModelMixin, models.Model):
         it): the same payment is sent again, with the same idempotency key. Not a decline."""
 
     @transition(
-        field=status, source=[PaymentStatus.REQUIRES_ACTION, PaymentStatus.UNKNOWN], target=PaymentStatus.CANCELED
+        field=status,
+        source=[PaymentStatus.PENDING, PaymentStatus.REQUIRES_ACTION, PaymentStatus.UNKNOWN],
+        target=PaymentStatus.CANCELED,
     )
     def cancel(self) -> None:
-        """An abandoned authentication, replaced by a new attempt; or an intent never created."""
+        """An abandoned authentication, replaced by a new attempt; an intent never created; or
+        a payment waiting to be sent (again) whose invoice no longer owes anything."""
 
 
 class PaymentTransition(StateChangeRecord):

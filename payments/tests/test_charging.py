@@ -18,6 +18,7 @@ from accounts.models import AccountState, BillingAccount
 from billing_site.outbox.models import OutboxMessage
 from conftest import Customer, in_threads, killed_child, wait_for
 from invoicing import ledger
+from invoicing import services as invoicing_services
 from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
 
 # The price catalog (rated usage needs its SKUs).
@@ -31,7 +32,7 @@ from payments.models import (
     PaymentStatus,
     SandboxObject,
 )
-from payments.tests.helpers import NOW, bind, issue_invoice, pay
+from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice, pay
 
 pytestmark = pytest.mark.clock(NOW)
 
@@ -311,6 +312,37 @@ def test_an_unreachable_gateway_is_our_failure_the_payment_is_sent_again_minutes
     assert invoice.status == InvoiceStatus.PAID and charges_at_gateway(invoice) == 1
     assert not DunningCase.objects.filter(invoice_id=invoice.id).exists()
     assert not OutboxMessage.objects.filter(kind="email", name__contains="payment_failed").exists()
+    assert ledger.check() == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("settled_by", ["void", "write_off"])
+def test_a_payment_waiting_to_be_sent_again_is_canceled_not_sent_once_nothing_is_due(
+    customer: Customer, acct: BillingAccount, settled_by: str
+) -> None:
+    invoice = issue_invoice(acct)
+    bind(customer.client, acct)
+    with override_settings(SANDBOX_FAILURE_RATE=1.0, SANDBOX_FAILURE_MODE="unavailable"):
+        gateways.reset()
+        body = pay(customer.client, acct, invoice).json()
+    gateways.reset()
+    assert body["status"] == "pending", body
+    # While it waits, finance settles the invoice another way: nothing is owed any more.
+    if settled_by == "void":
+        invoicing_services.invoice_void(invoice_id=invoice.id, reason="billed twice", actor=FINANCE)
+    else:
+        invoicing_services.invoice_write_off(invoice_id=invoice.id, reason="bankrupt", actor=FINANCE)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)
+    charging.payments_reconcile(now=later)
+
+    payment = Payment.objects.get(invoice_id=invoice.id)
+    assert payment.status == PaymentStatus.CANCELED
+    assert payment.transitions.last().reason.startswith("nothing due"), payment.transitions.last().reason  # type: ignore[union-attr]
+    assert payment.calls.filter(operation="charge").count() == 1  # the first, unreachable, call only
+    assert charges_at_gateway(invoice) == 0
+    assert not InvoicePayment.objects.filter(invoice=invoice).exists()  # no money kept as credit
+    assert not DunningCase.objects.filter(invoice_id=invoice.id).exists()
+    assert charging.payments_reconcile(now=later + dt.timedelta(hours=2))["sent"] == 0
     assert ledger.check() == []
 
 
