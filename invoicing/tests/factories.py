@@ -9,7 +9,10 @@ from decimal import Decimal
 import factory
 from django.db import connection
 
-from invoicing.models import ContractDiscount
+from billing_site.common.actors import Actor
+from invoicing import services
+from invoicing.models import ContractDiscount, CreditGrant
+from invoicing.tests.support import FINANCE
 
 
 def rated(
@@ -53,3 +56,24 @@ class ContractDiscountFactory(factory.django.DjangoModelFactory):
     percent = Decimal(10)
     valid_from = dt.date(2026, 1, 1)
     reason = "2026 commitment"
+
+
+def promotional_credit(
+    account_id: int,
+    amount: str | Decimal,
+    *,
+    currency: str = "EUR",
+    reason: str = "welcome",
+    expires_at: dt.datetime | None = None,
+    actor: Actor = FINANCE,
+) -> CreditGrant:
+    """A promotional credit granted through the service, as finance grants it."""
+    return services.credit_grant_create(
+        account_id=account_id,
+        kind="promotional",
+        amount=Decimal(amount),
+        currency=currency,
+        reason=reason,
+        actor=actor,
+        expires_at=expires_at,
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from decimal import Decimal
 
 import pytest
 import time_machine
@@ -18,7 +17,7 @@ from billing_site.common.errors import ApplicationError
 from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import CreditGrant, CreditNote, Invoice, InvoiceStatus, LedgerEntry, TaxRate
-from invoicing.tests.factories import rated
+from invoicing.tests.factories import promotional_credit, rated
 from invoicing.tests.support import NOW, OCTOBER, operator
 
 pytestmark = pytest.mark.clock(NOW)
@@ -293,14 +292,7 @@ def test_the_credit_note_form_of_a_partly_paid_invoice_says_where_the_excess_goe
 
 
 def test_a_credit_grant_page_opens_for_finance_and_support(invoice: Invoice) -> None:
-    grant = services.credit_grant_create(
-        account_id=invoice.account_id,
-        kind="promotional",
-        amount=Decimal("25"),
-        currency="EUR",
-        reason="launch",
-        actor=Actor.system("tests"),
-    )
+    grant = promotional_credit(invoice.account_id, "25", reason="launch")
     for group in ("finance", "support"):
         page = operator(group).get(f"/admin/invoicing/creditgrant/{grant.pk}/change/")
         assert page.status_code == 200, group
@@ -313,14 +305,7 @@ def test_no_credit_is_granted_to_a_closed_account(invoice: Invoice) -> None:
 
     BillingAccount.objects.filter(id=invoice.account_id).update(state="closed")
     with pytest.raises(ApplicationError) as refused:
-        services.credit_grant_create(
-            account_id=invoice.account_id,
-            kind="promotional",
-            amount=Decimal("25"),
-            currency="EUR",
-            reason="goodwill",
-            actor=Actor.system("tests"),
-        )
+        promotional_credit(invoice.account_id, "25", reason="goodwill")
     assert (refused.value.code, refused.value.status) == ("account_closed", 409)
     page = operator("finance").post(
         "/admin/invoicing/creditgrant/add/",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from decimal import Decimal
 
 import pytest
 from rest_framework.test import APIClient
@@ -14,7 +13,7 @@ from billing_site.common import ids
 from conftest import Customer, client_with_key
 from invoicing import services
 from invoicing.models import Invoice, RenderedDocument
-from invoicing.tests.factories import rated
+from invoicing.tests.factories import promotional_credit, rated
 from invoicing.tests.support import FINANCE, NOW, OCTOBER
 
 pytestmark = pytest.mark.clock(NOW)
@@ -106,9 +105,7 @@ def test_the_invoice_html_carries_the_legal_content(billed: BillingAccount) -> N
 
 def test_credit_notes_and_balance(customer: Customer, billed: BillingAccount) -> None:
     invoice = Invoice.objects.get(account_id=billed.id)
-    services.credit_grant_create(
-        account_id=billed.id, kind="promotional", amount=Decimal("5"), currency="EUR", reason="sorry", actor=FINANCE
-    )
+    promotional_credit(billed.id, "5", reason="sorry")
     note = services.credit_note_issue(
         invoice_id=invoice.id,
         lines=[services.CreditNoteLineIn(description="Outage credit", amount_minor=100, sku="compute.vcpu")],

@@ -15,7 +15,7 @@ from invoicing import ledger, services
 from invoicing.line_display import detail_view
 from invoicing.models import BilledUsage, CreditApplication, Invoice, InvoiceStatus, InvoiceTransition, LineKind
 from invoicing.periods import Period
-from invoicing.tests.factories import ContractDiscountFactory, rated
+from invoicing.tests.factories import ContractDiscountFactory, promotional_credit, rated
 from invoicing.tests.support import FINANCE, NOVEMBER, NOW, OCTOBER
 
 pytestmark = pytest.mark.clock(NOW)
@@ -217,27 +217,11 @@ def test_contract_discounts_are_their_own_rounded_lines(acct: Callable) -> None:
 
 def test_credits_are_applied_soonest_expiring_first(acct: Callable) -> None:
     account = acct(currency="EUR", country="US")
-    later = services.credit_grant_create(
-        account_id=account.id,
-        kind="promotional",
-        amount=Decimal("30"),
-        currency="EUR",
-        reason="welcome",
-        actor=FINANCE,
-        expires_at=NOW + dt.timedelta(days=90),
-    )
+    later = promotional_credit(account.id, "30", expires_at=NOW + dt.timedelta(days=90))
     never = services.credit_grant_create(
         account_id=account.id, kind="prepaid", amount=Decimal("100"), currency="EUR", reason="top-up", actor=FINANCE
     )
-    soon = services.credit_grant_create(
-        account_id=account.id,
-        kind="promotional",
-        amount=Decimal("20"),
-        currency="EUR",
-        reason="apology",
-        actor=FINANCE,
-        expires_at=NOW + dt.timedelta(days=10),
-    )
+    soon = promotional_credit(account.id, "20", reason="apology", expires_at=NOW + dt.timedelta(days=10))
     rated(account.id, "2026-10-02", "compute.vcpu", "1", "60")
     close()
     invoice = invoice_of(account)
@@ -250,21 +234,11 @@ def test_credits_are_applied_soonest_expiring_first(acct: Callable) -> None:
 
 def test_credit_is_never_spent_across_currencies(acct: Callable) -> None:
     account = acct(currency="USD", country="US")
-    dollars = services.credit_grant_create(
-        account_id=account.id,
-        kind="promotional",
-        amount=Decimal("5"),
-        currency="USD",
-        reason="welcome",
-        actor=FINANCE,
-        expires_at=NOW + dt.timedelta(days=10),  # the soonest-expiring grant: first in line if currency did not count
-    )
+    dollars = promotional_credit(account.id, "5", currency="USD", expires_at=NOW + dt.timedelta(days=10))
     # No service moves an account to another currency; a data fix could. Its dollars stay dollars.
     BillingAccount.objects.filter(id=account.id).update(currency="EUR")
     with pytest.raises(ApplicationError) as refused:
-        services.credit_grant_create(
-            account_id=account.id, kind="promotional", amount=Decimal("5"), currency="USD", reason="x", actor=FINANCE
-        )
+        promotional_credit(account.id, "5", currency="USD", reason="x")
     assert refused.value.code == "currency_mismatch"
     euros = services.credit_grant_create(
         account_id=account.id, kind="prepaid", amount=Decimal("20"), currency="EUR", reason="top-up", actor=FINANCE

@@ -25,7 +25,7 @@ from invoicing import pdf, services
 from invoicing.checks import seller_is_complete
 from invoicing.models import Invoice, LineKind
 from invoicing.periods import Period
-from invoicing.tests.factories import ContractDiscountFactory, rated
+from invoicing.tests.factories import ContractDiscountFactory, promotional_credit, rated
 from invoicing.tests.readers import api_invoice, laid_out
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
@@ -162,9 +162,7 @@ def discounted(catalog: None, customer: Customer, make_account: Callable[..., Bi
         rated(account.id, "2026-09-10", "network.egress", "-100", "-6.64")
         rated(account.id, "2026-10-02", "compute.vcpu", "100000", "1150", resource_id="vm-1")
         ContractDiscountFactory(account_id=account.id, percent=Decimal(10))
-        services.credit_grant_create(
-            account_id=account.id, kind="promotional", amount=Decimal("5"), currency="EUR", reason="hi", actor=FINANCE
-        )
+        promotional_credit(account.id, "5", reason="hi")
         services.period_close(period=OCTOBER, actor=FINANCE, run_rollup=False, render_pdfs=False)
     return Invoice.objects.get(account_id=account.id, period_start=OCTOBER.start)
 

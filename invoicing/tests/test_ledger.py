@@ -21,7 +21,7 @@ from conftest import Customer
 from invoicing import ledger, services
 from invoicing.models import Invoice, InvoiceStatus, LedgerEntry, LedgerLine
 from invoicing.periods import Period
-from invoicing.tests.factories import rated
+from invoicing.tests.factories import promotional_credit, rated
 from invoicing.tests.support import FINANCE, NOW
 
 PERIODS = [Period(dt.date(2026, 8, 1)), Period(dt.date(2026, 9, 1)), Period(dt.date(2026, 10, 1))]
@@ -229,9 +229,7 @@ def test_ledger_check_catches_a_missing_posting_and_a_gap(two_accounts: list[Bil
 
 def test_write_off_and_void(two_accounts: list[BillingAccount]) -> None:
     account = two_accounts[0]
-    services.credit_grant_create(
-        account_id=account.id, kind="promotional", amount=Decimal(10), currency="EUR", reason="x", actor=FINANCE
-    )
+    promotional_credit(account.id, "10", reason="x")
     invoice = _issue_one(account)
     assert invoice.credits_applied_minor == 1000
     note = services.invoice_void(invoice_id=invoice.id, actor=FINANCE, reason="billed in error")

@@ -31,7 +31,7 @@ from invoicing.models import (
     LedgerEntry,
     LedgerLine,
 )
-from invoicing.tests.factories import rated
+from invoicing.tests.factories import promotional_credit, rated
 from invoicing.tests.support import FINANCE, NOVEMBER, NOW, OCTOBER
 
 PROFILE = settings(max_examples=200, deadline=None, derandomize=bool(os.environ.get("CI")))
@@ -535,9 +535,7 @@ def test_payable_selectors_return_values_in_one_query(
     invoice = issue(nl)
     other = acct(currency="EUR", country="NL")
     rated(other.id, "2026-10-03", "network.egress", "1", "10")
-    services.credit_grant_create(
-        account_id=other.id, kind="promotional", amount=Decimal(100), currency="EUR", reason="x", actor=FINANCE
-    )
+    promotional_credit(other.id, "100", reason="x")
     services.period_close(period=OCTOBER, actor=FINANCE, account_ids=[other.id], run_rollup=False, render_pdfs=False)
     covered = Invoice.objects.get(account_id=other.id)
     assert covered.status == InvoiceStatus.PAID  # settled by credits
@@ -588,9 +586,7 @@ def test_issuing_queues_a_charge_for_each_invoice_with_an_amount_due(acct: Calla
     rated(due.id, "2026-10-02", "compute.vcpu", "1", "10")
     rated(covered.id, "2026-10-02", "compute.vcpu", "1", "10")
     rated(empty.id, "2026-10-02", "compute.vcpu", "1", "0")
-    services.credit_grant_create(
-        account_id=covered.id, kind="promotional", amount=Decimal(50), currency="EUR", reason="x", actor=FINANCE
-    )
+    promotional_credit(covered.id, "50", reason="x")
     services.period_close(period=OCTOBER, actor=FINANCE, run_rollup=False, render_pdfs=False)
     invoice = Invoice.objects.get(account_id=due.id)
     message = OutboxMessage.objects.get()

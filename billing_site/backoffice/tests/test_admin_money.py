@@ -20,6 +20,7 @@ from billing_site.common.actors import Actor
 from conftest import Customer, operator
 from invoicing import services as invoicing_services
 from invoicing.models import ApprovalRequest, CreditGrant, CreditNote, Invoice, LedgerEntry
+from invoicing.tests.factories import promotional_credit
 from payments import charging, refunds
 from payments import services as payments_services
 from payments.models import DunningCase, Payment
@@ -52,9 +53,7 @@ def books(catalog: None, customer: Customer, make_account: Callable[..., Billing
         reason="Outage",
         actor=FINANCE,
     )
-    invoicing_services.credit_grant_create(
-        account_id=account.id, kind="promotional", amount=Decimal("433.52"), currency="EUR", reason="x", actor=FINANCE
-    )
+    promotional_credit(account.id, "433.52", reason="x", actor=FINANCE)
     with override_settings(FOUR_EYES_THRESHOLDS={"EUR": "1.00"}):
         payments_services.refund_submit(payment_id=payment.id, amount_minor=43352, reason="More", actor=FINANCE)
     CreditLimitPolicy.objects.create(

@@ -10,7 +10,6 @@ import datetime as dt
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal
 
 import pytest
 from django.urls import reverse
@@ -21,7 +20,7 @@ from billing_site.common.actors import Actor
 from conftest import Customer, operator
 from invoicing import services as invoicing_services
 from invoicing.models import CreditNote, Invoice, InvoiceStatus
-from invoicing.tests.factories import rated
+from invoicing.tests.factories import promotional_credit, rated
 from payments import charging, disputes, refunds
 from payments.models import Dispute, Payment, PaymentMethod, PaymentStatus, Refund
 from payments.tests.helpers import FINANCE, NOW, bind, issue_invoice
@@ -79,14 +78,7 @@ def book(
         reason="fraudulent",
     )
     assert dispute is not None
-    invoicing_services.credit_grant_create(
-        account_id=account.id,
-        kind="promotional",
-        amount=Decimal("25.00"),
-        currency="EUR",
-        reason="welcome credit",
-        actor=FINANCE,
-    )
+    promotional_credit(account.id, "25.00", reason="welcome credit")
     account_services.account_note_add(
         account_id=account.id,
         text="Called about the October invoice.",
