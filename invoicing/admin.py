@@ -247,8 +247,8 @@ class InvoiceAdmin(AuditHistoryMixin, csv.CsvExportMixin, RecordAdminMixin, admi
     csv_columns = (
         ("number", csv.attr("number")),
         ("invoice_id", csv.attr("public_id")),
-        ("account_id", lambda i: ids.encode("acc", i.account_id)),
-        ("customer", lambda i: getattr(i, "account_name", "") or ""),
+        ("account_id", csv.public_id("acc", "account_id")),
+        csv.CUSTOMER,
         ("period_start", csv.attr("period_start")),
         ("kind", csv.attr("kind")),
         ("status", csv.attr("status")),
@@ -555,7 +555,7 @@ class CreditNoteAdmin(AuditHistoryMixin, csv.CsvExportMixin, admin.ModelAdmin[Cr
         ("number", csv.attr("number")),
         ("credit_note_id", csv.attr("public_id")),
         ("invoice", lambda n: n.invoice.number),
-        ("account_id", lambda n: ids.encode("acc", n.account_id)),
+        ("account_id", csv.public_id("acc", "account_id")),
         ("currency", csv.attr("currency")),
         ("subtotal", csv.amount("subtotal_minor")),
         ("tax", csv.amount("tax_minor")),
@@ -656,8 +656,8 @@ class CreditGrantForm(forms.ModelForm[CreditGrant]):
 class CreditGrantAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[CreditGrant]):
     csv_columns = (
         ("grant_id", csv.attr("public_id")),
-        ("account_id", lambda g: ids.encode("acc", g.account_id)),
-        ("customer", lambda g: getattr(g, "account_name", "") or ""),
+        ("account_id", csv.public_id("acc", "account_id")),
+        csv.CUSTOMER,
         ("kind", csv.attr("kind")),
         ("currency", csv.attr("currency")),
         ("amount", csv.amount("amount_minor")),
@@ -887,8 +887,8 @@ class ContractDiscountAdmin(
     AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMixin, admin.ModelAdmin[ContractDiscount]
 ):
     csv_columns = (
-        ("account_id", lambda d: ids.encode("acc", d.account_id)),
-        ("customer", lambda d: getattr(d, "account_name", "") or ""),
+        ("account_id", csv.public_id("acc", "account_id")),
+        csv.CUSTOMER,
         ("sku_prefix", csv.attr("sku_prefix")),
         ("percent", csv.attr("percent")),
         ("valid_from", csv.attr("valid_from")),
@@ -1026,9 +1026,9 @@ class ApprovalRequestAdmin(csv.CsvExportMixin, RecordAdminMixin, admin.ModelAdmi
         ("request_id", csv.attr("public_id")),
         ("kind", csv.attr("kind")),
         ("status", csv.attr("status")),
-        ("account_id", lambda r: ids.encode("acc", r.account_id)),
-        ("invoice_id", lambda r: ids.encode("inv", r.invoice_id) if r.invoice_id else ""),
-        ("payment_id", lambda r: ids.encode("pay", r.payment_id) if r.payment_id else ""),
+        ("account_id", csv.public_id("acc", "account_id")),
+        ("invoice_id", csv.public_id("inv", "invoice_id")),
+        ("payment_id", csv.public_id("pay", "payment_id")),
         ("currency", csv.attr("currency")),
         ("amount", csv.amount("amount_minor")),
         ("reason", csv.attr("reason")),

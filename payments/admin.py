@@ -211,9 +211,9 @@ class PaymentAdmin(
 ):
     csv_columns = (
         ("payment_id", csv.attr("public_id")),
-        ("account_id", lambda p: ids.encode("acc", p.account_id)),
-        ("customer", lambda p: getattr(p, "account_name", "") or ""),
-        ("invoice_id", lambda p: ids.encode("inv", p.invoice_id)),
+        ("account_id", csv.public_id("acc", "account_id")),
+        csv.CUSTOMER,
+        ("invoice_id", csv.public_id("inv", "invoice_id")),
         ("attempt", csv.attr("attempt")),
         ("trigger", csv.attr("trigger")),
         ("status", csv.attr("status")),
@@ -398,10 +398,10 @@ class RefundAdmin(
 ):
     csv_columns = (
         ("refund_id", csv.attr("public_id")),
-        ("payment_id", lambda r: ids.encode("pay", r.payment_id)),
-        ("invoice_id", lambda r: ids.encode("inv", r.invoice_id)),
-        ("account_id", lambda r: ids.encode("acc", r.account_id)),
-        ("customer", lambda r: getattr(r, "account_name", "") or ""),
+        ("payment_id", csv.public_id("pay", "payment_id")),
+        ("invoice_id", csv.public_id("inv", "invoice_id")),
+        ("account_id", csv.public_id("acc", "account_id")),
+        csv.CUSTOMER,
         ("currency", csv.attr("currency")),
         ("amount", csv.amount("amount_minor")),
         ("reason", csv.attr("reason")),
@@ -494,8 +494,8 @@ class DisputeAdmin(
 ):
     csv_columns = (
         ("dispute_id", csv.attr("public_id")),
-        ("payment_id", lambda d: ids.encode("pay", d.payment_id)),
-        ("account_id", lambda d: ids.encode("acc", d.account_id)),
+        ("payment_id", csv.public_id("pay", "payment_id")),
+        ("account_id", csv.public_id("acc", "account_id")),
         ("currency", csv.attr("currency")),
         ("amount", csv.amount("amount_minor")),
         ("reason", csv.attr("reason")),
@@ -717,9 +717,9 @@ class DunningCaseAdmin(
     admin.ModelAdmin[DunningCase],
 ):
     csv_columns = (
-        ("invoice_id", lambda c: ids.encode("inv", c.invoice_id)),
-        ("account_id", lambda c: ids.encode("acc", c.account_id)),
-        ("customer", lambda c: getattr(c, "account_name", "") or ""),
+        ("invoice_id", csv.public_id("inv", "invoice_id")),
+        ("account_id", csv.public_id("acc", "account_id")),
+        csv.CUSTOMER,
         ("status", csv.attr("status")),
         ("currency", csv.attr("currency")),
         ("first_failure_at", csv.attr("first_failure_at")),

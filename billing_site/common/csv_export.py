@@ -21,7 +21,7 @@ from django.http.response import HttpResponseBase
 from django.urls import URLPattern, path
 from django.utils import timezone
 
-from billing_site.common import money
+from billing_site.common import ids, money
 
 # A column: its header and how its value is taken from a row (a model, a dataclass …).
 Column = tuple[str, Callable[[Any], Any]]
@@ -66,6 +66,21 @@ def amount(minor_field: str, currency_field: str = "currency") -> Callable[[Any]
         return "" if minor is None else money.format_minor(int(minor), getattr(row, currency_field))
 
     return value
+
+
+def public_id(prefix: str, id_field: str) -> Callable[[Any], str]:
+    """A column of a row's id as customers and staff read it (``acc_…``, ``inv_…``); empty
+    where there is none."""
+
+    def value(row: Any) -> str:
+        found = getattr(row, id_field)
+        return "" if found is None else ids.encode(prefix, found)
+
+    return value
+
+
+# The account's name, where the changelist's queryset annotates it as ``account_name``.
+CUSTOMER: Column = ("customer", lambda row: getattr(row, "account_name", "") or "")
 
 
 def attr(name: str) -> Callable[[Any], Any]:
