@@ -373,3 +373,45 @@ def test_a_dispute_is_a_state_machine_audited_at_each_step(paid_payment: Callabl
     deliver("charge.dispute.closed", dispute_object(payment, "dp_fsm", amount=1000, status="won"))
     assert dispute.transitions.count() == 2
     assert ledger.check() == []
+
+
+@pytest.mark.django_db
+def test_the_database_holds_every_payment_within_what_was_captured(paid_10043: Payment) -> None:
+    """On a database with no payment over-disputed from before the rule (every new install) the
+    check is validated (migration 0009), so it holds for every row, and a raw write past it fails."""
+    from django.db import IntegrityError, connection, transaction
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT convalidated FROM pg_constraint WHERE conname = 'payments_payment_within_captured'")
+        assert cursor.fetchone() == (True,)
+        with pytest.raises(IntegrityError, match="payments_payment_within_captured"), transaction.atomic():
+            cursor.execute(
+                "UPDATE payments_payment SET amount_disputed_minor = amount_minor + 1 WHERE id = %s", [paid_10043.id]
+            )
+
+
+@pytest.mark.django_db
+def test_a_database_with_payments_over_disputed_before_the_rule_migrates_and_keeps_the_check_not_valid(
+    paid_10043: Payment, caplog: pytest.LogCaptureFixture
+) -> None:
+    import importlib
+    from types import SimpleNamespace
+
+    from django.db import connection
+
+    migration = importlib.import_module("payments.migrations.0009_validate_within_captured")
+    with connection.cursor() as cursor:  # the database as 0003 left it, with a payment from before the rule
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the fixture's deferred checks, before ALTER TABLE
+        cursor.execute("ALTER TABLE payments_payment DROP CONSTRAINT payments_payment_within_captured")
+        cursor.execute(
+            "UPDATE payments_payment SET amount_disputed_minor = amount_minor + 1 WHERE id = %s", [paid_10043.id]
+        )
+        cursor.execute(
+            f"ALTER TABLE payments_payment ADD CONSTRAINT payments_payment_within_captured CHECK ({migration.CHECK}) "
+            "NOT VALID"
+        )
+        with caplog.at_level(logging.WARNING, logger="payments.migrations"):
+            migration.validate(None, SimpleNamespace(connection=connection))
+        cursor.execute("SELECT convalidated FROM pg_constraint WHERE conname = 'payments_payment_within_captured'")
+        assert cursor.fetchone() == (False,)
+    assert [(r.message, r.payments) for r in caplog.records] == [("payments.within_captured_not_validated", 1)]  # type: ignore[attr-defined]
