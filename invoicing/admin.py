@@ -786,7 +786,8 @@ class TaxRateAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMix
         ("note", csv.attr("note")),
     )
     """Rates are written by ``services.tax_rate_create`` / ``tax_rate_update`` (audited); once
-    written, only a rate's end and note change."""
+    written, only a rate's end and note change, and a rate no issued invoice used may be
+    withdrawn (``tax_rate_withdraw``, its Delete page)."""
 
     list_display = ("country", "rate", "valid_from", "valid_until", "note")
     list_filter = (CountryInUseFilter,)
@@ -801,8 +802,53 @@ class TaxRateAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMix
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
         return ("country", "rate", "valid_from") if obj is not None else ()
 
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
+    def get_actions(self, request: HttpRequest) -> Any:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # one rate at a time, with a reason, through the service
+        return actions
+
+    def delete_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> HttpResponse:
+        """ "Delete" withdraws the rate through ``services.tax_rate_withdraw``, with a reason: only
+        a rate no issued invoice was taxed with (the page says why not), giving its days back to
+        the rate it closed."""
+        require_permission(request, "invoicing.delete_taxrate", action="Withdrawing a tax rate")
+        rate = get_object_or_404(TaxRate, pk=object_id)
+        change_url = reverse("admin:invoicing_taxrate_change", args=[rate.pk])
+        form = ReasonForm(request.POST or None)
+        try:
+            _, reopens = services.tax_rate_withdraw_check(rate_id=rate.pk)
+            refusal = ""
+        except ApplicationError as exc:
+            reopens, refusal = None, exc.message
+        if request.method == "POST" and not refusal and form.is_valid():
+            try:
+                reopened = services.tax_rate_withdraw(
+                    rate_id=rate.pk, reason=form.cleaned_data["reason"], actor=_operator(request)
+                )
+            except ApplicationError as exc:
+                form.add_error(None, exc.message)
+            else:
+                messages.success(
+                    request, f"{rate} withdrawn." + (f" {reopened} runs again over its days." if reopened else "")
+                )
+                return HttpResponseRedirect(reverse("admin:invoicing_taxrate_changelist"))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "original": rate,
+            "title": f"Withdraw {rate}",
+            "form": form,
+            "change_url": change_url,
+            "refusal": refusal,
+            "reopens": reopens,
+        }
+        return TemplateResponse(request, "admin/invoicing/taxrate/withdraw.html", context)
+
+    def delete_model(self, request: HttpRequest, obj: TaxRate) -> None:
+        raise PermissionDenied("Tax rates are withdrawn through their Delete page, with a reason.")
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[TaxRate]) -> None:
+        raise PermissionDenied("Tax rates are withdrawn one at a time, with a reason.")
 
     def save_model(self, request: HttpRequest, obj: TaxRate, form: Any, change: bool) -> None:
         data = form.cleaned_data

@@ -18,6 +18,7 @@ class InvoicingConfig(AppConfig):
             "view_taxrate",
             "add_taxrate",
             "change_taxrate",
+            "delete_taxrate",
             "view_contractdiscount",
             "add_contractdiscount",
             "change_contractdiscount",

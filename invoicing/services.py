@@ -56,7 +56,14 @@ from invoicing.invoice_life import (
     payment_apply,
     payments_apply,
 )
-from invoicing.tax_rates import tax_rate_check, tax_rate_create, tax_rate_update, tax_rate_update_check
+from invoicing.tax_rates import (
+    tax_rate_check,
+    tax_rate_create,
+    tax_rate_update,
+    tax_rate_update_check,
+    tax_rate_withdraw,
+    tax_rate_withdraw_check,
+)
 from invoicing.taxes import rule_tax
 from invoicing.threshold import THRESHOLD_ACTOR, ThresholdReport, threshold_billing_run
 
@@ -106,5 +113,7 @@ __all__ = [
     "tax_rate_create",
     "tax_rate_update",
     "tax_rate_update_check",
+    "tax_rate_withdraw",
+    "tax_rate_withdraw_check",
     "threshold_billing_run",
 ]

@@ -1,5 +1,6 @@
 """VAT rates, written by finance: never overlapping for a country and kind, a new one closing
-the rate in force only when told, never changing a day an issued invoice was taxed on; audited."""
+the rate in force only when told, never changing a day an issued invoice was taxed on, withdrawn
+only while no issued invoice used them; audited."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from invoicing.models import (
     InvoiceStatus,
     TaxRate,
     TaxRateKind,
+    TermsChange,
     TermsSubject,
 )
-from invoicing.writing import terms_audit
+from invoicing.writing import require_reason, terms_audit
 
 
 def _tax_rate_row(rate: TaxRate) -> dict[str, Any]:
@@ -224,3 +226,58 @@ def tax_rate_update(*, rate_id: int, valid_until: dt.date | None, note: str, act
             after=_tax_rate_row(rate),
         )
     return rate
+
+
+def tax_rate_withdraw_check(*, rate_id: int) -> tuple[TaxRate, TaxRate | None]:
+    """Why ``rate_id`` may not be withdrawn, if it may not (an issued invoice was taxed on one
+    of its days: ``tax_rate_in_use``); else the rate and the rate it closed when it was added
+    (the country's rate ending on its first day, whose last audited change is that closing),
+    which withdrawing gives its days back to. A rate that simply ended there (a temporary rate,
+    bounded when written) is not stretched over them. Reads only."""
+    rate = TaxRate.objects.filter(id=rate_id).first()
+    if rate is None:
+        raise NotFound("No such tax rate.")
+    _require_no_invoice_taxed(country=str(rate.country), start=rate.valid_from, end=rate.valid_until, field="rate")
+    closed = TaxRate.objects.filter(country=rate.country, kind=rate.kind, valid_until=rate.valid_from).first()
+    if closed is not None:
+        last = TermsChange.objects.filter(subject=TermsSubject.TAX_RATE, subject_id=closed.id).order_by("-id").first()
+        if last is None or last.action != "close" or (last.after or {}).get("valid_until") != str(rate.valid_from):
+            closed = None
+    return rate, closed
+
+
+@transaction.atomic(durable=True)
+def tax_rate_withdraw(*, rate_id: int, reason: str, actor: Actor) -> TaxRate | None:
+    """Take back a rate no issued invoice was taxed with (a mistyped or mistaken rate: once an
+    invoice used it, it stands, and what it charged is corrected by credit notes). The rate it
+    closed when it was added, if any, runs again over its days (to its end, or open-ended), as
+    before the mistake. Both audited (``TermsChange``: ``withdraw``, ``reopen``). Returns the
+    reopened rate, or None."""
+    reason = require_reason(reason)
+    taxes.lock_rates(shared=False)
+    rate, closed = tax_rate_withdraw_check(rate_id=rate_id)
+    withdrawn = _tax_rate_row(rate)
+    rate.delete()
+    terms_audit(
+        subject=TermsSubject.TAX_RATE,
+        subject_id=rate_id,
+        action="withdraw",
+        actor=actor,
+        reason=reason,
+        before=withdrawn,
+    )
+    if closed is None:
+        return None
+    before = _tax_rate_row(closed)
+    closed.valid_until = rate.valid_until
+    closed.save(update_fields=["valid_until"])  # exactly the withdrawn rate's days: no overlap
+    terms_audit(
+        subject=TermsSubject.TAX_RATE,
+        subject_id=closed.id,
+        action="reopen",
+        actor=actor,
+        reason=f"the rate from {rate.valid_from} was withdrawn: {reason}",
+        before=before,
+        after=_tax_rate_row(closed),
+    )
+    return closed

@@ -6,8 +6,10 @@ hiding is trusted)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -124,6 +126,15 @@ def refund(client: Client, world: World) -> tuple[Any, bool]:
     return response, Refund.objects.filter(payment_id=paid.pk).exists()
 
 
+def withdraw_tax_rate(client: Client, world: World) -> tuple[Any, bool]:
+    year = 2030 + TaxRate.objects.filter(country="ZZ").count()  # one future year per group: no overlap
+    rate = TaxRate.objects.create(
+        country="ZZ", rate=Decimal("17.00"), valid_from=dt.date(year, 1, 1), valid_until=dt.date(year + 1, 1, 1)
+    )
+    response = client.post(f"/admin/invoicing/taxrate/{rate.pk}/delete/", {"reason": "matrix"})
+    return response, not TaxRate.objects.filter(pk=rate.pk).exists()
+
+
 def review_approve(client: Client, world: World) -> tuple[Any, bool]:
     account = world.account()
     AccountRisk.objects.update_or_create(account_id=account.id, defaults={"status": RiskStatus.REVIEW})
@@ -214,6 +225,7 @@ ACTIONS: list[tuple[str, set[str], Callable[[Client, World], tuple[Any, bool]]]]
     ("credit limit", {"fraud"}, credit_limit),
     ("risk rule", {"fraud"}, rule_change),
     ("add a tax rate", {"finance"}, adds(TaxRate, "/admin/invoicing/taxrate/add/")),
+    ("withdraw a tax rate", {"finance"}, withdraw_tax_rate),
     ("add a credit grant", {"finance"}, adds(CreditGrant, "/admin/invoicing/creditgrant/add/")),
     ("add a discount", {"finance"}, adds(ContractDiscount, "/admin/invoicing/contractdiscount/add/")),
     ("add a dunning policy", {"finance"}, adds(DunningPolicy, "/admin/payments/dunningpolicy/add/")),

@@ -16,7 +16,6 @@ import time_machine
 
 from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount, BillingAccountTransition
-from accounts.tests.pages import form_of
 from billing_site.common.actors import Actor, ActorKind
 from billing_site.common.errors import ApplicationError
 from billing_site.outbox import services as outbox
@@ -26,6 +25,7 @@ from invoicing.models import Invoice
 from payments import dunning
 from payments.models import DunningAction, DunningCase
 from payments.tests.helpers import NOW, bind, issue_invoice
+from tests.pages import form_of
 
 pytestmark = [pytest.mark.clock(NOW), pytest.mark.django_db]
 

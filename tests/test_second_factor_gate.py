@@ -19,9 +19,9 @@ from django.urls.converters import IntConverter, PathConverter, StringConverter
 
 from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount, User
-from accounts.tests.pages import form_of
 from conftest import Customer, staff_login
 from payments.tests.helpers import NOW, issue_invoice
+from tests.pages import form_of
 
 pytestmark = [pytest.mark.django_db, pytest.mark.clock(NOW)]
 

@@ -20,9 +20,9 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts import services
 from accounts.models import User
-from accounts.tests.pages import form_of
 from billing_site.common.logs import JsonFormatter
 from conftest import staff_login
+from tests.pages import form_of
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
 pytestmark = [pytest.mark.django_db, pytest.mark.clock(NOW)]

@@ -17,8 +17,8 @@ from django_otp.oath import totp
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from accounts import services
-from accounts.tests.pages import form_of
 from billing_site.common.logs import JsonFormatter
+from tests.pages import form_of
 
 NOW = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
 pytestmark = [pytest.mark.django_db, pytest.mark.clock(NOW)]

@@ -12,10 +12,10 @@ from django.test import Client
 
 from accounts import services
 from accounts.models import AccountState, BillingAccount
-from accounts.tests.pages import form_of
 from accounts.tests.test_second_factor import SECRET, current_code, sign_in
 from billing_site.common.logs import JsonFormatter, TextFormatter
 from conftest import Customer
+from tests.pages import form_of
 
 pytestmark = pytest.mark.django_db
 

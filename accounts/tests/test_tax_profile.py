@@ -10,8 +10,8 @@ from collections.abc import Callable
 import pytest
 
 from accounts.models import BillingAccount, BillingAccountProfileChange
-from accounts.tests.pages import form_of
 from conftest import Customer, operator
+from tests.pages import form_of
 
 pytestmark = pytest.mark.django_db
 

@@ -15,10 +15,10 @@ from django.test import Client
 from accounts import services as account_services
 from accounts.models import AccountState, BillingAccount
 from antifraud.models import AccountRisk, ReviewDecision, RiskRule, RiskStatus
-from antifraud.tests.pages import press
 from antifraud.tests.test_checkpoints import ANALYST, NL_IP, US_IP, bind, open_account
 from billing_site.outbox import services as outbox
 from conftest import Customer, staff_login
+from tests.pages import press
 
 
 def staff(group: str) -> Client:

@@ -15,12 +15,12 @@ from django.db import connection
 from accounts.models import AccountState
 from antifraud import rules, services
 from antifraud.models import RiskAssessment, RiskRule, RulesVersion
-from antifraud.tests.pages import press
 from antifraud.tests.test_checkpoints import NL_IP, bind, latest, open_account
 from antifraud.tests.test_review import staff
 from billing_site.common.actors import Actor
 from billing_site.common.errors import ApplicationError
 from conftest import Customer
+from tests.pages import press
 
 
 def rule_url(code: str) -> str:

@@ -19,6 +19,7 @@ from invoicing.models import ContractDiscount, Invoice, TaxRate, TermsChange
 from invoicing.periods import Period
 from invoicing.tests.factories import rated
 from invoicing.tests.support import FINANCE, NOVEMBER, NOW, OCTOBER, operator
+from tests.pages import press
 
 pytestmark = [pytest.mark.clock(NOW), pytest.mark.django_db]
 
@@ -67,6 +68,53 @@ def test_an_overlapping_rate_added_in_the_admin_is_refused_naming_the_rate_in_fo
     rated(account.id, "2026-10-02", "compute.vcpu", "100", "100")
     close()
     assert Invoice.objects.get(account_id=account.id).tax_rate == Decimal("21.00")  # October: still 21 %
+
+
+def test_finance_withdraws_a_mistaken_rate_from_its_page_and_the_rate_it_closed_runs_again() -> None:
+    finance = operator("finance")
+    typo = {"country": "NL", "rate": "2.1", "valid_from": "2026-12-01", "valid_until": "", "note": "typo"}
+    assert finance.post("/admin/invoicing/taxrate/add/", {**typo, "close_previous": "on"}).status_code == 302
+    mistake = TaxRate.objects.get(country="NL", valid_from=dt.date(2026, 12, 1))
+    change_page = finance.get(f"/admin/invoicing/taxrate/{mistake.pk}/change/").content.decode()
+    delete_url = f"/admin/invoicing/taxrate/{mistake.pk}/delete/"
+    assert f'href="{delete_url}"' in change_page  # the page's own Delete link
+    assert "NL 21.00% from 2024-01-01" in finance.get(delete_url).content.decode()  # says what runs again
+
+    done = press(finance, delete_url, "Withdraw the rate", reason="typed 2.1 for 21")
+    assert done.status_code == 302, done.content[:2000]
+    assert not TaxRate.objects.filter(pk=mistake.pk).exists()
+    assert nl_rate().valid_until is None  # as before the mistake
+    changes = [
+        (c.action, c.actor_name, c.reason) for c in TermsChange.objects.filter(subject="tax_rate").order_by("id")
+    ]
+    assert changes[-2:] == [
+        ("withdraw", "finance@ops.test", "typed 2.1 for 21"),
+        ("reopen", "finance@ops.test", "the rate from 2026-12-01 was withdrawn: typed 2.1 for 21"),
+    ]
+    assert list(TaxRate.objects.filter(country="NL")) == [nl_rate()]  # one NL rate again, with no end
+
+    # A temporary rate that simply ends where a withdrawn rate began is not stretched over its days.
+    services.tax_rate_update(rate_id=nl_rate().pk, valid_until=dt.date(2027, 1, 1), note="", actor=FINANCE)
+    later = services.tax_rate_create(country="NL", rate=Decimal(9), valid_from=dt.date(2027, 1, 1), actor=FINANCE)
+    assert services.tax_rate_withdraw(rate_id=later.pk, reason="not yet decided", actor=FINANCE) is None
+    assert nl_rate().valid_until == dt.date(2027, 1, 1)
+
+
+def test_a_rate_an_issued_invoice_was_taxed_with_is_never_withdrawn(acct: Callable) -> None:
+    account = acct(currency="EUR", country="NL")
+    rated(account.id, "2026-10-02", "compute.vcpu", "100", "100")
+    close()
+    invoice = Invoice.objects.get(account_id=account.id)
+    delete_url = f"/admin/invoicing/taxrate/{nl_rate().pk}/delete/"
+    page = operator("finance").get(delete_url).content.decode()
+    assert invoice.number in page and "Withdraw the rate" not in page  # why not, and no button
+    assert operator("finance").post(delete_url, {"reason": "x"}).status_code == 200
+    with pytest.raises(ApplicationError) as refused:
+        services.tax_rate_withdraw(rate_id=nl_rate().pk, reason="x", actor=FINANCE)
+    assert (refused.value.code, refused.value.status) == ("tax_rate_in_use", 409)
+    assert nl_rate().valid_until is None and not TermsChange.objects.exists()
+    assert operator("support").get(delete_url).status_code == 403
+    assert TaxRate.objects.filter(pk=nl_rate().pk).exists()
 
 
 def test_a_rate_never_starts_under_an_issued_invoice(acct: Callable) -> None:

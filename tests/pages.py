@@ -1,7 +1,7 @@
 """Admin pages as a browser sees them: the forms of a rendered page (html.parser) with the
 HTML5 form rules a browser applies (a ``<form>`` inside an open form is ignored, and its
 fields belong to the outer one; ``</form>`` closes the open form), and what a browser posts
-when one of their buttons is pressed."""
+when one of their buttons is pressed; or all the page's fields at once (``form_of``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class Form:
     fields: list[tuple[str, str]] = field(default_factory=list)  # successful controls, in order
     buttons: list[tuple[str, str]] = field(default_factory=list)  # (name, value) of each submit
     textareas: list[str] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)  # every named control, posted or not
 
 
 class _Forms(HTMLParser):
@@ -40,6 +41,8 @@ class _Forms(HTMLParser):
         if self.open is None:
             return
         name = attrs.get("name", "")
+        if name and tag in ("input", "button", "textarea", "select"):
+            self.open.names.add(name)
         if tag == "input":
             kind = attrs.get("type", "text").lower()
             if kind in ("submit", "image"):
@@ -108,3 +111,19 @@ def press(client: Client, url: str, label: str, **values: str) -> Any:
         data[name] = [label]
     assert form.method == "post"
     return client.post(form.action or url, data)
+
+
+@dataclass
+class PageFields:
+    fields: dict[str, str]  # what the page's forms post, by name (the last of a name wins)
+    names: set[str]  # every named control of the page's forms, posted or not
+
+
+def form_of(html: bytes | str) -> PageFields:
+    """The fields of every form of a rendered page together, as a browser would post them (for
+    pages with one form, or whose forms do not share names)."""
+    forms = forms_of(html.decode() if isinstance(html, bytes) else html)
+    return PageFields(
+        fields={name: value for form in forms for name, value in form.fields},
+        names=set().union(*(form.names for form in forms)),
+    )
