@@ -420,6 +420,7 @@ def outstanding_balance(owed: dict[str, int], advice: str) -> ApplicationError:
 # --- Staff notes
 
 
+@audited
 @transaction.atomic(durable=True)
 def account_note_add(*, account_id: int, text: str, actor: Actor) -> AccountNote:
     """A staff note on a customer: added, never edited (a correction is a new note). Empty
@@ -596,6 +597,7 @@ def operator_second_factor_set(*, user_id: int, totp_key: str, backup_codes: tup
     log.info("operator.second_factor_set", extra={"user_id": user.public_id, "backup_codes": len(backup_codes)})
 
 
+@audited
 @transaction.atomic(durable=True)
 def operator_second_factor_reset(*, email: str, actor: Actor, reason: str) -> int:
     """A lost device: every second-factor device of the operator (authenticator and backup codes)

@@ -46,6 +46,7 @@ from antifraud.models import (
 )
 from billing_site.common import ids
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from billing_site.common.transitions import actor_log_fields
 from billing_site.outbox import services as outbox
@@ -144,6 +145,7 @@ def rule_params_check(*, code: str, params: Any) -> None:
         )
 
 
+@audited
 @transaction.atomic
 def risk_rule_update(
     *, code: str, actor: Actor, enabled: bool | None = None, weight: int | None = None, params: Any = None
@@ -170,6 +172,7 @@ def risk_rule_update(
     return rules_changed(actor=actor, changes=changes)
 
 
+@audited
 @transaction.atomic
 def risk_settings_update(*, actor: Actor, review_score: int, block_score: int) -> int:
     """Change the score bands (review from, block from; block above review); a new rules
@@ -593,6 +596,7 @@ def unblock_target(*, account_id: int) -> str | None:
     return "pending"
 
 
+@audited
 @transaction.atomic(durable=True)
 def review_approve(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
     """The analyst finds the account fine: out of review, a spending cap lifted (through the
@@ -626,6 +630,7 @@ def review_approve(*, account_id: int, actor: Actor, reason: str) -> AccountRisk
     return risk
 
 
+@audited
 @transaction.atomic(durable=True)
 def review_block(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
     """The analyst blocks the account (through the accounts service, via the outbox)."""
@@ -643,6 +648,7 @@ def review_block(*, account_id: int, actor: Actor, reason: str) -> AccountRisk:
     return risk
 
 
+@audited
 @transaction.atomic(durable=True)
 def review_request_info(*, account_id: int, actor: Actor, message: str) -> AccountRisk:
     """Ask the customer for more information (an email to the account's address); the account

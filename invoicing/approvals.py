@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from billing_site.common import ids, money
 from billing_site.common.actors import Actor, ActorKind
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from invoicing.credit_grants import credit_grant_check, credit_grant_create
 from invoicing.invoice_life import invoice_write_off
@@ -73,6 +74,7 @@ def _log(event: str, request: ApprovalRequest, actor: Actor) -> None:
     )
 
 
+@audited
 @transaction.atomic(durable=True)
 def approval_request_create(
     *,
@@ -131,12 +133,14 @@ def _decide(request_id: int, actor: Actor, reason: str, status: ApprovalStatus) 
     return request
 
 
+@audited
 @transaction.atomic(durable=True)
 def approval_claim(*, request_id: int, actor: Actor, reason: str) -> ApprovalRequest:
     """Approve: ``pending`` → ``approved`` (to be carried out), by someone other than the requester."""
     return _decide(request_id, actor, reason, ApprovalStatus.APPROVED)
 
 
+@audited
 @transaction.atomic(durable=True)
 def approval_reject(*, request_id: int, actor: Actor, reason: str) -> ApprovalRequest:
     """Reject: ``pending`` → ``rejected``; nothing is done."""
@@ -161,6 +165,7 @@ def approval_record_result(*, request_id: int, ok: bool, result: str) -> Approva
 # --- The staff entry points: at once below the threshold, a request above it
 
 
+@audited
 def credit_grant_submit(
     *,
     account_id: int,
@@ -197,6 +202,7 @@ def credit_grant_submit(
     )
 
 
+@audited
 def invoice_write_off_submit(*, invoice_id: int, reason: str, actor: Actor) -> Invoice | ApprovalRequest:
     """Finance writes an invoice off: at once when what is outstanding is within the
     threshold, else a request (the write-off then takes what is outstanding when approved)."""

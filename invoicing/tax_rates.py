@@ -11,6 +11,7 @@ from typing import Any
 from django.db import IntegrityError, models, transaction
 
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError, Conflict, NotFound
 from invoicing import taxes
 from invoicing.models import (
@@ -115,6 +116,7 @@ def tax_rate_check(
     return closes
 
 
+@audited
 @transaction.atomic(durable=True)
 def tax_rate_create(
     *,
@@ -201,6 +203,7 @@ def tax_rate_update_check(*, rate_id: int, valid_until: dt.date | None) -> TaxRa
     return rate
 
 
+@audited
 @transaction.atomic(durable=True)
 def tax_rate_update(*, rate_id: int, valid_until: dt.date | None, note: str, actor: Actor) -> TaxRate:
     """End (or re-open, or move the end of) a rate, and its note. Its country, kind, rate
@@ -246,6 +249,7 @@ def tax_rate_withdraw_check(*, rate_id: int) -> tuple[TaxRate, TaxRate | None]:
     return rate, closed
 
 
+@audited
 @transaction.atomic(durable=True)
 def tax_rate_withdraw(*, rate_id: int, reason: str, actor: Actor) -> TaxRate | None:
     """Take back a rate no issued invoice was taxed with (a mistyped or mistaken rate: once an

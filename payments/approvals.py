@@ -17,6 +17,7 @@ from django.utils.dateparse import parse_datetime
 
 from billing_site.common import money
 from billing_site.common.actors import Actor
+from billing_site.common.audit import audited
 from billing_site.common.errors import ApplicationError
 from billing_site.common.transactions import forbid_transaction
 from invoicing import services as invoicing_services
@@ -25,6 +26,7 @@ from payments import refunds
 log = logging.getLogger(__name__)
 
 
+@audited
 def approval_approve(*, request_id: int, actor: Actor, reason: str) -> Any:
     """A second finance user approves: claimed (``approved``), then carried out once."""
     forbid_transaction("Carrying out an approved request")
@@ -32,6 +34,7 @@ def approval_approve(*, request_id: int, actor: Actor, reason: str) -> Any:
     return approval_execute(request_id=request.id)
 
 
+@audited
 def approval_reject(*, request_id: int, actor: Actor, reason: str) -> Any:
     return invoicing_services.approval_reject(request_id=request_id, actor=actor, reason=reason)
 

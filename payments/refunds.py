@@ -254,6 +254,7 @@ def _sent_at_once(create: Callable[P, Refund]) -> Callable[P, Refund]:
 refund_issue = audited(_sent_at_once(refund_create))
 
 
+@audited
 def refund_submit(
     *, payment_id: int, amount_minor: int, reason: str, actor: Actor, internal_note: str = ""
 ) -> Refund | Any:

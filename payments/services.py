@@ -434,6 +434,7 @@ def dunning_pause(*, account_id: int, paused: bool, reason: str, actor: Actor) -
     return profile
 
 
+@audited
 @transaction.atomic  # not durable: the admin's change form saves inside its own transaction
 def dunning_policy_save(*, policy: DunningPolicy, changed: list[str], actor: Actor) -> DunningPolicy:
     """Create or change a dunning policy, refused with a 400 ``invalid_policy`` naming the

@@ -201,3 +201,24 @@ def test_a_statement_without_parameters_keeps_its_literal_percents_inside_an_aud
     assert account.name == "Fifty %"
     (entry,) = [e for e in selectors.account_trail(account_id=account.id) if e.actor == "test:percents"]
     assert entry.changes["name"][1] == "Fifty %"
+
+
+def test_an_analyst_s_review_decisions_and_rule_changes_carry_the_reason_in_the_trail(
+    customer: object, make_account: Callable
+) -> None:
+    from antifraud import services as antifraud_services
+    from antifraud.models import AccountRisk, RiskRule, RiskStatus
+
+    account = make_account(customer.user, state=AccountState.ACTIVE)  # type: ignore[attr-defined]
+    AccountRisk.objects.update_or_create(account_id=account.id, defaults={"status": RiskStatus.REVIEW})
+    analyst = Actor.system("tests.analyst")
+    antifraud_services.review_block(account_id=account.id, actor=analyst, reason="stolen card, confirmed by issuer")
+    risk = AccountRisk.objects.get(account_id=account.id)
+    [blocked] = [e for e in selectors.object_trail(risk) if e.action == "update" and "status" in e.changes]
+    assert (blocked.actor, blocked.reason) == ("tests.analyst", "stolen card, confirmed by issuer")
+
+    rule = RiskRule.objects.order_by("pk").first()
+    assert rule is not None
+    antifraud_services.risk_rule_update(code=rule.code, weight=rule.weight + 1, actor=analyst)
+    [changed] = [e for e in selectors.object_trail(rule) if e.action == "update"]
+    assert changed.actor == "tests.analyst"

@@ -154,14 +154,15 @@ R = TypeVar("R")
 
 
 def audited(func: Callable[P, R]) -> Callable[P, R]:
-    """For a service that takes ``actor`` and ``reason`` keywords: its writes carry them in
-    the trail (``audit_context``). Above ``@transaction.atomic``, or below: the context is
-    attached to each statement either way."""
+    """For a service that takes an ``actor`` keyword and says why with ``reason`` (or, where
+    the why is a note or a message to the customer, ``note`` / ``message``): its writes carry
+    them in the trail (``audit_context``). Above ``@transaction.atomic``, or below: the context
+    is attached to each statement either way."""
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         actor = kwargs.get("actor")
-        reason = kwargs.get("reason")
+        reason = next((kwargs[k] for k in ("reason", "note", "message") if isinstance(kwargs.get(k), str)), "")
         with audit_context(
             actor=actor if isinstance(actor, Actor) else None, reason=reason if isinstance(reason, str) else ""
         ):
