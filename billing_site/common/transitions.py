@@ -233,30 +233,40 @@ def record_many(
     reasons: Sequence[str] | str = "",
 ) -> None:
     """For a set-based writer that moved many rows from ``from_state`` to ``to_state`` in one
-    statement (a charged chunk's payments, invoices paid by it): the same audit rows as
-    ``transition`` (``reasons``: one for all, or one per row), in one insert, and the same log
-    line for each."""
+    statement (the invoices a charged chunk paid): the same audit rows as ``transition``
+    (``reasons``: one for all, or one per row), by one COPY, and one log line for the chunk,
+    ``<TRANSITION_LOG>s``, carrying each row's ids as lists in one order (``invoice_ids``,
+    ``account_ids`` …: each of ``log_fields`` pluralised) instead of a line per row."""
     if not objs:
         return
     if not connection.in_atomic_block:
         raise RuntimeError("a transition's audit rows are written in the transaction that moved the rows")
     each = [reasons] * len(objs) if isinstance(reasons, str) else list(reasons)
     machines = [cast(StateMachine, obj) for obj in objs]
-    records = [
-        m.audit_record(
-            transition=name, from_state=from_state, to_state=to_state, actor=actor, reason=r.strip()[:REASON_MAX]
+    record_model = cast(type[StateChangeRecord], objs[0]._meta.get_field("transitions").related_model)
+    now = timezone.now()
+    state_change_table(record_model).copy(
+        StateChangeRow(
+            cast(int, obj.pk),
+            cast(Any, obj).account_id,
+            from_state,
+            to_state,
+            actor.kind.value,
+            actor.name[:254],
+            r.strip()[:REASON_MAX],
+            now,
         )
-        for m, r in zip(machines, each, strict=True)
-    ]
-    type(records[0])._default_manager.bulk_create(records)
-    for machine in machines:
-        log.info(
-            machine.TRANSITION_LOG,
-            extra={
-                **machine.log_fields(),
-                "transition": name,
-                "from": from_state,
-                "to": to_state,
-                **actor_log_fields(actor),
-            },
-        )
+        for obj, r in zip(objs, each, strict=True)
+    )
+    fields = [m.log_fields() for m in machines]
+    log.info(
+        f"{machines[0].TRANSITION_LOG}s",
+        extra={
+            "count": len(machines),
+            **{f"{key}s": [f[key] for f in fields] for key in fields[0]},
+            "transition": name,
+            "from": from_state,
+            "to": to_state,
+            **actor_log_fields(actor),
+        },
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import Callable
 
 import pytest
@@ -21,7 +22,7 @@ from billing_site.outbox import services as outbox
 from billing_site.outbox.models import OutboxMessage
 from conftest import Customer, in_threads, killed_child, manage_py, wait_for
 from invoicing import ledger
-from invoicing.models import Invoice, InvoicePayment, InvoiceStatus
+from invoicing.models import Invoice, InvoicePayment, InvoiceStatus, InvoiceTransition
 from payments import charging, gateways, services
 from payments.gateways.base import OutcomeUnknown
 from payments.models import DunningCase, Payment, PaymentMethod, PaymentStatus, PaymentTransition, SandboxObject
@@ -149,6 +150,34 @@ def test_each_card_ends_as_the_single_path_leaves_it(invoices_with_cards: Callab
     assert Payment.objects.filter(invoice_id=authentication.id, status=PaymentStatus.CANCELED).count() == 1
     assert Payment.objects.get(invoice_id=visa.id).attempt == 1 and charges_at_gateway(visa) == 1
     assert ledger.check() == []
+
+
+def test_the_invoices_a_chunk_pays_are_audited_each_and_logged_once_with_every_id(
+    invoices_with_cards: Callable[..., list[Invoice]], caplog: pytest.LogCaptureFixture
+) -> None:
+    invoices = invoices_with_cards(["pm_card_visa", "pm_card_mastercard", "pm_card_visa"])
+    with caplog.at_level(logging.INFO):
+        counts = charging.invoices_charge(invoice_ids=[i.id for i in invoices], trigger="after_issue", threads=2)
+    assert counts == {"succeeded": 3}
+    assert_each_paid_once(invoices)
+    for invoice in invoices:  # the same audit row as the single path's issued -> paid
+        payment = Payment.objects.get(invoice_id=invoice.id)
+        trail = list(
+            InvoiceTransition.objects.filter(invoice=invoice)
+            .order_by("id")
+            .values_list("from_state", "to_state", "reason")
+        )
+        assert trail[-1] == ("issued", "paid", f"payment {payment.public_id}")
+    [paid] = [r for r in caplog.records if r.getMessage() == "invoicing.invoice_transitions"]
+    [applied] = [r for r in caplog.records if r.getMessage() == "invoicing.payments_applied"]
+    numbers = {i.public_id: i.number for i in invoices}
+    assert sorted(paid.invoice_ids) == sorted(numbers)  # type: ignore[attr-defined]
+    assert [numbers[i] for i in paid.invoice_ids] == paid.numbers  # type: ignore[attr-defined]  # one order
+    assert (paid.count, paid.transition, paid.to) == (3, "mark_paid", "paid")  # type: ignore[attr-defined]
+    assert sorted(applied.invoice_ids) == sorted(numbers) and applied.invoices_paid == [True] * 3  # type: ignore[attr-defined]
+    assert not [
+        r for r in caplog.records if r.getMessage() in ("invoicing.invoice_transition", "invoicing.payment_applied")
+    ]
 
 
 def test_an_active_or_unknown_payment_keeps_the_batch_off_its_invoice(
