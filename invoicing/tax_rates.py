@@ -70,6 +70,23 @@ def _require_no_invoice_taxed(*, country: str, start: dt.date, end: dt.date | No
         )
 
 
+def _end_move(rate: TaxRate, valid_until: dt.date | None, *, action: str, actor: Actor, reason: str) -> None:
+    """A rate's end moved by a service that checked it (closed by its successor, reopened when
+    that one is withdrawn), audited."""
+    before = _tax_rate_row(rate)
+    rate.valid_until = valid_until
+    rate.save(update_fields=["valid_until"])
+    terms_audit(
+        subject=TermsSubject.TAX_RATE,
+        subject_id=rate.id,
+        action=action,
+        actor=actor,
+        reason=reason,
+        before=before,
+        after=_tax_rate_row(rate),
+    )
+
+
 def _rate_fields(*, rate: Decimal, valid_from: dt.date, valid_until: dt.date | None) -> None:
     if not (isinstance(rate, Decimal) and rate.is_finite() and 0 <= rate < 100 and rate == round(rate, 2)):
         raise ApplicationError("invalid", "A rate is a percentage from 0 to 99.99, at most 2 places.", field="rate")
@@ -145,18 +162,7 @@ def tax_rate_create(
     )
     note = note.strip()[:200]
     if closes is not None:
-        before = _tax_rate_row(closes)
-        closes.valid_until = valid_from
-        closes.save(update_fields=["valid_until"])
-        terms_audit(
-            subject=TermsSubject.TAX_RATE,
-            subject_id=closes.id,
-            action="close",
-            actor=actor,
-            reason=f"replaced by the rate from {valid_from}",
-            before=before,
-            after=_tax_rate_row(closes),
-        )
+        _end_move(closes, valid_from, action="close", actor=actor, reason=f"replaced by the rate from {valid_from}")
     try:
         with transaction.atomic():
             created = TaxRate.objects.create(
@@ -272,16 +278,12 @@ def tax_rate_withdraw(*, rate_id: int, reason: str, actor: Actor) -> TaxRate | N
     )
     if closed is None:
         return None
-    before = _tax_rate_row(closed)
-    closed.valid_until = rate.valid_until
-    closed.save(update_fields=["valid_until"])  # exactly the withdrawn rate's days: no overlap
-    terms_audit(
-        subject=TermsSubject.TAX_RATE,
-        subject_id=closed.id,
+    # Exactly the withdrawn rate's days: no overlap.
+    _end_move(
+        closed,
+        rate.valid_until,
         action="reopen",
         actor=actor,
         reason=f"the rate from {rate.valid_from} was withdrawn: {reason}",
-        before=before,
-        after=_tax_rate_row(closed),
     )
     return closed
