@@ -319,6 +319,9 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
     fired, failed = rules.evaluate(subject, enabled)
     skipped = invalid + failed
     score, decision = _decide(fired, settings)
+    after_approval = _after_approval(subject.account_id, fired, score, decision)
+    if after_approval is not None:  # an analyst cleared this account: see _after_approval
+        decision = after_approval
     assessment = RiskAssessment(
         account_id=subject.account_id,
         checkpoint=checkpoint,
@@ -372,9 +375,32 @@ def _assess(checkpoint: str, subject: rules.Subject) -> Outcome:
             "skipped": [s.rule for s in skipped],
             "rules_version": settings.version,
             "standing": standing,
+            "after_approval": after_approval,
         },
     )
     return Outcome(decision=decision, assessment=assessment, standing=standing)
+
+
+def _after_approval(account_id: int, fired: list[rules.Fired], score: int, decision: str) -> str | None:
+    """What an analyst's approval makes of a review or a block, or None (it changes nothing).
+    Automation never overrules a person: on an account whose standing is an approval, what the
+    analyst saw (no rule beyond the ones fired in the assessment they approved, and a score no
+    higher) stays cleared (``allow``); anything more goes back to them (``review``), never to a
+    block by score. A rule that insists on a block (a card of a blocked account) still blocks."""
+    if decision == Decision.ALLOW or any(f.insists == Decision.BLOCK for f in fired):
+        return None
+    if not AccountRisk.objects.filter(account_id=account_id, status=RiskStatus.APPROVED).exists():
+        return None
+    approval = (
+        ReviewDecision.objects.filter(account_id=account_id, action=ReviewAction.APPROVE)
+        .select_related("assessment")
+        .order_by("-created_at", "-id")
+        .first()
+    )
+    seen = approval.assessment if approval is not None else None
+    if seen is not None and {f.rule for f in fired} <= {f["rule"] for f in seen.fired} and score <= seen.score:
+        return Decision.ALLOW.value
+    return Decision.REVIEW.value
 
 
 _SIGNAL_SQL = """

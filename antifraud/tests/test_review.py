@@ -248,3 +248,50 @@ def test_the_pages_show_money_as_money_evidence_as_rows_and_waits_in_words(
     record = fraud.get(f"/admin/antifraud/riskassessment/{assessment.id}/change/").content.decode()
     assert "{&#x27;" not in record and "<li>Domain: mailinator.com</li>" in record
     assert flagged.public_id in re.search(r"<title>(.*?)</title>", record, re.S).group(1)  # type: ignore[union-attr]
+
+
+@pytest.mark.django_db
+def test_an_approval_stands_against_what_the_analyst_saw_and_more_goes_back_to_them_never_to_a_block(
+    flagged: BillingAccount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19: the analyst cleared a false positive and the next declines blocked it again.
+    Automation never overrules a person: the evidence the analyst approved stays cleared; new
+    evidence puts the account back in review (still active), even at a blocking score; only a
+    rule that insists on a block (a blocked account's card) still blocks."""
+    from antifraud import rules, services
+
+    assert decide(staff("fraud"), flagged, "approve", "real company, called them") == 302
+    assert flagged.state == AccountState.ACTIVE
+
+    def decline(n: int) -> services.Outcome:
+        outcome = services.payment_outcome_record(
+            account_id=flagged.id, kind="decline", reference=f"pay_x{n}", code="card_declined"
+        )
+        assert outcome is not None
+        settle(flagged)
+        return outcome
+
+    # The same facts the analyst saw (the disposable address, the foreign IP): still cleared.
+    first = decline(1)
+    assert (first.decision, first.standing) == ("allow", "approved")
+    assert {f["rule"] for f in first.assessment.fired} == {"disposable_email", "country_mismatch"}
+
+    services.risk_rule_update(code="payment_trouble", weight=1000, actor=ANALYST)  # declines alone: a block
+    decline(2)
+    with caplog.at_level(logging.INFO, logger="antifraud.services"):
+        third = decline(3)  # payment_trouble fires: new evidence, at a blocking score
+    assert third.assessment.score >= 1000
+    assert (third.decision, third.assessment.decision, third.standing) == ("review", "review", "review")
+    assert flagged.state == AccountState.ACTIVE  # not blocked
+    [line] = [
+        r
+        for r in caplog.records
+        if r.getMessage() == "antifraud.assessed" and r.assessment_id == third.assessment.id  # type: ignore[attr-defined]
+    ]
+    assert line.after_approval == "review"  # type: ignore[attr-defined]
+
+    # A rule insisting on a block is not held, approval or not.
+    assert decide(staff("fraud"), flagged, "approve", "declines explained by the bank") == 302
+    insisting = rules.Fired(rule="card_reuse", weight=100, evidence={}, insists="block")
+    assert services._after_approval(flagged.id, [insisting], 100, "block") is None
+    assert services._after_approval(flagged.id, [], 2000, "block") == "review"
