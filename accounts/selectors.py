@@ -89,6 +89,17 @@ class IngestStanding:
     closed_at: dt.datetime | None
 
 
+def billing_account_hold(account_id: int) -> bool:
+    """Hold the account's row until the caller's transaction ends (``FOR SHARE``): a transition
+    of it (a close) waits for the caller, or the caller for it, so what the caller reads of the
+    account afterwards stays true until it commits. False: no such account."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("an account is held for the rest of a transaction")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM accounts_billingaccount WHERE id = %s FOR SHARE", [account_id])
+        return cursor.fetchone() is not None
+
+
 def billing_account_standings(account_ids: set[int]) -> dict[int, IngestStanding]:
     """The state (and closure time, for closed accounts) of each of these accounts that
     exists: one indexed query per batch on the ingestion hot path (states change, so nothing

@@ -74,6 +74,7 @@ def credit_grant_create(
         existing = CreditGrant.objects.filter(id=grant_id).first()
         if existing is not None:
             return existing
+    account_selectors.billing_account_hold(account_id)  # a close racing the grant: one waits for the other
     amount_minor = credit_grant_check(
         account_id=account_id, kind=kind, amount=amount, currency=currency, expires_at=expires_at
     )

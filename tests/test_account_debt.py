@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -226,3 +227,47 @@ def test_the_service_refuses_a_staff_reactivation_over_debt_without_the_override
     assert [(e["currency"], e["amount"]) for e in err.value.errors] == [("USD", "728.94")]
     hooli.refresh_from_db()
     assert hooli.state == AccountState.SUSPENDED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_credit_grant_racing_the_account_s_close_waits_for_it_and_is_refused(nl_account: BillingAccount) -> None:
+    """The grant's "not closed" check and its insert hold the account's row, so a close in
+    flight is waited for (before: the grant read the account as active while the close was
+    uncommitted, and a closed account kept a grant)."""
+    import threading
+
+    import psycopg
+    from django.db import connection
+
+    from conftest import database_url
+    from invoicing.models import CreditGrant
+
+    closing = psycopg.connect(database_url().replace("postgres://", "postgresql://", 1))
+    closing.execute("UPDATE accounts_billingaccount SET state = 'closed' WHERE id = %s", [nl_account.id])  # uncommitted
+    refused: list[str] = []
+
+    def grant() -> None:
+        try:
+            invoicing_services.credit_grant_create(
+                account_id=nl_account.id,
+                kind="promotional",
+                amount=Decimal(5),
+                currency="EUR",
+                reason="x",
+                actor=FINANCE,
+            )
+        except ApplicationError as exc:
+            refused.append(exc.code)
+        finally:
+            connection.close()
+
+    granting = threading.Thread(target=grant)
+    try:
+        granting.start()
+        granting.join(timeout=1.0)
+        assert granting.is_alive()  # waiting for the close, not deciding without it
+        closing.commit()
+    finally:
+        closing.close()  # never left holding the row for the next test's reset
+        granting.join(timeout=30)
+    assert refused == ["account_closed"] and not CreditGrant.objects.filter(account_id=nl_account.id).exists()
