@@ -77,7 +77,7 @@ def test_finance_withdraws_a_mistaken_rate_from_its_page_and_the_rate_it_closed_
     mistake = TaxRate.objects.get(country="NL", valid_from=dt.date(2026, 12, 1))
     change_page = finance.get(f"/admin/invoicing/taxrate/{mistake.pk}/change/").content.decode()
     delete_url = f"/admin/invoicing/taxrate/{mistake.pk}/delete/"
-    assert f'href="{delete_url}"' in change_page  # the page's own Delete link
+    assert f'href="{delete_url}" class="deletelink">Withdraw this rate</a>' in change_page  # the page's own link
     assert "NL 21.00% from 2024-01-01" in finance.get(delete_url).content.decode()  # says what runs again
 
     done = press(finance, delete_url, "Withdraw the rate", reason="typed 2.1 for 21")
