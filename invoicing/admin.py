@@ -787,7 +787,7 @@ class TaxRateAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMix
     )
     """Rates are written by ``services.tax_rate_create`` / ``tax_rate_update`` (audited); once
     written, only a rate's end and note change, and a rate no issued invoice used may be
-    withdrawn (``tax_rate_withdraw``, its Delete page)."""
+    withdrawn (``tax_rate_withdraw``: "Withdraw this rate", the admin's delete URL)."""
 
     list_display = ("country", "rate", "valid_from", "valid_until", "note")
     list_filter = (CountryInUseFilter,)
@@ -808,9 +808,9 @@ class TaxRateAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMix
         return actions
 
     def delete_view(self, request: HttpRequest, object_id: str, extra_context: Any = None) -> HttpResponse:
-        """ "Delete" withdraws the rate through ``services.tax_rate_withdraw``, with a reason: only
-        a rate no issued invoice was taxed with (the page says why not), giving its days back to
-        the rate it closed."""
+        """The delete URL ("Withdraw this rate") withdraws the rate through
+        ``services.tax_rate_withdraw``, with a reason: only a rate no issued invoice was taxed
+        with (the page says why not), giving its days back to the rate it closed."""
         require_permission(request, "invoicing.delete_taxrate", action="Withdrawing a tax rate")
         rate = get_object_or_404(TaxRate, pk=object_id)
         change_url = reverse("admin:invoicing_taxrate_change", args=[rate.pk])
@@ -845,7 +845,7 @@ class TaxRateAdmin(AuditHistoryMixin, csv.CsvExportMixin, WriteThroughServiceMix
         return TemplateResponse(request, "admin/invoicing/taxrate/withdraw.html", context)
 
     def delete_model(self, request: HttpRequest, obj: TaxRate) -> None:
-        raise PermissionDenied("Tax rates are withdrawn through their Delete page, with a reason.")
+        raise PermissionDenied('Tax rates are withdrawn from their page ("Withdraw this rate"), with a reason.')
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[TaxRate]) -> None:
         raise PermissionDenied("Tax rates are withdrawn one at a time, with a reason.")

@@ -345,11 +345,18 @@ _REFUSALS = {
 }
 
 
+def _nothing_due(invoice: invoicing_selectors.PayableInvoice) -> bool:
+    """Whether a card may not be charged for ``invoice``: not issued (paid, void, written off)
+    or nothing outstanding. Asked when a payment is decided, when it is written, and again
+    each time it is claimed to be sent."""
+    return invoice.status != "issued" or invoice.outstanding_minor <= 0
+
+
 def _decide(invoice: invoicing_selectors.PayableInvoice, facts: _Facts, trigger: str) -> _Decision:
     active = facts.active.get(invoice.invoice_id)
     if active is not None:
         return _Decision(existing=active)
-    if invoice.outstanding_minor <= 0 or invoice.status != "issued":
+    if _nothing_due(invoice):
         return _Decision(refusal="nothing_due")
     method = facts.methods.get(invoice.account_id)
     latest = facts.latest.get(invoice.invoice_id)
@@ -440,7 +447,7 @@ def _payment_create(*, invoice_id: int, trigger: str, actor: Actor, account_id: 
     # payment that was active before ours has recorded its outcome in the transaction that
     # made it inactive, so this read sees the money it applied (the first read may not have).
     fresh = invoicing_selectors.payable_invoice(invoice_id=invoice_id, account_id=account_id)
-    if fresh is None or fresh.status != "issued" or fresh.outstanding_minor <= 0:
+    if fresh is None or _nothing_due(fresh):
         raise Conflict("nothing_due", f"Nothing is due on invoice {invoice.number}.")  # rolls the insert back
     if fresh.outstanding_minor != payment.amount_minor:
         payment.amount_minor = fresh.outstanding_minor
@@ -460,7 +467,7 @@ def _claim(payment_id: int) -> Payment | None:
         if payment is None or payment.status != PaymentStatus.PENDING:
             return None
         invoice = invoicing_selectors.payable_invoice(invoice_id=payment.invoice_id)
-        if invoice is None or invoice.status != "issued" or invoice.outstanding_minor <= 0:
+        if invoice is None or _nothing_due(invoice):
             state = invoice.status if invoice is not None else "gone"
             _transition(payment, "cancel", actor=SYSTEM, reason=f"nothing due: the invoice is {state}")
             return None

@@ -162,10 +162,8 @@ def audited(func: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         actor = kwargs.get("actor")
-        reason = next((kwargs[k] for k in ("reason", "note", "message") if isinstance(kwargs.get(k), str)), "")
-        with audit_context(
-            actor=actor if isinstance(actor, Actor) else None, reason=reason if isinstance(reason, str) else ""
-        ):
+        reason = next((v for k in ("reason", "note", "message") if isinstance(v := kwargs.get(k), str)), "")
+        with audit_context(actor=actor if isinstance(actor, Actor) else None, reason=reason):
             return func(*args, **kwargs)
 
     return wrapper
