@@ -231,15 +231,18 @@ def killed_child(command: list[str], **env: str) -> Iterator[subprocess.Popen[by
     connections.close_all()
 
 
+# Backends of this test database only: other runs, benchmarks and services share the server,
+# and may use the same application names.
+_BACKENDS = "FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()"
+
+
 def backend_waiting(app: str) -> bool:
-    """Whether a backend with ``application_name`` ``app`` is waiting for a lock."""
+    """Whether a backend of this database with ``application_name`` ``app`` waits for a lock."""
     from django.db import connections
 
     with connections["default"].cursor() as cursor:
         cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'", [app]
-        )
+        cursor.execute(f"SELECT count(*) {_BACKENDS} AND wait_event_type = 'Lock'", [app])
         return bool(cursor.fetchone()[0])
 
 
@@ -248,8 +251,17 @@ def backend_alive(app: str) -> bool:
 
     with connections["default"].cursor() as cursor:
         cursor.execute("SELECT pg_stat_clear_snapshot()")
-        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [app])
+        cursor.execute(f"SELECT count(*) {_BACKENDS}", [app])
         return bool(cursor.fetchone()[0])
+
+
+def backend_terminate(app: str) -> None:
+    """End the backends of this database named ``app`` (a killed process's, still in a
+    transaction), never another run's."""
+    from django.db import connections
+
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"SELECT pg_terminate_backend(pid) {_BACKENDS}", [app])
 
 
 def wait_for(condition: Callable[[], bool], seconds: float = 30) -> bool:

@@ -13,7 +13,16 @@ import pytest
 from django.db import connection, connections, transaction
 
 from accounts.models import BillingAccount
-from conftest import Customer, backend_alive, backend_waiting, database_url, in_threads, manage_py, wait_for
+from conftest import (
+    Customer,
+    backend_alive,
+    backend_terminate,
+    backend_waiting,
+    database_url,
+    in_threads,
+    manage_py,
+    wait_for,
+)
 from invoicing import ledger, numbering, services
 from invoicing.models import Invoice
 from invoicing.tests.factories import rated
@@ -110,10 +119,7 @@ def test_a_run_killed_half_way_then_rerun_gives_one_invoice_each_with_the_same_c
                 cursor.execute("ROLLBACK")
     finally:
         holder.close()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'killed-billing'"
-        )
+    backend_terminate("killed-billing")
     assert wait_for(lambda: not backend_alive("killed-billing"))
     assert Invoice.objects.count() == 3  # whole chunks only, nothing half-written
     assert ledger.check() == []

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
 from accounts.models import BillingAccount
-from conftest import Customer, backend_alive, backend_waiting, database_url, in_threads, wait_for
+from conftest import Customer, backend_alive, backend_terminate, backend_waiting, database_url, in_threads, wait_for
 from metering import rollup
 from metering.models import HourlyUsage, MonthlySpend, ResourceState
 from metering.tests.support import lifecycle, used
@@ -399,9 +399,7 @@ def test_a_rollup_killed_half_way_and_rerun_gives_identical_rows(
             worker.wait(timeout=10)
         finally:
             cursor.execute("ROLLBACK")
-        cursor.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'killed-rollup'"
-        )
+        backend_terminate("killed-rollup")
     assert wait_for(lambda: not backend_alive("killed-rollup"))
     assert hourly(victim) == {("11-02 09", "network.egress", "", "{}"): Decimal(150)}  # nothing half-written
     roll(victim)
