@@ -477,23 +477,24 @@ def publish(rows: list[Row], *, fingerprint: str | None, inactive: dict[int, str
 
     payload = encode_for_log(rows)
     published = eventlog.publish(payload, msg_id=hashlib.sha256(payload).hexdigest())
-    if published.duplicate:
-        return 0, len(rows)
     with transaction.atomic(), connection.cursor() as cursor:
         counts: dict[int, int] = {}
         for row in rows:
-            if inactive and row.account_id in inactive:
+            if inactive and row.account_id in inactive and not published.duplicate:
                 counts[row.account_id] = counts.get(row.account_id, 0) + 1
         if counts:
             accounts = sorted(counts)
             cursor.execute(_COUNT_INACTIVE, [accounts, [inactive[a] for a in accounts], [counts[a] for a in accounts]])  # type: ignore[index]
+        # Also when the log answers "duplicate": the first send was acknowledged, and whoever
+        # sent it may have died before writing this (an API killed between the two), so a
+        # byte-identical resend after the log's duplicate window is still answered from here.
         if fingerprint is not None and len(rows) >= FINGERPRINT_MIN_EVENTS:
             cursor.execute(
                 "INSERT INTO metering_ingestbatch (digest, events, oldest_event_at, received_at) "
                 "VALUES (%s, %s, %s, now()) ON CONFLICT DO NOTHING",
                 [fingerprint, len(rows), min(row.occurred_at for row in rows)],
             )
-    return len(rows), 0
+    return (0, len(rows)) if published.duplicate else (len(rows), 0)
 
 
 def _replayed(digest: str, now: dt.datetime) -> IngestResult | None:
