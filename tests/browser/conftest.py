@@ -21,11 +21,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Route, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Route, expect, sync_playwright
 
 from tests.browser.harness import DEFAULT_SCREENSHOTS, VIEWPORT, chromium_path, is_loopback
 
 ASYNC_UNSAFE = "DJANGO_ALLOW_ASYNC_UNSAFE"
+
+# How long a page action or an ``expect`` waits for the page: patience, not a measure. Two shared
+# cores with another suite beside this one took longer than Playwright's 5 s for ``expect``.
+PATIENCE_MS = 30_000
+expect.set_options(timeout=PATIENCE_MS)
 
 
 class _WorkerChromium:
@@ -132,7 +137,7 @@ def new_page(
     def open_window() -> Page:
         context = browser.new_context(base_url=live_server.url, viewport=VIEWPORT, locale="en-GB", timezone_id="UTC")
         contexts.append(context)
-        context.set_default_timeout(15_000)  # 2 shared cores, other suites beside: patience, not a measure
+        context.set_default_timeout(PATIENCE_MS)
         context.route("**/*", guard)
         return context.new_page()
 
